@@ -1,0 +1,42 @@
+# DupHunter: `make run` starts the stack, `make test` runs the checks and the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+HELPERS := build/helpers/.built
+
+.PHONY: run test lint unit system-deps venv helpers bench-core bench-dedup corpus clean
+
+run: system-deps venv helpers
+	$(BIN)/python -m deploy.stack
+
+test: system-deps venv helpers lint
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+system-deps:
+	@bash deploy/system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+helpers: venv
+	@bash pipelines/gohelpers/build.sh build/helpers
+
+bench-core: system-deps venv helpers
+	$(BIN)/python -m bench.core
+
+bench-dedup: system-deps venv helpers
+	$(BIN)/python -m bench.corpus build
+	$(BIN)/python -m bench.dedup
+
+clean:
+	rm -rf build var .mypy_cache .ruff_cache .pytest_cache

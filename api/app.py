@@ -1,0 +1,369 @@
+"""The HTTP face of DupHunter: OCI Distribution v1.1 plus a small jobs and stats API.
+
+Handlers translate HTTP to calls on `pipelines.registry.Registry` and back; the domain
+decides, the handlers only carry bytes and headers. Served by gunicorn (`api.app:app`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+from werkzeug.exceptions import ClientDisconnected
+from werkzeug.wrappers import Request, Response
+
+from pipelines.blobs import BlobInfo
+from pipelines.errors import RegistryError
+from pipelines.manifests import OCI_INDEX
+from pipelines.registry import Registry, check_name, paginate, parse_count
+from workers import jobs
+
+Handler = Callable[..., Response]
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+
+
+class Router:
+    def __init__(self) -> None:
+        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+
+    def add(self, pattern: str, **handlers: Handler) -> None:
+        self.routes.append((re.compile(pattern), handlers))
+
+    def match(self, path: str) -> tuple[dict[str, Handler], dict[str, str]] | None:
+        for pattern, handlers in self.routes:
+            found = pattern.fullmatch(path)
+            if found:
+                return handlers, found.groupdict()
+        return None
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def _error_response(error: RegistryError) -> Response:
+    return _json(error.body(), error.status)
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("Content-Length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise RegistryError("SIZE_INVALID", "invalid Content-Length", {"Content-Length": raw})
+    return int(raw)
+
+
+def _drain(request: Request, limit: int = 16 << 20) -> None:
+    """Read an unread body so the client sees the error response rather than a reset."""
+    try:
+        while limit > 0 and (chunk := request.stream.read(min(limit, 1 << 20))):
+            limit -= len(chunk)
+    except (ClientDisconnected, OSError):
+        pass
+
+
+def _upload_headers(name: str, upload_id: str, offset: int) -> dict[str, str]:
+    return {
+        "Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+        "Range": f"0-{max(offset - 1, 0)}",
+        "Docker-Upload-UUID": upload_id,
+        "Content-Length": "0",
+    }
+
+
+def _blob_created(name: str, info: BlobInfo) -> Response:
+    return Response(
+        status=201,
+        headers={
+            "Location": f"/v2/{name}/blobs/{info.digest}",
+            "Docker-Content-Digest": info.digest,
+            "Content-Length": "0",
+        },
+    )
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The (start, end-inclusive) of a single `bytes=` range; RANGE_INVALID if unsatisfiable."""
+    if not header:
+        return None
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first == "":
+        start, end = max(size - int(last), 0), size - 1
+    else:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+    if start >= size or start > end:
+        raise RegistryError(
+            "RANGE_INVALID", "requested range not satisfiable", {"Content-Range": f"bytes */{size}"}
+        )
+    return start, end
+
+
+def _content_range_start(header: str | None) -> int | None:
+    if header is None:
+        return None
+    match = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)(?:/\d+|/\*)?", header.strip())
+    if not match:
+        raise RegistryError("BLOB_UPLOAD_INVALID", "invalid Content-Range", status=416)
+    return int(match.group(1))
+
+
+class RegistryApp:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.router = Router()
+        name = r"(?P<name>.+?)"
+        r = self.router
+        r.add(r"/v2/?", GET=self.base, HEAD=self.base)
+        r.add(r"/v2/_catalog", GET=self.catalog)
+        r.add(rf"/v2/{name}/blobs/uploads/?", POST=self.start_upload)
+        r.add(
+            rf"/v2/{name}/blobs/uploads/(?P<upload_id>[^/]+)",
+            GET=self.upload_status,
+            PATCH=self.upload_chunk,
+            PUT=self.finish_upload,
+            DELETE=self.cancel_upload,
+        )
+        r.add(
+            rf"/v2/{name}/blobs/(?P<digest>[^/]+)",
+            GET=self.get_blob,
+            HEAD=self.get_blob,
+            DELETE=self.delete_blob,
+        )
+        r.add(
+            rf"/v2/{name}/manifests/(?P<reference>[^/]+)",
+            GET=self.get_manifest,
+            HEAD=self.get_manifest,
+            PUT=self.put_manifest,
+            DELETE=self.delete_manifest,
+        )
+        r.add(rf"/v2/{name}/tags/list", GET=self.list_tags)
+        r.add(rf"/v2/{name}/referrers/(?P<digest>[^/]+)", GET=self.list_referrers)
+        r.add(r"/api/v1/stats", GET=self.stats)
+        r.add(r"/api/v1/jobs/ingest", POST=self.submit_ingest)
+        r.add(r"/api/v1/jobs/(?P<job_id>[^/]+)", GET=self.job_status)
+        r.add(r"/api/v1/health", GET=self.health)
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        request = Request(environ)
+        response = self.dispatch(request)
+        response.headers.setdefault(*API_VERSION_HEADER)
+        return response(environ, start_response)
+
+    def dispatch(self, request: Request) -> Response:
+        found = self.router.match(request.path)
+        if found is None:
+            return _json({"errors": [{"code": "UNSUPPORTED", "message": "not found"}]}, 404)
+        handlers, params = found
+        handler = handlers.get(request.method)
+        if handler is None:
+            return _json(
+                {"errors": [{"code": "UNSUPPORTED", "message": "method not allowed"}]},
+                405,
+                {"Allow": ", ".join(handlers)},
+            )
+        try:
+            if "name" in params:
+                check_name(params["name"])
+            return handler(request, **params)
+        except RegistryError as error:
+            _drain(request)
+            return _error_response(error)
+        except ClientDisconnected:
+            return _json({"errors": [{"code": "SIZE_INVALID", "message": "body truncated"}]}, 400)
+
+    # base, catalog
+    def base(self, request: Request) -> Response:
+        return _json({})
+
+    def health(self, request: Request) -> Response:
+        return _json({"ok": True, "index_ready": self.registry.index.is_ready()})
+
+    def catalog(self, request: Request) -> Response:
+        count = parse_count(request.args.get("n"))
+        names, more = self.registry.catalog(count, request.args.get("last"))
+        headers = {}
+        if more and names:
+            query = urlencode({"n": count, "last": names[-1]})
+            headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
+        return _json({"repositories": names}, headers=headers)
+
+    # uploads
+    def start_upload(self, request: Request, name: str) -> Response:
+        blobs = self.registry.blobs
+        mount, source = request.args.get("mount"), request.args.get("from")
+        if mount and source:
+            check_name(source)
+            if blobs.mount(name, mount, source):
+                info = blobs.linked_info(name, mount)
+                return _blob_created(name, info)
+        digest = request.args.get("digest")
+        if digest:
+            info = blobs.put_monolithic(name, digest, request.stream, _content_length(request))
+            return _blob_created(name, info)
+        state = blobs.start_upload(name)
+        return Response(status=202, headers=_upload_headers(name, state.upload_id, 0))
+
+    def upload_status(self, request: Request, name: str, upload_id: str) -> Response:
+        state = self.registry.blobs.upload(name, upload_id)
+        return Response(status=204, headers=_upload_headers(name, upload_id, state.offset))
+
+    def upload_chunk(self, request: Request, name: str, upload_id: str) -> Response:
+        start = _content_range_start(request.headers.get("Content-Range"))
+        state = self.registry.blobs.append(
+            name, upload_id, request.stream, _content_length(request), start
+        )
+        return Response(status=202, headers=_upload_headers(name, upload_id, state.offset))
+
+    def finish_upload(self, request: Request, name: str, upload_id: str) -> Response:
+        digest = request.args.get("digest")
+        if not digest:
+            raise RegistryError("DIGEST_INVALID", "digest parameter is required")
+        info = self.registry.blobs.commit(
+            name, upload_id, digest, request.stream, _content_length(request)
+        )
+        return _blob_created(name, info)
+
+    def cancel_upload(self, request: Request, name: str, upload_id: str) -> Response:
+        self.registry.blobs.cancel(name, upload_id)
+        return Response(status=204)
+
+    # blobs
+    def get_blob(self, request: Request, name: str, digest: str) -> Response:
+        blobs = self.registry.blobs
+        info = blobs.linked_info(name, digest)
+        headers = {
+            "Docker-Content-Digest": digest,
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
+        try:
+            byte_range = _parse_range(request.headers.get("Range"), info.size)
+        except RegistryError as error:
+            return _json(error.body(), 416, {"Content-Range": f"bytes */{info.size}"})
+        status, start, length = 200, 0, info.size
+        if byte_range is not None:
+            status, start, length = 206, byte_range[0], byte_range[1] - byte_range[0] + 1
+            headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{info.size}"
+        headers["Content-Length"] = str(length)
+        if request.method == "HEAD":
+            return Response(status=status, headers=headers)
+        body: Iterator[bytes] = blobs.read(info, start, length)
+        return Response(body, status=status, headers=headers, direct_passthrough=True)
+
+    def delete_blob(self, request: Request, name: str, digest: str) -> Response:
+        self.registry.blobs.unlink(name, digest)
+        return Response(status=202, headers={"Content-Length": "0"})
+
+    # manifests
+    def get_manifest(self, request: Request, name: str, reference: str) -> Response:
+        accept = [
+            item.strip()
+            for value in request.headers.getlist("Accept")
+            for item in value.split(",")
+            if item.strip()
+        ]
+        manifest = self.registry.manifests.get(name, reference, accept)
+        headers = {
+            "Docker-Content-Digest": manifest.digest,
+            "Content-Type": manifest.media_type,
+            "Content-Length": str(len(manifest.content)),
+        }
+        if request.method == "HEAD":
+            return Response(status=200, headers=headers)
+        jobs.enqueue_pull_record(name, request.remote_addr or "", manifest.layer_digests())
+        return Response(manifest.content, status=200, headers=headers)
+
+    def put_manifest(self, request: Request, name: str, reference: str) -> Response:
+        limit = self.registry.settings.max_manifest_bytes
+        length = _content_length(request)
+        if length is not None and length > limit:
+            raise RegistryError("SIZE_INVALID", "manifest exceeds the size limit", status=413)
+        content = request.stream.read(limit + 1)
+        if len(content) > limit:
+            raise RegistryError("SIZE_INVALID", "manifest exceeds the size limit", status=413)
+        parsed = self.registry.manifests.put(
+            name, reference, content, request.headers.get("Content-Type")
+        )
+        for layer in parsed.layers:
+            jobs.enqueue_ingest(self.registry, name, layer)
+        headers = {
+            "Location": f"/v2/{name}/manifests/{parsed.digest}",
+            "Docker-Content-Digest": parsed.digest,
+            "Content-Length": "0",
+        }
+        if parsed.subject:
+            headers["OCI-Subject"] = parsed.subject
+        return Response(status=201, headers=headers)
+
+    def delete_manifest(self, request: Request, name: str, reference: str) -> Response:
+        self.registry.manifests.delete(name, reference)
+        return Response(status=202, headers={"Content-Length": "0"})
+
+    def list_tags(self, request: Request, name: str) -> Response:
+        count = parse_count(request.args.get("n"))
+        tags, more = paginate(self.registry.manifests.tags(name), count, request.args.get("last"))
+        headers = {}
+        if more and tags:
+            query = urlencode({"n": count, "last": tags[-1]})
+            headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
+        return _json({"name": name, "tags": tags}, headers=headers)
+
+    def list_referrers(self, request: Request, name: str, digest: str) -> Response:
+        artifact_type = request.args.get("artifactType")
+        found = self.registry.manifests.referrers(name, digest, artifact_type)
+        headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return Response(json.dumps(body), status=200, headers=headers, content_type=OCI_INDEX)
+
+    # jobs and stats
+    def stats(self, request: Request) -> Response:
+        body = self.registry.stats()
+        body["queues"] = jobs.queue_depths(self.registry)
+        return _json(body)
+
+    def submit_ingest(self, request: Request) -> Response:
+        try:
+            payload = json.loads(request.get_data(cache=False) or b"{}")
+            repository, digest = str(payload["repository"]), str(payload["digest"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise RegistryError(
+                "UNSUPPORTED", "body must be JSON with repository and digest", status=400
+            ) from error
+        check_name(repository)
+        self.registry.blobs.linked_info(repository, digest)
+        job_id = jobs.enqueue_ingest(self.registry, repository, digest, force=True)
+        return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def job_status(self, request: Request, job_id: str) -> Response:
+        status = jobs.status(self.registry, job_id)
+        if status is None:
+            return _json({"errors": [{"code": "NOT_FOUND", "message": "unknown job"}]}, 404)
+        return _json(status)
+
+
+def create_app() -> RegistryApp:
+    registry = Registry.connect()
+    if not registry.index.is_ready():
+        registry.rebuild_index()
+    return RegistryApp(registry)
+
+
+_app: RegistryApp | None = None
+
+
+def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """The WSGI entry point; the registry connects on the first request of each process."""
+    global _app
+    if _app is None:
+        _app = create_app()
+    return _app(environ, start_response)

@@ -1,0 +1,276 @@
+"""Start the whole DupHunter stack on this machine: what `make run` and the tests use.
+
+Each service is a child process; `Stack` stops them all, in reverse order, on exit or
+Ctrl-C. An S3 endpoint or Redis given in the environment is used instead of starting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import redis
+from minio import Minio
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+QUEUES = ("ingest", "restore", "predict", "maintenance")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(also_free_offset: int = 0) -> int:
+    """A free loopback port; with an offset, one whose port+offset is free too."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port + also_free_offset < 65536 and port_is_free(port + also_free_offset):
+            return port
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s")
+
+
+class Stack:
+    """Child processes started together and stopped together."""
+
+    def __init__(self, workdir: Path, log_to_files: bool = True) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_to_files = log_to_files
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = str(REPO_ROOT)
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        output = open(self.workdir / f"{name}.log", "ab") if self.log_to_files else None  # noqa: SIM115
+        process = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            env=env or self.env,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+            start_new_session=True,
+        )
+        self.processes.append((name, process))
+
+    def stop(self) -> None:
+        for _name, process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for _name, process in reversed(self.processes):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # services
+    def start_redis(self, port: int) -> str:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.spawn(
+            "redis",
+            [
+                server,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_until(lambda: bool(redis.Redis.from_url(url).ping()), "redis")
+        return url
+
+    def start_s3(self, port: int, access_key: str, secret_key: str, bucket: str) -> str:
+        """SeaweedFS `weed mini` as the local S3 server; its gRPC ports are port+10000."""
+        data = self.workdir / "s3"
+        data.mkdir(exist_ok=True)
+        ports = {name: free_port(10000) for name in ("master", "volume", "filer", "admin")}
+        env = dict(self.env, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+        self.spawn(
+            "s3",
+            [
+                str(VENV_BIN / "weed"),
+                "mini",
+                f"-dir={data}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-s3.port={port}",
+                f"-master.port={ports['master']}",
+                f"-volume.port={ports['volume']}",
+                f"-filer.port={ports['filer']}",
+                f"-admin.port={ports['admin']}",
+                "-admin.ui=false",
+                "-webdav=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+                f"-bucket={bucket}",
+            ],
+            env=env,
+        )
+        endpoint = f"127.0.0.1:{port}"
+        client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=False)
+        wait_until(lambda: client.bucket_exists(bucket), "S3 (weed mini)", timeout=120)
+        return endpoint
+
+    def start_api(self, listen: str, processes: int = 2, threads: int = 16) -> None:
+        self.spawn(
+            "api",
+            [
+                str(VENV_BIN / "gunicorn"),
+                "--bind",
+                listen,
+                "--workers",
+                str(processes),
+                "--worker-class",
+                "gthread",
+                "--threads",
+                str(threads),
+                "--timeout",
+                "600",
+                "--access-logfile",
+                "-",
+                "api.app:app",
+            ],
+        )
+        wait_until(lambda: _http_ok(f"http://{listen}/v2/"), "API")
+
+    def start_workers(self, queues: tuple[str, ...] = QUEUES, concurrency: int = 1) -> None:
+        for queue in queues:
+            args = [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "workers.app:celery_app",
+                "worker",
+                "-Q",
+                queue,
+                "-n",
+                f"{queue}@%h",
+                "-c",
+                str(concurrency),
+                "--loglevel",
+                "INFO",
+            ]
+            if queue == "maintenance":
+                args += ["--beat", "--schedule", str(self.workdir / "celerybeat-schedule")]
+            self.spawn(f"worker-{queue}", args)
+
+    def start_flower(self, port: int) -> None:
+        self.spawn(
+            "flower",
+            [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "workers.app:celery_app",
+                "flower",
+                f"--port={port}",
+                "--address=127.0.0.1",
+            ],
+        )
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return int(response.status) == 200
+
+
+def run(args: argparse.Namespace) -> None:
+    """`make run`: start what the environment does not provide, then wait for Ctrl-C."""
+    env = os.environ
+    with Stack(Path(args.workdir)) as stack:
+        if "DUPHUNTER_REDIS_URL" not in env:
+            url = "redis://127.0.0.1:6379/0"
+            if not _redis_answers(url):
+                url = stack.start_redis(6379)
+            stack.env["DUPHUNTER_REDIS_URL"] = url
+        if "DUPHUNTER_S3_ENDPOINT" not in env:
+            access = env.get("DUPHUNTER_S3_ACCESS_KEY", "duphunter")
+            secret = env.get("DUPHUNTER_S3_SECRET_KEY", "duphunter-secret-key")
+            bucket = env.get("DUPHUNTER_S3_BUCKET", "duphunter")
+            stack.env["DUPHUNTER_S3_ENDPOINT"] = stack.start_s3(8333, access, secret, bucket)
+        os.environ.update(stack.env)
+        listen = env.get("DUPHUNTER_LISTEN", "127.0.0.1:5000")
+        stack.start_workers()
+        stack.start_flower(args.flower_port)
+        stack.start_api(listen, processes=args.api_processes)
+        print(
+            f"DupHunter is up: registry http://{listen}/v2/  "
+            f"Flower http://127.0.0.1:{args.flower_port}/  logs in {args.workdir}/  "
+            "(Ctrl-C stops everything)",
+            flush=True,
+        )
+        try:
+            while all(process.poll() is None for _name, process in stack.processes):
+                time.sleep(1)
+            dead = [name for name, process in stack.processes if process.poll() is not None]
+            print(f"stopping: {', '.join(dead)} exited (see its log)", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\nstopping DupHunter", flush=True)
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the DupHunter stack locally")
+    parser.add_argument("--workdir", default=str(REPO_ROOT / "var"))
+    parser.add_argument("--flower-port", type=int, default=5555)
+    parser.add_argument("--api-processes", type=int, default=2)
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

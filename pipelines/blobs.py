@@ -1,0 +1,321 @@
+"""Blobs and their uploads.
+
+A blob is stored as a descriptor `blobs/<alg>/<hex>` (JSON) naming the data objects that
+hold its bytes in order. An upload writes each chunk straight into a data object
+`data/<upload-id>/<n>`; committing the upload only writes the descriptor, so no byte is
+copied at commit time. Upload state (offset, data objects, saved SHA-256 state) is kept
+in S3 and cached in Redis, so any API process can take the next chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from pipelines.digests import Digest, ResumableSha256
+from pipelines.errors import RegistryError
+from pipelines.index import Index
+from pipelines.storage import ObjectNotFound, ObjectStore
+
+DESCRIPTOR_FORMAT = 1
+
+
+class BodyError(Exception):
+    """The request body ended early or ran past its limit."""
+
+
+@dataclass
+class Segment:
+    key: str
+    size: int
+
+
+@dataclass
+class BlobInfo:
+    digest: str
+    size: int
+    segments: list[Segment]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": DESCRIPTOR_FORMAT,
+            "size": self.size,
+            "segments": [{"key": s.key, "size": s.size} for s in self.segments],
+        }
+
+    @classmethod
+    def from_json(cls, digest: str, data: dict[str, Any]) -> BlobInfo:
+        segments = [Segment(s["key"], int(s["size"])) for s in data["segments"]]
+        return cls(digest, int(data["size"]), segments)
+
+
+@dataclass
+class UploadState:
+    upload_id: str
+    repo: str
+    offset: int = 0
+    segments: list[Segment] = field(default_factory=list)
+    sha256_state: str = ""
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repo": self.repo,
+            "offset": self.offset,
+            "segments": [{"key": s.key, "size": s.size} for s in self.segments],
+            "sha256_state": self.sha256_state,
+            "started": self.started,
+        }
+
+    @classmethod
+    def from_json(cls, upload_id: str, data: dict[str, Any]) -> UploadState:
+        segments = [Segment(s["key"], int(s["size"])) for s in data["segments"]]
+        return cls(
+            upload_id,
+            data["repo"],
+            int(data["offset"]),
+            segments,
+            data["sha256_state"],
+            float(data["started"]),
+        )
+
+
+class _HashingReader:
+    """Reads a request body into S3 while hashing it and holding it to its limits."""
+
+    def __init__(self, body: IO[bytes], hasher: ResumableSha256, exact: int | None, limit: int):
+        self.body = body
+        self.hasher = hasher
+        self.exact = exact
+        self.limit = limit
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        want = 1 << 20 if size is None or size < 0 else size
+        if self.exact is not None:
+            want = min(want, self.exact - self.count)
+            if want == 0:
+                return b""
+        data = self.body.read(want)
+        if not data and self.exact is not None and self.count < self.exact:
+            raise BodyError(f"body ended after {self.count} of {self.exact} bytes")
+        self.count += len(data)
+        if self.count > self.limit:
+            raise BodyError(f"body exceeds the {self.limit}-byte limit")
+        self.hasher.update(data)
+        return data
+
+
+def blob_key(digest: str) -> str:
+    algorithm, hex_part = digest.split(":", 1)
+    return f"blobs/{algorithm}/{hex_part}"
+
+
+def layer_link_key(repo: str, digest: str) -> str:
+    algorithm, hex_part = digest.split(":", 1)
+    return f"repositories/{repo}/_layers/{algorithm}/{hex_part}"
+
+
+class BlobStore:
+    def __init__(self, store: ObjectStore, index: Index, max_blob_bytes: int, upload_ttl: int):
+        self.store = store
+        self.index = index
+        self.max_blob_bytes = max_blob_bytes
+        self.upload_ttl = upload_ttl
+
+    # reading
+    def info(self, digest: str) -> BlobInfo | None:
+        cached = self.index.blob(digest)
+        if cached is not None:
+            return BlobInfo.from_json(digest, cached)
+        try:
+            data = json.loads(self.store.get_bytes(blob_key(digest)))
+        except ObjectNotFound:
+            return None
+        self.index.put_blob(digest, data)
+        return BlobInfo.from_json(digest, data)
+
+    def linked_info(self, repo: str, digest: str) -> BlobInfo:
+        """The blob as seen from `repo`: BLOB_UNKNOWN unless linked there."""
+        Digest.parse(digest)
+        info = self.info(digest) if self.index.is_layer_linked(repo, digest) else None
+        if info is None:
+            raise RegistryError("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
+        return info
+
+    def read(self, info: BlobInfo, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Stream `length` bytes of the blob from `offset`, across its data objects."""
+        end = info.size if length is None else offset + length
+        position = 0
+        for segment in info.segments:
+            seg_start, seg_end = position, position + segment.size
+            position = seg_end
+            if seg_end <= offset or seg_start >= end:
+                continue
+            start_in = max(offset, seg_start) - seg_start
+            stop_in = min(end, seg_end) - seg_start
+            yield from self.store.iter_range(segment.key, start_in, stop_in - start_in)
+
+    # linking
+    def link(self, repo: str, digest: str) -> None:
+        self.store.put_bytes(layer_link_key(repo, digest), b"")
+        self.index.link_layer(repo, digest)
+
+    def unlink(self, repo: str, digest: str) -> None:
+        Digest.parse(digest)
+        if not self.index.is_layer_linked(repo, digest):
+            raise RegistryError("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
+        self.store.delete([layer_link_key(repo, digest)])
+        self.index.unlink_layer(repo, digest)
+
+    def mount(self, repo: str, digest: str, source_repo: str) -> bool:
+        """Link a blob that `source_repo` already has; False when it has not."""
+        if not self.index.is_layer_linked(source_repo, digest) or self.info(digest) is None:
+            return False
+        self.link(repo, digest)
+        return True
+
+    # uploads
+    def start_upload(self, repo: str) -> UploadState:
+        state = UploadState(uuid.uuid4().hex, repo, sha256_state=ResumableSha256().state().hex())
+        self._save_upload(state)
+        return state
+
+    def upload(self, repo: str, upload_id: str) -> UploadState:
+        data = self.index.upload(upload_id)
+        if data is None:
+            try:
+                data = json.loads(self.store.get_bytes(f"uploads/{upload_id}"))
+            except (ObjectNotFound, ValueError):
+                data = None
+        if data is None or data["repo"] != repo:
+            raise RegistryError(
+                "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry", {"uuid": upload_id}
+            )
+        return UploadState.from_json(upload_id, data)
+
+    def append(
+        self, repo: str, upload_id: str, body: IO[bytes], length: int | None, start: int | None
+    ) -> UploadState:
+        """Add one chunk. `start` is the Content-Range start the client claimed, if any."""
+        with self._upload_lock(upload_id):
+            state = self.upload(repo, upload_id)
+            if start is not None and start != state.offset:
+                raise RegistryError(
+                    "BLOB_UPLOAD_INVALID",
+                    "chunk out of order",
+                    {"expected_offset": state.offset, "got": start},
+                    status=416,
+                )
+            self._write_chunk(state, body, length)
+            self._save_upload(state)
+            return state
+
+    def commit(
+        self, repo: str, upload_id: str, digest: str, body: IO[bytes], length: int | None
+    ) -> BlobInfo:
+        """Take an optional last chunk, verify the digest, and make the blob visible."""
+        wanted = Digest.parse(digest)
+        with self._upload_lock(upload_id):
+            state = self.upload(repo, upload_id)
+            if length != 0:
+                self._write_chunk(state, body, length)
+            actual = self._digest_of(state, wanted.algorithm)
+            self._forget_upload(state)
+            if actual != digest:
+                self._discard(state.segments)
+                raise RegistryError(
+                    "DIGEST_INVALID",
+                    "provided digest did not match uploaded content",
+                    {"expected": digest, "actual": actual},
+                )
+            info = self._store_descriptor(BlobInfo(digest, state.offset, state.segments))
+        self.link(repo, digest)
+        return info
+
+    def put_monolithic(
+        self, repo: str, digest: str, body: IO[bytes], length: int | None
+    ) -> BlobInfo:
+        state = self.start_upload(repo)
+        return self.commit(repo, state.upload_id, digest, body, length)
+
+    def cancel(self, repo: str, upload_id: str) -> None:
+        with self._upload_lock(upload_id):
+            state = self.upload(repo, upload_id)
+            self._forget_upload(state)
+            self._discard(state.segments)
+
+    def purge_stale_uploads(self, older_than: float) -> int:
+        """Cancel uploads started before `older_than` (epoch seconds); returns how many."""
+        purged = 0
+        for key, _size in list(self.store.list("uploads/")):
+            upload_id = key.rsplit("/", 1)[-1]
+            try:
+                data = json.loads(self.store.get_bytes(key))
+            except (ObjectNotFound, ValueError):
+                continue
+            if float(data.get("started", 0)) < older_than:
+                self.cancel(data["repo"], upload_id)
+                purged += 1
+        return purged
+
+    def _write_chunk(self, state: UploadState, body: IO[bytes], length: int | None) -> None:
+        if length is not None and state.offset + length > self.max_blob_bytes:
+            raise RegistryError("SIZE_INVALID", "blob exceeds the size limit", status=413)
+        hasher = ResumableSha256(bytes.fromhex(state.sha256_state))
+        reader = _HashingReader(body, hasher, length, self.max_blob_bytes - state.offset)
+        key = f"data/{state.upload_id}/{len(state.segments):06d}"
+        try:
+            self.store.put_stream(key, reader, length)
+        except BodyError as error:
+            self.store.delete([key])
+            raise RegistryError("SIZE_INVALID", str(error), status=400) from error
+        if reader.count == 0:
+            self.store.delete([key])
+            return
+        state.segments.append(Segment(key, reader.count))
+        state.offset += reader.count
+        state.sha256_state = hasher.state().hex()
+        self.index.add_bytes(stored=reader.count)
+
+    def _digest_of(self, state: UploadState, algorithm: str) -> str:
+        if algorithm == "sha256":
+            return "sha256:" + ResumableSha256(bytes.fromhex(state.sha256_state)).hexdigest()
+        hasher = hashlib.new(algorithm)
+        for chunk in self.read(BlobInfo("", state.offset, state.segments)):
+            hasher.update(chunk)
+        return f"{algorithm}:{hasher.hexdigest()}"
+
+    def _store_descriptor(self, info: BlobInfo) -> BlobInfo:
+        """Record the blob unless it exists already, in which case drop the new copy."""
+        with self.index.lock(f"blob:{info.digest}"):
+            existing = self.info(info.digest)
+            if existing is not None:
+                self._discard(info.segments)
+                return existing
+            descriptor = info.to_json()
+            self.store.put_bytes(blob_key(info.digest), json.dumps(descriptor).encode())
+            self.index.put_blob(info.digest, descriptor)
+            self.index.add_bytes(logical=info.size)
+            return info
+
+    def _discard(self, segments: list[Segment]) -> None:
+        self.store.delete([s.key for s in segments])
+        self.index.add_bytes(stored=-sum(s.size for s in segments))
+
+    def _save_upload(self, state: UploadState) -> None:
+        data = state.to_json()
+        self.store.put_bytes(f"uploads/{state.upload_id}", json.dumps(data).encode())
+        self.index.put_upload(state.upload_id, data, self.upload_ttl)
+
+    def _forget_upload(self, state: UploadState) -> None:
+        self.store.delete([f"uploads/{state.upload_id}"])
+        self.index.drop_upload(state.upload_id)
+
+    def _upload_lock(self, upload_id: str) -> Any:
+        return self.index.lock(f"upload:{upload_id}", timeout=3600, blocking_timeout=10)

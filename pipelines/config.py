@@ -1,0 +1,46 @@
+"""Settings read from DUPHUNTER_* environment variables, with working local defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"DUPHUNTER_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    s3_endpoint: str = field(default_factory=lambda: _env("S3_ENDPOINT", "127.0.0.1:8333"))
+    s3_access_key: str = field(default_factory=lambda: _env("S3_ACCESS_KEY", "duphunter"))
+    s3_secret_key: str = field(
+        default_factory=lambda: _env("S3_SECRET_KEY", "duphunter-secret-key")
+    )
+    s3_bucket: str = field(default_factory=lambda: _env("S3_BUCKET", "duphunter"))
+    s3_secure: bool = field(default_factory=lambda: _env("S3_SECURE", "0") == "1")
+    s3_region: str = field(default_factory=lambda: _env("S3_REGION", "us-east-1"))
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    listen: str = field(default_factory=lambda: _env("LISTEN", "127.0.0.1:5000"))
+    max_blob_bytes: int = field(default_factory=lambda: int(_env("MAX_BLOB_BYTES", str(64 << 30))))
+    max_manifest_bytes: int = field(
+        default_factory=lambda: int(_env("MAX_MANIFEST_BYTES", str(4 << 20)))
+    )
+    upload_ttl_seconds: int = field(
+        default_factory=lambda: int(_env("UPLOAD_TTL_SECONDS", str(24 * 3600)))
+    )
+    helper_dir: Path = field(
+        default_factory=lambda: Path(_env("HELPER_DIR", str(REPO_ROOT / "build" / "helpers")))
+    )
+
+    @property
+    def s3_endpoint_hostport(self) -> str:
+        """The endpoint without a scheme, as the minio SDK wants it."""
+        return self.s3_endpoint.split("://", 1)[-1].rstrip("/")
+
+    @property
+    def s3_endpoint_is_https(self) -> bool:
+        return self.s3_secure or self.s3_endpoint.startswith("https://")

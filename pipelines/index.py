@@ -1,0 +1,203 @@
+"""The Redis index: fast lookups over what S3 holds durably, rebuildable from S3.
+
+Every write goes to S3 first and to this index second, so a lost or stale index is
+repaired by `rebuild`, never the other way round. Key schema (prefix `dh:`):
+
+    blob:<digest>              descriptor JSON of a stored blob
+    repos                      zset of repository names (lexical order, score 0)
+    repo:<name>:layers         set of blob digests linked into the repository
+    repo:<name>:manifests      hash manifest digest -> revision JSON (mediaType, size, ...)
+    repo:<name>:tags           hash tag -> manifest digest
+    referrers:<name>:<digest>  hash referrer digest -> descriptor JSON
+    manifest:<digest>          manifest bytes (a cache)
+    upload:<uuid>              upload state JSON (a cache of the S3 state object)
+    stats                      hash of byte counters
+    layer:<digest>             hash: ingest result of a layer; layers: digest -> state
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+PREFIX = "dh:"
+READY_KEY = PREFIX + "index:ready"
+
+
+def _mapping(fields: dict[str, str]) -> dict[str | bytes, bytes | float | int | str]:
+    return {key: value for key, value in fields.items()}
+
+
+class Index:
+    def __init__(self, client: redis.Redis[bytes]) -> None:
+        self.redis = client
+
+    @classmethod
+    def from_url(cls, url: str) -> Index:
+        return cls(redis.Redis.from_url(url))
+
+    # blobs
+    def blob(self, digest: str) -> dict[str, Any] | None:
+        raw = self.redis.get(f"{PREFIX}blob:{digest}")
+        return None if raw is None else dict(json.loads(raw))
+
+    def put_blob(self, digest: str, descriptor: dict[str, Any]) -> None:
+        self.redis.set(f"{PREFIX}blob:{digest}", json.dumps(descriptor))
+
+    def drop_blob(self, digest: str) -> None:
+        self.redis.delete(f"{PREFIX}blob:{digest}")
+
+    def link_layer(self, repo: str, digest: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.sadd(f"{PREFIX}repo:{repo}:layers", digest)
+        pipe.zadd(f"{PREFIX}repos", {repo: 0})
+        pipe.execute()
+
+    def unlink_layer(self, repo: str, digest: str) -> bool:
+        return bool(self.redis.srem(f"{PREFIX}repo:{repo}:layers", digest))
+
+    def is_layer_linked(self, repo: str, digest: str) -> bool:
+        return bool(self.redis.sismember(f"{PREFIX}repo:{repo}:layers", digest))
+
+    def repositories_linking(self, digest: str) -> Iterator[str]:
+        for name in self.repositories():
+            if self.is_layer_linked(name, digest):
+                yield name
+
+    # repositories and manifests
+    def repositories(self, last: str = "", count: int | None = None) -> list[str]:
+        start = f"({last}" if last else "-"
+        args: dict[str, int] = {} if count is None else {"start": 0, "num": count}
+        names = self.redis.zrangebylex(f"{PREFIX}repos", start, "+", **args)
+        return [name.decode() for name in names]
+
+    def repository_exists(self, repo: str) -> bool:
+        return self.redis.zscore(f"{PREFIX}repos", repo) is not None
+
+    def revision(self, repo: str, digest: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(f"{PREFIX}repo:{repo}:manifests", digest)
+        return None if raw is None else dict(json.loads(raw))
+
+    def put_revision(self, repo: str, digest: str, revision: dict[str, Any]) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(f"{PREFIX}repo:{repo}:manifests", digest, json.dumps(revision))
+        pipe.zadd(f"{PREFIX}repos", {repo: 0})
+        pipe.execute()
+
+    def drop_revision(self, repo: str, digest: str) -> None:
+        self.redis.hdel(f"{PREFIX}repo:{repo}:manifests", digest)
+
+    def manifest_bytes(self, digest: str) -> bytes | None:
+        value = self.redis.get(f"{PREFIX}manifest:{digest}")
+        return None if value is None else bytes(value)
+
+    def cache_manifest_bytes(self, digest: str, content: bytes) -> None:
+        self.redis.set(f"{PREFIX}manifest:{digest}", content)
+
+    def tag(self, repo: str, tag: str) -> str | None:
+        value = self.redis.hget(f"{PREFIX}repo:{repo}:tags", tag)
+        return None if value is None else value.decode()
+
+    def tags(self, repo: str) -> dict[str, str]:
+        raw = self.redis.hgetall(f"{PREFIX}repo:{repo}:tags")
+        return {key.decode(): value.decode() for key, value in raw.items()}
+
+    def set_tag(self, repo: str, tag: str, digest: str) -> None:
+        self.redis.hset(f"{PREFIX}repo:{repo}:tags", tag, digest)
+
+    def drop_tag(self, repo: str, tag: str) -> None:
+        self.redis.hdel(f"{PREFIX}repo:{repo}:tags", tag)
+
+    def referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
+        raw = self.redis.hvals(f"{PREFIX}referrers:{repo}:{subject}")
+        return [dict(json.loads(value)) for value in raw]
+
+    def add_referrer(
+        self, repo: str, subject: str, digest: str, descriptor: dict[str, Any]
+    ) -> None:
+        self.redis.hset(f"{PREFIX}referrers:{repo}:{subject}", digest, json.dumps(descriptor))
+
+    def drop_referrer(self, repo: str, subject: str, digest: str) -> None:
+        self.redis.hdel(f"{PREFIX}referrers:{repo}:{subject}", digest)
+
+    # uploads
+    def upload(self, upload_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(f"{PREFIX}upload:{upload_id}")
+        return None if raw is None else dict(json.loads(raw))
+
+    def put_upload(self, upload_id: str, state: dict[str, Any], ttl: int) -> None:
+        self.redis.set(f"{PREFIX}upload:{upload_id}", json.dumps(state), ex=ttl)
+
+    def drop_upload(self, upload_id: str) -> None:
+        self.redis.delete(f"{PREFIX}upload:{upload_id}")
+
+    # counters and layer states
+    def add_bytes(self, logical: int = 0, stored: int = 0) -> None:
+        pipe = self.redis.pipeline()
+        if logical:
+            pipe.hincrby(f"{PREFIX}stats", "logical_bytes", logical)
+        if stored:
+            pipe.hincrby(f"{PREFIX}stats", "stored_bytes", stored)
+        pipe.execute()
+
+    def byte_counters(self) -> dict[str, int]:
+        raw = self.redis.hgetall(f"{PREFIX}stats")
+        return {key.decode(): int(value) for key, value in raw.items()}
+
+    def layer(self, digest: str) -> dict[str, str]:
+        raw = self.redis.hgetall(f"{PREFIX}layer:{digest}")
+        return {key.decode(): value.decode() for key, value in raw.items()}
+
+    def put_layer(self, digest: str, fields: dict[str, str]) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(f"{PREFIX}layer:{digest}", mapping=_mapping(fields))
+        if "state" in fields:
+            pipe.hset(f"{PREFIX}layers", digest, fields["state"])
+        pipe.execute()
+
+    def layer_states(self) -> dict[str, str]:
+        raw = self.redis.hgetall(f"{PREFIX}layers")
+        return {key.decode(): value.decode() for key, value in raw.items()}
+
+    def lock(self, name: str, timeout: float = 600, blocking_timeout: float = 30) -> Any:
+        return self.redis.lock(
+            f"{PREFIX}lock:{name}", timeout=timeout, blocking_timeout=blocking_timeout
+        )
+
+    def is_ready(self) -> bool:
+        return bool(self.redis.exists(READY_KEY))
+
+    def mark_ready(self) -> None:
+        self.redis.set(READY_KEY, "1")
+
+    def clear(self) -> None:
+        for key in self.redis.scan_iter(match=PREFIX + "*", count=1000):
+            self.redis.delete(key)
+
+    # jobs and pull history
+    def put_job(self, job_id: str, fields: dict[str, str], ttl: int = 7 * 24 * 3600) -> None:
+        key = f"{PREFIX}job:{job_id}"
+        self.redis.hset(key, mapping=_mapping(fields))
+        self.redis.expire(key, ttl)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        raw = self.redis.hgetall(f"{PREFIX}job:{job_id}")
+        return {key.decode(): value.decode() for key, value in raw.items()}
+
+    def queue_length(self, queue: str) -> int:
+        return int(self.redis.llen(queue))
+
+    def record_pull(self, repo: str, client: str, layers: list[str]) -> None:
+        """Count, per repository and per client, how often each layer was asked for."""
+        pipe = self.redis.pipeline()
+        for layer in layers:
+            pipe.zincrby(f"{PREFIX}pulls:repo:{repo}", 1, layer)
+            pipe.zincrby(f"{PREFIX}pulls:client:{client}", 1, layer)
+        pipe.execute()
+
+    def pull_counts(self, kind: str, key: str) -> dict[str, int]:
+        raw = self.redis.zrange(f"{PREFIX}pulls:{kind}:{key}", 0, -1, withscores=True)
+        return {member.decode(): int(score) for member, score in raw}

@@ -1,0 +1,309 @@
+"""Manifests, tags and referrers: validation on push, resolution and negotiation on pull.
+
+Manifest bytes live in S3 at `manifests/<alg>/<hex>`; a repository holds a revision link
+(`repositories/<name>/_manifests/revisions/<alg>/<hex>`, JSON with the media type and the
+referrer descriptor) and tag links (`.../_manifests/tags/<tag>`, the digest).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.blobs import BlobStore
+from pipelines.digests import Digest
+from pipelines.errors import RegistryError
+from pipelines.index import Index
+from pipelines.storage import ObjectNotFound, ObjectStore
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+IMAGE_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
+INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
+NON_DISTRIBUTABLE = (
+    "application/vnd.oci.image.layer.nondistributable",
+    "application/vnd.docker.image.rootfs.foreign",
+)
+TAG_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+_MEDIA_TYPE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+)
+
+
+@dataclass
+class ParsedManifest:
+    media_type: str
+    digest: str
+    content: bytes
+    blobs: list[str] = field(default_factory=list)  # config and layers to check
+    layers: list[str] = field(default_factory=list)  # layers to ingest
+    children: list[str] = field(default_factory=list)  # manifests an index names
+    subject: str | None = None
+    artifact_type: str | None = None
+    annotations: dict[str, str] | None = None
+
+    def referrer_descriptor(self) -> dict[str, Any]:
+        descriptor: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": len(self.content),
+        }
+        if self.artifact_type:
+            descriptor["artifactType"] = self.artifact_type
+        if self.annotations:
+            descriptor["annotations"] = self.annotations
+        return descriptor
+
+
+@dataclass
+class StoredManifest:
+    digest: str
+    media_type: str
+    content: bytes
+
+    def layer_digests(self) -> list[str]:
+        if self.media_type not in IMAGE_TYPES:
+            return []
+        return [str(layer["digest"]) for layer in json.loads(self.content).get("layers", [])]
+
+
+def _invalid(message: str, detail: Any = None) -> RegistryError:
+    return RegistryError("MANIFEST_INVALID", message, detail)
+
+
+def _descriptor(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _invalid(f"{where} is not a descriptor")
+    media_type, digest, size = value.get("mediaType"), value.get("digest"), value.get("size")
+    if not isinstance(media_type, str) or not _MEDIA_TYPE.match(media_type):
+        raise _invalid(f"{where} has an invalid mediaType")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise _invalid(f"{where} has an invalid size")
+    if not isinstance(digest, str):
+        raise _invalid(f"{where} has no digest")
+    try:
+        Digest.parse(digest)
+    except RegistryError as error:
+        raise _invalid(f"{where} has an invalid digest", {"digest": digest}) from error
+    return value
+
+
+def parse_manifest(
+    content: bytes, content_type: str | None, reference_digest: str | None
+) -> ParsedManifest:
+    """Validate a pushed manifest; the digest is of the exact bytes received."""
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _invalid("manifest is not valid JSON") from error
+    if not isinstance(body, dict) or body.get("schemaVersion") != 2:
+        raise _invalid("unsupported manifest: schemaVersion must be 2")
+    declared = body.get("mediaType")
+    content_type = (content_type or "").split(";")[0].strip() or None
+    if declared is not None and content_type is not None and declared != content_type:
+        raise _invalid("mediaType does not match Content-Type", {"mediaType": declared})
+    media_type = declared or content_type
+    if media_type not in IMAGE_TYPES | INDEX_TYPES:
+        raise _invalid("unsupported manifest media type", {"mediaType": media_type})
+    algorithm = Digest.parse(reference_digest).algorithm if reference_digest else "sha256"
+    digest = str(Digest.of_bytes(content, algorithm))
+    if reference_digest is not None and reference_digest != digest:
+        raise RegistryError(
+            "DIGEST_INVALID",
+            "manifest digest does not match its content",
+            {"expected": reference_digest, "actual": digest},
+        )
+    parsed = ParsedManifest(media_type, digest, content)
+    if media_type in IMAGE_TYPES:
+        _parse_image(body, parsed)
+    else:
+        _parse_index(body, parsed)
+    if "subject" in body:
+        parsed.subject = _descriptor(body["subject"], "subject")["digest"]
+    annotations = body.get("annotations")
+    if annotations is not None and not isinstance(annotations, dict):
+        raise _invalid("annotations must be an object")
+    parsed.annotations = annotations
+    return parsed
+
+
+def _parse_image(body: dict[str, Any], parsed: ParsedManifest) -> None:
+    config = _descriptor(body.get("config"), "config")
+    layers = body.get("layers")
+    if not isinstance(layers, list):
+        raise _invalid("layers must be a list")
+    parsed.blobs.append(config["digest"])
+    for position, value in enumerate(layers):
+        layer = _descriptor(value, f"layers[{position}]")
+        if layer["mediaType"].startswith(NON_DISTRIBUTABLE) and layer.get("urls"):
+            continue
+        parsed.blobs.append(layer["digest"])
+        parsed.layers.append(layer["digest"])
+    artifact_type = body.get("artifactType")
+    if artifact_type is not None and not isinstance(artifact_type, str):
+        raise _invalid("artifactType must be a string")
+    parsed.artifact_type = artifact_type or (
+        config["mediaType"] if config["mediaType"] != EMPTY_CONFIG else None
+    )
+    if artifact_type is None and config["mediaType"] == EMPTY_CONFIG:
+        raise _invalid("artifactType is required when config is the empty descriptor")
+
+
+def _parse_index(body: dict[str, Any], parsed: ParsedManifest) -> None:
+    manifests = body.get("manifests")
+    if not isinstance(manifests, list):
+        raise _invalid("manifests must be a list")
+    for position, value in enumerate(manifests):
+        parsed.children.append(_descriptor(value, f"manifests[{position}]")["digest"])
+    artifact_type = body.get("artifactType")
+    parsed.artifact_type = artifact_type if isinstance(artifact_type, str) else None
+
+
+def _split(digest: str) -> tuple[str, str]:
+    algorithm, hex_part = digest.split(":", 1)
+    return algorithm, hex_part
+
+
+def manifest_key(digest: str) -> str:
+    return "manifests/{}/{}".format(*_split(digest))
+
+
+def revision_key(repo: str, digest: str) -> str:
+    return "repositories/{}/_manifests/revisions/{}/{}".format(repo, *_split(digest))
+
+
+def tag_key(repo: str, tag: str) -> str:
+    return f"repositories/{repo}/_manifests/tags/{tag}"
+
+
+def check_tag(tag: str) -> None:
+    if not TAG_PATTERN.match(tag):
+        raise RegistryError("TAG_INVALID", "invalid tag", {"tag": tag})
+
+
+def is_digest_reference(reference: str) -> bool:
+    return ":" in reference
+
+
+class ManifestStore:
+    def __init__(self, store: ObjectStore, index: Index, blobs: BlobStore) -> None:
+        self.store = store
+        self.index = index
+        self.blobs = blobs
+
+    def put(
+        self, repo: str, reference: str, content: bytes, content_type: str | None
+    ) -> ParsedManifest:
+        by_digest = is_digest_reference(reference)
+        if not by_digest:
+            check_tag(reference)
+        parsed = parse_manifest(content, content_type, reference if by_digest else None)
+        self._check_references(repo, parsed)
+        if self.index.manifest_bytes(parsed.digest) is None:
+            self.store.put_bytes(manifest_key(parsed.digest), content)
+            self.index.add_bytes(logical=len(content), stored=len(content))
+            self.index.cache_manifest_bytes(parsed.digest, content)
+        revision: dict[str, Any] = {
+            "mediaType": parsed.media_type,
+            "size": len(content),
+            "subject": parsed.subject,
+            "referrer": parsed.referrer_descriptor(),
+        }
+        self.store.put_bytes(revision_key(repo, parsed.digest), json.dumps(revision).encode())
+        self.index.put_revision(repo, parsed.digest, revision)
+        if parsed.subject:
+            self.index.add_referrer(repo, parsed.subject, parsed.digest, revision["referrer"])
+        if not by_digest:
+            self.store.put_bytes(tag_key(repo, reference), parsed.digest.encode())
+            self.index.set_tag(repo, reference, parsed.digest)
+        return parsed
+
+    def _check_references(self, repo: str, parsed: ParsedManifest) -> None:
+        for digest in parsed.blobs:
+            if not self.index.is_layer_linked(repo, digest) or self.blobs.info(digest) is None:
+                raise RegistryError(
+                    "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest}
+                )
+        for digest in parsed.children:
+            if self.index.revision(repo, digest) is None:
+                raise RegistryError(
+                    "MANIFEST_BLOB_UNKNOWN", "manifest unknown to registry", {"digest": digest}
+                )
+
+    def resolve(self, repo: str, reference: str) -> str:
+        if is_digest_reference(reference):
+            Digest.parse(reference)
+            digest: str | None = reference
+        else:
+            check_tag(reference)
+            digest = self.index.tag(repo, reference)
+        if digest is None or self.index.revision(repo, digest) is None:
+            raise RegistryError(
+                "MANIFEST_UNKNOWN", "manifest unknown to registry", {"reference": reference}
+            )
+        return digest
+
+    def get(self, repo: str, reference: str, accept: list[str]) -> StoredManifest:
+        digest = self.resolve(repo, reference)
+        revision = self.index.revision(repo, digest) or {}
+        media_type = str(revision["mediaType"])
+        if accept and not _accepts(accept, media_type):
+            raise RegistryError(
+                "MANIFEST_UNKNOWN",
+                f"manifest is {media_type}, which the Accept header excludes",
+                {"reference": reference},
+            )
+        content = self.index.manifest_bytes(digest)
+        if content is None:
+            content = self.store.get_bytes(manifest_key(digest))
+            self.index.cache_manifest_bytes(digest, content)
+        return StoredManifest(digest, media_type, content)
+
+    def delete(self, repo: str, reference: str) -> None:
+        if not is_digest_reference(reference):
+            self.resolve(repo, reference)
+            self.store.delete([tag_key(repo, reference)])
+            self.index.drop_tag(repo, reference)
+            return
+        digest = self.resolve(repo, reference)
+        revision = self.index.revision(repo, digest) or {}
+        stale_tags = [tag for tag, target in self.index.tags(repo).items() if target == digest]
+        self.store.delete([tag_key(repo, tag) for tag in stale_tags] + [revision_key(repo, digest)])
+        for tag in stale_tags:
+            self.index.drop_tag(repo, tag)
+        if revision.get("subject"):
+            self.index.drop_referrer(repo, revision["subject"], digest)
+        self.index.drop_revision(repo, digest)
+
+    def tags(self, repo: str) -> list[str]:
+        if not self.index.repository_exists(repo):
+            raise RegistryError(
+                "NAME_UNKNOWN", "repository name not known to registry", {"name": repo}
+            )
+        return sorted(self.index.tags(repo))
+
+    def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[dict[str, Any]]:
+        Digest.parse(subject)
+        found = self.index.referrers(repo, subject)
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
+        return sorted(found, key=lambda descriptor: str(descriptor["digest"]))
+
+    def load_content(self, digest: str) -> bytes | None:
+        try:
+            return self.store.get_bytes(manifest_key(digest))
+        except ObjectNotFound:
+            return None
+
+
+def _accepts(accept: list[str], media_type: str) -> bool:
+    for item in accept:
+        value = item.split(";")[0].strip()
+        if value in ("*/*", media_type, "application/*", "application/json"):
+            return True
+    return False

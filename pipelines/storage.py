@@ -1,0 +1,126 @@
+"""Object storage: the one seam between DupHunter and its durable bytes.
+
+`ObjectStore` is the small interface every backend implements; `S3Store` is the driver
+for S3-compatible servers (MinIO in production, SeaweedFS here) through the minio SDK.
+A placement layer that spreads objects over several nodes will implement the same
+interface on top of several `S3Store`s.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import BinaryIO, Protocol, cast
+
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+
+from pipelines.config import Settings
+
+CHUNK_SIZE = 1 << 20
+STREAM_PART_SIZE = 8 << 20  # part size when the length is not known up front
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class ObjectNotFound(KeyError):
+    """The key names no object."""
+
+
+class ObjectStore(Protocol):
+    def put_stream(self, key: str, stream: Readable, length: int | None) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def iter_range(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> Iterator[bytes]: ...
+    def size(self, key: str) -> int | None: ...
+    def delete(self, keys: list[str]) -> None: ...
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+
+
+class S3Store:
+    """ObjectStore on one bucket of an S3-compatible server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.bucket = settings.s3_bucket
+        http = urllib3.PoolManager(
+            maxsize=32,
+            timeout=urllib3.Timeout(connect=10, read=300),
+            retries=urllib3.Retry(
+                total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
+        self.client = Minio(
+            settings.s3_endpoint_hostport,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_endpoint_is_https,
+            region=settings.s3_region,
+            http_client=http,
+        )
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            self.client.make_bucket(self.bucket)
+
+    def put_stream(self, key: str, stream: Readable, length: int | None) -> None:
+        if length is None:
+            self.client.put_object(
+                self.bucket, key, cast(BinaryIO, stream), -1, part_size=STREAM_PART_SIZE
+            )
+        else:
+            self.client.put_object(self.bucket, key, cast(BinaryIO, stream), length)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.iter_range(key))
+
+    def iter_range(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Stream `length` bytes (or to the end) from `offset`; raises ObjectNotFound early."""
+        try:
+            response = self.client.get_object(self.bucket, key, offset=offset, length=length or 0)
+        except S3Error as error:
+            raise _translate(error, key) from error
+        return _stream_and_release(response)
+
+    def size(self, key: str) -> int | None:
+        try:
+            return int(self.client.stat_object(self.bucket, key).size or 0)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return None
+            raise
+
+    def delete(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        errors = list(self.client.remove_objects(self.bucket, (DeleteObject(key) for key in keys)))
+        real = [error for error in errors if error.code != "NoSuchKey"]
+        if real:
+            raise RuntimeError(f"S3 delete failed: {real[0].code} {real[0].message}")
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            if item.object_name is not None and not item.is_dir:
+                yield item.object_name, int(item.size or 0)
+
+
+def _stream_and_release(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    try:
+        yield from response.stream(CHUNK_SIZE)
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def _translate(error: S3Error, key: str) -> Exception:
+    if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+        return ObjectNotFound(key)
+    return error

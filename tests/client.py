@@ -1,0 +1,93 @@
+"""A small OCI Distribution protocol client for the tests, on urllib3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlencode
+
+import urllib3
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class RegistryClient:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=120))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        **fields: str,
+    ) -> urllib3.BaseHTTPResponse:
+        url = path if path.startswith("http") else self.url + path
+        if fields:
+            url += ("&" if "?" in url else "?") + urlencode(fields)
+        return self.http.request(
+            method, url, body=body, headers=headers, redirect=False, preload_content=True
+        )
+
+    def push_blob(self, repo: str, data: bytes) -> str:
+        digest = sha256(data)
+        response = self.request("POST", f"/v2/{repo}/blobs/uploads/", data, digest=digest)
+        assert response.status == 201, response.data
+        return digest
+
+    def push_manifest(
+        self, repo: str, reference: str, manifest: dict[str, Any], media_type: str = OCI_MANIFEST
+    ) -> urllib3.BaseHTTPResponse:
+        return self.request(
+            "PUT",
+            f"/v2/{repo}/manifests/{reference}",
+            json.dumps(manifest).encode(),
+            {"Content-Type": media_type},
+        )
+
+    def push_image(
+        self,
+        repo: str,
+        tag: str,
+        layers: list[bytes],
+        config: bytes = b'{"architecture":"amd64","os":"linux"}',
+    ) -> tuple[str, dict[str, Any]]:
+        manifest = image_manifest(
+            self.push_blob(repo, config),
+            len(config),
+            [(self.push_blob(repo, layer), len(layer)) for layer in layers],
+        )
+        response = self.push_manifest(repo, tag, manifest)
+        assert response.status == 201, response.data
+        return response.headers["Docker-Content-Digest"], manifest
+
+
+def descriptor(media_type: str, digest: str, size: int, **extra: Any) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": digest, "size": size, **extra}
+
+
+def image_manifest(
+    config_digest: str, config_size: int, layers: list[tuple[str, int]], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, config_digest, config_size),
+        "layers": [descriptor(OCI_LAYER, digest, size) for digest, size in layers],
+        **extra,
+    }
+
+
+def error_codes(response: urllib3.BaseHTTPResponse) -> list[str]:
+    return [error["code"] for error in json.loads(response.data)["errors"]]

@@ -1,0 +1,62 @@
+"""A live stack for the tests: Redis, S3 (weed mini), the API under gunicorn and the
+Celery workers, each on free loopback ports, started once per test session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from deploy.stack import Stack, free_port
+from pipelines.config import Settings
+from pipelines.registry import Registry
+from tests.client import RegistryClient
+
+
+@dataclass
+class LiveStack:
+    url: str
+    settings: Settings
+    registry: Registry
+    workdir: Path
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    workdir = tmp_path_factory.mktemp("stack")
+    with Stack(workdir) as stack:
+        redis_url = stack.start_redis(free_port())
+        access, secret, bucket = "duphunter", "duphunter-secret-key", "duphunter"
+        endpoint = stack.start_s3(free_port(10000), access, secret, bucket)
+        listen = f"127.0.0.1:{free_port()}"
+        stack.env.update(
+            {
+                "DUPHUNTER_REDIS_URL": redis_url,
+                "DUPHUNTER_S3_ENDPOINT": endpoint,
+                "DUPHUNTER_S3_ACCESS_KEY": access,
+                "DUPHUNTER_S3_SECRET_KEY": secret,
+                "DUPHUNTER_S3_BUCKET": bucket,
+                "DUPHUNTER_LISTEN": listen,
+                "DUPHUNTER_MAX_BLOB_BYTES": str(1 << 30),
+            }
+        )
+        os.environ.update({k: v for k, v in stack.env.items() if k.startswith("DUPHUNTER_")})
+        stack.start_workers()
+        stack.start_api(listen)
+        settings = Settings()
+        yield LiveStack(f"http://{listen}", settings, Registry.connect(settings), workdir)
+
+
+@pytest.fixture
+def client(live: LiveStack) -> RegistryClient:
+    return RegistryClient(live.url)
+
+
+@pytest.fixture
+def repo() -> str:
+    """A repository name no other test uses."""
+    return f"test/{uuid.uuid4().hex[:12]}"
