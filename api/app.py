@@ -206,8 +206,8 @@ class RegistryApp:
             if blobs.mount(name, mount, source):
                 info = blobs.linked_info(name, mount)
                 return _blob_created(name, info)
-        digest = request.args.get("digest")
-        if digest:
+        if "digest" in request.args:
+            digest = request.args["digest"]
             info = blobs.put_monolithic(name, digest, request.stream, _content_length(request))
             return _blob_created(name, info)
         state = blobs.start_upload(name)

@@ -220,29 +220,36 @@ class BlobStore:
         self, repo: str, upload_id: str, digest: str, body: IO[bytes], length: int | None
     ) -> BlobInfo:
         """Take an optional last chunk, verify the digest, and make the blob visible."""
-        wanted = Digest.parse(digest)
+        Digest.parse(digest)
         with self._upload_lock(upload_id):
             state = self.upload(repo, upload_id)
-            if length != 0:
-                self._write_chunk(state, body, length)
-            actual = self._digest_of(state, wanted.algorithm)
-            self._forget_upload(state)
-            if actual != digest:
-                self._discard(state.segments)
-                raise RegistryError(
-                    "DIGEST_INVALID",
-                    "provided digest did not match uploaded content",
-                    {"expected": digest, "actual": actual},
-                )
-            info = self._store_descriptor(BlobInfo(digest, state.offset, state.segments))
-        self.link(repo, digest)
-        return info
+            return self._finish(state, digest, body, length)
 
     def put_monolithic(
         self, repo: str, digest: str, body: IO[bytes], length: int | None
     ) -> BlobInfo:
-        state = self.start_upload(repo)
-        return self.commit(repo, state.upload_id, digest, body, length)
+        """A whole blob in one request: no upload state is ever saved."""
+        Digest.parse(digest)
+        state = UploadState(uuid.uuid4().hex, repo, sha256_state=ResumableSha256().state().hex())
+        return self._finish(state, digest, body, length)
+
+    def _finish(
+        self, state: UploadState, digest: str, body: IO[bytes], length: int | None
+    ) -> BlobInfo:
+        if length != 0:
+            self._write_chunk(state, body, length)
+        actual = self._digest_of(state, digest.split(":", 1)[0])
+        self._forget_upload(state)
+        if actual != digest:
+            self._discard(state.segments)
+            raise RegistryError(
+                "DIGEST_INVALID",
+                "provided digest did not match uploaded content",
+                {"expected": digest, "actual": actual},
+            )
+        info = self._store_descriptor(BlobInfo(digest, state.offset, state.segments))
+        self.link(state.repo, digest)
+        return info
 
     def cancel(self, repo: str, upload_id: str) -> None:
         with self._upload_lock(upload_id):

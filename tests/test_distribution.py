@@ -420,3 +420,19 @@ def test_ingest_job_records_layer(client: RegistryClient, repo: str, live: objec
     assert stats["logical_bytes"] > 0 and stats["stored_bytes"] > 0
     assert set(stats["queues"]) == {"ingest", "restore", "predict", "maintenance"}
     assert OCI_LAYER  # the layer media type the pushes above used
+
+
+def test_cli_stats_and_jobs(
+    client: RegistryClient, repo: str, live: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from api.cli import main
+
+    layer = os.urandom(100)
+    client.push_image(repo, "cli", [layer])
+    main(["--url", client.url, "stats"])
+    text = capsys.readouterr().out
+    assert "logical_bytes" in text and "stored_bytes" in text
+    main(["--url", client.url, "ingest", repo, sha256(layer)])
+    job = json.loads(capsys.readouterr().out)
+    main(["--url", client.url, "--json", "job", job["id"]])
+    assert json.loads(capsys.readouterr().out)["digest"] == sha256(layer)
