@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+import pytest
+
 from tests.client import (
     OCI_INDEX,
     OCI_LAYER,
