@@ -201,11 +201,8 @@ class RegistryApp:
     def start_upload(self, request: Request, name: str) -> Response:
         blobs = self.registry.blobs
         mount, source = request.args.get("mount"), request.args.get("from")
-        if mount and source:
-            check_name(source)
-            if blobs.mount(name, mount, source):
-                info = blobs.linked_info(name, mount)
-                return _blob_created(name, info)
+        if mount and source and self.registry.mount(name, mount, source):
+            return _blob_created(name, blobs.linked_info(name, mount))
         if "digest" in request.args:
             digest = request.args["digest"]
             info = blobs.put_monolithic(name, digest, request.stream, _content_length(request))
@@ -228,8 +225,9 @@ class RegistryApp:
         digest = request.args.get("digest")
         if not digest:
             raise RegistryError("DIGEST_INVALID", "digest parameter is required")
+        start = _content_range_start(request.headers.get("Content-Range"))
         info = self.registry.blobs.commit(
-            name, upload_id, digest, request.stream, _content_length(request)
+            name, upload_id, digest, request.stream, _content_length(request), start
         )
         return _blob_created(name, info)
 
@@ -257,7 +255,7 @@ class RegistryApp:
         headers["Content-Length"] = str(length)
         if request.method == "HEAD":
             return Response(status=status, headers=headers)
-        body: Iterator[bytes] = blobs.read(info, start, length)
+        body: Iterator[bytes] = self.registry.read_blob(info, start, length)
         return Response(body, status=status, headers=headers, direct_passthrough=True)
 
     def delete_blob(self, request: Request, name: str, digest: str) -> Response:

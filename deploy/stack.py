@@ -66,6 +66,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_to_files = log_to_files
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = str(REPO_ROOT)
 
@@ -80,6 +81,18 @@ class Stack:
             start_new_session=True,
         )
         self.processes.append((name, process))
+        self.commands[name] = (args, env)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service and all its children, as a crash would."""
+        for entry in [entry for entry in self.processes if entry[0] == name]:
+            os.killpg(entry[1].pid, signal.SIGKILL)
+            entry[1].wait()
+            self.processes.remove(entry)
+
+    def respawn(self, name: str) -> None:
+        args, env = self.commands[name]
+        self.spawn(name, args, env)
 
     def stop(self) -> None:
         for _name, process in reversed(self.processes):

@@ -5,11 +5,12 @@
 #   docker-registry                     the peer registry, CNCF Distribution (bench-core)
 #   golang-go golang-github-klauspost-* the pgzip encoder helper (Debian's skopeo encoder)
 #   pigz zstd                           real producers of layers (tests, corpus)
+#   libarchive-tools                    bsdtar, a second real tar writer for the tar-split tests
 #   mmdebstrap                          the realistic benchmark corpus
 set -euo pipefail
 packages=(redis-server skopeo umoci docker-registry golang-go
           golang-github-klauspost-pgzip-dev golang-github-klauspost-compress-dev
-          pigz zstd mmdebstrap python3-venv)
+          pigz zstd mmdebstrap libarchive-tools python3-venv)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

@@ -37,21 +37,44 @@ class Segment:
 
 @dataclass
 class BlobInfo:
+    """Where a blob's bytes are: intact in data objects, or rebuilt from a recipe."""
+
     digest: str
     size: int
     segments: list[Segment]
+    recipe: str | None = None  # S3 key of the layer recipe once deduplicated
+    encoder: str = ""
+    retired: list[Segment] = field(default_factory=list)  # intact copy awaiting deletion
+
+    @property
+    def deduplicated(self) -> bool:
+        return self.recipe is not None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": DESCRIPTOR_FORMAT,
             "size": self.size,
             "segments": [{"key": s.key, "size": s.size} for s in self.segments],
         }
+        if self.recipe is not None:
+            data["recipe"] = self.recipe
+            data["encoder"] = self.encoder
+            data["retired"] = [{"key": s.key, "size": s.size} for s in self.retired]
+        return data
 
     @classmethod
     def from_json(cls, digest: str, data: dict[str, Any]) -> BlobInfo:
-        segments = [Segment(s["key"], int(s["size"])) for s in data["segments"]]
-        return cls(digest, int(data["size"]), segments)
+        def segments(name: str) -> list[Segment]:
+            return [Segment(s["key"], int(s["size"])) for s in data.get(name, [])]
+
+        return cls(
+            digest,
+            int(data["size"]),
+            segments("segments"),
+            data.get("recipe"),
+            data.get("encoder", ""),
+            segments("retired"),
+        )
 
 
 @dataclass
@@ -111,6 +134,16 @@ class _HashingReader:
         return data
 
 
+def _check_offset(state: UploadState, start: int | None) -> None:
+    if start is not None and start != state.offset:
+        raise RegistryError(
+            "BLOB_UPLOAD_INVALID",
+            "chunk out of order",
+            {"expected_offset": state.offset, "got": start},
+            status=416,
+        )
+
+
 def blob_key(digest: str) -> str:
     algorithm, hex_part = digest.split(":", 1)
     return f"blobs/{algorithm}/{hex_part}"
@@ -133,12 +166,22 @@ class BlobStore:
         cached = self.index.blob(digest)
         if cached is not None:
             return BlobInfo.from_json(digest, cached)
+        return self.stored_info(digest)
+
+    def stored_info(self, digest: str) -> BlobInfo | None:
+        """The descriptor as S3 holds it (the truth), refreshing the index's copy."""
         try:
             data = json.loads(self.store.get_bytes(blob_key(digest)))
         except ObjectNotFound:
             return None
         self.index.put_blob(digest, data)
         return BlobInfo.from_json(digest, data)
+
+    def replace_descriptor(self, info: BlobInfo) -> None:
+        """Switch a stored blob to a new descriptor: S3 first, then the index."""
+        data = info.to_json()
+        self.store.put_bytes(blob_key(info.digest), json.dumps(data).encode())
+        self.index.put_blob(info.digest, data)
 
     def linked_info(self, repo: str, digest: str) -> BlobInfo:
         """The blob as seen from `repo`: BLOB_UNKNOWN unless linked there."""
@@ -149,7 +192,10 @@ class BlobStore:
         return info
 
     def read(self, info: BlobInfo, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
-        """Stream `length` bytes of the blob from `offset`, across its data objects."""
+        """Stream `length` bytes of an intact blob from `offset`, across its data objects.
+        A deduplicated blob is read through `Registry.read_blob`, which restores it."""
+        if info.deduplicated:
+            raise ValueError(f"{info.digest} is deduplicated: it has no data objects to read")
         end = info.size if length is None else offset + length
         position = 0
         for segment in info.segments:
@@ -205,24 +251,26 @@ class BlobStore:
         """Add one chunk. `start` is the Content-Range start the client claimed, if any."""
         with self._upload_lock(upload_id):
             state = self.upload(repo, upload_id)
-            if start is not None and start != state.offset:
-                raise RegistryError(
-                    "BLOB_UPLOAD_INVALID",
-                    "chunk out of order",
-                    {"expected_offset": state.offset, "got": start},
-                    status=416,
-                )
+            _check_offset(state, start)
             self._write_chunk(state, body, length)
             self._save_upload(state)
             return state
 
     def commit(
-        self, repo: str, upload_id: str, digest: str, body: IO[bytes], length: int | None
+        self,
+        repo: str,
+        upload_id: str,
+        digest: str,
+        body: IO[bytes],
+        length: int | None,
+        start: int | None = None,
     ) -> BlobInfo:
-        """Take an optional last chunk, verify the digest, and make the blob visible."""
+        """Take an optional last chunk (starting at `start` if the client said so), verify
+        the digest, and make the blob visible."""
         Digest.parse(digest)
         with self._upload_lock(upload_id):
             state = self.upload(repo, upload_id)
+            _check_offset(state, start)
             return self._finish(state, digest, body, length)
 
     def put_monolithic(

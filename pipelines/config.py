@@ -32,6 +32,18 @@ class Settings:
     upload_ttl_seconds: int = field(
         default_factory=lambda: int(_env("UPLOAD_TTL_SECONDS", str(24 * 3600)))
     )
+    spool_dir: Path = field(
+        default_factory=lambda: Path(_env("SPOOL_DIR", str(REPO_ROOT / "var" / "spool")))
+    )
+    retire_grace_seconds: float = field(
+        default_factory=lambda: float(_env("RETIRE_GRACE_SECONDS", "60"))
+    )
+    restore_keep_seconds: float = field(
+        default_factory=lambda: float(_env("RESTORE_KEEP_SECONDS", "30"))
+    )
+    visibility_timeout_seconds: int = field(
+        default_factory=lambda: int(_env("VISIBILITY_TIMEOUT_SECONDS", "3600"))
+    )
     helper_dir: Path = field(
         default_factory=lambda: Path(_env("HELPER_DIR", str(REPO_ROOT / "build" / "helpers")))
     )

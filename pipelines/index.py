@@ -143,7 +143,10 @@ class Index:
             pipe.hincrby(f"{PREFIX}stats", "stored_bytes", stored)
         pipe.execute()
 
-    def byte_counters(self) -> dict[str, int]:
+    def count(self, name: str, amount: int = 1) -> None:
+        self.redis.hincrby(f"{PREFIX}stats", name, amount)
+
+    def counters(self) -> dict[str, int]:
         raw = self.redis.hgetall(f"{PREFIX}stats")
         return {key.decode(): int(value) for key, value in raw.items()}
 
@@ -157,6 +160,18 @@ class Index:
         if "state" in fields:
             pipe.hset(f"{PREFIX}layers", digest, fields["state"])
         pipe.execute()
+
+    def layer_summaries(self) -> list[dict[str, str]]:
+        """State, encoder and reason of every known layer."""
+        digests = list(self.layer_states())
+        pipe = self.redis.pipeline()
+        for digest in digests:
+            pipe.hmget(f"{PREFIX}layer:{digest}", "state", "encoder", "reason")
+        summaries = []
+        for values in pipe.execute():
+            state, encoder, reason = ((value or b"").decode() for value in values)
+            summaries.append({"state": state, "encoder": encoder, "reason": reason})
+        return summaries
 
     def layer_states(self) -> dict[str, str]:
         raw = self.redis.hgetall(f"{PREFIX}layers")
@@ -201,3 +216,54 @@ class Index:
     def pull_counts(self, kind: str, key: str) -> dict[str, int]:
         raw = self.redis.zrange(f"{PREFIX}pulls:{kind}:{key}", 0, -1, withscores=True)
         return {member.decode(): int(score) for member, score in raw}
+
+    # the content store of unique files
+    def file_size(self, hex_digest: str) -> int | None:
+        value = self.redis.hget(f"{PREFIX}files", hex_digest)
+        return None if value is None else int(value)
+
+    def add_file(self, hex_digest: str, stored_size: int) -> bool:
+        """Record a stored file; False if it was recorded already."""
+        return bool(self.redis.hsetnx(f"{PREFIX}files", hex_digest, stored_size))
+
+    def file_count(self) -> int:
+        return int(self.redis.hlen(f"{PREFIX}files"))
+
+    def referenced_file_count(self) -> int:
+        return int(self.redis.hlen(f"{PREFIX}filerefs"))
+
+    def add_file_references(self, file_hexes: list[str]) -> None:
+        pipe = self.redis.pipeline()
+        for hex_digest in file_hexes:
+            pipe.hincrby(f"{PREFIX}filerefs", hex_digest, 1)
+        pipe.execute()
+
+    def file_refcount(self, hex_digest: str) -> int:
+        return int(self.redis.hget(f"{PREFIX}filerefs", hex_digest) or 0)
+
+    def commit_deduplication(
+        self, digest: str, file_hexes: list[str], fields: dict[str, str]
+    ) -> bool:
+        """Count one more reference to each file and mark the layer deduplicated, at once
+        and only once per layer; False if the layer was already marked."""
+        return bool(
+            self._commit_script(
+                keys=[f"{PREFIX}layer:{digest}", f"{PREFIX}layers", f"{PREFIX}filerefs"],
+                args=[digest, json.dumps(fields), *file_hexes],
+            )
+        )
+
+    @property
+    def _commit_script(self) -> Any:
+        return self.redis.register_script(_COMMIT_DEDUP_LUA)
+
+
+_COMMIT_DEDUP_LUA = """
+if redis.call('HGET', KEYS[1], 'state') == 'deduplicated' then return 0 end
+for i = 3, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[i], 1) end
+local fields = cjson.decode(ARGV[2])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('HSET', KEYS[1], 'state', 'deduplicated')
+redis.call('HSET', KEYS[2], ARGV[1], 'deduplicated')
+return 1
+"""

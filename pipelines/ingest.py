@@ -1,26 +1,43 @@
 """Layer ingestion: what the `ingest` worker does to a layer blob after a manifest push.
 
-Today it classifies the blob's compression, checks that the tar inside is readable and
-records the result; the layer stays intact. The record is durable in S3
-(`layers/<alg>/<hex>`, JSON) and indexed in Redis.
+A layer is deduplicated in five steps, each safe to repeat after a crash:
+
+1. classify the blob and shortlist the encoders that reproduce the start of it
+   (nothing is stored for a layer that no encoder could rebuild);
+2. split its tar: every regular-file payload goes once into the content store, all other
+   bytes into the recipe;
+3. prove the encoder on the tar rebuilt from the stored files (the trial restore: the
+   sha256 of the recompressed rebuild must equal the blob digest);
+4. write the recipe durably, then switch the blob's descriptor to it (the commit point);
+5. count the file references and mark the layer, at once and once; the intact copy is
+   deleted afterwards by `retire_intact_copy`, after a grace period for in-flight GETs.
+
+Until step 4 the layer is intact; from step 4 on it is deduplicated. Nothing in between.
+The layer record is durable in S3 (`layers/<alg>/<hex>`, JSON) and indexed in Redis.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
+from pipelines import encoders
 from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.codecs import SNIFF_BYTES, CorruptBlobError, Sniff, open_decompressed, sniff
 from pipelines.codecs import _IterReader as ChunkReader
+from pipelines.filestore import FileStore, SpooledPayload
 from pipelines.index import Index
+from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
+from pipelines.restore import rebuild_tar
 from pipelines.storage import ObjectStore
+from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 
-QUEUED, INTACT = "queued", "intact"
+QUEUED, INTACT, DEDUPLICATED = "queued", "intact", "deduplicated"
+PENDING_ENCODER = "pending"
 
 
 @dataclass
@@ -30,9 +47,12 @@ class LayerRecord:
     size: int = 0
     compression: str = ""
     producer_hint: str = ""
-    tar_readable: bool = False
-    tar_members: int = 0
+    encoder: str = ""
     tar_bytes: int = 0
+    files: int = 0  # regular-file payloads in the tar
+    new_files: int = 0  # of which were not stored before
+    new_file_bytes: int = 0  # bytes those added to storage
+    recipe_bytes: int = 0
     reason: str = ""
     updated: float = 0.0
 
@@ -40,12 +60,21 @@ class LayerRecord:
         return {key: str(value) for key, value in asdict(self).items()}
 
 
+@dataclass
+class IngestResult:
+    record: LayerRecord
+    retire_after_grace: bool  # an intact copy remains to be deleted
+
+
 def layer_record_key(digest: str) -> str:
-    algorithm, hex_part = digest.split(":", 1)
-    return f"layers/{algorithm}/{hex_part}"
+    return "layers/{}/{}".format(*digest.split(":", 1))
 
 
-def open_blob(blobs: BlobStore, info: BlobInfo) -> BinaryIO:
+def recipe_key(digest: str) -> str:
+    return "recipes/{}/{}".format(*digest.split(":", 1))
+
+
+def open_intact(blobs: BlobStore, info: BlobInfo) -> BinaryIO:
     return io.BufferedReader(ChunkReader(blobs.read(info)), 1 << 20)
 
 
@@ -63,50 +92,138 @@ def save_record(store: ObjectStore, index: Index, record: LayerRecord) -> None:
     index.put_layer(record.digest, fields)
 
 
-def inspect_layer(blobs: BlobStore, digest: str) -> LayerRecord:
-    """Classify the blob and walk its tar; the blob itself is left untouched."""
-    info = blobs.info(digest)
-    if info is None:
-        return LayerRecord(digest, INTACT, reason="blob not found", updated=time.time())
-    kind = sniff(b"".join(blobs.read(info, 0, min(SNIFF_BYTES, info.size))))
-    record = LayerRecord(
-        digest,
-        INTACT,
-        size=info.size,
-        compression=kind.kind,
-        producer_hint=kind.producer_hint or "",
-        updated=time.time(),
-    )
-    if kind.kind == "other":
-        record.reason = f"not a tar layer ({kind.detail or 'unknown format'})"
+class Ingestor:
+    def __init__(self, store: ObjectStore, index: Index, blobs: BlobStore, files: FileStore):
+        self.store = store
+        self.index = index
+        self.blobs = blobs
+        self.files = files
+
+    def ingest(self, digest: str) -> IngestResult:
+        info = self.blobs.stored_info(digest)
+        if info is None:
+            return self._intact(LayerRecord(digest, INTACT), "blob not found")
+        if info.deduplicated:
+            return self._complete(info, self._recorded(digest))
+        record = LayerRecord(digest, INTACT, size=info.size)
+        kind = sniff(b"".join(self.blobs.read(info, 0, min(SNIFF_BYTES, info.size))))
+        record.compression, record.producer_hint = kind.kind, kind.producer_hint or ""
+        if kind.kind == "other":
+            return self._intact(record, f"not a tar layer ({kind.detail or 'unknown format'})")
+        try:
+            return self._deduplicate(info, kind, record)
+        except (CorruptBlobError, TarSplitError, EOFError) as error:
+            return self._intact(record, f"unreadable: {error}")
+
+    def _deduplicate(self, info: BlobInfo, kind: Sniff, record: LayerRecord) -> IngestResult:
+        def open_blob() -> BinaryIO:
+            return open_intact(self.blobs, info)
+
+        def open_tar() -> BinaryIO:
+            return open_decompressed(kind.kind, open_blob())
+
+        shortlist = encoders.shortlist(open_blob, open_tar, kind)
+        if isinstance(shortlist, encoders.NoMatch):
+            return self._intact(record, shortlist.reason)
+        recipe = self._split_and_store(open_blob(), kind, info, record)
+        match = encoders.prove(shortlist, self._opener(recipe), info.digest)
+        if isinstance(match, encoders.NoMatch):
+            return self._intact(record, match.reason)
+        recipe = replace(recipe, encoder_id=match.encoder_id, encoder_params=match.encoder_params)
+        record.encoder = match.encoder_id
+        record.recipe_bytes = self._store_recipe(recipe)
+        deduplicated = BlobInfo(
+            info.digest,
+            info.size,
+            [],
+            recipe_key(info.digest),
+            match.encoder_id,
+            retired=info.segments,
+        )
+        self.blobs.replace_descriptor(deduplicated)
+        return self._complete(deduplicated, record)
+
+    def _split_and_store(
+        self, blob: BinaryIO, kind: Sniff, info: BlobInfo, record: LayerRecord
+    ) -> Recipe:
+        builder = RecipeBuilder()
+        with open_decompressed(kind.kind, blob) as stream:
+            tar = HashingReader(stream)
+            for entry in split_tar(tar):
+                if isinstance(entry, Payload):
+                    self._store_payload(entry, builder, record)
+                else:
+                    builder.add_raw(entry.data)
+            record.tar_bytes = tar.size
+            return builder.finish(
+                blob_digest=info.digest,
+                blob_size=info.size,
+                tar_sha256=tar.sha256(),
+                encoder_id=PENDING_ENCODER,
+                encoder_params=b"",
+            )
+
+    def _store_payload(self, payload: Payload, builder: RecipeBuilder, record: LayerRecord) -> None:
+        spooled = SpooledPayload(payload.chunks())
+        try:
+            added = self.files.put(spooled)
+        finally:
+            spooled.close()
+        builder.add_file(spooled.digest, spooled.size)
+        record.files += 1
+        if added:
+            record.new_files += 1
+            record.new_file_bytes += added
+
+    def _opener(self, recipe: Recipe) -> Callable[[], BinaryIO]:
+        def open_rebuilt_tar() -> BinaryIO:
+            return io.BufferedReader(ChunkReader(rebuild_tar(recipe, self.files)), 1 << 20)
+
+        return open_rebuilt_tar
+
+    def _store_recipe(self, recipe: Recipe) -> int:
+        """Write the recipe and read it back: what S3 holds must decode to this recipe."""
+        encoded = recipe.encode()
+        key = recipe_key(recipe.blob_digest)
+        self.store.put_bytes(key, encoded)
+        if Recipe.decode(self.store.get_bytes(key)) != recipe:
+            raise RecipeError(f"recipe {key} did not read back as written")
+        self.index.add_bytes(stored=len(encoded))
+        return len(encoded)
+
+    def _complete(self, info: BlobInfo, record: LayerRecord) -> IngestResult:
+        """Steps after the commit point; each is idempotent, so a retry may redo them."""
+        recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
+        file_hexes = [digest.hex() for digest in recipe.file_refs()]
+        record.state, record.encoder, record.reason = DEDUPLICATED, info.encoder, ""
+        record.updated = time.time()
+        self.index.commit_deduplication(info.digest, file_hexes, record.as_fields())
+        save_record(self.store, self.index, record)
+        return IngestResult(record, retire_after_grace=bool(info.retired))
+
+    def _recorded(self, digest: str) -> LayerRecord:
+        fields = self.index.layer(digest)
+        known = {key: fields[key] for key in LayerRecord.__dataclass_fields__ if key in fields}
+        record = LayerRecord(digest, DEDUPLICATED)
+        for key, value in known.items():
+            current = getattr(record, key)
+            setattr(record, key, type(current)(value) if key != "digest" else value)
         return record
-    _walk_tar(open_blob(blobs, info), kind, record)
-    return record
 
+    def _intact(self, record: LayerRecord, reason: str) -> IngestResult:
+        record.state, record.reason, record.updated = INTACT, reason, time.time()
+        save_record(self.store, self.index, record)
+        return IngestResult(record, retire_after_grace=False)
 
-def _walk_tar(blob: BinaryIO, kind: Sniff, record: LayerRecord) -> None:
-    stream = open_decompressed(kind.kind, blob)
-    counter = _CountingReader(stream)
-    try:
-        with tarfile.open(fileobj=counter, mode="r|") as archive:  # type: ignore[call-overload]
-            for _member in archive:
-                record.tar_members += 1
-        for _rest in iter(lambda: counter.read(1 << 20), b""):
-            pass
-    except (tarfile.TarError, CorruptBlobError, OSError, EOFError) as error:
-        record.reason = f"unreadable: {error}"
-        return
-    record.tar_readable = True
-    record.tar_bytes = counter.count
-    record.reason = "deduplication not run"
-
-
-class _CountingReader:
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.count += len(data)
-        return data
+    def retire_intact_copy(self, digest: str) -> int:
+        """Delete the intact copy of a deduplicated layer; the bytes freed (0 if none)."""
+        with self.index.lock(f"retire:{digest}"):
+            info = self.blobs.stored_info(digest)
+            if info is None or not info.deduplicated or not info.retired:
+                return 0
+            present = [s for s in info.retired if self.store.size(s.key) is not None]
+            self.store.delete([s.key for s in present])
+            freed = sum(s.size for s in present)
+            self.index.add_bytes(stored=-freed)
+            self.blobs.replace_descriptor(replace(info, retired=[]))
+            return freed

@@ -239,9 +239,8 @@ class ManifestStore:
         if is_digest_reference(reference):
             Digest.parse(reference)
             digest: str | None = reference
-        else:
-            check_tag(reference)
-            digest = self.index.tag(repo, reference)
+        else:  # a reference that could not be a tag names no manifest: 404, as for any other
+            digest = self.index.tag(repo, reference) if TAG_PATTERN.match(reference) else None
         if digest is None or self.index.revision(repo, digest) is None:
             raise RegistryError(
                 "MANIFEST_UNKNOWN", "manifest unknown to registry", {"reference": reference}

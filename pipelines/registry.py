@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.blobs import BlobStore, blob_key
+from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.config import Settings
+from pipelines.digests import Digest
 from pipelines.errors import RegistryError
+from pipelines.filestore import FileStore
 from pipelines.index import Index
+from pipelines.ingest import DEDUPLICATED, INTACT, Ingestor
 from pipelines.manifests import ManifestStore
+from pipelines.recipe import Recipe
+from pipelines.restore import RestoreHub, restore_blob
 from pipelines.storage import ObjectStore, S3Store
 
 NAME_PATTERN = re.compile(
     r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
 )
 MAX_NAME_LENGTH = 255
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
 
 
 def check_name(name: str) -> None:
@@ -51,6 +64,9 @@ class Registry:
     index: Index
     blobs: BlobStore
     manifests: ManifestStore
+    files: FileStore
+    ingestor: Ingestor
+    restores: RestoreHub
 
     @classmethod
     def connect(cls, settings: Settings | None = None) -> Registry:
@@ -58,7 +74,43 @@ class Registry:
         store = S3Store(settings)
         index = Index.from_url(settings.redis_url)
         blobs = BlobStore(store, index, settings.max_blob_bytes, settings.upload_ttl_seconds)
-        return cls(settings, store, index, blobs, ManifestStore(store, index, blobs))
+        files = FileStore(store, index)
+        return cls(
+            settings,
+            store,
+            index,
+            blobs,
+            ManifestStore(store, index, blobs),
+            files,
+            Ingestor(store, index, blobs, files),
+            RestoreHub(settings.spool_dir, settings.restore_keep_seconds),
+        )
+
+    def read_blob(
+        self, info: BlobInfo, offset: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        """The blob's bytes [offset, offset+length): intact, or restored and verified."""
+        if not info.deduplicated:
+            return self.blobs.read(info, offset, length)
+        return self.restores.read(
+            info.digest, info.size, lambda: self._restore(info), offset, length
+        )
+
+    def _restore(self, info: BlobInfo) -> Iterator[bytes]:
+        self.index.count("restores")
+        recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
+        return restore_blob(recipe, self.files)
+
+    def mount(self, repo: str, digest: str, source_repo: str) -> bool:
+        """Cross-repository mount; False (so the client uploads instead) when `source_repo`
+        cannot lend the blob, including when its name or the digest is malformed."""
+        if len(source_repo) > MAX_NAME_LENGTH or not NAME_PATTERN.match(source_repo):
+            return False
+        try:
+            Digest.parse(digest)
+        except RegistryError:
+            return False
+        return self.blobs.mount(repo, digest, source_repo)
 
     def catalog(self, count: int | None, last: str | None) -> tuple[list[str], bool]:
         names = self.index.repositories(last or "", None if count is None else count + 1)
@@ -67,54 +119,70 @@ class Registry:
         return names[:count], len(names) > count
 
     def stats(self) -> dict[str, Any]:
-        counters = self.index.byte_counters()
+        counters = self.index.counters()
         logical = counters.get("logical_bytes", 0)
         stored = counters.get("stored_bytes", 0)
-        states: dict[str, int] = {}
-        for state in self.index.layer_states().values():
-            states[state] = states.get(state, 0) + 1
+        layers = self.index.layer_summaries()
+        files = self.index.file_count()
         return {
             "logical_bytes": logical,
             "stored_bytes": stored,
             "dedup_ratio": round(logical / stored, 4) if stored else None,
             "repositories": len(self.index.repositories()),
-            "layers": states,
+            "unique_files": files,
+            "unreferenced_files": files - self.index.referenced_file_count(),
+            "layers": _count(layer["state"] for layer in layers),
+            "layers_by_encoder": _count(
+                layer["encoder"] for layer in layers if layer["state"] == DEDUPLICATED
+            ),
+            "intact_layers_by_reason": _count(
+                layer["reason"] for layer in layers if layer["state"] == INTACT
+            ),
         }
 
     def rebuild_index(self) -> dict[str, int]:
         """Recreate every Redis index entry from what S3 holds."""
         self.index.clear()
-        counts = {"blobs": 0, "links": 0, "manifests": 0, "tags": 0, "uploads": 0}
+        counts: dict[str, int] = {}
         logical = stored = 0
+        recipes_in_use: list[str] = []
         for key, size in self.store.list(""):
-            kind = self._reindex_object(key)
+            kind = key.split("/", 1)[0]
             if kind in ("data", "manifests", "files", "recipes"):
                 stored += size
-            if kind == "manifests":
-                logical += size
-            elif kind == "blobs":
-                logical += int(json.loads(self.store.get_bytes(key))["size"])
-            if kind in counts:
-                counts[kind] += 1
+            logical += size if kind == "manifests" else 0
+            if kind == "blobs":
+                info = self._reindex_blob(key)
+                logical += info.size
+                if info.recipe is not None:
+                    recipes_in_use.append(info.recipe)
+            else:
+                kind = self._reindex_object(key, size)
+            counts[kind] = counts.get(kind, 0) + 1
+        for key in recipes_in_use:
+            recipe = Recipe.decode(self.store.get_bytes(key))
+            self.index.add_file_references([digest.hex() for digest in recipe.file_refs()])
         self.index.add_bytes(logical=logical, stored=stored)
         self.index.mark_ready()
         return counts
 
-    def _reindex_object(self, key: str) -> str:
+    def _reindex_blob(self, key: str) -> BlobInfo:
+        _, algorithm, hex_digest = key.split("/")
+        digest = f"{algorithm}:{hex_digest}"
+        data = json.loads(self.store.get_bytes(key))
+        self.index.put_blob(digest, data)
+        return BlobInfo.from_json(digest, data)
+
+    def _reindex_object(self, key: str, size: int) -> str:
         parts = key.split("/")
-        if parts[0] == "blobs":
-            digest = f"{parts[1]}:{parts[2]}"
-            self.index.put_blob(digest, json.loads(self.store.get_bytes(blob_key(digest))))
-            return "blobs"
         if parts[0] == "uploads":
             data = json.loads(self.store.get_bytes(key))
             self.index.put_upload(parts[1], data, self.settings.upload_ttl_seconds)
-            return "uploads"
-        if parts[0] == "layers":
-            digest = f"{parts[1]}:{parts[2]}"
-            self.index.put_layer(digest, json.loads(self.store.get_bytes(key)))
-            return "layers"
-        if parts[0] == "repositories":
+        elif parts[0] == "layers":
+            self.index.put_layer(f"{parts[1]}:{parts[2]}", json.loads(self.store.get_bytes(key)))
+        elif parts[0] == "files":
+            self.index.add_file(parts[2], size)
+        elif parts[0] == "repositories":
             return self._reindex_repository_object(key)
         return parts[0]
 

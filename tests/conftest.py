@@ -23,6 +23,7 @@ class LiveStack:
     settings: Settings
     registry: Registry
     workdir: Path
+    stack: Stack
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +43,17 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
                 "DUPHUNTER_S3_BUCKET": bucket,
                 "DUPHUNTER_LISTEN": listen,
                 "DUPHUNTER_MAX_BLOB_BYTES": str(1 << 30),
+                "DUPHUNTER_SPOOL_DIR": str(workdir / "spool"),
+                "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
+                "DUPHUNTER_RESTORE_KEEP_SECONDS": "1",
+                "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "10",
             }
         )
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith("DUPHUNTER_")})
         stack.start_workers()
         stack.start_api(listen)
         settings = Settings()
-        yield LiveStack(f"http://{listen}", settings, Registry.connect(settings), workdir)
+        yield LiveStack(f"http://{listen}", settings, Registry.connect(settings), workdir, stack)
 
 
 @pytest.fixture

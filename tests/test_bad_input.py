@@ -26,11 +26,11 @@ def stored_keys(live: LiveStack, repo: str) -> set[str]:
 @contextmanager
 def nothing_stored(live: LiveStack, repo: str) -> Iterator[None]:
     """Assert that the block adds no object and moves no byte counter."""
-    keys, counters = stored_keys(live, repo), live.registry.index.byte_counters()
+    keys, counters = stored_keys(live, repo), live.registry.index.counters()
     yield
     added = stored_keys(live, repo) - keys
     assert not added, f"bad input stored {sorted(added)}"
-    assert live.registry.index.byte_counters() == counters
+    assert live.registry.index.counters() == counters
 
 
 def raw_request(url: str, head: str, body: bytes) -> tuple[int, bytes]:

@@ -415,8 +415,9 @@ def test_ingest_job_records_layer(client: RegistryClient, repo: str, live: objec
         time.sleep(0.2)
     assert job["state"] == "success", job
     assert job["result"]["compression"] == "gzip"
-    assert job["result"]["tar_readable"] == "True"
-    assert job["result"]["tar_members"] == "1"
+    assert job["result"]["state"] == "deduplicated"
+    assert job["result"]["encoder"].startswith("gzip/zlib")
+    assert job["result"]["files"] == "1"
     assert client.request("GET", "/api/v1/jobs/not-a-job").status == 404
     stats = json.loads(client.request("GET", "/api/v1/stats").data)
     assert stats["logical_bytes"] > 0 and stats["stored_bytes"] > 0

@@ -1,4 +1,7 @@
-"""Celery tasks: thin wrappers that run pipelines code in a worker process."""
+"""Celery tasks: thin wrappers that run pipelines code in a worker process.
+
+Tasks are acknowledged late and retried: each is safe to run again from the start.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ import time
 from functools import cache
 from typing import Any
 
-from pipelines.ingest import inspect_layer, save_record
 from pipelines.registry import Registry
+from pipelines.restore import RestoreError
 from workers.app import celery_app
 
 
@@ -19,28 +22,37 @@ def registry() -> Registry:
 
 @celery_app.task(
     name="workers.tasks.ingest_layer",
-    bind=True,
     max_retries=5,
     autoretry_for=(ConnectionError, TimeoutError),
     retry_backoff=True,
 )
-def ingest_layer(self: Any, repository: str, digest: str) -> dict[str, str]:
-    record = inspect_layer(registry().blobs, digest)
-    save_record(registry().store, registry().index, record)
-    return record.as_fields()
+def ingest_layer(repository: str, digest: str) -> dict[str, str]:
+    result = registry().ingestor.ingest(digest)
+    if result.retire_after_grace:
+        grace = registry().settings.retire_grace_seconds
+        retire_intact_copy.apply_async(args=(digest,), countdown=grace)
+    return result.record.as_fields()
+
+
+@celery_app.task(name="workers.tasks.retire_intact_copy")
+def retire_intact_copy(digest: str) -> int:
+    """Delete a deduplicated layer's intact copy once in-flight GETs had time to finish."""
+    return registry().ingestor.retire_intact_copy(digest)
 
 
 @celery_app.task(name="workers.tasks.verify_blob")
 def verify_blob(digest: str) -> dict[str, Any]:
-    """Re-read a stored blob and check that it still hashes to its digest."""
-    blobs = registry().blobs
-    info = blobs.info(digest)
+    """Read a blob as a pull would (restoring it if deduplicated); check its digest."""
+    info = registry().blobs.info(digest)
     if info is None:
         return {"digest": digest, "ok": False, "reason": "blob not found"}
     algorithm = digest.split(":", 1)[0]
     hasher = hashlib.new(algorithm)
-    for chunk in blobs.read(info):
-        hasher.update(chunk)
+    try:
+        for chunk in registry().read_blob(info):
+            hasher.update(chunk)
+    except RestoreError as error:
+        return {"digest": digest, "ok": False, "reason": str(error)}
     actual = f"{algorithm}:{hasher.hexdigest()}"
     return {"digest": digest, "ok": actual == digest, "actual": actual}
 

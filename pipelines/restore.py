@@ -1,0 +1,254 @@
+"""Restoring deduplicated layers: the recipe's tar rebuilt from stored files, recompressed
+by the recorded encoder, hashed on the way so that wrong bytes are never served as good.
+
+`RestoreHub` makes concurrent GETs of one layer share a single restore, also across the
+API processes of one host: the first request restores into a spool file, the others
+follow that file as it grows. This is the seam where a shared layer buffer will sit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+from pipelines.encoders import encode
+from pipelines.filestore import FileStore
+from pipelines.recipe import Recipe
+from pipelines.tarsplit import FileRef, Raw
+
+PREFETCH_FILE_LIMIT = 1 << 20  # files up to this size are fetched ahead, in parallel
+PREFETCH_WINDOW = 64
+PREFETCH_THREADS = 8
+HOLDBACK = 64 << 10  # bytes withheld from a reader until the whole layer is verified
+POLL_SECONDS = 0.005
+
+logger = logging.getLogger(__name__)
+
+
+class RestoreError(Exception):
+    """The layer could not be rebuilt into the bytes that were pushed."""
+
+
+def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
+    """The layer's tar, with small files fetched ahead in parallel."""
+    with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
+        pending: deque[bytes | Future[bytes] | FileRef] = deque()
+        for entry in recipe.entries():
+            pending.append(_schedule(entry, files, pool))
+            if len(pending) >= PREFETCH_WINDOW:
+                yield from _emit(pending.popleft(), files)
+        while pending:
+            yield from _emit(pending.popleft(), files)
+
+
+def _schedule(
+    entry: Raw | FileRef, files: FileStore, pool: ThreadPoolExecutor
+) -> bytes | Future[bytes] | FileRef:
+    if isinstance(entry, Raw):
+        return entry.data
+    if entry.size <= PREFETCH_FILE_LIMIT:
+        return pool.submit(_fetch_whole, files, entry)
+    return entry
+
+
+def _fetch_whole(files: FileStore, ref: FileRef) -> bytes:
+    data = b"".join(files.open(ref.digest))
+    if len(data) != ref.size:
+        raise RestoreError(f"file {ref.digest.hex()} has {len(data)} bytes, not {ref.size}")
+    return data
+
+
+def _emit(item: bytes | Future[bytes] | FileRef, files: FileStore) -> Iterator[bytes]:
+    if isinstance(item, bytes):
+        yield item
+    elif isinstance(item, Future):
+        yield item.result()
+    else:
+        length = 0
+        for chunk in files.open(item.digest):
+            length += len(chunk)
+            yield chunk
+        if length != item.size:
+            raise RestoreError(f"file {item.digest.hex()} has {length} bytes, not {item.size}")
+
+
+def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
+    """The pushed blob's bytes, unverified: see `verified`."""
+    return encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
+
+
+def verified(chunks: Iterable[bytes], digest: str, size: int) -> Iterator[bytes]:
+    """Pass the bytes through, but withhold the last HOLDBACK bytes until the whole
+    stream has the expected digest and size; raise RestoreError otherwise."""
+    algorithm, expected = digest.split(":", 1)
+    hasher = hashlib.new(algorithm)
+    held = bytearray()
+    total = 0
+    for chunk in chunks:
+        hasher.update(chunk)
+        total += len(chunk)
+        held += chunk
+        if len(held) > HOLDBACK:
+            cut = len(held) - HOLDBACK
+            yield bytes(held[:cut])
+            del held[:cut]
+    if total != size or hasher.hexdigest() != expected:
+        raise RestoreError(
+            f"restored {total} bytes hashing to {algorithm}:{hasher.hexdigest()}, "
+            f"expected {size} bytes of {digest}"
+        )
+    yield bytes(held)
+
+
+class RestoreHub:
+    """One restore per layer at a time per host; every reader follows its spool file.
+
+    The spool file's mode bits carry the restore's outcome, so that a reader holding the
+    file open learns it even after the file was unlinked: 0o600 while restoring, 0o640
+    once verified, 0o604 when the restore failed. The producer holds an exclusive flock
+    while restoring, so readers can tell a crashed producer from a slow one.
+    """
+
+    def __init__(self, spool_dir: Path, keep_seconds: float = 30.0) -> None:
+        self.spool_dir = spool_dir
+        self.keep_seconds = keep_seconds
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def read(
+        self,
+        digest: str,
+        size: int,
+        produce: Callable[[], Iterable[bytes]],
+        offset: int = 0,
+        length: int | None = None,
+    ) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of the restored layer. Bytes are passed on while
+        at least HOLDBACK more follow them, the rest only once the layer is verified."""
+        end = size if length is None else offset + length
+        path = self.spool_dir / (digest.replace(":", "-") + ".data")
+        while True:
+            handle = self._claim_or_open(path, digest, size, produce)
+            if handle is None:
+                continue  # the previous producer died or its file went away: try again
+            yield from _stream(handle, size, offset, end)
+            return
+
+    def _claim_or_open(
+        self, path: Path, digest: str, size: int, produce: Callable[[], Iterable[bytes]]
+    ) -> BinaryIO | None:
+        scratch = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+        descriptor = os.open(scratch, os.O_CREAT | os.O_TRUNC | os.O_RDWR, MODE_RESTORING)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            os.link(scratch, path)  # atomic: exactly one claimant wins
+        except FileExistsError:
+            os.close(descriptor)
+            return _open_existing(path)
+        finally:
+            scratch.unlink()
+        handle = open(path, "rb")  # noqa: SIM115 - the caller's generator closes it
+        thread = threading.Thread(
+            target=self._produce,
+            name=f"restore-{digest[7:19]}",
+            args=(descriptor, path, digest, size, produce),
+            daemon=True,
+        )
+        thread.start()
+        return handle
+
+    def _produce(
+        self,
+        descriptor: int,
+        path: Path,
+        digest: str,
+        size: int,
+        produce: Callable[[], Iterable[bytes]],
+    ) -> None:
+        outcome = MODE_FAILED
+        try:
+            for chunk in verified(_written(descriptor, produce()), digest, size):
+                del chunk  # `verified` raises unless every byte is right
+            outcome = MODE_VERIFIED
+        except Exception:
+            logger.exception("restore of %s failed", digest)
+        os.fchmod(descriptor, outcome)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+        timer = threading.Timer(self.keep_seconds, _unlink_quietly, args=(path,))
+        timer.daemon = True
+        timer.start()
+
+
+MODE_RESTORING, MODE_VERIFIED, MODE_FAILED = 0o600, 0o640, 0o604
+
+
+def _written(descriptor: int, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    for chunk in chunks:
+        os.write(descriptor, chunk)
+        yield chunk
+
+
+def _open_existing(path: Path) -> BinaryIO | None:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - the caller's generator closes it
+    except FileNotFoundError:
+        return None
+    if _mode(handle) == MODE_RESTORING and not _producer_alive(handle):
+        handle.close()
+        _unlink_quietly(path)
+        return None
+    return handle
+
+
+def _stream(handle: BinaryIO, size: int, offset: int, end: int) -> Iterator[bytes]:
+    with handle:
+        handle.seek(offset)
+        position = offset
+        while position < end:
+            mode = _mode(handle)
+            if mode == MODE_FAILED:
+                raise RestoreError("the layer could not be restored to its digest")
+            available = size if mode == MODE_VERIFIED else _size(handle) - HOLDBACK
+            want = min(end, available) - position
+            if want > 0:
+                data = handle.read(min(want, 1 << 20))
+                position += len(data)
+                yield data
+            elif mode == MODE_RESTORING and not _producer_alive(handle):
+                if _mode(handle) == MODE_RESTORING:
+                    raise RestoreError("the restoring process died")
+            else:
+                time.sleep(POLL_SECONDS)
+
+
+def _mode(handle: BinaryIO) -> int:
+    return stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+
+
+def _size(handle: BinaryIO) -> int:
+    return os.fstat(handle.fileno()).st_size
+
+
+def _producer_alive(handle: BinaryIO) -> bool:
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,247 @@
+"""File-level deduplication end to end: layers pushed by real clients are split into
+unique files and recipes, their intact copies go away, and every pull returns the pushed
+bytes. Also what must never happen: wrong bytes served, or a layer left half-done."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import urllib3
+import zstandard
+
+from pipelines.filestore import file_key
+from pipelines.recipe import Recipe
+from tests.client import RegistryClient, sha256
+from tests.conftest import LiveStack
+from tests.test_clients import build_image, layout_manifest, skopeo_copy
+
+TERMINAL = ("intact", "deduplicated")
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(content), 1_700_000_000, 0o644
+            archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def wait_for_layers(
+    live: LiveStack, digests: list[str], timeout: float = 180
+) -> dict[str, dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = {digest: live.registry.index.layer(digest) for digest in digests}
+        if all(record.get("state") in TERMINAL for record in records.values()):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"layers not ingested: {records}")
+        time.sleep(0.3)
+
+
+def wait_until_retired(live: LiveStack, digest: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = live.registry.blobs.stored_info(digest)
+        if info is not None and info.deduplicated and not info.retired:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"intact copy of {digest} was not retired")
+
+
+def push_layers(client: RegistryClient, repo: str, layers: list[bytes]) -> list[str]:
+    client.push_image(repo, "latest", layers)
+    return [sha256(layer) for layer in layers]
+
+
+needs_clients = pytest.mark.skipif(
+    not (shutil.which("skopeo") and shutil.which("umoci")), reason="installed by make test"
+)
+
+
+@needs_clients
+def test_skopeo_images_sharing_files(live: LiveStack, tmp_path: Path) -> None:
+    """Two images whose layers share most files: after ingest the intact blobs are gone,
+    storage drops, each shared file is stored once, and skopeo pulls both back exactly."""
+    shared = {f"usr/lib/lib{n}.so": os.urandom(400_000) for n in range(6)}
+    images = []
+    for name in ("alpha", "beta"):
+        layout = tmp_path / name
+        layers = [
+            dict(shared, **{"etc/name": name.encode()}),
+            {f"app/{name}.bin": os.urandom(300_000), "app/common.txt": b"same\n" * 999},
+        ]
+        build_image(layout, "v1", layers)
+        images.append(layout)
+    host = live.url.removeprefix("http://")
+    before = live.registry.stats()
+    digests = []
+    for layout in images:
+        skopeo_copy(
+            f"oci:{layout}:v1", f"docker://{host}/dedup/{layout.name}:v1", "--preserve-digests"
+        )
+        _digest, manifest = layout_manifest(layout)
+        digests += [layer["digest"] for layer in manifest["layers"]]  # type: ignore[attr-defined]
+    records = wait_for_layers(live, digests)
+    assert {record["state"] for record in records.values()} == {"deduplicated"}, records
+    assert all(record["encoder"].startswith("gzip/pgzip") for record in records.values())
+    for digest in digests:
+        wait_until_retired(live, digest)
+    after = live.registry.stats()
+    pushed = after["logical_bytes"] - before["logical_bytes"]
+    added = after["stored_bytes"] - before["stored_bytes"]
+    assert added < pushed * 0.75, (added, pushed)
+    for content in shared.values():
+        refs = live.registry.index.file_refcount(sha256(content).split(":")[1])
+        assert refs == 2  # the base layer of each image
+    for layout in images:
+        pulled = tmp_path / f"pulled-{layout.name}"
+        skopeo_copy(
+            f"docker://{host}/dedup/{layout.name}:v1", f"oci:{pulled}:v1", "--preserve-digests"
+        )
+        assert layout_manifest(pulled) == layout_manifest(layout)
+        for digest in layout_manifest(pulled)[1]["layers"]:  # type: ignore[attr-defined]
+            path = pulled / "blobs" / digest["digest"].replace(":", "/")
+            assert sha256(path.read_bytes()) == digest["digest"]
+
+
+def test_python_gzip_zstd_and_plain_layers(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    files = {f"data/{n}.bin": os.urandom(50_000) for n in range(8)}
+    tar = make_tar(files)
+    layers = [
+        gzip.compress(tar, compresslevel=1, mtime=0),
+        gzip.compress(tar, compresslevel=6, mtime=0),
+        gzip.compress(tar, compresslevel=9, mtime=0),
+        zstandard.ZstdCompressor(level=3).compress(tar),
+        tar,
+    ]
+    digests = push_layers(client, repo, layers)
+    records = wait_for_layers(live, digests)
+    assert [records[d]["state"] for d in digests] == ["deduplicated"] * 5, records
+    for digest, layer in zip(digests, layers, strict=True):
+        wait_until_retired(live, digest)
+        assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
+        part = client.request(
+            "GET", f"/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=100-4099"}
+        )
+        assert part.status == 206 and part.data == layer[100:4100]
+    stats = live.registry.stats()
+    assert sum(stats["layers_by_encoder"].values()) >= 5
+
+
+def test_gnu_gzip_and_pigz_layers_stay_intact(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    text = " ".join(f"line {n} of {os.urandom(4).hex()}" for n in range(4000)).encode()
+    tar = make_tar({f"x/{n}": text[n:] for n in range(4)})  # compressible, as real files are
+    layers = [
+        subprocess.run(tool, input=tar, capture_output=True, check=True).stdout
+        for tool in (["gzip", "-n", "-6"], ["pigz", "-n", "-6"])
+    ]
+    digests = push_layers(client, repo, layers)
+    records = wait_for_layers(live, digests)
+    for digest, layer in zip(digests, layers, strict=True):
+        assert records[digest]["state"] == "intact", records[digest]
+        assert records[digest]["reason"], records[digest]
+        assert records[digest]["new_files"] == "0"  # nothing stored for a layer kept intact
+        assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
+
+
+def _deduplicated_layer(client: RegistryClient, repo: str, live: LiveStack) -> bytes:
+    layer = gzip.compress(make_tar({f"f{n}": os.urandom(30_000) for n in range(20)}), mtime=0)
+    (digest,) = push_layers(client, repo, [layer])
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    wait_until_retired(live, digest)
+    time.sleep(live.settings.restore_keep_seconds + 0.5)  # no spool file left from ingest
+    return layer
+
+
+def test_concurrent_gets_share_one_restore(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    layer = _deduplicated_layer(client, repo, live)
+    restores_before = live.registry.index.counters().get("restores", 0)
+    bodies: list[bytes] = []
+    barrier = threading.Barrier(6)
+
+    def pull() -> None:
+        own = RegistryClient(client.url)
+        barrier.wait()
+        bodies.append(own.request("GET", f"/v2/{repo}/blobs/{sha256(layer)}").data)
+
+    threads = [threading.Thread(target=pull) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert bodies == [layer] * 6
+    assert live.registry.index.counters().get("restores", 0) - restores_before == 1
+
+
+def test_corrupted_file_is_never_served(client: RegistryClient, repo: str, live: LiveStack) -> None:
+    layer = _deduplicated_layer(client, repo, live)
+    info = live.registry.blobs.stored_info(sha256(layer))
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    victim = file_key(next(iter(recipe.file_refs())).hex())
+    original = live.registry.store.get_bytes(victim)
+    live.registry.store.put_bytes(victim, original[:2] + os.urandom(len(original) - 2))
+    try:
+        try:
+            response = client.request("GET", f"/v2/{repo}/blobs/{sha256(layer)}")
+        except urllib3.exceptions.HTTPError:
+            return  # the connection was cut: the client sees an error, never the bytes
+        assert response.data != layer and len(response.data) < len(layer)
+    finally:
+        live.registry.store.put_bytes(victim, original)
+
+
+def test_ingest_survives_a_killed_worker(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """SIGKILL the ingest worker mid-job: the job is redelivered and the layer ends up
+    intact or deduplicated, never neither, and pulls stay exact throughout."""
+    files = {f"big/{n}.bin": os.urandom(2_000_000) for n in range(12)}
+    layer = gzip.compress(make_tar(files), compresslevel=6, mtime=0)
+    (digest,) = push_layers(client, repo, [layer])
+    time.sleep(1.0)  # the worker is now splitting, storing or proving
+    live.stack.kill("worker-ingest")
+    assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
+    live.stack.respawn("worker-ingest")
+    record = wait_for_layers(live, [digest], timeout=240)[digest]
+    assert record["state"] == "deduplicated", record
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    for file_digest in recipe.file_refs():
+        assert live.registry.index.file_refcount(file_digest.hex()) == 1
+    assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
+
+
+def test_stats_report_dedup(client: RegistryClient, live: LiveStack) -> None:
+    stats = json.loads(client.request("GET", "/api/v1/stats").data)
+    for key in (
+        "logical_bytes",
+        "stored_bytes",
+        "dedup_ratio",
+        "unique_files",
+        "layers",
+        "layers_by_encoder",
+        "intact_layers_by_reason",
+        "queues",
+    ):
+        assert key in stats, key
