@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 HELPERS := build/helpers/.built
 
-.PHONY: run test lint unit system-deps venv helpers bench-core bench-dedup corpus clean
+.PHONY: run test lint system-deps venv helpers bench-core bench-dedup bench-memory clean
 
 run: system-deps venv helpers
 	$(BIN)/python -m deploy.stack
@@ -37,6 +37,9 @@ bench-core: system-deps venv helpers
 bench-dedup: system-deps venv helpers
 	$(BIN)/python -m bench.corpus build
 	$(BIN)/python -m bench.dedup
+
+bench-memory: system-deps venv
+	$(BIN)/python -m bench.memory
 
 clean:
 	rm -rf build var .mypy_cache .ruff_cache .pytest_cache
