@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 HELPERS := build/helpers/.built
 
-.PHONY: run test lint system-deps venv helpers bench-core bench-dedup bench-memory clean
+.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory clean
 
 run: system-deps venv helpers
 	$(BIN)/python -m deploy.stack
 
-test: system-deps venv helpers lint
+test: test-deps venv helpers lint
 	$(BIN)/pytest -q
 
 lint: venv
@@ -19,6 +19,9 @@ lint: venv
 
 system-deps:
 	@bash deploy/system-deps.sh
+
+test-deps:
+	@bash deploy/system-deps.sh test
 
 venv: $(STAMP)
 
@@ -31,10 +34,10 @@ $(STAMP): pyproject.toml
 helpers: venv
 	@bash pipelines/gohelpers/build.sh build/helpers
 
-bench-core: system-deps venv helpers
+bench-core: test-deps venv helpers
 	$(BIN)/python -m bench.core
 
-bench-dedup: system-deps venv helpers
+bench-dedup: test-deps venv helpers
 	$(BIN)/python -m bench.corpus build
 	$(BIN)/python -m bench.dedup
 

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Install the Debian/Ubuntu packages DupHunter needs, only those missing.
+#   deploy/system-deps.sh         what `make run` needs
+#   deploy/system-deps.sh test    plus what the tests and benchmarks need
 #   redis-server                        a Redis when none answers (make run) and for tests
+#   golang-go golang-github-klauspost-* the pgzip encoder helper (Debian's skopeo encoder)
 #   skopeo umoci                        real OCI clients (tests, benchmarks)
 #   docker-registry                     the peer registry, CNCF Distribution (bench-core)
-#   golang-go golang-github-klauspost-* the pgzip encoder helper (Debian's skopeo encoder)
-#   pigz zstd                           real producers of layers (tests, corpus)
-#   libarchive-tools                    bsdtar, a second real tar writer for the tar-split tests
+#   docker.io                           the Docker engine (Go stdlib gzip), tests/test_docker.py
+#   pigz zstd libarchive-tools          real producers of layers and tars (tests, corpus)
 #   mmdebstrap                          the realistic benchmark corpus
 set -euo pipefail
-packages=(redis-server skopeo umoci docker-registry golang-go
-          golang-github-klauspost-pgzip-dev golang-github-klauspost-compress-dev
-          pigz zstd mmdebstrap libarchive-tools python3-venv)
+packages=(redis-server golang-go golang-github-klauspost-pgzip-dev
+          golang-github-klauspost-compress-dev python3-venv)
+if [[ "${1:-}" == "test" ]]; then
+    packages+=(skopeo umoci docker-registry docker.io pigz zstd libarchive-tools mmdebstrap)
+fi
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
