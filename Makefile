@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-HELPERS := build/helpers/.built
 
 .PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory clean
 
@@ -37,8 +36,10 @@ helpers: venv
 bench-core: test-deps venv helpers
 	$(BIN)/python -m bench.core
 
+CORPUS ?= small
 bench-dedup: test-deps venv helpers
-	$(BIN)/python -m bench.corpus build
+	$(BIN)/python -m bench.corpus build --size $(CORPUS)
+	$(BIN)/python -m bench.corpus baseline --size $(CORPUS)
 	$(BIN)/python -m bench.dedup
 
 bench-memory: system-deps venv
