@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO
 
 import zstandard
@@ -22,7 +24,7 @@ from pipelines.storage import ObjectStore
 FORMAT_VERSION = 1
 CODEC_RAW, CODEC_ZSTD = 0, 1
 ZSTD_LEVEL = 3
-IN_MEMORY_LIMIT = 16 << 20  # larger payloads are spooled to a temporary file
+IN_MEMORY_LIMIT = 8 << 20  # larger payloads are spooled to a temporary file
 CHUNK = 1 << 20
 
 
@@ -119,6 +121,48 @@ class FileStore:
         for chunk in rest:
             if out := decompressor.decompress(chunk):
                 yield out
+
+
+class ParallelPut:
+    """Stores payloads on a few threads while the caller goes on reading the tar: one
+    S3 PUT per new file would otherwise serialise ingestion on round trips."""
+
+    def __init__(self, files: FileStore, threads: int = 8, in_flight: int = 16) -> None:
+        self.files = files
+        self.in_flight = in_flight
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="file-put")
+        self.pending: deque[Future[int]] = deque()
+        self.new_files = 0
+        self.new_bytes = 0
+
+    def add(self, payload: SpooledPayload) -> None:
+        """Store `payload` (and close it) unless it is known already; the lookup, too,
+        happens on a pool thread, so the caller never waits on a round trip."""
+        while len(self.pending) >= self.in_flight:
+            self._collect(self.pending.popleft())
+        self.pending.append(self.pool.submit(self._put, payload))
+
+    def _put(self, payload: SpooledPayload) -> int:
+        try:
+            return self.files.put(payload)
+        finally:
+            payload.close()
+
+    def _collect(self, future: Future[int]) -> None:
+        added = future.result()
+        if added:
+            self.new_files += 1
+            self.new_bytes += added
+
+    def __enter__(self) -> ParallelPut:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            while self.pending:
+                self._collect(self.pending.popleft())
+        finally:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _prepend(head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -29,7 +29,7 @@ from pipelines import encoders
 from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.codecs import SNIFF_BYTES, CorruptBlobError, Sniff, open_decompressed, sniff
 from pipelines.codecs import _IterReader as ChunkReader
-from pipelines.filestore import FileStore, SpooledPayload
+from pipelines.filestore import FileStore, ParallelPut, SpooledPayload
 from pipelines.index import Index
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
 from pipelines.restore import rebuild_tar
@@ -53,6 +53,8 @@ class LayerRecord:
     new_files: int = 0  # of which were not stored before
     new_file_bytes: int = 0  # bytes those added to storage
     recipe_bytes: int = 0
+    split_seconds: float = 0.0  # decompress, split, hash and store the files
+    prove_seconds: float = 0.0  # rebuild from stored files and recompress in full
     reason: str = ""
     updated: float = 0.0
 
@@ -125,8 +127,11 @@ class Ingestor:
         shortlist = encoders.shortlist(open_blob, open_tar, kind)
         if isinstance(shortlist, encoders.NoMatch):
             return self._intact(record, shortlist.reason)
+        started = time.perf_counter()
         recipe = self._split_and_store(open_blob(), kind, info, record)
+        record.split_seconds = round(time.perf_counter() - started, 3)
         match = encoders.prove(shortlist, self._opener(recipe), info.digest)
+        record.prove_seconds = round(time.perf_counter() - started - record.split_seconds, 3)
         if isinstance(match, encoders.NoMatch):
             return self._intact(record, match.reason)
         recipe = replace(recipe, encoder_id=match.encoder_id, encoder_params=match.encoder_params)
@@ -147,33 +152,25 @@ class Ingestor:
         self, blob: BinaryIO, kind: Sniff, info: BlobInfo, record: LayerRecord
     ) -> Recipe:
         builder = RecipeBuilder()
-        with open_decompressed(kind.kind, blob) as stream:
+        with open_decompressed(kind.kind, blob) as stream, ParallelPut(self.files) as store:
             tar = HashingReader(stream)
             for entry in split_tar(tar):
                 if isinstance(entry, Payload):
-                    self._store_payload(entry, builder, record)
+                    spooled = SpooledPayload(entry.chunks())
+                    builder.add_file(spooled.digest, spooled.size)
+                    record.files += 1
+                    store.add(spooled)
                 else:
                     builder.add_raw(entry.data)
-            record.tar_bytes = tar.size
-            return builder.finish(
-                blob_digest=info.digest,
-                blob_size=info.size,
-                tar_sha256=tar.sha256(),
-                encoder_id=PENDING_ENCODER,
-                encoder_params=b"",
-            )
-
-    def _store_payload(self, payload: Payload, builder: RecipeBuilder, record: LayerRecord) -> None:
-        spooled = SpooledPayload(payload.chunks())
-        try:
-            added = self.files.put(spooled)
-        finally:
-            spooled.close()
-        builder.add_file(spooled.digest, spooled.size)
-        record.files += 1
-        if added:
-            record.new_files += 1
-            record.new_file_bytes += added
+        record.tar_bytes = tar.size
+        record.new_files, record.new_file_bytes = store.new_files, store.new_bytes
+        return builder.finish(
+            blob_digest=info.digest,
+            blob_size=info.size,
+            tar_sha256=tar.sha256(),
+            encoder_id=PENDING_ENCODER,
+            encoder_params=b"",
+        )
 
     def _opener(self, recipe: Recipe) -> Callable[[], BinaryIO]:
         def open_rebuilt_tar() -> BinaryIO:
