@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from pipelines.digests import Digest, ResumableSha256
+from pipelines.digests import Digest, ResumableSha256, digest_key
 from pipelines.errors import RegistryError
 from pipelines.index import Index
 from pipelines.storage import ObjectNotFound, ObjectStore
@@ -145,13 +145,11 @@ def _check_offset(state: UploadState, start: int | None) -> None:
 
 
 def blob_key(digest: str) -> str:
-    algorithm, hex_part = digest.split(":", 1)
-    return f"blobs/{algorithm}/{hex_part}"
+    return digest_key("blobs", digest)
 
 
 def layer_link_key(repo: str, digest: str) -> str:
-    algorithm, hex_part = digest.split(":", 1)
-    return f"repositories/{repo}/_layers/{algorithm}/{hex_part}"
+    return digest_key(f"repositories/{repo}/_layers", digest)
 
 
 class BlobStore:

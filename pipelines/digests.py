@@ -46,6 +46,12 @@ class Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
 
+def digest_key(prefix: str, digest: str) -> str:
+    """The object key `<prefix>/<alg>/<hex>` under which something about `digest` lives."""
+    algorithm, hex_part = digest.split(":", 1)
+    return f"{prefix}/{algorithm}/{hex_part}"
+
+
 def _load_libcrypto() -> ctypes.CDLL:
     name = ctypes.util.find_library("crypto")
     if name is None:

@@ -29,6 +29,7 @@ from pipelines import encoders
 from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.codecs import SNIFF_BYTES, CorruptBlobError, Sniff, open_decompressed, sniff
 from pipelines.codecs import _IterReader as ChunkReader
+from pipelines.digests import digest_key
 from pipelines.filestore import FileStore, ParallelPut, SpooledPayload
 from pipelines.index import Index
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
@@ -69,11 +70,11 @@ class IngestResult:
 
 
 def layer_record_key(digest: str) -> str:
-    return "layers/{}/{}".format(*digest.split(":", 1))
+    return digest_key("layers", digest)
 
 
 def recipe_key(digest: str) -> str:
-    return "recipes/{}/{}".format(*digest.split(":", 1))
+    return digest_key("recipes", digest)
 
 
 def open_intact(blobs: BlobStore, info: BlobInfo) -> BinaryIO:

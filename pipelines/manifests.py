@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.blobs import BlobStore
-from pipelines.digests import Digest
+from pipelines.digests import Digest, digest_key
 from pipelines.errors import RegistryError
 from pipelines.index import Index
 from pipelines.storage import ObjectNotFound, ObjectStore
@@ -164,17 +164,12 @@ def _parse_index(body: dict[str, Any], parsed: ParsedManifest) -> None:
     parsed.artifact_type = artifact_type if isinstance(artifact_type, str) else None
 
 
-def _split(digest: str) -> tuple[str, str]:
-    algorithm, hex_part = digest.split(":", 1)
-    return algorithm, hex_part
-
-
 def manifest_key(digest: str) -> str:
-    return "manifests/{}/{}".format(*_split(digest))
+    return digest_key("manifests", digest)
 
 
 def revision_key(repo: str, digest: str) -> str:
-    return "repositories/{}/_manifests/revisions/{}/{}".format(repo, *_split(digest))
+    return digest_key(f"repositories/{repo}/_manifests/revisions", digest)
 
 
 def tag_key(repo: str, tag: str) -> str:
