@@ -1,0 +1,703 @@
+"""bench-core: push and pull real images with skopeo, DupHunter vs CNCF Distribution 2.8.2.
+
+Usage::
+
+    python -m bench.core [--reps 3] [--images a,b] [--big] [--no-redirect] [--no-docs]
+
+Both registries run on this machine on loopback ports and keep their bytes on the SAME local
+S3 server (SeaweedFS `weed mini`): DupHunter (gunicorn, 2 processes, plus its Celery workers and
+a Redis) in bucket `duphunter`, Debian's `docker-registry` in bucket `distribution` with
+`redirect: disable: true`, so that both proxy blob bytes. The test images are OCI layouts built
+offline with umoci from files of this machine (real pgzip layers), cached under
+`build/bench/images/`. Every push goes to a fresh repository, with a private, empty skopeo
+blob-info cache (a private mount namespace with a tmpfs over /var/lib/containers/cache), so
+every layer is really uploaded; every pull goes to a fresh OCI layout and is checked digest by
+digest against what was pushed. Measurements alternate between the registries (peer, ours,
+then ours, peer, ...); the table shows the median of `--reps` runs. Before every timed run the
+benchmark waits until DupHunter's ingest queue is idle, so that background ingestion of the
+previous push does not eat into the next measurement (its duration is reported separately).
+
+Results: a table on stdout, `build/bench/core.json`, and the section
+`## bench-core: push and pull against Distribution 2.8.2` in `docs/benchmarks.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minio import Minio
+
+from deploy.stack import REPO_ROOT, Stack, free_port, wait_until
+
+OUT_DIR = REPO_ROOT / "build" / "bench"
+IMAGE_DIR = OUT_DIR / "images"
+DOCS = REPO_ROOT / "docs" / "benchmarks.md"
+SECTION = "## bench-core: push and pull against Distribution 2.8.2"
+ACCESS, SECRET = "duphunter", "duphunter-secret-key"
+OUR_BUCKET, PEER_BUCKET = "duphunter", "distribution"
+TARGET_RATIO = 1.3
+# a pull this long after the previous one of the same layers finds no restore spool left
+COLD_GAP_S = float(os.environ.get("DUPHUNTER_RESTORE_KEEP_SECONDS", "30")) + 5
+MB = 1_000_000
+SKOPEO_CACHE = "/var/lib/containers/cache"
+IMAGE_FORMAT = 3  # bump to rebuild the cached image layouts
+
+# image name -> one list of source paths per layer (copied into the rootfs, same path)
+IMAGE_SPECS: dict[str, list[list[str]]] = {
+    "python": [["/usr/lib/python3.11"], ["/usr/lib/python3"]],
+    "share": [["/usr/share/locale"], ["/usr/share/vim", "/usr/share/perl"]],
+    "tools": [
+        ["/usr/lib/go-1.19/bin", "/usr/lib/go-1.19/pkg/tool"],
+        ["/usr/lib/x86_64-linux-gnu/libLLVM-15.so.1"],
+    ],
+}
+BIG_IMAGE = "big-random"
+BIG_BYTES = 1 << 30
+
+
+@dataclass
+class Image:
+    name: str
+    layout: Path
+    tag: str
+    manifest: str
+    config: str
+    layers: list[str]
+    size: int  # bytes of manifest + config + layers, as transferred
+
+
+@dataclass
+class Registry:
+    name: str
+    hostport: str
+
+
+@dataclass
+class Run:
+    image: str
+    registry: str
+    rep: int
+    push_s: float
+    pull_s: float  # first pull after the push (DupHunter restores deduplicated layers)
+    pull_warm_s: float  # the same pull again at once (DupHunter may serve its restore spool)
+    settle_after_push_s: float  # waiting for DupHunter's background work before the pull
+    layer_states: dict[str, int]  # DupHunter's layers by state, when the pull started
+
+
+@dataclass
+class Services:
+    stack: Stack
+    ours: Registry
+    peer: Registry
+    redirect_peer: Registry | None
+    workdir: Path
+    notes: list[str] = field(default_factory=list)
+    last_pull: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def sh(args: list[str], cwd: Path | None = None) -> str:
+    """Run a command; its stderr goes to ours and a failure stops the benchmark."""
+    done = subprocess.run(args, cwd=cwd, check=False, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"command failed ({done.returncode}): {' '.join(args)}")
+    return done.stdout
+
+
+def skopeo(args: list[str]) -> float:
+    """Run `skopeo` with an empty private blob-info cache; returns the wall time in seconds."""
+    script = f'mount -t tmpfs tmpfs {SKOPEO_CACHE} && exec skopeo "$@"'
+    command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *args]
+    started = time.perf_counter()
+    sh(command)
+    return time.perf_counter() - started
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+def read_layout(layout: Path, tag: str) -> tuple[str, dict[str, Any]]:
+    """The manifest digest and parsed manifest of `tag` in an OCI layout."""
+    index = json.loads((layout / "index.json").read_text())
+    for entry in index["manifests"]:
+        if entry.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            digest = str(entry["digest"])
+            return digest, json.loads(blob_path(layout, digest).read_bytes())
+    raise RuntimeError(f"{layout} has no tag {tag}")
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    algorithm, hex_part = digest.split(":", 1)
+    return layout / "blobs" / algorithm / hex_part
+
+
+def load_image(name: str, layout: Path, tag: str = "t") -> Image:
+    digest, manifest = read_layout(layout, tag)
+    layers = [str(layer["digest"]) for layer in manifest["layers"]]
+    config = str(manifest["config"]["digest"])
+    size = blob_path(layout, digest).stat().st_size
+    size += sum(blob_path(layout, d).stat().st_size for d in [config, *layers])
+    return Image(name, layout, tag, digest, config, layers, size)
+
+
+def build_image(name: str, layers: list[list[str]], work: Path) -> Path:
+    """An OCI layout with one gzip layer per entry of `layers`, made by umoci."""
+    layout, bundle = work / "layout", work / "bundle"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sh(["umoci", "init", "--layout", str(layout)])
+    sh(["umoci", "new", "--image", f"{layout}:t"])
+    sh(["umoci", "unpack", "--image", f"{layout}:t", str(bundle)])
+    for sources in layers:
+        for source in sources:
+            target = bundle / "rootfs" / source.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sh(["cp", "-a", "-H", source, str(target)])
+        sh(["umoci", "repack", "--refresh-bundle", "--image", f"{layout}:t", str(bundle)])
+    sh(["umoci", "gc", "--layout", str(layout)])
+    shutil.rmtree(bundle)
+    return layout
+
+
+def make_random_files(folder: Path, total: int, pieces: int = 4) -> None:
+    """`total` bytes of incompressible data in `pieces` files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open("/dev/urandom", "rb") as source:
+        for number in range(pieces):
+            with open(folder / f"random-{number}.bin", "wb") as out:
+                left = total // pieces
+                while left > 0:
+                    left -= out.write(source.read(min(left, 16 << 20)))
+
+
+def cached_image(name: str, layers: list[list[str]]) -> Image:
+    work = IMAGE_DIR / name
+    stamp = work / "stamp.json"
+    wanted = json.dumps({"format": IMAGE_FORMAT, "layers": layers})
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        started = time.perf_counter()
+        build_image(name, layers, work)
+        stamp.write_text(wanted)
+        print(f"built image {name} in {time.perf_counter() - started:.1f}s", flush=True)
+    return load_image(name, work / "layout")
+
+
+def all_images(big: bool, only: set[str]) -> list[Image]:
+    specs = {name: spec for name, spec in IMAGE_SPECS.items() if not only or name in only}
+    images = [cached_image(name, layers) for name, layers in specs.items()]
+    if big and (not only or BIG_IMAGE in only):
+        source = IMAGE_DIR / "big-random-source" / "opt" / "random"
+        if not (source / "random-3.bin").exists():
+            make_random_files(source, BIG_BYTES)
+        images.append(cached_image(BIG_IMAGE, [[str(source)]]))
+    return images
+
+
+# --- services -----------------------------------------------------------------------------
+
+
+def distribution_config(s3: str, bucket: str, root: str, listen: str, redirect: bool) -> str:
+    return f"""version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  s3:
+    region: us-east-1
+    regionendpoint: http://{s3}
+    bucket: {bucket}
+    rootdirectory: {root}
+    accesskey: {ACCESS}
+    secretkey: {SECRET}
+    secure: false
+    v4auth: true
+  redirect:
+    disable: {"false" if redirect else "true"}
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: {listen}
+"""
+
+
+def start_distribution(stack: Stack, s3: str, name: str, root: str, redirect: bool) -> Registry:
+    listen = f"127.0.0.1:{free_port()}"
+    config = stack.workdir / f"{name}.yml"
+    config.write_text(distribution_config(s3, PEER_BUCKET, root, listen, redirect))
+    env = {k: v for k, v in stack.env.items() if k != "AWS_CA_BUNDLE"}
+    stack.spawn(name, ["docker-registry", "serve", str(config)], env=env)
+    wait_until(lambda: http_json(f"http://{listen}/v2/") is not None, name)
+    return Registry(name, listen)
+
+
+def start_services(workdir: Path, redirect: bool) -> Services:
+    shutil.rmtree(workdir, ignore_errors=True)
+    stack = Stack(workdir)
+    try:
+        redis_url = stack.start_redis(free_port())
+        s3 = stack.start_s3(free_port(10000), ACCESS, SECRET, OUR_BUCKET)
+        Minio(s3, access_key=ACCESS, secret_key=SECRET, secure=False).make_bucket(PEER_BUCKET)
+        listen = f"127.0.0.1:{free_port()}"
+        stack.env.update(
+            {
+                "DUPHUNTER_REDIS_URL": redis_url,
+                "DUPHUNTER_S3_ENDPOINT": s3,
+                "DUPHUNTER_S3_ACCESS_KEY": ACCESS,
+                "DUPHUNTER_S3_SECRET_KEY": SECRET,
+                "DUPHUNTER_S3_BUCKET": OUR_BUCKET,
+                "DUPHUNTER_LISTEN": listen,
+                "DUPHUNTER_SPOOL_DIR": str(workdir / "spool"),
+            }
+        )
+        stack.start_workers()
+        stack.start_api(listen, processes=2)
+        peer = start_distribution(stack, s3, "distribution", "/proxy", redirect=False)
+        other = None
+        if redirect:
+            other = start_distribution(stack, s3, "distribution-redirect", "/redirect", True)
+    except BaseException:
+        stack.stop()
+        raise
+    return Services(stack, Registry("duphunter", listen), peer, other, workdir)
+
+
+def http_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read() or b"null")
+
+
+def stack_cpu_seconds(stack: Stack) -> float:
+    """CPU seconds used so far by the live processes of every service of the stack."""
+    groups = {process.pid for _name, process in stack.processes}
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in groups:  # pgrp; utime and stime follow at 11 and 12
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def ingest_pending(ours: Registry) -> bool:
+    """Whether DupHunter reports queued jobs or layers still waiting for ingestion."""
+    stats = http_json(f"http://{ours.hostport}/api/v1/stats")
+    queued = int(stats.get("layers", {}).get("queued", 0))
+    return queued > 0 or any(int(v) for v in stats.get("queues", {}).values())
+
+
+def wait_for_quiet(services: Services, timeout: float = 600) -> float:
+    """Wait until DupHunter's background work is done; returns the seconds waited.
+
+    Done means: every service together uses under 10% of a core for 2 s in a row and no
+    job or layer is queued, or 6 s in a row of quiet whatever the stats say (a layer
+    whose ingest job failed stays "queued" for ever)."""
+    started = time.perf_counter()
+    quiet = 0
+    before = stack_cpu_seconds(services.stack)
+    while time.perf_counter() - started < timeout:
+        time.sleep(1)
+        now = stack_cpu_seconds(services.stack)
+        quiet = quiet + 1 if now - before < 0.1 else 0
+        before = now
+        if quiet >= 6 or (quiet >= 2 and not ingest_pending(services.ours)):
+            return time.perf_counter() - started
+    services.notes.append(f"background work did not settle within {timeout:.0f}s")
+    return time.perf_counter() - started
+
+
+# --- measurements -------------------------------------------------------------------------
+
+
+def push(image: Image, registry: Registry, repo: str, scratch: Path) -> float:
+    digest_file = scratch / "pushed.digest"
+    seconds = skopeo(
+        [
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            "--digestfile",
+            str(digest_file),
+            f"oci:{image.layout}:{image.tag}",
+            f"docker://{registry.hostport}/{repo}:{image.tag}",
+        ]
+    )
+    pushed = digest_file.read_text().strip()
+    if pushed != image.manifest:
+        raise RuntimeError(f"{registry.name}: pushed {pushed}, expected {image.manifest}")
+    return seconds
+
+
+def pull(image: Image, registry: Registry, repo: str, scratch: Path) -> float:
+    layout = scratch / "pulled"
+    shutil.rmtree(layout, ignore_errors=True)
+    seconds = skopeo(
+        [
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            f"docker://{registry.hostport}/{repo}:{image.tag}",
+            f"oci:{layout}:{image.tag}",
+        ]
+    )
+    verify_pulled(image, registry, layout)
+    shutil.rmtree(layout)
+    return seconds
+
+
+def verify_pulled(image: Image, registry: Registry, layout: Path) -> None:
+    """Fail loudly unless the pulled manifest, config and layers are the pushed ones."""
+    digest, manifest = read_layout(layout, image.tag)
+    layers = [str(layer["digest"]) for layer in manifest["layers"]]
+    config = str(manifest["config"]["digest"])
+    if (digest, config, layers) != (image.manifest, image.config, image.layers):
+        raise RuntimeError(
+            f"{registry.name} returned {digest} config {config} layers {layers}; pushed "
+            f"{image.manifest} config {image.config} layers {image.layers}"
+        )
+    for blob in [digest, config, *layers]:
+        if file_digest(blob_path(layout, blob)) != blob:
+            raise RuntimeError(f"{registry.name}: pulled blob {blob} does not hash to its digest")
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def measure(image: Image, registry: Registry, services: Services, rep: int, scratch: Path) -> Run:
+    wait_for_quiet(services)
+    repo = f"bench/{image.name}-{rep}"
+    pushed = push(image, registry, repo, scratch)
+    settle = wait_for_quiet(services)
+    states = dict(http_json(f"http://{services.ours.hostport}/api/v1/stats").get("layers", {}))
+    wait_until_cold(services, (image.name, registry.name))
+    pulled = pull(image, registry, repo, scratch)
+    warm = pull(image, registry, repo, scratch)
+    services.last_pull[(image.name, registry.name)] = time.monotonic()
+    run = Run(image.name, registry.name, rep, pushed, pulled, warm, settle, states)
+    print(
+        f"  {image.name:<11} {registry.name:<22} rep {rep}: push {pushed:6.2f}s  "
+        f"pull {pulled:6.2f}s  pull again {warm:6.2f}s",
+        flush=True,
+    )
+    return run
+
+
+def wait_until_cold(services: Services, key: tuple[str, str]) -> None:
+    """Sleep until the last pull of these layers from this registry is COLD_GAP_S old."""
+    last = services.last_pull.get(key)
+    if last is not None:
+        time.sleep(max(0.0, last + COLD_GAP_S - time.monotonic()))
+
+
+def run_all(images: list[Image], services: Services, reps: int, scratch: Path) -> list[Run]:
+    runs: list[Run] = []
+    for rep in range(reps):
+        pair = [services.peer, services.ours]
+        order = pair if rep % 2 == 0 else pair[::-1]
+        for image in images:
+            for registry in order:
+                runs.append(measure(image, registry, services, rep, scratch))
+    return runs
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+
+KINDS = ("push", "pull", "pull_warm")
+HEADS = {"push": "push", "pull": "pull", "pull_warm": "pull again"}
+
+
+def median_of(runs: list[Run], image: str, registry: str, attr: str) -> float:
+    values = [getattr(r, attr) for r in runs if r.image == image and r.registry == registry]
+    return float(statistics.median(values))
+
+
+def summarize(images: list[Image], runs: list[Run], ours: str, peer: str) -> list[dict[str, Any]]:
+    rows = []
+    for image in images:
+        row: dict[str, Any] = {"image": image.name, "bytes": image.size}
+        row["layers"] = len(image.layers)
+        for kind in KINDS:
+            mine = median_of(runs, image.name, ours, f"{kind}_s")
+            theirs = median_of(runs, image.name, peer, f"{kind}_s")
+            row[kind] = {
+                "peer_s": round(theirs, 3),
+                "ours_s": round(mine, 3),
+                "ratio": round(mine / theirs, 3),
+                "peer_mb_s": round(image.size / MB / theirs, 1),
+                "ours_mb_s": round(image.size / MB / mine, 1),
+            }
+        rows.append(row)
+    return rows
+
+
+def first_settle(runs: list[Run], ours: str) -> dict[str, float]:
+    """Per image: seconds until DupHunter was quiet after its first push of the image."""
+    found: dict[str, float] = {}
+    for run in runs:
+        if run.registry == ours and run.image not in found:
+            found[run.image] = round(run.settle_after_push_s, 1)
+    return found
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["image", "size MB", "layers"]
+    for kind in KINDS:
+        header += [f"{HEADS[kind]} {x}" for x in ("peer s", "ours s", "ratio", "MB/s peer/ours")]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
+    for row in rows:
+        cells = [row["image"], f"{row['bytes'] / MB:.1f}", str(row["layers"])]
+        for kind in KINDS:
+            m = row[kind]
+            flag = "" if m["ratio"] <= TARGET_RATIO else " ✗"
+            cells += [
+                f"{m['peer_s']:.2f}",
+                f"{m['ours_s']:.2f}",
+                f"{m['ratio']:.2f}{flag}",
+                f"{m['peer_mb_s']:.0f} / {m['ours_mb_s']:.0f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = next(
+        (ln for ln in sh(["lscpu"]).splitlines() if ln.startswith("Model name")), "Model name: ?"
+    )
+    return f"$ nproc\n{sh(['nproc']).strip()}\n$ free -g\n{sh(['free', '-g']).rstrip()}\n" + (
+        f"$ lscpu | grep 'Model name'\n{model}"
+    )
+
+
+def versions() -> str:
+    return "; ".join(
+        [
+            sh(["skopeo", "--version"]).strip(),
+            sh(["umoci", "--version"]).strip(),
+            sh(["docker-registry", "--version"]).strip(),
+            "SeaweedFS weed "
+            + sh([str(Path(sys.executable).parent / "weed"), "version"]).splitlines()[0].strip(),
+        ]
+    )
+
+
+SETUP = f"""\
+Setup (all on loopback, one machine):
+
+- One SeaweedFS `weed mini` S3 server. DupHunter (gunicorn, 2 processes x 16 threads, its
+  Celery workers, a Redis) stores in bucket `duphunter`; Distribution 2.8.2 (Debian
+  `docker-registry`, s3 driver, `v4auth`, `redirect: disable: true`, so that it proxies blob
+  bytes as DupHunter does) in bucket `distribution`.
+- Images: OCI layouts made offline with umoci (pgzip layers) from files of this machine:
+  `python` = /usr/lib/python3.11 + /usr/lib/python3 (4.3k files), `share` =
+  /usr/share/locale + /usr/share/{{vim,perl}} (6.4k files), `tools` = Go toolchain binaries +
+  libLLVM-15 (21 files); cached in `build/bench/images/`.
+- Push: `skopeo copy --preserve-digests --dest-tls-verify=false oci:L:t
+  docker://127.0.0.1:P/bench/<image>-<rep>:t`, each time into a fresh repository and with an
+  empty private blob-info cache (`unshare -m` + tmpfs over /var/lib/containers/cache), so
+  every layer is uploaded (from the 2nd repetition on, the registry already holds the blobs in
+  another repository; both then receive and drop the bytes).
+- Pull: `skopeo copy --preserve-digests --src-tls-verify=false docker://... oci:OUT:t` into
+  a fresh layout; the manifest, config and layer digests must equal the pushed ones and every
+  pulled blob is re-hashed. Before the first pull the benchmark waits until every service is
+  idle, so DupHunter has ingested (deduplicated) the layers: its "pull" restores them from
+  stored files, at least {COLD_GAP_S:.0f} s after any earlier pull of the same layers (no
+  restore spool left). "pull again" repeats the pull at once.
+- Order alternates per repetition (peer then ours, ours then peer); medians of the
+  repetitions. MB = 10^6 bytes; ratio = ours / peer, target <= {TARGET_RATIO} (✗ = missed).
+"""
+
+
+def ours(run: dict[str, Any]) -> bool:
+    return bool(run["registry"] == "duphunter")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Run {result['date']} by `make bench-core` (`{result['command']}`: "
+        f"{result['reps']} repetitions, total {result['total_s']:.0f} s), code at "
+        f"{result['git']}.",
+        "",
+        "```",
+        result["machine"],
+        "```",
+        "",
+        f"Tools: {result['versions']}.",
+        "",
+        SETUP,
+        table(result["rows"]),
+        "",
+        "DupHunter's layer states when its pulls started: "
+        + ", ".join(sorted({json.dumps(r["layer_states"]) for r in result["runs"] if ours(r)}))
+        + ". Its background work after the first push of each image, until all services were "
+        "idle again (resolution ~2 s): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in result["ingest_s"].items())
+        + ".",
+    ]
+    if redirect_text(result):
+        lines += ["", f"Footnote: {redirect_text(result)}"]
+    if big_footnote() and not any(r["image"] == BIG_IMAGE for r in result["rows"]):
+        lines += ["", f"Footnote: {big_footnote()}"]
+    lines += [f"\nNote: {note}" for note in result.get("notes", [])]
+    lines += ["", "Raw data: `build/bench/core.json`.", ""]
+    return "\n".join(lines)
+
+
+def big_footnote(path: Path = OUT_DIR / "core-big.json") -> str:
+    """The last separate run of the 1 GB image (`--big`), if one was saved."""
+    if not path.exists():
+        return ""
+    big = json.loads(path.read_text())
+    rows = [row for row in big["rows"] if row["image"] == BIG_IMAGE]
+    if not rows:
+        return ""
+    row = rows[0]
+    cells = ", ".join(
+        f"{HEADS[kind]} peer {row[kind]['peer_s']:.1f} s / ours "
+        f"{row[kind]['ours_s']:.1f} s (ratio {row[kind]['ratio']:.2f})"
+        for kind in KINDS
+    )
+    return (
+        f"1 GB random layer ({row['bytes'] / MB:.0f} MB, {big['reps']} run(s), {big['date']}, "
+        f"`{big['command']}`, not part of the default "
+        f"run to keep it under 10 minutes): {cells}; DupHunter's ingest took "
+        f"{big['ingest_s'].get(BIG_IMAGE, 0):.0f} s."
+    )
+
+
+def git_state() -> str:
+    head = sh(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]).strip()
+    dirty = sh(["git", "-C", str(REPO_ROOT), "status", "--porcelain"]).strip()
+    return f"commit {head}" + (" plus uncommitted changes" if dirty else "")
+
+
+def write_docs(result: dict[str, Any]) -> None:
+    text = DOCS.read_text() if DOCS.exists() else ""
+    if not text.strip():
+        text = f"# Benchmarks\n\n## Machine\n\n```\n{result['machine']}\n```\n"
+    section = markdown(result)
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        rest = "" if end < 0 else text[end + 1 :]
+        text = text[:start] + section + ("\n" + rest if rest else "")
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text)
+
+
+def redirect_footnote(images: list[Image], services: Services, scratch: Path) -> dict[str, Any]:
+    """One push and pull of the smallest image through a Distribution that redirects GETs."""
+    peer = services.redirect_peer
+    if peer is None:
+        return {}
+    image = min(images, key=lambda i: i.size)
+    try:
+        pushed = push(image, peer, f"bench/redirect-{image.name}", scratch)
+        pulled = pull(image, peer, f"bench/redirect-{image.name}", scratch)
+    except RuntimeError as error:
+        return {"image": image.name, "error": str(error)}
+    return {"image": image.name, "push_s": round(pushed, 3), "pull_s": round(pulled, 3)}
+
+
+def redirect_text(result: dict[str, Any]) -> str:
+    found = result.get("redirect") or {}
+    if not found:
+        return ""
+    if "error" in found:
+        return f"Distribution with S3 redirects enabled failed: {found['error']}"
+    row = next(r for r in result["rows"] if r["image"] == found["image"])
+    return (
+        f"with `redirect` enabled (blob GETs answered by a 307 to a presigned S3 URL, which "
+        f"skopeo follows), Distribution pushed `{found['image']}` in {found['push_s']:.2f} s "
+        f"and pulled it in {found['pull_s']:.2f} s (one run; proxied medians above: "
+        f"{row['push']['peer_s']:.2f} s and {row['pull']['peer_s']:.2f} s)."
+    )
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    only = set(args.images.split(",")) if args.images else set()
+    images = all_images(args.big, only)
+    for image in images:
+        print(f"image {image.name}: {image.size / MB:.1f} MB, {len(image.layers)} layers")
+    scratch = OUT_DIR / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    services = start_services(OUT_DIR / "stack", redirect=not args.no_redirect)
+    with services.stack:
+        runs = run_all(images, services, args.reps, scratch)
+        footnote = redirect_footnote(images, services, scratch)
+    for bulky in ("s3", "spool"):  # keep only the logs
+        shutil.rmtree(services.workdir / bulky, ignore_errors=True)
+    rows = summarize(images, runs, services.ours.name, services.peer.name)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python -m bench.core", *sys.argv[1:]]),
+        "reps": args.reps,
+        "machine": machine(),
+        "versions": versions(),
+        "git": git_state(),
+        "images": [asdict(image) | {"layout": str(image.layout)} for image in images],
+        "runs": [asdict(run) for run in runs],
+        "rows": rows,
+        "ingest_s": first_settle(runs, services.ours.name),
+        "redirect": footnote,
+        "notes": services.notes,
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--big", action="store_true", help="add an image with a 1 GB random layer")
+    parser.add_argument("--no-redirect", action="store_true", help="skip the redirect footnote")
+    parser.add_argument("--images", default="", help="comma-separated subset of images")
+    parser.add_argument("--json", default=str(OUT_DIR / "core.json"), help="results file")
+    parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    args = parser.parse_args()
+    result = bench(args)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(table(result["rows"]))
+    if redirect_text(result):
+        print(f"\nredirect footnote: {redirect_text(result)}")
+    if not args.no_docs:
+        write_docs(result)
+    print(f"\nwrote {args.json}" + ("" if args.no_docs else f" and {DOCS}"))
+
+
+if __name__ == "__main__":
+    main()
