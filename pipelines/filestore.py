@@ -1,18 +1,28 @@
 """The content store: each unique regular-file payload stored once, keyed by its sha256.
 
-Object `files/<hex[:2]>/<hex>` holds a 2-byte header (format version, codec) and the
-payload, zstd-compressed when that makes it smaller. The sha256 is the identity; nothing
-weaker is trusted. Which files exist and how many layer recipes reference each is indexed
-in Redis and rebuilt from S3 (files and recipes) when lost.
+Files are stored in packs (`packs/<xx>/<id>`, as restic and Borg do): one S3 object holds
+many files, each zstd-compressed when that makes it smaller, so ingesting or restoring a
+layer of thousands of small files costs a few large requests, not thousands of small
+ones. A file larger than a pack gets a pack of its own. Pack layout (version 1):
+
+    entries      per file: 1 codec byte (0 raw, 1 zstd) + the stored bytes
+    table        per file: sha256 (32 bytes) + offset (u64) + length (u32, codec byte incl.)
+    trailer      count (u32) + b"DHP" + version byte
+
+The sha256 is the identity; nothing weaker is trusted. The Redis index maps each file to
+its place (`<pack> <offset> <length>`) and is rebuilt from the pack tables when lost; the
+references each file has are recounted from recipes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 import tempfile
-from collections import deque
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO
 
 import zstandard
@@ -22,18 +32,72 @@ from pipelines.index import Index
 from pipelines.storage import ObjectStore
 
 FORMAT_VERSION = 1
+PACK_MAGIC = b"DHP" + bytes((FORMAT_VERSION,))
 CODEC_RAW, CODEC_ZSTD = 0, 1
 ZSTD_LEVEL = 3
 IN_MEMORY_LIMIT = 8 << 20  # larger payloads are spooled to a temporary file
+PACK_TARGET = 8 << 20  # a pack is sealed once it holds this much
+LOOKUP_BATCH = 128  # new-or-known is asked of the index this many files at a time
 CHUNK = 1 << 20
+_TABLE_ENTRY = struct.Struct(">32sQI")
+_TRAILER = struct.Struct(">I4s")
 
 
 class FileStoreError(Exception):
-    """A stored file is malformed or does not hash to its name."""
+    """A stored file or pack is malformed or missing."""
 
 
-def file_key(hex_digest: str) -> str:
-    return f"files/{hex_digest[:2]}/{hex_digest}"
+@dataclass(frozen=True)
+class Location:
+    """Where a file's stored form is: a byte range of a pack (codec byte first)."""
+
+    pack: str
+    offset: int
+    length: int
+
+    def encode(self) -> str:
+        return f"{self.pack} {self.offset} {self.length}"
+
+    @classmethod
+    def decode(cls, text: str) -> Location:
+        pack, offset, length = text.split(" ")
+        return cls(pack, int(offset), int(length))
+
+
+def new_pack_key() -> str:
+    name = uuid.uuid4().hex
+    return f"packs/{name[:2]}/{name}"
+
+
+def pack_table(entries: Sequence[tuple[bytes, int, int]]) -> bytes:
+    """The table and trailer that end a pack: (digest, offset, length) per file."""
+    table = b"".join(_TABLE_ENTRY.pack(*entry) for entry in entries)
+    return table + _TRAILER.pack(len(entries), PACK_MAGIC)
+
+
+def read_pack_table(store: ObjectStore, key: str, size: int) -> list[tuple[bytes, Location]]:
+    """The files a pack holds, read from its table (this is how the index is rebuilt)."""
+    if size < _TRAILER.size:
+        raise FileStoreError(f"pack {key} is too short")
+    trailer = store.get_bytes_range(key, size - _TRAILER.size, _TRAILER.size)
+    count, magic = _TRAILER.unpack(trailer)
+    table_size = count * _TABLE_ENTRY.size
+    if magic != PACK_MAGIC or table_size + _TRAILER.size > size:
+        raise FileStoreError(f"pack {key} has no valid table")
+    table = store.get_bytes_range(key, size - _TRAILER.size - table_size, table_size)
+    return [
+        (digest, Location(key, offset, length))
+        for digest, offset, length in _TABLE_ENTRY.iter_unpack(table)
+    ]
+
+
+def decode_stored(stored: bytes, digest: bytes) -> bytes:
+    """A file's bytes from its stored form (codec byte, then raw or zstd bytes)."""
+    if stored[:1] == bytes((CODEC_RAW,)):
+        return stored[1:]
+    if stored[:1] == bytes((CODEC_ZSTD,)):
+        return bytes(zstandard.ZstdDecompressor().decompress(stored[1:]))
+    raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
 
 
 class SpooledPayload:
@@ -80,99 +144,147 @@ class FileStore:
         self.store = store
         self.index = index
 
-    def has(self, digest: bytes) -> bool:
-        return self.index.file_size(digest.hex()) is not None
+    def locate(self, digests: Sequence[bytes]) -> list[Location | None]:
+        found = self.index.file_locations([digest.hex() for digest in digests])
+        return [None if text is None else Location.decode(text) for text in found]
 
-    def put(self, payload: SpooledPayload) -> int:
-        """Store the payload unless it is known; the bytes this call added to storage."""
-        hex_digest = payload.digest.hex()
-        if self.index.file_size(hex_digest) is not None:
-            return 0
-        codec, body, length = _encode(payload)
-        try:
-            stream = ChunkReader(iter([bytes((FORMAT_VERSION, codec)), *body]))
-            self.store.put_stream(file_key(hex_digest), stream, length + 2)
-        finally:
-            if hasattr(body, "close"):
-                body.close()
-        stored = length + 2
-        if not self.index.add_file(hex_digest, stored):
-            return 0  # a concurrent ingest stored the same file first and counted it
-        self.index.add_bytes(stored=stored)
-        return stored
+    def read_range(self, pack: str, offset: int, length: int) -> bytes:
+        return self.store.get_bytes_range(pack, offset, length)
+
+    def read(self, digest: bytes) -> bytes:
+        """One file's bytes (one ranged GET)."""
+        (location,) = self.locate([digest])
+        if location is None:
+            raise FileStoreError(f"file {digest.hex()} is not stored")
+        stored = self.read_range(location.pack, location.offset, location.length)
+        return decode_stored(stored, digest)
 
     def open(self, digest: bytes) -> Iterator[bytes]:
-        """The payload's bytes, decompressed, in chunks."""
-        chunks = self.store.iter_range(file_key(digest.hex()))
-        first = next(chunks, b"")
-        while len(first) < 2:
-            more = next(chunks, None)
-            if more is None:
-                raise FileStoreError(f"file {digest.hex()} is truncated")
-            first += more
-        version, codec = first[0], first[1]
-        if version != FORMAT_VERSION or codec not in (CODEC_RAW, CODEC_ZSTD):
-            raise FileStoreError(f"file {digest.hex()}: unknown format {version}/{codec}")
-        rest = _prepend(first[2:], chunks)
+        """One file's bytes in chunks, decompressed as they stream (for large files)."""
+        (location,) = self.locate([digest])
+        if location is None:
+            raise FileStoreError(f"file {digest.hex()} is not stored")
+        chunks = self.store.iter_range(location.pack, location.offset, location.length)
+        head = b""
+        while not head:
+            head = next(chunks, None) or _missing(digest)
+        codec, rest = head[0], head[1:]
         if codec == CODEC_RAW:
-            yield from rest
+            yield rest
+            yield from chunks
             return
+        if codec != CODEC_ZSTD:
+            raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
         decompressor = zstandard.ZstdDecompressor().decompressobj()
-        for chunk in rest:
+        for chunk in (rest, *chunks):
             if out := decompressor.decompress(chunk):
                 yield out
 
+    def put_pack(
+        self,
+        key: str,
+        parts: list[bytes] | _SpooledChunks,
+        length: int,
+        entries: list[tuple[bytes, int, int]],
+    ) -> int:
+        """Upload a sealed pack, then index its files; how many were new to the index."""
+        try:
+            self.store.put_stream(key, ChunkReader(iter(parts)), length)
+        finally:
+            if isinstance(parts, _SpooledChunks):
+                parts.close()
+        self.index.add_bytes(stored=length)
+        return sum(
+            self.index.add_file(digest.hex(), Location(key, offset, size).encode())
+            for digest, offset, size in entries
+        )
 
-class ParallelPut:
-    """Stores payloads on a few threads while the caller goes on reading the tar: one
-    S3 PUT per new file would otherwise serialise ingestion on round trips."""
 
-    def __init__(self, files: FileStore, threads: int = 8, in_flight: int = 16) -> None:
+def _missing(digest: bytes) -> bytes:
+    raise FileStoreError(f"file {digest.hex()} is truncated in its pack")
+
+
+class Packer:
+    """Packs the new files of one layer as the tar is read, uploading each sealed pack on
+    a pool thread; files the index knows already are skipped. Use as a context manager:
+    leaving it waits until every pack is stored and indexed."""
+
+    def __init__(self, files: FileStore, threads: int = 4) -> None:
         self.files = files
-        self.in_flight = in_flight
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="file-put")
-        self.pending: deque[Future[int]] = deque()
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pack-put")
+        self.uploads: list[Future[int]] = []
+        self.waiting: list[SpooledPayload] = []
+        self.waiting_bytes = 0
+        self.packed: set[bytes] = set()
+        self.parts: list[bytes] = []
+        self.entries: list[tuple[bytes, int, int]] = []
+        self.offset = 0
         self.new_files = 0
         self.new_bytes = 0
 
     def add(self, payload: SpooledPayload) -> None:
-        """Store `payload` (and close it) unless it is known already; the lookup, too,
-        happens on a pool thread, so the caller never waits on a round trip."""
-        while len(self.pending) >= self.in_flight:
-            self._collect(self.pending.popleft())
-        self.pending.append(self.pool.submit(self._put, payload))
+        self.waiting.append(payload)
+        self.waiting_bytes += min(payload.size, IN_MEMORY_LIMIT)
+        if len(self.waiting) >= LOOKUP_BATCH or self.waiting_bytes >= PACK_TARGET:
+            self._pack_waiting()
 
-    def _put(self, payload: SpooledPayload) -> int:
-        try:
-            return self.files.put(payload)
-        finally:
+    def _pack_waiting(self) -> None:
+        known = self.files.locate([payload.digest for payload in self.waiting])
+        for payload, location in zip(self.waiting, known, strict=True):
+            if location is None and payload.digest not in self.packed:
+                self.packed.add(payload.digest)
+                self._pack(payload)
             payload.close()
+        self.waiting, self.waiting_bytes = [], 0
 
-    def _collect(self, future: Future[int]) -> None:
-        added = future.result()
-        if added:
-            self.new_files += 1
-            self.new_bytes += added
+    def _pack(self, payload: SpooledPayload) -> None:
+        codec, body, length = _encode(payload)
+        if isinstance(body, _SpooledChunks):  # a large file: a pack of its own, streamed
+            entries = [(payload.digest, 0, length + 1)]
+            body.head, body.tail = bytes((codec,)), pack_table(entries)
+            self._upload(new_pack_key(), body, length + 1 + len(body.tail), entries)
+            return
+        self.entries.append((payload.digest, self.offset, length + 1))
+        self.parts += [bytes((codec,)), *body]
+        self.offset += length + 1
+        if self.offset >= PACK_TARGET:
+            self._seal()
 
-    def __enter__(self) -> ParallelPut:
+    def _seal(self) -> None:
+        if not self.entries:
+            return
+        table = pack_table(self.entries)
+        self._upload(new_pack_key(), [*self.parts, table], self.offset + len(table), self.entries)
+        self.parts, self.entries, self.offset = [], [], 0
+
+    def _upload(
+        self,
+        key: str,
+        parts: list[bytes] | _SpooledChunks,
+        length: int,
+        entries: list[tuple[bytes, int, int]],
+    ) -> None:
+        self.new_bytes += length
+        self.uploads.append(self.pool.submit(self.files.put_pack, key, parts, length, entries))
+
+    def __enter__(self) -> Packer:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         try:
-            while self.pending:
-                self._collect(self.pending.popleft())
+            if kind is None:
+                self._pack_waiting()
+                self._seal()
+            for upload in self.uploads:
+                self.new_files += upload.result()
         finally:
+            for payload in self.waiting:
+                payload.close()
             self.pool.shutdown(cancel_futures=True)
 
 
-def _prepend(head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    if head:
-        yield head
-    yield from chunks
-
-
 def _encode(payload: SpooledPayload) -> tuple[int, list[bytes] | _SpooledChunks, int]:
-    """The codec, the body chunks and their length: zstd only when it is smaller."""
+    """The codec, the stored chunks and their length: zstd only when it is smaller."""
     if payload.size <= IN_MEMORY_LIMIT:
         raw = b"".join(payload.chunks())
         packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
@@ -187,26 +299,28 @@ def _encode(payload: SpooledPayload) -> tuple[int, list[bytes] | _SpooledChunks,
     packed_size = spool.tell()
     if packed_size < payload.size:
         return CODEC_ZSTD, _SpooledChunks(spool), packed_size
-    spool.close()
-    return CODEC_RAW, _SpooledChunks(None, payload), payload.size
+    spool.seek(0)
+    spool.truncate()
+    for chunk in payload.chunks():
+        spool.write(chunk)
+    return CODEC_RAW, _SpooledChunks(spool), payload.size
 
 
 class _SpooledChunks:
-    """Chunks of a spool file (or of the payload itself) that can be closed afterwards."""
+    """The chunks of a spool file, optionally framed by head and tail bytes; closed once
+    uploaded (it outlives the payload it was made from)."""
 
-    def __init__(self, spool: IO[bytes] | None, payload: SpooledPayload | None = None) -> None:
+    def __init__(self, spool: IO[bytes], head: bytes = b"", tail: bytes = b"") -> None:
         self.spool = spool
-        self.payload = payload
+        self.head = head
+        self.tail = tail
 
     def __iter__(self) -> Iterator[bytes]:
-        if self.spool is None:
-            assert self.payload is not None
-            yield from self.payload.chunks()
-            return
+        yield self.head
         self.spool.seek(0)
         while data := self.spool.read(CHUNK):
             yield data
+        yield self.tail
 
     def close(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
+        self.spool.close()

@@ -218,13 +218,16 @@ class Index:
         return {member.decode(): int(score) for member, score in raw}
 
     # the content store of unique files
-    def file_size(self, hex_digest: str) -> int | None:
-        value = self.redis.hget(f"{PREFIX}files", hex_digest)
-        return None if value is None else int(value)
+    def file_locations(self, hex_digests: list[str]) -> list[str | None]:
+        """Where each file is stored (`<pack> <offset> <length>`), None if not stored."""
+        if not hex_digests:
+            return []
+        values = self.redis.hmget(f"{PREFIX}files", hex_digests)
+        return [None if value is None else value.decode() for value in values]
 
-    def add_file(self, hex_digest: str, stored_size: int) -> bool:
-        """Record a stored file; False if it was recorded already."""
-        return bool(self.redis.hsetnx(f"{PREFIX}files", hex_digest, stored_size))
+    def add_file(self, hex_digest: str, location: str) -> bool:
+        """Record where a file is stored; False if it was recorded already."""
+        return bool(self.redis.hsetnx(f"{PREFIX}files", hex_digest, location))
 
     def file_count(self) -> int:
         return int(self.redis.hlen(f"{PREFIX}files"))

@@ -30,7 +30,7 @@ from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.codecs import SNIFF_BYTES, CorruptBlobError, Sniff, open_decompressed, sniff
 from pipelines.codecs import _IterReader as ChunkReader
 from pipelines.digests import digest_key
-from pipelines.filestore import FileStore, ParallelPut, SpooledPayload
+from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
 from pipelines.restore import rebuild_tar
@@ -153,7 +153,7 @@ class Ingestor:
         self, blob: BinaryIO, kind: Sniff, info: BlobInfo, record: LayerRecord
     ) -> Recipe:
         builder = RecipeBuilder()
-        with open_decompressed(kind.kind, blob) as stream, ParallelPut(self.files) as store:
+        with open_decompressed(kind.kind, blob) as stream, Packer(self.files) as store:
             tar = HashingReader(stream)
             for entry in split_tar(tar):
                 if isinstance(entry, Payload):

@@ -12,7 +12,7 @@ from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.config import Settings
 from pipelines.digests import Digest
 from pipelines.errors import RegistryError
-from pipelines.filestore import FileStore
+from pipelines.filestore import FileStore, read_pack_table
 from pipelines.index import Index
 from pipelines.ingest import DEDUPLICATED, INTACT, Ingestor
 from pipelines.manifests import ManifestStore
@@ -148,7 +148,7 @@ class Registry:
         recipes_in_use: list[str] = []
         for key, size in self.store.list(""):
             kind = key.split("/", 1)[0]
-            if kind in ("data", "manifests", "files", "recipes"):
+            if kind in ("data", "manifests", "packs", "recipes"):
                 stored += size
             logical += size if kind == "manifests" else 0
             if kind == "blobs":
@@ -180,8 +180,9 @@ class Registry:
             self.index.put_upload(parts[1], data, self.settings.upload_ttl_seconds)
         elif parts[0] == "layers":
             self.index.put_layer(f"{parts[1]}:{parts[2]}", json.loads(self.store.get_bytes(key)))
-        elif parts[0] == "files":
-            self.index.add_file(parts[2], size)
+        elif parts[0] == "packs":
+            for digest, location in read_pack_table(self.store, key, size):
+                self.index.add_file(digest.hex(), location.encode())
         elif parts[0] == "repositories":
             return self._reindex_repository_object(key)
         return parts[0]

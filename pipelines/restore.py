@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import stat
@@ -19,17 +20,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from pipelines.encoders import encode
-from pipelines.filestore import FileStore
+from pipelines.filestore import FileStore, Location, decode_stored
 from pipelines.recipe import Recipe
 from pipelines.tarsplit import FileRef, Raw
 
-PREFETCH_FILE_LIMIT = 1 << 20  # files up to this size are fetched ahead, in parallel
-PREFETCH_WINDOW = 64
-PREFETCH_THREADS = 8
+LOCATE_BATCH = 512  # recipe entries whose files are looked up in one round trip
+SPAN_LIMIT = 4 << 20  # a ranged GET covers at most this much of a pack
+SPAN_GAP = 64 << 10  # files this close in a pack are fetched together
+PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
+PREFETCH_THREADS = 4
 HOLDBACK = 64 << 10  # bytes withheld from a reader until the whole layer is verified
 POLL_SECONDS = 0.005
 
@@ -41,39 +45,102 @@ class RestoreError(Exception):
 
 
 def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
-    """The layer's tar, with small files fetched ahead in parallel."""
+    """The layer's tar. Files are located in batches; neighbours in a pack are fetched
+    together in one ranged GET (a span), spans run ahead on a few threads, large files
+    stream on their own."""
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
-        pending: deque[bytes | Future[bytes] | FileRef] = deque()
-        for entry in recipe.entries():
-            pending.append(_schedule(entry, files, pool))
-            if len(pending) >= PREFETCH_WINDOW:
-                yield from _emit(pending.popleft(), files)
+        pending: deque[_Item] = deque()
+        for batch in _batched(recipe.entries(), LOCATE_BATCH):
+            for item in _plan(batch, files, pool):
+                pending.append(item)
+                while len(pending) > PREFETCH_WINDOW:
+                    yield from _emit(pending.popleft(), files)
         while pending:
             yield from _emit(pending.popleft(), files)
 
 
-def _schedule(
-    entry: Raw | FileRef, files: FileStore, pool: ThreadPoolExecutor
-) -> bytes | Future[bytes] | FileRef:
-    if isinstance(entry, Raw):
-        return entry.data
-    if entry.size <= PREFETCH_FILE_LIMIT:
-        return pool.submit(_fetch_whole, files, entry)
-    return entry
+def _batched(entries: Iterator[Raw | FileRef], size: int) -> Iterator[list[Raw | FileRef]]:
+    while batch := list(itertools.islice(entries, size)):
+        yield batch
 
 
-def _fetch_whole(files: FileStore, ref: FileRef) -> bytes:
-    data = b"".join(files.open(ref.digest))
-    if len(data) != ref.size:
-        raise RestoreError(f"file {ref.digest.hex()} has {len(data)} bytes, not {ref.size}")
-    return data
+@dataclass
+class _Span:
+    """Consecutive files of one pack, fetched with one ranged GET."""
+
+    pack: str
+    start: int
+    end: int
+    members: list[tuple[FileRef, Location]]
+
+    def fits(self, location: Location) -> bool:
+        return (
+            location.pack == self.pack
+            and self.end <= location.offset <= self.end + SPAN_GAP
+            and location.offset + location.length - self.start <= SPAN_LIMIT
+        )
 
 
-def _emit(item: bytes | Future[bytes] | FileRef, files: FileStore) -> Iterator[bytes]:
+# What the emitter gets, in tar order: raw bytes, file n of a span being fetched, or a
+# large file to stream.
+_Item = bytes | tuple["Future[list[bytes]]", int] | FileRef
+
+
+def _plan(batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor) -> list[_Item]:
+    refs = [entry for entry in batch if isinstance(entry, FileRef)]
+    locations = dict(
+        zip((r.digest for r in refs), files.locate([r.digest for r in refs]), strict=True)
+    )
+    items: list[_Item] = []
+    span: _Span | None = None
+    span_slots: list[int] = []
+
+    def submit() -> None:
+        if span is not None:
+            future = pool.submit(_fetch_span, files, span)
+            for position, slot in enumerate(span_slots):
+                items[slot] = (future, position)
+
+    for entry in batch:
+        if isinstance(entry, Raw):
+            items.append(entry.data)
+            continue
+        location = locations[entry.digest]
+        if location is None:
+            raise RestoreError(f"file {entry.digest.hex()} is not stored")
+        if location.length > SPAN_LIMIT:
+            items.append(entry)
+            continue
+        if span is None or not span.fits(location):
+            submit()
+            span = _Span(location.pack, location.offset, location.offset, [])
+            span_slots = []
+        span.members.append((entry, location))
+        span.end = location.offset + location.length
+        span_slots.append(len(items))
+        items.append(b"")  # replaced by the span's slot once the span is submitted
+    submit()
+    return items
+
+
+def _fetch_span(files: FileStore, span: _Span) -> list[bytes]:
+    data = files.read_range(span.pack, span.start, span.end - span.start)
+    contents = []
+    for ref, location in span.members:
+        offset = location.offset - span.start
+        content = decode_stored(data[offset : offset + location.length], ref.digest)
+        if len(content) != ref.size:
+            raise RestoreError(f"file {ref.digest.hex()} has {len(content)} bytes, not {ref.size}")
+        contents.append(content)
+    return contents
+
+
+def _emit(item: _Item, files: FileStore) -> Iterator[bytes]:
     if isinstance(item, bytes):
         yield item
-    elif isinstance(item, Future):
-        yield item.result()
+    elif isinstance(item, tuple):
+        future, position = item
+        yield future.result()[position]
     else:
         length = 0
         for chunk in files.open(item.digest):

@@ -35,6 +35,7 @@ class ObjectStore(Protocol):
     def put_stream(self, key: str, stream: Readable, length: int | None) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes_range(self, key: str, offset: int, length: int) -> bytes: ...
     def iter_range(
         self, key: str, offset: int = 0, length: int | None = None
     ) -> Iterator[bytes]: ...
@@ -81,6 +82,9 @@ class S3Store:
 
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.iter_range(key))
+
+    def get_bytes_range(self, key: str, offset: int, length: int) -> bytes:
+        return b"".join(self.iter_range(key, offset, length))
 
     def iter_range(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """Stream `length` bytes (or to the end) from `offset`; raises ObjectNotFound early."""

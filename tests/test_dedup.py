@@ -19,7 +19,6 @@ import pytest
 import urllib3
 import zstandard
 
-from pipelines.filestore import file_key
 from pipelines.recipe import Recipe
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
@@ -197,9 +196,12 @@ def test_corrupted_file_is_never_served(client: RegistryClient, repo: str, live:
     info = live.registry.blobs.stored_info(sha256(layer))
     assert info is not None and info.recipe is not None
     recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
-    victim = file_key(next(iter(recipe.file_refs())).hex())
-    original = live.registry.store.get_bytes(victim)
-    live.registry.store.put_bytes(victim, original[:2] + os.urandom(len(original) - 2))
+    (where,) = live.registry.files.locate([next(iter(recipe.file_refs()))])
+    assert where is not None
+    original = live.registry.store.get_bytes(where.pack)
+    start, end = where.offset + 1, where.offset + where.length  # keep the codec byte
+    corrupted = original[:start] + os.urandom(end - start) + original[end:]
+    live.registry.store.put_bytes(where.pack, corrupted)
     try:
         try:
             response = client.request("GET", f"/v2/{repo}/blobs/{sha256(layer)}")
@@ -207,7 +209,7 @@ def test_corrupted_file_is_never_served(client: RegistryClient, repo: str, live:
             return  # the connection was cut: the client sees an error, never the bytes
         assert response.data != layer and len(response.data) < len(layer)
     finally:
-        live.registry.store.put_bytes(victim, original)
+        live.registry.store.put_bytes(where.pack, original)
 
 
 def test_ingest_survives_a_killed_worker(
