@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -40,11 +39,11 @@ from typing import Any
 
 from minio import Minio
 
+from bench.report import machine, sh, write_section
 from deploy.stack import REPO_ROOT, Stack, free_port, wait_until
 
 OUT_DIR = REPO_ROOT / "build" / "bench"
 IMAGE_DIR = OUT_DIR / "images"
-DOCS = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "## bench-core: push and pull against Distribution 2.8.2"
 ACCESS, SECRET = "duphunter", "duphunter-secret-key"
 OUR_BUCKET, PEER_BUCKET = "duphunter", "distribution"
@@ -91,7 +90,8 @@ class Run:
     registry: str
     rep: int
     push_s: float
-    pull_s: float  # first pull after the push (DupHunter restores deduplicated layers)
+    pull_intact_s: float  # pull right after the push, before ingestion: intact layers
+    pull_s: float  # first pull after ingestion (DupHunter restores deduplicated layers)
     pull_warm_s: float  # the same pull again at once (DupHunter may serve its restore spool)
     settle_after_push_s: float  # waiting for DupHunter's background work before the pull
     layer_states: dict[str, int]  # DupHunter's layers by state, when the pull started
@@ -109,14 +109,6 @@ class Services:
 
 
 # --- commands -----------------------------------------------------------------------------
-
-
-def sh(args: list[str], cwd: Path | None = None) -> str:
-    """Run a command; its stderr goes to ours and a failure stops the benchmark."""
-    done = subprocess.run(args, cwd=cwd, check=False, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"command failed ({done.returncode}): {' '.join(args)}")
-    return done.stdout
 
 
 def skopeo(args: list[str]) -> float:
@@ -391,17 +383,23 @@ def file_digest(path: Path) -> str:
 def measure(image: Image, registry: Registry, services: Services, rep: int, scratch: Path) -> Run:
     wait_for_quiet(services)
     repo = f"bench/{image.name}-{rep}"
+    ours = registry is services.ours
+    if ours:  # hold ingestion back so that the first pull reads intact layers
+        services.stack.kill("worker-ingest")
     pushed = push(image, registry, repo, scratch)
+    intact = pull(image, registry, repo, scratch)
+    if ours:
+        services.stack.respawn("worker-ingest")
     settle = wait_for_quiet(services)
     states = dict(http_json(f"http://{services.ours.hostport}/api/v1/stats").get("layers", {}))
     wait_until_cold(services, (image.name, registry.name))
     pulled = pull(image, registry, repo, scratch)
     warm = pull(image, registry, repo, scratch)
     services.last_pull[(image.name, registry.name)] = time.monotonic()
-    run = Run(image.name, registry.name, rep, pushed, pulled, warm, settle, states)
+    run = Run(image.name, registry.name, rep, pushed, intact, pulled, warm, settle, states)
     print(
         f"  {image.name:<11} {registry.name:<22} rep {rep}: push {pushed:6.2f}s  "
-        f"pull {pulled:6.2f}s  pull again {warm:6.2f}s",
+        f"pull intact {intact:6.2f}s  pull {pulled:6.2f}s  pull again {warm:6.2f}s",
         flush=True,
     )
     return run
@@ -428,8 +426,13 @@ def run_all(images: list[Image], services: Services, reps: int, scratch: Path) -
 # --- reporting ----------------------------------------------------------------------------
 
 
-KINDS = ("push", "pull", "pull_warm")
-HEADS = {"push": "push", "pull": "pull", "pull_warm": "pull again"}
+KINDS = ("push", "pull_intact", "pull", "pull_warm")
+HEADS = {
+    "push": "push",
+    "pull_intact": "pull (intact)",
+    "pull": "pull (dedup, cold)",
+    "pull_warm": "pull again",
+}
 
 
 def median_of(runs: list[Run], image: str, registry: str, attr: str) -> float:
@@ -485,15 +488,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    model = next(
-        (ln for ln in sh(["lscpu"]).splitlines() if ln.startswith("Model name")), "Model name: ?"
-    )
-    return f"$ nproc\n{sh(['nproc']).strip()}\n$ free -g\n{sh(['free', '-g']).rstrip()}\n" + (
-        f"$ lscpu | grep 'Model name'\n{model}"
-    )
-
-
 def versions() -> str:
     return "; ".join(
         [
@@ -524,10 +518,12 @@ Setup (all on loopback, one machine):
   another repository; both then receive and drop the bytes).
 - Pull: `skopeo copy --preserve-digests --src-tls-verify=false docker://... oci:OUT:t` into
   a fresh layout; the manifest, config and layer digests must equal the pushed ones and every
-  pulled blob is re-hashed. Before the first pull the benchmark waits until every service is
-  idle, so DupHunter has ingested (deduplicated) the layers: its "pull" restores them from
-  stored files, at least {COLD_GAP_S:.0f} s after any earlier pull of the same layers (no
-  restore spool left). "pull again" repeats the pull at once.
+  pulled blob is re-hashed. "pull (intact)" comes right after the push, with DupHunter's
+  ingest worker held back, so both registries serve the pushed blobs as they are: this is
+  the issue's target. Then the worker runs and the benchmark waits until every service is
+  idle, so DupHunter has ingested (deduplicated) the layers: its "pull (dedup, cold)"
+  restores them from stored files, at least {COLD_GAP_S:.0f} s after any earlier pull of the
+  same layers (no restore spool left). "pull again" repeats the pull at once.
 - Order alternates per repetition (peer then ours, ours then peer); medians of the
   repetitions. MB = 10^6 bytes; ratio = ours / peer, target <= {TARGET_RATIO} (✗ = missed).
 """
@@ -599,19 +595,7 @@ def git_state() -> str:
 
 
 def write_docs(result: dict[str, Any]) -> None:
-    text = DOCS.read_text() if DOCS.exists() else ""
-    if not text.strip():
-        text = f"# Benchmarks\n\n## Machine\n\n```\n{result['machine']}\n```\n"
-    section = markdown(result)
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        rest = "" if end < 0 else text[end + 1 :]
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
+    write_section(SECTION, markdown(result).removeprefix(SECTION), result["machine"])
 
 
 def redirect_footnote(images: list[Image], services: Services, scratch: Path) -> dict[str, Any]:
@@ -696,7 +680,7 @@ def main() -> None:
         print(f"\nredirect footnote: {redirect_text(result)}")
     if not args.no_docs:
         write_docs(result)
-    print(f"\nwrote {args.json}" + ("" if args.no_docs else f" and {DOCS}"))
+    print(f"\nwrote {args.json}" + ("" if args.no_docs else " and docs/benchmarks.md"))
 
 
 if __name__ == "__main__":

@@ -171,75 +171,180 @@ def _with(parent: Rootfs, *packages: str) -> Rootfs:
 
 
 PY_V1 = (
-    "Django==4.2.16", "asgiref==3.7.2", "sqlparse==0.4.4", "requests==2.31.0",
-    "urllib3==2.0.7", "idna==3.6", "certifi==2023.11.17", "charset-normalizer==3.3.0",
+    "Django==4.2.16",
+    "asgiref==3.7.2",
+    "sqlparse==0.4.4",
+    "requests==2.31.0",
+    "urllib3==2.0.7",
+    "idna==3.6",
+    "certifi==2023.11.17",
+    "charset-normalizer==3.3.0",
 )
 PY_V2 = (
-    "Django==5.0.9", "asgiref==3.8.1", "sqlparse==0.5.1", "requests==2.32.3",
-    "urllib3==2.2.3", "idna==3.8", "certifi==2024.8.30", "charset-normalizer==3.3.2",
+    "Django==5.0.9",
+    "asgiref==3.8.1",
+    "sqlparse==0.5.1",
+    "requests==2.32.3",
+    "urllib3==2.2.3",
+    "idna==3.8",
+    "certifi==2024.8.30",
+    "charset-normalizer==3.3.2",
 )
-NODE_V1 = ("lodash@4.17.20", "express@4.18.2", "react@18.2.0", "react-dom@18.2.0",
-           "moment@2.29.4")
-NODE_V2 = ("lodash@4.17.21", "express@4.19.2", "react@18.3.1", "react-dom@18.3.1",
-           "moment@2.30.1")
-SCI_V1 = ("numpy==1.26.4", "pandas==2.1.4", "python-dateutil==2.8.2", "pytz==2023.3",
-          "six==1.16.0", "tzdata==2023.3")
-SCI_V2 = ("numpy==2.0.2", "pandas==2.2.3", "python-dateutil==2.9.0", "pytz==2024.2",
-          "six==1.16.0", "tzdata==2024.2")
+NODE_V1 = ("lodash@4.17.20", "express@4.18.2", "react@18.2.0", "react-dom@18.2.0", "moment@2.29.4")
+NODE_V2 = ("lodash@4.17.21", "express@4.19.2", "react@18.3.1", "react-dom@18.3.1", "moment@2.30.1")
+SCI_V1 = (
+    "numpy==1.26.4",
+    "pandas==2.1.4",
+    "python-dateutil==2.8.2",
+    "pytz==2023.3",
+    "six==1.16.0",
+    "tzdata==2023.3",
+)
+SCI_V2 = (
+    "numpy==2.0.2",
+    "pandas==2.2.3",
+    "python-dateutil==2.9.0",
+    "pytz==2024.2",
+    "six==1.16.0",
+    "tzdata==2024.2",
+)
 TS_V1 = ("typescript@5.3.3", "@types/node@20.10.0", "undici-types@5.26.5")
 TS_V2 = ("typescript@5.4.5", "@types/node@20.12.7", "undici-types@5.26.5")
 FULL = ("full",)
 
 LAYERS: tuple[LayerSpec, ...] = (
-    LayerSpec("bookworm-slim", "base", "Debian bookworm minbase, slim (mmdebstrap)",
-              BaseSource(BOOKWORM)),
-    LayerSpec("bookworm-slim.curl", "package", "curl ca-certificates on bookworm-slim",
-              DiffSource(BOOKWORM, BOOKWORM_CURL)),
-    LayerSpec("bookworm-slim.python3", "package", "python3 on bookworm-slim",
-              DiffSource(BOOKWORM, BOOKWORM_PY), all_producers=True),
-    LayerSpec("bookworm-slim.curl.python3", "package",
-              "python3 on bookworm-slim+curl (same packages, other parent)",
-              DiffSource(BOOKWORM_CURL, _with(BOOKWORM_CURL, "python3")),
-              compare_to="bookworm-slim.python3"),
-    LayerSpec("app-py-v1", "app", "pip wheels: Django 4.2, requests 2.31, urllib3 2.0 + deps",
-              WheelSource(PY_V1)),
-    LayerSpec("app-py-v2", "app", "pip wheels: Django 5.0, requests 2.32, urllib3 2.2 + deps",
-              WheelSource(PY_V2), compare_to="app-py-v1"),
-    LayerSpec("app-node-v1", "app", "npm: lodash, express, react, react-dom, moment (older)",
-              NpmSource(NODE_V1)),
-    LayerSpec("app-node-v2", "app", "npm: lodash, express, react, react-dom, moment (newer)",
-              NpmSource(NODE_V2), compare_to="app-node-v1"),
+    LayerSpec(
+        "bookworm-slim", "base", "Debian bookworm minbase, slim (mmdebstrap)", BaseSource(BOOKWORM)
+    ),
+    LayerSpec(
+        "bookworm-slim.curl",
+        "package",
+        "curl ca-certificates on bookworm-slim",
+        DiffSource(BOOKWORM, BOOKWORM_CURL),
+    ),
+    LayerSpec(
+        "bookworm-slim.python3",
+        "package",
+        "python3 on bookworm-slim",
+        DiffSource(BOOKWORM, BOOKWORM_PY),
+        all_producers=True,
+    ),
+    LayerSpec(
+        "bookworm-slim.curl.python3",
+        "package",
+        "python3 on bookworm-slim+curl (same packages, other parent)",
+        DiffSource(BOOKWORM_CURL, _with(BOOKWORM_CURL, "python3")),
+        compare_to="bookworm-slim.python3",
+    ),
+    LayerSpec(
+        "app-py-v1",
+        "app",
+        "pip wheels: Django 4.2, requests 2.31, urllib3 2.0 + deps",
+        WheelSource(PY_V1),
+    ),
+    LayerSpec(
+        "app-py-v2",
+        "app",
+        "pip wheels: Django 5.0, requests 2.32, urllib3 2.2 + deps",
+        WheelSource(PY_V2),
+        compare_to="app-py-v1",
+    ),
+    LayerSpec(
+        "app-node-v1",
+        "app",
+        "npm: lodash, express, react, react-dom, moment (older)",
+        NpmSource(NODE_V1),
+    ),
+    LayerSpec(
+        "app-node-v2",
+        "app",
+        "npm: lodash, express, react, react-dom, moment (newer)",
+        NpmSource(NODE_V2),
+        compare_to="app-node-v1",
+    ),
     # -- full only --
-    LayerSpec("bookworm", "base", "Debian bookworm minbase with docs/man/locales",
-              BaseSource(Rootfs("bookworm", slim=False)), FULL, compare_to="bookworm-slim"),
-    LayerSpec("bullseye-slim", "base", "Debian bullseye minbase, slim", BaseSource(BULLSEYE),
-              FULL, compare_to="bookworm-slim"),
-    LayerSpec("trixie-slim", "base", "Debian trixie minbase, slim", BaseSource(TRIXIE),
-              FULL, compare_to="bookworm-slim"),
-    LayerSpec("bullseye-slim.python3", "package", "python3 on bullseye-slim (other release)",
-              DiffSource(BULLSEYE, _with(BULLSEYE, "python3")), FULL,
-              compare_to="bookworm-slim.python3"),
-    LayerSpec("trixie-slim.python3", "package", "python3 on trixie-slim (other release)",
-              DiffSource(TRIXIE, _with(TRIXIE, "python3")), FULL,
-              compare_to="bookworm-slim.python3"),
-    LayerSpec("bookworm-slim.build-essential", "package", "build-essential on bookworm-slim",
-              DiffSource(BOOKWORM, _with(BOOKWORM, "build-essential")), FULL),
-    LayerSpec("bookworm-slim.python3.build-essential", "package",
-              "build-essential on bookworm-slim+python3 (same packages, other parent)",
-              DiffSource(BOOKWORM_PY, _with(BOOKWORM_PY, "build-essential")), FULL,
-              compare_to="bookworm-slim.build-essential"),
-    LayerSpec("app-sci-v1", "app", "pip wheels: numpy 1.26, pandas 2.1 + deps",
-              WheelSource(SCI_V1), FULL),
-    LayerSpec("app-sci-v2", "app", "pip wheels: numpy 2.0, pandas 2.2 + deps",
-              WheelSource(SCI_V2), FULL, compare_to="app-sci-v1"),
-    LayerSpec("app-ts-v1", "app", "npm: typescript 5.3, @types/node 20.10", NpmSource(TS_V1),
-              FULL),
-    LayerSpec("app-ts-v2", "app", "npm: typescript 5.4, @types/node 20.12", NpmSource(TS_V2),
-              FULL, compare_to="app-ts-v1"),
+    LayerSpec(
+        "bookworm",
+        "base",
+        "Debian bookworm minbase with docs/man/locales",
+        BaseSource(Rootfs("bookworm", slim=False)),
+        FULL,
+        compare_to="bookworm-slim",
+    ),
+    LayerSpec(
+        "bullseye-slim",
+        "base",
+        "Debian bullseye minbase, slim",
+        BaseSource(BULLSEYE),
+        FULL,
+        compare_to="bookworm-slim",
+    ),
+    LayerSpec(
+        "trixie-slim",
+        "base",
+        "Debian trixie minbase, slim",
+        BaseSource(TRIXIE),
+        FULL,
+        compare_to="bookworm-slim",
+    ),
+    LayerSpec(
+        "bullseye-slim.python3",
+        "package",
+        "python3 on bullseye-slim (other release)",
+        DiffSource(BULLSEYE, _with(BULLSEYE, "python3")),
+        FULL,
+        compare_to="bookworm-slim.python3",
+    ),
+    LayerSpec(
+        "trixie-slim.python3",
+        "package",
+        "python3 on trixie-slim (other release)",
+        DiffSource(TRIXIE, _with(TRIXIE, "python3")),
+        FULL,
+        compare_to="bookworm-slim.python3",
+    ),
+    LayerSpec(
+        "bookworm-slim.build-essential",
+        "package",
+        "build-essential on bookworm-slim",
+        DiffSource(BOOKWORM, _with(BOOKWORM, "build-essential")),
+        FULL,
+    ),
+    LayerSpec(
+        "bookworm-slim.python3.build-essential",
+        "package",
+        "build-essential on bookworm-slim+python3 (same packages, other parent)",
+        DiffSource(BOOKWORM_PY, _with(BOOKWORM_PY, "build-essential")),
+        FULL,
+        compare_to="bookworm-slim.build-essential",
+    ),
+    LayerSpec(
+        "app-sci-v1", "app", "pip wheels: numpy 1.26, pandas 2.1 + deps", WheelSource(SCI_V1), FULL
+    ),
+    LayerSpec(
+        "app-sci-v2",
+        "app",
+        "pip wheels: numpy 2.0, pandas 2.2 + deps",
+        WheelSource(SCI_V2),
+        FULL,
+        compare_to="app-sci-v1",
+    ),
+    LayerSpec("app-ts-v1", "app", "npm: typescript 5.3, @types/node 20.10", NpmSource(TS_V1), FULL),
+    LayerSpec(
+        "app-ts-v2",
+        "app",
+        "npm: typescript 5.4, @types/node 20.12",
+        NpmSource(TS_V2),
+        FULL,
+        compare_to="app-ts-v1",
+    ),
     # Appended last so existing layers keep their producer rotation (see producers_for).
-    LayerSpec("bookworm-slim.curl.purge-curl", "package",
-              "apt-get purge curl ca-certificates on bookworm-slim+curl (whiteouts)",
-              DiffSource(BOOKWORM_CURL, BOOKWORM)),
+    LayerSpec(
+        "bookworm-slim.curl.purge-curl",
+        "package",
+        "apt-get purge curl ca-certificates on bookworm-slim+curl (whiteouts)",
+        DiffSource(BOOKWORM_CURL, BOOKWORM),
+    ),
 )
 
 
@@ -366,8 +471,9 @@ def scan_tree(root: Path) -> dict[str, os.stat_result]:
     return found
 
 
-def same_entry(old_root: Path, new_root: Path, rel: str,
-               old: os.stat_result, new: os.stat_result) -> bool:
+def same_entry(
+    old_root: Path, new_root: Path, rel: str, old: os.stat_result, new: os.stat_result
+) -> bool:
     """True when a path is unchanged between two trees (mtime and inode ignored)."""
     if (old.st_mode, old.st_uid, old.st_gid) != (new.st_mode, new.st_uid, new.st_gid):
         return False
@@ -375,7 +481,8 @@ def same_entry(old_root: Path, new_root: Path, rel: str,
         return os.readlink(old_root / rel) == os.readlink(new_root / rel)
     if stat.S_ISREG(new.st_mode):
         return old.st_size == new.st_size and filecmp.cmp(
-            old_root / rel, new_root / rel, shallow=False)
+            old_root / rel, new_root / rel, shallow=False
+        )
     if stat.S_ISCHR(new.st_mode) or stat.S_ISBLK(new.st_mode):
         return old.st_rdev == new.st_rdev
     return True
@@ -389,9 +496,11 @@ def with_ancestors(paths: Iterable[str]) -> set[str]:
     return result
 
 
-def top_level_deletions(old: dict[str, os.stat_result],
-                        new: dict[str, os.stat_result]) -> list[str]:
+def top_level_deletions(
+    old: dict[str, os.stat_result], new: dict[str, os.stat_result]
+) -> list[str]:
     """Deleted paths not already hidden by a deleted or replaced (no longer a dir) parent."""
+
     def parent_is_dir(rel: str) -> bool:
         parent = rel.rpartition("/")[0]
         return not parent or (parent in new and stat.S_ISDIR(new[parent].st_mode))
@@ -407,11 +516,15 @@ def whiteout_name(rel: str) -> str:
 def tree_diff(old_root: Path, new_root: Path) -> tuple[list[str], list[str]]:
     """(paths to store, whiteout paths) that turn old_root into new_root, overlay style."""
     old, new = scan_tree(old_root), scan_tree(new_root)
-    changed = [rel for rel, st in new.items()
-               if rel not in old or not same_entry(old_root, new_root, rel, old[rel], st)]
+    changed = [
+        rel
+        for rel, st in new.items()
+        if rel not in old or not same_entry(old_root, new_root, rel, old[rel], st)
+    ]
     deleted = top_level_deletions(old, new)
-    stored = with_ancestors(changed) | with_ancestors(rel.rpartition("/")[0] for rel in deleted
-                                                      if "/" in rel)
+    stored = with_ancestors(changed) | with_ancestors(
+        rel.rpartition("/")[0] for rel in deleted if "/" in rel
+    )
     return sorted(stored, key=path_key), [whiteout_name(rel) for rel in deleted]
 
 
@@ -490,10 +603,28 @@ def pip_download(dirs: Dirs, requirement: str) -> Path:
     if wheels:
         return wheels[0]
     log(f"pip download {requirement}")
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-         "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-         "--abi", "cp311", "--platform", "manylinux2014_x86_64", "--dest", str(target),
-         requirement])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+            "--platform",
+            "manylinux2014_x86_64",
+            "--dest",
+            str(target),
+            requirement,
+        ]
+    )
     return sorted(target.glob("*.whl"))[0]
 
 
@@ -503,9 +634,13 @@ def wheel_destination(name: str) -> str:
     if not top.endswith(".data"):
         return f"{SITE_PACKAGES}/{name}"
     scheme, _, sub = rest.partition("/")
-    prefixes = {"purelib": SITE_PACKAGES, "platlib": SITE_PACKAGES,
-                "scripts": "usr/local/bin", "data": "usr/local",
-                "headers": "usr/local/include/python3.11"}
+    prefixes = {
+        "purelib": SITE_PACKAGES,
+        "platlib": SITE_PACKAGES,
+        "scripts": "usr/local/bin",
+        "data": "usr/local",
+        "headers": "usr/local/include/python3.11",
+    }
     return f"{prefixes.get(scheme, 'usr/local')}/{sub}"
 
 
@@ -520,8 +655,9 @@ def add_wheel(members: MemberSet, wheel: Path) -> None:
             if member.is_dir():
                 continue
             mtime = calendar.timegm((*member.date_time, 0, 0, 0))
-            members.add(wheel_destination(member.filename), archive.read(member),
-                        zip_mode(member), mtime)
+            members.add(
+                wheel_destination(member.filename), archive.read(member), zip_mode(member), mtime
+            )
             if member.filename.endswith(".dist-info/RECORD"):
                 dist_info = wheel_destination(member.filename).rpartition("/")[0]
                 members.add(f"{dist_info}/INSTALLER", b"pip\n", 0o644, SOURCE_DATE_EPOCH)
@@ -544,8 +680,11 @@ def npm_pack(dirs: Dirs, package: str) -> Path:
         return packed[0]
     log(f"npm pack {package}")
     target.mkdir(parents=True, exist_ok=True)
-    run(["npm", "pack", "--silent", "--pack-destination", str(target), package],
-        stdout=subprocess.DEVNULL, cwd=target)
+    run(
+        ["npm", "pack", "--silent", "--pack-destination", str(target), package],
+        stdout=subprocess.DEVNULL,
+        cwd=target,
+    )
     return sorted(target.glob("*.tgz"))[0]
 
 
@@ -558,8 +697,7 @@ def add_npm_tarball(members: MemberSet, package: str, tarball: Path) -> None:
                 continue
             rel = member.name.partition("/")[2]  # drop "package/"
             mode = 0o755 if member.mode & 0o111 else 0o644
-            members.add(f"{NODE_MODULES}/{name}/{rel}", extracted.read(), mode,
-                        int(member.mtime))
+            members.add(f"{NODE_MODULES}/{name}/{rel}", extracted.read(), mode, int(member.mtime))
 
 
 def write_npm_layer(dirs: Dirs, source: NpmSource, dest: Path) -> None:
@@ -606,8 +744,12 @@ def ensure_layer(dirs: Dirs, spec: LayerSpec) -> dict[str, Any]:
     log(f"layer {spec.name} ...")
     started = time.monotonic()
     write_atomic(tar_path, lambda dest: write_layer(dirs, spec, dest))
-    meta = {"tar_sha256": sha256_file(tar_path), "tar_size": tar_path.stat().st_size,
-            **count_members(tar_path), "build_seconds": round(time.monotonic() - started, 1)}
+    meta = {
+        "tar_sha256": sha256_file(tar_path),
+        "tar_size": tar_path.stat().st_size,
+        **count_members(tar_path),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     log(f"layer {spec.name}: {meta['tar_size'] / 1e6:.1f} MB, {meta['regular_files']} files")
     return meta
@@ -647,9 +789,15 @@ def copy_as_blob(src: Path, dest: Path, _scratch: Path) -> None:
 
 def python_gzip(level: int) -> Callable[[Path, Path, Path], None]:
     def compress(src: Path, dest: Path, _scratch: Path) -> None:
-        with src.open("rb") as raw, dest.open("wb") as out, gzip.GzipFile(
-                filename="", mode="wb", fileobj=out, compresslevel=level, mtime=0) as packed:
+        with (
+            src.open("rb") as raw,
+            dest.open("wb") as out,
+            gzip.GzipFile(
+                filename="", mode="wb", fileobj=out, compresslevel=level, mtime=0
+            ) as packed,
+        ):
             shutil.copyfileobj(raw, packed, CHUNK)
+
     return compress
 
 
@@ -658,14 +806,17 @@ def python_zstd(level: int) -> Callable[[Path, Path, Path], None]:
         compressor = zstandard.ZstdCompressor(level=level)
         with src.open("rb") as raw, dest.open("wb") as out:
             compressor.copy_stream(raw, out, size=src.stat().st_size)
+
     return compress
 
 
 def pipe_command(argv: list[str]) -> Callable[[Path, Path, Path], None]:
     """A filter command reading the tar on stdin and writing the blob on stdout."""
+
     def compress(src: Path, dest: Path, _scratch: Path) -> None:
         with src.open("rb") as raw, dest.open("wb") as out:
             run([*NICE, *argv], stdin=raw, stdout=out)
+
     return compress
 
 
@@ -698,18 +849,41 @@ def write_uncompressed_layout(layout: Path, layer_tar: Path) -> None:
     (layout / "blobs" / "sha256").mkdir(parents=True)
     layer_digest = f"sha256:{sha256_file(layer_tar)}"
     copy_as_blob(layer_tar, oci_blob_path(layout, layer_digest), layout)
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    }
     config_digest, config_size = write_json_blob(layout, config)
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": config_digest, "size": config_size},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": layer_digest, "size": layer_tar.stat().st_size}]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_size,
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": layer_digest,
+                "size": layer_tar.stat().st_size,
+            }
+        ],
+    }
     manifest_digest, manifest_size = write_json_blob(layout, manifest)
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-        "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "layer"}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest,
+                "size": manifest_size,
+                "annotations": {"org.opencontainers.image.ref.name": "layer"},
+            }
+        ],
+    }
     (layout / "index.json").write_text(json.dumps(index))
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
 
@@ -717,10 +891,20 @@ def write_uncompressed_layout(layout: Path, layer_tar: Path) -> None:
 def skopeo_compress(fmt: str) -> Callable[[Path, Path, Path], None]:
     def compress(src: Path, dest: Path, scratch: Path) -> None:
         write_uncompressed_layout(scratch / "src", src)
-        run([*NICE, "skopeo", "copy", "--quiet", "--dest-compress",
-             f"--dest-compress-format={fmt}", f"oci:{scratch / 'src'}:layer",
-             f"oci:{scratch / 'dst'}:layer"])
+        run(
+            [
+                *NICE,
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--dest-compress",
+                f"--dest-compress-format={fmt}",
+                f"oci:{scratch / 'src'}:layer",
+                f"oci:{scratch / 'dst'}:layer",
+            ]
+        )
         shutil.move(last_layer_of(scratch / "dst"), dest)
+
     return compress
 
 
@@ -732,46 +916,110 @@ def umoci_compress(src: Path, dest: Path, scratch: Path) -> None:
     shutil.move(last_layer_of(layout), dest)
 
 
-def go_helper_producer(name: str, go: str, level: int, description: str,
-                       rotate: bool = True) -> Producer:
+def go_helper_producer(
+    name: str, go: str, level: int, description: str, rotate: bool = True
+) -> Producer:
     argv = shlex.split(GO_GZIP_HELPER_CMD.format(go=go, level=level))
-    return Producer(name, ".tar.gz", "gzip", f"{shlex.join(argv)} < tar  # {description}",
-                    pipe_command(go_helper_argv(go, level)), (argv[0],), rotate)
+    return Producer(
+        name,
+        ".tar.gz",
+        "gzip",
+        f"{shlex.join(argv)} < tar  # {description}",
+        pipe_command(go_helper_argv(go, level)),
+        (argv[0],),
+        rotate,
+    )
 
 
 # Rotation order matters: consecutive triples go to one layer, so the two Go helpers (which
 # may be missing) never land on the same layer.
 PRODUCERS: tuple[Producer, ...] = (
     Producer("tar", ".tar", "tar", "uncompressed layer tar", copy_as_blob),
-    Producer("py-gzip-6", ".tar.gz", "gzip",
-             "python gzip.GzipFile(compresslevel=6, mtime=0) (zlib)", python_gzip(6)),
-    go_helper_producer("go126-gzip-default", "1.26", -1,
-                       "Go 1.26 compress/gzip DefaultCompression (docker, BuildKit)"),
-    Producer("gnu-gzip", ".tar.gz", "gzip", "gzip -n -c (GNU gzip, level 6)",
-             pipe_command(["gzip", "-n", "-c"]), ("gzip",)),
-    Producer("pigz", ".tar.gz", "gzip", "pigz -n -c -p 2 (level 6)",
-             pipe_command(["pigz", "-n", "-c", "-p", "2"]), ("pigz",)),
-    go_helper_producer("go126-gzip-bestspeed", "1.26", 1,
-                       "Go 1.26 compress/gzip BestSpeed (crane, ko, kaniko)"),
-    Producer("zstd-cli-3", ".tar.zst", "zstd", "zstd -3 -c -q (zstd CLI, stdin)",
-             pipe_command(["zstd", "-3", "-c", "-q"]), ("zstd",)),
-    Producer("py-zstd-3", ".tar.zst", "zstd",
-             "python-zstandard ZstdCompressor(level=3).copy_stream(size=tar size)",
-             python_zstd(3)),
-    Producer("skopeo-pgzip", ".tar.gz", "gzip",
-             "skopeo copy --dest-compress --dest-compress-format=gzip oci:uncompressed oci:out",
-             skopeo_compress("gzip"), ("skopeo",)),
-    Producer("umoci-pgzip", ".tar.gz", "gzip",
-             "umoci init; umoci new; umoci raw add-layer --image layout:tag layer.tar",
-             umoci_compress, ("umoci",)),
-    Producer("py-gzip-9", ".tar.gz", "gzip",
-             "python gzip.GzipFile(compresslevel=9, mtime=0) (zlib)", python_gzip(9)),
-    Producer("skopeo-zstd", ".tar.zst", "zstd",
-             "skopeo copy --dest-compress --dest-compress-format=zstd (klauspost zstd)",
-             skopeo_compress("zstd"), ("skopeo",)),
-    go_helper_producer("go127-gzip-default", "1.27", -1,
-                       "Go 1.27 compress/gzip DefaultCompression (docker built with Go 1.27)",
-                       rotate=False),
+    Producer(
+        "py-gzip-6",
+        ".tar.gz",
+        "gzip",
+        "python gzip.GzipFile(compresslevel=6, mtime=0) (zlib)",
+        python_gzip(6),
+    ),
+    go_helper_producer(
+        "go126-gzip-default",
+        "1.26",
+        -1,
+        "Go 1.26 compress/gzip DefaultCompression (docker, BuildKit)",
+    ),
+    Producer(
+        "gnu-gzip",
+        ".tar.gz",
+        "gzip",
+        "gzip -n -c (GNU gzip, level 6)",
+        pipe_command(["gzip", "-n", "-c"]),
+        ("gzip",),
+    ),
+    Producer(
+        "pigz",
+        ".tar.gz",
+        "gzip",
+        "pigz -n -c -p 2 (level 6)",
+        pipe_command(["pigz", "-n", "-c", "-p", "2"]),
+        ("pigz",),
+    ),
+    go_helper_producer(
+        "go126-gzip-bestspeed", "1.26", 1, "Go 1.26 compress/gzip BestSpeed (crane, ko, kaniko)"
+    ),
+    Producer(
+        "zstd-cli-3",
+        ".tar.zst",
+        "zstd",
+        "zstd -3 -c -q (zstd CLI, stdin)",
+        pipe_command(["zstd", "-3", "-c", "-q"]),
+        ("zstd",),
+    ),
+    Producer(
+        "py-zstd-3",
+        ".tar.zst",
+        "zstd",
+        "python-zstandard ZstdCompressor(level=3).copy_stream(size=tar size)",
+        python_zstd(3),
+    ),
+    Producer(
+        "skopeo-pgzip",
+        ".tar.gz",
+        "gzip",
+        "skopeo copy --dest-compress --dest-compress-format=gzip oci:uncompressed oci:out",
+        skopeo_compress("gzip"),
+        ("skopeo",),
+    ),
+    Producer(
+        "umoci-pgzip",
+        ".tar.gz",
+        "gzip",
+        "umoci init; umoci new; umoci raw add-layer --image layout:tag layer.tar",
+        umoci_compress,
+        ("umoci",),
+    ),
+    Producer(
+        "py-gzip-9",
+        ".tar.gz",
+        "gzip",
+        "python gzip.GzipFile(compresslevel=9, mtime=0) (zlib)",
+        python_gzip(9),
+    ),
+    Producer(
+        "skopeo-zstd",
+        ".tar.zst",
+        "zstd",
+        "skopeo copy --dest-compress --dest-compress-format=zstd (klauspost zstd)",
+        skopeo_compress("zstd"),
+        ("skopeo",),
+    ),
+    go_helper_producer(
+        "go127-gzip-default",
+        "1.27",
+        -1,
+        "Go 1.27 compress/gzip DefaultCompression (docker built with Go 1.27)",
+        rotate=False,
+    ),
 )
 ROTATION = tuple(producer for producer in PRODUCERS if producer.rotate)
 PER_LAYER = 3
@@ -810,8 +1058,10 @@ def ensure_blob(dirs: Dirs, layer: str, producer: Producer) -> Path | None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     check_magic(producer, dest)
-    log(f"blob {layer}/{producer.name}: {dest.stat().st_size / 1e6:.1f} MB "
-        f"in {time.monotonic() - started:.1f}s")
+    log(
+        f"blob {layer}/{producer.name}: {dest.stat().st_size / 1e6:.1f} MB "
+        f"in {time.monotonic() - started:.1f}s"
+    )
     return dest
 
 
@@ -820,14 +1070,22 @@ def ensure_blob(dirs: Dirs, layer: str, producer: Producer) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def blob_record(dirs: Dirs, spec: LayerSpec, meta: dict[str, Any], producer: Producer,
-                blob: Path) -> dict[str, Any]:
-    return {"path": str(blob.relative_to(dirs.out)), "digest": f"sha256:{sha256_file(blob)}",
-            "size": blob.stat().st_size, "producer": producer.name, "kind": producer.kind,
-            "layer": spec.name, "tar_sha256": f"sha256:{meta['tar_sha256']}",
-            "tar_size": meta["tar_size"], "group": spec.group,
-            "description": f"{spec.description}; {producer.command}",
-            "header_hex": read_head(blob, 10).hex()}
+def blob_record(
+    dirs: Dirs, spec: LayerSpec, meta: dict[str, Any], producer: Producer, blob: Path
+) -> dict[str, Any]:
+    return {
+        "path": str(blob.relative_to(dirs.out)),
+        "digest": f"sha256:{sha256_file(blob)}",
+        "size": blob.stat().st_size,
+        "producer": producer.name,
+        "kind": producer.kind,
+        "layer": spec.name,
+        "tar_sha256": f"sha256:{meta['tar_sha256']}",
+        "tar_size": meta["tar_size"],
+        "group": spec.group,
+        "description": f"{spec.description}; {producer.command}",
+        "header_hex": read_head(blob, 10).hex(),
+    }
 
 
 def read_head(path: Path, size: int) -> bytes:
@@ -836,9 +1094,15 @@ def read_head(path: Path, size: int) -> bytes:
 
 
 def layer_record(dirs: Dirs, spec: LayerSpec, meta: dict[str, Any]) -> dict[str, Any]:
-    return {"name": spec.name, "group": spec.group, "description": spec.description,
-            "path": str(dirs.layer_tar(spec.name).relative_to(dirs.out)),
-            "compare_to": spec.compare_to, **meta, "tar_sha256": f"sha256:{meta['tar_sha256']}"}
+    return {
+        "name": spec.name,
+        "group": spec.group,
+        "description": spec.description,
+        "path": str(dirs.layer_tar(spec.name).relative_to(dirs.out)),
+        "compare_to": spec.compare_to,
+        **meta,
+        "tar_sha256": f"sha256:{meta['tar_sha256']}",
+    }
 
 
 def totals(layers: list[dict[str, Any]], blobs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -851,15 +1115,20 @@ def totals(layers: list[dict[str, Any]], blobs: list[dict[str, Any]]) -> dict[st
     per_group: dict[str, int] = {}
     for layer in layers:
         per_group[layer["group"]] = per_group.get(layer["group"], 0) + layer["tar_size"]
-    return {"layers": len(layers), "blobs": len(blobs),
-            "layer_tar_bytes": sum(layer["tar_size"] for layer in layers),
-            "blob_bytes": sum(blob["size"] for blob in blobs),
-            "layer_tar_bytes_per_group": per_group, "per_producer": per_producer}
+    return {
+        "layers": len(layers),
+        "blobs": len(blobs),
+        "layer_tar_bytes": sum(layer["tar_size"] for layer in layers),
+        "blob_bytes": sum(blob["size"] for blob in blobs),
+        "layer_tar_bytes_per_group": per_group,
+        "per_producer": per_producer,
+    }
 
 
 def producer_table() -> dict[str, dict[str, Any]]:
-    return {p.name: {"kind": p.kind, "command": p.command, "missing": p.missing()}
-            for p in PRODUCERS}
+    return {
+        p.name: {"kind": p.kind, "command": p.command, "missing": p.missing()} for p in PRODUCERS
+    }
 
 
 def load_index(path: Path) -> dict[str, Any]:
@@ -892,15 +1161,23 @@ def build(dirs: Dirs, size: str) -> dict[str, Any]:
             if blob is not None:
                 blobs.append(blob_record(dirs, spec, meta, producer, blob))
     previous = load_index(dirs.index(size))
-    index: dict[str, Any] = {"format": 1, "size": size, "source_date_epoch": SOURCE_DATE_EPOCH,
-             "producers": producer_table(), "layers": layers, "blobs": blobs,
-             "totals": totals(layers, blobs)}
+    index: dict[str, Any] = {
+        "format": 1,
+        "size": size,
+        "source_date_epoch": SOURCE_DATE_EPOCH,
+        "producers": producer_table(),
+        "layers": layers,
+        "blobs": blobs,
+        "totals": totals(layers, blobs),
+    }
     if "baseline" in previous:
         index["baseline"] = previous["baseline"]
         index["baseline"]["stale"] = previous.get("layers") != layers
     save_index(dirs, size, index, relink=True)
-    log(f"build {size}: {len(layers)} layers, {len(blobs)} blobs "
-        f"in {time.monotonic() - started:.0f}s")
+    log(
+        f"build {size}: {len(layers)} layers, {len(blobs)} blobs "
+        f"in {time.monotonic() - started:.0f}s"
+    )
     return index
 
 
@@ -930,8 +1207,9 @@ def read_range(handle: io.BufferedReader, offset: int, size: int) -> bytes:
     return handle.read(size)
 
 
-def scan_layer(stats: PayloadStats, name: str, tar_path: Path,
-               compressor: zstandard.ZstdCompressor) -> None:
+def scan_layer(
+    stats: PayloadStats, name: str, tar_path: Path, compressor: zstandard.ZstdCompressor
+) -> None:
     files: list[tuple[str, int]] = []
     skeleton, position = bytearray(), 0
     with tar_path.open("rb") as handle:
@@ -953,13 +1231,16 @@ def scan_layer(stats: PayloadStats, name: str, tar_path: Path,
 def ideal_store(stats: PayloadStats, tar_bytes: int) -> dict[str, Any]:
     payload = sum(stats.stored.values())
     total = payload + stats.non_payload_zstd
-    return {"unique_payloads": len(stats.stored),
-            "unique_payload_raw_bytes": sum(stats.raw.values()),
-            "payload_store_bytes": payload,
-            "non_payload_raw_bytes": stats.non_payload_raw,
-            "non_payload_zstd_bytes": stats.non_payload_zstd,
-            "ideal_store_bytes": total, "layer_tar_bytes": tar_bytes,
-            "reduction_vs_tars": round(tar_bytes / total, 3) if total else None}
+    return {
+        "unique_payloads": len(stats.stored),
+        "unique_payload_raw_bytes": sum(stats.raw.values()),
+        "payload_store_bytes": payload,
+        "non_payload_raw_bytes": stats.non_payload_raw,
+        "non_payload_zstd_bytes": stats.non_payload_zstd,
+        "ideal_store_bytes": total,
+        "layer_tar_bytes": tar_bytes,
+        "reduction_vs_tars": round(tar_bytes / total, 3) if total else None,
+    }
 
 
 def share(part: int, whole: int) -> float | None:
@@ -971,14 +1252,21 @@ def duplicate_stats(stats: PayloadStats, layers: list[dict[str, Any]]) -> dict[s
     files_total, bytes_total = len(all_files), sum(size for _, size in all_files)
     bytes_unique = sum(stats.raw.values())
     result: dict[str, Any] = {
-        "files_total": files_total, "files_unique": len(stats.raw),
+        "files_total": files_total,
+        "files_unique": len(stats.raw),
         "duplicate_file_share": share(files_total - len(stats.raw), files_total),
-        "bytes_total": bytes_total, "bytes_unique": bytes_unique,
-        "duplicate_byte_share": share(bytes_total - bytes_unique, bytes_total)}
-    result["pairs"] = [pair_overlap(stats, layer["name"], layer["compare_to"])
-                       for layer in layers if layer["compare_to"] in stats.per_layer]
+        "bytes_total": bytes_total,
+        "bytes_unique": bytes_unique,
+        "duplicate_byte_share": share(bytes_total - bytes_unique, bytes_total),
+    }
+    result["pairs"] = [
+        pair_overlap(stats, layer["name"], layer["compare_to"])
+        for layer in layers
+        if layer["compare_to"] in stats.per_layer
+    ]
     result["shared_with_other_layers"] = {
-        name: shared_with_others(stats, name) for name in stats.per_layer}
+        name: shared_with_others(stats, name) for name in stats.per_layer
+    }
     return result
 
 
@@ -987,16 +1275,22 @@ def pair_overlap(stats: PayloadStats, name: str, other: str) -> dict[str, Any]:
     known = {digest for digest, _ in stats.per_layer[other]}
     files = stats.per_layer[name]
     hits = [size for digest, size in files if digest in known]
-    return {"layer": name, "compare_to": other, "file_share": share(len(hits), len(files)),
-            "byte_share": share(sum(hits), sum(size for _, size in files))}
+    return {
+        "layer": name,
+        "compare_to": other,
+        "file_share": share(len(hits), len(files)),
+        "byte_share": share(sum(hits), sum(size for _, size in files)),
+    }
 
 
 def shared_with_others(stats: PayloadStats, name: str) -> float | None:
-    known = {digest for layer, files in stats.per_layer.items() if layer != name
-             for digest, _ in files}
+    known = {
+        digest for layer, files in stats.per_layer.items() if layer != name for digest, _ in files
+    }
     files = stats.per_layer[name]
-    return share(sum(size for digest, size in files if digest in known),
-                 sum(size for _, size in files))
+    return share(
+        sum(size for digest, size in files if digest in known), sum(size for _, size in files)
+    )
 
 
 DECOMPRESS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dc", "-q"]}
@@ -1008,13 +1302,15 @@ def timed_digest(blob: Path, kind: str) -> tuple[str, float]:
     with blob.open("rb") as raw:
         if kind in DECOMPRESS:
             inflate = subprocess.Popen(DECOMPRESS[kind], stdin=raw, stdout=subprocess.PIPE)
-            digest = subprocess.run(["sha256sum"], stdin=inflate.stdout, check=True,
-                                    capture_output=True).stdout
+            digest = subprocess.run(
+                ["sha256sum"], stdin=inflate.stdout, check=True, capture_output=True
+            ).stdout
             if inflate.wait() != 0:
                 raise RuntimeError(f"cannot decompress {blob}")
         else:
-            digest = subprocess.run(["sha256sum"], stdin=raw, check=True,
-                                    capture_output=True).stdout
+            digest = subprocess.run(
+                ["sha256sum"], stdin=raw, check=True, capture_output=True
+            ).stdout
     return "sha256:" + digest.split()[0].decode(), time.monotonic() - started
 
 
@@ -1033,22 +1329,25 @@ def throughput(dirs: Dirs, blobs: list[dict[str, Any]], repeat: int) -> dict[str
         if digest != blob["tar_sha256"]:
             mismatches.append(blob["path"])
         for key in (blob["producer"], f"all-{blob['kind']}"):
-            group = groups.setdefault(key, {"blobs": 0, "compressed_bytes": 0,
-                                            "uncompressed_bytes": 0, "seconds": 0.0})
+            group = groups.setdefault(
+                key, {"blobs": 0, "compressed_bytes": 0, "uncompressed_bytes": 0, "seconds": 0.0}
+            )
             group["blobs"] += 1
             group["compressed_bytes"] += blob["size"]
             group["uncompressed_bytes"] += blob["tar_size"]
             group["seconds"] += seconds
     for group in groups.values():
         group["mb_s_compressed"] = round(group["compressed_bytes"] / 1e6 / group["seconds"], 1)
-        group["mb_s_uncompressed"] = round(
-            group["uncompressed_bytes"] / 1e6 / group["seconds"], 1)
+        group["mb_s_uncompressed"] = round(group["uncompressed_bytes"] / 1e6 / group["seconds"], 1)
         group["seconds"] = round(group["seconds"], 2)
-    return {"method": "gzip -dc | sha256sum (zstd -dc for zstd; sha256sum for tar), "
-                      f"one blob at a time, best of {repeat} runs per blob",
-            "digest_mismatches": mismatches, "cpus": os.cpu_count(),
-            "loadavg_1min": [load_before, round(os.getloadavg()[0], 2)],
-            "groups": groups}
+    return {
+        "method": "gzip -dc | sha256sum (zstd -dc for zstd; sha256sum for tar), "
+        f"one blob at a time, best of {repeat} runs per blob",
+        "digest_mismatches": mismatches,
+        "cpus": os.cpu_count(),
+        "loadavg_1min": [load_before, round(os.getloadavg()[0], 2)],
+        "groups": groups,
+    }
 
 
 def baseline(dirs: Dirs, size: str, repeat: int) -> dict[str, Any]:
@@ -1062,10 +1361,12 @@ def baseline(dirs: Dirs, size: str, repeat: int) -> dict[str, Any]:
     tar_bytes = sum(layer["tar_size"] for layer in index["layers"])
     log("timing decompression ...")
     index["baseline"] = {
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stale": False,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "stale": False,
         "ideal_store": ideal_store(stats, tar_bytes),
         "decompress_throughput": throughput(dirs, index["blobs"], repeat),
-        "duplicates": duplicate_stats(stats, index["layers"])}
+        "duplicates": duplicate_stats(stats, index["layers"]),
+    }
     save_index(dirs, size, index, relink=False)
     return index
 
@@ -1078,48 +1379,73 @@ def baseline(dirs: Dirs, size: str, repeat: int) -> dict[str, Any]:
 def print_build_summary(index: dict[str, Any]) -> None:
     print(f"{'layer':40} {'group':8} {'tar MB':>8}  producers (MB)")
     for layer in index["layers"]:
-        made = [f"{b['producer']}={b['size'] / 1e6:.1f}" for b in index["blobs"]
-                if b["layer"] == layer["name"]]
-        print(f"{layer['name']:40} {layer['group']:8} {layer['tar_size'] / 1e6:8.1f}  "
-              + " ".join(made))
+        made = [
+            f"{b['producer']}={b['size'] / 1e6:.1f}"
+            for b in index["blobs"]
+            if b["layer"] == layer["name"]
+        ]
+        print(
+            f"{layer['name']:40} {layer['group']:8} {layer['tar_size'] / 1e6:8.1f}  "
+            + " ".join(made)
+        )
     sums = index["totals"]
-    print(f"total: {sums['layer_tar_bytes'] / 1e6:.1f} MB of layer tars, "
-          f"{sums['blobs']} blobs, {sums['blob_bytes'] / 1e6:.1f} MB of blobs")
+    print(
+        f"total: {sums['layer_tar_bytes'] / 1e6:.1f} MB of layer tars, "
+        f"{sums['blobs']} blobs, {sums['blob_bytes'] / 1e6:.1f} MB of blobs"
+    )
 
 
 def print_baseline(index: dict[str, Any]) -> None:
     result = index["baseline"]
     store = result["ideal_store"]
-    print(f"ideal store: {store['ideal_store_bytes'] / 1e6:.1f} MB = unique payloads "
-          f"{store['payload_store_bytes'] / 1e6:.1f} MB ({store['unique_payloads']} files, "
-          f"{store['unique_payload_raw_bytes'] / 1e6:.1f} MB raw) + non-payload "
-          f"{store['non_payload_zstd_bytes'] / 1e6:.2f} MB zstd "
-          f"({store['non_payload_raw_bytes'] / 1e6:.1f} MB raw); "
-          f"layer tars {store['layer_tar_bytes'] / 1e6:.1f} MB "
-          f"(x{store['reduction_vs_tars']})")
+    print(
+        f"ideal store: {store['ideal_store_bytes'] / 1e6:.1f} MB = unique payloads "
+        f"{store['payload_store_bytes'] / 1e6:.1f} MB ({store['unique_payloads']} files, "
+        f"{store['unique_payload_raw_bytes'] / 1e6:.1f} MB raw) + non-payload "
+        f"{store['non_payload_zstd_bytes'] / 1e6:.2f} MB zstd "
+        f"({store['non_payload_raw_bytes'] / 1e6:.1f} MB raw); "
+        f"layer tars {store['layer_tar_bytes'] / 1e6:.1f} MB "
+        f"(x{store['reduction_vs_tars']})"
+    )
     for name, group in sorted(result["decompress_throughput"]["groups"].items()):
-        print(f"  {name:20} {group['blobs']:3} blobs  {group['mb_s_compressed']:7.1f} MB/s in"
-              f"  {group['mb_s_uncompressed']:7.1f} MB/s out")
+        print(
+            f"  {name:20} {group['blobs']:3} blobs  {group['mb_s_compressed']:7.1f} MB/s in"
+            f"  {group['mb_s_uncompressed']:7.1f} MB/s out"
+        )
     timing = result["decompress_throughput"]
-    print(f"  digest mismatches: {timing['digest_mismatches']}; "
-          f"1-min load average before/after: {timing['loadavg_1min']} on {timing['cpus']} CPUs")
+    print(
+        f"  digest mismatches: {timing['digest_mismatches']}; "
+        f"1-min load average before/after: {timing['loadavg_1min']} on {timing['cpus']} CPUs"
+    )
     dup = result["duplicates"]
-    print(f"duplicates: {dup['duplicate_file_share']:.1%} of {dup['files_total']} files, "
-          f"{dup['duplicate_byte_share']:.1%} of {dup['bytes_total'] / 1e6:.1f} MB")
+    print(
+        f"duplicates: {dup['duplicate_file_share']:.1%} of {dup['files_total']} files, "
+        f"{dup['duplicate_byte_share']:.1%} of {dup['bytes_total'] / 1e6:.1f} MB"
+    )
     for pair in dup["pairs"]:
-        print(f"  {pair['layer']} vs {pair['compare_to']}: bytes {pair['byte_share']:.1%}, "
-              f"files {pair['file_share']:.1%}")
+        print(
+            f"  {pair['layer']} vs {pair['compare_to']}: bytes {pair['byte_share']:.1%}, "
+            f"files {pair['file_share']:.1%}"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.corpus",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("build", "baseline"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--size", choices=("small", "full"), default=None,
-                        help="default: small for build, the last built for baseline")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="baseline: timed runs per blob, the fastest counts")
+    parser.add_argument(
+        "--size",
+        choices=("small", "full"),
+        default=None,
+        help="default: small for build, the last built for baseline",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="baseline: timed runs per blob, the fastest counts"
+    )
     return parser.parse_args(argv)
 
 

@@ -141,7 +141,7 @@ def _recipe_params(registry: Registry, key: str) -> bytes:
 
 def stored_by_prefix(registry: Registry) -> dict[str, int]:
     totals: dict[str, int] = {}
-    for prefix in ("files/", "recipes/", "data/", "manifests/"):
+    for prefix in ("packs/", "recipes/", "data/", "manifests/"):
         totals[prefix.rstrip("/")] = sum(size for _key, size in registry.store.list(prefix))
     return totals
 
@@ -174,7 +174,7 @@ def summarize(runs: list[BlobRun], stored: dict[str, int], ideal: dict[str, Any]
         (entry["encoders"] if run.encoder else entry["reasons"]).add(run.encoder or run.reason[:80])
     for entry in by_producer.values():
         entry["encoders"], entry["reasons"] = sorted(entry["encoders"]), sorted(entry["reasons"])
-    dedup_store = stored["files"] + stored["recipes"]
+    dedup_store = stored["packs"] + stored["recipes"]
     return {
         "producers": by_producer,
         "stored": stored,
@@ -227,7 +227,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{summary['ideal_store_bytes'] / 1e6:.1f} MB (every unique file zstd-3 compressed or "
             f"raw if smaller, plus all non-file tar bytes zstd-compressed per layer): "
             f"**{summary['store_vs_ideal']:.3f}x the ideal** (target <= {STORE_TARGET}).",
-            f"- Files {stored['files'] / 1e6:.1f} MB, recipes {stored['recipes'] / 1e6:.2f} MB, "
+            f"- Packed files {stored['packs'] / 1e6:.1f} MB, "
+            f"recipes {stored['recipes'] / 1e6:.2f} MB, "
             f"intact blobs kept {stored['data'] / 1e6:.1f} MB (layers no encoder here reproduces).",
             f"- Decompress + split + hash stages against `zcat | sha256sum` on the same blobs: "
             f"**{totals['bound_s'] / totals['split_s']:.2f}x its rate** overall "

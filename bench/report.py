@@ -14,7 +14,11 @@ RESULTS = REPO_ROOT / "build" / "bench"
 
 
 def sh(args: list[str], cwd: Path | None = None) -> str:
-    return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True).stdout
+    """Run a command; its stderr goes to ours and a failure stops the benchmark."""
+    done = subprocess.run(args, cwd=cwd, check=False, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"command failed ({done.returncode}): {' '.join(args)}")
+    return done.stdout
 
 
 def machine() -> str:

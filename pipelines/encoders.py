@@ -27,7 +27,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -56,7 +56,7 @@ SCREEN_CONCLUSIVE_BYTES = 16 * 1024
 ZSTD_ONESHOT_MAX = 64 * 1024 * 1024
 # Encoders that cannot be screened (zstd workers, one-shot) are tried by full
 # recompression until this much tar has been fed to them in total.
-UNSCREENED_BUDGET_BYTES = 256 * 1024 * 1024
+UNSCREENED_BUDGET_BYTES = 64 * 1024 * 1024
 STOCK_ZLIB_FAMILY = "1.2.13"
 
 
@@ -521,6 +521,27 @@ class Shortlist:
 
     trials: tuple[_Trial, ...]
     identity: bool = False
+
+    @property
+    def screened(self) -> bool:
+        """Whether some candidate matched the prefix (else all are unscreenable)."""
+        return self.identity or any(trial.screened for trial in self.trials)
+
+    def narrowed(self, encoder_id: str) -> Shortlist:
+        """The same shortlist with only this encoder left, to prove it again."""
+        return Shortlist(
+            tuple(
+                replace(
+                    trial,
+                    screened=[
+                        e for e in trial.screened + trial.unscreened if e.encoder_id == encoder_id
+                    ],
+                    unscreened=[],
+                )
+                for trial in self.trials
+            ),
+            self.identity,
+        )
 
 
 def find_encoder(

@@ -114,11 +114,21 @@ class Ingestor:
         if kind.kind == "other":
             return self._intact(record, f"not a tar layer ({kind.detail or 'unknown format'})")
         try:
-            return self._deduplicate(info, kind, record)
+            outcome = self._deduplicate(info, kind, record)
         except (CorruptBlobError, TarSplitError, EOFError) as error:
             return self._intact(record, f"unreadable: {error}")
+        except Exception as error:  # the layer is still intact: say so, and let the job fail
+            self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
+            raise
+        if isinstance(outcome, IngestResult):
+            return outcome
+        return self._complete(outcome, record)
 
-    def _deduplicate(self, info: BlobInfo, kind: Sniff, record: LayerRecord) -> IngestResult:
+    def _deduplicate(
+        self, info: BlobInfo, kind: Sniff, record: LayerRecord
+    ) -> IngestResult | BlobInfo:
+        """Steps 1-4: an intact result, or the descriptor just committed."""
+
         def open_blob() -> BinaryIO:
             return open_intact(self.blobs, info)
 
@@ -128,6 +138,11 @@ class Ingestor:
         shortlist = encoders.shortlist(open_blob, open_tar, kind)
         if isinstance(shortlist, encoders.NoMatch):
             return self._intact(record, shortlist.reason)
+        if not shortlist.screened:  # unscreenable candidates: settle them on the pushed tar
+            found = encoders.prove(shortlist, open_tar, info.digest)  # before storing a file
+            if isinstance(found, encoders.NoMatch):
+                return self._intact(record, found.reason)
+            shortlist = shortlist.narrowed(found.encoder_id)
         started = time.perf_counter()
         recipe = self._split_and_store(open_blob(), kind, info, record)
         record.split_seconds = round(time.perf_counter() - started, 3)
@@ -147,7 +162,7 @@ class Ingestor:
             retired=info.segments,
         )
         self.blobs.replace_descriptor(deduplicated)
-        return self._complete(deduplicated, record)
+        return deduplicated
 
     def _split_and_store(
         self, blob: BinaryIO, kind: Sniff, info: BlobInfo, record: LayerRecord

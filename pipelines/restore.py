@@ -191,6 +191,16 @@ class RestoreHub:
         self.spool_dir = spool_dir
         self.keep_seconds = keep_seconds
         spool_dir.mkdir(parents=True, exist_ok=True)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Remove spool files nobody is producing that outlived their keep time (their
+        producer's timer died with its process)."""
+        deadline = time.time() - self.keep_seconds
+        for path in self.spool_dir.glob("*.data*"):
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_mtime < deadline and not _producer_alive(handle):
+                    path.unlink()
 
     def read(
         self,
