@@ -351,8 +351,7 @@ class RegistryApp:
 
 def create_app() -> RegistryApp:
     registry = Registry.connect()
-    if not registry.index.is_ready():
-        registry.rebuild_index()
+    registry.ensure_index()
     return RegistryApp(registry)
 
 

@@ -189,8 +189,10 @@ class Index:
         self.redis.set(READY_KEY, "1")
 
     def clear(self) -> None:
+        """Drop every index entry (locks excepted: a rebuild runs under one)."""
         for key in self.redis.scan_iter(match=PREFIX + "*", count=1000):
-            self.redis.delete(key)
+            if not key.startswith(f"{PREFIX}lock:".encode()):
+                self.redis.delete(key)
 
     # jobs and pull history
     def put_job(self, job_id: str, fields: dict[str, str], ttl: int = 7 * 24 * 3600) -> None:

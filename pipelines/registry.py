@@ -140,6 +140,14 @@ class Registry:
             ),
         }
 
+    def ensure_index(self) -> None:
+        """Rebuild the index from S3 if it is empty; one process does it, the others wait."""
+        if self.index.is_ready():
+            return
+        with self.index.lock("rebuild-index", timeout=3600, blocking_timeout=3600):
+            if not self.index.is_ready():
+                self.rebuild_index()
+
     def rebuild_index(self) -> dict[str, int]:
         """Recreate every Redis index entry from what S3 holds."""
         self.index.clear()
