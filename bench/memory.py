@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,9 +16,11 @@ from pathlib import Path
 
 import urllib3
 
+from bench.report import machine, write_section
 from deploy.stack import Stack, free_port
 
 SIZE = 2 << 30
+HEADING = "## bench-memory: a 2 GiB blob streams through flat memory"
 CHUNK = 1 << 20
 
 
@@ -79,15 +80,18 @@ def main() -> None:
         pull_seconds = time.monotonic() - started
         assert "sha256:" + pulled.hexdigest() == digest, "pulled bytes differ"
         after_pull = peak_rss_mib(pid)
-        print(
-            f"2 GiB blob: push {push_seconds:.1f} s ({SIZE / push_seconds / 1e6:.0f} MB/s), "
-            f"pull {pull_seconds:.1f} s ({SIZE / pull_seconds / 1e6:.0f} MB/s)"
+        report = (
+            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make bench-memory`: "
+            "one gunicorn API process, SeaweedFS S3 and Redis on loopback; a 2 GiB blob pushed "
+            "in one streamed PATCH (chunked transfer encoding, as docker and skopeo send it), "
+            "then pulled and re-hashed.\n\n"
+            f"- push {push_seconds:.1f} s ({SIZE / push_seconds / 1e6:.0f} MB/s), "
+            f"pull {pull_seconds:.1f} s ({SIZE / pull_seconds / 1e6:.0f} MB/s)\n"
+            f"- API process peak resident memory (VmHWM): idle {idle:.0f} MiB, after the push "
+            f"{after_push:.0f} MiB, after the pull {after_pull:.0f} MiB\n"
         )
-        print(
-            f"API process peak RSS: idle {idle:.0f} MiB, after push {after_push:.0f} MiB, "
-            f"after pull {after_pull:.0f} MiB"
-        )
-        sys.stdout.flush()
+        print(report)
+        write_section(HEADING, report, machine())
 
 
 if __name__ == "__main__":
