@@ -39,7 +39,7 @@ from typing import Any
 
 from minio import Minio
 
-from bench.report import machine, sh, write_section
+from bench.report import bar_chart, machine, sh, write_section
 from deploy.stack import REPO_ROOT, Stack, free_port, wait_until
 
 OUT_DIR = REPO_ROOT / "build" / "bench"
@@ -611,7 +611,19 @@ def git_state() -> str:
 
 
 def write_docs(result: dict[str, Any]) -> None:
-    write_section(SECTION, markdown(result).removeprefix(SECTION), result["machine"])
+    chart = bar_chart(
+        REPO_ROOT / "docs" / "img" / "bench-core.png",
+        "DupHunter time / Distribution time (log scale; below the line is within target)",
+        {
+            row["image"]: {HEADS[kind]: row[kind]["ratio"] for kind in KINDS if kind in row}
+            for row in result["rows"]
+        },
+        "ratio",
+        target=TARGET_RATIO,
+        log=True,
+    )
+    body = markdown(result).removeprefix(SECTION)
+    write_section(SECTION, f"![bench-core ratios](img/{chart.name})\n{body}", result["machine"])
 
 
 def redirect_footnote(images: list[Image], services: Services, scratch: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import machine, save_json, write_section
+from bench.report import REPO_ROOT, bar_chart, machine, save_json, write_section
 from deploy.stack import Stack, free_port
 from pipelines.codecs import open_decompressed, sniff
 from pipelines.config import Settings
@@ -285,6 +285,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def write_docs(result: dict[str, Any]) -> None:
+    chart = bar_chart(
+        REPO_ROOT / "docs" / "img" / "bench-dedup.png",
+        "Per producer: coverage, and our split+hash rate over zcat | sha256sum",
+        {
+            name: {
+                "coverage (share of bytes deduplicated)": p["dedup_bytes"] / p["bytes"],
+                "split+hash rate / bound rate": p["bound_s"] / p["split_s"],
+            }
+            for name, p in sorted(result["summary"]["producers"].items())
+        },
+        "ratio",
+        target=INGEST_TARGET,
+    )
+    write_section(
+        HEADING, f"![bench-dedup](img/{chart.name})\n\n{markdown(result)}", result["machine"]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus", default=str(CORPUS))
@@ -292,10 +311,9 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args)
     save_json("dedup", result)
-    text = markdown(result)
-    print(text)
+    print(markdown(result))
     if not args.no_docs:
-        write_section(HEADING, text, result["machine"])
+        write_docs(result)
 
 
 if __name__ == "__main__":

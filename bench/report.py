@@ -52,3 +52,40 @@ def save_json(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def bar_chart(
+    path: Path,
+    title: str,
+    groups: dict[str, dict[str, float]],
+    ylabel: str,
+    target: float | None = None,
+    log: bool = False,
+) -> Path:
+    """A grouped bar chart (PNG): one group per key of `groups`, one bar per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = list(dict.fromkeys(name for bars in groups.values() for name in bars))
+    width = 0.8 / max(len(series), 1)
+    figure, axes = plt.subplots(figsize=(min(11.0, max(6.0, 0.8 * len(groups) * len(series))), 4.0))
+    for number, name in enumerate(series):
+        positions = [index + number * width for index in range(len(groups))]
+        values = [bars.get(name, 0.0) for bars in groups.values()]
+        axes.bar(positions, values, width, label=name)
+    axes.set_xticks([index + width * (len(series) - 1) / 2 for index in range(len(groups))])
+    axes.set_xticklabels(list(groups), rotation=20, ha="right", fontsize=8)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    if log:
+        axes.set_yscale("log")
+    if target is not None:
+        axes.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target}")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
