@@ -3,7 +3,9 @@ Celery workers, each on free loopback ports, started once per test session."""
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack import Stack, free_port
+from deploy.stack import REPO_ROOT, Stack, free_port
 from pipelines.config import Settings
 from pipelines.registry import Registry
 from tests.client import RegistryClient
@@ -65,3 +67,22 @@ def client(live: LiveStack) -> RegistryClient:
 def repo() -> str:
     """A repository name no other test uses."""
     return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@functools.cache
+def ensure_helpers() -> Path | str:
+    """Build the Go helpers once (idempotent): their directory, or why the build failed."""
+    directory = Path(os.environ.get("DUPHUNTER_HELPER_DIR") or REPO_ROOT / "build" / "helpers")
+    build = REPO_ROOT / "pipelines" / "gohelpers" / "build.sh"
+    done = subprocess.run(["bash", str(build), str(directory)], capture_output=True)
+    if done.returncode != 0:
+        return f"build.sh failed: {done.stderr.decode(errors='replace')[-2000:]}"
+    return directory
+
+
+@pytest.fixture(scope="session")
+def helper_dir() -> Path:
+    built = ensure_helpers()
+    if isinstance(built, str):
+        pytest.skip(built)
+    return built

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import io
 import os
@@ -28,8 +27,6 @@ from pipelines.codecs import (
     sniff,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def real_files_tar(target_bytes: int) -> bytes:
     """A GNU tar of real files from Python's standard library, about target_bytes long."""
@@ -44,25 +41,6 @@ def real_files_tar(target_bytes: int) -> bytes:
     return subprocess.run(
         ["tar", "-cf", "-", "-C", str(stdlib), *picked], capture_output=True, check=True
     ).stdout
-
-
-@functools.cache
-def ensure_helpers() -> Path | str:
-    """Build the Go helpers once (idempotent): their directory, or why the build failed."""
-    directory = Path(os.environ.get("DUPHUNTER_HELPER_DIR") or REPO / "build" / "helpers")
-    build = REPO / "pipelines" / "gohelpers" / "build.sh"
-    done = subprocess.run(["bash", str(build), str(directory)], capture_output=True)
-    if done.returncode != 0:
-        return f"build.sh failed: {done.stderr.decode(errors='replace')[-2000:]}"
-    return directory
-
-
-@pytest.fixture(scope="module")
-def helper_dir() -> Path:
-    built = ensure_helpers()
-    if isinstance(built, str):
-        pytest.skip(built)
-    return built
 
 
 @pytest.fixture(scope="module")

@@ -31,18 +31,10 @@ from pipelines.encoders import (
     find_encoder,
     stock_zlib_problem,
 )
-from tests.test_codecs import ensure_helpers, real_files_tar
+from tests.test_codecs import real_files_tar
 
 PGZIP_LIBRARY = "pgzip-deb-"
 Producer = Callable[[bytes], bytes]
-
-
-@pytest.fixture(scope="module")
-def helper_dir() -> Path:
-    built = ensure_helpers()
-    if isinstance(built, str):
-        pytest.skip(built)
-    return built
 
 
 @pytest.fixture(scope="module")
