@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import logging
 import os
 import stat
@@ -30,9 +29,11 @@ from pipelines.recipe import Recipe
 from pipelines.tarsplit import FileRef, Raw
 
 LOCATE_BATCH = 512  # recipe entries whose files are looked up in one round trip
+BATCH_BYTES = 16 << 20  # and at most this much of their files planned at once
 SPAN_LIMIT = 4 << 20  # a ranged GET covers at most this much of a pack
 SPAN_GAP = 64 << 10  # files this close in a pack are fetched together
 PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
+PREFETCH_BYTES = 64 << 20
 PREFETCH_THREADS = 4
 HOLDBACK = 64 << 10  # bytes withheld from a reader until the whole layer is verified
 POLL_SECONDS = 0.005
@@ -49,18 +50,31 @@ def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     together in one ranged GET (a span), spans run ahead on a few threads, large files
     stream on their own."""
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
-        pending: deque[_Item] = deque()
+        pending: deque[tuple[_Item, int]] = deque()
+        ahead = 0  # bytes planned but not yet written: bounds the memory a restore holds
         for batch in _batched(recipe.entries(), LOCATE_BATCH):
-            for item in _plan(batch, files, pool):
-                pending.append(item)
-                while len(pending) > PREFETCH_WINDOW:
-                    yield from _emit(pending.popleft(), files)
-        while pending:
-            yield from _emit(pending.popleft(), files)
+            for item, size in _plan(batch, files, pool):
+                pending.append((item, size))
+                ahead += size
+                while len(pending) > PREFETCH_WINDOW or ahead > PREFETCH_BYTES:
+                    item, size = pending.popleft()
+                    ahead -= size
+                    yield from _emit(item, files)
+        for item, _size in pending:
+            yield from _emit(item, files)
 
 
-def _batched(entries: Iterator[Raw | FileRef], size: int) -> Iterator[list[Raw | FileRef]]:
-    while batch := list(itertools.islice(entries, size)):
+def _batched(entries: Iterator[Raw | FileRef], count: int) -> Iterator[list[Raw | FileRef]]:
+    """Entries in batches of at most `count`, and of at most BATCH_BYTES of files."""
+    batch: list[Raw | FileRef] = []
+    file_bytes = 0
+    for entry in entries:
+        batch.append(entry)
+        file_bytes += entry.size if isinstance(entry, FileRef) else 0
+        if len(batch) >= count or file_bytes >= BATCH_BYTES:
+            yield batch
+            batch, file_bytes = [], 0
+    if batch:
         yield batch
 
 
@@ -86,12 +100,14 @@ class _Span:
 _Item = bytes | tuple["Future[list[bytes]]", int] | FileRef
 
 
-def _plan(batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor) -> list[_Item]:
+def _plan(
+    batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
+) -> list[tuple[_Item, int]]:
     refs = [entry for entry in batch if isinstance(entry, FileRef)]
     locations = dict(
         zip((r.digest for r in refs), files.locate([r.digest for r in refs]), strict=True)
     )
-    items: list[_Item] = []
+    items: list[tuple[_Item, int]] = []
     span: _Span | None = None
     span_slots: list[int] = []
 
@@ -99,17 +115,17 @@ def _plan(batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
         if span is not None:
             future = pool.submit(_fetch_span, files, span)
             for position, slot in enumerate(span_slots):
-                items[slot] = (future, position)
+                items[slot] = ((future, position), items[slot][1])
 
     for entry in batch:
         if isinstance(entry, Raw):
-            items.append(entry.data)
+            items.append((entry.data, len(entry.data)))
             continue
         location = locations[entry.digest]
         if location is None:
             raise RestoreError(f"file {entry.digest.hex()} is not stored")
         if location.length > SPAN_LIMIT:
-            items.append(entry)
+            items.append((entry, 0))  # streamed when its turn comes, not held ahead
             continue
         if span is None or not span.fits(location):
             submit()
@@ -118,7 +134,7 @@ def _plan(batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
         span.members.append((entry, location))
         span.end = location.offset + location.length
         span_slots.append(len(items))
-        items.append(b"")  # replaced by the span's slot once the span is submitted
+        items.append((b"", entry.size))  # becomes the span's slot once the span is submitted
     submit()
     return items
 

@@ -160,8 +160,15 @@ def test_gnu_gzip_and_pigz_layers_stay_intact(
         assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
 
 
-def _deduplicated_layer(client: RegistryClient, repo: str, live: LiveStack) -> bytes:
-    layer = gzip.compress(make_tar({f"f{n}": os.urandom(30_000) for n in range(20)}), mtime=0)
+def _deduplicated_layer(
+    client: RegistryClient, repo: str, live: LiveStack, text_bytes: int = 0
+) -> bytes:
+    """A gzip-9 layer of random files (and, if asked, of slow-to-compress text)."""
+    files = {f"f{n}": os.urandom(30_000) for n in range(20)}
+    words = " ".join(f"{n}:{os.urandom(3).hex()}" for n in range(text_bytes // 12)).encode()
+    if words:
+        files["text"] = words
+    layer = gzip.compress(make_tar(files), compresslevel=9, mtime=0)
     (digest,) = push_layers(client, repo, [layer])
     assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
     wait_until_retired(live, digest)
@@ -172,7 +179,9 @@ def _deduplicated_layer(client: RegistryClient, repo: str, live: LiveStack) -> b
 def test_concurrent_gets_share_one_restore(
     client: RegistryClient, repo: str, live: LiveStack
 ) -> None:
-    layer = _deduplicated_layer(client, repo, live)
+    # Several MB of text at gzip -9: the restore lasts long enough for all six GETs to
+    # arrive while it runs, even on a loaded machine (the spool is kept only 1 s in tests).
+    layer = _deduplicated_layer(client, repo, live, text_bytes=8_000_000)
     restores_before = live.registry.index.counters().get("restores", 0)
     bodies: list[bytes] = []
     barrier = threading.Barrier(6)
