@@ -33,7 +33,7 @@ from pipelines.registry import Registry
 from pipelines.tarsplit import HashingReader, Payload, split_tar
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
-HEADING = "## bench-dedup: deduplication on a realistic corpus"
+HEADING = "## bench-dedup: deduplication on a realistic corpus ({size})"
 INGEST_TARGET = 0.5  # split+hash stages >= 50% of the zcat | sha256sum rate
 STORE_TARGET = 1.10  # stored bytes within 10% of the ideal store
 CHUNK = 1 << 20
@@ -286,8 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_docs(result: dict[str, Any]) -> None:
+    size = result["corpus_size"]
     chart = bar_chart(
-        REPO_ROOT / "docs" / "img" / "bench-dedup.png",
+        REPO_ROOT / "docs" / "img" / f"bench-dedup-{size}.png",
         "Per producer: coverage, and our split+hash rate over zcat | sha256sum",
         {
             name: {
@@ -299,8 +300,9 @@ def write_docs(result: dict[str, Any]) -> None:
         "ratio",
         target=INGEST_TARGET,
     )
+    heading = HEADING.format(size=f"{size} corpus")
     write_section(
-        HEADING, f"![bench-dedup](img/{chart.name})\n\n{markdown(result)}", result["machine"]
+        heading, f"![bench-dedup](img/{chart.name})\n\n{markdown(result)}", result["machine"]
     )
 
 
