@@ -794,6 +794,8 @@ def _params(target: _Target | None) -> bytes:
 def _no_match_reason(trials: Sequence[_Trial], proven_wrong: Sequence[Encoder] = ()) -> str:
     available = list(dict.fromkeys(e.encoder_id for trial in trials for e in trial.available))
     skipped = sorted({reason for trial in trials for reason in trial.skipped})
+    if not available and not skipped:
+        return "no encoder here can write this framing (e.g. its zstd window and size)"
     reason = f"no candidate reproduces the blob: tried {_summarise_ids(available)}"
     if proven_wrong:
         passed = _summarise_ids(list(dict.fromkeys(e.encoder_id for e in proven_wrong)))
