@@ -208,7 +208,7 @@ def open_decompressed(kind: str, stream: BinaryIO) -> BinaryIO:
     """A readable binary stream of the tar inside a gzip (multi-member), zstd
     (multi-frame) or plain blob. Reads `stream` incrementally; memory stays bounded."""
     if kind == "gzip":
-        raw: io.RawIOBase = _IterReader(_inflate_gzip_members(stream))
+        raw: io.RawIOBase = ChunkReader(_inflate_gzip_members(stream))
         return io.BufferedReader(raw, READ_CHUNK)
     if kind == "zstd":
         reader = zstandard.ZstdDecompressor().stream_reader(
@@ -261,7 +261,7 @@ def _inflate_one_member(stream: BinaryIO, pending: bytes) -> Generator[bytes, No
                 raise CorruptBlobError("gzip stream is truncated")
 
 
-class _IterReader(io.RawIOBase):
+class ChunkReader(io.RawIOBase):
     """A raw readable stream over an iterator of byte chunks."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:

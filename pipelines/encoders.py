@@ -23,7 +23,6 @@ import os
 import struct
 import subprocess
 import threading
-import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -812,12 +811,3 @@ def _summarise_ids(ids: list[str]) -> str:
         family, _, level = encoder_id.rpartition("/")
         groups.setdefault(family, []).append(level)
     return ", ".join(f"{family}/{{{','.join(levels)}}}" for family, levels in groups.items())
-
-
-def timed_find_encoder(
-    open_blob: OpenStream, open_tar: OpenStream, blob_digest: str, sniff: Sniff
-) -> tuple[Match | NoMatch, float]:
-    """find_encoder plus its wall time in seconds (for benchmarks and logs)."""
-    start = time.perf_counter()
-    result = find_encoder(open_blob, open_tar, blob_digest, sniff)
-    return result, time.perf_counter() - start

@@ -27,7 +27,7 @@ from typing import IO
 
 import zstandard
 
-from pipelines.codecs import _IterReader as ChunkReader
+from pipelines.codecs import ChunkReader
 from pipelines.index import Index
 from pipelines.storage import ObjectStore
 

@@ -18,7 +18,6 @@ repaired by `rebuild`, never the other way round. Key schema (prefix `dh:`):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -47,9 +46,6 @@ class Index:
     def put_blob(self, digest: str, descriptor: dict[str, Any]) -> None:
         self.redis.set(f"{PREFIX}blob:{digest}", json.dumps(descriptor))
 
-    def drop_blob(self, digest: str) -> None:
-        self.redis.delete(f"{PREFIX}blob:{digest}")
-
     def link_layer(self, repo: str, digest: str) -> None:
         pipe = self.redis.pipeline()
         pipe.sadd(f"{PREFIX}repo:{repo}:layers", digest)
@@ -62,12 +58,6 @@ class Index:
     def is_layer_linked(self, repo: str, digest: str) -> bool:
         return bool(self.redis.sismember(f"{PREFIX}repo:{repo}:layers", digest))
 
-    def repositories_linking(self, digest: str) -> Iterator[str]:
-        for name in self.repositories():
-            if self.is_layer_linked(name, digest):
-                yield name
-
-    # repositories and manifests
     def repositories(self, last: str = "", count: int | None = None) -> list[str]:
         start = f"({last}" if last else "-"
         args: dict[str, int] = {} if count is None else {"start": 0, "num": count}

@@ -27,8 +27,14 @@ from typing import BinaryIO
 
 from pipelines import encoders
 from pipelines.blobs import BlobInfo, BlobStore
-from pipelines.codecs import SNIFF_BYTES, CorruptBlobError, Sniff, open_decompressed, sniff
-from pipelines.codecs import _IterReader as ChunkReader
+from pipelines.codecs import (
+    SNIFF_BYTES,
+    ChunkReader,
+    CorruptBlobError,
+    Sniff,
+    open_decompressed,
+    sniff,
+)
 from pipelines.digests import digest_key
 from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index

@@ -16,7 +16,7 @@ from pipelines.blobs import BlobStore
 from pipelines.digests import Digest, digest_key
 from pipelines.errors import RegistryError
 from pipelines.index import Index
-from pipelines.storage import ObjectNotFound, ObjectStore
+from pipelines.storage import ObjectStore
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -287,12 +287,6 @@ class ManifestStore:
         if artifact_type is not None:
             found = [d for d in found if d.get("artifactType") == artifact_type]
         return sorted(found, key=lambda descriptor: str(descriptor["digest"]))
-
-    def load_content(self, digest: str) -> bytes | None:
-        try:
-            return self.store.get_bytes(manifest_key(digest))
-        except ObjectNotFound:
-            return None
 
 
 def _accepts(accept: list[str], media_type: str) -> bool:
