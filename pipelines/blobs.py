@@ -35,6 +35,14 @@ class Segment:
     size: int
 
 
+def _segments_json(segments: list[Segment]) -> list[dict[str, Any]]:
+    return [{"key": segment.key, "size": segment.size} for segment in segments]
+
+
+def _segments_from_json(data: list[dict[str, Any]]) -> list[Segment]:
+    return [Segment(item["key"], int(item["size"])) for item in data]
+
+
 @dataclass
 class BlobInfo:
     """Where a blob's bytes are: intact in data objects, or rebuilt from a recipe."""
@@ -54,26 +62,23 @@ class BlobInfo:
         data: dict[str, Any] = {
             "format": DESCRIPTOR_FORMAT,
             "size": self.size,
-            "segments": [{"key": s.key, "size": s.size} for s in self.segments],
+            "segments": _segments_json(self.segments),
         }
         if self.recipe is not None:
             data["recipe"] = self.recipe
             data["encoder"] = self.encoder
-            data["retired"] = [{"key": s.key, "size": s.size} for s in self.retired]
+            data["retired"] = _segments_json(self.retired)
         return data
 
     @classmethod
     def from_json(cls, digest: str, data: dict[str, Any]) -> BlobInfo:
-        def segments(name: str) -> list[Segment]:
-            return [Segment(s["key"], int(s["size"])) for s in data.get(name, [])]
-
         return cls(
             digest,
             int(data["size"]),
-            segments("segments"),
+            _segments_from_json(data["segments"]),
             data.get("recipe"),
             data.get("encoder", ""),
-            segments("retired"),
+            _segments_from_json(data.get("retired", [])),
         )
 
 
@@ -90,19 +95,18 @@ class UploadState:
         return {
             "repo": self.repo,
             "offset": self.offset,
-            "segments": [{"key": s.key, "size": s.size} for s in self.segments],
+            "segments": _segments_json(self.segments),
             "sha256_state": self.sha256_state,
             "started": self.started,
         }
 
     @classmethod
     def from_json(cls, upload_id: str, data: dict[str, Any]) -> UploadState:
-        segments = [Segment(s["key"], int(s["size"])) for s in data["segments"]]
         return cls(
             upload_id,
             data["repo"],
             int(data["offset"]),
-            segments,
+            _segments_from_json(data["segments"]),
             data["sha256_state"],
             float(data["started"]),
         )
