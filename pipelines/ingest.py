@@ -112,8 +112,9 @@ class Ingestor:
         info = self.blobs.stored_info(digest)
         if info is None:
             return self._intact(LayerRecord(digest, INTACT), "blob not found")
-        if info.deduplicated:
-            return self._complete(info, self._recorded(digest))
+        if info.deduplicated:  # a retry after the commit point: finish what follows it
+            recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
+            return self._complete(info, recipe, self._recorded(digest))
         record = LayerRecord(digest, INTACT, size=info.size)
         kind = sniff(b"".join(self.blobs.read(info, 0, min(SNIFF_BYTES, info.size))))
         record.compression, record.producer_hint = kind.kind, kind.producer_hint or ""
@@ -128,12 +129,12 @@ class Ingestor:
             raise
         if isinstance(outcome, IngestResult):
             return outcome
-        return self._complete(outcome, record)
+        return self._complete(*outcome, record)
 
     def _deduplicate(
         self, info: BlobInfo, kind: Sniff, record: LayerRecord
-    ) -> IngestResult | BlobInfo:
-        """Steps 1-4: an intact result, or the descriptor just committed."""
+    ) -> IngestResult | tuple[BlobInfo, Recipe]:
+        """Steps 1-4: an intact result, or the descriptor just committed and its recipe."""
 
         def open_blob() -> BinaryIO:
             return open_intact(self.blobs, info)
@@ -168,7 +169,7 @@ class Ingestor:
             retired=info.segments,
         )
         self.blobs.replace_descriptor(deduplicated)
-        return deduplicated
+        return deduplicated, recipe
 
     def _split_and_store(
         self, blob: BinaryIO, kind: Sniff, info: BlobInfo, record: LayerRecord
@@ -210,9 +211,8 @@ class Ingestor:
         self.index.add_bytes(stored=len(encoded))
         return len(encoded)
 
-    def _complete(self, info: BlobInfo, record: LayerRecord) -> IngestResult:
+    def _complete(self, info: BlobInfo, recipe: Recipe, record: LayerRecord) -> IngestResult:
         """Steps after the commit point; each is idempotent, so a retry may redo them."""
-        recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
         file_hexes = [digest.hex() for digest in recipe.file_refs()]
         record.state, record.encoder, record.reason = DEDUPLICATED, info.encoder, ""
         record.updated = time.time()
