@@ -108,6 +108,14 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _next_page_link(path: str, count: int | None, page: list[str], more: bool) -> dict[str, str]:
+    """The `Link` header to the next page of a paginated list, when there is one."""
+    if not (more and page):
+        return {}
+    query = urlencode({"n": count, "last": page[-1]})
+    return {"Link": f'<{path}?{query}>; rel="next"'}
+
+
 def _content_range_start(header: str | None) -> int | None:
     if header is None:
         return None
@@ -191,10 +199,7 @@ class RegistryApp:
     def catalog(self, request: Request) -> Response:
         count = parse_count(request.args.get("n"))
         names, more = self.registry.catalog(count, request.args.get("last"))
-        headers = {}
-        if more and names:
-            query = urlencode({"n": count, "last": names[-1]})
-            headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
+        headers = _next_page_link("/v2/_catalog", count, names, more)
         return _json({"repositories": names}, headers=headers)
 
     # uploads
@@ -310,10 +315,7 @@ class RegistryApp:
     def list_tags(self, request: Request, name: str) -> Response:
         count = parse_count(request.args.get("n"))
         tags, more = paginate(self.registry.manifests.tags(name), count, request.args.get("last"))
-        headers = {}
-        if more and tags:
-            query = urlencode({"n": count, "last": tags[-1]})
-            headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
+        headers = _next_page_link(f"/v2/{name}/tags/list", count, tags, more)
         return _json({"name": name, "tags": tags}, headers=headers)
 
     def list_referrers(self, request: Request, name: str, digest: str) -> Response:
