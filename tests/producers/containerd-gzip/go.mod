@@ -1,0 +1,3 @@
+module duphunter/tests/producers/containerd-gzip
+
+go 1.26
