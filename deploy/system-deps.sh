@@ -7,13 +7,15 @@
 #   skopeo umoci                        real OCI clients (tests, benchmarks)
 #   docker-registry                     the peer registry, CNCF Distribution (bench-core)
 #   docker.io                           the Docker engine (Go stdlib gzip), tests/test_docker.py
+#   podman                              podman build and push (pgzip layers), tests/test_producers.py
 #   pigz zstd libarchive-tools          real producers of layers and tars (tests, corpus)
 #   mmdebstrap                          the realistic benchmark corpus
 set -euo pipefail
 packages=(redis-server golang-go golang-github-klauspost-pgzip-dev
           golang-github-klauspost-compress-dev python3-venv)
 if [[ "${1:-}" == "test" ]]; then
-    packages+=(skopeo umoci docker-registry docker.io pigz zstd libarchive-tools mmdebstrap)
+    packages+=(skopeo umoci docker-registry docker.io podman pigz zstd libarchive-tools
+               mmdebstrap)
 fi
 missing=()
 for package in "${packages[@]}"; do

@@ -3,7 +3,9 @@ pushed to the live registry, deduplicated, and pulled back byte-exact:
 
 - tests/producers/containerd-gzip, an independent Go program that writes a layer as
   containerd and BuildKit do (archive/tar, then compress/gzip at the default level),
-  built with the Go 1.26 and the Go 1.27 toolchains of pipelines/gohelpers/build.sh.
+  built with the Go 1.26 and the Go 1.27 toolchains of pipelines/gohelpers/build.sh;
+- podman: `podman build` (no container runs) and `podman push`, whose containers/image
+  compresses layers with klauspost pgzip.
 
 Docker's own push (Go's compress/gzip inside dockerd) is tests/test_docker.py."""
 
@@ -16,20 +18,25 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from deploy.stack import REPO_ROOT
-from tests.client import RegistryClient, sha256
+from tests.client import OCI_MANIFEST, RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.test_dedup import wait_for_layers, wait_until_retired
 
 PRODUCER_SOURCE = Path(__file__).parent / "producers" / "containerd-gzip"
 GO_GENERATIONS = ("go1.26", "go1.27")
 GO_BUILD_TIMEOUT = 600.0
+PODMAN_TIMEOUT = 180.0
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 # Longer than the 100 bytes of a ustar name field, and not ASCII: archive/tar needs PAX.
 LONG_NAME = "opt/" + "a-directory-with-a-rather-long-name/" * 3 + "résumé-notes.txt"
 
@@ -198,3 +205,164 @@ def test_go_generations_compress_the_same_tar_differently(
     old, new = (go_producers[generation].layer(tmp_path / "tree") for generation in GO_GENERATIONS)
     assert gzip.decompress(old) == gzip.decompress(new)
     assert old != new
+
+
+# --------------------------------------------------------------------------- podman
+
+
+@dataclass(frozen=True)
+class Podman:
+    """The podman CLI with a storage and configuration of its own: it reads none of the
+    host's containers.conf, registries, storage, signature policy or credentials."""
+
+    home: Path
+
+    @property
+    def policy(self) -> Path:
+        return self.home / "policy.json"
+
+    def env(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            CONTAINERS_CONF=str(self.home / "containers.conf"),
+            CONTAINERS_REGISTRIES_CONF=str(self.home / "registries.conf"),
+            CONTAINERS_STORAGE_CONF=str(self.home / "storage.conf"),
+            REGISTRY_AUTH_FILE=str(self.home / "auth.json"),
+            TMPDIR=str(self.home / "tmp"),
+            XDG_RUNTIME_DIR=str(self.home / "xdg-runtime"),
+            XDG_CONFIG_HOME=str(self.home / "xdg-config"),
+            XDG_DATA_HOME=str(self.home / "xdg-data"),
+        )
+
+    def argv(self, *args: str | Path) -> list[str]:
+        storage = self.home / "storage"
+        return [
+            "podman",
+            "--root", str(storage / "root"),
+            "--runroot", str(storage / "run"),
+            "--tmpdir", str(storage / "libpod"),
+            "--storage-driver", "vfs",
+            "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file",
+            *(str(arg) for arg in args),
+        ]  # fmt: skip
+
+    def attempt(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args), env=self.env(), capture_output=True, text=True,
+            timeout=PODMAN_TIMEOUT, check=False,
+        )  # fmt: skip
+
+    def run(self, *args: str | Path) -> str:
+        done = self.attempt(*args)
+        assert done.returncode == 0, (
+            f"{' '.join(done.args)} failed ({done.returncode})\n"
+            f"stdout: {done.stdout}\nstderr: {done.stderr}"
+        )
+        return done.stdout
+
+    def inspect(self, image: str) -> dict[str, Any]:
+        (info,) = json.loads(self.run("image", "inspect", image))
+        assert isinstance(info, dict)
+        return info
+
+
+def write_podman_config(home: Path) -> None:
+    storage = home / "storage"
+    for directory in ("tmp", "xdg-runtime", "xdg-config", "xdg-data"):
+        (home / directory).mkdir(parents=True)
+    (home / "containers.conf").write_text(
+        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+        f'events_logfile_path = "{home / "events.log"}"\n'
+    )
+    (home / "registries.conf").write_text("unqualified-search-registries = []\n")
+    (home / "storage.conf").write_text(
+        f'[storage]\ndriver = "vfs"\ngraphroot = "{storage / "root"}"\n'
+        f'runroot = "{storage / "run"}"\n'
+    )
+    (home / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    (home / "auth.json").write_text('{"auths": {}}')
+
+
+def private_podman(home: Path) -> Podman:
+    """A podman of its own under home, or a skip that says why podman cannot run here."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is installed by `make test` (deploy/system-deps.sh)")
+    write_podman_config(home)
+    podman = Podman(home)
+    probe = podman.attempt("info")
+    if probe.returncode != 0:
+        pytest.skip(f"podman cannot run here (`podman info` exited {probe.returncode}):\n"
+                    f"{probe.stderr}")  # fmt: skip
+    return podman
+
+
+def write_two_layer_context(context: Path) -> bytes:
+    """Two COPY layers, the second holding the first's files too (elsewhere: a file
+    written again unchanged at the same path would not be in the diff); returns one."""
+    write_layer_tree(context / "tree")
+    (context / "Containerfile").write_text("FROM scratch\nCOPY tree/usr/ /usr/\nCOPY tree/ /srv/\n")
+    return (context / "tree" / "usr" / "lib" / "app" / "libdata.so").read_bytes()
+
+
+def served_manifest(client: RegistryClient, repo: str, digest: str) -> dict[str, Any]:
+    response = client.request(
+        "GET",
+        f"/v2/{repo}/manifests/{digest}",
+        headers={"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"},
+    )
+    assert response.status == 200, response.data
+    assert sha256(response.data) == digest
+    manifest = json.loads(response.data)
+    assert isinstance(manifest, dict)
+    return manifest
+
+
+@pytest.fixture
+def podman_homes() -> Iterator[Path]:
+    """A short private folder: podman refuses a runroot longer than 50 characters."""
+    homes = Path(tempfile.mkdtemp(prefix="dh-podman-"))
+    yield homes
+    shutil.rmtree(homes, ignore_errors=True)
+
+
+def test_podman_push_dedup_pull(
+    live: LiveStack, client: RegistryClient, repo: str, tmp_path: Path, podman_homes: Path
+) -> None:
+    pusher = private_podman(podman_homes / "push")
+    image = f"{live.url.removeprefix('http://')}/{repo}:v1"
+    shared = write_two_layer_context(tmp_path / "context")
+    pusher.run("build", "--pull=never", "--signature-policy", pusher.policy,
+               "--tag", image, tmp_path / "context")  # fmt: skip
+    built = pusher.inspect(image)
+    digest_file = tmp_path / "pushed-digest"
+    pusher.run("push", "--tls-verify=false", "--signature-policy", pusher.policy,
+               "--digestfile", digest_file, image)  # fmt: skip
+    pushed_digest = digest_file.read_text().strip()
+
+    manifest = served_manifest(client, repo, pushed_digest)
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    assert len(layers) == 2, manifest
+    records = wait_for_layers(live, layers, timeout=180)
+    for digest in layers:
+        record = records[digest]
+        assert record["state"] == "deduplicated", (digest, record)
+        assert record["encoder"].startswith("gzip/pgzip"), (digest, record)
+        # containers/image's gzip: pgzip with 1 MiB blocks at its default level
+        assert record["encoder"].endswith("/b1048576/5"), (digest, record)
+    refs = live.registry.index.file_refcount(sha256(shared).split(":")[1])
+    assert refs == 2, f"a file both layers hold should be stored once, refcount {refs}"
+    restores_before = wait_until_restorable(live, layers)
+
+    puller = private_podman(podman_homes / "pull")
+    puller.run("pull", "--tls-verify=false", "--signature-policy", puller.policy, image)
+    pulled = puller.inspect(image)
+    assert pulled["Digest"] == pushed_digest
+    assert pulled["Id"] == built["Id"]
+    assert pulled["RootFS"]["Layers"] == built["RootFS"]["Layers"]
+    restores = live.registry.index.counters().get("restores", 0) - restores_before
+    assert restores >= len(layers), f"the pull was served {restores} restores"
+    for layer in manifest["layers"]:
+        blob = client.request("GET", f"/v2/{repo}/blobs/{layer['digest']}")
+        assert blob.status == 200, (layer, blob.status)
+        assert sha256(blob.data) == layer["digest"] and len(blob.data) == layer["size"]
