@@ -46,6 +46,20 @@ def free_port(also_free_offset: int = 0) -> int:
             return port
 
 
+def _grpc_safe_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
+    """Free ports for SeaweedFS, which also listens on each port+10000 (gRPC) and refuses a
+    port that is another one's gRPC port."""
+    ports: dict[str, int] = {}
+    used = {p for port in taken for p in (port, port + 10000)}
+    for name in names:
+        port = free_port(10000)
+        while port in used or port + 10000 in used:
+            port = free_port(10000)
+        ports[name] = port
+        used |= {port, port + 10000}
+    return ports
+
+
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,6 +108,13 @@ class Stack:
         args, env = self.commands[name]
         self.spawn(name, args, env)
 
+    def stop_service(self, name: str) -> None:
+        """SIGTERM a service (a clean shutdown, as a restart does) and wait for it."""
+        for entry in [entry for entry in self.processes if entry[0] == name]:
+            os.killpg(entry[1].pid, signal.SIGTERM)
+            entry[1].wait(timeout=30)
+            self.processes.remove(entry)
+
     def stop(self) -> None:
         for _name, process in reversed(self.processes):
             if process.poll() is None:
@@ -132,8 +153,10 @@ class Stack:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                "--appendonly",  # the index and the queues survive a restart
+                "yes",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 str(self.workdir),
             ],
@@ -146,7 +169,7 @@ class Stack:
         """SeaweedFS `weed mini` as the local S3 server; its gRPC ports are port+10000."""
         data = self.workdir / "s3"
         data.mkdir(exist_ok=True)
-        ports = {name: free_port(10000) for name in ("master", "volume", "filer", "admin")}
+        ports = _grpc_safe_ports(("master", "volume", "filer", "admin"), taken={port})
         env = dict(self.env, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
         self.spawn(
             "s3",

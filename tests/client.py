@@ -46,6 +46,22 @@ class RegistryClient:
         assert response.status == 201, response.data
         return digest
 
+    def push_blob_chunked(self, repo: str, data: bytes, chunk: int) -> str:
+        """POST, one PATCH per `chunk` bytes (each its own data object), then PUT."""
+        started = self.request("POST", f"/v2/{repo}/blobs/uploads/")
+        assert started.status == 202, started.data
+        location = started.headers["Location"]
+        for start in range(0, len(data), chunk):
+            piece = data[start : start + chunk]
+            end = start + len(piece) - 1
+            patched = self.request("PATCH", location, piece, {"Content-Range": f"{start}-{end}"})
+            assert patched.status == 202, patched.data
+            location = patched.headers["Location"]
+        digest = sha256(data)
+        done = self.request("PUT", location, b"", digest=digest)
+        assert done.status == 201, done.data
+        return digest
+
     def push_manifest(
         self, repo: str, reference: str, manifest: dict[str, Any], media_type: str = OCI_MANIFEST
     ) -> urllib3.BaseHTTPResponse:
