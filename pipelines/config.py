@@ -44,6 +44,13 @@ class Settings:
     visibility_timeout_seconds: int = field(
         default_factory=lambda: int(_env("VISIBILITY_TIMEOUT_SECONDS", "3600"))
     )
+    retry_seconds: float = field(default_factory=lambda: float(_env("RETRY_SECONDS", "300")))
+    verify_share_per_day: float = field(
+        default_factory=lambda: float(_env("VERIFY_SHARE_PER_DAY", "0.1"))
+    )
+    verify_interval_seconds: float = field(
+        default_factory=lambda: float(_env("VERIFY_INTERVAL_SECONDS", "3600"))
+    )
     helper_dir: Path = field(
         default_factory=lambda: Path(_env("HELPER_DIR", str(REPO_ROOT / "build" / "helpers")))
     )

@@ -1,8 +1,13 @@
-"""The OCI Distribution error vocabulary, raised by the domain and rendered by the API."""
+"""The OCI Distribution error vocabulary, raised by the domain and rendered by the API;
+and which failures of the backends (Redis, S3) are transient, worth trying again."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import redis
+import urllib3
+from minio.error import S3Error, ServerError
 
 # code -> HTTP status, as the distribution spec and CNCF Distribution use them.
 STATUS_BY_CODE: dict[str, int] = {
@@ -24,6 +29,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "UNSUPPORTED": 415,
     "TOOMANYREQUESTS": 429,
     "UNAVAILABLE": 503,
+    "UNKNOWN": 500,  # as CNCF Distribution: a server-side failure, e.g. a failed restore
 }
 
 
@@ -44,3 +50,39 @@ class RegistryError(Exception):
         if self.detail is not None:
             error["detail"] = self.detail
         return {"errors": [error]}
+
+
+# S3 error codes that say "not now" rather than "never" (AWS, MinIO and SeaweedFS use them).
+TRANSIENT_S3_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "OperationAborted",
+        "XMinioServerNotInitialized",
+        "XMinioStorageFull",
+    }
+)
+_TRANSIENT_TYPES = (
+    redis.ConnectionError,  # BusyLoadingError (a restarting Redis) included
+    redis.TimeoutError,
+    redis.ReadOnlyError,  # a replica promoted while we wrote
+    ServerError,  # an S3 5xx without an error document
+    urllib3.exceptions.HTTPError,  # connection refused or reset, read timeouts, retries spent
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failure may pass by itself: Redis or S3 unreachable, restarting, busy.
+    The exception's cause is looked at too (wrappers keep the original as __cause__)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, S3Error) and seen.code in TRANSIENT_S3_CODES:
+            return True
+        if isinstance(seen, _TRANSIENT_TYPES):
+            return True
+        seen = seen.__cause__
+    return False

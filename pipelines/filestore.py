@@ -17,6 +17,7 @@ references each file has are recounted from recipes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 import tempfile
 import uuid
@@ -91,13 +92,28 @@ def read_pack_table(store: ObjectStore, key: str, size: int) -> list[tuple[bytes
     ]
 
 
-def decode_stored(stored: bytes, digest: bytes) -> bytes:
-    """A file's bytes from its stored form (codec byte, then raw or zstd bytes)."""
+def decode_stored(stored: bytes, digest: bytes, size: int) -> bytes:
+    """A file's bytes from its stored form (codec byte, then raw or zstd bytes), checked
+    against its size and sha256: a damaged pack never passes on a wrong file."""
     if stored[:1] == bytes((CODEC_RAW,)):
-        return stored[1:]
-    if stored[:1] == bytes((CODEC_ZSTD,)):
-        return bytes(zstandard.ZstdDecompressor().decompress(stored[1:]))
-    raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
+        content = stored[1:]
+    elif stored[:1] == bytes((CODEC_ZSTD,)):
+        try:
+            content = zstandard.ZstdDecompressor().decompress(stored[1:], max_output_size=size)
+        except zstandard.ZstdError as error:
+            raise FileStoreError(f"file {digest.hex()} does not decompress: {error}") from error
+    else:
+        raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
+    _check_file(digest, size, len(content), hashlib.sha256(content).digest())
+    return bytes(content)
+
+
+def _check_file(digest: bytes, size: int, actual_size: int, actual: bytes) -> None:
+    if actual_size != size or actual != digest:
+        raise FileStoreError(
+            f"file {digest.hex()} read back as {actual_size} bytes hashing to {actual.hex()}, "
+            f"not {size} bytes"
+        )
 
 
 class SpooledPayload:
@@ -151,34 +167,26 @@ class FileStore:
     def read_range(self, pack: str, offset: int, length: int) -> bytes:
         return self.store.get_bytes_range(pack, offset, length)
 
-    def read(self, digest: bytes) -> bytes:
-        """One file's bytes (one ranged GET)."""
-        (location,) = self.locate([digest])
-        if location is None:
-            raise FileStoreError(f"file {digest.hex()} is not stored")
-        stored = self.read_range(location.pack, location.offset, location.length)
-        return decode_stored(stored, digest)
-
-    def open(self, digest: bytes) -> Iterator[bytes]:
-        """One file's bytes in chunks, decompressed as they stream (for large files)."""
+    def open(self, digest: bytes, size: int) -> Iterator[bytes]:
+        """One file's bytes in chunks, for files too large to fetch with their neighbours.
+        They are decompressed as they stream in, spooled, and passed on only once the whole
+        file has the right size and sha256; a file that grows past `size` stops at once."""
         (location,) = self.locate([digest])
         if location is None:
             raise FileStoreError(f"file {digest.hex()} is not stored")
         chunks = self.store.iter_range(location.pack, location.offset, location.length)
-        head = b""
-        while not head:
-            head = next(chunks, None) or _missing(digest)
-        codec, rest = head[0], head[1:]
-        if codec == CODEC_RAW:
-            yield rest
-            yield from chunks
-            return
-        if codec != CODEC_ZSTD:
-            raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
-        for chunk in (rest, *chunks):
-            if out := decompressor.decompress(chunk):
-                yield out
+        with tempfile.SpooledTemporaryFile(IN_MEMORY_LIMIT) as spool:
+            hasher, length = hashlib.sha256(), 0
+            for data in _decoded(chunks, digest, size):
+                length += len(data)
+                if length > size:
+                    raise FileStoreError(f"file {digest.hex()} is longer than {size} bytes")
+                hasher.update(data)
+                spool.write(data)
+            _check_file(digest, size, length, hasher.digest())
+            spool.seek(0)
+            while data := spool.read(CHUNK):
+                yield data
 
     def put_pack(
         self,
@@ -198,6 +206,27 @@ class FileStore:
             self.index.add_file(digest.hex(), Location(key, offset, size).encode())
             for digest, offset, size in entries
         )
+
+
+def _decoded(chunks: Iterator[bytes], digest: bytes, size: int) -> Iterator[bytes]:
+    """The bytes of a stored file (codec byte first) as they arrive, decompressed."""
+    head = b""
+    while not head:
+        head = next(chunks, None) or _missing(digest)
+    codec, rest = head[0], head[1:]
+    if codec == CODEC_RAW:
+        yield rest
+        yield from chunks
+        return
+    if codec != CODEC_ZSTD:
+        raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        for chunk in itertools.chain((rest,), chunks):
+            if out := decompressor.decompress(chunk):
+                yield out
+    except zstandard.ZstdError as error:
+        raise FileStoreError(f"file {digest.hex()} does not decompress: {error}") from error
 
 
 def _missing(digest: bytes) -> bytes:

@@ -151,17 +151,18 @@ class Index:
             pipe.hset(f"{PREFIX}layers", digest, fields["state"])
         pipe.execute()
 
-    def layer_summaries(self) -> list[dict[str, str]]:
-        """State, encoder and reason of every known layer."""
+    def layer_summaries(
+        self, fields: tuple[str, ...] = ("state", "encoder", "reason")
+    ) -> dict[str, dict[str, str]]:
+        """Some fields of every known layer's record, by layer digest."""
         digests = list(self.layer_states())
         pipe = self.redis.pipeline()
         for digest in digests:
-            pipe.hmget(f"{PREFIX}layer:{digest}", "state", "encoder", "reason")
-        summaries = []
-        for values in pipe.execute():
-            state, encoder, reason = ((value or b"").decode() for value in values)
-            summaries.append({"state": state, "encoder": encoder, "reason": reason})
-        return summaries
+            pipe.hmget(f"{PREFIX}layer:{digest}", list(fields))
+        return {
+            digest: {key: (raw or b"").decode() for key, raw in zip(fields, values, strict=True)}
+            for digest, values in zip(digests, pipe.execute(), strict=True)
+        }
 
     def layer_states(self) -> dict[str, str]:
         raw = self.redis.hgetall(f"{PREFIX}layers")

@@ -36,12 +36,14 @@ from pipelines.codecs import (
     sniff,
 )
 from pipelines.digests import digest_key
+from pipelines.errors import is_transient
 from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
 from pipelines.restore import rebuild_tar
 from pipelines.storage import ObjectStore
 from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
+from pipelines.verify import SegmentHasher, VerificationError
 
 QUEUED, INTACT, DEDUPLICATED = "queued", "intact", "deduplicated"
 PENDING_ENCODER = "pending"
@@ -64,6 +66,8 @@ class LayerRecord:
     prove_seconds: float = 0.0  # rebuild from stored files and recompress in full
     reason: str = ""
     updated: float = 0.0
+    verified: float = 0.0  # when a scheduled verification last restored the layer
+    verify_error: str = ""  # why it failed then ("" if it passed); kept until one passes
 
     def as_fields(self) -> dict[str, str]:
         return {key: str(value) for key, value in asdict(self).items()}
@@ -122,11 +126,12 @@ class Ingestor:
             return self._intact(record, f"not a tar layer ({kind.detail or 'unknown format'})")
         try:
             outcome = self._deduplicate(info, kind, record)
-        except (CorruptBlobError, TarSplitError, EOFError) as error:
+        except (CorruptBlobError, TarSplitError, EOFError, VerificationError) as error:
             return self._intact(record, f"unreadable: {error}")
-        except Exception as error:  # the layer is still intact: say so, and let the job fail
-            self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
-            raise
+        except Exception as error:
+            if not is_transient(error):  # the layer is still intact: say so, and fail the job
+                self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
+            raise  # a transient failure leaves the layer queued, for the job to run again
         if isinstance(outcome, IngestResult):
             return outcome
         return self._complete(*outcome, record)
@@ -151,7 +156,7 @@ class Ingestor:
                 return self._intact(record, found.reason)
             shortlist = shortlist.narrowed(found.encoder_id)
         started = time.perf_counter()
-        recipe = self._split_and_store(open_blob(), kind, info, record)
+        recipe = self._split_and_store(kind, info, record)
         record.split_seconds = round(time.perf_counter() - started, 3)
         match = encoders.prove(shortlist, self._opener(recipe), info.digest)
         record.prove_seconds = round(time.perf_counter() - started - record.split_seconds, 3)
@@ -171,9 +176,11 @@ class Ingestor:
         self.blobs.replace_descriptor(deduplicated)
         return deduplicated, recipe
 
-    def _split_and_store(
-        self, blob: BinaryIO, kind: Sniff, info: BlobInfo, record: LayerRecord
-    ) -> Recipe:
+    def _split_and_store(self, kind: Sniff, info: BlobInfo, record: LayerRecord) -> Recipe:
+        """Read the pushed blob once: store its new files, build its recipe, and record the
+        digest of each segment of it (checked against the blob digest once more)."""
+        pushed = SegmentHasher(self.blobs.read(info))
+        blob = io.BufferedReader(ChunkReader(pushed), 1 << 20)
         builder = RecipeBuilder()
         with open_decompressed(kind.kind, blob) as stream, Packer(self.files) as store:
             tar = HashingReader(stream)
@@ -193,6 +200,7 @@ class Ingestor:
             tar_sha256=tar.sha256(),
             encoder_id=PENDING_ENCODER,
             encoder_params=b"",
+            segments=pushed.finish(info.digest),
         )
 
     def _opener(self, recipe: Recipe) -> Callable[[], BinaryIO]:
@@ -228,6 +236,15 @@ class Ingestor:
             current = getattr(record, key)
             setattr(record, key, type(current)(value) if key != "digest" else value)
         return record
+
+    def record_verification(self, digest: str, error: str) -> None:
+        """Keep the outcome of a verification read in the layer's record and the stats."""
+        record = self._recorded(digest)
+        record.verified, record.verify_error = time.time(), error
+        save_record(self.store, self.index, record)
+        self.index.count("verifications")
+        if error:
+            self.index.count("verification_failures")
 
     def _intact(self, record: LayerRecord, reason: str) -> IngestResult:
         record.state, record.reason, record.updated = INTACT, reason, time.time()

@@ -1,15 +1,17 @@
 """The durable binary recipe of one layer: how to rebuild its tar from raw bytes and files.
 
-On-disk layout (version 1), integers are unsigned LEB128 varints:
+On-disk layout (version 2), integers are unsigned LEB128 varints:
 
     magic           4 bytes   b"DHRc"
-    version         1 byte    1
+    version         1 byte    2 (version 1 is read too: it has no segment digests)
     blob_digest     varint length + UTF-8   e.g. "sha256:<hex>" of the pushed blob
     blob_size       varint
     tar_size        varint    uncompressed tar length (= sum of entry lengths)
     tar_sha256      32 bytes
     encoder_id      varint length + UTF-8   codec identity, e.g. "gzip/go1.26/level6"
     encoder_params  varint length + bytes   opaque, owned by the codec module
+    segment_count   varint    (version 2 only) segments of the pushed blob, then each:
+                      varint length, 32-byte sha256   (see pipelines.verify)
     entry_count     varint
     body_length     varint
     body            one zstd frame holding entry_count entries:
@@ -30,11 +32,13 @@ from dataclasses import dataclass, field
 import zstandard
 
 from pipelines.tarsplit import FileRef, Raw
+from pipelines.verify import SegmentDigests
 
 __all__ = ["FileRef", "Raw", "Recipe", "RecipeBuilder", "RecipeError", "build_recipe"]
 
 MAGIC = b"DHRc"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DIGEST_SIZE = 32
 _TAG_RAW = 0
 _TAG_FILE = 1
@@ -75,6 +79,7 @@ class Recipe:
     encoder_params: bytes
     entry_count: int
     body: bytes = field(repr=False)  # the zstd-compressed entries
+    segments: SegmentDigests | None = None  # None in version-1 recipes
 
     def entries(self) -> Iterator[Raw | FileRef]:
         """The entries in tar order, decompressed as they are iterated."""
@@ -95,6 +100,7 @@ class Recipe:
                 self.tar_sha256,
                 _length_prefixed(self.encoder_id.encode()),
                 _length_prefixed(self.encoder_params),
+                _encode_segments(self.segments),
                 _varint(self.entry_count),
                 _varint(len(self.body)),
             ]
@@ -107,12 +113,13 @@ class Recipe:
         """Parse and fully verify an encoded recipe; raise RecipeError if anything is off."""
         if len(data) < len(MAGIC) + 1 + _CHECKSUM_SIZE or data[: len(MAGIC)] != MAGIC:
             raise RecipeError("not a recipe (bad magic or too short)")
-        if data[len(MAGIC)] != VERSION:
-            raise RecipeError(f"unsupported recipe version {data[len(MAGIC)]}")
+        version = data[len(MAGIC)]
+        if version not in READABLE_VERSIONS:
+            raise RecipeError(f"unsupported recipe version {version}")
         unsigned, checksum = data[:-_CHECKSUM_SIZE], data[-_CHECKSUM_SIZE:]
         if hashlib.sha256(unsigned).digest() != checksum:
             raise RecipeError("recipe checksum mismatch (corrupted or truncated)")
-        recipe = _parse_head(_Cursor(unsigned, len(MAGIC) + 1))
+        recipe = _parse_head(_Cursor(unsigned, len(MAGIC) + 1), version)
         _verify_body(recipe)
         return recipe
 
@@ -156,6 +163,7 @@ class RecipeBuilder:
         tar_sha256: bytes,
         encoder_id: str,
         encoder_params: bytes,
+        segments: SegmentDigests | None = None,
     ) -> Recipe:
         """The finished recipe; the builder cannot be used afterwards."""
         if self._finished:
@@ -176,6 +184,7 @@ class RecipeBuilder:
             encoder_params=encoder_params,
             entry_count=self._entry_count,
             body=b"".join(self._compressed),
+            segments=segments,
         )
 
     def _append(self, *parts: bytes) -> None:
@@ -201,6 +210,7 @@ def build_recipe(
     tar_sha256: bytes,
     encoder_id: str,
     encoder_params: bytes,
+    segments: SegmentDigests | None = None,
 ) -> Recipe:
     """A recipe from a whole entry sequence (convenience over RecipeBuilder)."""
     builder = RecipeBuilder()
@@ -212,6 +222,7 @@ def build_recipe(
         tar_sha256=tar_sha256,
         encoder_id=encoder_id,
         encoder_params=encoder_params,
+        segments=segments,
     )
 
 
@@ -253,19 +264,57 @@ def _read_varint(take: Callable[[int], bytes]) -> int:
     raise RecipeError("varint too long")
 
 
-def _parse_head(cursor: _Cursor) -> Recipe:
+def _encode_segments(segments: SegmentDigests | None) -> bytes:
+    if segments is None:
+        return _varint(0)
+    parts = [_varint(len(segments.ends))]
+    start = 0
+    for end, digest in zip(segments.ends, segments.digests, strict=True):
+        parts += [_varint(end - start), digest]
+        start = end
+    return b"".join(parts)
+
+
+def _parse_segments(cursor: _Cursor, blob_size: int) -> SegmentDigests | None:
+    count = cursor.varint()
+    if count == 0:
+        return None
+    ends, digests, end = [], [], 0
+    for _ in range(count):
+        end += cursor.varint()
+        ends.append(end)
+        digests.append(cursor.take(DIGEST_SIZE))
+    try:
+        segments = SegmentDigests(tuple(ends), tuple(digests))
+    except ValueError as exc:
+        raise RecipeError(f"invalid segment digests: {exc}") from exc
+    if segments.size != blob_size:
+        raise RecipeError(f"segments cover {segments.size} bytes, the blob has {blob_size}")
+    return segments
+
+
+def _parse_head(cursor: _Cursor, version: int) -> Recipe:
     blob_digest = cursor.text()
     blob_size = cursor.varint()
     tar_size = cursor.varint()
     tar_sha256 = cursor.take(DIGEST_SIZE)
     encoder_id = cursor.text()
     encoder_params = cursor.take(cursor.varint())
+    segments = _parse_segments(cursor, blob_size) if version >= 2 else None
     entry_count = cursor.varint()
     body = cursor.take(cursor.varint())
     if not cursor.at_end():
         raise RecipeError("unexpected bytes after the recipe body")
     return Recipe(
-        blob_digest, blob_size, tar_size, tar_sha256, encoder_id, encoder_params, entry_count, body
+        blob_digest,
+        blob_size,
+        tar_size,
+        tar_sha256,
+        encoder_id,
+        encoder_params,
+        entry_count,
+        body,
+        segments,
     )
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import urllib3
+from minio.error import S3Error
 
 from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.config import Settings
@@ -14,11 +20,11 @@ from pipelines.digests import Digest
 from pipelines.errors import RegistryError
 from pipelines.filestore import FileStore, read_pack_table
 from pipelines.index import Index
-from pipelines.ingest import DEDUPLICATED, INTACT, Ingestor
+from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, Ingestor
 from pipelines.manifests import ManifestStore
 from pipelines.recipe import Recipe
-from pipelines.restore import RestoreHub, restore_blob
-from pipelines.storage import ObjectStore, S3Store
+from pipelines.restore import RestoreError, RestoreHub, restore_blob
+from pipelines.storage import ObjectNotFound, ObjectStore, S3Store
 
 NAME_PATTERN = re.compile(
     r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
@@ -89,17 +95,66 @@ class Registry:
     def read_blob(
         self, info: BlobInfo, offset: int = 0, length: int | None = None
     ) -> Iterator[bytes]:
-        """The blob's bytes [offset, offset+length): intact, or restored and verified."""
-        if not info.deduplicated:
-            return self.blobs.read(info, offset, length)
+        """The blob's bytes [offset, offset+length): intact, or restored and verified.
+        The first bytes are produced before this returns, so that a blob that cannot be
+        served gets an error status instead of a cut-off body."""
+        end = info.size if length is None else offset + length
+        if info.deduplicated:
+            chunks = self._read_restored(info, offset, end)
+        else:
+            chunks = self._read_intact(info, offset, end)
+        try:
+            first = next(chunks, b"")
+        except (RestoreError, ObjectNotFound) as error:
+            message = f"blob {info.digest} cannot be served: {error}"
+            raise RegistryError("UNKNOWN", message) from error
+        return itertools.chain([first], chunks)
+
+    def _read_restored(self, info: BlobInfo, offset: int, end: int) -> Iterator[bytes]:
         return self.restores.read(
-            info.digest, info.size, lambda: self._restore(info), offset, length
+            info.digest, info.size, lambda: self._restore(info), offset, end - offset
         )
+
+    def _read_intact(self, info: BlobInfo, offset: int, end: int) -> Iterator[bytes]:
+        """An intact blob. If its data objects go away mid-read (the layer was deduplicated
+        and its intact copy retired), the read goes on from a restore at the same offset."""
+        position = offset
+        try:
+            for chunk in self.blobs.read(info, offset, end - offset):
+                position += len(chunk)
+                yield chunk
+        except (ObjectNotFound, S3Error, urllib3.exceptions.HTTPError):
+            current = self.blobs.stored_info(info.digest)
+            if current is None or not current.deduplicated:
+                raise
+            self.index.count("intact_reads_resumed_from_restore")
+            yield from self._read_restored(current, position, end)
 
     def _restore(self, info: BlobInfo) -> Iterator[bytes]:
         self.index.count("restores")
         recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
+        if recipe.blob_digest != info.digest or recipe.blob_size != info.size:
+            raise RestoreError(f"recipe {info.recipe} is for {recipe.blob_digest}")
         return restore_blob(recipe, self.files)
+
+    def verify_blob(self, digest: str) -> dict[str, Any]:
+        """Read a blob as a pull would (restoring it if deduplicated) and check its digest;
+        a deduplicated layer's outcome is kept in its record, failures in the stats."""
+        info = self.blobs.info(digest)
+        if info is None:
+            return {"digest": digest, "ok": False, "reason": "blob not found"}
+        hasher = hashlib.sha256()
+        try:
+            for chunk in self.read_blob(info):
+                hasher.update(chunk)
+            actual = "sha256:" + hasher.hexdigest()
+            reason = "" if actual == digest else f"read back as {actual}"
+        except (RegistryError, RestoreError) as error:
+            reason = str(error)
+        result = {"digest": digest, "ok": not reason, "reason": reason, "checked": time.time()}
+        if info.deduplicated:
+            self.ingestor.record_verification(digest, reason)
+        return result
 
     def mount(self, repo: str, digest: str, source_repo: str) -> bool:
         """Cross-repository mount; False (so the client uploads instead) when `source_repo`
@@ -122,7 +177,7 @@ class Registry:
         counters = self.index.counters()
         logical = counters.get("logical_bytes", 0)
         stored = counters.get("stored_bytes", 0)
-        layers = self.index.layer_summaries()
+        layers = list(self.index.layer_summaries().values())
         files = self.index.file_count()
         return {
             "logical_bytes": logical,
@@ -138,7 +193,46 @@ class Registry:
             "intact_layers_by_reason": _count(
                 layer["reason"] for layer in layers if layer["state"] == INTACT
             ),
+            "verification": self._verification_stats(counters),
         }
+
+    def _verification_stats(self, counters: dict[str, int]) -> dict[str, Any]:
+        records = self.index.layer_summaries(("verify_error",))
+        return {
+            "reads": counters.get("verifications", 0),
+            "failures": counters.get("verification_failures", 0),
+            "failing_layers": {
+                digest: fields["verify_error"]
+                for digest, fields in records.items()
+                if fields["verify_error"]
+            },
+        }
+
+    def layers_by_last_verification(self) -> list[str]:
+        """Deduplicated layers in the order they should be verified: those never verified
+        first, the most recently deduplicated of them first (a problem in new code shows
+        early), then those verified longest ago."""
+        records = self.index.layer_summaries(("state", "verified", "updated"))
+        order = {
+            digest: (float(fields["verified"] or 0), -float(fields["updated"] or 0))
+            for digest, fields in records.items()
+            if fields["state"] == DEDUPLICATED
+        }
+        return sorted(order, key=lambda digest: order[digest])
+
+    def unfinished_ingests(self, older_than: float) -> list[str]:
+        """Layers whose ingest did not finish: still queued since before `older_than`, or
+        recorded as failed while S3 holds a committed descriptor (a half-done commit)."""
+        records = self.index.layer_summaries(("state", "reason", "updated"))
+        stale = []
+        for digest, fields in records.items():
+            if fields["state"] == QUEUED and float(fields["updated"] or 0) < older_than:
+                stale.append(digest)
+            elif fields["state"] == INTACT and fields["reason"].startswith("ingest failed"):
+                info = self.blobs.stored_info(digest)
+                if info is not None and info.deduplicated:
+                    stale.append(digest)
+        return stale
 
     def ensure_index(self) -> None:
         """Rebuild the index from S3 if it is empty; one process does it, the others wait."""

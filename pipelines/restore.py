@@ -1,16 +1,18 @@
-"""Restoring deduplicated layers: the recipe's tar rebuilt from stored files, recompressed
-by the recorded encoder, hashed on the way so that wrong bytes are never served as good.
+"""Restoring deduplicated layers: the recipe's tar rebuilt from stored files (each checked
+against its sha256), recompressed by the recorded encoder, and released segment by
+segment only once verified (`pipelines.verify`), so wrong bytes are never served as good.
 
 `RestoreHub` makes concurrent GETs of one layer share a single restore, also across the
 API processes of one host: the first request restores into a spool file, the others
-follow that file as it grows. This is the seam where a shared layer buffer will sit.
+follow that file as it grows. Only verified bytes are ever written to the spool, so a
+reader may read whatever the file holds. This is the seam where a shared layer buffer
+will sit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import stat
@@ -27,6 +29,7 @@ from pipelines.encoders import encode
 from pipelines.filestore import FileStore, Location, decode_stored
 from pipelines.recipe import Recipe
 from pipelines.tarsplit import FileRef, Raw
+from pipelines.verify import release_verified
 
 LOCATE_BATCH = 512  # recipe entries whose files are looked up in one round trip
 BATCH_BYTES = 16 << 20  # and at most this much of their files planned at once
@@ -35,7 +38,6 @@ SPAN_GAP = 64 << 10  # files this close in a pack are fetched together
 PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
 PREFETCH_BYTES = 64 << 20
 PREFETCH_THREADS = 4
-HOLDBACK = 64 << 10  # bytes withheld from a reader until the whole layer is verified
 POLL_SECONDS = 0.005
 
 logger = logging.getLogger(__name__)
@@ -143,11 +145,9 @@ def _fetch_span(files: FileStore, span: _Span) -> list[bytes]:
     data = files.read_range(span.pack, span.start, span.end - span.start)
     contents = []
     for ref, location in span.members:
-        offset = location.offset - span.start
-        content = decode_stored(data[offset : offset + location.length], ref.digest)
-        if len(content) != ref.size:
-            raise RestoreError(f"file {ref.digest.hex()} has {len(content)} bytes, not {ref.size}")
-        contents.append(content)
+        start = location.offset - span.start
+        stored = data[start : start + location.length]
+        contents.append(decode_stored(stored, ref.digest, ref.size))
     return contents
 
 
@@ -158,48 +158,22 @@ def _emit(item: _Item, files: FileStore) -> Iterator[bytes]:
         future, position = item
         yield future.result()[position]
     else:
-        length = 0
-        for chunk in files.open(item.digest):
-            length += len(chunk)
-            yield chunk
-        if length != item.size:
-            raise RestoreError(f"file {item.digest.hex()} has {length} bytes, not {item.size}")
+        yield from files.open(item.digest, item.size)
 
 
 def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
-    """The pushed blob's bytes, unverified: see `verified`."""
-    return encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
-
-
-def verified(chunks: Iterable[bytes], digest: str, size: int) -> Iterator[bytes]:
-    """Pass the bytes through, but withhold the last HOLDBACK bytes until the whole
-    stream has the expected digest and size; raise RestoreError otherwise."""
-    algorithm, expected = digest.split(":", 1)
-    hasher = hashlib.new(algorithm)
-    held = bytearray()
-    total = 0
-    for chunk in chunks:
-        hasher.update(chunk)
-        total += len(chunk)
-        held += chunk
-        if len(held) > HOLDBACK:
-            cut = len(held) - HOLDBACK
-            yield bytes(held[:cut])
-            del held[:cut]
-    if total != size or hasher.hexdigest() != expected:
-        raise RestoreError(
-            f"restored {total} bytes hashing to {algorithm}:{hasher.hexdigest()}, "
-            f"expected {size} bytes of {digest}"
-        )
-    yield bytes(held)
+    """The pushed blob's bytes, each segment passed on only once it is verified."""
+    rebuilt = encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
+    return release_verified(rebuilt, recipe.blob_digest, recipe.blob_size, recipe.segments)
 
 
 class RestoreHub:
     """One restore per layer at a time per host; every reader follows its spool file.
 
-    The spool file's mode bits carry the restore's outcome, so that a reader holding the
+    The producer writes only verified bytes to the spool file, each write checked to be
+    whole. The file's mode bits carry the restore's outcome, so that a reader holding the
     file open learns it even after the file was unlinked: 0o600 while restoring, 0o640
-    once verified, 0o604 when the restore failed. The producer holds an exclusive flock
+    once complete, 0o604 when the restore failed. The producer holds an exclusive flock
     while restoring, so readers can tell a crashed producer from a slow one.
     """
 
@@ -226,8 +200,8 @@ class RestoreHub:
         offset: int = 0,
         length: int | None = None,
     ) -> Iterator[bytes]:
-        """Bytes [offset, offset+length) of the restored layer. Bytes are passed on while
-        at least HOLDBACK more follow them, the rest only once the layer is verified."""
+        """Bytes [offset, offset+length) of the restored layer, each passed on as soon as
+        the segment holding it is verified. `produce` yields verified bytes only."""
         end = size if length is None else offset + length
         path = self.spool_dir / (digest.replace(":", "-") + ".data")
         while True:
@@ -270,14 +244,19 @@ class RestoreHub:
     ) -> None:
         outcome = MODE_FAILED
         try:
-            for chunk in verified(_written(descriptor, produce()), digest, size):
-                del chunk  # `verified` raises unless every byte is right
+            for chunk in produce():
+                _write_all(descriptor, chunk)
+            if os.fstat(descriptor).st_size != size:
+                raise RestoreError(f"the spool holds {os.fstat(descriptor).st_size} bytes")
             outcome = MODE_VERIFIED
         except Exception:
             logger.exception("restore of %s failed", digest)
         os.fchmod(descriptor, outcome)
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
+        if outcome == MODE_FAILED:  # the next GET tries again; readers still see the mode
+            _unlink_quietly(path)
+            return
         timer = threading.Timer(self.keep_seconds, _unlink_quietly, args=(path,))
         timer.daemon = True
         timer.start()
@@ -286,10 +265,11 @@ class RestoreHub:
 MODE_RESTORING, MODE_VERIFIED, MODE_FAILED = 0o600, 0o640, 0o604
 
 
-def _written(descriptor: int, chunks: Iterable[bytes]) -> Iterator[bytes]:
-    for chunk in chunks:
-        os.write(descriptor, chunk)
-        yield chunk
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Write every byte: os.write may write fewer than it was given."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view) :]
 
 
 def _open_existing(path: Path) -> BinaryIO | None:
@@ -305,22 +285,26 @@ def _open_existing(path: Path) -> BinaryIO | None:
 
 
 def _stream(handle: BinaryIO, size: int, offset: int, end: int) -> Iterator[bytes]:
+    """Bytes [offset, end) of a spool file, read as the producer appends them. Whatever
+    the file holds is verified; the mode says whether more will come."""
     with handle:
         handle.seek(offset)
         position = offset
         while position < end:
-            mode = _mode(handle)
-            if mode == MODE_FAILED:
-                raise RestoreError("the layer could not be restored to its digest")
-            available = size if mode == MODE_VERIFIED else _size(handle) - HOLDBACK
-            want = min(end, available) - position
-            if want > 0:
-                data = handle.read(min(want, 1 << 20))
+            mode = _mode(handle)  # before the size: a final mode means a final size
+            available = min(end, _size(handle))
+            if position < available:
+                data = handle.read(min(available - position, 1 << 20))
+                if not data:
+                    raise RestoreError("the spool file shrank under its reader")
                 position += len(data)
                 yield data
-            elif mode == MODE_RESTORING and not _producer_alive(handle):
-                if _mode(handle) == MODE_RESTORING:
-                    raise RestoreError("the restoring process died")
+            elif mode == MODE_VERIFIED:
+                raise RestoreError(f"the restored layer ends before byte {end} of {size}")
+            elif mode == MODE_FAILED:
+                raise RestoreError("the layer could not be restored to its digest")
+            elif not _producer_alive(handle) and _mode(handle) == MODE_RESTORING:
+                raise RestoreError("the restoring process died")
             else:
                 time.sleep(POLL_SECONDS)
 

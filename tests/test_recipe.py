@@ -24,6 +24,7 @@ from pipelines.recipe import (
     build_recipe,
 )
 from pipelines.tarsplit import HashingReader, Payload, join_tar, split_tar
+from pipelines.verify import SegmentDigests
 from tests.test_tarsplit import damaged_tars
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
@@ -84,7 +85,42 @@ def test_round_trip(entries: list[Raw | FileRef], metadata: dict[str, object]) -
 def test_layout_starts_with_magic_and_version() -> None:
     encoded = example_recipe().encode()
     assert encoded[:4] == MAGIC == b"DHRc"
-    assert encoded[4] == VERSION == 1
+    assert encoded[4] == VERSION == 2
+
+
+@PROPERTY_SETTINGS
+@given(
+    lengths=st.lists(st.integers(1, 2**40), min_size=1, max_size=20),
+    seed=st.binary(min_size=1, max_size=8),
+)
+def test_segment_digests_round_trip(lengths: list[int], seed: bytes) -> None:
+    ends = tuple(sum(lengths[: n + 1]) for n in range(len(lengths)))
+    digests = tuple(hashlib.sha256(seed + bytes([n % 256])).digest() for n in range(len(ends)))
+    segments = SegmentDigests(ends, digests)
+    metadata = dict(EXAMPLE_METADATA, blob_size=ends[-1])
+    recipe = build_recipe([Raw(b"x")], segments=segments, **metadata)  # type: ignore[arg-type]
+    assert Recipe.decode(recipe.encode()).segments == segments
+
+
+def test_segments_must_cover_the_blob() -> None:
+    segments = SegmentDigests((10, 20), (bytes(32), bytes(32)))
+    recipe = build_recipe([Raw(b"x")], segments=segments, **EXAMPLE_METADATA)  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match="cover 20 bytes"):
+        Recipe.decode(recipe.encode())
+
+
+def test_version_1_recipes_still_decode_without_segments() -> None:
+    """Recipes written before segment digests existed: the same layout minus the segment
+    count, which a recipe without segments encodes as one zero byte."""
+    recipe = example_recipe()
+    encoded = recipe.encode()[:-32]
+    params_end = encoded.index(EXAMPLE_METADATA["encoder_params"]) + len(  # type: ignore[arg-type]
+        EXAMPLE_METADATA["encoder_params"]  # type: ignore[arg-type]
+    )
+    assert encoded[params_end] == 0  # segment_count
+    version_1 = resigned(encoded[:4] + b"\x01" + encoded[5:params_end] + encoded[params_end + 1 :])
+    decoded = Recipe.decode(version_1)
+    assert decoded == recipe and decoded.segments is None
 
 
 def test_file_refs_are_unique_digests_with_sizes() -> None:
@@ -113,8 +149,8 @@ def test_wrong_magic_and_unknown_version_are_rejected() -> None:
     encoded = example_recipe().encode()
     with pytest.raises(RecipeError, match="magic"):
         Recipe.decode(b"XXXX" + encoded[4:])
-    with pytest.raises(RecipeError, match="version 2"):
-        Recipe.decode(resigned(encoded[:4] + bytes([2]) + encoded[5:-32]))
+    with pytest.raises(RecipeError, match="version 3"):
+        Recipe.decode(resigned(encoded[:4] + bytes([3]) + encoded[5:-32]))
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """The Celery application: one queue per kind of worker, each scaled on its own.
 
 ingest       layer ingestion after a manifest push
-restore      layer reads on behalf of pulls (verification now, rebuilds later)
+restore      layer reads on behalf of pulls (scheduled verification now, rebuilds later)
 predict      pull history that the prediction worker learns from
-maintenance  index rebuilds and expiry of abandoned uploads
+maintenance  retiring intact copies, the schedules (verification sampling, resuming
+             unfinished ingests, expiring abandoned uploads) and index rebuilds
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},
+            "workers.tasks.verify_sample": {"queue": "maintenance"},
+            "workers.tasks.resume_ingests": {"queue": "maintenance"},
         },
         # A job is acknowledged only once done, and requeued if its worker dies mid-way.
         task_acks_late=True,
@@ -49,6 +52,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "purge-stale-uploads": {
                 "task": "workers.tasks.purge_stale_uploads",
                 "schedule": 3600.0,
+            },
+            "verify-sample": {
+                "task": "workers.tasks.verify_sample",
+                "schedule": settings.verify_interval_seconds,
+            },
+            "resume-ingests": {
+                "task": "workers.tasks.resume_ingests",
+                "schedule": 600.0,
             },
         },
     )

@@ -1,0 +1,160 @@
+"""Verified release of restored bytes, without a stack: segment digests from the pushed
+bytes, segments released only once they match, and spool readers that only ever see
+verified bytes, at any offset, whatever the producer does."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.restore import RestoreError, RestoreHub
+from pipelines.verify import SegmentDigests, SegmentHasher, VerificationError, release_verified
+
+SEGMENT = 4096  # small segments, so that a few KiB of data span many of them
+BLOB = os.urandom(10 * SEGMENT + 123)
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+def pieces(data: bytes, size: int) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def segments_of(data: bytes, digest: str = DIGEST) -> SegmentDigests:
+    hasher = SegmentHasher(pieces(data, 1000), SEGMENT)
+    next(hasher)  # the consumer reads a little; finish() hashes the rest
+    return hasher.finish(digest)
+
+
+def released(chunks: Iterator[bytes], segments: SegmentDigests | None) -> tuple[bytes, str]:
+    """What release_verified hands on before it stops, and why it stopped ("" if done)."""
+    out = bytearray()
+    try:
+        for chunk in release_verified(chunks, DIGEST, len(BLOB), segments):
+            out += chunk
+    except VerificationError as error:
+        return bytes(out), str(error)
+    return bytes(out), ""
+
+
+def test_segment_digests_are_those_of_the_pushed_bytes() -> None:
+    segments = segments_of(BLOB)
+    assert segments.ends == (*range(SEGMENT, 11 * SEGMENT, SEGMENT), len(BLOB))
+    starts = (0, *segments.ends[:-1])
+    for start, end, digest in zip(starts, segments.ends, segments.digests, strict=True):
+        assert hashlib.sha256(BLOB[start:end]).digest() == digest
+
+
+def test_segment_digests_need_the_whole_digest_to_match() -> None:
+    damaged = BLOB[:-1] + bytes([BLOB[-1] ^ 1])
+    with pytest.raises(VerificationError, match="hashes to"):
+        segments_of(damaged)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunk=st.integers(1, 3 * SEGMENT), position=st.integers(0, len(BLOB) - 1))
+def test_a_wrong_byte_anywhere_stops_the_release_before_its_segment(
+    chunk: int, position: int
+) -> None:
+    segments = segments_of(BLOB)
+    damaged = bytearray(BLOB)
+    damaged[position] ^= 0x40
+    out, error = released(pieces(bytes(damaged), chunk), segments)
+    assert error
+    first_bad = position // SEGMENT * SEGMENT
+    assert out == BLOB[:first_bad]  # every segment before the damaged one, nothing after
+
+
+@settings(max_examples=50, deadline=None)
+@given(chunk=st.integers(1, 3 * SEGMENT))
+def test_good_bytes_are_all_released_however_they_are_chunked(chunk: int) -> None:
+    assert released(pieces(BLOB, chunk), segments_of(BLOB)) == (BLOB, "")
+
+
+@pytest.mark.parametrize("segments", [True, False], ids=["segments", "whole-layer"])
+def test_a_restore_that_runs_long_stops_at_once(segments: bool) -> None:
+    produced = 0
+
+    def too_long() -> Iterator[bytes]:
+        nonlocal produced
+        for piece in (BLOB, b"extra", os.urandom(1 << 20)):
+            produced += len(piece)
+            yield piece
+
+    out, error = released(too_long(), segments_of(BLOB) if segments else None)
+    assert "ran past" in error
+    assert produced == len(BLOB) + 5  # stopped at the first byte too many
+    assert BLOB.startswith(out) and len(out) < len(BLOB)  # the last segment is held
+
+
+@pytest.mark.parametrize("cut", [1, SEGMENT, len(BLOB) - 1])
+def test_a_short_restore_never_releases_its_last_segment(cut: int) -> None:
+    out, error = released(pieces(BLOB[:cut], 999), segments_of(BLOB))
+    assert "ended after" in error and len(out) <= cut - cut % SEGMENT
+
+
+def test_without_segment_digests_nothing_leaves_before_the_whole_blob_matches() -> None:
+    damaged = BLOB[:-1] + bytes([BLOB[-1] ^ 1])
+    out, error = released(pieces(damaged, 777), None)
+    assert out == b"" and "does not hash" in error
+    assert released(pieces(BLOB, 777), None) == (BLOB, "")
+
+
+def test_segments_that_do_not_cover_the_blob_are_refused() -> None:
+    segments = SegmentDigests((SEGMENT,), (bytes(32),))
+    assert "cover" in released(pieces(BLOB, 999), segments)[1]
+
+
+# The spool: readers of a RestoreHub at any offset see verified bytes or an error.
+
+
+def hub_read(hub: RestoreHub, produce: Iterator[bytes], offset: int, length: int) -> bytes:
+    return b"".join(hub.read(DIGEST, len(BLOB), lambda: produce, offset, length))
+
+
+@pytest.mark.parametrize("damage_at", [0, SEGMENT - 1, 5 * SEGMENT + 7, len(BLOB) - 1])
+def test_spool_readers_at_every_offset_get_exact_bytes_or_an_error(
+    tmp_path: Path, damage_at: int
+) -> None:
+    damaged = bytearray(BLOB)
+    damaged[damage_at] ^= 1
+    segments = segments_of(BLOB)
+    first_bad = damage_at // SEGMENT * SEGMENT
+    for offset in range(0, len(BLOB), 997):
+        hub = RestoreHub(tmp_path / f"spool-{offset}", keep_seconds=0)
+        verified = release_verified(pieces(bytes(damaged), 3000), DIGEST, len(BLOB), segments)
+        length = min(2 * SEGMENT, len(BLOB) - offset)
+        if offset + length <= first_bad:
+            assert hub_read(hub, verified, offset, length) == BLOB[offset : offset + length]
+        else:
+            with pytest.raises(RestoreError):
+                hub_read(hub, verified, offset, length)
+
+
+def test_a_reader_never_spins_when_the_producer_fails_midway(tmp_path: Path) -> None:
+    def failing() -> Iterator[bytes]:
+        yield BLOB[:SEGMENT]
+        raise OSError("disk full")
+
+    hub = RestoreHub(tmp_path, keep_seconds=0)
+    result: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            result.append(hub_read(hub, failing(), 0, len(BLOB)))
+        except RestoreError as error:
+            result.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the reader is still waiting"
+    assert isinstance(result[0], RestoreError)
+    assert hub_read(hub, iter([BLOB]), SEGMENT, 10) == BLOB[SEGMENT : SEGMENT + 10]  # retried
