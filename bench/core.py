@@ -17,7 +17,7 @@ then ours, peer, ...); the table shows the median of `--reps` runs. Before every
 benchmark waits until DupHunter's ingest queue is idle, so that background ingestion of the
 previous push does not eat into the next measurement (its duration is reported separately).
 
-Results: a table on stdout, `build/bench/core.json`, and the section
+Results: a table on stdout, `docs/bench/core.json`, and the section
 `## bench-core: push and pull against Distribution 2.8.2` in `docs/benchmarks.md`.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 
 from minio import Minio
 
-from bench.report import bar_chart, machine, sh, write_section
+from bench.report import RESULTS, bar_chart, git_state, machine, sh, write_section
 from deploy.stack import REPO_ROOT, Stack, free_port, wait_until
 
 OUT_DIR = REPO_ROOT / "build" / "bench"
@@ -49,7 +49,8 @@ ACCESS, SECRET = "duphunter", "duphunter-secret-key"
 OUR_BUCKET, PEER_BUCKET = "duphunter", "distribution"
 TARGET_RATIO = 1.3
 # a pull this long after the previous one of the same layers finds no restore spool left
-COLD_GAP_S = float(os.environ.get("DUPHUNTER_RESTORE_KEEP_SECONDS", "30")) + 5
+KEEP_S = float(os.environ.get("DUPHUNTER_RESTORE_KEEP_SECONDS", "30"))
+COLD_GAP_S = KEEP_S + 5
 MB = 1_000_000
 SKOPEO_CACHE = "/var/lib/containers/cache"
 IMAGE_FORMAT = 3  # bump to rebuild the cached image layouts
@@ -450,7 +451,7 @@ HEADS = {
     "push": "push",
     "pull_intact": "pull (intact)",
     "pull": "pull (dedup, cold)",
-    "pull_warm": "pull again",
+    "pull_warm": "pull again (local spool)",
 }
 
 
@@ -538,7 +539,9 @@ Setup (all on loopback, one machine):
   by "pull (intact)", so both registries serve the blobs as pushed (the issue's target).
   Phase 2, once that worker has deduplicated every layer: "pull (dedup, cold)", where
   DupHunter restores the layers from stored files, at least {COLD_GAP_S:.0f} s after any
-  earlier pull of the same layers (no restore spool left), then "pull again" at once.
+  earlier pull of the same layers (no restore spool left), then "pull again (local spool)"
+  at once: DupHunter then serves the layers it has just restored from this host's restore
+  spool (kept {KEEP_S:.0f} s), not from a new restore.
 - Order alternates per repetition (peer then ours, ours then peer); medians of the
   repetitions. MB = 10^6 bytes; ratio = ours / peer, target <= {TARGET_RATIO} (✗ = missed).
 """
@@ -574,40 +577,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if redirect_text(result):
         lines += ["", f"Footnote: {redirect_text(result)}"]
-    if big_footnote() and not any(r["image"] == BIG_IMAGE for r in result["rows"]):
-        lines += ["", f"Footnote: {big_footnote()}"]
     lines += [f"\nNote: {note}" for note in result.get("notes", [])]
-    lines += ["", "Raw data: `build/bench/core.json`.", ""]
+    lines += ["", "Raw data: `docs/bench/core.json`.", ""]
     return "\n".join(lines)
-
-
-def big_footnote(path: Path = OUT_DIR / "core-big.json") -> str:
-    """The last separate run of the 1 GB image (`--big`), if one was saved."""
-    if not path.exists():
-        return ""
-    big = json.loads(path.read_text())
-    rows = [row for row in big["rows"] if row["image"] == BIG_IMAGE]
-    if not rows:
-        return ""
-    row = rows[0]
-    cells = ", ".join(
-        f"{HEADS[kind]} peer {row[kind]['peer_s']:.1f} s / ours "
-        f"{row[kind]['ours_s']:.1f} s (ratio {row[kind]['ratio']:.2f})"
-        for kind in KINDS
-        if kind in row
-    )
-    return (
-        f"1 GB random layer ({row['bytes'] / MB:.0f} MB, {big['reps']} run(s), {big['date']}, "
-        f"`{big['command']}`, not part of the default "
-        f"run to keep it under 10 minutes): {cells}; DupHunter's ingest took "
-        f"{big['ingest_s'].get(BIG_IMAGE, 0):.0f} s."
-    )
-
-
-def git_state() -> str:
-    head = sh(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]).strip()
-    dirty = sh(["git", "-C", str(REPO_ROOT), "status", "--porcelain"]).strip()
-    return f"commit {head}" + (" plus uncommitted changes" if dirty else "")
 
 
 def write_docs(result: dict[str, Any]) -> None:
@@ -696,7 +668,7 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="add an image with a 1 GB random layer")
     parser.add_argument("--no-redirect", action="store_true", help="skip the redirect footnote")
     parser.add_argument("--images", default="", help="comma-separated subset of images")
-    parser.add_argument("--json", default=str(OUT_DIR / "core.json"), help="results file")
+    parser.add_argument("--json", default=str(RESULTS / "core.json"), help="results file")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     args = parser.parse_args()
     result = bench(args)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import REPO_ROOT, bar_chart, machine, save_json, write_section
+from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
 from deploy.stack import Stack, free_port
 from pipelines.codecs import open_decompressed, sniff
 from pipelines.config import Settings
@@ -216,7 +216,7 @@ def markdown(result: dict[str, Any]) -> str:
         [
             f"Run {result['date']} by `make bench-dedup` (corpus `{result['corpus_size']}`: "
             f"{len(result['runs'])} blobs, {summary['logical_bytes'] / 1e6:.0f} MB pushed; "
-            f"total {result['total_s']:.0f} s).",
+            f"total {result['total_s']:.0f} s), code at {result['git']}.",
             "",
             "```",
             result["machine"],
@@ -242,7 +242,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "Coverage = share of the producer's blob bytes deduplicated. Ratios > 1 in "
             "'split+hash / bound' mean our stages ran faster than the bound. Raw data: "
-            "`build/bench/dedup.json`.",
+            "`docs/bench/dedup.json`.",
         ]
     )
 
@@ -277,6 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary = summarize(runs, stored_by_prefix(registry), index["baseline"]["ideal_store"])
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "git": git_state(),
         "machine": machine(),
         "corpus_size": index.get("size", "?"),
         "total_s": time.perf_counter() - began,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import urllib3
 
-from bench.report import machine, write_section
+from bench.report import git_state, machine, save_json, write_section
 from deploy.stack import Stack, free_port
 
 SIZE = 2 << 30
@@ -80,8 +80,17 @@ def main() -> None:
         pull_seconds = time.monotonic() - started
         assert "sha256:" + pulled.hexdigest() == digest, "pulled bytes differ"
         after_pull = peak_rss_mib(pid)
+        result = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "git": git_state(),
+            "bytes": SIZE,
+            "push_s": push_seconds,
+            "pull_s": pull_seconds,
+            "peak_rss_mib": {"idle": idle, "after_push": after_push, "after_pull": after_pull},
+        }
+        save_json("memory", result)
         report = (
-            f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make bench-memory`: "
+            f"Run {result['date']} by `make bench-memory`, code at {result['git']}: "
             "one gunicorn API process, SeaweedFS S3 and Redis on loopback; a 2 GiB blob pushed "
             "in one streamed PATCH (chunked transfer encoding, as docker and skopeo send it), "
             "then pulled and re-hashed.\n\n"
@@ -89,6 +98,7 @@ def main() -> None:
             f"pull {pull_seconds:.1f} s ({SIZE / pull_seconds / 1e6:.0f} MB/s)\n"
             f"- API process peak resident memory (VmHWM): idle {idle:.0f} MiB, after the push "
             f"{after_push:.0f} MiB, after the pull {after_pull:.0f} MiB\n"
+            "\nRaw data: `docs/bench/memory.json`.\n"
         )
         print(report)
         write_section(HEADING, report, machine())

@@ -10,7 +10,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
-RESULTS = REPO_ROOT / "build" / "bench"
+RESULTS = REPO_ROOT / "docs" / "bench"  # raw results, committed beside the docs
 
 
 def sh(args: list[str], cwd: Path | None = None) -> str:
@@ -45,6 +45,13 @@ def write_section(heading: str, body: str, machine_text: str) -> None:
         text = text[:start] + section + ("\n" + rest if rest else "")
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(text)
+
+
+def git_state() -> str:
+    """The commit the figures were measured at (and whether the tree had changes)."""
+    head = sh(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]).strip()
+    dirty = sh(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", ":!docs"]).strip()
+    return f"commit {head}" + (" plus uncommitted changes" if dirty else "")
 
 
 def save_json(name: str, result: dict[str, Any]) -> Path:
