@@ -6,9 +6,10 @@ decides, the handlers only carry bytes and headers. Served by gunicorn (`api.app
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,6 +23,7 @@ from pipelines.registry import Registry, check_name, paginate, parse_count
 from workers import jobs
 
 Handler = Callable[..., Response]
+SOURCE_HEADER = "X-DupHunter-Source"  # what served a blob GET (pipelines.serving.SOURCES)
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 
 
@@ -125,6 +127,37 @@ def _content_range_start(header: str | None) -> int | None:
     return int(match.group(1))
 
 
+def _json_body(request: Request, required: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        payload = json.loads(request.get_data(cache=False) or b"{}")
+        if not isinstance(payload, dict) or any(key not in payload for key in required):
+            raise ValueError
+    except ValueError as error:
+        names = " and ".join(required)
+        raise RegistryError("UNSUPPORTED", f"body must be JSON with {names}", status=400) from error
+    return payload
+
+
+def client_identity(remote: str, forwarded_for: str, trusted: tuple[str, ...]) -> str:
+    """Who pulls: the remote address, or, when it is a trusted proxy, the nearest address
+    in X-Forwarded-For that is not one (proxies append the address they saw)."""
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted]
+
+    def is_trusted(address: str) -> bool:
+        try:
+            return any(ipaddress.ip_address(address) in net for net in networks)
+        except ValueError:
+            return False
+
+    if not is_trusted(remote):
+        return remote
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else remote
+
+
 class RegistryApp:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -158,6 +191,7 @@ class RegistryApp:
         r.add(rf"/v2/{name}/referrers/(?P<digest>[^/]+)", GET=self.list_referrers)
         r.add(r"/api/v1/stats", GET=self.stats)
         r.add(r"/api/v1/jobs/ingest", POST=self.submit_ingest)
+        r.add(r"/api/v1/jobs/preconstruct", POST=self.submit_preconstruct)
         r.add(r"/api/v1/jobs/(?P<job_id>[^/]+)", GET=self.job_status)
         r.add(r"/api/v1/health", GET=self.health)
 
@@ -260,8 +294,21 @@ class RegistryApp:
         headers["Content-Length"] = str(length)
         if request.method == "HEAD":
             return Response(status=status, headers=headers)
-        body: Iterator[bytes] = self.registry.read_blob(info, start, length)
-        return Response(body, status=status, headers=headers, direct_passthrough=True)
+        jobs.enqueue_blob_event(self._client(request), name, digest)
+        redirect = self.registry.redirect_url(info) if byte_range is None else None
+        if redirect is not None:
+            moved = {"Location": redirect, "Content-Length": "0", SOURCE_HEADER: "intact"}
+            return Response(status=307, headers={**headers, **moved})
+        read = self.registry.read_blob(info, start, length)
+        headers[SOURCE_HEADER] = read.source
+        return Response(read.chunks, status=status, headers=headers, direct_passthrough=True)
+
+    def _client(self, request: Request) -> str:
+        return client_identity(
+            request.remote_addr or "",
+            request.headers.get("X-Forwarded-For", ""),
+            self.registry.settings.trusted_proxies,
+        )
 
     def delete_blob(self, request: Request, name: str, digest: str) -> Response:
         self.registry.blobs.unlink(name, digest)
@@ -283,7 +330,7 @@ class RegistryApp:
         }
         if request.method == "HEAD":
             return Response(status=200, headers=headers)
-        jobs.enqueue_pull_record(name, request.remote_addr or "", manifest.layer_digests())
+        jobs.enqueue_manifest_event(self._client(request), name, manifest.digest)
         return Response(manifest.content, status=200, headers=headers)
 
     def put_manifest(self, request: Request, name: str, reference: str) -> Response:
@@ -332,17 +379,28 @@ class RegistryApp:
         return _json(body)
 
     def submit_ingest(self, request: Request) -> Response:
-        try:
-            payload = json.loads(request.get_data(cache=False) or b"{}")
-            repository, digest = str(payload["repository"]), str(payload["digest"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise RegistryError(
-                "UNSUPPORTED", "body must be JSON with repository and digest", status=400
-            ) from error
+        payload = _json_body(request, ("repository", "digest"))
+        repository, digest = str(payload["repository"]), str(payload["digest"])
         check_name(repository)
         self.registry.blobs.linked_info(repository, digest)
         job_id = jobs.enqueue_ingest(self.registry, repository, digest, force=True)
         return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def submit_preconstruct(self, request: Request) -> Response:
+        """Rebuild an image's deduplicated layers ahead of a rollout: {"repository": r,
+        "reference": tag or digest, "platforms": ["linux/amd64", ...] (of an index, all if
+        absent), "layers": [digests] (instead of the image's own, optional)}."""
+        payload = _json_body(request, ("repository", "reference"))
+        repository, reference = str(payload["repository"]), str(payload["reference"])
+        check_name(repository)
+        platforms = [str(p) for p in payload.get("platforms") or []]
+        layers = self.registry.warm(repository, reference, platforms)
+        if payload.get("layers"):
+            wanted = {str(layer) for layer in payload["layers"]}
+            layers = [layer for layer in layers if layer in wanted]
+        job_id = jobs.enqueue_warm(self.registry, repository, reference, layers)
+        body = {"id": job_id, "state": "queued", "layers": layers}
+        return _json(body, 202, {"Location": f"/api/v1/jobs/{job_id}"})
 
     def job_status(self, request: Request, job_id: str) -> Response:
         status = jobs.status(self.registry, job_id)

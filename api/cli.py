@@ -3,6 +3,9 @@
 duphunter stats                     storage and layer accounting
 duphunter ingest REPOSITORY DIGEST  queue a layer for ingestion, print the job id
 duphunter job ID                    the state and result of a job
+duphunter warm REPO:TAG [--platform P ...] [--wait]
+                                    rebuild an image's deduplicated layers ahead of a
+                                    rollout (into the layer buffer); --wait shows progress
 duphunter reindex                   rebuild the Redis index from S3 (runs locally)
 """
 
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     job = commands.add_parser("job")
     job.add_argument("id")
     commands.add_parser("reindex")
+    warm = commands.add_parser("warm")
+    warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
+    warm.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64")
+    warm.add_argument("--wait", action="store_true", help="wait until every layer is rebuilt")
     args = parser.parse_args(argv)
     result = _run(args)
     if args.json or not isinstance(result, dict) or args.command != "stats":
@@ -86,9 +94,37 @@ def _run(args: argparse.Namespace) -> Any:
         )
     if args.command == "job":
         return _call(args.url, "GET", f"/api/v1/jobs/{args.id}")
+    if args.command == "warm":
+        return _warm(args)
     from pipelines.registry import Registry
 
     return Registry.connect().rebuild_index()
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """ "team/app:v1" -> ("team/app", "v1"); "team/app@sha256:..." -> (..., "sha256:...")."""
+    if "@" in image:
+        repository, reference = image.split("@", 1)
+    else:
+        repository, _, reference = image.rpartition(":")
+        if not repository or "/" in reference:
+            repository, reference = image, "latest"
+    return repository, reference
+
+
+def _warm(args: argparse.Namespace) -> Any:
+    repository, reference = split_image(args.image)
+    body = {"repository": repository, "reference": reference, "platforms": args.platform}
+    job = _call(args.url, "POST", "/api/v1/jobs/preconstruct", body)
+    while args.wait:
+        status = _call(args.url, "GET", f"/api/v1/jobs/{job['id']}")
+        progress = status["progress"]
+        print(f"\r{progress['done']}/{progress['total']} layers rebuilt", end="", file=sys.stderr)
+        if status["state"] in ("success", "failure"):
+            print(file=sys.stderr)
+            return status
+        time.sleep(0.5)
+    return job
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def restore_blob(
     info = registry.blobs.info(digest)
     assert info is not None and info.deduplicated
     started = time.perf_counter()
-    assert drain(registry.read_blob(info)) == digest, f"restore of {digest} is wrong"
+    assert drain(registry.read_blob(info).chunks) == digest, f"restore of {digest} is wrong"
     run.restore_s = time.perf_counter() - started
     record = registry.index.layer(digest)
     recipe_params = _recipe_params(registry, info.recipe or "")

@@ -54,6 +54,8 @@ class BlobInfo:
     encoder: str = ""
     retired: list[Segment] = field(default_factory=list)  # intact copy awaiting deletion
 
+    # A deduplicated blob may keep `segments` too: the intact replica of a hot layer.
+
     @property
     def deduplicated(self) -> bool:
         return self.recipe is not None
@@ -196,7 +198,7 @@ class BlobStore:
     def read(self, info: BlobInfo, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """Stream `length` bytes of an intact blob from `offset`, across its data objects.
         A deduplicated blob is read through `Registry.read_blob`, which restores it."""
-        if info.deduplicated:
+        if info.deduplicated and not info.segments:
             raise ValueError(f"{info.digest} is deduplicated: it has no data objects to read")
         end = info.size if length is None else offset + length
         position = 0

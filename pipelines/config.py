@@ -51,9 +51,48 @@ class Settings:
     verify_interval_seconds: float = field(
         default_factory=lambda: float(_env("VERIFY_INTERVAL_SECONDS", "3600"))
     )
+    mode: str = field(default_factory=lambda: _env("MODE", "s"))
+    predictor: str = field(default_factory=lambda: _env("PREDICTOR", "history"))
+    buffer_bytes: int = field(default_factory=lambda: int(_env("BUFFER_BYTES", str(4 << 30))))
+    buffer_tau_seconds: float = field(
+        default_factory=lambda: float(_env("BUFFER_TAU_SECONDS", "3600"))
+    )
+    buffer_pin_seconds: float = field(
+        default_factory=lambda: float(_env("BUFFER_PIN_SECONDS", "600"))
+    )
+    popularity_tau_seconds: float = field(
+        default_factory=lambda: float(_env("POPULARITY_TAU_SECONDS", "3600"))
+    )
+    popularity_interval_seconds: float = field(
+        default_factory=lambda: float(_env("POPULARITY_INTERVAL_SECONDS", "60"))
+    )
+    hot_bytes: int = field(default_factory=lambda: int(_env("HOT_BYTES", str(2 << 30))))
+    hot_gets_per_hour: float = field(default_factory=lambda: float(_env("HOT_GETS_PER_HOUR", "6")))
+    history_half_life_seconds: float = field(
+        default_factory=lambda: float(_env("HISTORY_HALF_LIFE_SECONDS", str(7 * 86400)))
+    )
+    preconstruct_deadline_seconds: float = field(
+        default_factory=lambda: float(_env("PRECONSTRUCT_DEADLINE_SECONDS", "300"))
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            item.strip() for item in _env("TRUSTED_PROXIES", "").split(",") if item.strip()
+        )
+    )
+    redirect: str = field(default_factory=lambda: _env("REDIRECT", "off"))
     helper_dir: Path = field(
         default_factory=lambda: Path(_env("HELPER_DIR", str(REPO_ROOT / "build" / "helpers")))
     )
+
+    def __post_init__(self) -> None:
+        choices = {
+            "MODE": (self.mode, ("intact", "b0", "s")),
+            "PREDICTOR": (self.predictor, ("none", "paper", "history")),
+            "REDIRECT": (self.redirect, ("off", "presigned")),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"DUPHUNTER_{name}={value!r}: choose one of {', '.join(allowed)}")
 
     @property
     def s3_endpoint_hostport(self) -> str:

@@ -133,7 +133,7 @@ def run_filter(argv: Sequence[str], chunks: Iterable[bytes]) -> Iterator[bytes]:
         if not finished:
             proc.kill()
         stdout.close()
-        returncode = proc.wait()
+        returncode = _reap(proc)
         for thread in threads:
             thread.join()
     if feed_errors:
@@ -141,6 +141,22 @@ def run_filter(argv: Sequence[str], chunks: Iterable[bytes]) -> Iterator[bytes]:
     if returncode != 0:
         message = b"".join(stderr_text).decode("utf-8", "replace").strip()
         raise RuntimeError(f"{argv[0]} exited with {returncode}: {message}")
+
+
+_helper_cpu = threading.local()
+
+
+def helper_cpu_seconds() -> float:
+    """CPU seconds used so far by the helper processes this thread ran to completion."""
+    return float(getattr(_helper_cpu, "seconds", 0.0))
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for a helper and count its CPU time (user + system) for this thread."""
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    _helper_cpu.seconds = helper_cpu_seconds() + usage.ru_utime + usage.ru_stime
+    return proc.returncode
 
 
 def _feed(

@@ -185,7 +185,7 @@ class Index:
             if not key.startswith(f"{PREFIX}lock:".encode()):
                 self.redis.delete(key)
 
-    # jobs and pull history
+    # jobs
     def put_job(self, job_id: str, fields: dict[str, str], ttl: int = 7 * 24 * 3600) -> None:
         key = f"{PREFIX}job:{job_id}"
         self.redis.hset(key, mapping=_mapping(fields))
@@ -197,18 +197,6 @@ class Index:
 
     def queue_length(self, queue: str) -> int:
         return int(self.redis.llen(queue))
-
-    def record_pull(self, repo: str, client: str, layers: list[str]) -> None:
-        """Count, per repository and per client, how often each layer was asked for."""
-        pipe = self.redis.pipeline()
-        for layer in layers:
-            pipe.zincrby(f"{PREFIX}pulls:repo:{repo}", 1, layer)
-            pipe.zincrby(f"{PREFIX}pulls:client:{client}", 1, layer)
-        pipe.execute()
-
-    def pull_counts(self, kind: str, key: str) -> dict[str, int]:
-        raw = self.redis.zrange(f"{PREFIX}pulls:{kind}:{key}", 0, -1, withscores=True)
-        return {member.decode(): int(score) for member, score in raw}
 
     # the content store of unique files
     def file_locations(self, hex_digests: list[str]) -> list[str | None]:

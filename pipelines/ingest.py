@@ -251,15 +251,26 @@ class Ingestor:
         save_record(self.store, self.index, record)
         return IngestResult(record, retire_after_grace=False)
 
-    def retire_intact_copy(self, digest: str) -> int:
-        """Delete the intact copy of a deduplicated layer; the bytes freed (0 if none)."""
+    def retire_intact_copy(self, digest: str, keep_replica: bool = False) -> int:
+        """Settle the intact copy of a deduplicated layer: delete it (the bytes freed), or,
+        for a layer hot enough to keep one (S-mode), keep it as the layer's replica."""
         with self.index.lock(f"retire:{digest}"):
             info = self.blobs.stored_info(digest)
-            if info is None or not info.deduplicated or not info.retired:
+            if info is None or not info.deduplicated:
                 return 0
-            present = [s for s in info.retired if self.store.size(s.key) is not None]
+            if keep_replica:
+                if info.retired:
+                    kept = replace(info, segments=info.segments + info.retired, retired=[])
+                    self.blobs.replace_descriptor(kept)
+                    self.index.count("replica_bytes", sum(s.size for s in info.retired))
+                return 0
+            doomed = info.retired + info.segments
+            if not doomed:
+                return 0
+            present = [s for s in doomed if self.store.size(s.key) is not None]
             self.store.delete([s.key for s in present])
             freed = sum(s.size for s in present)
             self.index.add_bytes(stored=-freed)
-            self.blobs.replace_descriptor(replace(info, retired=[]))
+            self.index.count("replica_bytes", -sum(s.size for s in info.segments))
+            self.blobs.replace_descriptor(replace(info, segments=[], retired=[]))
             return freed

@@ -71,6 +71,18 @@ class StoredManifest:
             return []
         return [str(layer["digest"]) for layer in json.loads(self.content).get("layers", [])]
 
+    def platforms(self) -> list[tuple[str, str]]:
+        """For an index: each manifest it names and its platform ("os/arch[/variant]")."""
+        if self.media_type not in INDEX_TYPES:
+            return []
+        children = []
+        for child in json.loads(self.content).get("manifests", []):
+            platform = child.get("platform") or {}
+            parts = [platform.get("os", ""), platform.get("architecture", "")]
+            parts += [platform["variant"]] if platform.get("variant") else []
+            children.append((str(child["digest"]), "/".join(parts)))
+        return children
+
 
 def _invalid(message: str, detail: Any = None) -> RegistryError:
     return RegistryError("MANIFEST_INVALID", message, detail)

@@ -7,14 +7,12 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import urllib3
-from minio.error import S3Error
-
 from pipelines.blobs import BlobInfo, BlobStore
+from pipelines.buffer import LayerBuffer
 from pipelines.config import Settings
 from pipelines.digests import Digest
 from pipelines.errors import RegistryError
@@ -22,14 +20,18 @@ from pipelines.filestore import FileStore, read_pack_table
 from pipelines.index import Index
 from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, Ingestor
 from pipelines.manifests import ManifestStore
+from pipelines.popularity import Popularity
+from pipelines.predict import AccessHistory, ClientHistory, Prediction, choose_platform, predict
 from pipelines.recipe import Recipe
-from pipelines.restore import RestoreError, RestoreHub, restore_blob
+from pipelines.restore import RestoreError, RestoreHub
+from pipelines.serving import BlobRead, BlobServer
 from pipelines.storage import ObjectNotFound, ObjectStore, S3Store
 
 NAME_PATTERN = re.compile(
     r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
 )
 MAX_NAME_LENGTH = 255
+REDIRECT_URL_SECONDS = 1200
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -63,6 +65,20 @@ def parse_count(raw: str | None) -> int | None:
     return int(raw)
 
 
+@dataclass(frozen=True)
+class ReplicaPlan:
+    hot: frozenset[str]  # should hold an intact replica
+    holding: frozenset[str]  # hold one (or an intact copy not yet settled)
+
+    @property
+    def to_promote(self) -> list[str]:
+        return sorted(self.hot - self.holding)
+
+    @property
+    def to_demote(self) -> list[str]:
+        return sorted(self.holding - self.hot)
+
+
 @dataclass
 class Registry:
     settings: Settings
@@ -72,7 +88,10 @@ class Registry:
     manifests: ManifestStore
     files: FileStore
     ingestor: Ingestor
-    restores: RestoreHub
+    buffer: LayerBuffer
+    server: BlobServer
+    popularity: Popularity
+    history: AccessHistory
 
     @classmethod
     def connect(cls, settings: Settings | None = None) -> Registry:
@@ -81,6 +100,14 @@ class Registry:
         index = Index.from_url(settings.redis_url)
         blobs = BlobStore(store, index, settings.max_blob_bytes, settings.upload_ttl_seconds)
         files = FileStore(store, index)
+        buffer = LayerBuffer(
+            store,
+            index.redis,
+            settings.buffer_bytes,
+            settings.buffer_tau_seconds,
+            settings.buffer_pin_seconds,
+        )
+        hub = RestoreHub(settings.spool_dir, settings.restore_keep_seconds)
         return cls(
             settings,
             store,
@@ -89,53 +116,24 @@ class Registry:
             ManifestStore(store, index, blobs),
             files,
             Ingestor(store, index, blobs, files),
-            RestoreHub(settings.spool_dir, settings.restore_keep_seconds),
+            buffer,
+            BlobServer(store, index, blobs, files, hub, buffer),
+            Popularity(index.redis, settings.popularity_tau_seconds),
+            AccessHistory(index.redis, settings.history_half_life_seconds),
         )
 
-    def read_blob(
-        self, info: BlobInfo, offset: int = 0, length: int | None = None
-    ) -> Iterator[bytes]:
-        """The blob's bytes [offset, offset+length): intact, or restored and verified.
-        The first bytes are produced before this returns, so that a blob that cannot be
+    def read_blob(self, info: BlobInfo, offset: int = 0, length: int | None = None) -> BlobRead:
+        """The blob's bytes [offset, offset+length) and what serves them (`serving`). The
+        first bytes are produced before this returns, so that a blob that cannot be
         served gets an error status instead of a cut-off body."""
         end = info.size if length is None else offset + length
-        if info.deduplicated:
-            chunks = self._read_restored(info, offset, end)
-        else:
-            chunks = self._read_intact(info, offset, end)
+        read = self.server.read(info, offset, end)
         try:
-            first = next(chunks, b"")
+            first = next(read.chunks, b"")
         except (RestoreError, ObjectNotFound) as error:
             message = f"blob {info.digest} cannot be served: {error}"
             raise RegistryError("UNKNOWN", message) from error
-        return itertools.chain([first], chunks)
-
-    def _read_restored(self, info: BlobInfo, offset: int, end: int) -> Iterator[bytes]:
-        return self.restores.read(
-            info.digest, info.size, lambda: self._restore(info), offset, end - offset
-        )
-
-    def _read_intact(self, info: BlobInfo, offset: int, end: int) -> Iterator[bytes]:
-        """An intact blob. If its data objects go away mid-read (the layer was deduplicated
-        and its intact copy retired), the read goes on from a restore at the same offset."""
-        position = offset
-        try:
-            for chunk in self.blobs.read(info, offset, end - offset):
-                position += len(chunk)
-                yield chunk
-        except (ObjectNotFound, S3Error, urllib3.exceptions.HTTPError):
-            current = self.blobs.stored_info(info.digest)
-            if current is None or not current.deduplicated:
-                raise
-            self.index.count("intact_reads_resumed_from_restore")
-            yield from self._read_restored(current, position, end)
-
-    def _restore(self, info: BlobInfo) -> Iterator[bytes]:
-        self.index.count("restores")
-        recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
-        if recipe.blob_digest != info.digest or recipe.blob_size != info.size:
-            raise RestoreError(f"recipe {info.recipe} is for {recipe.blob_digest}")
-        return restore_blob(recipe, self.files)
+        return BlobRead(read.source, itertools.chain([first], read.chunks))
 
     def verify_blob(self, digest: str) -> dict[str, Any]:
         """Read a blob as a pull would (restoring it if deduplicated) and check its digest;
@@ -143,11 +141,12 @@ class Registry:
         info = self.blobs.info(digest)
         if info is None:
             return {"digest": digest, "ok": False, "reason": "blob not found"}
-        hasher = hashlib.sha256()
+        algorithm = digest.split(":", 1)[0]
+        hasher = hashlib.new(algorithm)
         try:
-            for chunk in self.read_blob(info):
+            for chunk in self.read_blob(info).chunks:
                 hasher.update(chunk)
-            actual = "sha256:" + hasher.hexdigest()
+            actual = f"{algorithm}:{hasher.hexdigest()}"
             reason = "" if actual == digest else f"read back as {actual}"
         except (RegistryError, RestoreError) as error:
             reason = str(error)
@@ -155,6 +154,102 @@ class Registry:
         if info.deduplicated:
             self.ingestor.record_verification(digest, reason)
         return result
+
+    def redirect_url(self, info: BlobInfo) -> str | None:
+        """With DUPHUNTER_REDIRECT=presigned, a presigned S3 URL for a blob whose bytes lie
+        whole in one S3 object (an intact copy pushed in one request, a replica), so that
+        its bytes skip the API; None when it must be streamed."""
+        if self.settings.redirect != "presigned" or len(info.segments) != 1:
+            return None
+        return self.store.presigned_get(info.segments[0].key, REDIRECT_URL_SECONDS)
+
+    def deduplicates(self) -> bool:
+        """False in mode `intact`: a plain registry that never deduplicates a layer."""
+        return self.settings.mode != "intact"
+
+    # what the registry learns from GETs, and what it rebuilds or keeps because of it
+    def on_manifest_get(self, client: str, repo: str, digest: str) -> list[Prediction]:
+        """Learn from a manifest GET; the layers worth rebuilding before the client asks.
+        For an index, the platform the client will take is predicted and its layers
+        returned at once (the client's next request is that manifest)."""
+        manifest = self.manifests.get(repo, digest, [])
+        history = self.history.client(client)
+        children = manifest.platforms()
+        if children:
+            self.history.remember_index(client, dict(children))
+            chosen = choose_platform([platform for _child, platform in children], history)
+            child = self.manifests.get(repo, children[chosen][0], [])
+            return self._worth_rebuilding(child.layer_digests(), history)
+        self.history.record_platform_choice(client, digest)
+        layers = manifest.layer_digests()
+        predictions = self._worth_rebuilding(layers, history)
+        self.history.record_manifest_get(client, layers, history)
+        return predictions
+
+    def _worth_rebuilding(self, layers: list[str], history: ClientHistory) -> list[Prediction]:
+        infos = {digest: self.blobs.info(digest) for digest in dict.fromkeys(layers)}
+        sizes = {digest: info.size for digest, info in infos.items() if info is not None}
+        worth = []
+        for prediction in predict(self.settings.predictor, layers, history, sizes):
+            info = infos.get(prediction.digest)
+            if info is None or not info.deduplicated or info.segments:
+                continue  # served intact: nothing to rebuild
+            if self.buffer.entry(prediction.digest) is not None:
+                self.buffer.expect(prediction.digest, 1)
+                continue
+            worth.append(prediction)
+        return worth
+
+    def on_blob_get(self, client: str, repo: str, digest: str, when: float) -> None:
+        self.history.record_blob_get(client, repo, digest, when)
+        self.popularity.record_get(digest, when)
+
+    def keeps_replica(self, digest: str) -> bool:
+        """Whether a just-deduplicated layer keeps its intact copy as a replica (S-mode):
+        it was in the last hot set, or it is pulled at the hot rate already. The next
+        `replica_plan` applies the byte budget."""
+        if self.settings.mode != "s":
+            return False
+        rate = self.popularity.rate_per_hour(digest)
+        return rate >= self.settings.hot_gets_per_hour or self.popularity.was_hot(digest)
+
+    def replica_plan(self) -> ReplicaPlan:
+        """Which deduplicated layers should hold an intact replica, and which hold one."""
+        sizes: dict[str, int] = {}
+        holding: set[str] = set()
+        for digest, state in self.index.layer_states().items():
+            info = self.blobs.info(digest) if state == DEDUPLICATED else None
+            if info is not None:
+                sizes[digest] = info.size
+                if info.segments or info.retired:
+                    holding.add(digest)
+        hot: frozenset[str] = frozenset()
+        if self.settings.mode == "s":
+            budget, floor = self.settings.hot_bytes, self.settings.hot_gets_per_hour
+            hot = self.popularity.hot_set(sizes, budget, floor).hot
+        self.popularity.remember_hot(hot)
+        return ReplicaPlan(hot, frozenset(holding))
+
+    def warm(self, repo: str, reference: str, platforms: list[str]) -> list[str]:
+        """The deduplicated layers of an image (of the wanted platforms of an index) that
+        nothing serves intact: what `POST /api/v1/jobs/preconstruct` rebuilds."""
+        manifest = self.manifests.get(repo, reference, [])
+        children = manifest.platforms()
+        if children:
+            wanted = [d for d, platform in children if not platforms or platform in platforms]
+            layers = [
+                layer
+                for child in wanted
+                for layer in self.manifests.get(repo, child, []).layer_digests()
+            ]
+        else:
+            layers = manifest.layer_digests()
+        worth = []
+        for digest in dict.fromkeys(layers):
+            info = self.blobs.info(digest)
+            if info is not None and info.deduplicated and not info.segments:
+                worth.append(digest)
+        return worth
 
     def mount(self, repo: str, digest: str, source_repo: str) -> bool:
         """Cross-repository mount; False (so the client uploads instead) when `source_repo`
@@ -194,6 +289,22 @@ class Registry:
                 layer["reason"] for layer in layers if layer["state"] == INTACT
             ),
             "verification": self._verification_stats(counters),
+            "storage": {
+                "mode": self.settings.mode,
+                "stored_bytes": stored,
+                "replica_bytes": counters.get("replica_bytes", 0),
+                "buffer_bytes": self.buffer.used_bytes(),
+                "stored_with_buffer_bytes": stored + self.buffer.used_bytes(),
+            },
+            "buffer": self.buffer.stats(),
+            "restores": {
+                "on_demand_or_preconstructed": counters.get("restores", 0),
+                "preconstructions": counters.get("preconstructions", 0),
+                "cpu_seconds": counters.get("restore_cpu_ms", 0) / 1000,
+                "intact_reads_resumed": counters.get("intact_reads_resumed_from_restore", 0),
+                "buffer_reads_resumed": counters.get("buffer_reads_resumed_from_restore", 0),
+            },
+            "predictor": self.settings.predictor,
         }
 
     def _verification_stats(self, counters: dict[str, int]) -> dict[str, Any]:
@@ -248,6 +359,8 @@ class Registry:
         counts: dict[str, int] = {}
         logical = stored = 0
         recipes_in_use: list[str] = []
+        self.store.delete([key for key, _size in self.store.list("buffer/")])  # a cache
+        replica_bytes = 0
         for key, size in self.store.list(""):
             kind = key.split("/", 1)[0]
             if kind in ("data", "manifests", "packs", "recipes"):
@@ -258,6 +371,7 @@ class Registry:
                 logical += info.size
                 if info.recipe is not None:
                     recipes_in_use.append(info.recipe)
+                    replica_bytes += sum(segment.size for segment in info.segments)
             else:
                 kind = self._reindex_object(key, size)
             counts[kind] = counts.get(kind, 0) + 1
@@ -265,6 +379,7 @@ class Registry:
             recipe = Recipe.decode(self.store.get_bytes(key))
             self.index.add_file_references([digest.hex() for digest in recipe.file_refs()])
         self.index.add_bytes(logical=logical, stored=stored)
+        self.index.count("replica_bytes", replica_bytes)
         self.index.mark_ready()
         return counts
 

@@ -192,6 +192,18 @@ class RestoreHub:
                 if os.fstat(handle.fileno()).st_mtime < deadline and not _producer_alive(handle):
                     path.unlink()
 
+    def state(self, digest: str) -> str | None:
+        """ "restoring" or "complete" if this host has a spool file for the layer."""
+        handle = _open_existing(self._path(digest))
+        if handle is None:
+            return None
+        with handle:
+            mode = _mode(handle)
+        return {MODE_RESTORING: "restoring", MODE_VERIFIED: "complete"}.get(mode)
+
+    def _path(self, digest: str) -> Path:
+        return self.spool_dir / (digest.replace(":", "-") + ".data")
+
     def read(
         self,
         digest: str,
@@ -203,7 +215,7 @@ class RestoreHub:
         """Bytes [offset, offset+length) of the restored layer, each passed on as soon as
         the segment holding it is verified. `produce` yields verified bytes only."""
         end = size if length is None else offset + length
-        path = self.spool_dir / (digest.replace(":", "-") + ".data")
+        path = self._path(digest)
         while True:
             handle = self._claim_or_open(path, digest, size, produce)
             if handle is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import BinaryIO, Protocol, cast
 
 import urllib3
@@ -42,6 +43,7 @@ class ObjectStore(Protocol):
     def size(self, key: str) -> int | None: ...
     def delete(self, keys: list[str]) -> None: ...
     def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+    def presigned_get(self, key: str, seconds: int) -> str: ...
 
 
 class S3Store:
@@ -109,6 +111,10 @@ class S3Store:
         real = [error for error in errors if error.code != "NoSuchKey"]
         if real:
             raise RuntimeError(f"S3 delete failed: {real[0].code} {real[0].message}")
+
+    def presigned_get(self, key: str, seconds: int) -> str:
+        """A URL that lets its holder GET the object for `seconds`, without credentials."""
+        return str(self.client.presigned_get_object(self.bucket, key, timedelta(seconds=seconds)))
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):

@@ -3,17 +3,19 @@ Celery workers, each on free loopback ports, started once per test session."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from deploy.stack import REPO_ROOT, Stack, free_port
+from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
 from pipelines.config import Settings
 from pipelines.registry import Registry
 from tests.client import RegistryClient
@@ -49,6 +51,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
                 "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
                 "DUPHUNTER_RESTORE_KEEP_SECONDS": "1",
                 "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "10",
+                "DUPHUNTER_BUFFER_BYTES": str(512 << 20),
+                "DUPHUNTER_POPULARITY_TAU_SECONDS": "10",
+                "DUPHUNTER_HOT_GETS_PER_HOUR": "3600",
+                "DUPHUNTER_POPULARITY_INTERVAL_SECONDS": "3600",  # the tests run it
             }
         )
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith("DUPHUNTER_")})
@@ -56,6 +62,33 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         stack.start_api(listen)
         settings = Settings()
         yield LiveStack(f"http://{listen}", settings, Registry.connect(settings), workdir, stack)
+
+
+@contextlib.contextmanager
+def extra_api(
+    live: LiveStack, env: dict[str, str], preexec: Callable[[], None] | None = None
+) -> Iterator[RegistryClient]:
+    """A second API process on the stack's Redis and S3 (standing for another host: its
+    own port and spool), with some settings changed."""
+    listen = f"127.0.0.1:{free_port()}"
+    spool = str(live.workdir / f"spool-{listen}")
+    process = subprocess.Popen(
+        [str(VENV_BIN / "gunicorn"), "--bind", listen, "--workers", "1",
+         "--worker-class", "gthread", "--threads", "8", "api.app:app"],
+        cwd=REPO_ROOT,
+        env={**live.stack.env, "DUPHUNTER_SPOOL_DIR": spool, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=preexec,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        client = RegistryClient(f"http://{listen}")
+        wait_until(lambda: client.request("GET", "/v2/").status == 200, "second API")
+        yield client
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.fixture

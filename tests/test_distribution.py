@@ -439,26 +439,3 @@ def test_cli_stats_and_jobs(
     job = json.loads(capsys.readouterr().out)
     main(["--url", client.url, "--json", "job", job["id"]])
     assert json.loads(capsys.readouterr().out)["digest"] == sha256(layer)
-
-
-def test_manifest_gets_feed_the_pull_history(
-    client: RegistryClient, repo: str, live: object
-) -> None:
-    """Every manifest GET counts its layers per repository and per client (the predict
-    queue's input); HEADs do not."""
-    from tests.conftest import LiveStack
-
-    assert isinstance(live, LiveStack)
-    layers = [os.urandom(100), os.urandom(200)]
-    client.push_image(repo, "pulled", layers)
-    client.request("HEAD", f"/v2/{repo}/manifests/pulled")
-    for _ in range(2):
-        client.request("GET", f"/v2/{repo}/manifests/pulled")
-    expected = {sha256(layer): 2 for layer in layers}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if live.registry.index.pull_counts("repo", repo) == expected:
-            break
-        time.sleep(0.2)
-    assert live.registry.index.pull_counts("repo", repo) == expected
-    assert live.registry.index.pull_counts("client", "127.0.0.1").keys() >= expected.keys()

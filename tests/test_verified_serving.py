@@ -11,7 +11,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,14 +18,14 @@ import pytest
 import redis
 import urllib3
 
-from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
+from deploy.stack import free_port, wait_until
 from pipelines.blobs import BlobInfo
 from pipelines.ingest import INTACT, LayerRecord, layer_record_key, save_record
 from pipelines.recipe import Raw, Recipe, RecipeBuilder
 from pipelines.tarsplit import FileRef
 from pipelines.verify import SEGMENT_BYTES
 from tests.client import RegistryClient, image_manifest, sha256
-from tests.conftest import LiveStack
+from tests.conftest import LiveStack, extra_api
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
 from workers.app import make_celery
 
@@ -204,31 +203,6 @@ def limited_file_size(limit: int) -> Callable[[], None]:
     return apply
 
 
-@contextlib.contextmanager
-def api_with_file_size_limit(live: LiveStack, limit: int) -> Iterator[RegistryClient]:
-    """A second API process on the same Redis and S3 whose spool file cannot grow past
-    `limit` bytes: the write that crosses it is short, the next one fails."""
-    listen = f"127.0.0.1:{free_port()}"
-    env = dict(live.stack.env, DUPHUNTER_SPOOL_DIR=str(live.workdir / f"spool-{listen}"))
-    process = subprocess.Popen(
-        [str(VENV_BIN / "gunicorn"), "--bind", listen, "--workers", "1",
-         "--worker-class", "gthread", "--threads", "4", "api.app:app"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=limited_file_size(limit),
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        client = RegistryClient(f"http://{listen}")
-        wait_until(lambda: client.request("GET", "/v2/").status == 200, "limited API")
-        yield client
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def test_a_short_spool_write_is_an_error_never_a_hang(
     client: RegistryClient, repo: str, live: LiveStack
 ) -> None:
@@ -237,7 +211,7 @@ def test_a_short_spool_write_is_an_error_never_a_hang(
     the file is never taken for complete."""
     layer = random_layer(6)
     info = deduplicated(client, repo, live, layer)
-    with api_with_file_size_limit(live, len(layer) - 1000) as limited:
+    with extra_api(live, {}, limited_file_size(len(layer) - 1000)) as limited:
         started = time.monotonic()
         assert fetch(limited, repo, info.digest) is None
         assert fetch(limited, repo, info.digest, "bytes=-100") is None

@@ -1,10 +1,12 @@
 """The Celery application: one queue per kind of worker, each scaled on its own.
 
 ingest       layer ingestion after a manifest push
-restore      layer reads on behalf of pulls (scheduled verification now, rebuilds later)
-predict      pull history that the prediction worker learns from
-maintenance  retiring intact copies, the schedules (verification sampling, resuming
-             unfinished ingests, expiring abandoned uploads) and index rebuilds
+restore      layer rebuilds: preconstruction into the layer buffer (warm requests first,
+             then predictions), intact replicas of hot layers, verification reads
+predict      the prediction worker: access events from every manifest and blob GET,
+             the history it learns from, and the rebuilds it asks for
+maintenance  retiring intact copies, the schedules (popularity, verification sampling,
+             resuming unfinished ingests, expiring abandoned uploads), index rebuilds
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_routes={
             "workers.tasks.ingest_layer": {"queue": "ingest"},
             "workers.tasks.verify_blob": {"queue": "restore"},
-            "workers.tasks.record_pull": {"queue": "predict"},
+            "workers.tasks.manifest_fetched": {"queue": "predict"},
+            "workers.tasks.blob_fetched": {"queue": "predict"},
+            "workers.tasks.preconstruct_layer": {"queue": "restore"},
+            "workers.tasks.materialize_intact": {"queue": "restore"},
+            "workers.tasks.apply_popularity": {"queue": "maintenance"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},
@@ -42,7 +48,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            # Message priorities on Redis: one list per step, the lowest number first.
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        task_default_priority=5,
         result_expires=7 * 24 * 3600,
         task_track_started=True,
         worker_send_task_events=True,
@@ -60,6 +73,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "resume-ingests": {
                 "task": "workers.tasks.resume_ingests",
                 "schedule": 600.0,
+            },
+            "apply-popularity": {
+                "task": "workers.tasks.apply_popularity",
+                "schedule": settings.popularity_interval_seconds,
             },
         },
     )

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar
 
@@ -45,6 +46,10 @@ def retrying(work: Callable[[], Result]) -> Result:
             delay = min(delay * 2, MAX_RETRY_DELAY)
 
 
+# Priorities on the restore queue (Redis transport: 0 is served first).
+PRIORITY_WARM, PRIORITY_PREDICTED, PRIORITY_REPLICA, PRIORITY_VERIFY = 0, 3, 6, 9
+
+
 @celery_app.task(name="workers.tasks.ingest_layer")
 def ingest_layer(repository: str, digest: str) -> dict[str, str]:
     result = retrying(lambda: registry().ingestor.ingest(digest))
@@ -55,9 +60,56 @@ def ingest_layer(repository: str, digest: str) -> dict[str, str]:
 
 
 @celery_app.task(name="workers.tasks.retire_intact_copy")
-def retire_intact_copy(digest: str) -> int:
-    """Delete a deduplicated layer's intact copy once in-flight GETs had time to finish."""
-    return retrying(lambda: registry().ingestor.retire_intact_copy(digest))
+def retire_intact_copy(digest: str, keep: bool | None = None) -> int:
+    """Settle a deduplicated layer's intact copy once in-flight GETs had time to finish:
+    delete it, or keep it as a replica if the layer is hot (`keep` None: decide now)."""
+    keep_replica = registry().keeps_replica(digest) if keep is None else keep
+    return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
+
+
+@celery_app.task(name="workers.tasks.manifest_fetched", ignore_result=True)
+def manifest_fetched(client: str, repository: str, digest: str, when: float) -> list[str]:
+    """Learn from a manifest GET; queue the rebuilds the predictor asks for, each useless
+    after the deadline (the client has pulled by then)."""
+    predictions = retrying(lambda: registry().on_manifest_get(client, repository, digest))
+    expires = datetime.fromtimestamp(
+        when + registry().settings.preconstruct_deadline_seconds, tz=UTC
+    )
+    for prediction in predictions:
+        preconstruct_layer.apply_async(
+            args=(prediction.digest, "predicted", 1),
+            priority=PRIORITY_PREDICTED,
+            expires=expires,
+        )
+    return [prediction.digest for prediction in predictions]
+
+
+@celery_app.task(name="workers.tasks.blob_fetched", ignore_result=True)
+def blob_fetched(client: str, repository: str, digest: str, when: float) -> None:
+    retrying(lambda: registry().on_blob_get(client, repository, digest, when))
+
+
+@celery_app.task(name="workers.tasks.preconstruct_layer")
+def preconstruct_layer(digest: str, origin: str, expected_gets: int) -> str:
+    """Rebuild a layer into the buffer (never twice at once: the buffer's fill claim)."""
+    return retrying(lambda: registry().server.preconstruct(digest, origin, expected_gets))
+
+
+@celery_app.task(name="workers.tasks.materialize_intact")
+def materialize_intact(digest: str) -> int:
+    return retrying(lambda: registry().server.materialize_intact(digest))
+
+
+@celery_app.task(name="workers.tasks.apply_popularity")
+def apply_popularity() -> dict[str, list[str]]:
+    """Give hot layers an intact replica and take it from those that cooled (S-mode; in
+    b0 mode every replica goes). Runs in the background: a GET never waits for it."""
+    plan = registry().replica_plan()
+    for digest in plan.to_promote:
+        materialize_intact.apply_async(args=(digest,), priority=PRIORITY_REPLICA)
+    for digest in plan.to_demote:
+        retire_intact_copy.apply_async(args=(digest, False))
+    return {"promote": plan.to_promote, "demote": plan.to_demote}
 
 
 @celery_app.task(name="workers.tasks.verify_blob")
@@ -75,7 +127,7 @@ def verify_sample() -> list[str]:
     layers = registry().layers_by_last_verification()
     count = min(len(layers), math.ceil(len(layers) * settings.verify_share_per_day / runs_per_day))
     for digest in layers[:count]:
-        verify_blob.apply_async(args=(digest,))
+        verify_blob.apply_async(args=(digest,), priority=PRIORITY_VERIFY)
     return layers[:count]
 
 
@@ -89,11 +141,6 @@ def resume_ingests() -> list[str]:
         job = ingest_layer.apply_async(args=("", digest))
         registry().index.put_layer(digest, {"job": job.id, "updated": str(time.time())})
     return stale
-
-
-@celery_app.task(name="workers.tasks.record_pull", ignore_result=True)
-def record_pull(repository: str, client: str, layers: list[str]) -> None:
-    registry().index.record_pull(repository, client, layers)
 
 
 @celery_app.task(name="workers.tasks.purge_stale_uploads")

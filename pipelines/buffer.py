@@ -1,0 +1,353 @@
+"""The layer buffer: restored layers kept for GETs, in S3 so that every API process on
+every host serves from it, bounded in bytes (DUPHUNTER_BUFFER_BYTES).
+
+An entry is the verified bytes of one layer, as parts of PART_BYTES under
+`buffer/<alg>/<hex>/<n>`, written in order by one filler (a preconstruction on a restore
+worker) while GETs already read the parts written so far: a GET that arrives while its
+layer is being rebuilt follows that rebuild ("inflight") instead of starting another.
+Redis holds the entries (`dh:buf:e:<digest>`: size, state, parts written, hits), the
+filler's lease (`dh:buf:fill:<digest>`, renewed per part: a reader whose filler died
+stops with BufferMiss and restores on its own), the bytes reserved and the eviction rank.
+
+Byte bound: a filler reserves the layer's whole size before writing its first part, and
+the reservation succeeds only while reserved bytes, entries being deleted included, stay
+within the bound; so S3 never holds more buffer bytes than the bound, even with many
+concurrent fills. Eviction (only complete entries) deletes the lowest-ranked entry first.
+The rank is exponentially decayed access frequency (LRFU): every fill and every GET
+served adds one access, older accesses count exp(-age/tau); the rank key
+K = log(sum exp(t_i/tau)) orders entries by that decayed frequency at any time without
+rewriting them. An entry that predictions expect GETs for is pinned (ranked above every
+unpinned one) until those GETs came or its pin expired. docs/benchmarks.md compares
+this policy with LRU and ARC on replayed workloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from pipelines.digests import digest_key
+from pipelines.storage import ObjectNotFound, ObjectStore
+from pipelines.verify import SEGMENT_BYTES
+
+PART_BYTES = SEGMENT_BYTES
+LEASE_MS = 60_000  # a filler that writes no part for this long is taken for dead
+POLL_SECONDS = 0.02
+PIN_BONUS = 1e12  # added to the rank of a pinned entry: above any unpinned one
+PREFIX = "dh:buf:"
+USED_KEY = PREFIX + "used"
+RANK_KEY = PREFIX + "rank"
+STATS_KEY = PREFIX + "stats"
+
+
+class BufferMiss(Exception):
+    """The buffer cannot serve the layer from `offset` on: never filled, evicted, or its
+    filler died. The caller restores from that offset instead."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"buffer miss at offset {offset}")
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class Entry:
+    digest: str
+    size: int
+    state: str  # "filling" | "complete"
+    parts: int  # parts written so far
+    hits: int
+    origin: str  # why it was filled: "predicted", "warm", "miss", "retired"
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+
+def part_key(digest: str, number: int) -> str:
+    return f"{digest_key('buffer', digest)}/{number:06d}"
+
+
+def entry_key(digest: str) -> str:
+    return f"{PREFIX}e:{digest}"
+
+
+def fill_key(digest: str) -> str:
+    return f"{PREFIX}fill:{digest}"
+
+
+class LayerBuffer:
+    def __init__(self, store: ObjectStore, client: redis.Redis[bytes], capacity: int,
+                 tau_seconds: float, pin_seconds: float) -> None:  # fmt: skip
+        self.store = store
+        self.redis = client
+        self.capacity = capacity
+        self.tau = tau_seconds
+        self.pin_seconds = pin_seconds
+        self._reserve = client.register_script(_RESERVE_LUA)
+        self._touch = client.register_script(_TOUCH_LUA)
+
+    # looking up and reading
+    def entry(self, digest: str) -> Entry | None:
+        raw = self.redis.hgetall(entry_key(digest))
+        if not raw:
+            return None
+        fields = {key.decode(): value.decode() for key, value in raw.items()}
+        return Entry(
+            digest,
+            int(fields["size"]),
+            fields["state"],
+            int(fields.get("parts", 0)),
+            int(fields.get("hits", 0)),
+            fields.get("origin", ""),
+        )
+
+    def filling_alive(self, digest: str) -> bool:
+        return bool(self.redis.exists(fill_key(digest)))
+
+    def read(self, digest: str, offset: int, end: int) -> Iterator[bytes]:
+        """Bytes [offset, end) of a buffered layer, following its filler if it is still
+        being written. Raises BufferMiss(position) where it cannot go on."""
+        position = offset
+        while position < end:
+            entry = self.entry(digest)
+            number = position // PART_BYTES
+            if entry is None:
+                raise BufferMiss(position)
+            if number < entry.parts:
+                stop = min(end, (number + 1) * PART_BYTES)
+                yield from self._read_part(digest, number, position, stop)
+                position = stop
+            elif entry.complete or not self.filling_alive(digest):
+                raise BufferMiss(position)
+            else:
+                time.sleep(POLL_SECONDS)
+
+    def _read_part(self, digest: str, number: int, position: int, stop: int) -> Iterator[bytes]:
+        start_in_part = position - number * PART_BYTES
+        try:
+            for chunk in self.store.iter_range(
+                part_key(digest, number), start_in_part, stop - position
+            ):
+                position += len(chunk)
+                yield chunk
+        except ObjectNotFound:
+            raise BufferMiss(position) from None
+        if position != stop:
+            raise BufferMiss(position)
+
+    def record_hit(self, digest: str) -> None:
+        """A GET served from the entry: one more access, and one expected GET fewer."""
+        self._touch(
+            keys=[entry_key(digest), RANK_KEY, STATS_KEY],
+            args=[digest, time.time() / self.tau, PIN_BONUS, 1, 0, time.time()],
+        )
+
+    def expect(self, digest: str, gets: int) -> None:
+        """Predictions expect `gets` more GETs of a buffered layer: pin it a while."""
+        self._touch(
+            keys=[entry_key(digest), RANK_KEY, STATS_KEY],
+            args=[digest, time.time() / self.tau, PIN_BONUS, 0, gets,
+                  time.time() + self.pin_seconds],
+        )  # fmt: skip
+
+    # filling
+    def start_fill(
+        self, digest: str, size: int, origin: str, expected_gets: int = 0
+    ) -> Filler | None:
+        """Claim the filling of a layer and reserve its bytes, evicting as needed; None if
+        it is buffered or being filled already, or cannot be admitted."""
+        owner = uuid.uuid4().hex
+        while True:
+            verdict, *victims = self._reserve(
+                keys=[entry_key(digest), fill_key(digest), USED_KEY, RANK_KEY, STATS_KEY],
+                args=[digest, size, self.capacity, owner, LEASE_MS, origin, expected_gets,
+                      time.time() / self.tau, PIN_BONUS, time.time() + self.pin_seconds,
+                      time.time()],
+            )  # fmt: skip
+            if verdict == b"granted":
+                return Filler(self, digest, size, owner)
+            if verdict != b"evict":
+                return None
+            for victim in victims:
+                self.drop(victim.decode())
+
+    def drop(self, digest: str) -> None:
+        """Delete an entry's parts (it was chosen for eviction, or its fill failed), then
+        give its bytes back."""
+        raw_size = self.redis.hget(entry_key(digest), "size")
+        size = int(raw_size or 0)
+        self.store.delete([part_key(digest, n) for n in range(-(-size // PART_BYTES))])
+        pipe = self.redis.pipeline()
+        pipe.delete(entry_key(digest))
+        pipe.zrem(RANK_KEY, digest)
+        pipe.incrby(USED_KEY, -size)
+        pipe.execute()
+
+    # accounting
+    def used_bytes(self) -> int:
+        return int(self.redis.get(USED_KEY) or 0)
+
+    def stats(self) -> dict[str, Any]:
+        raw = self.redis.hgetall(STATS_KEY)
+        counters = {key.decode(): int(float(value)) for key, value in raw.items()}
+        return {
+            "capacity_bytes": self.capacity,
+            "used_bytes": self.used_bytes(),
+            "entries": int(self.redis.zcard(RANK_KEY)),
+            **counters,
+        }
+
+
+class Filler:
+    """Writes one entry's parts as verified bytes arrive, uploading on a thread of its own
+    so that the restore does not wait for S3 (at most MAX_PENDING parts in memory);
+    `finish` marks the entry complete, `abort` gives its bytes back."""
+
+    MAX_PENDING = 2
+
+    def __init__(self, buffer: LayerBuffer, digest: str, size: int, owner: str) -> None:
+        self.buffer = buffer
+        self.digest = digest
+        self.size = size
+        self.owner = owner
+        self.pending = bytearray()
+        self.parts = 0
+        self.written = 0
+        self.uploads: deque[Future[None]] = deque()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"fill-{digest[7:19]}")
+
+    def write(self, chunk: bytes) -> None:
+        self.pending += chunk
+        while len(self.pending) >= PART_BYTES:
+            self._put(bytes(self.pending[:PART_BYTES]))
+            del self.pending[:PART_BYTES]
+
+    def finish(self) -> None:
+        if self.pending:
+            self._put(bytes(self.pending))
+            self.pending.clear()
+        self._wait(0)
+        self.pool.shutdown()
+        if self.written != self.size:
+            raise ValueError(f"filled {self.written} of {self.size} bytes")
+        pipe = self.buffer.redis.pipeline()
+        pipe.hset(entry_key(self.digest), "state", "complete")
+        pipe.delete(fill_key(self.digest))
+        pipe.hincrby(STATS_KEY, "fills", 1)
+        pipe.execute()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._wait(0)
+        self.pool.shutdown(cancel_futures=True)
+        self.buffer.redis.delete(fill_key(self.digest))
+        self.buffer.redis.hincrby(STATS_KEY, "fills_failed", 1)
+        self.buffer.drop(self.digest)
+
+    def _put(self, data: bytes) -> None:
+        self._wait(self.MAX_PENDING - 1)
+        number = self.parts
+        self.parts += 1
+        self.written += len(data)
+        self.uploads.append(self.pool.submit(self._upload, number, data))
+
+    def _upload(self, number: int, data: bytes) -> None:
+        self.buffer.store.put_bytes(part_key(self.digest, number), data)
+        pipe = self.buffer.redis.pipeline()
+        pipe.hset(entry_key(self.digest), "parts", number + 1)
+        pipe.pexpire(fill_key(self.digest), LEASE_MS)
+        pipe.execute()
+
+    def _wait(self, keep: int) -> None:
+        """Wait until at most `keep` uploads are pending; an upload's error is raised."""
+        while len(self.uploads) > keep:
+            self.uploads.popleft().result()
+
+
+# KEYS: entry, fill claim, used, rank, stats. ARGV: digest, size, capacity, owner,
+# lease ms, origin, expected GETs, now/tau, pin bonus, pinned until, now.
+# Returns {"granted"} | {"evict", victim...} | {"refused"}.
+_RESERVE_LUA = """
+local size, capacity = tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'state') == 'complete' or redis.call('EXISTS', KEYS[2]) == 1 then
+    return {'refused'}
+  end
+  return {'evict', ARGV[1]}  -- a dead filler's entry: delete it, then claim afresh
+end
+if size > capacity then return {'refused'} end
+local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+if used + size > capacity then
+  local now = tonumber(ARGV[11])
+  local victims = {}
+  local freed = 0
+  local candidates = redis.call('ZRANGE', KEYS[4], 0, 63, 'WITHSCORES')
+  for i = 1, #candidates, 2 do
+    local digest, score = candidates[i], tonumber(candidates[i + 1])
+    local key = 'dh:buf:e:' .. digest
+    local pinned = score >= tonumber(ARGV[9]) / 2
+    if pinned and tonumber(redis.call('HGET', key, 'pinned_until') or '0') < now then
+      redis.call('ZADD', KEYS[4], score - tonumber(ARGV[9]), digest)  -- pin expired
+      pinned = false
+    end
+    if not pinned and redis.call('HGET', key, 'state') == 'complete' then
+      table.insert(victims, digest)
+      if tonumber(redis.call('HGET', key, 'hits') or '0') == 0 then
+        redis.call('HINCRBY', KEYS[5], 'evicted_unused', 1)
+      end
+      redis.call('HINCRBY', KEYS[5], 'evictions', 1)
+      redis.call('ZREM', KEYS[4], digest)
+      freed = freed + tonumber(redis.call('HGET', key, 'size') or '0')
+      if used - freed + size <= capacity then break end
+    end
+  end
+  if #victims == 0 then
+    redis.call('HINCRBY', KEYS[5], 'refused_full', 1)
+    return {'refused'}
+  end
+  return {'evict', unpack(victims)}
+end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('INCRBY', KEYS[3], size)
+local expected = tonumber(ARGV[7])
+local rank = tonumber(ARGV[8])
+local pinned_until = 0
+if expected > 0 then
+  rank = rank + tonumber(ARGV[9])
+  pinned_until = tonumber(ARGV[10])
+end
+redis.call('HSET', KEYS[1], 'size', size, 'state', 'filling', 'parts', 0, 'hits', 0,
+           'origin', ARGV[6], 'expected', expected, 'pinned_until', pinned_until,
+           'k', ARGV[8])
+redis.call('ZADD', KEYS[4], rank, ARGV[1])
+return {'granted'}
+"""
+
+# KEYS: entry, rank, stats. ARGV: digest, now/tau, pin bonus, hits to add, expected GETs
+# to add, pinned until (or now).
+_TOUCH_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local k = tonumber(redis.call('HGET', KEYS[1], 'k'))
+local t = tonumber(ARGV[2])
+local high, low = math.max(k, t), math.min(k, t)
+k = high + math.log(1 + math.exp(low - high))
+local hits = tonumber(ARGV[4])
+local expected = tonumber(redis.call('HGET', KEYS[1], 'expected') or '0')
+expected = math.max(0, expected - hits + tonumber(ARGV[5]))
+if tonumber(ARGV[5]) > 0 then redis.call('HSET', KEYS[1], 'pinned_until', ARGV[6]) end
+redis.call('HSET', KEYS[1], 'k', k, 'expected', expected)
+redis.call('HINCRBY', KEYS[1], 'hits', hits)
+if hits > 0 then redis.call('HINCRBY', KEYS[3], 'hits', hits) end
+local rank = k
+if expected > 0 then rank = rank + tonumber(ARGV[3]) end
+redis.call('ZADD', KEYS[2], rank, ARGV[1])
+return 1
+"""

@@ -1,0 +1,245 @@
+"""Hiding restores: the shared layer buffer, preconstruction, the GET path and its sources,
+popularity-driven intact replicas (S-mode) and the modes, on the live stack."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from deploy.stack import wait_until
+from pipelines.buffer import PART_BYTES, LayerBuffer
+from pipelines.storage import S3Store
+from tests.client import RegistryClient, sha256
+from tests.conftest import LiveStack, extra_api
+from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
+from workers.app import make_celery
+
+MiB = 1 << 20
+SOURCE = "X-DupHunter-Source"
+
+
+def slow_layer(megabytes: int) -> bytes:
+    """Compressible text at gzip -9: a restore that takes a while."""
+    words = " ".join(f"{n}:{os.urandom(3).hex()}" for n in range(megabytes * MiB // 12))
+    return gzip.compress(make_tar({"text": words.encode()}), compresslevel=9, mtime=0)
+
+
+def deduplicated_layer(client: RegistryClient, repo: str, live: LiveStack, layer: bytes) -> str:
+    (digest,) = push_layers(client, repo, [layer])
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    wait_until_retired(live, digest)
+    return digest
+
+
+def get(client: RegistryClient, repo: str, digest: str, byte_range: str = "") -> tuple[str, bytes]:
+    headers = {"Range": byte_range} if byte_range else {}
+    response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
+    assert response.status in (200, 206), response.data[:200]
+    return response.headers.get(SOURCE, ""), bytes(response.data)
+
+
+def warm(client: RegistryClient, repo: str, reference: str) -> dict[str, object]:
+    body = json.dumps({"repository": repo, "reference": reference}).encode()
+    started = client.request("POST", "/api/v1/jobs/preconstruct", body)
+    assert started.status == 202, started.data
+    job_id = json.loads(started.data)["id"]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = json.loads(client.request("GET", f"/api/v1/jobs/{job_id}").data)
+        if status["state"] in ("success", "failure"):
+            return dict(status)
+        time.sleep(0.3)
+    raise TimeoutError(f"warm job {job_id} did not finish")
+
+
+def test_warm_fills_the_buffer_and_both_hosts_serve_from_it(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """`POST /api/v1/jobs/preconstruct` rebuilds an image's layers into the buffer, with
+    progress; then an API process on another port (another host: its own spool) serves
+    them from the buffer too, whole and in ranges."""
+    layer = os.urandom(3 * MiB)
+    blob = gzip.compress(make_tar({"a.bin": layer, "b.txt": b"x" * MiB}), mtime=0)
+    digest = deduplicated_layer(client, repo, live, blob)
+    status = warm(client, repo, "latest")
+    assert status["state"] == "success" and status["progress"] == {"done": 1, "total": 1}
+    assert status["layers"] == {digest: "filled"}
+    assert get(client, repo, digest) == ("buffer", blob)
+    with extra_api(live, {}) as other_host:
+        assert get(other_host, repo, digest) == ("buffer", blob)
+        source, part = get(other_host, repo, digest, "bytes=1000-1999")
+        assert (source, part) == ("buffer", blob[1000:2000])
+    assert warm(client, repo, "latest")["layers"] == {digest: "buffered"}
+
+
+def test_a_get_racing_a_preconstruction_gets_exact_bytes(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """GETs sent while the layer is being rebuilt into the buffer follow the rebuild (or
+    restore on their own if they came first); every one gets the pushed bytes, and the
+    layer is rebuilt at most twice (the preconstruction and one on-demand restore)."""
+    blob = slow_layer(6)
+    digest = deduplicated_layer(client, repo, live, blob)
+    restores_before = live.registry.stats()["restores"]["on_demand_or_preconstructed"]
+    results: list[tuple[str, bytes]] = []
+
+    def pull() -> None:
+        results.append(get(RegistryClient(client.url), repo, digest))
+
+    body = json.dumps({"repository": repo, "reference": "latest"}).encode()
+    assert client.request("POST", "/api/v1/jobs/preconstruct", body).status == 202
+    threads = [threading.Thread(target=pull) for _ in range(4)]
+    for number, thread in enumerate(threads):
+        time.sleep(0.2 * number)
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [data == blob for _source, data in results] == [True] * 4
+    assert {source for source, _data in results} <= {"inflight", "buffer", "restore", "spool"}
+    restores = live.registry.stats()["restores"]["on_demand_or_preconstructed"]
+    assert restores - restores_before <= 2
+
+
+def test_the_buffer_never_exceeds_its_bound_under_concurrent_fills(live: LiveStack) -> None:
+    """Two waves of four fillers at once into a buffer of 5 parts' bytes (its own Redis
+    database, the stack's S3), the second wave evicting the first: reserved bytes and the
+    bytes S3 holds stay within the bound throughout, and every entry that completed
+    reads back exactly."""
+    capacity = 5 * PART_BYTES
+    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/5")
+    client.flushdb()
+    store = S3Store(live.settings)
+    buffer = LayerBuffer(store, client, capacity, tau_seconds=60, pin_seconds=60)
+    layers = {f"sha256:{os.urandom(32).hex()}": os.urandom(2 * PART_BYTES + n) for n in range(8)}
+    done = threading.Event()
+    observed: list[int] = []
+
+    def watch() -> None:
+        while not done.is_set():
+            in_s3 = sum(size for key, size in store.list("buffer/") if _ours(key, layers))
+            observed.append(max(in_s3, buffer.used_bytes()))
+
+    def fill(digest: str, data: bytes) -> None:
+        filler = buffer.start_fill(digest, len(data), "test")
+        if filler is None:
+            return
+        for start in range(0, len(data), 777_777):
+            filler.write(data[start : start + 777_777])
+        filler.finish()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    items = list(layers.items())
+    for wave in (items[:4], items[4:]):
+        fillers = [threading.Thread(target=fill, args=item) for item in wave]
+        for thread in fillers:
+            thread.start()
+        for thread in fillers:
+            thread.join()
+    done.set()
+    watcher.join()
+    assert observed and max(observed) <= capacity, max(observed)
+    complete = [d for d in layers if (e := buffer.entry(d)) is not None and e.complete]
+    assert complete and buffer.used_bytes() <= capacity
+    for digest in complete:
+        assert b"".join(buffer.read(digest, 0, len(layers[digest]))) == layers[digest]
+    assert buffer.stats()["evictions"] >= 1
+    for digest in complete:
+        buffer.drop(digest)
+
+
+def _ours(key: str, layers: dict[str, bytes]) -> bool:
+    return any(digest.split(":")[1] in key for digest in layers)
+
+
+def test_popular_layers_get_an_intact_replica_and_lose_it_when_cold(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """S-mode: a layer pulled at the hot rate gets an intact replica from the background
+    job (GETs then say `intact`); once its decayed rate falls, the next run takes it away."""
+    blob = gzip.compress(make_tar({"hot.bin": os.urandom(MiB)}), mtime=0)
+    digest = deduplicated_layer(client, repo, live, blob)
+    celery = make_celery(live.settings)
+    for _ in range(40):
+        assert get(client, repo, digest)[1] == blob
+    wait_until(lambda: live.registry.popularity.rate_per_hour(digest) > 3600, "GET events")
+    plan = celery.send_task("workers.tasks.apply_popularity").get(timeout=60)
+    assert digest in plan["promote"]
+    wait_until(lambda: bool(_stored(live, digest).segments), "the replica", timeout=120)
+    assert get(client, repo, digest) == ("intact", blob)
+    assert live.registry.stats()["storage"]["replica_bytes"] >= len(blob)
+    tau = live.settings.popularity_tau_seconds
+    wait_until(
+        lambda: live.registry.popularity.rate_per_hour(digest) < 3600,
+        "the layer to cool",
+        timeout=10 * tau,
+    )
+    plan = celery.send_task("workers.tasks.apply_popularity").get(timeout=60)
+    assert digest in plan["demote"]
+    wait_until(lambda: not _stored(live, digest).segments, "the demotion", timeout=60)
+    source, data = get(client, repo, digest)
+    assert data == blob and source != "intact"
+
+
+def _stored(live: LiveStack, digest: str):  # type: ignore[no-untyped-def]
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None
+    return info
+
+
+def test_manifest_and_blob_gets_feed_the_history_and_predictions(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """A manifest GET by a new client predicts its deduplicated layers (the history
+    predictor), which the restore queue rebuilds into the buffer before the GETs come;
+    the GETs then count as pulls in the client's and the repository's history."""
+    blob = gzip.compress(make_tar({"p.bin": os.urandom(2 * MiB)}), mtime=0)
+    digest = deduplicated_layer(client, repo, live, blob)
+    other = f"10.9.{os.urandom(1)[0]}.{os.urandom(1)[0]}"
+    with extra_api(live, {"DUPHUNTER_TRUSTED_PROXIES": "127.0.0.1/32"}) as behind_proxy:
+        forwarded = {"X-Forwarded-For": other}
+        manifest = behind_proxy.request("GET", f"/v2/{repo}/manifests/latest", headers=forwarded)
+        assert manifest.status == 200
+        entry_filled = lambda: (e := live.registry.buffer.entry(digest)) is not None and e.complete  # noqa: E731
+        wait_until(entry_filled, "the predicted preconstruction", timeout=120)
+        response = behind_proxy.request(
+            "GET", f"/v2/{repo}/blobs/{digest}", headers=forwarded
+        )
+        assert response.headers[SOURCE] == "buffer" and response.data == blob
+    wait_until(
+        lambda: live.registry.history.client(other).layers.get(digest) is not None,
+        "the blob GET event",
+    )
+    assert live.registry.history.repository_layers(repo) == {digest: 1}
+    assert live.registry.history.client("127.0.0.1").layers.get(digest) is None
+
+
+def test_mode_intact_never_deduplicates(live: LiveStack, repo: str, tmp_path: Path) -> None:
+    blob = gzip.compress(make_tar({"i.bin": os.urandom(100_000)}), mtime=0)
+    with extra_api(live, {"DUPHUNTER_MODE": "intact"}) as plain:
+        (digest,) = push_layers(plain, repo, [blob])
+        time.sleep(2)
+        assert live.registry.index.layer(digest).get("state") is None
+        info = live.registry.blobs.stored_info(digest)
+        assert info is not None and not info.deduplicated
+        assert get(plain, repo, digest) == ("intact", blob)
+
+
+def test_presigned_redirect_for_an_intact_blob(live: LiveStack, repo: str) -> None:
+    blob = os.urandom(300_000)
+    with extra_api(live, {"DUPHUNTER_REDIRECT": "presigned"}) as redirecting:
+        digest = redirecting.push_blob(repo, blob)
+        response = redirecting.request("GET", f"/v2/{repo}/blobs/{digest}")
+        assert response.status == 307
+        followed = redirecting.request("GET", response.headers["Location"])
+        assert followed.status == 200 and sha256(bytes(followed.data)) == digest
+        ranged = redirecting.request(
+            "GET", f"/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=0-9"}
+        )
+        assert ranged.status == 206 and ranged.data == blob[:10]  # ranges are streamed
