@@ -208,9 +208,7 @@ def test_manifest_and_blob_gets_feed_the_history_and_predictions(
         assert manifest.status == 200
         entry_filled = lambda: (e := live.registry.buffer.entry(digest)) is not None and e.complete  # noqa: E731
         wait_until(entry_filled, "the predicted preconstruction", timeout=120)
-        response = behind_proxy.request(
-            "GET", f"/v2/{repo}/blobs/{digest}", headers=forwarded
-        )
+        response = behind_proxy.request("GET", f"/v2/{repo}/blobs/{digest}", headers=forwarded)
         assert response.headers[SOURCE] == "buffer" and response.data == blob
     wait_until(
         lambda: live.registry.history.client(other).layers.get(digest) is not None,
