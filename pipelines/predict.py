@@ -181,6 +181,13 @@ class AccessHistory:
             args=[time.time(), self.half_life, *(add.get(name, 0.0) for name in _COUNTERS)],
         )
 
+    def record_repository_client(self, repo: str, client: str, when: float) -> None:
+        self.redis.zadd(f"dh:rc:{repo}", {client: when})
+
+    def recent_clients(self, repo: str, since: float) -> int:
+        """How many clients fetched a manifest of the repository since `since`."""
+        return int(self.redis.zcount(f"dh:rc:{repo}", since, "+inf"))
+
     def repository_layers(self, repo: str) -> dict[str, int]:
         raw = self.redis.zrange(f"dh:rl:{repo}", 0, -1, withscores=True)
         return {member.decode(): int(score) for member, score in raw}

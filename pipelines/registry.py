@@ -32,6 +32,7 @@ NAME_PATTERN = re.compile(
 )
 MAX_NAME_LENGTH = 255
 REDIRECT_URL_SECONDS = 1200
+PULLERS_WINDOW_SECONDS = 24 * 3600
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -174,6 +175,7 @@ class Registry:
         returned at once (the client's next request is that manifest)."""
         manifest = self.manifests.get(repo, digest, [])
         history = self.history.client(client)
+        self.history.record_repository_client(repo, client, time.time())
         children = manifest.platforms()
         if children:
             self.history.remember_index(client, dict(children))
@@ -203,6 +205,11 @@ class Registry:
     def on_blob_get(self, client: str, repo: str, digest: str, when: float) -> None:
         self.history.record_blob_get(client, repo, digest, when)
         self.popularity.record_get(digest, when)
+
+    def expected_pullers(self, repo: str) -> int:
+        """Clients that fetched the repository's manifests within the last
+        PULLERS_WINDOW_SECONDS: who will likely pull a layer just pushed there."""
+        return self.history.recent_clients(repo, time.time() - PULLERS_WINDOW_SECONDS)
 
     def keeps_replica(self, digest: str) -> bool:
         """Whether a just-deduplicated layer keeps its intact copy as a replica (S-mode):

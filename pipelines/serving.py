@@ -145,10 +145,22 @@ class BlobServer:
         filler = self.buffer.start_fill(digest, info.size, origin, expected_gets)
         if filler is None:
             return "not admitted"
+        if info.retired:  # its intact copy awaits deletion: copy it, no restore needed
+            self._fill_from_intact(replace(info, segments=info.retired), filler)
+            return "filled from intact"
         for _chunk in self.restore(info, filler):
             pass
         self.index.count("preconstructions")
         return "filled"
+
+    def _fill_from_intact(self, info: BlobInfo, filler: Filler) -> None:
+        try:
+            for chunk in self.blobs.read(info):
+                filler.write(chunk)
+            filler.finish()
+        except BaseException:
+            filler.abort()
+            raise
 
     def materialize_intact(self, digest: str) -> int:
         """Give a deduplicated layer an intact replica again (a hot layer in S-mode), from

@@ -241,3 +241,20 @@ def test_presigned_redirect_for_an_intact_blob(live: LiveStack, repo: str) -> No
             "GET", f"/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=0-9"}
         )
         assert ranged.status == 206 and ranged.data == blob[:10]  # ranges are streamed
+
+
+def test_a_layer_pushed_where_clients_pull_is_retired_into_the_buffer(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """Clients fetch this repository's manifests: when a new layer pushed there is
+    deduplicated, its intact copy goes into the buffer (copied, not restored: origin
+    "retired") before it is deleted, so that the fleet's coming pulls find it."""
+    first = gzip.compress(make_tar({"v1.bin": os.urandom(200_000)}), mtime=0)
+    deduplicated_layer(client, repo, live, first)
+    assert client.request("GET", f"/v2/{repo}/manifests/latest").status == 200
+    wait_until(lambda: live.registry.expected_pullers(repo) > 0, "the manifest GET event")
+    second = gzip.compress(make_tar({"v2.bin": os.urandom(300_000)}), mtime=0)
+    digest = deduplicated_layer(client, repo, live, second)
+    entry = live.registry.buffer.entry(digest)
+    assert entry is not None and entry.complete and entry.origin == "retired"
+    assert get(client, repo, digest) == ("buffer", second)

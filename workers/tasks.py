@@ -55,15 +55,19 @@ def ingest_layer(repository: str, digest: str) -> dict[str, str]:
     result = retrying(lambda: registry().ingestor.ingest(digest))
     if result.retire_after_grace:
         grace = registry().settings.retire_grace_seconds
-        retire_intact_copy.apply_async(args=(digest,), countdown=grace)
+        retire_intact_copy.apply_async(args=(digest, None, repository), countdown=grace)
     return result.record.as_fields()
 
 
 @celery_app.task(name="workers.tasks.retire_intact_copy")
-def retire_intact_copy(digest: str, keep: bool | None = None) -> int:
+def retire_intact_copy(digest: str, keep: bool | None = None, repository: str = "") -> int:
     """Settle a deduplicated layer's intact copy once in-flight GETs had time to finish:
-    delete it, or keep it as a replica if the layer is hot (`keep` None: decide now)."""
+    keep it as a replica if the layer is hot (`keep` None: decide now), else delete it,
+    first copying it into the buffer if clients of its repository will likely pull it."""
     keep_replica = registry().keeps_replica(digest) if keep is None else keep
+    pullers = registry().expected_pullers(repository) if repository else 0
+    if not keep_replica and pullers:
+        retrying(lambda: registry().server.preconstruct(digest, "retired", pullers))
     return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
 
 
