@@ -108,6 +108,11 @@ class Stack:
         args, env = self.commands[name]
         self.spawn(name, args, env)
 
+    def signal_service(self, name: str, signum: int) -> None:
+        """Send a signal to a service and its children (SIGSTOP freezes it, as a hung host)."""
+        for entry in [entry for entry in self.processes if entry[0] == name]:
+            os.killpg(entry[1].pid, signum)
+
     def stop_service(self, name: str) -> None:
         """SIGTERM a service (a clean shutdown, as a restart does) and wait for it."""
         for entry in [entry for entry in self.processes if entry[0] == name]:
@@ -222,23 +227,27 @@ class Stack:
 
     def start_workers(self, queues: tuple[str, ...] = QUEUES, concurrency: int = 1) -> None:
         for queue in queues:
-            args = [
-                str(VENV_BIN / "celery"),
-                "-A",
-                "workers.app:celery_app",
-                "worker",
-                "-Q",
-                queue,
-                "-n",
-                f"{queue}@%h",
-                "-c",
-                str(concurrency),
-                "--loglevel",
-                "INFO",
-            ]
-            if queue == "maintenance":
-                args += ["--beat", "--schedule", str(self.workdir / "celerybeat-schedule")]
-            self.spawn(f"worker-{queue}", args)
+            self.start_worker(queue, f"worker-{queue}", concurrency)
+
+    def start_worker(self, queue: str, name: str, concurrency: int = 1) -> None:
+        """One Celery worker process (with `concurrency` children) consuming `queue`."""
+        args = [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "workers.app:celery_app",
+            "worker",
+            "-Q",
+            queue,
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+        ]
+        if queue == "maintenance":
+            args += ["--beat", "--schedule", str(self.workdir / "celerybeat-schedule")]
+        self.spawn(name, args)
 
     def start_flower(self, port: int) -> None:
         self.spawn(

@@ -44,6 +44,9 @@ class Settings:
     visibility_timeout_seconds: int = field(
         default_factory=lambda: int(_env("VISIBILITY_TIMEOUT_SECONDS", "3600"))
     )
+    claim_lease_seconds: float = field(
+        default_factory=lambda: float(_env("CLAIM_LEASE_SECONDS", "60"))
+    )
     retry_seconds: float = field(default_factory=lambda: float(_env("RETRY_SECONDS", "300")))
     verify_share_per_day: float = field(
         default_factory=lambda: float(_env("VERIFY_SHARE_PER_DAY", "0.1"))

@@ -20,6 +20,8 @@ import hashlib
 import itertools
 import struct
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +41,7 @@ ZSTD_LEVEL = 3
 IN_MEMORY_LIMIT = 8 << 20  # larger payloads are spooled to a temporary file
 PACK_TARGET = 8 << 20  # a pack is sealed once it holds this much
 LOOKUP_BATCH = 128  # new-or-known is asked of the index this many files at a time
+CLAIM_POLL_SECONDS = 0.2
 CHUNK = 1 << 20
 _TABLE_ENTRY = struct.Struct(">32sQI")
 _TRAILER = struct.Struct(">I4s")
@@ -155,10 +158,40 @@ class SpooledPayload:
         self._memory.clear()
 
 
+@dataclass(frozen=True)
+class PackAudit:
+    """What the packs hold against what the index points to: copies no index entry
+    points to (left by a crash, or a lost race) are dead bytes, for GC to free."""
+
+    packs: int
+    pack_bytes: int
+    live_bytes: int
+    dead_bytes: int
+    dead_copies: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
 class FileStore:
-    def __init__(self, store: ObjectStore, index: Index) -> None:
+    def __init__(self, store: ObjectStore, index: Index, claim_lease_ms: int = 60_000) -> None:
         self.store = store
         self.index = index
+        self.claim_lease_ms = claim_lease_ms
+
+    def audit(self) -> PackAudit:
+        """Read every pack's table and compare it with the index."""
+        packs = pack_bytes = live = dead = dead_copies = 0
+        for key, size in self.store.list("packs/"):
+            table = read_pack_table(self.store, key, size)
+            where = self.index.file_locations([digest.hex() for digest, _location in table])
+            packs, pack_bytes = packs + 1, pack_bytes + size
+            for (_digest, location), indexed in zip(table, where, strict=True):
+                if indexed == location.encode():
+                    live += location.length
+                else:
+                    dead, dead_copies = dead + location.length, dead_copies + 1
+        return PackAudit(packs, pack_bytes, live, dead, dead_copies)
 
     def locate(self, digests: Sequence[bytes]) -> list[Location | None]:
         found = self.index.file_locations([digest.hex() for digest in digests])
@@ -195,17 +228,21 @@ class FileStore:
         length: int,
         entries: list[tuple[bytes, int, int]],
     ) -> int:
-        """Upload a sealed pack, then index its files; how many were new to the index."""
+        """Upload a sealed pack, then index its files; how many were new to the index.
+        A file indexed meanwhile from another pack makes its copy here garbage: counted."""
         try:
             self.store.put_stream(key, ChunkReader(iter(parts)), length)
         finally:
             if isinstance(parts, _SpooledChunks):
                 parts.close()
         self.index.add_bytes(stored=length)
-        return sum(
-            self.index.add_file(digest.hex(), Location(key, offset, size).encode())
-            for digest, offset, size in entries
+        added = self.index.add_files(
+            {digest.hex(): Location(key, offset, size).encode() for digest, offset, size in entries}
         )
+        garbage = sum(size for (_d, _o, size), new in zip(entries, added, strict=True) if not new)
+        if garbage:
+            self.index.count("pack_garbage_bytes", garbage)
+        return sum(added)
 
 
 def _decoded(chunks: Iterator[bytes], digest: bytes, size: int) -> Iterator[bytes]:
@@ -236,20 +273,33 @@ def _missing(digest: bytes) -> bytes:
 class Packer:
     """Packs the new files of one layer as the tar is read, uploading each sealed pack on
     a pool thread; files the index knows already are skipped. Use as a context manager:
-    leaving it waits until every pack is stored and indexed."""
+    leaving it waits until every pack is stored and indexed.
+
+    Several ingest workers may meet the same new file at once: a worker stores a file only
+    after claiming it in Redis (a lease, renewed while the worker lives); a file another
+    worker claimed is only awaited. Leaving the Packer waits until those are indexed too;
+    the ones whose claimant died (lease expired, file not indexed) are left in `orphaned`,
+    for the caller to store itself."""
 
     def __init__(self, files: FileStore, threads: int = 4) -> None:
         self.files = files
+        self.lease_ms = files.claim_lease_ms
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pack-put")
         self.uploads: list[Future[int]] = []
         self.waiting: list[SpooledPayload] = []
         self.waiting_bytes = 0
         self.packed: set[bytes] = set()
+        self.awaited: set[bytes] = set()  # claimed by another worker
+        self.orphaned: set[bytes] = set()  # awaited, but their claimant died
+        self.token = uuid.uuid4().hex
         self.parts: list[bytes] = []
         self.entries: list[tuple[bytes, int, int]] = []
         self.offset = 0
         self.new_files = 0
         self.new_bytes = 0
+        self.stop_renewing = threading.Event()
+        self.renewer = threading.Thread(target=self._renew_claims, daemon=True)
+        self.renewer.start()
 
     def add(self, payload: SpooledPayload) -> None:
         self.waiting.append(payload)
@@ -259,10 +309,24 @@ class Packer:
 
     def _pack_waiting(self) -> None:
         known = self.files.locate([payload.digest for payload in self.waiting])
-        for payload, location in zip(self.waiting, known, strict=True):
-            if location is None and payload.digest not in self.packed:
+        new = [
+            payload
+            for payload, location in zip(self.waiting, known, strict=True)
+            if location is None
+            and payload.digest not in self.packed
+            and payload.digest not in self.awaited
+        ]
+        new = list({payload.digest: payload for payload in new}.values())
+        granted = self.files.index.claim_files(
+            [payload.digest.hex() for payload in new], self.token, self.lease_ms
+        )
+        for payload, mine in zip(new, granted, strict=True):
+            if mine:
                 self.packed.add(payload.digest)
                 self._pack(payload)
+            else:
+                self.awaited.add(payload.digest)
+        for payload in self.waiting:
             payload.close()
         self.waiting, self.waiting_bytes = [], 0
 
@@ -306,10 +370,33 @@ class Packer:
                 self._seal()
             for upload in self.uploads:
                 self.new_files += upload.result()
+            if kind is None:
+                self._await_others()
         finally:
+            self.stop_renewing.set()
+            self.files.index.release_claims([d.hex() for d in self.packed], self.token)
             for payload in self.waiting:
                 payload.close()
             self.pool.shutdown(cancel_futures=True)
+
+    def _await_others(self) -> None:
+        """Wait until the files other workers claimed are indexed, or their claims lapse."""
+        pending = sorted(self.awaited)
+        while pending:
+            found = self.files.locate(pending)
+            pending = [d for d, location in zip(pending, found, strict=True) if location is None]
+            held = self.files.index.claimed([d.hex() for d in pending])
+            self.orphaned |= {d for d, alive in zip(pending, held, strict=True) if not alive}
+            pending = [d for d, alive in zip(pending, held, strict=True) if alive]
+            if pending:
+                time.sleep(CLAIM_POLL_SECONDS)
+        # a claim may lapse just as its file is indexed: look once more
+        found = self.files.locate(sorted(self.orphaned))
+        self.orphaned = {d for d, loc in zip(sorted(self.orphaned), found, strict=True) if not loc}
+
+    def _renew_claims(self) -> None:
+        while not self.stop_renewing.wait(self.lease_ms / 3000):
+            self.files.index.renew_claims([d.hex() for d in self.packed], self.token, self.lease_ms)
 
 
 def _encode(payload: SpooledPayload) -> tuple[int, list[bytes] | _SpooledChunks, int]:

@@ -13,6 +13,11 @@ repaired by `rebuild`, never the other way round. Key schema (prefix `dh:`):
     upload:<uuid>              upload state JSON (a cache of the S3 state object)
     stats                      hash of byte counters
     layer:<digest>             hash: ingest result of a layer; layers: digest -> state
+    files                      hash file sha256 -> "<pack> <offset> <length>"
+    filerefs                   hash file sha256 -> layers referencing it
+    claim:<sha256>             a worker storing this new file now (token, with a lease)
+
+The buffer, the access history and popularity keep their own keys (see their modules).
 """
 
 from __future__ import annotations
@@ -210,6 +215,47 @@ class Index:
         """Record where a file is stored; False if it was recorded already."""
         return bool(self.redis.hsetnx(f"{PREFIX}files", hex_digest, location))
 
+    def add_files(self, locations: dict[str, str]) -> list[bool]:
+        """Record where files are stored, in one round trip; per file, False if it was
+        recorded already (then the new copy is garbage)."""
+        pipe = self.redis.pipeline()
+        for hex_digest, location in locations.items():
+            pipe.hsetnx(f"{PREFIX}files", hex_digest, location)
+        return [bool(added) for added in pipe.execute()]
+
+    # claims: a worker about to store a new file claims it, so that no other stores it too
+    def claim_files(self, hex_digests: list[str], token: str, lease_ms: int) -> list[bool]:
+        """Claim files for storing; per file, whether this token got the claim."""
+        pipe = self.redis.pipeline()
+        for hex_digest in hex_digests:
+            pipe.set(f"{PREFIX}claim:{hex_digest}", token, nx=True, px=lease_ms)
+        return [bool(granted) for granted in pipe.execute()]
+
+    def renew_claims(self, hex_digests: list[str], token: str, lease_ms: int) -> None:
+        if hex_digests:
+            keys = [f"{PREFIX}claim:{h}" for h in hex_digests]
+            self._renew_script(keys=keys, args=[token, lease_ms])
+
+    def release_claims(self, hex_digests: list[str], token: str) -> None:
+        if hex_digests:
+            keys = [f"{PREFIX}claim:{h}" for h in hex_digests]
+            self._release_script(keys=keys, args=[token])
+
+    def claimed(self, hex_digests: list[str]) -> list[bool]:
+        """Whether someone holds a live claim on each file."""
+        pipe = self.redis.pipeline()
+        for hex_digest in hex_digests:
+            pipe.exists(f"{PREFIX}claim:{hex_digest}")
+        return [bool(held) for held in pipe.execute()]
+
+    @property
+    def _renew_script(self) -> Any:
+        return self.redis.register_script(_RENEW_CLAIMS_LUA)
+
+    @property
+    def _release_script(self) -> Any:
+        return self.redis.register_script(_RELEASE_CLAIMS_LUA)
+
     def file_count(self) -> int:
         return int(self.redis.hlen(f"{PREFIX}files"))
 
@@ -241,6 +287,20 @@ class Index:
     def _commit_script(self) -> Any:
         return self.redis.register_script(_COMMIT_DEDUP_LUA)
 
+
+_RENEW_CLAIMS_LUA = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) end
+end
+return 1
+"""
+
+_RELEASE_CLAIMS_LUA = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 1
+"""
 
 _COMMIT_DEDUP_LUA = """
 if redis.call('HGET', KEYS[1], 'state') == 'deduplicated' then return 0 end

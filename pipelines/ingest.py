@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -46,6 +47,8 @@ from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 from pipelines.verify import SegmentHasher, VerificationError
 
 QUEUED, INTACT, DEDUPLICATED = "queued", "intact", "deduplicated"
+ORPHAN_PASSES = 3  # reads of a layer to store files whose claimants died
+logger = logging.getLogger(__name__)
 PENDING_ENCODER = "pending"
 
 
@@ -194,7 +197,7 @@ class Ingestor:
                     builder.add_raw(entry.data)
         record.tar_bytes = tar.size
         record.new_files, record.new_file_bytes = store.new_files, store.new_bytes
-        return builder.finish(
+        recipe = builder.finish(
             blob_digest=info.digest,
             blob_size=info.size,
             tar_sha256=tar.sha256(),
@@ -202,6 +205,34 @@ class Ingestor:
             encoder_params=b"",
             segments=pushed.finish(info.digest),
         )
+        self._store_orphans(kind, info, store.orphaned, record)
+        return recipe
+
+    def _store_orphans(
+        self, kind: Sniff, info: BlobInfo, orphaned: set[bytes], record: LayerRecord
+    ) -> None:
+        """Store the files another worker claimed but never stored (it died): read the
+        layer again, keeping only those."""
+        for _attempt in range(ORPHAN_PASSES):
+            if not orphaned:
+                return
+            logger.warning("taking over %d files whose claimant died", len(orphaned))
+            with (
+                open_decompressed(kind.kind, open_intact(self.blobs, info)) as stream,
+                Packer(self.files) as store,
+            ):
+                for entry in split_tar(stream):
+                    if isinstance(entry, Payload):
+                        spooled = SpooledPayload(entry.chunks())
+                        if spooled.digest in orphaned:
+                            store.add(spooled)
+                        else:
+                            spooled.close()
+            record.new_files += store.new_files
+            record.new_file_bytes += store.new_bytes
+            orphaned = store.orphaned
+        if orphaned:
+            raise ConnectionError(f"{len(orphaned)} files stay claimed by dead workers")
 
     def _opener(self, recipe: Recipe) -> Callable[[], BinaryIO]:
         def open_rebuilt_tar() -> BinaryIO:

@@ -33,6 +33,7 @@ NAME_PATTERN = re.compile(
 MAX_NAME_LENGTH = 255
 REDIRECT_URL_SECONDS = 1200
 PULLERS_WINDOW_SECONDS = 24 * 3600
+AUDIT_KEY = "dh:audit:packs"
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -100,7 +101,7 @@ class Registry:
         store = S3Store(settings)
         index = Index.from_url(settings.redis_url)
         blobs = BlobStore(store, index, settings.max_blob_bytes, settings.upload_ttl_seconds)
-        files = FileStore(store, index)
+        files = FileStore(store, index, int(settings.claim_lease_seconds * 1000))
         buffer = LayerBuffer(
             store,
             index.redis,
@@ -288,6 +289,7 @@ class Registry:
             "repositories": len(self.index.repositories()),
             "unique_files": files,
             "unreferenced_files": files - self.index.referenced_file_count(),
+            "pack_garbage": self._pack_garbage(counters),
             "layers": _count(layer["state"] for layer in layers),
             "layers_by_encoder": _count(
                 layer["encoder"] for layer in layers if layer["state"] == DEDUPLICATED
@@ -313,6 +315,23 @@ class Registry:
             },
             "predictor": self.settings.predictor,
         }
+
+    def _pack_garbage(self, counters: dict[str, int]) -> dict[str, Any]:
+        """Bytes in packs that no index entry points to: copies that lost a race, counted
+        as they happen, and the last full audit (which also sees crash leftovers)."""
+        audit = self.index.redis.hgetall(AUDIT_KEY)
+        return {
+            "lost_race_bytes": counters.get("pack_garbage_bytes", 0),
+            "last_audit": {key.decode(): float(value) for key, value in audit.items()},
+        }
+
+    def audit_packs(self) -> dict[str, int]:
+        """Compare every pack with the index (the maintenance job, hourly) and keep the
+        result for the stats."""
+        result = self.files.audit().as_dict()
+        fields: dict[str | bytes, float] = {key: value for key, value in result.items()}
+        self.index.redis.hset(AUDIT_KEY, mapping={**fields, "at": time.time()})
+        return result
 
     def _verification_stats(self, counters: dict[str, int]) -> dict[str, Any]:
         records = self.index.layer_summaries(("verify_error",))

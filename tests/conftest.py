@@ -52,6 +52,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
                 "DUPHUNTER_RESTORE_KEEP_SECONDS": "1",
                 "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "10",
                 "DUPHUNTER_BUFFER_BYTES": str(512 << 20),
+                "DUPHUNTER_CLAIM_LEASE_SECONDS": "5",
                 "DUPHUNTER_POPULARITY_TAU_SECONDS": "10",
                 "DUPHUNTER_HOT_GETS_PER_HOUR": "3600",
                 "DUPHUNTER_POPULARITY_INTERVAL_SECONDS": "3600",  # the tests run it

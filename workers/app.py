@@ -38,6 +38,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.preconstruct_layer": {"queue": "restore"},
             "workers.tasks.materialize_intact": {"queue": "restore"},
             "workers.tasks.apply_popularity": {"queue": "maintenance"},
+            "workers.tasks.audit_packs": {"queue": "maintenance"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},
@@ -74,6 +75,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "task": "workers.tasks.resume_ingests",
                 "schedule": 600.0,
             },
+            "audit-packs": {"task": "workers.tasks.audit_packs", "schedule": 3600.0},
             "apply-popularity": {
                 "task": "workers.tasks.apply_popularity",
                 "schedule": settings.popularity_interval_seconds,

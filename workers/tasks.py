@@ -147,6 +147,12 @@ def resume_ingests() -> list[str]:
     return stale
 
 
+@celery_app.task(name="workers.tasks.audit_packs")
+def audit_packs() -> dict[str, int]:
+    """Count the bytes in packs that no index entry points to (for the stats, and GC)."""
+    return retrying(lambda: registry().audit_packs())
+
+
 @celery_app.task(name="workers.tasks.purge_stale_uploads")
 def purge_stale_uploads() -> int:
     settings = registry().settings
