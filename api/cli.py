@@ -4,6 +4,7 @@ duphunter stats                     storage and layer accounting
 duphunter ingest REPOSITORY DIGEST  queue a layer for ingestion, print the job id
 duphunter job ID                    the state and result of a job
 duphunter reindex                   rebuild the Redis index from S3 (runs locally)
+duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import urllib.error
 import urllib.request
 from typing import Any
+
+from api.replay import cli as replay
 
 
 def _call(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -65,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     job = commands.add_parser("job")
     job.add_argument("id")
     commands.add_parser("reindex")
+    replay.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        raise SystemExit(replay.run(args))
     result = _run(args)
     if args.json or not isinstance(result, dict) or args.command != "stats":
         json.dump(result, sys.stdout, indent=2)
