@@ -63,18 +63,22 @@ def _add_spec_options(parser: argparse.ArgumentParser, spec: type[Any]) -> None:
     """One --option per field of a spec dataclass, typed from its default."""
     hints = typing.get_type_hints(spec)
     for item in dataclasses.fields(spec):
-        flag = "--" + item.name.replace("_", "-")
-        default = item.default
+        flag, default = "--" + item.name.replace("_", "-"), item.default
+        meaning = item.metadata.get("help", "")
         if isinstance(default, tuple):
-            kind = type(default[0])
             parser.add_argument(
-                flag, type=kind, nargs=2, default=list(default), metavar=("LOW", "HIGH")
+                flag,
+                type=type(default[0]),
+                nargs=2,
+                default=list(default),
+                metavar=("LOW", "HIGH"),
+                help=f"{meaning} (default {default[0]} {default[1]})",
             )
-        elif default is None or isinstance(hints[item.name], types.UnionType):
-            parser.add_argument(flag, type=float, default=default)
         else:
+            optional = isinstance(hints[item.name], types.UnionType)
+            kind = float if optional else type(default)
             parser.add_argument(
-                flag, type=type(default), default=default, help=f"(default {default})"
+                flag, type=kind, default=default, help=f"{meaning} (default {default})"
             )
 
 

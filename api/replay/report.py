@@ -36,6 +36,9 @@ LEVELS = {
 }
 
 
+SETTINGS = {"mode": ("storage.mode", "mode"), "predictor": ("predictor",)}
+
+
 def quantile(ordered: list[float], q: float) -> float:
     """Linear interpolation between closest ranks of an ascending list."""
     position = q * (len(ordered) - 1)
@@ -127,6 +130,20 @@ def registry_counters(
     return found
 
 
+def registry_settings(stats: dict[str, Any] | None) -> dict[str, str]:
+    """Mode and predictor, as the registry reports them (absent before issue 7)."""
+    found = {}
+    for name, paths in SETTINGS.items():
+        for path in paths:
+            node: Any = stats
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, str):
+                found[name] = node
+                break
+    return found
+
+
 def flatten(stats: dict[str, Any] | None, prefix: str = "") -> dict[str, float]:
     flat: dict[str, float] = {}
     for key, value in (stats or {}).items():
@@ -181,6 +198,7 @@ def summarize(
         if options.oracle
         else None,
         "registry": registry_counters(*stats),
+        "registry_settings": registry_settings(stats[1]),
         "stats_delta": stats_delta(*stats),
         "layer_states": (stats[0] or {}).get("layers"),
         "errors": {"count": len(errors), "first": errors[:20]},

@@ -14,38 +14,40 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from api.replay.content import plan_files
-from api.replay.workload import Event, ImageSpec, LayerSpec, Pull, Workload
+from api.replay.workload import Event, ImageSpec, LayerSpec, Pull, Workload, knob
 
 MB = 1_000_000
 
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    seed: int = 1
-    duration_s: float = 120.0  # pulls start in [0, duration)
-    clients: int = 20
-    repositories: int = 6
-    layers_per_image: int = 4
-    base_layers: int = 1  # bottom layers of an image that come from a base image
-    base_images: int = 2  # shared bases in the pool
-    sharing: float = 0.5  # probability that a repository's base comes from the shared pool
-    layer_mb: float = 2.0  # median compressed layer size (lognormal)
-    layer_sigma: float = 0.8
-    min_layer_bytes: int = 16 << 10
-    max_layer_bytes: int = 64 << 20
-    size_scale: float = 1.0
-    files_per_layer: int = 4
-    file_overlap: float = 0.4  # share of files a new version of a layer keeps
-    pull_once_share: float = 0.5  # clients that pull each tag at most once, never again
-    repull: tuple[float, float] = (0.0, 0.4)  # per-client repull probability, uniform range
-    arrivals: str = "poisson"  # or "bursty"
-    mean_interval_s: float = 30.0  # per client, between pulls (always-pull clients)
-    burst_size: float = 4.0  # bursty: mean pulls per burst
-    burst_spacing_s: float = 1.0  # bursty: mean gap within a burst
-    repositories_per_client: tuple[int, int] = (1, 2)
-    popularity_skew: float = 1.0  # Zipf exponent of repository popularity
-    new_tag_interval_s: float = 60.0  # per repository, mean time between new tags; 0: none
-    changed_layers: int = 1  # top layers a new tag replaces
+    seed: int = knob(1, "all random choices derive from it")
+    duration_s: float = knob(120.0, "pulls start in [0, duration)")
+    clients: int = knob(20, "clients (each pulls from its own address)")
+    repositories: int = knob(6, "repositories, each starting with tag v1")
+    layers_per_image: int = knob(4, "layers of every image")
+    base_layers: int = knob(1, "bottom layers of an image that come from a base image")
+    base_images: int = knob(2, "bases in the shared pool")
+    sharing: float = knob(0.5, "probability that a repository's base is from the shared pool")
+    layer_mb: float = knob(2.0, "median compressed layer size, MB (lognormal)")
+    layer_sigma: float = knob(0.8, "sigma of the lognormal layer size")
+    min_layer_bytes: int = knob(16 << 10, "smallest layer")
+    max_layer_bytes: int = knob(64 << 20, "largest layer (before --size-scale)")
+    size_scale: float = knob(1.0, "multiplies every layer size")
+    files_per_layer: int = knob(4, "files in a layer")
+    file_overlap: float = knob(0.4, "share of its files a new version of a layer keeps")
+    pull_once_share: float = knob(0.5, "share of clients that pull each tag once, never again")
+    repull: tuple[float, float] = knob(
+        (0.0, 0.4), "range of the per-client probability that a pull starts from an empty store"
+    )
+    arrivals: str = knob("poisson", "poisson or bursty pull times (always-pull clients)")
+    mean_interval_s: float = knob(30.0, "mean time between a client's pulls")
+    burst_size: float = knob(4.0, "bursty: about this many pulls per burst")
+    burst_spacing_s: float = knob(1.0, "bursty: mean gap between pulls of a burst")
+    repositories_per_client: tuple[int, int] = knob((1, 2), "range of repositories a client pulls")
+    popularity_skew: float = knob(1.0, "Zipf exponent of repository popularity")
+    new_tag_interval_s: float = knob(60.0, "per repository, mean time between new tags; 0: none")
+    changed_layers: int = knob(1, "top layers a new tag replaces")
 
     def check(self) -> None:
         probabilities = [self.sharing, self.file_overlap, self.pull_once_share, *self.repull]

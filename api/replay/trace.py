@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from api.replay.content import plan_files
-from api.replay.workload import Event, Fetch, ImageSpec, LayerSpec, Pull, Workload
+from api.replay.workload import Event, Fetch, ImageSpec, LayerSpec, Pull, Workload, knob
 
 URI = re.compile(r"/?v2/(?P<repo>[^/]+/[^/]+)/(?P<kind>manifests|blobs)/(?P<ref>[^/?]+)/?(?:\?.*)?")
 REQUIRED = ("timestamp", "http.request.method", "http.request.uri", "http.request.remoteaddr")
@@ -60,14 +60,14 @@ class Record:
 
 @dataclass(frozen=True)
 class TraceOptions:
-    start_s: float = 0.0  # window of the trace replayed, from its first record
-    duration_s: float | None = None
-    session_s: float = 60.0
-    size_scale: float = 1.0
-    min_layer_bytes: int = 1024
-    max_layer_bytes: int = 256 << 20
-    files_per_layer: int = 4
-    seed: int = 1  # layer contents
+    start_s: float = knob(0.0, "replay the trace from this many seconds after its first record")
+    duration_s: float | None = knob(None, "seconds of the trace replayed (default: all)")
+    session_s: float = knob(60.0, "blob GETs this soon after a manifest GET are its layers")
+    size_scale: float = knob(1.0, "multiplies the layer sizes of the trace")
+    min_layer_bytes: int = knob(1024, "smallest layer (after scaling)")
+    max_layer_bytes: int = knob(256 << 20, "largest layer (after scaling)")
+    files_per_layer: int = knob(4, "files in a layer")
+    seed: int = knob(1, "layer contents derive from it")
 
 
 def _timestamp(value: Any) -> float:

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def knob(default: Any, meaning: str) -> Any:
+    """A workload parameter with its meaning, shown by `duphunter replay … --help`."""
+    return field(default=default, metadata={"help": meaning})
+
+
 @dataclass(frozen=True)
 class FileSpec:
     """A file of a layer: its bytes are a function of `seed` and `size`, so two layers
