@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory clean
+.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-predict clean
 
 run: system-deps venv helpers
 	$(BIN)/python -m deploy.stack
@@ -44,6 +44,10 @@ bench-dedup: test-deps venv helpers
 
 bench-memory: system-deps venv
 	$(BIN)/python -m bench.memory
+
+# about 19 minutes on 2 cores: two ingests and six 2-minute real-time replays
+bench-predict: test-deps venv helpers
+	$(BIN)/python -m bench.predict
 
 clean:
 	rm -rf build var .mypy_cache .ruff_cache .pytest_cache
