@@ -266,16 +266,21 @@ def plot_cdf(path: Path, series: dict[str, list[float]], title: str) -> Path:
         ordered = sorted(max(value, 1e-4) for value in seconds)
         if ordered:
             shares = [(index + 1) / len(ordered) for index in range(len(ordered))]
-            axes.step(
-                [v * 1000 for v in ordered], shares, where="post", label=f"{name} ({len(ordered)})"
-            )
+            label, times = f"{name} ({len(ordered)})", [v * 1000 for v in ordered]
+            if name == "all":
+                axes.step(
+                    times, shares, where="post", label=label, color="black", ls="--", zorder=3
+                )
+            else:
+                axes.step(times, shares, where="post", label=label)
     axes.set_xscale("log")
     axes.set_xlabel("layer GET latency, ms (log)")
     axes.set_ylabel("share of GETs")
     axes.set_ylim(0, 1.01)
     axes.grid(True, which="both", linewidth=0.3)
     axes.set_title(title, fontsize=10)
-    axes.legend(fontsize=7, loc="lower right")
+    if any(series.values()):
+        axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -93,8 +93,6 @@ class Replayer:
             while not self._idle():
                 self._wait_until(time.monotonic() + 0.5)
         self.oracle_pool.shutdown(wait=True)
-        for client in self.clients.values():
-            client.connection.close()
         self.status.done(self._line())
         return ReplayResult(
             self.gets,
@@ -134,10 +132,12 @@ class Replayer:
         pool.submit(self._drain, client)
 
     def _drain(self, client: ClientState) -> None:
-        """Run the client's events one after the other until none is pending."""
+        """Run the client's events one after the other until none is pending, then drop
+        its idle connections (a trace may have many thousands of clients)."""
         while True:
             with self.lock:
                 if not client.pending:
+                    client.connection.close()
                     client.active = False
                     return
                 event = client.pending.popleft()
