@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale clean
+.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict clean
 
 run: system-deps venv helpers
 	$(BIN)/python -m deploy.stack
@@ -47,6 +47,10 @@ bench-memory: system-deps venv
 
 bench-scale: system-deps venv helpers
 	$(BIN)/python -m bench.scale
+
+# about 19 minutes on 2 cores: two ingests and six 2-minute real-time replays
+bench-predict: test-deps venv helpers
+	$(BIN)/python -m bench.predict
 
 clean:
 	rm -rf build var .mypy_cache .ruff_cache .pytest_cache

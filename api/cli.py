@@ -7,6 +7,7 @@ duphunter warm REPO:TAG [--platform P ...] [--wait]
                                     rebuild an image's deduplicated layers ahead of a
                                     rollout (into the layer buffer); --wait shows progress
 duphunter reindex                   rebuild the Redis index from S3 (runs locally)
+duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+
+from api.replay import cli as replay
 
 
 def _call(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -73,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
     warm.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64")
     warm.add_argument("--wait", action="store_true", help="wait until every layer is rebuilt")
+    replay.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        raise SystemExit(replay.run(args))
     result = _run(args)
     if args.json or not isinstance(result, dict) or args.command != "stats":
         json.dump(result, sys.stdout, indent=2)

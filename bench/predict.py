@@ -1,0 +1,570 @@
+"""bench-predict: one synthetic pull workload replayed at real time against DupHunter with
+each predictor, an oracle, and Distribution 2.8.2, side by side on the same S3.
+
+Usage::
+
+    python -m bench.predict [--duration-s 120] [--clients 24] [--seed 11]
+                            [--configs distribution,s/none,...] [--ingest-each] [--no-docs]
+
+One Redis and one SeaweedFS S3 server serve every registry (a Redis database and a bucket
+each). The workload's layers (real gzip tars, zlib level 6, which DupHunter reproduces) are
+pushed once per DupHunter mode into a template bucket and ingested there; every DupHunter
+run then starts from a server-side copy of its mode's template, its Redis index rebuilt
+from S3 by `duphunter reindex`, with no access history: the same deduplicated store for
+every predictor, and two ingests instead of five (`--ingest-each` pushes and ingests
+for every run instead). Distribution gets the same images pushed by the same code.
+
+Runs, one after the other (never two at once: they share 2 cores):
+
+- `distribution`: Distribution 2.8.2, S3 driver, redirects off (it proxies blob bytes);
+- `s/none`, `s/paper`, `s/history`: DUPHUNTER_MODE=s with DUPHUNTER_PREDICTOR none, paper,
+  history (the default);
+- `s/oracle`: predictor none, and the replayer posts to `/api/v1/jobs/preconstruct`, at
+  each manifest GET, exactly the layers the client is about to GET;
+- `b0/history`: DUPHUNTER_MODE=b0, for the storage comparison.
+
+Every run: DUPHUNTER_BUFFER_BYTES = 10% of the unique layer bytes; the replay waits until
+ingestion is done, replays at real time, then waits for the registry's background work
+before its counters and the bucket size are read. Other DUPHUNTER_* variables of the
+environment reach every DupHunter run.
+
+Results: a table on stdout, `docs/bench/predict.json`, and the section
+`## bench-predict: …` in `docs/benchmarks.md` with a latency CDF plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minio import Minio
+from minio.commonconfig import CopySource
+
+from api.replay.cli import replay
+from api.replay.content import BuiltLayer, LayerCache
+from api.replay.progress import Status
+from api.replay.push import build_layers, push_workload, wait_for_quiet
+from api.replay.report import latency_series, plot_cdf
+from api.replay.runner import ReplayOptions
+from api.replay.synthetic import SyntheticSpec, generate
+from api.replay.transport import Connection
+from api.replay.workload import Workload
+from bench.core import ACCESS, PEER_BUCKET, SECRET, stack_cpu_seconds, start_distribution, versions
+from bench.report import REPO_ROOT, git_state, machine, save_json, write_section
+from deploy.stack import Stack, free_port
+
+SECTION = "## bench-predict: prediction, buffer and popularity against Distribution 2.8.2"
+OUT_DIR = REPO_ROOT / "build" / "bench" / "predict"
+PLOT = REPO_ROOT / "docs" / "img" / "bench-predict.png"
+BUFFER_SHARE = 0.10
+RETIRE_GRACE_S = 1
+OURS = "s/history"  # the configuration the issue's targets are for
+LATENCY_TARGETS = {"p50": 1.1, "p90": 1.5, "p99": 3.0}
+HIT_TARGET, WASTED_TARGET, STORAGE_TARGET = 0.95, 0.20, 1.15
+GET_COLUMNS = ["at", "client", "repository", "digest", "kind", "status", "bytes", "seconds"]
+GET_COLUMNS += ["ttfb_s", "source", "verified", "error"]
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    mode: str | None = None  # None: Distribution
+    predictor: str = "none"
+    oracle: bool = False
+
+
+CONFIGS = [
+    Config("distribution"),
+    Config("s/none", "s", "none"),
+    Config("s/paper", "s", "paper"),
+    Config("s/history", "s", "history"),
+    Config("s/oracle", "s", "none", oracle=True),
+    Config("b0/history", "b0", "history"),
+]
+
+
+def workload_spec(args: argparse.Namespace) -> SyntheticSpec:
+    """The default: 24 clients, 6 repositories of 3 layers (one base layer, shared by
+    about half of them), a new tag per repository every ~60 s, ~130 pulls in 120 s;
+    29 layers, 56 MB; ~180 layer GETs. Sized so that the whole run (two ingests, six
+    real-time replays) stays under ~20 minutes on 2 cores."""
+    return SyntheticSpec(
+        seed=args.seed,
+        duration_s=args.duration_s,
+        clients=args.clients,
+        repositories=6,
+        layers_per_image=3,
+        base_layers=1,
+        base_images=2,
+        sharing=0.5,
+        layer_mb=2.0,
+        layer_sigma=0.6,
+        max_layer_bytes=12 << 20,
+        pull_once_share=0.5,
+        repull=(0.0, 0.4),
+        mean_interval_s=20.0,
+        new_tag_interval_s=60.0,
+    )
+
+
+# --- services -----------------------------------------------------------------------------
+
+
+@dataclass
+class Shared:
+    """Redis and S3, used by every registry of the run."""
+
+    stack: Stack
+    redis_port: int
+    s3: str
+    minio: Minio
+    workdir: Path
+    databases: int = 0
+
+    def next_database(self) -> int:
+        self.databases += 1
+        return self.databases
+
+
+def start_shared(workdir: Path) -> Shared:
+    shutil.rmtree(workdir, ignore_errors=True)
+    stack = Stack(workdir / "shared")
+    try:
+        port = free_port()
+        stack.start_redis(port)
+        s3 = stack.start_s3(free_port(10000), ACCESS, SECRET, PEER_BUCKET)
+    except BaseException:
+        stack.stop()
+        raise
+    minio = Minio(s3, access_key=ACCESS, secret_key=SECRET, secure=False)
+    return Shared(stack, port, s3, minio, workdir)
+
+
+def duphunter_env(
+    shared: Shared, name: str, mode: str, predictor: str, buffer: int
+) -> dict[str, str]:
+    bucket = "dh-" + name.replace("/", "-")
+    if not shared.minio.bucket_exists(bucket):
+        shared.minio.make_bucket(bucket)
+    return {
+        "DUPHUNTER_REDIS_URL": f"redis://127.0.0.1:{shared.redis_port}/{shared.next_database()}",
+        "DUPHUNTER_S3_ENDPOINT": shared.s3,
+        "DUPHUNTER_S3_ACCESS_KEY": ACCESS,
+        "DUPHUNTER_S3_SECRET_KEY": SECRET,
+        "DUPHUNTER_S3_BUCKET": bucket,
+        "DUPHUNTER_LISTEN": f"127.0.0.1:{free_port()}",
+        "DUPHUNTER_SPOOL_DIR": str(shared.workdir / name.replace("/", "-") / "spool"),
+        "DUPHUNTER_MODE": mode,
+        "DUPHUNTER_PREDICTOR": predictor,
+        "DUPHUNTER_BUFFER_BYTES": str(buffer),
+        "DUPHUNTER_RETIRE_GRACE_SECONDS": str(RETIRE_GRACE_S),
+    }
+
+
+@contextmanager
+def duphunter(shared: Shared, name: str, env: dict[str, str], reindex: bool) -> Iterator[Stack]:
+    """A DupHunter (2 API processes and its workers) on the shared Redis and S3."""
+    with Stack(shared.workdir / name.replace("/", "-")) as stack:
+        stack.env.update(env)
+        if reindex:  # the index of a copied bucket, rebuilt from S3 before anything starts
+            done = subprocess.run(
+                [sys.executable, "-m", "api.cli", "reindex"],
+                cwd=REPO_ROOT,
+                env=stack.env,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"duphunter reindex failed: {done.stderr[-2000:]}")
+        stack.start_workers()
+        stack.start_api(env["DUPHUNTER_LISTEN"], processes=2)
+        yield stack
+
+
+def bucket_bytes(minio: Minio, bucket: str) -> dict[str, int]:
+    """Bytes stored in a bucket, in total and by top-level prefix."""
+    sizes: dict[str, int] = {"total": 0}
+    for item in minio.list_objects(bucket, recursive=True):
+        name, size = str(item.object_name), int(item.size or 0)
+        prefix = name.split("/", 1)[0]
+        sizes[prefix] = sizes.get(prefix, 0) + size
+        sizes["total"] += size
+    return sizes
+
+
+def copy_bucket(minio: Minio, source: str, target: str) -> int:
+    """Server-side copy of every object but the buffer's (a cache)."""
+    copied = 0
+    for item in minio.list_objects(source, recursive=True):
+        name = str(item.object_name)
+        if not name.startswith("buffer/"):
+            minio.copy_object(target, name, CopySource(source, name))
+            copied += 1
+    return copied
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    layers: dict[str, BuiltLayer]
+    cache: Path
+    buffer_bytes: int
+    options: ReplayOptions
+
+
+def make_template(shared: Shared, plan: Plan, mode: str) -> dict[str, Any]:
+    """Push the workload into DupHunter in `mode` and let it ingest every layer."""
+    name = f"template-{mode}"
+    env = duphunter_env(shared, name, mode, "none", plan.buffer_bytes)
+    status = Status()
+    started = time.monotonic()
+    with duphunter(shared, name, env, reindex=False):
+        connection = Connection("http://" + env["DUPHUNTER_LISTEN"])
+        pushed = push_workload(connection, plan.workload, plan.layers, status)
+        ingest_s = wait_for_quiet(connection, 3600, status)
+        time.sleep(RETIRE_GRACE_S + 4)  # intact copies retired after the grace delay
+        wait_for_quiet(connection, 600, status)
+        stats = connection.stats() or {}
+    return {
+        "bucket": env["DUPHUNTER_S3_BUCKET"],
+        "push_s": round(pushed.seconds, 1),
+        "ingest_s": round(ingest_s, 1),
+        "total_s": round(time.monotonic() - started, 1),
+        "layers": stats.get("layers"),
+        "stored": bucket_bytes(shared.minio, env["DUPHUNTER_S3_BUCKET"]),
+    }
+
+
+def run_duphunter(
+    shared: Shared, plan: Plan, config: Config, template: dict[str, Any] | None
+) -> dict[str, Any]:
+    assert config.mode is not None
+    env = duphunter_env(shared, config.name, config.mode, config.predictor, plan.buffer_bytes)
+    if template is not None:
+        copy_bucket(shared.minio, template["bucket"], env["DUPHUNTER_S3_BUCKET"])
+    options = dataclasses.replace(plan.options, oracle=config.oracle)
+    with duphunter(shared, config.name, env, reindex=template is not None) as stack:
+        url = "http://" + env["DUPHUNTER_LISTEN"]
+        if template is None:  # --ingest-each: push and ingest outside the CPU measured
+            connection = Connection(url)
+            push_workload(connection, plan.workload, plan.layers, Status())
+            wait_for_quiet(connection, 3600, Status())
+        cpu = stack_cpu_seconds(stack)
+        summary = replay(url, plan.workload, options, plan.cache, push=False)
+        summary["registry_cpu_s"] = round(stack_cpu_seconds(stack) - cpu, 1)
+    summary["stored"] = bucket_bytes(shared.minio, env["DUPHUNTER_S3_BUCKET"])
+    summary["env"] = {k: v for k, v in env.items() if k.startswith("DUPHUNTER_") and "KEY" not in k}
+    return summary
+
+
+def run_distribution(shared: Shared, plan: Plan) -> dict[str, Any]:
+    if not shared.minio.bucket_exists(PEER_BUCKET):
+        shared.minio.make_bucket(PEER_BUCKET)
+    with Stack(shared.workdir / "distribution") as stack:
+        peer = start_distribution(stack, shared.s3, "distribution", "/proxy", redirect=False)
+        cpu = stack_cpu_seconds(stack)
+        summary = replay(f"http://{peer.hostport}", plan.workload, plan.options, plan.cache)
+        summary["registry_cpu_s"] = round(stack_cpu_seconds(stack) - cpu, 1)
+    summary["stored"] = bucket_bytes(shared.minio, PEER_BUCKET)
+    return summary
+
+
+def run_all(args: argparse.Namespace, plan: Plan, configs: list[Config]) -> dict[str, Any]:
+    shared = start_shared(OUT_DIR / "stack")
+    runs: dict[str, Any] = {}
+    templates: dict[str, Any] = {}
+    with shared.stack:
+        for config in configs:
+            print(f"\n=== {config.name}", flush=True)
+            started = time.monotonic()
+            if config.mode is None:
+                runs[config.name] = run_distribution(shared, plan)
+            else:
+                template = None
+                if not args.ingest_each:
+                    if config.mode not in templates:
+                        print(
+                            f"--- template: the workload pushed and ingested in mode {config.mode}"
+                        )
+                        templates[config.mode] = make_template(shared, plan, config.mode)
+                    template = templates[config.mode]
+                runs[config.name] = run_duphunter(shared, plan, config, template)
+            runs[config.name]["run_s"] = round(time.monotonic() - started, 1)
+            print(render_run(config.name, runs[config.name]), flush=True)
+    for bulky in ("shared/s3",):
+        shutil.rmtree(shared.workdir / bulky, ignore_errors=True)
+    return {"runs": runs, "templates": templates}
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+def compact_gets(summary: dict[str, Any]) -> None:
+    """Every GET as one row (GET_COLUMNS), to keep the raw JSON small."""
+    summary["gets"] = [[get[column] for column in GET_COLUMNS] for get in summary["gets"]]
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or not theirs:
+        return None
+    return round(ours / theirs, 3)
+
+
+def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, for `s/history`, each met or missed (None: not measurable)."""
+    ours, peer, b0 = runs.get(OURS), runs.get("distribution"), runs.get("b0/history")
+    if ours is None:
+        return []
+    rows = []
+    for name, limit in LATENCY_TARGETS.items():
+        value = None
+        if peer is not None:
+            value = ratio(
+                ours["layer_gets"]["latency"].get(name), peer["layer_gets"]["latency"].get(name)
+            )
+        rows.append(target_row(f"layer GET {name} / Distribution's", value, "<=", limit))
+    rows.append(
+        target_row(
+            "GETs of dedup layers without an on-demand restore",
+            ours["hit_ratio"]["ratio"],
+            ">=",
+            HIT_TARGET,
+        )
+    )
+    rows.append(
+        target_row(
+            "preconstructions wasted", ours["registry"].get("wasted_share"), "<=", WASTED_TARGET
+        )
+    )
+    stored = ratio(ours["stored"]["total"], b0["stored"]["total"]) if b0 else None
+    rows.append(target_row("stored bytes (buffer included) / b0's", stored, "<=", STORAGE_TARGET))
+    return rows
+
+
+def target_row(name: str, value: float | None, sense: str, limit: float) -> dict[str, Any]:
+    met = None if value is None else (value <= limit if sense == "<=" else value >= limit)
+    return {"target": name, "value": value, "limit": f"{sense} {limit}", "met": met}
+
+
+def cell(value: Any, digits: int = 0, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+def runs_table(runs: dict[str, Any]) -> str:
+    peer = runs.get("distribution")
+    header = "| registry | layer GETs | p50 ms | p90 ms | p99 ms | max ms | ratio p50/p90/p99 "
+    header += "| served by (GETs) | hit ratio | preconstructions (wasted) | restore CPU s "
+    header += "| registry CPU s | stored MB | errors |"
+    lines = [header, "|---|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|"]
+    for name, run in runs.items():
+        lat, reg = run["layer_gets"]["latency"], run["registry"]
+        ratios = "/".join(
+            cell(ratio(lat.get(q), peer["layer_gets"]["latency"].get(q)) if peer else None, 2)
+            for q in ("p50", "p90", "p99")
+        )
+        paths = ", ".join(
+            f"{s} {part['count']}" for s, part in run["layer_gets"]["by_source"].items()
+        )
+        pre = f"{cell(reg.get('preconstructions'))} ({cell(reg.get('preconstructions_wasted'))})"
+        lines.append(
+            f"| {name} | {run['layer_gets']['count']} | {cell(lat.get('p50'), 0, 1000)} "
+            f"| {cell(lat.get('p90'), 0, 1000)} | {cell(lat.get('p99'), 0, 1000)} "
+            f"| {cell(lat.get('max'), 0, 1000)} | {ratios} | {paths} "
+            f"| {cell(run['hit_ratio']['ratio'], 3)} | {pre} "
+            f"| {cell(reg.get('restore_cpu_seconds'), 1)} | {run['registry_cpu_s']:.1f} "
+            f"| {run['stored']['total'] / 1e6:.1f} | {run['errors']['count']} |"
+        )
+    return "\n".join(lines)
+
+
+def targets_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| target (`s/history`) | measured | limit | |", "|---|--:|--:|---|"]
+    if not rows:
+        lines.append("| (no `s/history` run) | | | |")
+    for row in rows:
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[row["met"]]
+        lines.append(f"| {row['target']} | {cell(row['value'], 3)} | {row['limit']} | {verdict} |")
+    return "\n".join(lines)
+
+
+def run_notes(runs: dict[str, Any]) -> list[str]:
+    """A failed oracle is no oracle, and a registry that ignores DUPHUNTER_MODE and
+    DUPHUNTER_PREDICTOR runs one configuration under many names: say so by the table."""
+    notes = []
+    for name, run in runs.items():
+        if "env" not in run:
+            continue
+        asked = {k: run["env"].get(f"DUPHUNTER_{k.upper()}") for k in ("mode", "predictor")}
+        said = run.get("registry_settings", {})
+        if said != asked:
+            notes += [
+                f"Note: `{name}` asked for {asked}; the registry reports {said or 'neither'}.",
+                "",
+            ]
+    for name, run in runs.items():
+        oracle = run.get("oracle") or {}
+        if oracle.get("errors"):
+            notes += [
+                f"Note: in `{name}`, {len(oracle['errors'])} of {oracle['requests']} "
+                f"preconstruct requests failed (first: `{oracle['errors'][0]}`), so that row "
+                "is not an oracle's.",
+                "",
+            ]
+    return notes
+
+
+def render_run(name: str, run: dict[str, Any]) -> str:
+    lat = run["layer_gets"]["latency"]
+    return (
+        f"{name}: {run['layer_gets']['count']} layer GETs, p50/p90/p99 "
+        f"{cell(lat.get('p50'), 0, 1000)}/{cell(lat.get('p90'), 0, 1000)}/"
+        f"{cell(lat.get('p99'), 0, 1000)} ms, hit ratio {cell(run['hit_ratio']['ratio'], 3)}, "
+        f"{run['errors']['count']} errors, run {run.get('run_s', 0):.0f} s"
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    work = result["workload"]
+    templates = result["templates"]
+    ingest = "; ".join(
+        f"{mode}: push {t['push_s']:.0f} s, ingest {t['ingest_s']:.0f} s, layers {t['layers']}"
+        for mode, t in templates.items()
+    )
+    lines = [
+        f"Run {result['date']} by `make bench-predict` (`{result['command']}`, total "
+        f"{result['total_s'] / 60:.1f} min), code at {result['git']}.",
+        "",
+        "```",
+        result["machine"],
+        "```",
+        "",
+        f"Tools: {result['versions']}.",
+        "",
+        f"Workload (synthetic, seed {work['parameters']['seed']}): {work['clients']} clients "
+        f"(half pull each tag once, half pull again and again with a repull probability drawn "
+        f"in [0, 0.4]), {work['repositories']} repositories, {work['images']} images, "
+        f"{work['layers']} layers, {work['unique_layer_bytes'] / 1e6:.1f} MB of unique layers "
+        f"(gzip, zlib level 6), {work['pulls']} pulls ({work['fresh_pulls']} from an empty "
+        f"store) over {work['parameters']['duration_s']:.0f} s, replayed at real time, each "
+        f"client from its own loopback address, 3 layer GETs at a time. "
+        f"Buffer: {result['buffer_bytes'] / 1e6:.1f} MB (10% of the unique layer bytes).",
+        "",
+        "Setup: " + SETUP_TEXT + (f" Templates: {ingest}." if templates else ""),
+        "",
+        runs_table(result["runs"]),
+        "",
+        targets_table(result["targets"]),
+        "",
+        *run_notes(result["runs"]),
+        "Latency = from sending a layer GET to its last byte, every byte hashed and checked. "
+        'ratio = DupHunter / Distribution. "served by" = the `X-DupHunter-Source` header '
+        "(`unknown`: none sent). hit ratio = layer GETs not served by an on-demand restore "
+        "(every layer is deduplicated before the replay starts). Preconstructions, wasted and "
+        "restore CPU: the registry's own counters over the replay (n/a: not reported). "
+        "Registry CPU: its processes (API, workers; S3 and Redis excluded), over the replay "
+        "and the waits around it. Stored: every object in the registry's bucket after the "
+        "replay (buffer entries included when the buffer lives in S3).",
+        "",
+        "Raw data: `docs/bench/predict.json` (every GET of every run).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+SETUP_TEXT = (
+    "one Redis and one SeaweedFS S3 on loopback serve every registry (a database and a "
+    "bucket each). Each DupHunter run (2 API processes, one worker per queue) starts from a "
+    "server-side copy of a template bucket into which the workload was pushed and ingested "
+    "in the same mode, its index rebuilt with `duphunter reindex` and no access history; "
+    "Distribution 2.8.2 (S3 driver, redirects off, so it proxies blob bytes like DupHunter) "
+    "gets the same pushes. Runs one after the other."
+)
+
+
+def write_docs(result: dict[str, Any]) -> None:
+    series = {name: run_latencies(run) for name, run in result["runs"].items()}
+    plot_cdf(PLOT, series, "layer GET latency, one workload, by registry and predictor")
+    body = f"![bench-predict latency CDF](img/{PLOT.name})\n\n" + markdown(result)
+    write_section(SECTION, body, result["machine"])
+
+
+def run_latencies(run: dict[str, Any]) -> list[float]:
+    rows = [dict(zip(GET_COLUMNS, get, strict=True)) for get in run["gets"]]
+    return latency_series(rows)["all"] if rows else []
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    names = args.configs.split(",")
+    unknown = set(names) - {config.name for config in CONFIGS}
+    if unknown:
+        raise SystemExit(f"unknown configurations: {', '.join(sorted(unknown))}")
+    configs = [config for config in CONFIGS if config.name in names]
+    workload = generate(workload_spec(args))
+    cache = OUT_DIR / "layers"
+    layers = build_layers(workload, LayerCache(cache), Status())
+    unique = sum(layer.size for layer in {b.digest: b for b in layers.values()}.values())
+    buffer_bytes = int(unique * BUFFER_SHARE)
+    plan = Plan(workload, layers, cache, buffer_bytes, ReplayOptions(max_clients=16, downloads=3))
+    done = run_all(args, plan, configs)
+    for run in done["runs"].values():
+        compact_gets(run)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python -m bench.predict", *sys.argv[1:]]),
+        "machine": machine(),
+        "versions": versions(),
+        "git": git_state(),
+        "workload": workload.summary() | {"unique_layer_bytes": unique},
+        "buffer_bytes": buffer_bytes,
+        "templates": done["templates"],
+        "runs": done["runs"],
+        "targets": targets(done["runs"]),
+        "get_columns": GET_COLUMNS,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--duration-s", type=float, default=120.0, help="of the replay")
+    parser.add_argument("--clients", type=int, default=24)
+    parser.add_argument("--configs", default=",".join(config.name for config in CONFIGS))
+    parser.add_argument("--ingest-each", action="store_true", help="push and ingest every run")
+    parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
+    args = parser.parse_args()
+    result = bench(args)
+    print()
+    print(runs_table(result["runs"]))
+    print()
+    print(targets_table(result["targets"]))
+    if args.no_docs:
+        path = OUT_DIR / "predict.json"
+        path.write_text(json.dumps(result) + "\n")
+    else:
+        path = save_json("predict", result)
+        write_docs(result)
+    print(f"\nwrote {path}" + ("" if args.no_docs else ", docs/benchmarks.md and " + str(PLOT)))
+
+
+if __name__ == "__main__":
+    main()
