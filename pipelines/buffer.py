@@ -196,12 +196,28 @@ class LayerBuffer:
         return int(self.redis.get(USED_KEY) or 0)
 
     def stats(self) -> dict[str, Any]:
+        """Counters (hits, fills, evictions, wasted preconstructions: entries filled ahead
+        of GETs and evicted before any came), and the entries held now by origin, with
+        how many of them no GET used yet."""
         raw = self.redis.hgetall(STATS_KEY)
         counters = {key.decode(): int(float(value)) for key, value in raw.items()}
+        digests = [member.decode() for member in self.redis.zrange(RANK_KEY, 0, -1)]
+        pipe = self.redis.pipeline()
+        for digest in digests:
+            pipe.hmget(entry_key(digest), ["origin", "hits"])
+        held: dict[str, int] = {}
+        unused: dict[str, int] = {}
+        for origin, hits in pipe.execute():
+            name = (origin or b"?").decode()
+            held[name] = held.get(name, 0) + 1
+            if int(hits or 0) == 0:
+                unused[name] = unused.get(name, 0) + 1
         return {
             "capacity_bytes": self.capacity,
             "used_bytes": self.used_bytes(),
-            "entries": int(self.redis.zcard(RANK_KEY)),
+            "entries": len(digests),
+            "entries_by_origin": held,
+            "unused_entries_by_origin": unused,
             **counters,
         }
 
@@ -302,6 +318,9 @@ if used + size > capacity then
       table.insert(victims, digest)
       if tonumber(redis.call('HGET', key, 'hits') or '0') == 0 then
         redis.call('HINCRBY', KEYS[5], 'evicted_unused', 1)
+        if redis.call('HGET', key, 'origin') ~= 'miss' then
+          redis.call('HINCRBY', KEYS[5], 'wasted_preconstructions', 1)
+        end
       end
       redis.call('HINCRBY', KEYS[5], 'evictions', 1)
       redis.call('ZREM', KEYS[4], digest)

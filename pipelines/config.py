@@ -61,7 +61,7 @@ class Settings:
         default_factory=lambda: float(_env("BUFFER_TAU_SECONDS", "3600"))
     )
     buffer_pin_seconds: float = field(
-        default_factory=lambda: float(_env("BUFFER_PIN_SECONDS", "600"))
+        default_factory=lambda: float(_env("BUFFER_PIN_SECONDS", "60"))
     )
     popularity_tau_seconds: float = field(
         default_factory=lambda: float(_env("POPULARITY_TAU_SECONDS", "3600"))

@@ -145,12 +145,12 @@ class BlobServer:
         filler = self.buffer.start_fill(digest, info.size, origin, expected_gets)
         if filler is None:
             return "not admitted"
+        self.index.count("preconstructions")
         if info.retired:  # its intact copy awaits deletion: copy it, no restore needed
             self._fill_from_intact(replace(info, segments=info.retired), filler)
             return "filled from intact"
         for _chunk in self.restore(info, filler):
             pass
-        self.index.count("preconstructions")
         return "filled"
 
     def _fill_from_intact(self, info: BlobInfo, filler: Filler) -> None:
