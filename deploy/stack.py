@@ -22,9 +22,11 @@ from types import TracebackType
 import redis
 from minio import Minio
 
+from deploy import services
+from deploy.services import QUEUES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-QUEUES = ("ingest", "restore", "predict", "maintenance")
 
 
 def port_is_free(port: int) -> bool:
@@ -204,63 +206,22 @@ class Stack:
         return endpoint
 
     def start_api(self, listen: str, processes: int = 2, threads: int = 16) -> None:
-        self.spawn(
-            "api",
-            [
-                str(VENV_BIN / "gunicorn"),
-                "--bind",
-                listen,
-                "--workers",
-                str(processes),
-                "--worker-class",
-                "gthread",
-                "--threads",
-                str(threads),
-                "--timeout",
-                "600",
-                "--access-logfile",
-                "-",
-                "api.app:app",
-            ],
-        )
+        self.spawn("api", services.api_command(VENV_BIN, listen, processes, threads))
         wait_until(lambda: _http_ok(f"http://{listen}/v2/"), "API")
 
     def start_workers(self, queues: tuple[str, ...] = QUEUES, concurrency: int = 1) -> None:
         for queue in queues:
             self.start_worker(queue, f"worker-{queue}", concurrency)
+        if "maintenance" in queues:
+            schedule = self.workdir / "celerybeat-schedule"
+            self.spawn("beat", services.beat_command(VENV_BIN, schedule))
 
     def start_worker(self, queue: str, name: str, concurrency: int = 1) -> None:
         """One Celery worker process (with `concurrency` children) consuming `queue`."""
-        args = [
-            str(VENV_BIN / "celery"),
-            "-A",
-            "workers.app:celery_app",
-            "worker",
-            "-Q",
-            queue,
-            "-n",
-            f"{name}@%h",
-            "-c",
-            str(concurrency),
-            "--loglevel",
-            "INFO",
-        ]
-        if queue == "maintenance":
-            args += ["--beat", "--schedule", str(self.workdir / "celerybeat-schedule")]
-        self.spawn(name, args)
+        self.spawn(name, services.worker_command(VENV_BIN, queue, name, concurrency))
 
     def start_flower(self, port: int) -> None:
-        self.spawn(
-            "flower",
-            [
-                str(VENV_BIN / "celery"),
-                "-A",
-                "workers.app:celery_app",
-                "flower",
-                f"--port={port}",
-                "--address=127.0.0.1",
-            ],
-        )
+        self.spawn("flower", services.flower_command(VENV_BIN, "127.0.0.1", port))
 
 
 def _http_ok(url: str) -> bool:
