@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict clean
 
 run: system-deps venv helpers
-	$(BIN)/python -m deploy.stack
+	$(BIN)/python -m deploy.local
 
 test: test-deps venv helpers lint
 	$(BIN)/pytest -q

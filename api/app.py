@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlencode
@@ -16,8 +17,10 @@ from urllib.parse import urlencode
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
+from api.exposition import metrics_exposition
+from pipelines import metrics
 from pipelines.blobs import BlobInfo
-from pipelines.errors import RegistryError
+from pipelines.errors import RegistryError, is_transient
 from pipelines.manifests import OCI_INDEX
 from pipelines.registry import Registry, check_name, paginate, parse_count
 from workers import jobs
@@ -192,20 +195,35 @@ class RegistryApp:
         r.add(r"/api/v1/stats", GET=self.stats)
         r.add(r"/api/v1/jobs/ingest", POST=self.submit_ingest)
         r.add(r"/api/v1/jobs/preconstruct", POST=self.submit_preconstruct)
+        r.add(r"/api/v1/jobs/reindex", POST=self.submit_reindex)
         r.add(r"/api/v1/jobs/(?P<job_id>[^/]+)", GET=self.job_status)
         r.add(r"/api/v1/health", GET=self.health)
+        r.add(r"/api/v1/ready", GET=self.ready)
+        r.add(r"/metrics", GET=self.metrics)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         request = Request(environ)
-        response = self.dispatch(request)
+        started = time.perf_counter()
+        route, response = self.dispatch(request)
         response.headers.setdefault(*API_VERSION_HEADER)
+        metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
         return response(environ, start_response)
 
-    def dispatch(self, request: Request) -> Response:
+    def dispatch(self, request: Request) -> tuple[str, Response]:
+        """The route's name (for metrics) and the response."""
         found = self.router.match(request.path)
         if found is None:
-            return _json({"errors": [{"code": "UNSUPPORTED", "message": "not found"}]}, 404)
+            return "unknown", _json(
+                {"errors": [{"code": "UNSUPPORTED", "message": "not found"}]}, 404
+            )
         handlers, params = found
+        route = next(iter(handlers.values())).__name__
+        return route, self._handle(request, handlers, params)
+
+    def _handle(
+        self, request: Request, handlers: dict[str, Handler], params: dict[str, str]
+    ) -> Response:
         handler = handlers.get(request.method)
         if handler is None:
             return _json(
@@ -222,13 +240,29 @@ class RegistryApp:
             return _error_response(error)
         except ClientDisconnected:
             return _json({"errors": [{"code": "SIZE_INVALID", "message": "body truncated"}]}, 400)
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            unavailable = RegistryError("UNAVAILABLE", f"a backend is unreachable: {error}")
+            return _json(unavailable.body(), 503, {"Retry-After": "5"})
 
     # base, catalog
     def base(self, request: Request) -> Response:
         return _json({})
 
     def health(self, request: Request) -> Response:
-        return _json({"ok": True, "index_ready": self.registry.index.is_ready()})
+        """Liveness: this process answers. Cheap, and touches no backend."""
+        return _json({"ok": True})
+
+    def ready(self, request: Request) -> Response:
+        """Readiness: Redis, S3, a consumer on every queue, the encoders; what is wrong."""
+        checks = jobs.readiness(self.registry)
+        ok = all(check["ok"] for check in checks.values())
+        return _json({"ok": ok, "checks": checks}, 200 if ok else 503)
+
+    def metrics(self, request: Request) -> Response:
+        body, content_type = metrics_exposition(self.registry)
+        return Response(body, status=200, content_type=content_type)
 
     def catalog(self, request: Request) -> Response:
         count = parse_count(request.args.get("n"))
@@ -301,6 +335,7 @@ class RegistryApp:
             return Response(status=307, headers={**headers, **moved})
         read = self.registry.read_blob(info, start, length)
         headers[SOURCE_HEADER] = read.source
+        metrics.BLOB_GETS.labels(read.source).inc()
         return Response(read.chunks, status=status, headers=headers, direct_passthrough=True)
 
     def _client(self, request: Request) -> str:
@@ -401,6 +436,10 @@ class RegistryApp:
         job_id = jobs.enqueue_warm(self.registry, repository, reference, layers)
         body = {"id": job_id, "state": "queued", "layers": layers}
         return _json(body, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def submit_reindex(self, request: Request) -> Response:
+        job_id = jobs.enqueue_reindex(self.registry)
+        return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
 
     def job_status(self, request: Request, job_id: str) -> Response:
         status = jobs.status(self.registry, job_id)

@@ -1,13 +1,17 @@
 """`duphunter`: the operator's command line, a client of the HTTP API.
 
-duphunter stats                     storage and layer accounting
-duphunter ingest REPOSITORY DIGEST  queue a layer for ingestion, print the job id
-duphunter job ID                    the state and result of a job
-duphunter warm REPO:TAG [--platform P ...] [--wait]
-                                    rebuild an image's deduplicated layers ahead of a
-                                    rollout (into the layer buffer); --wait shows progress
-duphunter reindex                   rebuild the Redis index from S3 (runs locally)
-duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
+  duphunter status                    is everything up: Redis, S3, workers, encoders
+  duphunter stats                     storage, dedup ratio, layers, buffer, restores
+  duphunter ingest REPOSITORY DIGEST  queue a layer for ingestion (again)
+  duphunter job ID                    the state and result of a job
+  duphunter warm REPO:TAG [--platform P ...] [--wait]
+                                      rebuild an image's deduplicated layers into the
+                                      layer buffer ahead of a rollout
+  duphunter reindex                   rebuild the Redis index from S3 (a maintenance job)
+  duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
+
+Every command takes --json (machine output: numbers as numbers, times in ISO 8601) and
+--url (the API, default http://$DUPHUNTER_LISTEN or http://127.0.0.1:5000).
 """
 
 from __future__ import annotations
@@ -19,27 +23,48 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from api.replay import cli as replay
 
+WAIT_POLL_SECONDS = 0.5
 
-def _call(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+
+class ApiError(Exception):
+    """The API could not be reached, or refused the request: one line for the user."""
+
+
+def _call(
+    base: str, method: str, path: str, body: dict[str, Any] | None = None, also: int = 0
+) -> Any:
+    """The JSON an API call answers; `also`: one more status whose body is an answer."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        base.rstrip("/") + path,
-        data=data,
-        method=method,
+        base.rstrip("/") + path, data=data, method=method,
         headers={"Content-Type": "application/json"},
-    )
+    )  # fmt: skip
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
-        raise SystemExit(f"{method} {path}: {error.code} {error.read().decode()}") from error
+        if error.code == also:
+            return json.loads(error.read())
+        raise ApiError(f"{method} {path}: {error.code} {_error_message(error.read())}") from error
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ApiError(f"cannot reach the API at {base}: {reason}") from error
 
 
-def _human(count: float) -> str:
+def _error_message(body: bytes) -> str:
+    try:
+        errors = json.loads(body).get("errors") or []
+        return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
+    except ValueError:
+        return body.decode(errors="replace")[:200]
+
+
+def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
@@ -47,64 +72,110 @@ def _human(count: float) -> str:
     return str(count)
 
 
-def print_stats(stats: dict[str, Any]) -> None:
-    for key, value in stats.items():
-        if key.endswith("_bytes") and isinstance(value, int):
-            print(f"{key:24} {_human(value):>12}  ({value} bytes)")
-        elif isinstance(value, dict):
-            print(f"{key:24} " + ", ".join(f"{k}={v}" for k, v in sorted(value.items())))
-        else:
-            print(f"{key:24} {value}")
+# human output
 
 
-def main(argv: list[str] | None = None) -> None:
-    default_url = "http://" + os.environ.get("DUPHUNTER_LISTEN", "127.0.0.1:5000")
-    parser = argparse.ArgumentParser(
-        prog="duphunter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--url", default=default_url, help=f"API address (default {default_url})")
-    parser.add_argument("--json", action="store_true", help="print raw JSON")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("stats")
-    ingest = commands.add_parser("ingest")
-    ingest.add_argument("repository")
-    ingest.add_argument("digest")
-    job = commands.add_parser("job")
-    job.add_argument("id")
-    commands.add_parser("reindex")
-    warm = commands.add_parser("warm")
-    warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
-    warm.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64")
-    warm.add_argument("--wait", action="store_true", help="wait until every layer is rebuilt")
-    replay.add_parser(commands)
-    args = parser.parse_args(argv)
-    if args.command == "replay":
-        raise SystemExit(replay.run(args))
-    result = _run(args)
-    if args.json or not isinstance(result, dict) or args.command != "stats":
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    else:
-        print_stats(result)
+def show_stats(stats: dict[str, Any]) -> None:
+    storage = stats.get("storage", {})
+    waiting = stats.get("awaiting_deletion_bytes", {})
+    rows = [
+        ("mode", storage.get("mode", "?")),
+        ("pushed (logical)", human_bytes(stats["logical_bytes"])),
+        ("stored", human_bytes(stats["stored_bytes"])),
+        ("dedup ratio", _ratio(stats.get("dedup_ratio"))),
+        ("  once copies in grace go", _ratio(stats.get("dedup_ratio_once_deleted"))),
+        ("intact copies in grace", human_bytes(waiting.get("intact_copies_in_grace", 0))),
+        ("hot-layer replicas", human_bytes(storage.get("replica_bytes", 0))),
+        ("layer buffer", human_bytes(storage.get("buffer_bytes", 0))),
+        ("unique files", stats.get("unique_files", 0)),
+        ("repositories", stats.get("repositories", 0)),
+    ]
+    _table(rows)
+    for title in ("layers", "layers_by_encoder", "intact_layers_by_reason", "queues"):
+        if stats.get(title):
+            print(f"\n{title.replace('_', ' ')}")
+            _table(sorted(stats[title].items(), key=lambda item: -int(item[1])))
+    restores = stats.get("restores", {})
+    if restores:
+        print("\nrestores")
+        _table(sorted(restores.items()))
 
 
-def _run(args: argparse.Namespace) -> Any:
-    if args.command == "stats":
-        return _call(args.url, "GET", "/api/v1/stats")
-    if args.command == "ingest":
-        return _call(
-            args.url,
-            "POST",
-            "/api/v1/jobs/ingest",
-            {"repository": args.repository, "digest": args.digest},
-        )
-    if args.command == "job":
-        return _call(args.url, "GET", f"/api/v1/jobs/{args.id}")
-    if args.command == "warm":
-        return _warm(args)
-    from pipelines.registry import Registry
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
-    return Registry.connect().rebuild_index()
+
+def show_status(ready: dict[str, Any]) -> None:
+    for name, check in ready["checks"].items():
+        mark = "ok  " if check["ok"] else "FAIL"
+        print(f"{mark} {name:10} {check.get('error', '')}")
+    print("ready" if ready["ok"] else "NOT READY")
+
+
+def show_fields(body: dict[str, Any]) -> None:
+    _table([(key, json.dumps(value) if isinstance(value, dict | list) else value)
+            for key, value in body.items()])  # fmt: skip
+
+
+def _table(rows: list[tuple[Any, Any]]) -> None:
+    width = max((len(str(key)) for key, _value in rows), default=0)
+    for key, value in rows:
+        print(f"  {key!s:{width}}  {value}")
+
+
+# commands
+
+
+def cmd_stats(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    return _call(args.url, "GET", "/api/v1/stats"), show_stats
+
+
+def cmd_status(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    return _call(args.url, "GET", "/api/v1/ready", also=503), show_status
+
+
+def cmd_ingest(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    body = {"repository": args.repository, "digest": args.digest}
+    return _call(args.url, "POST", "/api/v1/jobs/ingest", body), show_fields
+
+
+def cmd_job(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    return _call(args.url, "GET", f"/api/v1/jobs/{args.id}"), show_fields
+
+
+def cmd_warm(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    repository, reference = split_image(args.image)
+    body = {"repository": repository, "reference": reference, "platforms": args.platform}
+    job = _call(args.url, "POST", "/api/v1/jobs/preconstruct", body)
+    if args.wait:
+        job = _wait(args.url, job["id"], "layers rebuilt")
+    return job, show_fields
+
+
+def cmd_reindex(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    job = _call(args.url, "POST", "/api/v1/jobs/reindex", {})
+    return _wait(args.url, job["id"], "objects indexed"), show_fields
+
+
+def _wait(base: str, job_id: str, unit: str) -> dict[str, Any]:
+    """Poll a job, with a progress line on stderr, until it ends."""
+    started = time.monotonic()
+    while True:
+        status: dict[str, Any] = _call(base, "GET", f"/api/v1/jobs/{job_id}")
+        progress = status.get("progress") or {}
+        done, total = progress.get("done", 0), progress.get("total")
+        bar = _bar(done, total) if total else f"{done} {unit}"
+        elapsed = time.monotonic() - started
+        print(f"\r{bar}  {status['state']}  {elapsed:.0f}s   ", end="", file=sys.stderr)
+        if status["state"] in ("success", "failure"):
+            print(file=sys.stderr)
+            return status
+        time.sleep(WAIT_POLL_SECONDS)
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // max(total, 1)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 def split_image(image: str) -> tuple[str, str]:
@@ -118,19 +189,69 @@ def split_image(image: str) -> tuple[str, str]:
     return repository, reference
 
 
-def _warm(args: argparse.Namespace) -> Any:
-    repository, reference = split_image(args.image)
-    body = {"repository": repository, "reference": reference, "platforms": args.platform}
-    job = _call(args.url, "POST", "/api/v1/jobs/preconstruct", body)
-    while args.wait:
-        status = _call(args.url, "GET", f"/api/v1/jobs/{job['id']}")
-        progress = status["progress"]
-        print(f"\r{progress['done']}/{progress['total']} layers rebuilt", end="", file=sys.stderr)
-        if status["state"] in ("success", "failure"):
-            print(file=sys.stderr)
-            return status
-        time.sleep(0.5)
-    return job
+COMMANDS: dict[str, Callable[[argparse.Namespace], tuple[Any, Callable[[Any], None]]]] = {
+    "status": cmd_status,
+    "stats": cmd_stats,
+    "ingest": cmd_ingest,
+    "job": cmd_job,
+    "warm": cmd_warm,
+    "reindex": cmd_reindex,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_url = "http://" + os.environ.get("DUPHUNTER_LISTEN", "127.0.0.1:5000")
+    common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    common.add_argument("--url", default=argparse.SUPPRESS, help=f"API (default {default_url})")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON out")
+    parser = argparse.ArgumentParser(
+        prog="duphunter", description=__doc__, parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("status", "stats", "reindex"):
+        commands.add_parser(name, parents=[common])
+    ingest = commands.add_parser("ingest", parents=[common])
+    ingest.add_argument("repository")
+    ingest.add_argument("digest")
+    commands.add_parser("job", parents=[common]).add_argument("id")
+    warm = commands.add_parser("warm", parents=[common])
+    warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
+    warm.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64")
+    warm.add_argument("--wait", action="store_true", help="wait until every layer is rebuilt")
+    replay.add_parser(commands, parents=[common])
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments; --url and --json may come before or after the command (their
+    actions are shared by every subparser, so their defaults are filled in here)."""
+    args = build_parser().parse_args(argv)
+    args.url = getattr(
+        args, "url", "http://" + os.environ.get("DUPHUNTER_LISTEN", "127.0.0.1:5000")
+    )
+    args.json = getattr(args, "json", False)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.command == "replay":
+        raise SystemExit(replay.run(args))
+    try:
+        result, show = COMMANDS[args.command](args)
+    except ApiError as error:
+        print(f"duphunter: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        show(result)
+    if args.command == "status" and not result.get("ok"):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

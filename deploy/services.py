@@ -54,5 +54,30 @@ def flower_command(bin_dir: Path | None, address: str, port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def redis_command(server: str, port: int, data_dir: Path) -> list[str]:
+    """A Redis for the index and the queues, on loopback, keeping an append-only file."""
+    return [
+        server, "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+        "--dir", str(data_dir),
+    ]  # fmt: skip
+
+
+def s3_command(
+    bin_dir: Path | None, port: int, data_dir: Path, ports: dict[str, int], bucket: str
+) -> list[str]:
+    """SeaweedFS `weed mini`, the local stand-in for MinIO (`ports`: master, volume,
+    filer, admin; SeaweedFS also listens on each port+10000)."""
+    return [
+        _tool(bin_dir, "weed"), "mini",
+        f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={port}",
+        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+        "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-master.telemetry=false", f"-bucket={bucket}",
+    ]  # fmt: skip
+
+
 def _tool(bin_dir: Path | None, name: str) -> str:
     return str(bin_dir / name) if bin_dir else name

@@ -1,12 +1,10 @@
-"""Start the whole DupHunter stack on this machine: what `make run` and the tests use.
-
-Each service is a child process; `Stack` stops them all, in reverse order, on exit or
-Ctrl-C. An S3 endpoint or Redis given in the environment is used instead of starting one.
-"""
+"""Services as child processes, for the tests and the benchmarks: `Stack` starts them on
+free ports, can kill, stop and respawn one (to test crashes and restarts), and stops them
+all, in reverse order, on exit. `make run` runs the same commands under supervisord
+(deploy/local.py)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -29,10 +27,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def port_is_free(port: int) -> bool:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen here (connections in TIME_WAIT do not count)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError:
             return False
     return True
@@ -48,7 +48,7 @@ def free_port(also_free_offset: int = 0) -> int:
             return port
 
 
-def _grpc_safe_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
+def grpc_safe_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
     """Free ports for SeaweedFS, which also listens on each port+10000 (gRPC) and refuses a
     port that is another one's gRPC port."""
     ports: dict[str, int] = {}
@@ -85,6 +85,10 @@ class Stack:
         self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = str(REPO_ROOT)
+        metrics = workdir / "metrics"  # every process's Prometheus samples (multiprocess mode)
+        shutil.rmtree(metrics, ignore_errors=True)
+        metrics.mkdir()
+        self.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         output = open(self.workdir / f"{name}.log", "ab") if self.log_to_files else None  # noqa: SIM115
@@ -150,24 +154,7 @@ class Stack:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.spawn(
-            "redis",
-            [
-                server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",  # the index and the queues survive a restart
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self.workdir),
-            ],
-        )
+        self.spawn("redis", services.redis_command(server, port, self.workdir))
         url = f"redis://127.0.0.1:{port}/0"
         wait_until(lambda: bool(redis.Redis.from_url(url).ping()), "redis")
         return url
@@ -176,28 +163,11 @@ class Stack:
         """SeaweedFS `weed mini` as the local S3 server; its gRPC ports are port+10000."""
         data = self.workdir / "s3"
         data.mkdir(exist_ok=True)
-        ports = _grpc_safe_ports(("master", "volume", "filer", "admin"), taken={port})
+        ports = grpc_safe_ports(("master", "volume", "filer", "admin"), taken={port})
         env = dict(self.env, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
         self.spawn(
             "s3",
-            [
-                str(VENV_BIN / "weed"),
-                "mini",
-                f"-dir={data}",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                f"-s3.port={port}",
-                f"-master.port={ports['master']}",
-                f"-volume.port={ports['volume']}",
-                f"-filer.port={ports['filer']}",
-                f"-admin.port={ports['admin']}",
-                "-admin.ui=false",
-                "-webdav=false",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                "-master.telemetry=false",
-                f"-bucket={bucket}",
-            ],
+            services.s3_command(VENV_BIN, port, data, ports, bucket),
             env=env,
         )
         endpoint = f"127.0.0.1:{port}"
@@ -227,56 +197,3 @@ class Stack:
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as response:
         return int(response.status) == 200
-
-
-def run(args: argparse.Namespace) -> None:
-    """`make run`: start what the environment does not provide, then wait for Ctrl-C."""
-    env = os.environ
-    with Stack(Path(args.workdir)) as stack:
-        if "DUPHUNTER_REDIS_URL" not in env:
-            url = "redis://127.0.0.1:6379/0"
-            if not _redis_answers(url):
-                url = stack.start_redis(6379)
-            stack.env["DUPHUNTER_REDIS_URL"] = url
-        if "DUPHUNTER_S3_ENDPOINT" not in env:
-            access = env.get("DUPHUNTER_S3_ACCESS_KEY", "duphunter")
-            secret = env.get("DUPHUNTER_S3_SECRET_KEY", "duphunter-secret-key")
-            bucket = env.get("DUPHUNTER_S3_BUCKET", "duphunter")
-            stack.env["DUPHUNTER_S3_ENDPOINT"] = stack.start_s3(8333, access, secret, bucket)
-        os.environ.update(stack.env)
-        listen = env.get("DUPHUNTER_LISTEN", "127.0.0.1:5000")
-        stack.start_workers()
-        stack.start_flower(args.flower_port)
-        stack.start_api(listen, processes=args.api_processes)
-        print(
-            f"DupHunter is up: registry http://{listen}/v2/  "
-            f"Flower http://127.0.0.1:{args.flower_port}/  logs in {args.workdir}/  "
-            "(Ctrl-C stops everything)",
-            flush=True,
-        )
-        try:
-            while all(process.poll() is None for _name, process in stack.processes):
-                time.sleep(1)
-            dead = [name for name, process in stack.processes if process.poll() is not None]
-            print(f"stopping: {', '.join(dead)} exited (see its log)", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("\nstopping DupHunter", flush=True)
-
-
-def _redis_answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the DupHunter stack locally")
-    parser.add_argument("--workdir", default=str(REPO_ROOT / "var"))
-    parser.add_argument("--flower-port", type=int, default=5555)
-    parser.add_argument("--api-processes", type=int, default=2)
-    run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    main()

@@ -195,12 +195,15 @@ class LayerBuffer:
     def used_bytes(self) -> int:
         return int(self.redis.get(USED_KEY) or 0)
 
+    def stats_counters(self) -> dict[str, int]:
+        raw = self.redis.hgetall(STATS_KEY)
+        return {key.decode(): int(float(value)) for key, value in raw.items()}
+
     def stats(self) -> dict[str, Any]:
         """Counters (hits, fills, evictions, wasted preconstructions: entries filled ahead
         of GETs and evicted before any came), and the entries held now by origin, with
         how many of them no GET used yet."""
-        raw = self.redis.hgetall(STATS_KEY)
-        counters = {key.decode(): int(float(value)) for key, value in raw.items()}
+        counters = self.stats_counters()
         digests = [member.decode() for member in self.redis.zrange(RANK_KEY, 0, -1)]
         pipe = self.redis.pipeline()
         for digest in digests:

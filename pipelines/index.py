@@ -201,7 +201,12 @@ class Index:
         return {key.decode(): value.decode() for key, value in raw.items()}
 
     def queue_length(self, queue: str) -> int:
-        return int(self.redis.llen(queue))
+        """Jobs waiting in a Celery queue: its list and its priority lists (`queue:1`...)."""
+        pipe = self.redis.pipeline()
+        pipe.llen(queue)
+        for step in range(1, 10):
+            pipe.llen(f"{queue}:{step}")
+        return sum(int(length) for length in pipe.execute())
 
     # the content store of unique files
     def file_locations(self, hex_digests: list[str]) -> list[str | None]:
@@ -272,14 +277,20 @@ class Index:
         return int(self.redis.hget(f"{PREFIX}filerefs", hex_digest) or 0)
 
     def commit_deduplication(
-        self, digest: str, file_hexes: list[str], fields: dict[str, str]
+        self, digest: str, file_hexes: list[str], fields: dict[str, str], retiring_bytes: int
     ) -> bool:
-        """Count one more reference to each file and mark the layer deduplicated, at once
-        and only once per layer; False if the layer was already marked."""
+        """Count one more reference to each file, mark the layer deduplicated and count its
+        intact copy as waiting for deletion, at once and only once per layer; False if the
+        layer was already marked."""
         return bool(
             self._commit_script(
-                keys=[f"{PREFIX}layer:{digest}", f"{PREFIX}layers", f"{PREFIX}filerefs"],
-                args=[digest, json.dumps(fields), *file_hexes],
+                keys=[
+                    f"{PREFIX}layer:{digest}",
+                    f"{PREFIX}layers",
+                    f"{PREFIX}filerefs",
+                    f"{PREFIX}stats",
+                ],
+                args=[digest, json.dumps(fields), retiring_bytes, *file_hexes],
             )
         )
 
@@ -304,7 +315,8 @@ return 1
 
 _COMMIT_DEDUP_LUA = """
 if redis.call('HGET', KEYS[1], 'state') == 'deduplicated' then return 0 end
-for i = 3, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[i], 1) end
+for i = 4, #ARGV do redis.call('HINCRBY', KEYS[3], ARGV[i], 1) end
+redis.call('HINCRBY', KEYS[4], 'retiring_bytes', ARGV[3])
 local fields = cjson.decode(ARGV[2])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HSET', KEYS[1], 'state', 'deduplicated')

@@ -255,7 +255,8 @@ class Ingestor:
         file_hexes = [digest.hex() for digest in recipe.file_refs()]
         record.state, record.encoder, record.reason = DEDUPLICATED, info.encoder, ""
         record.updated = time.time()
-        self.index.commit_deduplication(info.digest, file_hexes, record.as_fields())
+        retiring = sum(segment.size for segment in info.retired)
+        self.index.commit_deduplication(info.digest, file_hexes, record.as_fields(), retiring)
         save_record(self.store, self.index, record)
         return IngestResult(record, retire_after_grace=bool(info.retired))
 
@@ -289,11 +290,13 @@ class Ingestor:
             info = self.blobs.stored_info(digest)
             if info is None or not info.deduplicated:
                 return 0
+            retiring = sum(segment.size for segment in info.retired)
             if keep_replica:
                 if info.retired:
                     kept = replace(info, segments=info.segments + info.retired, retired=[])
                     self.blobs.replace_descriptor(kept)
-                    self.index.count("replica_bytes", sum(s.size for s in info.retired))
+                    self.index.count("replica_bytes", retiring)
+                    self.index.count("retiring_bytes", -retiring)
                 return 0
             doomed = info.retired + info.segments
             if not doomed:
@@ -303,5 +306,6 @@ class Ingestor:
             freed = sum(s.size for s in present)
             self.index.add_bytes(stored=-freed)
             self.index.count("replica_bytes", -sum(s.size for s in info.segments))
+            self.index.count("retiring_bytes", -retiring)
             self.blobs.replace_descriptor(replace(info, segments=[], retired=[]))
             return freed

@@ -7,10 +7,11 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines import metrics
 from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.buffer import LayerBuffer
 from pipelines.config import Settings
@@ -34,6 +35,7 @@ MAX_NAME_LENGTH = 255
 REDIRECT_URL_SECONDS = 1200
 PULLERS_WINDOW_SECONDS = 24 * 3600
 AUDIT_KEY = "dh:audit:packs"
+CANARY_KEY = "dh:canaries"
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -153,6 +155,8 @@ class Registry:
         except (RegistryError, RestoreError) as error:
             reason = str(error)
         result = {"digest": digest, "ok": not reason, "reason": reason, "checked": time.time()}
+        if reason:
+            metrics.VERIFICATION_FAILURES.inc()
         if info.deduplicated:
             self.ingestor.record_verification(digest, reason)
         return result
@@ -164,6 +168,12 @@ class Registry:
         if self.settings.redirect != "presigned" or len(info.segments) != 1:
             return None
         return self.store.presigned_get(info.segments[0].key, REDIRECT_URL_SECONDS)
+
+    def encoder_canaries(self) -> dict[str, bool]:
+        """Per encoder id, whether its last canary check passed (written at start and by
+        `duphunter verify --encoders`)."""
+        raw = self.index.redis.hgetall(CANARY_KEY)
+        return {key.decode(): value == b"ok" for key, value in raw.items()}
 
     def deduplicates(self) -> bool:
         """False in mode `intact`: a plain registry that never deduplicates a layer."""
@@ -282,10 +292,18 @@ class Registry:
         stored = counters.get("stored_bytes", 0)
         layers = list(self.index.layer_summaries().values())
         files = self.index.file_count()
+        waiting = counters.get("retiring_bytes", 0)
         return {
             "logical_bytes": logical,
             "stored_bytes": stored,
             "dedup_ratio": round(logical / stored, 4) if stored else None,
+            "awaiting_deletion_bytes": {
+                "intact_copies_in_grace": waiting,
+                "pack_garbage_lost_races": counters.get("pack_garbage_bytes", 0),
+            },
+            "dedup_ratio_once_deleted": (
+                round(logical / (stored - waiting), 4) if stored > waiting else None
+            ),
             "repositories": len(self.index.repositories()),
             "unique_files": files,
             "unreferenced_files": files - self.index.referenced_file_count(),
@@ -379,14 +397,15 @@ class Registry:
             if not self.index.is_ready():
                 self.rebuild_index()
 
-    def rebuild_index(self) -> dict[str, int]:
-        """Recreate every Redis index entry from what S3 holds."""
+    def rebuild_index(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Recreate every Redis index entry from what S3 holds; `progress` hears how many
+        objects were indexed, every thousand."""
         self.index.clear()
         counts: dict[str, int] = {}
         logical = stored = 0
         recipes_in_use: list[str] = []
         self.store.delete([key for key, _size in self.store.list("buffer/")])  # a cache
-        replica_bytes = 0
+        replica_bytes = retiring_bytes = 0
         for key, size in self.store.list(""):
             kind = key.split("/", 1)[0]
             if kind in ("data", "manifests", "packs", "recipes"):
@@ -398,14 +417,19 @@ class Registry:
                 if info.recipe is not None:
                     recipes_in_use.append(info.recipe)
                     replica_bytes += sum(segment.size for segment in info.segments)
+                    retiring_bytes += sum(segment.size for segment in info.retired)
             else:
                 kind = self._reindex_object(key, size)
             counts[kind] = counts.get(kind, 0) + 1
+            indexed = sum(counts.values())
+            if progress is not None and indexed % 1000 == 0:
+                progress(indexed)
         for key in recipes_in_use:
             recipe = Recipe.decode(self.store.get_bytes(key))
             self.index.add_file_references([digest.hex() for digest in recipe.file_refs()])
         self.index.add_bytes(logical=logical, stored=stored)
         self.index.count("replica_bytes", replica_bytes)
+        self.index.count("retiring_bytes", retiring_bytes)
         self.index.mark_ready()
         return counts
 

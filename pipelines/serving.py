@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import urllib3
 from minio.error import S3Error
 
+from pipelines import metrics
 from pipelines.blobs import BlobInfo, BlobStore, Segment
 from pipelines.buffer import BufferMiss, Filler, LayerBuffer
 from pipelines.codecs import ChunkReader
@@ -106,12 +107,15 @@ class BlobServer:
         """An on-demand restore; it fills the buffer too if the buffer admits the layer,
         so that GETs on other hosts and later ones find it there."""
         filler = self.buffer.start_fill(info.digest, info.size, "miss")
-        return self.restore(info, filler)
+        return self.restore(info, filler, "on-demand")
 
-    def restore(self, info: BlobInfo, filler: Filler | None = None) -> Iterator[bytes]:
+    def restore(
+        self, info: BlobInfo, filler: Filler | None = None, origin: str = "on-demand"
+    ) -> Iterator[bytes]:
         """The verified bytes of a deduplicated layer, written to `filler` as they come."""
         self.index.count("restores")
         started = time.thread_time() + helper_cpu_seconds()
+        wall = time.perf_counter()
         try:
             recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
             if recipe.blob_digest != info.digest or recipe.blob_size != info.size:
@@ -122,7 +126,9 @@ class BlobServer:
                 yield chunk
             if filler is not None:
                 filler.finish()
-        except BaseException:
+            metrics.RESTORE_SECONDS.labels(origin).observe(time.perf_counter() - wall)
+        except BaseException as error:
+            metrics.RESTORE_FAILURES.labels(type(error).__name__).inc()
             if filler is not None:
                 filler.abort()
             raise
@@ -149,7 +155,7 @@ class BlobServer:
         if info.retired:  # its intact copy awaits deletion: copy it, no restore needed
             self._fill_from_intact(replace(info, segments=info.retired), filler)
             return "filled from intact"
-        for _chunk in self.restore(info, filler):
+        for _chunk in self.restore(info, filler, origin):
             pass
         return "filled"
 

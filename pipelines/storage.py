@@ -8,17 +8,19 @@ interface on top of several `S3Store`s.
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 
 from pipelines.config import Settings
+from pipelines.metrics import S3_ERRORS
 
 CHUNK_SIZE = 1 << 20
 STREAM_PART_SIZE = 8 << 20  # part size when the length is not known up front
@@ -46,6 +48,33 @@ class ObjectStore(Protocol):
     def presigned_get(self, key: str, seconds: int) -> str: ...
 
 
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def counted(operation: str) -> Callable[[Method], Method]:
+    """Count the S3 failures of a method in duphunter_s3_errors_total (a missing key is an
+    answer, not a failure)."""
+
+    def wrap(method: Method) -> Method:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except (S3Error, ServerError, urllib3.exceptions.HTTPError) as error:
+                _count_failure(operation, error)
+                raise
+
+        return cast(Method, call)
+
+    return wrap
+
+
+def _count_failure(operation: str, error: Exception) -> None:
+    code = getattr(error, "code", None) or type(error).__name__
+    if code not in ("NoSuchKey", "NoSuchObject", "NotFound"):
+        S3_ERRORS.labels(operation, code).inc()
+
+
 class S3Store:
     """ObjectStore on one bucket of an S3-compatible server."""
 
@@ -71,6 +100,7 @@ class S3Store:
         if not self.client.bucket_exists(self.bucket):
             self.client.make_bucket(self.bucket)
 
+    @counted("put_stream")
     def put_stream(self, key: str, stream: Readable, length: int | None) -> None:
         if length is None:
             self.client.put_object(
@@ -79,6 +109,7 @@ class S3Store:
         else:
             self.client.put_object(self.bucket, key, cast(BinaryIO, stream), length)
 
+    @counted("put_bytes")
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
 
@@ -88,6 +119,7 @@ class S3Store:
     def get_bytes_range(self, key: str, offset: int, length: int) -> bytes:
         return b"".join(self.iter_range(key, offset, length))
 
+    @counted("iter_range")
     def iter_range(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """Stream `length` bytes (or to the end) from `offset`; raises ObjectNotFound early."""
         try:
@@ -96,6 +128,7 @@ class S3Store:
             raise _translate(error, key) from error
         return _stream_and_release(response)
 
+    @counted("size")
     def size(self, key: str) -> int | None:
         try:
             return int(self.client.stat_object(self.bucket, key).size or 0)
@@ -104,6 +137,7 @@ class S3Store:
                 return None
             raise
 
+    @counted("delete")
     def delete(self, keys: list[str]) -> None:
         if not keys:
             return
@@ -125,6 +159,9 @@ class S3Store:
 def _stream_and_release(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     try:
         yield from response.stream(CHUNK_SIZE)
+    except urllib3.exceptions.HTTPError as error:
+        _count_failure("iter_range", error)
+        raise
     finally:
         response.close()
         response.release_conn()

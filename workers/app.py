@@ -11,8 +11,11 @@ maintenance  retiring intact copies, the schedules (popularity, verification sam
 
 from __future__ import annotations
 
-from celery import Celery
+import os
+
+from celery import Celery, signals
 from kombu import Queue
+from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from pipelines.config import Settings
 
@@ -86,3 +89,24 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 celery_app = make_celery()
+
+
+@signals.worker_init.connect
+def _export_metrics(**_kwargs: object) -> None:
+    """With DUPHUNTER_METRICS_PORT set (one worker per pod), serve the samples of this
+    worker's processes on it; on a host whose API serves /metrics, leave it unset."""
+    port = os.environ.get("DUPHUNTER_METRICS_PORT")
+    if not port:
+        return
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(int(port), registry=registry)
+    else:
+        start_http_server(int(port))
+
+
+@signals.worker_process_shutdown.connect
+def _forget_process(**_kwargs: object) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.result import AsyncResult
@@ -17,6 +19,7 @@ from workers.tasks import (
     ingest_layer,
     manifest_fetched,
     preconstruct_layer,
+    rebuild_index,
 )
 
 
@@ -64,19 +67,61 @@ def enqueue_warm(registry: Registry, repository: str, reference: str, layers: li
     return job_id
 
 
+def enqueue_reindex(registry: Registry) -> str:
+    result = rebuild_index.apply_async()
+    registry.index.put_job(result.id, {"kind": "reindex", "created": str(time.time())})
+    return str(result.id)
+
+
 def status(registry: Registry, job_id: str) -> dict[str, Any] | None:
+    """A job's state and result, with numbers as numbers and times in ISO 8601."""
     job = registry.index.job(job_id)
     if not job:
         return None
     if job.get("kind") == "preconstruct":
         return _group_status(job_id, job)
     result: AsyncResult[Any] = AsyncResult(job_id, app=celery_app)
-    body: dict[str, Any] = {"id": job_id, **job, "state": result.state.lower()}
+    fields = {key: value for key, value in job.items() if key != "progress_done"}
+    body: dict[str, Any] = {"id": job_id, **typed(fields), "state": result.state.lower()}
+    if "progress_done" in job:
+        body["progress"] = {"done": int(job["progress_done"])}
     if result.successful():
-        body["result"] = result.result
+        value = result.result
+        body["result"] = typed(value) if isinstance(value, dict) else value
     elif result.failed():
         body["error"] = str(result.result)
     return body
+
+
+TIME_FIELDS = ("created", "updated", "verified", "checked")
+
+
+def typed(fields: dict[str, Any]) -> dict[str, Any]:
+    """Record fields as stored (strings) made JSON-friendly: numbers as numbers, times as
+    ISO 8601 (None for a time never set)."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        number = _number(value) if isinstance(value, str) else value
+        if key in TIME_FIELDS and isinstance(number, int | float):
+            out[key] = _iso(float(number))
+        else:
+            out[key] = number
+    return out
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _iso(epoch: float) -> str | None:
+    if epoch <= 0:
+        return None
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
 
 
 def _group_status(job_id: str, job: dict[str, str]) -> dict[str, Any]:
@@ -98,6 +143,44 @@ def _group_status(job_id: str, job: dict[str, str]) -> dict[str, Any]:
         "progress": {"done": done, "total": len(layers)},
         "layers": outcomes,
     }
+
+
+def readiness(registry: Registry) -> dict[str, dict[str, Any]]:
+    """Whether this deployment can do its work, check by check, with what is wrong."""
+    return {
+        "redis": _check(lambda: "" if registry.index.redis.ping() else "no answer to PING"),
+        "s3": _check(lambda: _s3_problem(registry)),
+        "queues": _check(_queues_without_consumer),
+        "encoders": _check(lambda: _failing_canaries(registry)),
+    }
+
+
+def _check(problem: Callable[[], str]) -> dict[str, Any]:
+    """{"ok": True}, or {"ok": False, "error": why} when the probe names or raises one."""
+    try:
+        found = problem()
+    except Exception as error:
+        found = f"{type(error).__name__}: {error}"
+    return {"ok": False, "error": found} if found else {"ok": True}
+
+
+def _s3_problem(registry: Registry) -> str:
+    registry.store.size("readiness-probe")  # raises unless S3 answers
+    return ""
+
+
+def _queues_without_consumer() -> str:
+    with celery_app.connection() as connection:  # a fresh one: a pooled one may be stale
+        replies = celery_app.control.inspect(timeout=1.0, connection=connection).active_queues()
+    replies = replies or {}
+    served = {queue["name"] for queues in replies.values() for queue in queues}
+    missing = [queue for queue in QUEUES if queue not in served]
+    return f"no worker consumes {', '.join(missing)}" if missing else ""
+
+
+def _failing_canaries(registry: Registry) -> str:
+    failing = sorted(name for name, ok in registry.encoder_canaries().items() if not ok)
+    return f"encoder canaries failing: {', '.join(failing)}" if failing else ""
 
 
 def queue_depths(registry: Registry) -> dict[str, int]:

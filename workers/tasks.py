@@ -16,7 +16,10 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar
 
+from celery import Task
+
 from pipelines.errors import is_transient
+from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry import Registry
 from workers.app import celery_app
 
@@ -52,7 +55,9 @@ PRIORITY_WARM, PRIORITY_PREDICTED, PRIORITY_REPLICA, PRIORITY_VERIFY = 0, 3, 6, 
 
 @celery_app.task(name="workers.tasks.ingest_layer")
 def ingest_layer(repository: str, digest: str) -> dict[str, str]:
+    started = time.perf_counter()
     result = retrying(lambda: registry().ingestor.ingest(digest))
+    INGEST_SECONDS.labels(result.record.state).observe(time.perf_counter() - started)
     if result.retire_after_grace:
         grace = registry().settings.retire_grace_seconds
         retire_intact_copy.apply_async(args=(digest, None, repository), countdown=grace)
@@ -159,6 +164,11 @@ def purge_stale_uploads() -> int:
     return registry().blobs.purge_stale_uploads(time.time() - settings.upload_ttl_seconds)
 
 
-@celery_app.task(name="workers.tasks.rebuild_index")
-def rebuild_index() -> dict[str, int]:
-    return registry().rebuild_index()
+@celery_app.task(name="workers.tasks.rebuild_index", bind=True)
+def rebuild_index(task: Task[[], dict[str, int]]) -> dict[str, int]:
+    job_id = str(task.request.id)
+
+    def progress(indexed: int) -> None:
+        registry().index.put_job(job_id, {"progress_done": str(indexed)})
+
+    return registry().rebuild_index(progress)

@@ -90,8 +90,8 @@ def _spec_from(args: argparse.Namespace, spec: type[Any]) -> Any:
     return spec(**values)
 
 
-def add_parser(commands: Any) -> None:
-    """The `replay` subcommand of `duphunter`."""
+def add_parser(commands: Any, parents: list[argparse.ArgumentParser] | None = None) -> None:
+    """The `replay` subcommand of `duphunter` (`parents`: options every command takes)."""
     replay_parser = commands.add_parser(
         "replay",
         help="replay pulls against the registry",
@@ -99,9 +99,13 @@ def add_parser(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     kinds = replay_parser.add_subparsers(dest="workload", required=True)
-    synthetic = kinds.add_parser("synthetic", help="a seeded synthetic workload")
+    synthetic = kinds.add_parser(
+        "synthetic", help="a seeded synthetic workload", parents=parents or []
+    )
     _add_spec_options(synthetic, SyntheticSpec)
-    trace = kinds.add_parser("trace", help="an IBM registry trace (JSON array or lines, .gz ok)")
+    trace = kinds.add_parser(
+        "trace", help="an IBM registry trace (JSON array or lines, .gz ok)", parents=parents or []
+    )
     trace.add_argument("files", nargs="+", type=Path)
     trace.add_argument("--lenient", action="store_true", help="skip malformed records")
     _add_spec_options(trace, TraceOptions)
