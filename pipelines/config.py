@@ -58,7 +58,7 @@ class Settings:
     predictor: str = field(default_factory=lambda: _env("PREDICTOR", "history"))
     buffer_bytes: int = field(default_factory=lambda: int(_env("BUFFER_BYTES", str(4 << 30))))
     buffer_tau_seconds: float = field(
-        default_factory=lambda: float(_env("BUFFER_TAU_SECONDS", "3600"))
+        default_factory=lambda: float(_env("BUFFER_TAU_SECONDS", "600"))
     )
     buffer_pin_seconds: float = field(
         default_factory=lambda: float(_env("BUFFER_PIN_SECONDS", "60"))
