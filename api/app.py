@@ -196,6 +196,7 @@ class RegistryApp:
         r.add(r"/api/v1/jobs/ingest", POST=self.submit_ingest)
         r.add(r"/api/v1/jobs/preconstruct", POST=self.submit_preconstruct)
         r.add(r"/api/v1/jobs/reindex", POST=self.submit_reindex)
+        r.add(r"/api/v1/jobs/gc", POST=self.submit_gc)
         r.add(r"/api/v1/jobs/(?P<job_id>[^/]+)", GET=self.job_status)
         r.add(r"/api/v1/health", GET=self.health)
         r.add(r"/api/v1/ready", GET=self.ready)
@@ -436,6 +437,12 @@ class RegistryApp:
         job_id = jobs.enqueue_warm(self.registry, repository, reference, layers)
         body = {"id": job_id, "state": "queued", "layers": layers}
         return _json(body, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def submit_gc(self, request: Request) -> Response:
+        """Garbage collection now: {"dry_run": true} reports what it would free."""
+        payload = _json_body(request, ())
+        job_id = jobs.enqueue_gc(self.registry, bool(payload.get("dry_run")))
+        return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
 
     def submit_reindex(self, request: Request) -> Response:
         job_id = jobs.enqueue_reindex(self.registry)

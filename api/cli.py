@@ -8,6 +8,7 @@
                                       rebuild an image's deduplicated layers into the
                                       layer buffer ahead of a rollout
   duphunter reindex                   rebuild the Redis index from S3 (a maintenance job)
+  duphunter gc [--dry-run]            garbage collection now: what it freed (would free)
   duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
 
 Every command takes --json (machine output: numbers as numbers, times in ISO 8601) and
@@ -152,6 +153,12 @@ def cmd_warm(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
     return job, show_fields
 
 
+def cmd_gc(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    job = _call(args.url, "POST", "/api/v1/jobs/gc", {"dry_run": args.dry_run})
+    status = _wait(args.url, job["id"], "steps")
+    return status, lambda s: show_fields(s.get("result") or s)
+
+
 def cmd_reindex(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
     job = _call(args.url, "POST", "/api/v1/jobs/reindex", {})
     return _wait(args.url, job["id"], "objects indexed"), show_fields
@@ -196,6 +203,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], tuple[Any, Callable[[Any], No
     "job": cmd_job,
     "warm": cmd_warm,
     "reindex": cmd_reindex,
+    "gc": cmd_gc,
 }
 
 
@@ -219,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
     warm.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64")
     warm.add_argument("--wait", action="store_true", help="wait until every layer is rebuilt")
+    gc = commands.add_parser("gc", parents=[common])
+    gc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     replay.add_parser(commands, parents=[common])
     return parser
 

@@ -188,9 +188,11 @@ class BlobStore:
         self.index.put_blob(info.digest, data)
 
     def linked_info(self, repo: str, digest: str) -> BlobInfo:
-        """The blob as seen from `repo`: BLOB_UNKNOWN unless linked there."""
+        """The blob as seen from `repo`: BLOB_UNKNOWN unless linked there (or while
+        garbage collection deletes it)."""
         Digest.parse(digest)
-        info = self.info(digest) if self.index.is_layer_linked(repo, digest) else None
+        linked = self.index.is_layer_linked(repo, digest) and not self.index.touch("blob", [digest])
+        info = self.info(digest) if linked else None
         if info is None:
             raise RegistryError("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
         return info
@@ -227,6 +229,8 @@ class BlobStore:
         """Link a blob that `source_repo` already has; False when it has not."""
         if not self.index.is_layer_linked(source_repo, digest) or self.info(digest) is None:
             return False
+        if self.index.touch("blob", [digest]):
+            return False  # being collected: the client uploads it instead
         self.link(repo, digest)
         return True
 
@@ -353,6 +357,7 @@ class BlobStore:
     def _store_descriptor(self, info: BlobInfo) -> BlobInfo:
         """Record the blob unless it exists already, in which case drop the new copy."""
         with self.index.lock(f"blob:{info.digest}"):
+            self._wait_while_collected(info.digest)
             existing = self.info(info.digest)
             if existing is not None:
                 self._discard(info.segments)
@@ -362,6 +367,15 @@ class BlobStore:
             self.index.put_blob(info.digest, descriptor)
             self.index.add_bytes(logical=info.size)
             return info
+
+    def _wait_while_collected(self, digest: str, timeout: float = 120.0) -> None:
+        """If GC is deleting this blob, wait until it is gone, so that the upload just
+        received is kept rather than dropped for a copy about to vanish."""
+        deadline = time.monotonic() + timeout
+        while self.index.touch("blob", [digest]):
+            if time.monotonic() > deadline:
+                raise RegistryError("UNAVAILABLE", "the blob is being garbage-collected")
+            time.sleep(0.2)
 
     def _discard(self, segments: list[Segment]) -> None:
         self.store.delete([s.key for s in segments])

@@ -83,6 +83,13 @@ class Settings:
         )
     )
     redirect: str = field(default_factory=lambda: _env("REDIRECT", "off"))
+    gc_grace_seconds: float = field(default_factory=lambda: float(_env("GC_GRACE_SECONDS", "3600")))
+    gc_compact_below: float = field(default_factory=lambda: float(_env("GC_COMPACT_BELOW", "0.5")))
+    gc_untagged: bool = field(default_factory=lambda: _env("GC_UNTAGGED", "0") == "1")
+    gc_interval_seconds: float = field(
+        default_factory=lambda: float(_env("GC_INTERVAL_SECONDS", "86400"))
+    )
+    retention_policy: str = field(default_factory=lambda: _env("RETENTION_POLICY", ""))
     helper_dir: Path = field(
         default_factory=lambda: Path(_env("HELPER_DIR", str(REPO_ROOT / "build" / "helpers")))
     )

@@ -52,6 +52,11 @@ class RegistryError(Exception):
         return {"errors": [error]}
 
 
+class BeingCollected(ConnectionError):
+    """An object this work relies on is being garbage-collected: try again later (it is
+    a ConnectionError so that the retries for transient failures take it)."""
+
+
 # S3 error codes that say "not now" rather than "never" (AWS, MinIO and SeaweedFS use them).
 TRANSIENT_S3_CODES = frozenset(
     {

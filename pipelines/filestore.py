@@ -111,6 +111,17 @@ def decode_stored(stored: bytes, digest: bytes, size: int) -> bytes:
     return bytes(content)
 
 
+def check_stored(stored: bytes, digest: bytes) -> None:
+    """Check a file's stored form against its sha256, whatever its size."""
+    hasher = hashlib.sha256()
+    size = 0
+    for chunk in _decoded(iter([stored]), digest):
+        hasher.update(chunk)
+        size += len(chunk)
+    if hasher.digest() != digest:
+        raise FileStoreError(f"file {digest.hex()} read back as {size} bytes of another file")
+
+
 def _check_file(digest: bytes, size: int, actual_size: int, actual: bytes) -> None:
     if actual_size != size or actual != digest:
         raise FileStoreError(
@@ -210,7 +221,7 @@ class FileStore:
         chunks = self.store.iter_range(location.pack, location.offset, location.length)
         with tempfile.SpooledTemporaryFile(IN_MEMORY_LIMIT) as spool:
             hasher, length = hashlib.sha256(), 0
-            for data in _decoded(chunks, digest, size):
+            for data in _decoded(chunks, digest):
                 length += len(data)
                 if length > size:
                     raise FileStoreError(f"file {digest.hex()} is longer than {size} bytes")
@@ -245,7 +256,7 @@ class FileStore:
         return sum(added)
 
 
-def _decoded(chunks: Iterator[bytes], digest: bytes, size: int) -> Iterator[bytes]:
+def _decoded(chunks: Iterator[bytes], digest: bytes) -> Iterator[bytes]:
     """The bytes of a stored file (codec byte first) as they arrive, decompressed."""
     head = b""
     while not head:

@@ -228,6 +228,57 @@ class Index:
             pipe.hsetnx(f"{PREFIX}files", hex_digest, location)
         return [bool(added) for added in pipe.execute()]
 
+    # garbage collection's handshake with whoever starts to rely on an object. While GC
+    # runs, users *touch* what they rely on and check it is not being deleted; GC
+    # *condemns* (flags as being deleted) only what nobody touched. Redis orders the two,
+    # so either the user sees the flag (and does not rely on the object) or GC sees the
+    # touch (and keeps the object).
+    def touch(self, kind: str, digests: list[str]) -> list[str]:
+        """Rely on these objects: the ones GC is deleting (not to be relied on)."""
+        if not digests:
+            return []
+        doomed = self._touch_script(
+            keys=[GC_ACTIVE_KEY, f"{PREFIX}gc:touched:{kind}", f"{PREFIX}gc:deleting:{kind}"],
+            args=digests,
+        )
+        return [value.decode() for value in doomed]
+
+    def condemn(self, kind: str, digests: list[str]) -> list[str]:
+        """Flag untouched objects as being deleted; the ones flagged."""
+        if not digests:
+            return []
+        flagged = self._condemn_script(
+            keys=[f"{PREFIX}gc:touched:{kind}", f"{PREFIX}gc:deleting:{kind}"], args=digests
+        )
+        return [value.decode() for value in flagged]
+
+    def absolve(self, kind: str, digests: list[str]) -> None:
+        if digests:
+            self.redis.srem(f"{PREFIX}gc:deleting:{kind}", *digests)
+
+    def start_gc(self, ttl_seconds: int) -> None:
+        pipe = self.redis.pipeline()
+        for kind in GC_KINDS:
+            pipe.delete(f"{PREFIX}gc:touched:{kind}", f"{PREFIX}gc:deleting:{kind}")
+        pipe.set(GC_ACTIVE_KEY, "1", ex=ttl_seconds)
+        pipe.execute()
+
+    def renew_gc(self, ttl_seconds: int) -> None:
+        self.redis.expire(GC_ACTIVE_KEY, ttl_seconds)
+
+    def end_gc(self) -> None:
+        parts = ("touched", "deleting")
+        keys = [f"{PREFIX}gc:{part}:{kind}" for part in parts for kind in GC_KINDS]
+        self.redis.delete(GC_ACTIVE_KEY, *keys)
+
+    @property
+    def _touch_script(self) -> Any:
+        return self.redis.register_script(_TOUCH_LUA)
+
+    @property
+    def _condemn_script(self) -> Any:
+        return self.redis.register_script(_CONDEMN_LUA)
+
     # claims: a worker about to store a new file claims it, so that no other stores it too
     def claim_files(self, hex_digests: list[str], token: str, lease_ms: int) -> list[bool]:
         """Claim files for storing; per file, whether this token got the claim."""
@@ -260,6 +311,18 @@ class Index:
     @property
     def _release_script(self) -> Any:
         return self.redis.register_script(_RELEASE_CLAIMS_LUA)
+
+    def move_files(self, moves: dict[str, tuple[str, str]]) -> int:
+        """Point files at new places (a compacted pack), each only if it still points at
+        the old one; how many moved."""
+        if not moves:
+            return 0
+        args = [part for hexdigest, (old, new) in moves.items() for part in (hexdigest, old, new)]
+        return int(self._move_script(keys=[f"{PREFIX}files"], args=args))
+
+    @property
+    def _move_script(self) -> Any:
+        return self.redis.register_script(_MOVE_FILES_LUA)
 
     def file_count(self) -> int:
         return int(self.redis.hlen(f"{PREFIX}files"))
@@ -298,6 +361,43 @@ class Index:
     def _commit_script(self) -> Any:
         return self.redis.register_script(_COMMIT_DEDUP_LUA)
 
+
+_MOVE_FILES_LUA = """
+local moved = 0
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+GC_ACTIVE_KEY = PREFIX + "gc:active"
+GC_KINDS = ("blob", "file", "manifest")
+
+# KEYS: active flag, touched set, deleting set. ARGV: digests. Returns those being deleted.
+_TOUCH_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local doomed = {}
+for _, digest in ipairs(ARGV) do
+  redis.call('SADD', KEYS[2], digest)
+  if redis.call('SISMEMBER', KEYS[3], digest) == 1 then table.insert(doomed, digest) end
+end
+return doomed
+"""
+
+# KEYS: touched set, deleting set. ARGV: digests. Returns those flagged.
+_CONDEMN_LUA = """
+local flagged = {}
+for _, digest in ipairs(ARGV) do
+  if redis.call('SISMEMBER', KEYS[1], digest) == 0 then
+    redis.call('SADD', KEYS[2], digest)
+    table.insert(flagged, digest)
+  end
+end
+return flagged
+"""
 
 _RENEW_CLAIMS_LUA = """
 for _, key in ipairs(KEYS) do

@@ -37,7 +37,7 @@ from pipelines.codecs import (
     sniff,
 )
 from pipelines.digests import digest_key
-from pipelines.errors import is_transient
+from pipelines.errors import BeingCollected, is_transient
 from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
@@ -168,6 +168,7 @@ class Ingestor:
         recipe = replace(recipe, encoder_id=match.encoder_id, encoder_params=match.encoder_params)
         record.encoder = match.encoder_id
         record.recipe_bytes = self._store_recipe(recipe)
+        self._rely_on_files(recipe)
         deduplicated = BlobInfo(
             info.digest,
             info.size,
@@ -239,6 +240,15 @@ class Ingestor:
             return io.BufferedReader(ChunkReader(rebuild_tar(recipe, self.files)), 1 << 20)
 
         return open_rebuilt_tar
+
+    def _rely_on_files(self, recipe: Recipe) -> None:
+        """Between writing the recipe and the commit point: if garbage collection is
+        deleting a file the recipe names, do not commit (the layer stays intact and the
+        job is tried again). The recipe is in S3 already, so a GC that starts later sees
+        it (pipelines/gc.py)."""
+        doomed = self.index.touch("file", [digest.hex() for digest in recipe.file_refs()])
+        if doomed:
+            raise BeingCollected(f"{len(doomed)} files of {recipe.blob_digest} are being collected")
 
     def _store_recipe(self, recipe: Recipe) -> int:
         """Write the recipe and read it back: what S3 holds must decode to this recipe."""

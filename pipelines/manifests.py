@@ -211,7 +211,9 @@ class ManifestStore:
             check_tag(reference)
         parsed = parse_manifest(content, content_type, reference if by_digest else None)
         self._check_references(repo, parsed)
-        if self.index.manifest_bytes(parsed.digest) is None:
+        if self.index.manifest_bytes(parsed.digest) is None or self.index.touch(
+            "manifest", [parsed.digest]
+        ):
             self.store.put_bytes(manifest_key(parsed.digest), content)
             self.index.add_bytes(logical=len(content), stored=len(content))
             self.index.cache_manifest_bytes(parsed.digest, content)
@@ -222,6 +224,7 @@ class ManifestStore:
             "referrer": parsed.referrer_descriptor(),
         }
         self.store.put_bytes(revision_key(repo, parsed.digest), json.dumps(revision).encode())
+        self._still_there(repo, parsed)
         self.index.put_revision(repo, parsed.digest, revision)
         if parsed.subject:
             self.index.add_referrer(repo, parsed.subject, parsed.digest, revision["referrer"])
@@ -230,7 +233,26 @@ class ManifestStore:
             self.index.set_tag(repo, reference, parsed.digest)
         return parsed
 
+    def _still_there(self, repo: str, parsed: ParsedManifest) -> None:
+        """After the revision is written: if garbage collection began deleting something
+        it names meanwhile, take the revision back and refuse (pipelines/gc.py)."""
+        doomed = self.index.touch("blob", parsed.blobs) + self.index.touch(
+            "manifest", [*parsed.children, parsed.digest]
+        )
+        if doomed:
+            self.store.delete([revision_key(repo, parsed.digest)])
+            raise RegistryError(
+                "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry", {"digest": doomed[0]}
+            )
+
     def _check_references(self, repo: str, parsed: ParsedManifest) -> None:
+        doomed = self.index.touch("blob", parsed.blobs) + self.index.touch(
+            "manifest", parsed.children
+        )
+        if doomed:
+            raise RegistryError(
+                "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry", {"digest": doomed[0]}
+            )
         for digest in parsed.blobs:
             if not self.index.is_layer_linked(repo, digest) or self.blobs.info(digest) is None:
                 raise RegistryError(

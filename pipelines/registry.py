@@ -18,6 +18,8 @@ from pipelines.config import Settings
 from pipelines.digests import Digest
 from pipelines.errors import RegistryError
 from pipelines.filestore import FileStore, read_pack_table
+from pipelines.gc import REPORT_KEY as GC_REPORT_KEY
+from pipelines.gc import GarbageCollector
 from pipelines.index import Index
 from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, Ingestor
 from pipelines.manifests import ManifestStore
@@ -174,6 +176,26 @@ class Registry:
         `duphunter verify --encoders`)."""
         raw = self.index.redis.hgetall(CANARY_KEY)
         return {key.decode(): value == b"ok" for key, value in raw.items()}
+
+    def collector(self) -> GarbageCollector:
+        settings = self.settings
+        return GarbageCollector(
+            self.store,
+            self.index,
+            self.blobs,
+            self.manifests,
+            self.files,
+            self.buffer,
+            settings.gc_grace_seconds,
+            settings.gc_compact_below,
+            settings.gc_untagged,
+        )
+
+    def last_gc(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.store.get_bytes(GC_REPORT_KEY)))
+        except ObjectNotFound:
+            return None
 
     def deduplicates(self) -> bool:
         """False in mode `intact`: a plain registry that never deduplicates a layer."""
@@ -332,6 +354,7 @@ class Registry:
                 "buffer_reads_resumed": counters.get("buffer_reads_resumed_from_restore", 0),
             },
             "predictor": self.settings.predictor,
+            "gc": self.last_gc(),
         }
 
     def _pack_garbage(self, counters: dict[str, int]) -> dict[str, Any]:

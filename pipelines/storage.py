@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
@@ -34,6 +35,13 @@ class ObjectNotFound(KeyError):
     """The key names no object."""
 
 
+@dataclass(frozen=True)
+class Listed:
+    key: str
+    size: int
+    modified: float  # epoch seconds of the last write
+
+
 class ObjectStore(Protocol):
     def put_stream(self, key: str, stream: Readable, length: int | None) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
@@ -45,6 +53,7 @@ class ObjectStore(Protocol):
     def size(self, key: str) -> int | None: ...
     def delete(self, keys: list[str]) -> None: ...
     def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+    def listing(self, prefix: str) -> Iterator[Listed]: ...
     def presigned_get(self, key: str, seconds: int) -> str: ...
 
 
@@ -151,9 +160,15 @@ class S3Store:
         return str(self.client.presigned_get_object(self.bucket, key, timedelta(seconds=seconds)))
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for item in self.listing(prefix):
+            yield item.key, item.size
+
+    def listing(self, prefix: str) -> Iterator[Listed]:
+        """Every object under `prefix`, with its size and the time it was written."""
         for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
             if item.object_name is not None and not item.is_dir:
-                yield item.object_name, int(item.size or 0)
+                modified = item.last_modified.timestamp() if item.last_modified else 0.0
+                yield Listed(item.object_name, int(item.size or 0), modified)
 
 
 def _stream_and_release(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:

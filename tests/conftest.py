@@ -30,39 +30,64 @@ class LiveStack:
     stack: Stack
 
 
+TEST_SETTINGS = {
+    "DUPHUNTER_MAX_BLOB_BYTES": str(1 << 30),
+    "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
+    "DUPHUNTER_RESTORE_KEEP_SECONDS": "1",
+    "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "10",
+    "DUPHUNTER_BUFFER_BYTES": str(512 << 20),
+    "DUPHUNTER_CLAIM_LEASE_SECONDS": "5",
+    "DUPHUNTER_POPULARITY_TAU_SECONDS": "10",
+    "DUPHUNTER_HOT_GETS_PER_HOUR": "3600",
+    "DUPHUNTER_POPULARITY_INTERVAL_SECONDS": "3600",  # the tests run it
+}
+
+
+def start_live_stack(stack: Stack, workdir: Path, extra: dict[str, str]) -> LiveStack:
+    """Redis, S3, the workers and the API on free ports, with the test settings (and
+    `extra`); the returned registry talks to this stack whatever the environment says."""
+    redis_url = stack.start_redis(free_port())
+    access, secret, bucket = "duphunter", "duphunter-secret-key", "duphunter"
+    endpoint = stack.start_s3(free_port(10000), access, secret, bucket)
+    listen = f"127.0.0.1:{free_port()}"
+    env = {
+        "DUPHUNTER_REDIS_URL": redis_url,
+        "DUPHUNTER_S3_ENDPOINT": endpoint,
+        "DUPHUNTER_S3_ACCESS_KEY": access,
+        "DUPHUNTER_S3_SECRET_KEY": secret,
+        "DUPHUNTER_S3_BUCKET": bucket,
+        "DUPHUNTER_LISTEN": listen,
+        "DUPHUNTER_SPOOL_DIR": str(workdir / "spool"),
+        **TEST_SETTINGS,
+        **extra,
+    }
+    stack.env.update(env)
+    stack.start_workers()
+    stack.start_api(listen)
+    with _environment(env):
+        settings = Settings()
+    return LiveStack(f"http://{listen}", settings, Registry.connect(settings), workdir, stack)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     workdir = tmp_path_factory.mktemp("stack")
     with Stack(workdir) as stack:
-        redis_url = stack.start_redis(free_port())
-        access, secret, bucket = "duphunter", "duphunter-secret-key", "duphunter"
-        endpoint = stack.start_s3(free_port(10000), access, secret, bucket)
-        listen = f"127.0.0.1:{free_port()}"
-        stack.env.update(
-            {
-                "DUPHUNTER_REDIS_URL": redis_url,
-                "DUPHUNTER_S3_ENDPOINT": endpoint,
-                "DUPHUNTER_S3_ACCESS_KEY": access,
-                "DUPHUNTER_S3_SECRET_KEY": secret,
-                "DUPHUNTER_S3_BUCKET": bucket,
-                "DUPHUNTER_LISTEN": listen,
-                "DUPHUNTER_MAX_BLOB_BYTES": str(1 << 30),
-                "DUPHUNTER_SPOOL_DIR": str(workdir / "spool"),
-                "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
-                "DUPHUNTER_RESTORE_KEEP_SECONDS": "1",
-                "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "10",
-                "DUPHUNTER_BUFFER_BYTES": str(512 << 20),
-                "DUPHUNTER_CLAIM_LEASE_SECONDS": "5",
-                "DUPHUNTER_POPULARITY_TAU_SECONDS": "10",
-                "DUPHUNTER_HOT_GETS_PER_HOUR": "3600",
-                "DUPHUNTER_POPULARITY_INTERVAL_SECONDS": "3600",  # the tests run it
-            }
-        )
+        stack_of_the_session = start_live_stack(stack, workdir, {})
+        # code under test that reads settings from the environment uses this stack
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith("DUPHUNTER_")})
-        stack.start_workers()
-        stack.start_api(listen)
-        settings = Settings()
-        yield LiveStack(f"http://{listen}", settings, Registry.connect(settings), workdir, stack)
+        yield stack_of_the_session
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.materialize_intact": {"queue": "restore"},
             "workers.tasks.apply_popularity": {"queue": "maintenance"},
             "workers.tasks.audit_packs": {"queue": "maintenance"},
+            "workers.tasks.collect_garbage": {"queue": "maintenance"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},
@@ -79,6 +80,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 600.0,
             },
             "audit-packs": {"task": "workers.tasks.audit_packs", "schedule": 3600.0},
+            "collect-garbage": {
+                "task": "workers.tasks.collect_garbage",
+                "schedule": settings.gc_interval_seconds,
+            },
             "apply-popularity": {
                 "task": "workers.tasks.apply_popularity",
                 "schedule": settings.popularity_interval_seconds,

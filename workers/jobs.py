@@ -16,6 +16,7 @@ from workers.app import QUEUES, celery_app
 from workers.tasks import (
     PRIORITY_WARM,
     blob_fetched,
+    collect_garbage,
     ingest_layer,
     manifest_fetched,
     preconstruct_layer,
@@ -65,6 +66,14 @@ def enqueue_warm(registry: Registry, repository: str, reference: str, layers: li
         },
     )
     return job_id
+
+
+def enqueue_gc(registry: Registry, dry_run: bool) -> str:
+    result = collect_garbage.apply_async(args=(dry_run,))
+    registry.index.put_job(
+        result.id, {"kind": "gc", "dry_run": str(int(dry_run)), "created": str(time.time())}
+    )
+    return str(result.id)
 
 
 def enqueue_reindex(registry: Registry) -> str:

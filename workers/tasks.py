@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar
@@ -156,6 +157,12 @@ def resume_ingests() -> list[str]:
 def audit_packs() -> dict[str, int]:
     """Count the bytes in packs that no index entry points to (for the stats, and GC)."""
     return retrying(lambda: registry().audit_packs())
+
+
+@celery_app.task(name="workers.tasks.collect_garbage")
+def collect_garbage(dry_run: bool = False) -> dict[str, Any]:
+    """Online garbage collection (pipelines/gc.py): what it freed, or would free."""
+    return asdict(retrying(lambda: registry().collector().run(dry_run)))
 
 
 @celery_app.task(name="workers.tasks.purge_stale_uploads")

@@ -1,0 +1,201 @@
+"""Online garbage collection on a stack of its own: what it frees is exactly what no image
+needs (a reference set computed here, from the tars pushed), while pushes that share files
+with the deleted images go on; a compacted pack serves the files it kept; a GC killed
+halfway loses nothing and the next run finishes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from deploy.stack import Stack, wait_until
+from pipelines.filestore import read_pack_table
+from tests.client import RegistryClient, sha256
+from tests.conftest import LiveStack, start_live_stack
+from tests.test_dedup import make_tar
+from workers.app import make_celery
+
+KiB = 1 << 10
+
+
+@pytest.fixture(scope="module")
+def gc_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    workdir = tmp_path_factory.mktemp("gc-stack")
+    settings = {
+        "DUPHUNTER_GC_GRACE_SECONDS": "4",  # pushes finish well within it
+        "DUPHUNTER_GC_COMPACT_BELOW": "1.0",  # compact any pack with a dead byte
+        "DUPHUNTER_GC_UNTAGGED": "1",
+        "DUPHUNTER_PREDICTOR": "none",
+    }
+    with Stack(workdir) as stack:
+        yield start_live_stack(stack, workdir, settings)
+
+
+@dataclass
+class Image:
+    repo: str
+    files: dict[str, bytes]
+    layer: bytes
+
+    @property
+    def digest(self) -> str:
+        return sha256(self.layer)
+
+    def file_hexes(self) -> set[str]:
+        return {hashlib.sha256(content).hexdigest() for content in self.files.values()}
+
+
+def make_image(repo: str, shared: dict[str, bytes], own_files: int) -> Image:
+    files = dict(shared, **{f"own/{n}": os.urandom(20 * KiB) for n in range(own_files)})
+    return Image(repo, files, gzip.compress(make_tar(files), compresslevel=1, mtime=0))
+
+
+def push_and_wait(client: RegistryClient, live: LiveStack, image: Image) -> None:
+    client.push_image(image.repo, "v1", [image.layer])
+    wait_until(lambda: live.registry.index.layer(image.digest).get("state") == "deduplicated",
+               "dedup", timeout=180)  # fmt: skip
+    wait_until(lambda: _retired(live, image.digest), "retire", timeout=60)
+
+
+def _retired(live: LiveStack, digest: str) -> bool:
+    info = live.registry.blobs.stored_info(digest)
+    return info is not None and not info.retired
+
+
+def settle(live: LiveStack, runs: int = 4) -> None:
+    """GC again, a grace apart, until no pack holds a dead copy and no compacted pack
+    waits for deletion: what a GC left for later, the next ones finish."""
+    for _run in range(runs):
+        time.sleep(live.settings.gc_grace_seconds + 1)
+        run_gc(live)
+        deferred = list(live.registry.store.list("gc/deferred/"))
+        if not deferred and live.registry.files.audit().dead_bytes == 0:
+            return
+
+
+def run_gc(live: LiveStack, dry_run: bool = False) -> dict[str, Any]:
+    result = make_celery(live.settings).send_task("workers.tasks.collect_garbage", args=(dry_run,))
+    return dict(result.get(timeout=600))
+
+
+def stored_state(live: LiveStack) -> tuple[set[str], set[str], set[str]]:
+    """Blob digests with a descriptor, file digests indexed, file digests in pack tables."""
+    store = live.registry.store
+    blobs = {"sha256:" + key.rsplit("/", 1)[1] for key, _s in store.list("blobs/sha256/")}
+    indexed = {h.decode() for h in live.registry.index.redis.hkeys("dh:files")}
+    packed = {
+        digest.hex()
+        for key, size in store.list("packs/")
+        for digest, _loc in read_pack_table(store, key, size)
+    }
+    return blobs, indexed, packed
+
+
+def delete_image(client: RegistryClient, image: Image) -> None:
+    manifest = client.request("GET", f"/v2/{image.repo}/manifests/v1", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json"})  # fmt: skip
+    digest = manifest.headers["Docker-Content-Digest"]
+    assert client.request("DELETE", f"/v2/{image.repo}/manifests/{digest}").status == 202
+
+
+def test_gc_frees_exactly_what_no_image_needs_while_pushes_go_on(gc_live: LiveStack) -> None:
+    live = gc_live
+    client = RegistryClient(live.url)
+    shared = {f"lib/{n}.so": os.urandom(30 * KiB) for n in range(40)}
+    doomed = [make_image(f"gc/old{n}", shared, own_files=30) for n in range(3)]
+    kept = [make_image(f"gc/keep{n}", dict(list(shared.items())[:20]), own_files=10)
+            for n in range(2)]  # fmt: skip
+    for image in doomed + kept:
+        push_and_wait(client, live, image)
+    for image in doomed:
+        delete_image(client, image)
+    time.sleep(5)  # past the grace window: the deleted images are candidates now
+    later = [make_image(f"gc/new{n}", shared, own_files=5) for n in range(3)]
+    pushers = [threading.Thread(target=push_and_wait, args=(RegistryClient(live.url), live, i))
+               for i in later]  # fmt: skip
+    for pusher in pushers:
+        pusher.start()
+    report = run_gc(live)
+    for pusher in pushers:
+        pusher.join()
+    settle(live)
+    survivors = kept + later
+    blobs, indexed, packed = stored_state(live)
+    wanted_files = set().union(*(image.file_hexes() for image in survivors))
+    config = sha256(b'{"architecture":"amd64","os":"linux"}')
+    assert blobs == {image.digest for image in survivors} | {config}, report
+    assert indexed == wanted_files, (len(indexed - wanted_files), len(wanted_files - indexed))
+    assert packed == wanted_files  # every dead copy freed, every live one kept once
+    assert int(report["blobs"]) >= len(doomed) and int(report["packs_compacted"]) >= 1
+    time.sleep(live.settings.restore_keep_seconds + 0.5)
+    for image in survivors:  # restored from the compacted packs
+        response = client.request("GET", f"/v2/{image.repo}/blobs/{image.digest}")
+        assert response.status == 200 and response.data == image.layer
+    assert live.registry.files.audit().dead_bytes == 0, _pack_ages(live)
+
+
+def _pack_ages(live: LiveStack) -> list[tuple[str, float, int, int]]:
+    """Per pack: key, age in seconds, live and dead entries (for a failure message)."""
+    out = []
+    store, index = live.registry.store, live.registry.index
+    for listed in store.listing("packs/"):
+        table = read_pack_table(store, listed.key, listed.size)
+        where = index.file_locations([digest.hex() for digest, _loc in table])
+        alive = sum(found == loc.encode() for (_d, loc), found in zip(table, where, strict=True))
+        out.append((listed.key, round(time.time() - listed.modified, 1), alive, len(table) - alive))
+    return out
+
+
+def test_a_dry_run_deletes_nothing(gc_live: LiveStack) -> None:
+    live = gc_live
+    client = RegistryClient(live.url)
+    image = make_image("gc/dry", {}, own_files=5)
+    push_and_wait(client, live, image)
+    delete_image(client, image)
+    time.sleep(5)
+    before = stored_state(live)
+    report = run_gc(live, dry_run=True)
+    assert report["dry_run"] and int(report["blobs"]) >= 1
+    assert stored_state(live) == before
+    run_gc(live)
+    assert image.digest not in stored_state(live)[0]
+
+
+def test_a_gc_killed_halfway_loses_nothing_and_the_next_run_finishes(gc_live: LiveStack) -> None:
+    live = gc_live
+    client = RegistryClient(live.url)
+    shared = {f"crash/{n}": os.urandom(16 * KiB) for n in range(60)}
+    doomed = [make_image(f"gc/crash-old{n}", shared, own_files=60) for n in range(4)]
+    kept = make_image("gc/crash-keep", dict(list(shared.items())[:30]), own_files=5)
+    for image in [*doomed, kept]:
+        push_and_wait(client, live, image)
+    for image in doomed:
+        delete_image(client, image)
+    time.sleep(5)
+    make_celery(live.settings).send_task("workers.tasks.collect_garbage", args=(False,))
+    wait_until(lambda: bool(live.registry.index.redis.exists("dh:gc:active")), "GC start")
+    time.sleep(0.5)
+    live.stack.kill("worker-maintenance")
+    live.stack.respawn("worker-maintenance")
+    wait_until(lambda: not live.registry.index.redis.exists("dh:lock:gc"), "GC lock",
+               timeout=RUN_LOCK_WAIT)  # fmt: skip
+    response = client.request("GET", f"/v2/{kept.repo}/blobs/{kept.digest}")
+    assert response.status == 200 and response.data == kept.layer
+    settle(live)
+    blobs, indexed, _packed = stored_state(live)
+    assert not {image.digest for image in doomed} & blobs
+    assert kept.file_hexes() <= indexed
+    time.sleep(live.settings.restore_keep_seconds + 0.5)
+    response = client.request("GET", f"/v2/{kept.repo}/blobs/{kept.digest}")
+    assert response.status == 200 and response.data == kept.layer
+
+
+RUN_LOCK_WAIT = 120.0
