@@ -197,6 +197,9 @@ class RegistryApp:
         r.add(r"/api/v1/jobs/preconstruct", POST=self.submit_preconstruct)
         r.add(r"/api/v1/jobs/reindex", POST=self.submit_reindex)
         r.add(r"/api/v1/jobs/gc", POST=self.submit_gc)
+        r.add(r"/api/v1/jobs/retention", POST=self.submit_retention)
+        r.add(r"/api/v1/jobs/verify", POST=self.submit_verify)
+        r.add(rf"/api/v1/repositories/{name}", DELETE=self.delete_repository)
         r.add(r"/api/v1/jobs/(?P<job_id>[^/]+)", GET=self.job_status)
         r.add(r"/api/v1/health", GET=self.health)
         r.add(r"/api/v1/ready", GET=self.ready)
@@ -443,6 +446,25 @@ class RegistryApp:
         payload = _json_body(request, ())
         job_id = jobs.enqueue_gc(self.registry, bool(payload.get("dry_run")))
         return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def submit_retention(self, request: Request) -> Response:
+        """Apply the retention policy now: {"dry_run": true} lists what it would delete."""
+        payload = _json_body(request, ())
+        job_id = jobs.enqueue_retention(self.registry, bool(payload.get("dry_run")))
+        return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def submit_verify(self, request: Request) -> Response:
+        """Re-restore deduplicated layers and check their digests: {"sample": n} takes the
+        n verified longest ago (all without it)."""
+        payload = _json_body(request, ())
+        sample = payload.get("sample")
+        job_id = jobs.enqueue_verify(self.registry, int(sample) if sample is not None else None)
+        return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def delete_repository(self, request: Request, name: str) -> Response:
+        """Every tag, manifest and blob link of a repository; GC frees the bytes."""
+        dropped = self.registry.manifests.delete_repository(name)
+        return _json({"repository": name, "objects_dropped": dropped}, 202)
 
     def submit_reindex(self, request: Request) -> Response:
         job_id = jobs.enqueue_reindex(self.registry)

@@ -9,6 +9,9 @@
                                       layer buffer ahead of a rollout
   duphunter reindex                   rebuild the Redis index from S3 (a maintenance job)
   duphunter gc [--dry-run]            garbage collection now: what it freed (would free)
+  duphunter retention [--dry-run]     delete the tags the retention policy does not keep
+  duphunter verify [--sample N]       re-restore deduplicated layers, check their digests
+  duphunter repo delete REPOSITORY    drop a repository (GC frees its bytes)
   duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
 
 Every command takes --json (machine output: numbers as numbers, times in ISO 8601) and
@@ -159,6 +162,28 @@ def cmd_gc(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
     return status, lambda s: show_fields(s.get("result") or s)
 
 
+def cmd_retention(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    job = _call(args.url, "POST", "/api/v1/jobs/retention", {"dry_run": args.dry_run})
+    status = _wait(args.url, job["id"], "steps")
+    return status, lambda s: show_fields(s.get("result") or s)
+
+
+def cmd_verify(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    job = _call(args.url, "POST", "/api/v1/jobs/verify", {"sample": args.sample})
+    return _wait(args.url, job["id"], "layers verified"), show_verification
+
+
+def show_verification(status: dict[str, Any]) -> None:
+    outcomes = status.get("layers", {})
+    failed = {layer: outcome for layer, outcome in outcomes.items() if outcome != "verified"}
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} layers restored to their digest")
+    _table(sorted(failed.items()))
+
+
+def cmd_repo(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    return _call(args.url, "DELETE", f"/api/v1/repositories/{args.repository}"), show_fields
+
+
 def cmd_reindex(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
     job = _call(args.url, "POST", "/api/v1/jobs/reindex", {})
     return _wait(args.url, job["id"], "objects indexed"), show_fields
@@ -204,6 +229,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], tuple[Any, Callable[[Any], No
     "warm": cmd_warm,
     "reindex": cmd_reindex,
     "gc": cmd_gc,
+    "retention": cmd_retention,
+    "verify": cmd_verify,
+    "repo": cmd_repo,
 }
 
 
@@ -227,8 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
     warm.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64")
     warm.add_argument("--wait", action="store_true", help="wait until every layer is rebuilt")
-    gc = commands.add_parser("gc", parents=[common])
-    gc.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    for name in ("gc", "retention"):
+        dry = commands.add_parser(name, parents=[common])
+        dry.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    verify = commands.add_parser("verify", parents=[common])
+    verify.add_argument("--sample", type=int, default=None, help="at most N layers")
+    repo = commands.add_parser("repo", parents=[common])
+    repo.add_argument("action", choices=["delete"])
+    repo.add_argument("repository")
     replay.add_parser(commands, parents=[common])
     return parser
 

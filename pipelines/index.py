@@ -82,6 +82,14 @@ class Index:
         pipe.zadd(f"{PREFIX}repos", {repo: 0})
         pipe.execute()
 
+    def drop_repository(self, repo: str) -> None:
+        keys = [f"{PREFIX}repo:{repo}:{part}" for part in ("layers", "manifests", "tags")]
+        keys += [key.decode() for key in self.redis.scan_iter(match=f"{PREFIX}referrers:{repo}:*")]
+        pipe = self.redis.pipeline()
+        pipe.delete(*keys)
+        pipe.zrem(f"{PREFIX}repos", repo)
+        pipe.execute()
+
     def drop_revision(self, repo: str, digest: str) -> None:
         self.redis.hdel(f"{PREFIX}repo:{repo}:manifests", digest)
 

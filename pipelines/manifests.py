@@ -308,6 +308,26 @@ class ManifestStore:
             self.index.drop_referrer(repo, revision["subject"], digest)
         self.index.drop_revision(repo, digest)
 
+    def delete_repository(self, repo: str) -> int:
+        """Drop every tag, manifest and blob link of a repository (the bytes are freed by
+        garbage collection); how many objects were dropped."""
+        if not self.index.repository_exists(repo):
+            raise RegistryError(
+                "NAME_UNKNOWN", "repository name not known to registry", {"name": repo}
+            )
+        keys = [key for key, _size in self.store.list(f"repositories/{repo}/_")]
+        self.store.delete(keys)
+        self.index.drop_repository(repo)
+        return len(keys)
+
+    def tag_times(self, repo: str) -> dict[str, float]:
+        """Each tag of a repository and when it was last pushed (its object's time)."""
+        prefix = f"repositories/{repo}/_manifests/tags/"
+        return {
+            listed.key.removeprefix(prefix): listed.modified
+            for listed in self.store.listing(prefix)
+        }
+
     def tags(self, repo: str) -> list[str]:
         if not self.index.repository_exists(repo):
             raise RegistryError(

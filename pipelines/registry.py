@@ -27,6 +27,8 @@ from pipelines.popularity import Popularity
 from pipelines.predict import AccessHistory, ClientHistory, Prediction, choose_platform, predict
 from pipelines.recipe import Recipe
 from pipelines.restore import RestoreError, RestoreHub
+from pipelines.retention import load_policy, rule_for
+from pipelines.retention import plan as retention_plan
 from pipelines.serving import BlobRead, BlobServer
 from pipelines.storage import ObjectNotFound, ObjectStore, S3Store
 
@@ -196,6 +198,20 @@ class Registry:
             return dict(json.loads(self.store.get_bytes(GC_REPORT_KEY)))
         except ObjectNotFound:
             return None
+
+    def apply_retention(self, dry_run: bool) -> dict[str, list[str]]:
+        """Delete the tags the retention policy does not keep (all repositories); the
+        tags deleted (or that would be, in a dry run), by repository."""
+        rules = load_policy(self.settings.retention_policy)
+        repositories = [repo for repo in self.index.repositories() if rule_for(rules, repo)]
+        doomed = retention_plan(
+            rules, {repo: self.manifests.tag_times(repo) for repo in repositories}
+        )
+        if not dry_run:
+            for repo, tags in doomed.items():
+                for tag in tags:
+                    self.manifests.delete(repo, tag)
+        return doomed
 
     def deduplicates(self) -> bool:
         """False in mode `intact`: a plain registry that never deduplicates a layer."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from deploy.stack import Stack, wait_until
+from deploy.stack import VENV_BIN, Stack, wait_until
 from pipelines.filestore import read_pack_table
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, start_live_stack
@@ -29,11 +31,14 @@ KiB = 1 << 10
 @pytest.fixture(scope="module")
 def gc_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     workdir = tmp_path_factory.mktemp("gc-stack")
+    policy = workdir / "retention.json"
+    policy.write_text(json.dumps({"rules": [{"repositories": "ret/*", "keep_last": 2}]}))
     settings = {
         "DUPHUNTER_GC_GRACE_SECONDS": "4",  # pushes finish well within it
         "DUPHUNTER_GC_COMPACT_BELOW": "1.0",  # compact any pack with a dead byte
         "DUPHUNTER_GC_UNTAGGED": "1",
         "DUPHUNTER_PREDICTOR": "none",
+        "DUPHUNTER_RETENTION_POLICY": str(policy),
     }
     with Stack(workdir) as stack:
         yield start_live_stack(stack, workdir, settings)
@@ -199,3 +204,49 @@ def test_a_gc_killed_halfway_loses_nothing_and_the_next_run_finishes(gc_live: Li
 
 
 RUN_LOCK_WAIT = 120.0
+
+
+def duphunter(live: LiveStack, *args: str) -> Any:
+    done = subprocess.run(
+        [str(VENV_BIN / "duphunter"), "--url", live.url, "--json", *args],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout)
+
+
+def test_retention_keeps_the_newest_tags(gc_live: LiveStack) -> None:
+    live = gc_live
+    client = RegistryClient(live.url)
+    layer = gzip.compress(make_tar({"r": os.urandom(10 * KiB)}), mtime=0)
+    for number in range(1, 6):
+        config = json.dumps({"architecture": "amd64", "os": "linux", "n": number}).encode()
+        client.push_image("ret/app", f"t{number}", [layer], config=config)
+        time.sleep(1.1)  # tag times are S3's LastModified, to the second
+    dry = duphunter(live, "retention", "--dry-run")["result"]
+    assert dry == {"ret/app": ["t1", "t2", "t3"]}
+    assert len(json.loads(client.request("GET", "/v2/ret/app/tags/list").data)["tags"]) == 5
+    duphunter(live, "retention")
+    tags = json.loads(client.request("GET", "/v2/ret/app/tags/list").data)["tags"]
+    assert tags == ["t4", "t5"]
+
+
+def test_a_deleted_repository_is_freed_by_gc(gc_live: LiveStack) -> None:
+    live = gc_live
+    client = RegistryClient(live.url)
+    image = make_image("gc/whole-repo", {}, own_files=4)
+    push_and_wait(client, live, image)
+    assert duphunter(live, "repo", "delete", image.repo)["objects_dropped"] >= 3
+    assert client.request("GET", f"/v2/{image.repo}/tags/list").status == 404
+    assert image.repo not in json.loads(client.request("GET", "/v2/_catalog").data)["repositories"]
+    settle(live)
+    assert image.digest not in stored_state(live)[0]
+    assert not image.file_hexes() & stored_state(live)[1]
+
+
+def test_verify_re_restores_and_reports(gc_live: LiveStack) -> None:
+    live = gc_live
+    client = RegistryClient(live.url)
+    image = make_image("gc/verified", {}, own_files=3)
+    push_and_wait(client, live, image)
+    status = duphunter(live, "verify")
+    assert status["state"] == "success" and status["layers"][image.digest] == "verified"

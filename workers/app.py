@@ -43,6 +43,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.apply_popularity": {"queue": "maintenance"},
             "workers.tasks.audit_packs": {"queue": "maintenance"},
             "workers.tasks.collect_garbage": {"queue": "maintenance"},
+            "workers.tasks.apply_retention": {"queue": "maintenance"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},
@@ -80,6 +81,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 600.0,
             },
             "audit-packs": {"task": "workers.tasks.audit_packs", "schedule": 3600.0},
+            "apply-retention": {"task": "workers.tasks.apply_retention", "schedule": 86400.0},
             "collect-garbage": {
                 "task": "workers.tasks.collect_garbage",
                 "schedule": settings.gc_interval_seconds,

@@ -15,12 +15,14 @@ from pipelines.registry import Registry
 from workers.app import QUEUES, celery_app
 from workers.tasks import (
     PRIORITY_WARM,
+    apply_retention,
     blob_fetched,
     collect_garbage,
     ingest_layer,
     manifest_fetched,
     preconstruct_layer,
     rebuild_index,
+    verify_blob,
 )
 
 
@@ -69,11 +71,36 @@ def enqueue_warm(registry: Registry, repository: str, reference: str, layers: li
 
 
 def enqueue_gc(registry: Registry, dry_run: bool) -> str:
-    result = collect_garbage.apply_async(args=(dry_run,))
-    registry.index.put_job(
-        result.id, {"kind": "gc", "dry_run": str(int(dry_run)), "created": str(time.time())}
-    )
+    return _enqueue(registry, collect_garbage, "gc", dry_run)
+
+
+def enqueue_retention(registry: Registry, dry_run: bool) -> str:
+    return _enqueue(registry, apply_retention, "retention", dry_run)
+
+
+def _enqueue(registry: Registry, task: Any, kind: str, dry_run: bool) -> str:
+    result = task.apply_async(args=(dry_run,))
+    fields = {"kind": kind, "dry_run": str(int(dry_run)), "created": str(time.time())}
+    registry.index.put_job(result.id, fields)
     return str(result.id)
+
+
+def enqueue_verify(registry: Registry, sample: int | None) -> str:
+    """Verification reads of deduplicated layers (the least recently verified first, at
+    most `sample` of them), one job id for all."""
+    layers = registry.layers_by_last_verification()[:sample]
+    children = [verify_blob.apply_async(args=(digest,)).id for digest in layers]
+    job_id = f"verify-{time.time_ns():x}"
+    registry.index.put_job(
+        job_id,
+        {
+            "kind": "verify",
+            "layers": json.dumps(layers),
+            "children": json.dumps(children),
+            "created": str(time.time()),
+        },
+    )
+    return job_id
 
 
 def enqueue_reindex(registry: Registry) -> str:
@@ -87,7 +114,7 @@ def status(registry: Registry, job_id: str) -> dict[str, Any] | None:
     job = registry.index.job(job_id)
     if not job:
         return None
-    if job.get("kind") == "preconstruct":
+    if job.get("kind") in ("preconstruct", "verify"):
         return _group_status(job_id, job)
     result: AsyncResult[Any] = AsyncResult(job_id, app=celery_app)
     fields = {key: value for key, value in job.items() if key != "progress_done"}
@@ -134,20 +161,19 @@ def _iso(epoch: float) -> str | None:
 
 
 def _group_status(job_id: str, job: dict[str, str]) -> dict[str, Any]:
-    """A warm job: its layers' rebuilds, and how far they got."""
+    """A job of one task per layer (warm, verify): each layer's outcome, and how far."""
     layers, children = json.loads(job["layers"]), json.loads(job["children"])
     outcomes: dict[str, str] = {}
     for layer, child in zip(layers, children, strict=True):
         result: AsyncResult[Any] = AsyncResult(child, app=celery_app)
-        outcomes[layer] = str(result.result) if result.successful() else result.state.lower()
+        outcomes[layer] = _outcome(result.result) if result.successful() else result.state.lower()
     done = sum(result not in ("pending", "started", "retry") for result in outcomes.values())
     state = "success" if done == len(layers) else ("started" if done else "pending")
     failed = [layer for layer, outcome in outcomes.items() if outcome == "failure"]
     return {
         "id": job_id,
-        "kind": "preconstruct",
-        "repository": job["repository"],
-        "reference": job["reference"],
+        "kind": job["kind"],
+        **{key: job[key] for key in ("repository", "reference") if key in job},
         "state": "failure" if failed else state,
         "progress": {"done": done, "total": len(layers)},
         "layers": outcomes,
@@ -190,6 +216,12 @@ def _queues_without_consumer() -> str:
 def _failing_canaries(registry: Registry) -> str:
     failing = sorted(name for name, ok in registry.encoder_canaries().items() if not ok)
     return f"encoder canaries failing: {', '.join(failing)}" if failing else ""
+
+
+def _outcome(result: Any) -> str:
+    if isinstance(result, dict) and "ok" in result:  # a verification
+        return "verified" if result["ok"] else f"FAILED: {result.get('reason', '')}"
+    return str(result)
 
 
 def queue_depths(registry: Registry) -> dict[str, int]:

@@ -165,6 +165,12 @@ def collect_garbage(dry_run: bool = False) -> dict[str, Any]:
     return asdict(retrying(lambda: registry().collector().run(dry_run)))
 
 
+@celery_app.task(name="workers.tasks.apply_retention")
+def apply_retention(dry_run: bool = False) -> dict[str, list[str]]:
+    """Delete the tags the retention policy does not keep (or list them, dry run)."""
+    return retrying(lambda: registry().apply_retention(dry_run))
+
+
 @celery_app.task(name="workers.tasks.purge_stale_uploads")
 def purge_stale_uploads() -> int:
     settings = registry().settings
