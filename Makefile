@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer clean
+.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc clean
 
 run: system-deps venv helpers
 	$(BIN)/python -m deploy.local
@@ -44,6 +44,9 @@ bench-dedup: test-deps venv helpers
 
 bench-memory: system-deps venv
 	$(BIN)/python -m bench.memory
+
+bench-gc: system-deps venv
+	$(BIN)/python -m bench.gc
 
 bench-buffer: venv
 	$(BIN)/python -m bench.buffer_policies

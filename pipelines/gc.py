@@ -28,11 +28,13 @@ Every step can be cut short by a crash and done again: the next run finishes the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,7 +55,7 @@ from pipelines.manifests import (
     manifest_key,
 )
 from pipelines.recipe import Recipe
-from pipelines.storage import Listed, ObjectStore
+from pipelines.storage import Listed, ObjectNotFound, ObjectStore
 
 REPORT_KEY = "gc/last-report.json"
 DEFERRED_PREFIX = "gc/deferred/"
@@ -116,9 +118,11 @@ class GarbageCollector:
         self.grace = grace_seconds
         self.compact_below = compact_below
         self.untagged = untagged
+        self.objects = ObjectCache(store)
 
     def run(self, dry_run: bool = False) -> GcReport:
         report = GcReport(dry_run)
+        self.objects = ObjectCache(self.store)
         with self.index.lock("gc", timeout=LEASE_SECONDS, blocking_timeout=5) as lock:
             renewing = threading.Event()
             renewer = threading.Thread(target=self._renew, args=(lock, renewing), daemon=True)
@@ -166,83 +170,89 @@ class GarbageCollector:
     # marking, from S3
     def _mark(self, cutoff: float) -> Marks:
         manifests: dict[tuple[str, str], Listed] = {}
-        tags: dict[tuple[str, str], str] = {}
+        tag_objects: dict[tuple[str, str], Listed] = {}
         links: dict[tuple[str, str], Listed] = {}
         for listed in self.store.listing("repositories/"):
             repo, kind, rest = _split_repository_key(listed.key)
             if kind == "revision":
                 manifests[(repo, rest)] = listed
             elif kind == "tag":
-                tags[(repo, rest)] = self.store.get_bytes(listed.key).decode()
+                tag_objects[(repo, rest)] = listed
             elif kind == "link":
                 links[(repo, rest)] = listed
+        contents = self.objects.get_many([*tag_objects.values(), *manifests.values()])
+        tags = {
+            name: data.decode()
+            for name, listed in tag_objects.items()
+            if (data := contents.get(listed.key)) is not None
+        }
         roots = {d for (_r, d) in manifests} if not self.untagged else set(tags.values())
-        live_manifests, live_blobs = self._closure(roots, manifests, cutoff)
+        live_manifests, live_blobs = self._closure(roots, manifests, contents, cutoff)
         return Marks(manifests, tags, links, live_manifests, live_blobs)
 
     def _closure(
-        self, roots: set[str], manifests: dict[tuple[str, str], Listed], cutoff: float
+        self,
+        roots: set[str],
+        manifests: dict[tuple[str, str], Listed],
+        contents: dict[str, bytes | None],
+        cutoff: float,
     ) -> tuple[set[str], set[str]]:
         """Live manifests (the roots, what indexes name, referrers of live ones, and, for
         safety, any manifest newer than the grace window) and the blobs they name."""
         recent = {d for (_r, d), listed in manifests.items() if listed.modified >= cutoff}
-        pending = list(roots | recent)
+        subjects = self._subjects(manifests, contents)
         live: set[str] = set()
         blobs: set[str] = set()
-        subjects = self._subjects(manifests)
-        while pending:
-            digest = pending.pop()
-            if digest in live:
-                continue
-            live.add(digest)
-            body = self._manifest_body(digest)
-            if body is None:
-                continue
-            named = [d.get("digest") for d in [body.get("config") or {}, *body.get("layers", [])]]
-            blobs.update(str(d) for d in named if d)
-            pending += [str(m["digest"]) for m in body.get("manifests", []) if "digest" in m]
-            pending += subjects.get(digest, [])
+        level = roots | recent
+        while level:
+            live |= level
+            bodies = self.objects.get_many([manifest_key(digest) for digest in level])
+            found: set[str] = set()
+            for digest in level:
+                body = _json_object(bodies.get(manifest_key(digest)))
+                named = [
+                    d.get("digest") for d in [body.get("config") or {}, *body.get("layers", [])]
+                ]
+                blobs.update(str(d) for d in named if d)
+                found |= {str(m["digest"]) for m in body.get("manifests", []) if "digest" in m}
+                found |= set(subjects.get(digest, []))
+            level = found - live
         return live, blobs
 
-    def _subjects(self, manifests: dict[tuple[str, str], Listed]) -> dict[str, list[str]]:
+    @staticmethod
+    def _subjects(
+        manifests: dict[tuple[str, str], Listed], contents: dict[str, bytes | None]
+    ) -> dict[str, list[str]]:
         """subject digest -> referrers naming it (a referrer lives while its subject does)."""
         found: dict[str, list[str]] = {}
         for (_repo, digest), listed in manifests.items():
-            revision = json.loads(self.store.get_bytes(listed.key))
+            revision = _json_object(contents.get(listed.key))
             if revision.get("subject"):
                 found.setdefault(str(revision["subject"]), []).append(digest)
         return found
 
-    def _manifest_body(self, digest: str) -> dict[str, Any] | None:
-        try:
-            body = json.loads(self.store.get_bytes(manifest_key(digest)))
-        except (KeyError, ValueError):
-            return None
-        return body if isinstance(body, dict) else None
-
     def _descriptors(self) -> dict[str, tuple[Listed, BlobInfo]]:
+        listing = list(self.store.listing("blobs/"))
+        contents = self.objects.get_many(listing)
         found = {}
-        for listed in self.store.listing("blobs/"):
+        for listed in listing:
             _prefix, algorithm, hexdigest = listed.key.split("/")
-            digest = f"{algorithm}:{hexdigest}"
-            info = self.blobs.stored_info(digest)
-            if info is not None:
-                found[digest] = (listed, info)
+            data = _json_object(contents.get(listed.key))
+            if data:
+                digest = f"{algorithm}:{hexdigest}"
+                found[digest] = (listed, BlobInfo.from_json(digest, data))
         return found
 
     def _live_files(self, infos: Iterable[BlobInfo]) -> set[bytes]:
-        live: set[bytes] = set()
-        for info in infos:
-            if info.recipe is not None:
-                live.update(self._recipe_files(info.recipe))
-        return live
+        return self._files_of([info.recipe for info in infos if info.recipe is not None])
 
-    def _recipe_files(self, key: str) -> Iterator[bytes]:
-        try:
-            recipe = Recipe.decode(self.store.get_bytes(key))
-        except (KeyError, ValueError):
-            return
-        yield from recipe.file_refs()
+    def _files_of(self, recipe_keys: list[str]) -> set[bytes]:
+        files: set[bytes] = set()
+        for data in self.objects.get_many(recipe_keys).values():
+            if data is not None:
+                with contextlib.suppress(ValueError):
+                    files.update(Recipe.decode(data).file_refs())
+        return files
 
     # the handshake
     def _decide(
@@ -341,7 +351,7 @@ class GarbageCollector:
 
         def marked_again() -> set[str]:
             recipes = [key for key, _size in self.store.list("recipes/")]
-            return {f.hex() for key in recipes for f in self._recipe_files(key)}
+            return {digest.hex() for digest in self._files_of(recipes)}
 
         dead = self._decide("file", candidates, marked_again, report)
         report.files += len(dead)
@@ -448,6 +458,45 @@ class GarbageCollector:
             self.store.delete([listed.key for listed in doomed])
             counted = [l for l in doomed if l.key.startswith(("data/", "recipes/"))]  # noqa: E741
             self.index.add_bytes(stored=-sum(listed.size for listed in counted))
+
+
+class ObjectCache:
+    """The S3 objects one GC run reads: many at once, each version read once. Keys named
+    by content (manifests, recipes) never change; the others are reread when S3's time of
+    last write says they changed."""
+
+    THREADS = 16
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.cache: dict[str, tuple[float, bytes | None]] = {}
+
+    def get_many(self, objects: Iterable[Listed | str]) -> dict[str, bytes | None]:
+        wanted = {item.key if isinstance(item, Listed) else item: item for item in objects}
+        missing = [
+            key for key, item in wanted.items()
+            if key not in self.cache
+            or (isinstance(item, Listed) and self.cache[key][0] != item.modified)
+        ]  # fmt: skip
+        with ThreadPoolExecutor(self.THREADS) as pool:
+            for key, data in zip(missing, pool.map(self._get, missing), strict=True):
+                item = wanted[key]
+                self.cache[key] = (item.modified if isinstance(item, Listed) else 0.0, data)
+        return {key: self.cache[key][1] for key in wanted}
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            return self.store.get_bytes(key)
+        except ObjectNotFound:
+            return None
+
+
+def _json_object(data: bytes | None) -> dict[str, Any]:
+    try:
+        value = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _split_repository_key(key: str) -> tuple[str, str, str]:
