@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -328,6 +329,17 @@ def test_compose_sets_only_known_variables() -> None:
     text = (DEPLOY / "compose.yaml").read_text()
     for variable in re.findall(r"\$\{([A-Z0-9_]+)", text):
         assert variable in allowed or variable.startswith("GF_"), variable
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    if not checker.exists():
+        pytest.skip("check-jsonschema (dev extras) is not installed")
+    done = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "compose.yaml")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def expand_ellipses(pattern: str) -> list[str]:
