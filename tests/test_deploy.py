@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import ast
 import functools
+import gzip
+import io
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +31,7 @@ import pytest
 import yaml
 
 from deploy import services
+from tests.client import RegistryClient, sha256
 from workers.app import QUEUES, celery_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -825,3 +829,27 @@ def test_compose_stack_serves_and_is_scraped(compose_stack: list[str]) -> None:
         targets = json.load(reply)["data"]["activeTargets"]
     up = {t["labels"]["job"] for t in targets if t["health"] == "up"}
     assert {"duphunter-api", *(f"duphunter-worker-{q}" for q in QUEUES)} <= up, targets
+    # a push, deduplicated by the ingest worker on MinIO, pulls back byte-exact
+    client = RegistryClient(api)
+    layer = gzip.compress(text_tar(), 6, mtime=0)
+    _digest, manifest = client.push_image("compose/smoke", "v1", [layer])
+    digest = manifest["layers"][0]["digest"]
+    while True:
+        stats = json.loads(client.request("GET", "/api/v1/stats").data)
+        if "deduplicated" in json.dumps(stats.get("layers", {})):
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(2)
+    pulled = client.request("GET", f"/v2/compose/smoke/blobs/{digest}")
+    assert pulled.status == 200 and sha256(pulled.data) == digest
+
+
+def text_tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for n in range(20):
+            content = b"line %d of a text file\n" % n * 2000
+            info = tarfile.TarInfo(f"file-{n}.txt")
+            info.size, info.mtime = len(content), 1_700_000_000
+            archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
