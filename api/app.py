@@ -259,8 +259,9 @@ class RegistryApp:
         return _json({"ok": True})
 
     def ready(self, request: Request) -> Response:
-        """Readiness: Redis, S3, a consumer on every queue, the encoders; what is wrong."""
-        checks = jobs.readiness(self.registry)
+        """Readiness: Redis, S3, a consumer on every queue, the encoders; what is wrong.
+        `?scope=backends`: all but the consumers (the API pods' probe)."""
+        checks = jobs.readiness(self.registry, request.args.get("scope", "all"))
         ok = all(check["ok"] for check in checks.values())
         return _json({"ok": ok, "checks": checks}, 200 if ok else 503)
 

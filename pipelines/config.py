@@ -89,6 +89,7 @@ class Settings:
     gc_interval_seconds: float = field(
         default_factory=lambda: float(_env("GC_INTERVAL_SECONDS", "86400"))
     )
+    metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "0")))
     retention_policy: str = field(default_factory=lambda: _env("RETENTION_POLICY", ""))
     helper_dir: Path = field(
         default_factory=lambda: Path(_env("HELPER_DIR", str(REPO_ROOT / "build" / "helpers")))

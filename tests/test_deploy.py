@@ -42,7 +42,7 @@ DASHBOARD = MONITORING / "grafana" / "duphunter.json"
 
 # Settings the deploy files set before pipelines/config.py reads them: the lead wires the
 # worker exporter (DUPHUNTER_METRICS_PORT) in parallel. Remove a name once config.py has it.
-AWAITED_SETTINGS = frozenset({"DUPHUNTER_METRICS_PORT"})
+AWAITED_SETTINGS: frozenset[str] = frozenset()
 # Variables of other software that DupHunter's own image sets.
 THIRD_PARTY_ENV = frozenset(
     {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PROMETHEUS_MULTIPROC_DIR"}
@@ -601,7 +601,7 @@ def test_api_service_probes_and_disruption_budget() -> None:
     assert port_of(option(container["args"], "--bind")) == services.API_PORT
     assert container_port(api, container["livenessProbe"]["httpGet"]["port"]) == services.API_PORT
     assert container["livenessProbe"]["httpGet"]["path"] == "/api/v1/health"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/api/v1/ready"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/api/v1/ready?scope=backends"
     assert container_port(api, container["readinessProbe"]["httpGet"]["port"]) == services.API_PORT
     (service,) = [s for s in k8s_kind("Service").values() if selects(s, api)]
     (port,) = service["spec"]["ports"]

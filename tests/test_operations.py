@@ -68,6 +68,8 @@ def test_readiness_fails_while_a_backend_or_a_consumer_is_gone(
         checks = body["checks"]
         assert isinstance(checks, dict) and checks[check]["ok"] is False, checks
         assert client.request("GET", "/api/v1/health").status == 200  # liveness stays
+        backends = client.request("GET", "/api/v1/ready?scope=backends").status
+        assert backends == (200 if check == "queues" else 503)  # the API pods' probe
     finally:
         live.stack.respawn(service)
     wait_until(lambda: ready(client)[0] == 200, "ready after", timeout=120)

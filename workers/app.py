@@ -102,7 +102,7 @@ celery_app = make_celery()
 def _export_metrics(**_kwargs: object) -> None:
     """With DUPHUNTER_METRICS_PORT set (one worker per pod), serve the samples of this
     worker's processes on it; on a host whose API serves /metrics, leave it unset."""
-    port = os.environ.get("DUPHUNTER_METRICS_PORT")
+    port = Settings().metrics_port
     if not port:
         return
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -180,14 +180,18 @@ def _group_status(job_id: str, job: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def readiness(registry: Registry) -> dict[str, dict[str, Any]]:
-    """Whether this deployment can do its work, check by check, with what is wrong."""
-    return {
+def readiness(registry: Registry, scope: str = "all") -> dict[str, dict[str, Any]]:
+    """Whether this deployment can do its work, check by check, with what is wrong.
+    scope "backends" leaves out the queue consumers: what an API process needs to serve
+    (its readiness probe, so that a worker kind being down does not stop pulls)."""
+    checks = {
         "redis": _check(lambda: "" if registry.index.redis.ping() else "no answer to PING"),
         "s3": _check(lambda: _s3_problem(registry)),
-        "queues": _check(_queues_without_consumer),
         "encoders": _check(lambda: _failing_canaries(registry)),
     }
+    if scope != "backends":
+        checks["queues"] = _check(_queues_without_consumer)
+    return checks
 
 
 def _check(problem: Callable[[], str]) -> dict[str, Any]:
