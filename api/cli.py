@@ -2,7 +2,9 @@
 
   duphunter status                    is everything up: Redis, S3, workers, encoders
   duphunter stats                     storage, dedup ratio, layers, buffer, restores
-  duphunter ingest REPOSITORY DIGEST  queue a layer for ingestion (again)
+  duphunter ingest REPOSITORY DIGEST... [--wait]
+                                      queue layers for ingestion (again); --wait shows
+                                      progress until all are done
   duphunter job ID                    the state and result of a job
   duphunter warm REPO:TAG [--platform P ...] [--wait]
                                       rebuild an image's deduplicated layers into the
@@ -139,8 +141,27 @@ def cmd_status(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
-    body = {"repository": args.repository, "digest": args.digest}
-    return _call(args.url, "POST", "/api/v1/jobs/ingest", body), show_fields
+    jobs = [
+        _call(args.url, "POST", "/api/v1/jobs/ingest", {"repository": args.repository, "digest": d})
+        for d in args.digests
+    ]
+    if args.wait:
+        jobs = _wait_all(args.url, [job["id"] for job in jobs])
+    if len(jobs) == 1:
+        return jobs[0], show_fields
+    return jobs, lambda done: _table([(job.get("digest", job["id"]), job["state"]) for job in done])
+
+
+def _wait_all(base: str, job_ids: list[str]) -> list[dict[str, Any]]:
+    """Poll jobs until all end, with one progress bar on stderr."""
+    while True:
+        statuses = [_call(base, "GET", f"/api/v1/jobs/{job_id}") for job_id in job_ids]
+        done = sum(status["state"] in ("success", "failure") for status in statuses)
+        print(f"\r{_bar(done, len(statuses))} jobs done   ", end="", file=sys.stderr)
+        if done == len(statuses):
+            print(file=sys.stderr)
+            return statuses
+        time.sleep(WAIT_POLL_SECONDS)
 
 
 def cmd_job(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
@@ -249,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, parents=[common])
     ingest = commands.add_parser("ingest", parents=[common])
     ingest.add_argument("repository")
-    ingest.add_argument("digest")
+    ingest.add_argument("digests", nargs="+", metavar="digest")
+    ingest.add_argument("--wait", action="store_true", help="wait until every layer is done")
     commands.add_parser("job", parents=[common]).add_argument("id")
     warm = commands.add_parser("warm", parents=[common])
     warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
