@@ -40,7 +40,8 @@ from typing import Any
 from minio import Minio
 
 from bench.report import RESULTS, bar_chart, git_state, machine, sh, write_section
-from deploy.stack import REPO_ROOT, Stack, free_port, wait_until
+from deploy.services import api_command
+from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
 
 OUT_DIR = REPO_ROOT / "build" / "bench"
 IMAGE_DIR = OUT_DIR / "images"
@@ -66,6 +67,7 @@ IMAGE_SPECS: dict[str, list[list[str]]] = {
 }
 BIG_IMAGE = "big-random"
 BIG_BYTES = 1 << 30
+REDIRECT_BYTES = 64 << 20
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Services:
     ours: Registry
     peer: Registry
     redirect_peer: Registry | None
+    ours_redirecting: Registry | None
     workdir: Path
     notes: list[str] = field(default_factory=list)
     last_pull: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -263,13 +266,27 @@ def start_services(workdir: Path, redirect: bool) -> Services:
         stack.start_workers()
         stack.start_api(listen, processes=2)
         peer = start_distribution(stack, s3, "distribution", "/proxy", redirect=False)
-        other = None
+        other = ours_redirecting = None
         if redirect:
             other = start_distribution(stack, s3, "distribution-redirect", "/redirect", True)
+            ours_redirecting = start_redirecting_api(stack, workdir)
     except BaseException:
         stack.stop()
         raise
-    return Services(stack, Registry("duphunter", listen), peer, other, workdir)
+    ours = Registry("duphunter", listen)
+    return Services(stack, ours, peer, other, ours_redirecting, workdir)
+
+
+def start_redirecting_api(stack: Stack, workdir: Path) -> Registry:
+    """A second DupHunter API on the same Redis and S3 that answers blob GETs of single-
+    object intact blobs with a 307 to a presigned S3 URL, and deduplicates nothing (mode
+    intact), so that the image pushed through it stays intact."""
+    listen = f"127.0.0.1:{free_port()}"
+    env = dict(stack.env, DUPHUNTER_REDIRECT="presigned", DUPHUNTER_MODE="intact",
+               DUPHUNTER_SPOOL_DIR=str(workdir / "spool-redirect"))  # fmt: skip
+    stack.spawn("api-redirect", api_command(VENV_BIN, listen, 2), env)
+    wait_until(lambda: http_json(f"http://{listen}/v2/") == {}, "redirecting API")
+    return Registry("duphunter-redirect", listen)
 
 
 def http_json(url: str) -> Any:
@@ -599,7 +616,8 @@ def write_docs(result: dict[str, Any]) -> None:
 
 
 def redirect_footnote(images: list[Image], services: Services, scratch: Path) -> dict[str, Any]:
-    """One push and pull of the smallest image through a Distribution that redirects GETs."""
+    """One push and pull of the smallest image through a Distribution that redirects GETs,
+    and DupHunter's pulls of an intact image with and without redirects."""
     peer = services.redirect_peer
     if peer is None:
         return {}
@@ -609,7 +627,33 @@ def redirect_footnote(images: list[Image], services: Services, scratch: Path) ->
         pulled = pull(image, peer, f"bench/redirect-{image.name}", scratch)
     except RuntimeError as error:
         return {"image": image.name, "error": str(error)}
-    return {"image": image.name, "push_s": round(pushed, 3), "pull_s": round(pulled, 3)}
+    found = {"image": image.name, "push_s": round(pushed, 3), "pull_s": round(pulled, 3)}
+    if services.ours_redirecting is not None:
+        found["ours"] = ours_redirected(services, scratch)
+    return found
+
+
+def ours_redirected(services: Services, scratch: Path) -> dict[str, Any]:
+    """An image of random data (so that it is new, and stays intact in mode intact) pushed
+    through the redirecting API; pulled through it (307s) and through the streaming one,
+    three times each, alternating; medians."""
+    source = IMAGE_DIR / "redirect-random-source" / "opt" / "random"
+    if not (source / "random-3.bin").exists():
+        make_random_files(source, REDIRECT_BYTES)
+    image = cached_image("redirect-random", [[str(source)]])
+    redirecting = services.ours_redirecting
+    assert redirecting is not None
+    repo = f"bench/redirect-random-{int(time.time())}"
+    push(image, redirecting, repo, scratch)
+    redirected, streamed = [], []
+    for _rep in range(3):
+        redirected.append(pull(image, redirecting, repo, scratch))
+        streamed.append(pull(image, services.ours, repo, scratch))
+    return {
+        "image_bytes": image.size,
+        "pull_redirected_s": round(statistics.median(redirected), 3),
+        "pull_streamed_s": round(statistics.median(streamed), 3),
+    }
 
 
 def redirect_text(result: dict[str, Any]) -> str:
@@ -619,12 +663,21 @@ def redirect_text(result: dict[str, Any]) -> str:
     if "error" in found:
         return f"Distribution with S3 redirects enabled failed: {found['error']}"
     row = next(r for r in result["rows"] if r["image"] == found["image"])
-    return (
+    text = (
         f"with `redirect` enabled (blob GETs answered by a 307 to a presigned S3 URL, which "
         f"skopeo follows), Distribution pushed `{found['image']}` in {found['push_s']:.2f} s "
         f"and pulled it in {found['pull_s']:.2f} s (one run; proxied medians above: "
         f"{row['push']['peer_s']:.2f} s and {row['pull']['peer_s']:.2f} s)."
     )
+    ours = found.get("ours")
+    if ours:
+        text += (
+            f" DupHunter with `DUPHUNTER_REDIRECT=presigned` pulled an intact "
+            f"{ours['image_bytes'] / MB:.0f} MB image of random data in "
+            f"{ours['pull_redirected_s']:.2f} s, streamed through the API in "
+            f"{ours['pull_streamed_s']:.2f} s (medians of 3)."
+        )
+    return text
 
 
 # --- main ---------------------------------------------------------------------------------
