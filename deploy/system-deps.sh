@@ -10,12 +10,13 @@
 #   podman                              podman build and push (pgzip layers), tests/test_producers.py
 #   pigz zstd libarchive-tools          real producers of layers and tars (tests, corpus)
 #   mmdebstrap                          the realistic benchmark corpus
+#   apache2-utils                       htpasswd, to write bcrypt users (tests/test_auth.py)
 set -euo pipefail
 packages=(redis-server golang-go golang-github-klauspost-pgzip-dev
           golang-github-klauspost-compress-dev python3-venv)
 if [[ "${1:-}" == "test" ]]; then
     packages+=(skopeo umoci docker-registry docker.io podman pigz zstd libarchive-tools
-               mmdebstrap)
+               mmdebstrap apache2-utils)
 fi
 missing=()
 for package in "${packages[@]}"; do
