@@ -12,6 +12,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
@@ -43,6 +44,7 @@ CREDENTIAL_CACHE_ENTRIES = 4096
 CLOCK_LEEWAY_SECONDS = 10
 
 Access = tuple[str, str, str]  # (type, name, action), as in a token scope
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -122,22 +124,34 @@ def token_allows(grants: frozenset[Access], access: Access) -> bool:
     return access in grants or (kind, name, "*") in grants
 
 
-# files reloaded when they change, so users and rules change without a restart
 class ReloadingFile(Generic[T]):
+    """A file re-read when it changes, so users and rules change without a restart. A
+    broken file fails at start; a later broken edit (or a missing file) keeps the last
+    good content, logged, rather than locking everyone out or letting anyone in."""
+
     def __init__(self, path: Path, load: Callable[[Path], T]) -> None:
         self.path = path
         self._load = load
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._value: T | None = None
-        self.get()  # a broken file fails at start, not at the first request
+        self._value: T = load(path)
+        self._stamp = self._current_stamp()
+
+    def _current_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
 
     def get(self) -> T:
-        stat = self.path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = self._current_stamp()
         with self._lock:
-            if self._value is None or stamp != self._stamp:
-                self._value, self._stamp = self._load(self.path), stamp
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._value = self._load(self.path)
+                except (OSError, ValueError, yaml.YAMLError) as error:
+                    log.error("%s: %s; keeping its last good content", self.path, error)
             return self._value
 
 
@@ -369,7 +383,7 @@ def algorithms_for(key: PublicKey | PrivateKey) -> list[str]:
         return ["EdDSA"]
     if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
         return ["RS256", "RS384", "RS512"]
-    return ["ES256", "ES384", "ES512"]
+    return [{256: "ES256", 384: "ES384", 521: "ES512"}[key.curve.key_size]]
 
 
 def load_private_key(path: Path) -> PrivateKey:

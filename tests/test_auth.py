@@ -39,7 +39,7 @@ import pytest
 import urllib3
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from deploy import services
@@ -47,9 +47,16 @@ from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
 from pipelines.auth import (
     BUILTIN_ISSUER,
     Htpasswd,
+    InvalidCredentials,
     Permissions,
     Policy,
+    ReloadingFile,
+    TokenIssuer,
+    TokenVerifier,
     glob_regex,
+    load_policy,
+    load_private_key,
+    load_public_keys,
     parse_policy,
     parse_scope,
 )
@@ -186,7 +193,9 @@ def write_htpasswd(path: Path, passwords: dict[str, str]) -> None:
         )
 
 
-def pem_private(key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey) -> bytes:
+def pem_private(
+    key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -527,6 +536,55 @@ def test_htpasswd_follows_the_file(tmp_path: Path) -> None:
     os.utime(path, ns=(stamp, stamp))
     assert not users.verify("u", "first-password")
     assert users.verify("u", "second-password")
+
+
+def test_a_broken_edit_keeps_the_last_good_policy(tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    rule = {"repositories": ["a/*"], "users": ["u"], "actions": ["pull"]}
+    path.write_text(json.dumps({"rules": [rule]}))
+    policy = ReloadingFile(path, load_policy)
+    assert policy.get().actions("u", "a/b") == {"pull"}
+    path.write_text(json.dumps({"rules": [{**rule, "actions": ["pull", "pussh"]}]}))
+    assert policy.get().actions("u", "a/b") == {"pull"}
+    path.write_text(json.dumps({"rules": [{**rule, "actions": ["pull", "push"]}]}))
+    stamp = time.time_ns() + 1_000_000_000
+    os.utime(path, ns=(stamp, stamp))
+    assert policy.get().actions("u", "a/b") == {"pull", "push"}
+    path.unlink()
+    assert policy.get().actions("u", "a/b") == {"pull", "push"}
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        ed25519.Ed25519PrivateKey.generate,
+        lambda: rsa.generate_private_key(65537, 2048),
+        lambda: ec.generate_private_key(ec.SECP256R1()),
+        lambda: ec.generate_private_key(ec.SECP384R1()),
+    ],
+    ids=["ed25519", "rsa", "p256", "p384"],
+)
+def test_tokens_for_every_key_kind(make_key: Callable[[], Any], tmp_path: Path) -> None:
+    key = make_key()
+    (tmp_path / "key.pem").write_bytes(pem_private(key))
+    issuer = TokenIssuer(load_private_key(tmp_path / "key.pem"), SERVICE, 60)
+    token = issuer.issue("u", [("repository", "a/b", "pull")]).token
+    verifier = TokenVerifier({BUILTIN_ISSUER: [key.public_key()]}, SERVICE)
+    assert verifier.verify(token).grants == frozenset({("repository", "a/b", "pull")})
+    stranger = TokenVerifier({BUILTIN_ISSUER: [make_key().public_key()]}, SERVICE)
+    with pytest.raises(InvalidCredentials):
+        stranger.verify(token)
+
+
+def test_an_issuer_certificate_bundle_is_trusted(tmp_path: Path) -> None:
+    """DUPHUNTER_TOKEN_PUBLIC_KEY may be certificates, as Distribution's rootcertbundle."""
+    cert, key_path = self_signed(tmp_path)
+    other_cert, _ = self_signed(tmp_path / "other")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(other_cert.read_bytes() + cert.read_bytes())
+    issuer = TokenIssuer(load_private_key(key_path), SERVICE, 60)
+    verifier = TokenVerifier({BUILTIN_ISSUER: load_public_keys(bundle)}, SERVICE)
+    assert verifier.verify(issuer.issue(None, []).token).user is None
 
 
 def test_htpasswd_refuses_entries_other_than_bcrypt(tmp_path: Path) -> None:
@@ -1012,6 +1070,7 @@ def test_a_broken_configuration_stops_the_api_at_start(
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "duphunter test")])
     now = datetime.datetime.now(datetime.UTC)
