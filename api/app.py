@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
+from api.auth import AuthGate
 from api.exposition import metrics_exposition
 from pipelines import metrics
 from pipelines.blobs import BlobInfo
@@ -162,8 +163,9 @@ def client_identity(remote: str, forwarded_for: str, trusted: tuple[str, ...]) -
 
 
 class RegistryApp:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, gate: AuthGate | None = None) -> None:
         self.registry = registry
+        self.gate = gate or AuthGate.from_env()
         self.router = Router()
         name = r"(?P<name>.+?)"
         r = self.router
@@ -204,6 +206,7 @@ class RegistryApp:
         r.add(r"/api/v1/health", GET=self.health)
         r.add(r"/api/v1/ready", GET=self.ready)
         r.add(r"/metrics", GET=self.metrics)
+        r.add(r"/auth/token", GET=self.gate.token, POST=self.gate.token)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         request = Request(environ)
@@ -235,6 +238,10 @@ class RegistryApp:
                 405,
                 {"Allow": ", ".join(handlers)},
             )
+        refused = self.gate.refuse(request, handler.__name__, params)
+        if refused is not None:
+            _drain(request)
+            return refused
         try:
             if "name" in params:
                 check_name(params["name"])
@@ -271,14 +278,19 @@ class RegistryApp:
 
     def catalog(self, request: Request) -> Response:
         count = parse_count(request.args.get("n"))
-        names, more = self.registry.catalog(count, request.args.get("last"))
+        names, more = self.gate.catalog_page(
+            self.registry, request, count, request.args.get("last")
+        )
         headers = _next_page_link("/v2/_catalog", count, names, more)
         return _json({"repositories": names}, headers=headers)
 
     # uploads
     def start_upload(self, request: Request, name: str) -> Response:
         blobs = self.registry.blobs
-        mount, source = request.args.get("mount"), request.args.get("from")
+        mount, source = (
+            request.args.get("mount"),
+            self.gate.readable(request.args.get("from"), request),
+        )
         if mount and source and self.registry.mount(name, mount, source):
             return _blob_created(name, blobs.linked_info(name, mount))
         if "digest" in request.args:

@@ -16,20 +16,27 @@
   duphunter repo delete REPOSITORY    drop a repository (GC frees its bytes)
   duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
 
-Every command takes --json (machine output: numbers as numbers, times in ISO 8601) and
---url (the API, default http://$DUPHUNTER_LISTEN or http://127.0.0.1:5000).
+Every command takes --json (machine output: numbers as numbers, times in ISO 8601),
+--url (the API, default http://$DUPHUNTER_LISTEN or http://127.0.0.1:5000) and --user
+(default $DUPHUNTER_USER; the password is $DUPHUNTER_PASSWORD, or asked for). Credentials
+are sent only when the API asks (a 401 challenge): Basic, or a token from its realm.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import getpass
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from api.replay import cli as replay
@@ -41,25 +48,80 @@ class ApiError(Exception):
     """The API could not be reached, or refused the request: one line for the user."""
 
 
+@dataclass
+class Credentials:
+    """Who the CLI is; `authorization` is the header that last answered a challenge."""
+
+    user: str | None = None
+    password: str = ""
+    authorization: str | None = None
+
+    def answer(self, challenge: str) -> bool:
+        """Take up a 401's challenge: Basic credentials, or a token fetched from the
+        Bearer realm for the scope asked. False when there is nothing new to send."""
+        if self.user is None:
+            return False
+        scheme, _, rest = challenge.partition(" ")
+        basic = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        if scheme.lower() == "basic":
+            fresh = basic
+        elif scheme.lower() == "bearer":
+            fresh = "Bearer " + _fetch_token(dict(re.findall(r'(\w+)="([^"]*)"', rest)), basic)
+        else:
+            return False
+        if fresh == self.authorization:
+            return False
+        self.authorization = fresh
+        return True
+
+
+_credentials = Credentials()
+
+
+def _fetch_token(params: dict[str, str], basic: str) -> str:
+    realm = params.pop("realm", "")
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if k in ("service", "scope")})
+    request = urllib.request.Request(f"{realm}?{query}", headers={"Authorization": basic})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise ApiError(f"no token from {realm}: {getattr(error, 'code', error)}") from error
+    return str(body.get("token") or body.get("access_token") or "")
+
+
 def _call(
     base: str, method: str, path: str, body: dict[str, Any] | None = None, also: int = 0
 ) -> Any:
     """The JSON an API call answers; `also`: one more status whose body is an answer."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        base.rstrip("/") + path, data=data, method=method,
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        if error.code == also:
-            return json.loads(error.read())
-        raise ApiError(f"{method} {path}: {error.code} {_error_message(error.read())}") from error
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise ApiError(f"cannot reach the API at {base}: {reason}") from error
+    while True:
+        headers = {"Content-Type": "application/json"}
+        if _credentials.authorization:
+            headers["Authorization"] = _credentials.authorization
+        request = urllib.request.Request(
+            base.rstrip("/") + path, data=data, method=method, headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code == also:
+                return json.loads(error.read())
+            challenge = error.headers.get("WWW-Authenticate", "")
+            if error.code == 401 and challenge and _credentials.answer(challenge):
+                continue
+            raise ApiError(_refusal(method, path, error)) from error
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ApiError(f"cannot reach the API at {base}: {reason}") from error
+
+
+def _refusal(method: str, path: str, error: urllib.error.HTTPError) -> str:
+    message = f"{method} {path}: {error.code} {_error_message(error.read())}"
+    if error.code == 401 and _credentials.user is None:
+        message += " (set DUPHUNTER_USER and DUPHUNTER_PASSWORD, or pass --user)"
+    return message
 
 
 def _error_message(body: bytes) -> str:
@@ -261,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
     common.add_argument("--url", default=argparse.SUPPRESS, help=f"API (default {default_url})")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON out")
+    common.add_argument(
+        "--user", default=argparse.SUPPRESS, help="user name (default $DUPHUNTER_USER)"
+    )
     parser = argparse.ArgumentParser(
         prog="duphunter", description=__doc__, parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -297,11 +362,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args, "url", "http://" + os.environ.get("DUPHUNTER_LISTEN", "127.0.0.1:5000")
     )
     args.json = getattr(args, "json", False)
+    args.user = getattr(args, "user", None) or os.environ.get("DUPHUNTER_USER") or None
     return args
 
 
+def credentials(user: str | None) -> Credentials:
+    """The password from $DUPHUNTER_PASSWORD, else asked on the terminal (never echoed,
+    never printed, never an argument: those show in `ps`)."""
+    if user is None:
+        return Credentials()
+    password = os.environ.get("DUPHUNTER_PASSWORD")
+    if password is None:
+        password = getpass.getpass(f"password for {user}: ") if sys.stdin.isatty() else ""
+    return Credentials(user, password)
+
+
 def main(argv: list[str] | None = None) -> None:
+    global _credentials
     args = parse(argv)
+    _credentials = credentials(args.user)
     if args.command == "replay":
         raise SystemExit(replay.run(args))
     try:

@@ -1,11 +1,35 @@
 """gunicorn settings for the API: Prometheus multiprocess metrics (each worker writes its
-samples to PROMETHEUS_MULTIPROC_DIR; a worker that exits is marked dead)."""
+samples to PROMETHEUS_MULTIPROC_DIR; a worker that exits is marked dead), TLS from
+DUPHUNTER_TLS_CERT / DUPHUNTER_TLS_KEY, and the auth configuration checked at start.
+
+gunicorn's access log shows the user name of Basic credentials (`%(u)s`), never the
+Authorization header itself: no format here names request headers (`%({...}i)s`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from prometheus_client import multiprocess
+
+from pipelines.auth import authority_from_settings
+from pipelines.config import AuthSettings
+
+_settings = AuthSettings()
+if _settings.tls_cert or _settings.tls_key:
+    if not (_settings.tls_cert and _settings.tls_key):
+        raise SystemExit("DUPHUNTER_TLS_CERT and DUPHUNTER_TLS_KEY go together")
+    certfile = str(_settings.tls_cert)
+    keyfile = str(_settings.tls_key)
+
+
+def on_starting(server: Any) -> None:
+    """A broken auth configuration (unknown mode, unreadable htpasswd, bad policy, missing
+    key) stops gunicorn here rather than failing every request."""
+    try:
+        authority_from_settings(AuthSettings())
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"auth configuration: {error}") from error
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -11,12 +11,13 @@
 #   pigz zstd libarchive-tools          real producers of layers and tars (tests, corpus)
 #   mmdebstrap                          the realistic benchmark corpus
 #   prometheus                          promtool: checks monitoring/ (tests/test_deploy.py)
+#   apache2-utils                       htpasswd, to write bcrypt users (tests/test_auth.py)
 set -euo pipefail
 packages=(redis-server golang-go golang-github-klauspost-pgzip-dev
           golang-github-klauspost-compress-dev python3-venv)
 if [[ "${1:-}" == "test" ]]; then
     packages+=(skopeo umoci docker-registry docker.io podman pigz zstd libarchive-tools
-               mmdebstrap prometheus)
+               mmdebstrap prometheus apache2-utils)
 fi
 missing=()
 for package in "${packages[@]}"; do

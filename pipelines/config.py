@@ -113,3 +113,33 @@ class Settings:
     @property
     def s3_endpoint_is_https(self) -> bool:
         return self.s3_secure or self.s3_endpoint.startswith("https://")
+
+
+def _optional_path(name: str) -> Path | None:
+    value = _env(name, "")
+    return Path(value) if value else None
+
+
+def _flag(name: str, default: str) -> bool:
+    return _env(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Authentication and TLS (README: "Authentication and TLS"); checked by
+    `pipelines.auth.authority_from_settings` when the API starts."""
+
+    auth: str = field(default_factory=lambda: _env("AUTH", "none"))
+    htpasswd: Path | None = field(default_factory=lambda: _optional_path("HTPASSWD"))
+    auth_policy: Path | None = field(default_factory=lambda: _optional_path("AUTH_POLICY"))
+    anonymous_pull: bool = field(default_factory=lambda: _flag("ANONYMOUS_PULL", "false"))
+    token_key: Path | None = field(default_factory=lambda: _optional_path("TOKEN_KEY"))
+    token_service: str = field(default_factory=lambda: _env("TOKEN_SERVICE", "duphunter"))
+    token_realm: str = field(default_factory=lambda: _env("TOKEN_REALM", ""))
+    token_ttl_seconds: int = field(default_factory=lambda: int(_env("TOKEN_TTL_SECONDS", "300")))
+    token_issuer: str = field(default_factory=lambda: _env("TOKEN_ISSUER", ""))
+    token_public_key: Path | None = field(
+        default_factory=lambda: _optional_path("TOKEN_PUBLIC_KEY")
+    )
+    tls_cert: Path | None = field(default_factory=lambda: _optional_path("TLS_CERT"))
+    tls_key: Path | None = field(default_factory=lambda: _optional_path("TLS_KEY"))

@@ -1,0 +1,579 @@
+"""Who may do what: htpasswd users, groups and per-repository permissions from a policy
+file, and Docker/OCI bearer tokens (JWTs with the token spec's `access` claim) issued by
+the registry's own key or by an external issuer verified with its public key.
+
+No HTTP here: `api/auth.py` turns requests into `Identity`s and `Access`es and renders
+the verdicts (401 with a challenge, 403).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import bcrypt
+import jwt
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from pipelines.config import AuthSettings
+from pipelines.registry import MAX_NAME_LENGTH, NAME_PATTERN
+
+MODES = ("none", "htpasswd", "token")
+REPOSITORY_ACTIONS = ("pull", "push", "delete")
+BUILTIN_ISSUER = "duphunter"
+ANY_USER = "*"  # in a policy's user lists: every authenticated user
+CATALOG = ("registry", "catalog", "*")
+ADMIN = ("registry", "admin", "*")
+CREDENTIAL_CACHE_SECONDS = 300.0
+CREDENTIAL_CACHE_ENTRIES = 4096
+CLOCK_LEEWAY_SECONDS = 10
+
+Access = tuple[str, str, str]  # (type, name, action), as in a token scope
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class InvalidCredentials(Exception):
+    """Credentials were sent and are wrong: bad password, bad or expired token."""
+
+
+class Verdict(Enum):
+    ALLOW = "allow"
+    CHALLENGE = "challenge"  # 401: no credentials, or a token lacking this access
+    DENY = "deny"  # 403: a known identity the rules do not allow
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who sent a request. `grants` is a token's access claim; None when the policy
+    decides (an htpasswd user, or nobody at all)."""
+
+    user: str | None
+    grants: frozenset[Access] | None = None
+    issuer: str = ""
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user is not None or self.grants is not None
+
+
+ANONYMOUS = Identity(None)
+
+
+# scopes: "repository:team/app:pull,push", "registry:catalog:*"
+def parse_scope(scope: str) -> list[Access]:
+    """The accesses a scope asks for; [] when it is malformed. Names may hold colons
+    (a registry host with a port), so the actions are after the last one."""
+    kind, _, rest = scope.partition(":")
+    name, _, actions = rest.rpartition(":")
+    if not kind or not name or not actions:
+        return []
+    return [(kind, name, action) for action in actions.split(",") if action]
+
+
+def format_scope(kind: str, name: str, actions: Iterable[str]) -> str:
+    return f"{kind}:{name}:{','.join(actions)}"
+
+
+def grants_from_claim(claim: Any) -> frozenset[Access]:
+    """A token's `access` claim as a set; InvalidCredentials when it is malformed."""
+    if claim is None:
+        return frozenset()
+    if not isinstance(claim, list):
+        raise InvalidCredentials("malformed access claim")
+    grants: set[Access] = set()
+    for entry in claim:
+        if not isinstance(entry, dict):
+            raise InvalidCredentials("malformed access claim")
+        kind, name, actions = entry.get("type"), entry.get("name"), entry.get("actions")
+        if not (isinstance(kind, str) and isinstance(name, str) and isinstance(actions, list)):
+            raise InvalidCredentials("malformed access claim")
+        grants.update((kind, name, str(action)) for action in actions)
+    return frozenset(grants)
+
+
+def claim_from_grants(grants: Iterable[Access]) -> list[dict[str, Any]]:
+    by_resource: dict[tuple[str, str], list[str]] = {}
+    for kind, name, action in grants:
+        actions = by_resource.setdefault((kind, name), [])
+        if action not in actions:
+            actions.append(action)
+    return [
+        {"type": kind, "name": name, "actions": actions}
+        for (kind, name), actions in by_resource.items()
+    ]
+
+
+def token_allows(grants: frozenset[Access], access: Access) -> bool:
+    kind, name, _action = access
+    return access in grants or (kind, name, "*") in grants
+
+
+class ReloadingFile(Generic[T]):
+    """A file re-read when it changes, so users and rules change without a restart. A
+    broken file fails at start; a later broken edit (or a missing file) keeps the last
+    good content, logged, rather than locking everyone out or letting anyone in."""
+
+    def __init__(self, path: Path, load: Callable[[Path], T]) -> None:
+        self.path = path
+        self._load = load
+        self._lock = threading.Lock()
+        self._value: T = load(path)
+        self._stamp = self._current_stamp()
+
+    def _current_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def get(self) -> T:
+        stamp = self._current_stamp()
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._value = self._load(self.path)
+                except (OSError, ValueError, yaml.YAMLError) as error:
+                    log.error("%s: %s; keeping its last good content", self.path, error)
+            return self._value
+
+
+# htpasswd
+_BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+
+
+@functools.cache
+def _dummy_hash(cost: int) -> bytes:
+    """Checked when the user is unknown, so a wrong name costs as long as a wrong password."""
+    return bcrypt.hashpw(b"duphunter-no-such-user", bcrypt.gensalt(rounds=cost))
+
+
+def _cost(users: dict[str, bytes]) -> int:
+    for hashed in users.values():
+        return max(4, min(int(hashed[4:6]), 31)) if hashed[4:6].isdigit() else 10
+    return 10
+
+
+def load_htpasswd(path: Path) -> dict[str, bytes]:
+    """user -> bcrypt hash, as `htpasswd -B` writes them; other hash kinds are refused."""
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user:
+            raise ValueError(f"{path}:{number}: not a user:hash line")
+        if not hashed.startswith(_BCRYPT_PREFIXES):
+            raise ValueError(f"{path}:{number}: only bcrypt entries (htpasswd -B) are accepted")
+        users[user] = hashed.encode()
+    return users
+
+
+class Htpasswd:
+    """Verifies passwords against an htpasswd file. A successful check is remembered for
+    a few minutes under an HMAC of the credentials (bcrypt on every request of a push
+    would cost more than the push), and forgotten when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = ReloadingFile(path, load_htpasswd)
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: dict[bytes, float] = {}
+        self._verified_for: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, user: str, password: str) -> bool:
+        users = self.file.get()
+        fingerprint = self._fingerprint(user, password, users)
+        now = time.monotonic()
+        with self._lock:
+            if self._verified.get(fingerprint, 0.0) > now:
+                return True
+        hashed = users.get(user)
+        matched = bcrypt.checkpw(password.encode(), hashed or _dummy_hash(_cost(users)))
+        if not (matched and hashed is not None):
+            return False
+        with self._lock:
+            if len(self._verified) >= CREDENTIAL_CACHE_ENTRIES:
+                self._verified = {k: v for k, v in self._verified.items() if v > now}
+            if len(self._verified) < CREDENTIAL_CACHE_ENTRIES:
+                self._verified[fingerprint] = now + CREDENTIAL_CACHE_SECONDS
+        return True
+
+    def _fingerprint(self, user: str, password: str, users: dict[str, bytes]) -> bytes:
+        """Keyed by the stored hash too: a changed password forgets the old one at once."""
+        material = b"\0".join((user.encode(), password.encode(), users.get(user, b"")))
+        return hmac.new(self._cache_key, material, hashlib.sha256).digest()
+
+
+# policy
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """`*` and `?` stay within one path component, `**` crosses them."""
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    wild = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wild.get(part, re.escape(part)) for part in parts))
+
+
+@dataclass(frozen=True)
+class Rule:
+    patterns: tuple[re.Pattern[str], ...]
+    users: frozenset[str]
+    groups: frozenset[str]
+    actions: frozenset[str]
+
+    def matches(self, repository: str) -> bool:
+        return any(pattern.fullmatch(repository) for pattern in self.patterns)
+
+    def names(self, user: str, groups: frozenset[str]) -> bool:
+        return user in self.users or ANY_USER in self.users or bool(groups & self.groups)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Groups, admins and rules (repository patterns -> users and groups -> actions).
+    Rules add up; what no rule grants is denied. `Policy.open()`, used when no policy
+    file is configured, lets every authenticated user do everything."""
+
+    groups: dict[str, frozenset[str]] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    admin_users: frozenset[str] = frozenset()
+    admin_groups: frozenset[str] = frozenset()
+
+    @classmethod
+    def open(cls) -> Policy:
+        everything = Rule((re.compile(".*"),), frozenset({ANY_USER}), frozenset(),
+                          frozenset(REPOSITORY_ACTIONS))  # fmt: skip
+        return cls(rules=(everything,), admin_users=frozenset({ANY_USER}))
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        return frozenset(name for name, members in self.groups.items() if user in members)
+
+    def actions(self, user: str, repository: str) -> frozenset[str]:
+        groups = self.groups_of(user)
+        allowed: set[str] = set()
+        for rule in self.rules:
+            if rule.names(user, groups) and rule.matches(repository):
+                allowed |= rule.actions
+        return frozenset(allowed)
+
+    def is_admin(self, user: str) -> bool:
+        return bool(
+            user in self.admin_users
+            or ANY_USER in self.admin_users
+            or self.groups_of(user) & self.admin_groups
+        )
+
+
+def _names(value: Any, where: str) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{where} must be a list of names")
+    return frozenset(value)
+
+
+def _checked_keys(value: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping")
+    unknown = set(value) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    return value
+
+
+def parse_policy(document: Any) -> Policy:
+    """A policy from its YAML/JSON document; ValueError naming what is wrong, so a typo
+    denies nobody silently and grants nothing by accident."""
+    top = _checked_keys(document, {"groups", "admins", "rules"}, "policy")
+    groups_raw = _checked_keys(top.get("groups") or {}, set(top.get("groups") or {}), "groups")
+    groups = {str(name): _names(members, f"groups.{name}") for name, members in groups_raw.items()}
+    admins = _checked_keys(top.get("admins") or {}, {"users", "groups"}, "admins")
+    rules = []
+    for number, raw in enumerate(top.get("rules") or [], 1):
+        where = f"rules[{number}]"
+        entry = _checked_keys(raw, {"repositories", "users", "groups", "actions"}, where)
+        actions = _names(entry.get("actions"), f"{where}.actions")
+        if "*" in actions:
+            actions = frozenset(REPOSITORY_ACTIONS)
+        if not actions or not actions <= set(REPOSITORY_ACTIONS):
+            raise ValueError(f"{where}.actions: choose from {', '.join(REPOSITORY_ACTIONS)}")
+        patterns = _names(entry.get("repositories"), f"{where}.repositories")
+        if not patterns:
+            raise ValueError(f"{where}.repositories: at least one pattern")
+        rule_groups = _names(entry.get("groups"), f"{where}.groups")
+        if rule_groups - set(groups):
+            raise ValueError(f"{where}.groups: undefined {sorted(rule_groups - set(groups))}")
+        users = _names(entry.get("users"), f"{where}.users")
+        regexes = tuple(glob_regex(pattern) for pattern in sorted(patterns))
+        rules.append(Rule(regexes, users, rule_groups, actions))
+    return Policy(
+        groups=groups,
+        rules=tuple(rules),
+        admin_users=_names(admins.get("users"), "admins.users"),
+        admin_groups=_names(admins.get("groups"), "admins.groups"),
+    )
+
+
+def load_policy(path: Path) -> Policy:
+    text = path.read_text()
+    document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return parse_policy(document)
+
+
+class Permissions:
+    """What a user (None: anonymous) may do, by the policy and the anonymous-pull switch."""
+
+    def __init__(self, policy: Callable[[], Policy], anonymous_pull: bool) -> None:
+        self.policy = policy
+        self.anonymous_pull = anonymous_pull
+
+    def may(self, user: str | None, access: Access) -> bool:
+        kind, name, action = access
+        if user is None:
+            return self.anonymous_pull and (
+                access == CATALOG or (kind == "repository" and action == "pull")
+            )
+        if access == CATALOG:
+            return True
+        if access == ADMIN:
+            return self.policy().is_admin(user)
+        return kind == "repository" and action in self.policy().actions(user, name)
+
+    def grant(self, user: str | None, requested: Iterable[Access]) -> list[Access]:
+        """The part of a token request this user may have ("*" asks for every action)."""
+        granted: list[Access] = []
+        for kind, name, action in requested:
+            wanted = [action]
+            if kind == "repository":
+                if not valid_repository(name):
+                    continue
+                wanted = list(REPOSITORY_ACTIONS) if action == "*" else [action]
+            granted += [(kind, name, a) for a in wanted if self.may(user, (kind, name, a))]
+        return list(dict.fromkeys(granted))
+
+
+def valid_repository(name: str) -> bool:
+    return len(name) <= MAX_NAME_LENGTH and bool(NAME_PATTERN.match(name))
+
+
+# tokens
+PublicKey = ed25519.Ed25519PublicKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+PrivateKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def algorithms_for(key: PublicKey | PrivateKey) -> list[str]:
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return ["EdDSA"]
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        return ["RS256", "RS384", "RS512"]
+    return [{256: "ES256", 384: "ES384", 521: "ES512"}[key.curve.key_size]]
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(
+        key, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    ):
+        raise ValueError(f"{path}: an Ed25519, RSA or EC private key is needed")
+    return key
+
+
+def load_public_keys(path: Path) -> list[PublicKey]:
+    """A PEM public key, or certificates (a bundle, as Distribution's rootcertbundle)."""
+    data = path.read_bytes()
+    if b"BEGIN CERTIFICATE" in data:
+        keys: list[Any] = [cert.public_key() for cert in x509.load_pem_x509_certificates(data)]
+    else:
+        keys = [serialization.load_pem_public_key(data)]
+    for key in keys:
+        if not isinstance(
+            key, ed25519.Ed25519PublicKey | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+        ):
+            raise ValueError(f"{path}: an Ed25519, RSA or EC public key is needed")
+    return keys
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    expires_in: int
+    issued_at: float
+
+
+class TokenIssuer:
+    """Signs the built-in token endpoint's JWTs, as the Docker token spec shapes them."""
+
+    def __init__(self, key: PrivateKey, service: str, ttl_seconds: int) -> None:
+        self.key = key
+        self.service = service
+        self.ttl_seconds = ttl_seconds
+        self.algorithm = algorithms_for(key)[0]
+
+    def public_key(self) -> PublicKey:
+        return self.key.public_key()
+
+    def issue(self, user: str | None, grants: list[Access]) -> IssuedToken:
+        now = int(time.time())
+        claims = {
+            "iss": BUILTIN_ISSUER,
+            "sub": user or "",
+            "aud": self.service,
+            "iat": now,
+            "nbf": now - CLOCK_LEEWAY_SECONDS,
+            "exp": now + self.ttl_seconds,
+            "jti": secrets.token_hex(16),
+            "access": claim_from_grants(grants),
+        }
+        token = jwt.encode(claims, self.key, algorithm=self.algorithm)
+        return IssuedToken(token, self.ttl_seconds, now)
+
+
+class TokenVerifier:
+    """Checks a bearer token: a trusted issuer's signature, our service as audience, the
+    time window; its `access` claim becomes the identity's grants."""
+
+    def __init__(self, issuers: dict[str, list[PublicKey]], service: str) -> None:
+        self.issuers = issuers
+        self.service = service
+
+    def verify(self, token: str) -> Identity:
+        try:
+            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError as error:
+            raise InvalidCredentials("malformed token") from error
+        keys = self.issuers.get(issuer) if isinstance(issuer, str) else None
+        if not keys or not isinstance(issuer, str):
+            raise InvalidCredentials("token from an untrusted issuer")
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    token, key, algorithms=algorithms_for(key), audience=self.service,
+                    issuer=issuer, leeway=CLOCK_LEEWAY_SECONDS,
+                    options={"require": ["exp", "iss", "aud"]},
+                )  # fmt: skip
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as error:
+                raise InvalidCredentials(f"token rejected: {type(error).__name__}") from error
+            subject = claims.get("sub")
+            return Identity(
+                user=subject if isinstance(subject, str) and subject else None,
+                grants=grants_from_claim(claims.get("access")),
+                issuer=issuer,
+            )
+        raise InvalidCredentials("token signature does not verify")
+
+
+# the facade the HTTP side uses
+class Authority:
+    """Authentication and authorization as configured (`DUPHUNTER_AUTH` and friends)."""
+
+    def __init__(
+        self,
+        mode: str,
+        permissions: Permissions,
+        htpasswd: Htpasswd | None = None,
+        issuer: TokenIssuer | None = None,
+        verifier: TokenVerifier | None = None,
+        service: str = BUILTIN_ISSUER,
+    ) -> None:
+        self.mode = mode
+        self.permissions = permissions
+        self.htpasswd = htpasswd
+        self.issuer = issuer
+        self.verifier = verifier
+        self.service = service
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def basic(self, user: str, password: str) -> Identity:
+        if self.htpasswd is None or not self.htpasswd.verify(user, password):
+            raise InvalidCredentials("bad user name or password")
+        return Identity(user, issuer="htpasswd")
+
+    def bearer(self, token: str) -> Identity:
+        if self.verifier is None:
+            raise InvalidCredentials("bearer tokens are not accepted")
+        return self.verifier.verify(token)
+
+    def decide(self, identity: Identity, access: Access) -> Verdict:
+        if not self.enabled:
+            return Verdict.ALLOW
+        if identity.grants is None:
+            if self.permissions.may(identity.user, access):
+                return Verdict.ALLOW
+            return Verdict.DENY if identity.user is not None else Verdict.CHALLENGE
+        if token_allows(identity.grants, access):
+            return Verdict.ALLOW
+        # Our own token: the policy tells "ask for another token" from "never"; an
+        # external issuer's is its own authority, so the client is sent back to it.
+        builtin = identity.issuer == BUILTIN_ISSUER and identity.user is not None
+        if builtin and not self.permissions.may(identity.user, access):
+            return Verdict.DENY
+        return Verdict.CHALLENGE
+
+    def may_see(self, identity: Identity, repository: str) -> bool:
+        """Whether a catalog listing shows this repository."""
+        if not self.enabled:
+            return True
+        if identity.grants is not None and identity.issuer != BUILTIN_ISSUER:
+            return True  # an external issuer granted the catalog: it knows no finer rule
+        return self.permissions.may(identity.user, ("repository", repository, "pull"))
+
+    def issue_token(self, identity: Identity, requested: list[Access]) -> IssuedToken:
+        if self.issuer is None:
+            raise RuntimeError("no token key configured")
+        return self.issuer.issue(identity.user, self.permissions.grant(identity.user, requested))
+
+
+def authority_from_settings(settings: AuthSettings) -> Authority:
+    """ValueError naming the setting when the configuration cannot work."""
+    mode = settings.auth
+    if mode not in MODES:
+        raise ValueError(f"DUPHUNTER_AUTH={mode!r}: choose one of {', '.join(MODES)}")
+    policy: Callable[[], Policy] = Policy.open
+    if settings.auth_policy is not None:
+        policy = ReloadingFile(settings.auth_policy, load_policy).get
+    permissions = Permissions(policy, settings.anonymous_pull)
+    htpasswd = Htpasswd(settings.htpasswd) if settings.htpasswd is not None else None
+    if mode == "htpasswd" and htpasswd is None:
+        raise ValueError("DUPHUNTER_AUTH=htpasswd needs DUPHUNTER_HTPASSWD")
+    if mode != "token":
+        return Authority(mode, permissions, htpasswd)
+    issuer, trusted = None, {}
+    if settings.token_key is not None:
+        issuer = TokenIssuer(load_private_key(settings.token_key), settings.token_service,
+                             settings.token_ttl_seconds)  # fmt: skip
+        trusted[BUILTIN_ISSUER] = [issuer.public_key()]
+    if settings.token_public_key is not None or settings.token_issuer:
+        if not (settings.token_public_key and settings.token_issuer and settings.token_realm):
+            raise ValueError(
+                "an external token issuer needs DUPHUNTER_TOKEN_ISSUER, "
+                "DUPHUNTER_TOKEN_PUBLIC_KEY and DUPHUNTER_TOKEN_REALM"
+            )
+        if settings.token_issuer == BUILTIN_ISSUER and issuer is not None:
+            raise ValueError(f"DUPHUNTER_TOKEN_ISSUER={BUILTIN_ISSUER!r} is the built-in issuer")
+        trusted[settings.token_issuer] = load_public_keys(settings.token_public_key)
+    if not trusted:
+        raise ValueError("DUPHUNTER_AUTH=token needs DUPHUNTER_TOKEN_KEY or an external issuer")
+    verifier = TokenVerifier(trusted, settings.token_service)
+    return Authority(mode, permissions, htpasswd, issuer, verifier, settings.token_service)
