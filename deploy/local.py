@@ -23,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -65,7 +66,10 @@ def plan(workdir: Path, env: dict[str, str], api_processes: int, flower_port: in
         result.programs[f"worker-{queue}"] = services.worker_command(VENV_BIN, queue, queue)
     result.programs["beat"] = services.beat_command(VENV_BIN, workdir / "celerybeat-schedule")
     result.programs["flower"] = services.flower_command(VENV_BIN, "127.0.0.1", flower_port)
-    result.notes.append(f"registry http://{listen}/v2/   Flower http://127.0.0.1:{flower_port}/")
+    scheme = "https" if env.get("DUPHUNTER_TLS_CERT") else "http"
+    result.notes.append(
+        f"registry {scheme}://{listen}/v2/   Flower http://127.0.0.1:{flower_port}/"
+    )
     return result
 
 
@@ -192,7 +196,8 @@ def _run(workdir: Path, api_processes: int, flower_port: int) -> int:
     )
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: supervisor.send_signal(signal.SIGTERM))
-    if _wait_for_api(chosen.env["DUPHUNTER_LISTEN"], supervisor):
+    tls = bool(chosen.env.get("DUPHUNTER_TLS_CERT"))
+    if _wait_for_api(chosen.env["DUPHUNTER_LISTEN"], supervisor, tls):
         print("DupHunter is up:", *chosen.notes, f"logs in {workdir}/logs/", sep="\n  ", flush=True)
         print("  (Ctrl-C, SIGTERM or SIGHUP stop everything)", flush=True)
     code = supervisor.wait()
@@ -205,12 +210,16 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _wait_for_api(listen: str, supervisor: subprocess.Popen[bytes]) -> bool:
+def _wait_for_api(listen: str, supervisor: subprocess.Popen[bytes], tls: bool) -> bool:
+    """Until the API answers its liveness check (open whatever the auth settings), over
+    TLS when it serves TLS (its certificate may be self-signed: only liveness is read)."""
+    url = f"{'https' if tls else 'http'}://{listen}/api/v1/health"
+    context = ssl._create_unverified_context() if tls else None
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline and supervisor.poll() is None:
         with (
             contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://{listen}/v2/", timeout=2) as response,
+            urllib.request.urlopen(url, timeout=2, context=context) as response,
         ):
             if response.status == 200:
                 return True
