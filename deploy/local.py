@@ -214,7 +214,10 @@ def _wait_for_api(listen: str, supervisor: subprocess.Popen[bytes], tls: bool) -
     """Until the API answers its liveness check (open whatever the auth settings), over
     TLS when it serves TLS (its certificate may be self-signed: only liveness is read)."""
     url = f"{'https' if tls else 'http'}://{listen}/api/v1/health"
-    context = ssl._create_unverified_context() if tls else None
+    context = None
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline and supervisor.poll() is None:
         with (
