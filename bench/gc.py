@@ -36,7 +36,7 @@ from typing import Any
 import urllib3
 
 from bench.report import git_state, machine, save_json, write_section
-from deploy.stack import VENV_BIN, Stack, free_port
+from deploy.stack import VENV_BIN, Stack
 from pipelines.config import Settings
 from pipelines.filestore import CODEC_RAW, PACK_TARGET, pack_table
 from pipelines.recipe import RecipeBuilder
@@ -215,7 +215,9 @@ def run_gc_process(env: dict[str, str]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-gc-") as workdir, Stack(Path(workdir)) as stack:
-        env = _start(stack, Path(workdir))
+        gc_settings = {"DUPHUNTER_GC_GRACE_SECONDS": "1", "DUPHUNTER_PREDICTOR": "none"}
+        listen = stack.start_registry(gc_settings)
+        env = {**stack.env, "URL": f"http://{listen}"}
         settings = Settings()
         store = S3Store(settings)
         started = time.perf_counter()
@@ -246,26 +248,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "pushes_without_gc": baseline,
             "pushes_during_gc": during,
         }
-
-
-def _start(stack: Stack, workdir: Path) -> dict[str, str]:
-    stack.env["DUPHUNTER_REDIS_URL"] = stack.start_redis(free_port())
-    stack.env["DUPHUNTER_S3_ENDPOINT"] = stack.start_s3(
-        free_port(10000), "duphunter", "duphunter-secret-key", "duphunter"
-    )
-    listen = f"127.0.0.1:{free_port()}"
-    stack.env.update(
-        {
-            "DUPHUNTER_LISTEN": listen,
-            "DUPHUNTER_SPOOL_DIR": str(workdir / "spool"),
-            "DUPHUNTER_GC_GRACE_SECONDS": "1",
-            "DUPHUNTER_PREDICTOR": "none",
-        }
-    )
-    os.environ.update({k: v for k, v in stack.env.items() if k.startswith("DUPHUNTER_")})
-    stack.start_workers()
-    stack.start_api(listen)
-    return {**stack.env, "URL": f"http://{listen}"}
 
 
 def main() -> None:

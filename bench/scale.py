@@ -20,7 +20,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import random
 import tarfile
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 import urllib3
 
 from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
-from deploy.stack import Stack, free_port, wait_until
+from deploy.stack import Stack, wait_until
 from pipelines.config import Settings
 from pipelines.storage import S3Store
 
@@ -131,7 +130,12 @@ def run_one(workers: int, layers: list[tuple[bytes, int]]) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="bench-scale-") as workdir,
         Stack(Path(workdir)) as stack,
     ):
-        listen = start_stack(stack, Path(workdir))
+        settings = {
+            "DUPHUNTER_MODE": "b0",
+            "DUPHUNTER_PREDICTOR": "none",
+            "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
+        }
+        listen = stack.start_registry(settings, ("predict", "maintenance"), api_processes=1)
         registry = Registry(f"http://{listen}")
         repos = [f"scale/image-{n}" for n in range(len(layers))]
         config = None
@@ -171,27 +175,6 @@ def run_one(workers: int, layers: list[tuple[bytes, int]]) -> dict[str, Any]:
             "stored_dedup_bytes": stored,
             "pack_garbage": registry.stats()["pack_garbage"],
         }
-
-
-def start_stack(stack: Stack, workdir: Path) -> str:
-    stack.env["DUPHUNTER_REDIS_URL"] = stack.start_redis(free_port())
-    stack.env["DUPHUNTER_S3_ENDPOINT"] = stack.start_s3(
-        free_port(10000), "duphunter", "duphunter-secret-key", "duphunter"
-    )
-    listen = f"127.0.0.1:{free_port()}"
-    stack.env.update(
-        {
-            "DUPHUNTER_LISTEN": listen,
-            "DUPHUNTER_SPOOL_DIR": str(workdir / "spool"),
-            "DUPHUNTER_MODE": "b0",
-            "DUPHUNTER_PREDICTOR": "none",
-            "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
-        }
-    )
-    os.environ.update({k: v for k, v in stack.env.items() if k.startswith("DUPHUNTER_")})
-    stack.start_workers(("predict", "maintenance"))
-    stack.start_api(listen, processes=1)
-    return listen
 
 
 def _all_done(registry: Registry, count: int) -> bool:

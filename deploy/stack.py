@@ -190,6 +190,25 @@ class Stack:
         """One Celery worker process (with `concurrency` children) consuming `queue`."""
         self.spawn(name, services.worker_command(VENV_BIN, queue, name, concurrency))
 
+    def start_registry(
+        self, settings: dict[str, str], queues: tuple[str, ...] = QUEUES, api_processes: int = 2
+    ) -> str:
+        """Redis, S3, the workers of `queues` and the API, with these DUPHUNTER_ settings
+        (also exported to this process's environment); the API's address."""
+        self.env["DUPHUNTER_REDIS_URL"] = self.start_redis(free_port())
+        self.env["DUPHUNTER_S3_ENDPOINT"] = self.start_s3(
+            free_port(10000), "duphunter", "duphunter-secret-key", "duphunter"
+        )
+        listen = f"127.0.0.1:{free_port()}"
+        self.env.update(
+            {"DUPHUNTER_LISTEN": listen, "DUPHUNTER_SPOOL_DIR": str(self.workdir / "spool")}
+        )
+        self.env.update(settings)
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("DUPHUNTER_")})
+        self.start_workers(queues)
+        self.start_api(listen, processes=api_processes)
+        return listen
+
     def start_flower(self, port: int) -> None:
         self.spawn("flower", services.flower_command(VENV_BIN, "127.0.0.1", port))
 
