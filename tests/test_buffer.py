@@ -258,3 +258,20 @@ def test_a_layer_pushed_where_clients_pull_is_retired_into_the_buffer(
     entry = live.registry.buffer.entry(digest)
     assert entry is not None and entry.complete and entry.origin == "retired"
     assert get(client, repo, digest) == ("buffer", second)
+
+
+def test_a_layer_hot_at_its_dedup_keeps_its_intact_copy(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """S-mode: a layer pulled at the hot rate while it is ingested keeps its intact copy
+    as a replica when the dedup commits (no restore, no re-upload)."""
+    blob = gzip.compress(make_tar({"busy.bin": os.urandom(MiB)}), mtime=0)
+    (digest,) = push_layers(client, repo, [blob])
+    for _ in range(40):
+        assert get(client, repo, digest)[1] == blob
+    wait_until(lambda: live.registry.popularity.rate_per_hour(digest) > 3600, "GET events")
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    wait_until(lambda: not _stored(live, digest).retired, "the copy settled", timeout=60)
+    info = _stored(live, digest)
+    assert info.recipe is not None and info.segments, "the intact copy was not kept"
+    assert get(client, repo, digest) == ("intact", blob)
