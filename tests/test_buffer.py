@@ -15,7 +15,7 @@ import redis
 from deploy.stack import wait_until
 from pipelines.buffer import PART_BYTES, LayerBuffer
 from pipelines.storage import S3Store
-from tests.client import RegistryClient, sha256
+from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
 from workers.app import make_celery
@@ -266,10 +266,13 @@ def test_a_layer_hot_at_its_dedup_keeps_its_intact_copy(
     """S-mode: a layer pulled at the hot rate while it is ingested keeps its intact copy
     as a replica when the dedup commits (no restore, no re-upload)."""
     blob = gzip.compress(make_tar({"busy.bin": os.urandom(MiB)}), mtime=0)
-    (digest,) = push_layers(client, repo, [blob])
+    digest = client.push_blob(repo, blob)  # pulled a lot before its manifest comes
     for _ in range(40):
         assert get(client, repo, digest)[1] == blob
     wait_until(lambda: live.registry.popularity.rate_per_hour(digest) > 3600, "GET events")
+    config = b'{"architecture":"amd64","os":"linux"}'
+    manifest = image_manifest(client.push_blob(repo, config), len(config), [(digest, len(blob))])
+    assert client.push_manifest(repo, "hot", manifest).status == 201
     assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
     wait_until(lambda: not _stored(live, digest).retired, "the copy settled", timeout=60)
     info = _stored(live, digest)
