@@ -90,6 +90,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         yield stack_of_the_session
 
 
+def served_from_dedup(live: LiveStack) -> int:
+    """How many times deduplicated layers were rebuilt or served from the layer buffer
+    (a layer whose intact copy is gone is served by one or the other)."""
+    restores = live.registry.index.counters().get("restores", 0)
+    return restores + live.registry.buffer.stats_counters().get("hits", 0)
+
+
 @contextlib.contextmanager
 def extra_api(
     live: LiveStack, env: dict[str, str], preexec: Callable[[], None] | None = None

@@ -29,7 +29,7 @@ import pytest
 
 from deploy.stack import REPO_ROOT
 from tests.client import OCI_MANIFEST, RegistryClient, sha256
-from tests.conftest import LiveStack
+from tests.conftest import LiveStack, served_from_dedup
 from tests.test_dedup import wait_for_layers, wait_until_retired
 
 PRODUCER_SOURCE = Path(__file__).parent / "producers" / "containerd-gzip"
@@ -94,7 +94,7 @@ def wait_until_restorable(live: LiveStack, digests: list[str]) -> int:
     for digest in digests:
         wait_until_retired(live, digest, timeout=90)
     time.sleep(live.settings.restore_keep_seconds + 0.5)  # no spool copy left from ingest
-    return live.registry.index.counters().get("restores", 0)
+    return served_from_dedup(live)
 
 
 # --------------------------------------------------------------------------- Go stdlib
@@ -194,7 +194,7 @@ def test_containerd_style_go_layer_dedup_pull(
 
     restores_before = wait_until_restorable(live, [digest])
     assert_pulled_exactly(client, repo, digest, blob)
-    assert live.registry.index.counters().get("restores", 0) > restores_before
+    assert served_from_dedup(live) > restores_before
 
 
 def test_go_generations_compress_the_same_tar_differently(
@@ -360,8 +360,8 @@ def test_podman_push_dedup_pull(
     assert pulled["Digest"] == pushed_digest
     assert pulled["Id"] == built["Id"]
     assert pulled["RootFS"]["Layers"] == built["RootFS"]["Layers"]
-    restores = live.registry.index.counters().get("restores", 0) - restores_before
-    assert restores >= len(layers), f"the pull was served {restores} restores"
+    restores = served_from_dedup(live) - restores_before
+    assert restores >= len(layers), f"the pull was served {restores} restores or buffer hits"
     for layer in manifest["layers"]:
         blob = client.request("GET", f"/v2/{repo}/blobs/{layer['digest']}")
         assert blob.status == 200, (layer, blob.status)
