@@ -12,7 +12,9 @@
 //	-mode segment  one segment of the deflate body, resumed at a block boundary: stdin
 //	               holds -history bytes of input before the boundary, then the input
 //	               from the boundary on; the output is the body's bits from the boundary,
-//	               closed (-final) or sync-flushed (the caller keeps the bits it needs)
+//	               closed (-final) or sync-flushed (the caller keeps the bits it needs),
+//	               after -align zero bits (where the boundary is in its byte); -offset
+//	               is the boundary's place in the input
 //	-describe      print the Go version the helper was built with
 //
 // Segments use resumeflate, a copy of the toolchain's own compress/flate made by
@@ -38,6 +40,8 @@ func main() {
 	level := flag.Int("level", flate.DefaultCompression, "compression level (-2..9)")
 	mode := flag.String("mode", "deflate", "deflate | prefix | gzip | segment")
 	history := flag.Int("history", 0, "segment: bytes of input before the boundary")
+	align := flag.Int("align", 0, "segment: the boundary's bit position in its byte (0-7)")
+	offset := flag.Int("offset", 0, "segment: the boundary's offset in the input stream")
 	final := flag.Bool("final", false, "segment: the last one, close the stream")
 	describe := flag.Bool("describe", false, "print the Go version and exit")
 	flag.Parse()
@@ -47,7 +51,7 @@ func main() {
 	}
 	var err error
 	if *mode == "segment" {
-		err = segment(*level, *history, *final)
+		err = segment(*level, *history, *align, *offset, *final)
 	} else {
 		err = run(*level, *mode)
 	}
@@ -84,7 +88,7 @@ func run(level int, mode string) error {
 	return out.Flush()
 }
 
-func segment(level, historyLen int, final bool) error {
+func segment(level, historyLen, align, offset int, final bool) error {
 	input, err := io.ReadAll(bufio.NewReaderSize(os.Stdin, bufSize))
 	if err != nil {
 		return err
@@ -94,7 +98,7 @@ func segment(level, historyLen int, final bool) error {
 	}
 	history, rest := input[:historyLen], input[historyLen:]
 	out := bufio.NewWriterSize(os.Stdout, bufSize)
-	w, err := resumeflate.NewResumeWriter(out, level, history, rest)
+	w, err := resumeflate.NewResumeWriter(out, level, align, offset, history, rest)
 	if err != nil {
 		return err
 	}

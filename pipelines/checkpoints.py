@@ -1,0 +1,466 @@
+"""Checkpoints: places in a compressed layer where its encoder can be resumed exactly, so
+that a restore re-encodes segments in parallel and joins them.
+
+A deflate stream is a sequence of blocks. At a block boundary (a bit offset in the
+deflate body, a byte offset in the tar) the encoder's state is, for most encoders, a
+function of the input just before it (the 32 KiB window, or a few 64 KiB chunks for
+table-based encoders). `pipelines.encoders` knows how each encoder resumes
+(`Encoder.encode_segment`); this module finds candidate boundaries in the pushed blob,
+proves them, stores the proven ones and joins segments bit by bit.
+
+Found and proven at ingest: the boundaries of the pushed deflate body are found with
+zlib's own `inflate(Z_BLOCK)` (as zlib's example zran.c does), about every
+CHECKPOINT_SPACING bytes of tar a candidate is kept, and every segment between two
+candidates is re-encoded from its start alone and compared, bit for bit, with the pushed
+body up to the next candidate. A candidate whose segment differs is dropped: its segment
+is re-encoded together with the one before. Segment 0 starts at the stream's start, so
+the proof ends, at worst, with one segment: a full serial re-encode. When every segment
+matches, the joined stream is the pushed body; the proof also hashes header + joined
+body + trailer against the blob digest, so it stands in for the full-recompression proof.
+
+The object (`checkpoints/<alg>/<hex>`), integers unsigned LEB128 varints:
+
+    magic         4 bytes   b"DHCk"
+    version       1 byte    1
+    blob_digest   varint length + UTF-8
+    encoder_id    varint length + UTF-8   the recipe's encoder, which the points are for
+    tar_size      varint
+    payload_bits  varint    length of the compressed payload (deflate body) in bits
+    candidates    varint    how many candidates the proof tried
+    count         varint    proven checkpoints, then each as deltas from the previous:
+                    varint tar bytes, varint payload bits
+    checksum      32 bytes  sha256 of every preceding byte
+
+Checkpoints are optional: a missing, unreadable or mismatched object means a serial
+restore, never a wrong one (and every restore is verified by `pipelines.verify`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+
+from pipelines.digests import digest_key
+
+MAGIC = b"DHCk"
+VERSION = 1
+CHECKSUM_SIZE = 32
+CHECKPOINT_SPACING = 4 << 20  # tar bytes between candidates
+MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
+_MAX_VARINT_BYTES = 10
+
+
+class CheckpointError(Exception):
+    """The bytes are not a valid checkpoint object."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    tar_offset: int
+    bit_offset: int  # in the compressed payload (the deflate body of a gzip blob)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tar bytes [tar_start, tar_end) make payload bits [bit_start, bit_end)."""
+
+    index: int
+    tar_start: int
+    tar_end: int
+    bit_start: int
+    bit_end: int
+    final: bool
+
+    @property
+    def bits(self) -> int:
+        return self.bit_end - self.bit_start
+
+    @property
+    def align(self) -> int:
+        """Where in its byte the segment starts in the pushed stream."""
+        return self.bit_start % 8
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The proven checkpoints of one layer (the stream's start is implied)."""
+
+    blob_digest: str
+    encoder_id: str
+    tar_size: int
+    payload_bits: int
+    points: tuple[Checkpoint, ...]
+    candidates: int = 0
+
+    def __post_init__(self) -> None:
+        offsets = [(0, 0), *((p.tar_offset, p.bit_offset) for p in self.points)]
+        offsets.append((self.tar_size, self.payload_bits))
+        for (tar_a, bit_a), (tar_b, bit_b) in zip(offsets, offsets[1:], strict=False):
+            if tar_b <= tar_a or bit_b <= bit_a:
+                raise CheckpointError("checkpoints must increase inside the stream")
+
+    def segments(self) -> list[Segment]:
+        starts = [Checkpoint(0, 0), *self.points]
+        ends = [*self.points, Checkpoint(self.tar_size, self.payload_bits)]
+        return [
+            Segment(i, a.tar_offset, b.tar_offset, a.bit_offset, b.bit_offset, i == len(ends) - 1)
+            for i, (a, b) in enumerate(zip(starts, ends, strict=True))
+        ]
+
+    def encode(self) -> bytes:
+        parts = [
+            MAGIC,
+            bytes([VERSION]),
+            _text(self.blob_digest),
+            _text(self.encoder_id),
+            _varint(self.tar_size),
+            _varint(self.payload_bits),
+            _varint(self.candidates),
+            _varint(len(self.points)),
+        ]
+        previous = Checkpoint(0, 0)
+        for point in self.points:
+            parts += [
+                _varint(point.tar_offset - previous.tar_offset),
+                _varint(point.bit_offset - previous.bit_offset),
+            ]
+            previous = point
+        unsigned = b"".join(parts)
+        return unsigned + hashlib.sha256(unsigned).digest()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Checkpoints:
+        if len(data) < len(MAGIC) + 1 + CHECKSUM_SIZE or not data.startswith(MAGIC):
+            raise CheckpointError("not a checkpoint object (bad magic or too short)")
+        if data[len(MAGIC)] != VERSION:
+            raise CheckpointError(f"unsupported checkpoint version {data[len(MAGIC)]}")
+        unsigned, checksum = data[:-CHECKSUM_SIZE], data[-CHECKSUM_SIZE:]
+        if hashlib.sha256(unsigned).digest() != checksum:
+            raise CheckpointError("checkpoint checksum mismatch")
+        reader = _Reader(unsigned, len(MAGIC) + 1)
+        blob_digest, encoder_id = reader.text(), reader.text()
+        tar_size, payload_bits, candidates = reader.varint(), reader.varint(), reader.varint()
+        points, tar, bit = [], 0, 0
+        for _ in range(reader.varint()):
+            tar += reader.varint()
+            bit += reader.varint()
+            points.append(Checkpoint(tar, bit))
+        if not reader.at_end():
+            raise CheckpointError("unexpected bytes after the checkpoints")
+        return cls(blob_digest, encoder_id, tar_size, payload_bits, tuple(points), candidates)
+
+
+def checkpoints_key(blob_digest: str) -> str:
+    return digest_key("checkpoints", blob_digest)
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError(f"negative value {value} cannot be encoded")
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return _varint(len(data)) + data
+
+
+class _Reader:
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data, self.pos = data, pos
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise CheckpointError("checkpoint object truncated")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def varint(self) -> int:
+        value = 0
+        for index in range(_MAX_VARINT_BYTES):
+            byte = self.take(1)[0]
+            value |= (byte & 0x7F) << (7 * index)
+            if byte < 0x80:
+                return value
+        raise CheckpointError("varint too long")
+
+    def text(self) -> str:
+        try:
+            return self.take(self.varint()).decode()
+        except UnicodeDecodeError as exc:
+            raise CheckpointError("text field is not UTF-8") from exc
+
+    def at_end(self) -> bool:
+        return self.pos == len(self.data)
+
+
+# --------------------------------------------------------------------------- bits
+
+
+def take_bits(data: bytes, nbits: int) -> bytes:
+    """The first `nbits` bits of a deflate bit string (LSB first), unused bits zeroed."""
+    whole, rest = divmod(nbits, 8)
+    if len(data) * 8 < nbits:
+        raise ValueError(f"{len(data) * 8} bits where {nbits} are needed")
+    if not rest:
+        return data[:whole]
+    return data[:whole] + bytes([data[whole] & ((1 << rest) - 1)])
+
+
+def slice_bits(data: bytes, start: int, nbits: int) -> bytes:
+    """Bits [start, start+nbits) of `data` as a bit string starting at bit 0."""
+    first, shift = divmod(start, 8)
+    chunk = data[first : (start + nbits + 7) // 8]
+    value = int.from_bytes(chunk, "little") >> shift
+    value &= (1 << nbits) - 1
+    return value.to_bytes((nbits + 7) // 8, "little")
+
+
+def join_bits(parts: Iterable[tuple[bytes, int]]) -> Iterator[bytes]:
+    """Concatenate bit strings (bytes, number of bits), shifting each by what the previous
+    ones left in their last byte. Only whole bytes are yielded until the end."""
+    carry, carry_bits = 0, 0
+    for data, nbits in parts:
+        value = carry | (int.from_bytes(take_bits(data, nbits), "little") << carry_bits)
+        total = carry_bits + nbits
+        whole = total // 8
+        if whole:
+            yield (value & ((1 << (8 * whole)) - 1)).to_bytes(whole, "little")
+        carry, carry_bits = value >> (8 * whole), total - 8 * whole
+    if carry_bits:
+        yield bytes([carry])
+
+
+# --------------------------------------------------------------------------- finding
+
+
+class _ZStream(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012 - ctypes wants a list
+        ("next_in", ctypes.c_void_p),
+        ("avail_in", ctypes.c_uint),
+        ("total_in", ctypes.c_ulong),
+        ("next_out", ctypes.c_void_p),
+        ("avail_out", ctypes.c_uint),
+        ("total_out", ctypes.c_ulong),
+        ("msg", ctypes.c_char_p),
+        ("state", ctypes.c_void_p),
+        ("zalloc", ctypes.c_void_p),
+        ("zfree", ctypes.c_void_p),
+        ("opaque", ctypes.c_void_p),
+        ("data_type", ctypes.c_int),
+        ("adler", ctypes.c_ulong),
+        ("reserved", ctypes.c_ulong),
+    ]
+
+
+Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_BLOCK = 0, 1, -5, 5
+_INFLATE_OUT = 1 << 20
+
+
+@functools.cache
+def _libz() -> ctypes.CDLL:
+    name = ctypes.util.find_library("z")
+    if name is None:
+        raise OSError("libz not found")
+    lib = ctypes.CDLL(name)
+    lib.zlibVersion.restype = ctypes.c_char_p
+    lib.inflateInit2_.argtypes = [ctypes.POINTER(_ZStream), ctypes.c_int, ctypes.c_char_p,
+                                  ctypes.c_int]  # fmt: skip
+    lib.inflate.argtypes = [ctypes.POINTER(_ZStream), ctypes.c_int]
+    lib.inflateEnd.argtypes = [ctypes.POINTER(_ZStream)]
+    stream = ctypes.POINTER(_ZStream)
+    lib.deflateInit2_.argtypes = [stream, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_char_p, ctypes.c_int]  # fmt: skip
+    lib.deflateSetDictionary.argtypes = [stream, ctypes.c_char_p, ctypes.c_uint]
+    lib.deflatePrime.argtypes = [stream, ctypes.c_int, ctypes.c_int]
+    lib.deflate.argtypes = [stream, ctypes.c_int]
+    lib.deflateEnd.argtypes = [stream]
+    lib.deflateBound.argtypes = [stream, ctypes.c_ulong]
+    lib.deflateBound.restype = ctypes.c_ulong
+    return lib
+
+
+Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH = 0, 2, 4
+
+
+def zlib_segment(
+    level: int, history: bytes, data: bytes, lookahead: bytes, final: bool, align: int, feed: int
+) -> bytes:
+    """Raw deflate of `data` + `lookahead` by the system zlib (the runtime that Python's
+    zlib module uses), primed with `history` (deflateSetDictionary) and with `align`
+    zero bits (deflatePrime): a stored block's padding depends on the bit position in
+    the stream, so the segment starts at the same bit in its byte as in the pushed one.
+    Fed in `feed`-byte pieces as the whole-stream encoder is; sync-flushed, or finished
+    if `final`."""
+    lib = _libz()
+    stream = _ZStream()
+    ref = ctypes.byref(stream)
+    version = lib.zlibVersion()
+    if lib.deflateInit2_(ref, level, 8, -15, 8, 0, version, ctypes.sizeof(_ZStream)) != Z_OK:
+        raise OSError("deflateInit2 failed")
+    try:
+        if history and lib.deflateSetDictionary(ref, history, len(history)) != Z_OK:
+            raise OSError("deflateSetDictionary failed")
+        if align and lib.deflatePrime(ref, align, 0) != Z_OK:
+            raise OSError("deflatePrime failed")
+        source = data + lookahead
+        capacity = lib.deflateBound(ref, len(source)) + 64
+        out = ctypes.create_string_buffer(capacity)
+        stream.next_out = ctypes.cast(out, ctypes.c_void_p)
+        stream.avail_out = capacity
+        for start in range(0, len(source), feed):
+            piece = source[start : start + feed]
+            stream.next_in = ctypes.cast(ctypes.c_char_p(piece), ctypes.c_void_p)
+            stream.avail_in = len(piece)
+            _deflate(lib, stream, Z_NO_FLUSH)
+        _deflate(lib, stream, Z_FINISH if final else Z_SYNC_FLUSH)
+        return out.raw[: capacity - stream.avail_out]
+    finally:
+        lib.deflateEnd(ref)
+
+
+def _deflate(lib: ctypes.CDLL, stream: _ZStream, flush: int) -> None:
+    status = lib.deflate(ctypes.byref(stream), flush)
+    expected = Z_STREAM_END if flush == Z_FINISH else Z_OK
+    if status != expected or stream.avail_in:
+        raise OSError(f"deflate returned {status} with {stream.avail_in} bytes unread")
+
+
+def deflate_boundaries(body: Iterable[bytes]) -> Iterator[Checkpoint]:
+    """The block boundaries of a raw deflate body, as zran.c finds them: inflate with
+    Z_BLOCK stops after each end-of-block code; `data_type` then holds the unused bits
+    of the last byte read (and 64 while in the last block, after which none is given)."""
+    lib = _libz()
+    stream = _ZStream()
+    version = lib.zlibVersion()
+    if lib.inflateInit2_(ctypes.byref(stream), -15, version, ctypes.sizeof(_ZStream)) != Z_OK:
+        raise OSError("inflateInit2 failed")
+    out = ctypes.create_string_buffer(_INFLATE_OUT)
+    chunks = iter(body)
+    held = b""  # keeps the input buffer alive while zlib reads it
+    last_bit = -1
+    try:
+        while True:
+            if stream.avail_in == 0:
+                held = next(chunks, b"")
+                if not held:
+                    return
+                stream.next_in = ctypes.cast(ctypes.c_char_p(held), ctypes.c_void_p)
+                stream.avail_in = len(held)
+            if stream.avail_out == 0 or stream.next_out is None:
+                stream.next_out = ctypes.cast(out, ctypes.c_void_p)
+                stream.avail_out = _INFLATE_OUT
+            status = lib.inflate(ctypes.byref(stream), Z_BLOCK)
+            if status == Z_STREAM_END:
+                return
+            if status not in (Z_OK, Z_BUF_ERROR):
+                raise ValueError(f"not a deflate body (inflate returned {status})")
+            if stream.data_type & 128 and not stream.data_type & 64:
+                bit = stream.total_in * 8 - (stream.data_type & 7)
+                if bit != last_bit:
+                    last_bit = bit
+                    yield Checkpoint(stream.total_out, bit)
+    finally:
+        lib.inflateEnd(ctypes.byref(stream))
+        del held
+
+
+def choose_candidates(
+    boundaries: Iterable[Checkpoint],
+    tar_size: int,
+    resumable_at: Callable[[int], bool],
+    spacing: int = CHECKPOINT_SPACING,
+) -> list[Checkpoint]:
+    """About one boundary every `spacing` tar bytes where the encoder can resume; of
+    several boundaries at one tar offset (an empty sync block) the last one."""
+    last_at: dict[int, Checkpoint] = {}
+    for point in boundaries:
+        if 0 < point.tar_offset < tar_size:
+            last_at[point.tar_offset] = point
+    chosen: list[Checkpoint] = []
+    target = spacing
+    for offset in sorted(last_at):
+        if offset >= target and resumable_at(offset) and tar_size - offset >= spacing // 4:
+            chosen.append(last_at[offset])
+            target = offset + spacing
+    return chosen
+
+
+# --------------------------------------------------------------------------- proving
+
+EncodeSegment = Callable[[Segment], bytes | None]  # its bits, from its start alone
+ReadBits = Callable[[Segment], bytes]  # the pushed payload's bits of a segment
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What the proof found: the checkpoints that stand (None if segment 0 itself does
+    not reproduce the pushed payload: the encoder is wrong), and the segments' bits."""
+
+    checkpoints: Checkpoints | None
+    rounds: int
+
+
+def prove(
+    plan: Checkpoints,
+    encode_segment: EncodeSegment,
+    read_bits: ReadBits,
+    pool: Executor,
+) -> Proof:
+    """Re-encode every segment of `plan` from its start (in `pool`), compare each with the
+    pushed bits; drop the start of every segment that differs and try the merged segments
+    again. The result's checkpoints reproduce the pushed payload segment by segment."""
+    known: dict[tuple[int, int], bool] = {}  # (tar_start, tar_end) -> matched
+    current = plan
+    rounds = 0
+    while True:
+        rounds += 1
+        segments = current.segments()
+        todo = [s for s in segments if (s.tar_start, s.tar_end) not in known]
+        outcomes = pool.map(lambda s: encode_segment(s) == read_bits(s), todo)
+        for segment, matched in zip(todo, outcomes, strict=True):
+            known[(segment.tar_start, segment.tar_end)] = matched
+        failed = {s.index for s in segments if not known[(s.tar_start, s.tar_end)]}
+        if not failed:
+            return Proof(current, rounds)
+        if 0 in failed and len(segments) == 1:
+            return Proof(None, rounds)  # the serial encoder itself differs
+        if 0 in failed or rounds >= MAX_PROOF_ROUNDS:
+            kept: tuple[Checkpoint, ...] = ()  # settle it with one serial segment
+        else:
+            kept = tuple(p for i, p in enumerate(current.points, start=1) if i not in failed)
+        current = replace(current, points=kept)
+
+
+def segment_bits(encoded: bytes, segment: Segment) -> bytes | None:
+    """The bits of `segment` in what its encoder produced, which starts with
+    `segment.align` padding bits: its first `segment.bits` after those, or None if the
+    output is too short, or, for the stream's last segment, goes on past its end (the
+    padding of the last byte is zero in both)."""
+    available = len(encoded) * 8 - segment.align
+    if available < segment.bits - (7 if segment.final else 0):
+        return None
+    value = int.from_bytes(encoded, "little") >> segment.align
+    if segment.final and value >> segment.bits:
+        return None
+    value &= (1 << segment.bits) - 1
+    return value.to_bytes((segment.bits + 7) // 8, "little")
+
+
+def read_payload_bits(payload: bytes, segment: Segment) -> bytes:
+    return slice_bits(payload, segment.bit_start, segment.bits)
+
+
+def points_of(segments: Sequence[Segment]) -> tuple[Checkpoint, ...]:
+    return tuple(Checkpoint(s.tar_start, s.bit_start) for s in segments[1:])
