@@ -37,15 +37,17 @@ restore, never a wrong one (and every restore is verified by `pipelines.verify`)
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
+import itertools
+import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from pipelines.digests import digest_key
+from pipelines.encoders import Encoder, Match, NoMatch, Shortlist, decode_gzip_params
+from pipelines.libz import deflate_boundaries
 
 MAGIC = b"DHCk"
 VERSION = 1
@@ -53,6 +55,9 @@ CHECKSUM_SIZE = 32
 CHECKPOINT_SPACING = 4 << 20  # tar bytes between candidates
 MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
 _MAX_VARINT_BYTES = 10
+PROOF_THREADS = os.cpu_count() or 2
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -100,7 +105,7 @@ class Checkpoints:
     def __post_init__(self) -> None:
         offsets = [(0, 0), *((p.tar_offset, p.bit_offset) for p in self.points)]
         offsets.append((self.tar_size, self.payload_bits))
-        for (tar_a, bit_a), (tar_b, bit_b) in zip(offsets, offsets[1:], strict=False):
+        for (tar_a, bit_a), (tar_b, bit_b) in itertools.pairwise(offsets):
             if tar_b <= tar_a or bit_b <= bit_a:
                 raise CheckpointError("checkpoints must increase inside the stream")
 
@@ -245,135 +250,10 @@ def join_bits(parts: Iterable[tuple[bytes, int]]) -> Iterator[bytes]:
 # --------------------------------------------------------------------------- finding
 
 
-class _ZStream(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 - ctypes wants a list
-        ("next_in", ctypes.c_void_p),
-        ("avail_in", ctypes.c_uint),
-        ("total_in", ctypes.c_ulong),
-        ("next_out", ctypes.c_void_p),
-        ("avail_out", ctypes.c_uint),
-        ("total_out", ctypes.c_ulong),
-        ("msg", ctypes.c_char_p),
-        ("state", ctypes.c_void_p),
-        ("zalloc", ctypes.c_void_p),
-        ("zfree", ctypes.c_void_p),
-        ("opaque", ctypes.c_void_p),
-        ("data_type", ctypes.c_int),
-        ("adler", ctypes.c_ulong),
-        ("reserved", ctypes.c_ulong),
-    ]
-
-
-Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_BLOCK = 0, 1, -5, 5
-_INFLATE_OUT = 1 << 20
-
-
-@functools.cache
-def _libz() -> ctypes.CDLL:
-    name = ctypes.util.find_library("z")
-    if name is None:
-        raise OSError("libz not found")
-    lib = ctypes.CDLL(name)
-    lib.zlibVersion.restype = ctypes.c_char_p
-    lib.inflateInit2_.argtypes = [ctypes.POINTER(_ZStream), ctypes.c_int, ctypes.c_char_p,
-                                  ctypes.c_int]  # fmt: skip
-    lib.inflate.argtypes = [ctypes.POINTER(_ZStream), ctypes.c_int]
-    lib.inflateEnd.argtypes = [ctypes.POINTER(_ZStream)]
-    stream = ctypes.POINTER(_ZStream)
-    lib.deflateInit2_.argtypes = [stream, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_int, ctypes.c_char_p, ctypes.c_int]  # fmt: skip
-    lib.deflateSetDictionary.argtypes = [stream, ctypes.c_char_p, ctypes.c_uint]
-    lib.deflatePrime.argtypes = [stream, ctypes.c_int, ctypes.c_int]
-    lib.deflate.argtypes = [stream, ctypes.c_int]
-    lib.deflateEnd.argtypes = [stream]
-    lib.deflateBound.argtypes = [stream, ctypes.c_ulong]
-    lib.deflateBound.restype = ctypes.c_ulong
-    return lib
-
-
-Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH = 0, 2, 4
-
-
-def zlib_segment(
-    level: int, history: bytes, data: bytes, lookahead: bytes, final: bool, align: int, feed: int
-) -> bytes:
-    """Raw deflate of `data` + `lookahead` by the system zlib (the runtime that Python's
-    zlib module uses), primed with `history` (deflateSetDictionary) and with `align`
-    zero bits (deflatePrime): a stored block's padding depends on the bit position in
-    the stream, so the segment starts at the same bit in its byte as in the pushed one.
-    Fed in `feed`-byte pieces as the whole-stream encoder is; sync-flushed, or finished
-    if `final`."""
-    lib = _libz()
-    stream = _ZStream()
-    ref = ctypes.byref(stream)
-    version = lib.zlibVersion()
-    if lib.deflateInit2_(ref, level, 8, -15, 8, 0, version, ctypes.sizeof(_ZStream)) != Z_OK:
-        raise OSError("deflateInit2 failed")
-    try:
-        if history and lib.deflateSetDictionary(ref, history, len(history)) != Z_OK:
-            raise OSError("deflateSetDictionary failed")
-        if align and lib.deflatePrime(ref, align, 0) != Z_OK:
-            raise OSError("deflatePrime failed")
-        source = data + lookahead
-        capacity = lib.deflateBound(ref, len(source)) + 64
-        out = ctypes.create_string_buffer(capacity)
-        stream.next_out = ctypes.cast(out, ctypes.c_void_p)
-        stream.avail_out = capacity
-        for start in range(0, len(source), feed):
-            piece = source[start : start + feed]
-            stream.next_in = ctypes.cast(ctypes.c_char_p(piece), ctypes.c_void_p)
-            stream.avail_in = len(piece)
-            _deflate(lib, stream, Z_NO_FLUSH)
-        _deflate(lib, stream, Z_FINISH if final else Z_SYNC_FLUSH)
-        return out.raw[: capacity - stream.avail_out]
-    finally:
-        lib.deflateEnd(ref)
-
-
-def _deflate(lib: ctypes.CDLL, stream: _ZStream, flush: int) -> None:
-    status = lib.deflate(ctypes.byref(stream), flush)
-    expected = Z_STREAM_END if flush == Z_FINISH else Z_OK
-    if status != expected or stream.avail_in:
-        raise OSError(f"deflate returned {status} with {stream.avail_in} bytes unread")
-
-
-def deflate_boundaries(body: Iterable[bytes]) -> Iterator[Checkpoint]:
-    """The block boundaries of a raw deflate body, as zran.c finds them: inflate with
-    Z_BLOCK stops after each end-of-block code; `data_type` then holds the unused bits
-    of the last byte read (and 64 while in the last block, after which none is given)."""
-    lib = _libz()
-    stream = _ZStream()
-    version = lib.zlibVersion()
-    if lib.inflateInit2_(ctypes.byref(stream), -15, version, ctypes.sizeof(_ZStream)) != Z_OK:
-        raise OSError("inflateInit2 failed")
-    out = ctypes.create_string_buffer(_INFLATE_OUT)
-    chunks = iter(body)
-    held = b""  # keeps the input buffer alive while zlib reads it
-    last_bit = -1
-    try:
-        while True:
-            if stream.avail_in == 0:
-                held = next(chunks, b"")
-                if not held:
-                    return
-                stream.next_in = ctypes.cast(ctypes.c_char_p(held), ctypes.c_void_p)
-                stream.avail_in = len(held)
-            if stream.avail_out == 0 or stream.next_out is None:
-                stream.next_out = ctypes.cast(out, ctypes.c_void_p)
-                stream.avail_out = _INFLATE_OUT
-            status = lib.inflate(ctypes.byref(stream), Z_BLOCK)
-            if status == Z_STREAM_END:
-                return
-            if status not in (Z_OK, Z_BUF_ERROR):
-                raise ValueError(f"not a deflate body (inflate returned {status})")
-            if stream.data_type & 128 and not stream.data_type & 64:
-                bit = stream.total_in * 8 - (stream.data_type & 7)
-                if bit != last_bit:
-                    last_bit = bit
-                    yield Checkpoint(stream.total_out, bit)
-    finally:
-        lib.inflateEnd(ctypes.byref(stream))
-        del held
+def boundaries(body: Iterable[bytes]) -> Iterator[Checkpoint]:
+    """The block boundaries of a raw deflate body (see pipelines.libz)."""
+    for tar_offset, bit_offset in deflate_boundaries(body):
+        yield Checkpoint(tar_offset, bit_offset)
 
 
 def choose_candidates(
@@ -464,3 +344,125 @@ def read_payload_bits(payload: bytes, segment: Segment) -> bytes:
 
 def points_of(segments: Sequence[Segment]) -> tuple[Checkpoint, ...]:
     return tuple(Checkpoint(s.tar_start, s.bit_start) for s in segments[1:])
+
+
+# --------------------------------------------------------------------------- segments
+
+ReadTar = Callable[[int, int], bytes]  # tar bytes [start, end)
+
+
+def encode_segment(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
+    """The bits of `segment`, re-encoded from its start alone (from the tar bytes around
+    it); raises SegmentError if the encoder's output cannot hold them."""
+    history_start = max(0, segment.tar_start - encoder.history_bytes)
+    end = tar_size if segment.final else min(tar_size, segment.tar_end + encoder.lookahead_bytes)
+    tar = read_tar(history_start, end)
+    if len(tar) != end - history_start:
+        raise SegmentError(f"the tar gave {len(tar)} bytes, not {end - history_start}")
+    split, stop = segment.tar_start - history_start, segment.tar_end - history_start
+    encoded = encoder.encode_segment(
+        tar[:split],
+        tar[split:stop],
+        tar[stop:],
+        offset=segment.tar_start,
+        final=segment.final,
+        align=segment.align,
+    )
+    bits = segment_bits(encoded, segment)
+    if bits is None:
+        raise SegmentError(f"segment {segment.index} does not end where it should")
+    return bits
+
+
+class SegmentError(Exception):
+    """A segment could not be re-encoded into the bits it must have."""
+
+
+# --------------------------------------------------------------------------- at ingest
+
+
+@dataclass(frozen=True)
+class PushedPayload:
+    """The compressed payload of the pushed blob (a gzip blob's deflate body)."""
+
+    chunks: Callable[[], Iterable[bytes]]  # all of it, from its first byte
+    read: Callable[[int, int], bytes]  # bytes [start, end) of it
+    size: int
+
+
+def find_and_prove(
+    encoder: Encoder,
+    blob_digest: str,
+    tar_size: int,
+    payload: PushedPayload,
+    read_tar: ReadTar,
+    pool: Executor,
+) -> Proof:
+    """Find candidate checkpoints in the pushed payload and prove them on `read_tar` (the
+    tar rebuilt from stored files): a proof whose checkpoints are None means this
+    encoder does not reproduce the payload at all."""
+    candidates = choose_candidates(boundaries(payload.chunks()), tar_size, encoder.resumable_at)
+    plan = Checkpoints(
+        blob_digest, encoder.encoder_id, tar_size, payload.size * 8, tuple(candidates),
+        len(candidates),
+    )  # fmt: skip
+
+    def encoded(segment: Segment) -> bytes | None:
+        try:
+            return encode_segment(encoder, segment, read_tar, tar_size)
+        except SegmentError:
+            return None
+
+    def pushed(segment: Segment) -> bytes:
+        first = segment.bit_start // 8
+        data = payload.read(first, (segment.bit_end + 7) // 8)
+        return slice_bits(data, segment.align, segment.bits)
+
+    return prove(plan, encoded, pushed, pool)
+
+
+def gzip_payload(read_blob: Callable[[int, int], Iterable[bytes]], blob_size: int,
+                 params: bytes) -> PushedPayload:  # fmt: skip
+    """The deflate body of a gzip blob, given a ranged reader of the blob."""
+    header, trailer = decode_gzip_params(params)
+    start, size = len(header), blob_size - len(header) - len(trailer)
+
+    def read(first: int, end: int) -> bytes:
+        return b"".join(read_blob(start + first, end - first))
+
+    return PushedPayload(lambda: read_blob(start, size), read, size)
+
+
+def prove_shortlisted(
+    shortlist: Shortlist,
+    blob_digest: str,
+    tar_size: int,
+    read_blob: Callable[[int, int], Iterable[bytes]],
+    blob_size: int,
+    read_tar: ReadTar,
+    fallback: Callable[[], Match | NoMatch],
+) -> tuple[Match | NoMatch, Checkpoints | None]:
+    """The trial restore of ingest. A gzip layer's best candidate is proven segment by
+    segment, in parallel, from checkpoints found in the pushed blob: every bit of the
+    body is compared with the pushed one, so this proves the encoder and the rebuilt tar
+    as a full recompression would. Otherwise, or if that candidate is not the encoder,
+    `fallback` (the serial proof of the whole shortlist) decides, without checkpoints."""
+    trial = shortlist.trials[0] if shortlist.trials else None
+    if trial is None or not trial.screened or tar_size < 2 * CHECKPOINT_SPACING:
+        return fallback(), None
+    encoder, params = trial.screened[0], trial.target.params
+    if not encoder.encoder_id.startswith("gzip/"):
+        return fallback(), None
+    payload = gzip_payload(read_blob, blob_size, params)
+    with ThreadPoolExecutor(PROOF_THREADS, thread_name_prefix="proof") as pool:
+        proof = find_and_prove(encoder, blob_digest, tar_size, payload, read_tar, pool)
+    if proof.checkpoints is None:
+        return fallback(), None
+    logger.info(
+        "%s: %d of %d checkpoints proven (%s), %d rounds", blob_digest,
+        len(proof.checkpoints.points), proof.checkpoints.candidates, encoder.encoder_id,
+        proof.rounds,
+    )  # fmt: skip
+    return Match(
+        encoder.encoder_id, params
+    ), proof.checkpoints if proof.checkpoints.points else None

@@ -32,7 +32,6 @@ from typing import BinaryIO, cast
 
 import zstandard
 
-from pipelines.checkpoints import zlib_segment
 from pipelines.codecs import (
     GZIP_MAGIC,
     Sniff,
@@ -40,6 +39,7 @@ from pipelines.codecs import (
     iter_chunks,
     parse_zstd_frame_header,
 )
+from pipelines.libz import zlib_segment
 
 IDENTITY_ID = "identity"
 GZIP_TRAILER_LEN = 8
@@ -314,7 +314,7 @@ class GoStdlibEncoder(Encoder):
     def encode_segment(
         self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
     ) -> bytes:
-        argv = self._argv("segment") + ["-history", str(len(history)), "-align", str(align)]
+        argv = [*self._argv("segment"), "-history", str(len(history)), "-align", str(align)]
         argv += ["-offset", str(offset)]
         argv += ["-final"] if final else []
         return b"".join(run_filter(argv, [history, data, lookahead]))
@@ -366,7 +366,7 @@ class PgzipEncoder(Encoder):
     ) -> bytes:
         if align:
             raise ValueError("pgzip blocks start on a byte boundary")
-        argv = self._argv()[:-2] + ["-mode", "segment", "-history", str(len(history))]
+        argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(len(history))]
         argv += ["-final"] if final else []
         return b"".join(run_filter(argv, [history, data]))
 

@@ -250,7 +250,7 @@ class Registry:
         recipes_in_use: list[str] = []
         for key, size in self.store.list(""):
             kind = key.split("/", 1)[0]
-            if kind in ("data", "manifests", "packs", "recipes"):
+            if kind in ("data", "manifests", "packs", "recipes", "checkpoints"):
                 stored += size
             logical += size if kind == "manifests" else 0
             if kind == "blobs":

@@ -1,7 +1,8 @@
 """The Celery application: one queue per kind of worker, each scaled on its own.
 
 ingest       layer ingestion after a manifest push
-restore      layer reads on behalf of pulls (scheduled verification now, rebuilds later)
+restore      layer reads on behalf of pulls (scheduled verification now, rebuilds later),
+             and segments of large layers that a pull re-encodes in parallel
 predict      pull history that the prediction worker learns from
 maintenance  retiring intact copies, the schedules (verification sampling, resuming
              unfinished ingests, expiring abandoned uploads) and index rebuilds
@@ -31,6 +32,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_routes={
             "workers.tasks.ingest_layer": {"queue": "ingest"},
             "workers.tasks.verify_blob": {"queue": "restore"},
+            "workers.tasks.encode_segment": {"queue": "restore"},
             "workers.tasks.record_pull": {"queue": "predict"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},

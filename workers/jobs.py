@@ -1,16 +1,33 @@
-"""Enqueueing and tracking jobs: the only part of `workers` the API calls."""
+"""Enqueueing and tracking jobs: the only part of `workers` the API calls.
+
+Importing it also sends the segments of large parallel restores to the `restore` workers
+(`pipelines.restore.use_restore_workers`): the API's processes are the ones that can
+reach them. DUPHUNTER_RESTORE_WORKERS_MIN_BYTES sets from what tar size (default 64 MiB;
+0 keeps every restore on the API's host)."""
 
 from __future__ import annotations
 
+import base64
+import logging
+import os
 import time
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from celery.result import AsyncResult
 
+from pipelines.checkpoints import Checkpoints
+from pipelines.filestore import FileStore
 from pipelines.ingest import mark_queued
+from pipelines.recipe import Recipe
 from pipelines.registry import Registry
+from pipelines.restore import encode_stored_segment, use_restore_workers
 from workers.app import QUEUES, celery_app
-from workers.tasks import ingest_layer, record_pull
+from workers.tasks import encode_segment, ingest_layer, record_pull
+
+SEGMENT_TIMEOUT_SECONDS = 120.0  # then the segment is encoded here instead
+logger = logging.getLogger(__name__)
 
 
 def enqueue_ingest(registry: Registry, repository: str, digest: str, force: bool = False) -> str:
@@ -45,3 +62,32 @@ def status(registry: Registry, job_id: str) -> dict[str, Any] | None:
 
 def queue_depths(registry: Registry) -> dict[str, int]:
     return {queue: registry.index.queue_length(queue) for queue in QUEUES}
+
+
+def restore_workers_runner(
+    recipe: Recipe, files: FileStore, plan: Checkpoints, ahead: int = 8
+) -> Iterator[bytes]:
+    """The segments of a parallel restore, re-encoded by `restore` workers (at most
+    `ahead` queued at a time), in order; a segment a worker fails or is late with is
+    encoded here (every restore is verified before its bytes leave, whoever encoded)."""
+    count = len(plan.segments())
+    queued: deque[tuple[int, Any]] = deque()
+    for index in range(count):
+        queued.append((index, encode_segment.apply_async(args=(recipe.blob_digest, index))))
+        if len(queued) > ahead:
+            yield _collect(*queued.popleft(), recipe, files, plan)
+    while queued:
+        yield _collect(*queued.popleft(), recipe, files, plan)
+
+
+def _collect(index: int, result: Any, recipe: Recipe, files: FileStore, plan: Checkpoints) -> bytes:
+    try:
+        return base64.b64decode(result.get(timeout=SEGMENT_TIMEOUT_SECONDS))
+    except Exception as error:
+        logger.warning("segment %d of %s: %r; encoding it here", index, recipe.blob_digest, error)
+        return encode_stored_segment(recipe, files, plan, index)
+
+
+_min_bytes = int(os.environ.get("DUPHUNTER_RESTORE_WORKERS_MIN_BYTES", str(64 << 20)))
+if _min_bytes > 0:
+    use_restore_workers(restore_workers_runner, _min_bytes)
