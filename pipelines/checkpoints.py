@@ -354,6 +354,8 @@ ReadTar = Callable[[int, int], bytes]  # tar bytes [start, end)
 def encode_segment(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
     """The bits of `segment`, re-encoded from its start alone (from the tar bytes around
     it); raises SegmentError if the encoder's output cannot hold them."""
+    if segment.tar_start and not encoder.resumable_at(segment.tar_start):
+        raise SegmentError(f"{encoder.encoder_id} cannot resume at {segment.tar_start}")
     history_start = max(0, segment.tar_start - encoder.history_bytes)
     end = tar_size if segment.final else min(tar_size, segment.tar_end + encoder.lookahead_bytes)
     tar = read_tar(history_start, end)
@@ -397,11 +399,13 @@ def find_and_prove(
     payload: PushedPayload,
     read_tar: ReadTar,
     pool: Executor,
+    spacing: int = CHECKPOINT_SPACING,
 ) -> Proof:
     """Find candidate checkpoints in the pushed payload and prove them on `read_tar` (the
     tar rebuilt from stored files): a proof whose checkpoints are None means this
     encoder does not reproduce the payload at all."""
-    candidates = choose_candidates(boundaries(payload.chunks()), tar_size, encoder.resumable_at)
+    found = boundaries(payload.chunks())
+    candidates = choose_candidates(found, tar_size, encoder.resumable_at, spacing)
     plan = Checkpoints(
         blob_digest, encoder.encoder_id, tar_size, payload.size * 8, tuple(candidates),
         len(candidates),

@@ -1,0 +1,398 @@
+"""Checkpoints: found in real producers' blobs, proven segment by segment, joined bit by
+bit, and a parallel restore that equals the serial one (on a live stack too).
+
+No mocks: blobs come from the producers' own code (Python's gzip/zlib, the Go helpers'
+gzip mode, pgzip), segments are re-encoded by the encoders that restores use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import random
+import subprocess
+import sysconfig
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipelines import restore
+from pipelines.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    Checkpoints,
+    Segment,
+    boundaries,
+    checkpoints_key,
+    choose_candidates,
+    encode_segment,
+    find_and_prove,
+    gzip_payload,
+    join_bits,
+    prove,
+    slice_bits,
+)
+from pipelines.encoders import Encoder, encode_gzip_params, lookup_encoder
+from pipelines.recipe import Recipe
+from pipelines.restore import SegmentRunner, load_checkpoints, local_runner, restore_blob
+from tests.client import RegistryClient
+from tests.conftest import LiveStack
+from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
+from workers.jobs import restore_workers_runner
+from workers.tasks import encode_segment as encode_segment_task
+
+SPACING = 256 << 10  # small layers, many checkpoints
+PGZIP = "gzip/pgzip-deb-1.2.5-2+compress-deb-1.15.12+ds1-3"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def mixed_random_tar(seed: int, size: int = 3_000_000) -> bytes:
+    """Random bytes, zeros and repeated text in random-sized files: stored, fixed and
+    dynamic blocks, long and short matches."""
+    rng = random.Random(seed)
+    files: dict[str, bytes] = {}
+    total = 0
+    while total < size:
+        n = rng.randint(1_000, 150_000)
+        kind = rng.random()
+        if kind < 0.3:
+            content = rng.randbytes(n)
+        elif kind < 0.45:
+            content = bytes(n)
+        else:
+            words = [
+                rng.choice([b"usr", b"lib", b"share", b"doc", b"0644", b"\n"]) for _ in range(50)
+            ]
+            content = (b" ".join(words) * (n // 200 + 1))[:n]
+        files[f"f/{len(files):05d}"] = content
+        total += n
+    return make_tar(files)
+
+
+def real_tar(size: int = 3_000_000) -> bytes:
+    """Real files: Python's standard library sources and its compiled extension modules
+    (text and machine code), as GNU tar writes them."""
+    paths = sysconfig.get_paths()
+    roots = [Path(paths["stdlib"]), Path(paths["platstdlib"]) / "lib-dynload"]
+    picked: list[str] = []
+    total = 0
+    candidates = sorted(roots[1].glob("*.so"))[:12] + sorted(roots[0].glob("*.py"))
+    for path in candidates:
+        picked.append(str(path))
+        total += path.stat().st_size
+        if total >= size:
+            break
+    return subprocess.run(
+        ["tar", "-cf", "-", "--absolute-names", *picked], capture_output=True, check=True
+    ).stdout
+
+
+@pytest.fixture(scope="module", params=["random", "real"])
+def tar(request: pytest.FixtureRequest) -> bytes:
+    return mixed_random_tar(7) if request.param == "random" else real_tar()
+
+
+def python_gzip(level: int) -> Callable[[bytes], bytes]:
+    def produce(data: bytes) -> bytes:
+        out = io.BytesIO()
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz:
+            for start in range(0, len(data), 10_000):
+                gz.write(data[start : start + 10_000])
+        return out.getvalue()
+
+    return produce
+
+
+def helper_gzip(helper_dir: Path, name: str, *args: str) -> Callable[[bytes], bytes]:
+    if not (helper_dir / name).exists():
+        pytest.skip(f"{name} was not built")
+
+    def produce(data: bytes) -> bytes:
+        argv = [str(helper_dir / name), "-mode", "gzip", *args]
+        return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+
+    return produce
+
+
+def producer(helper_dir: Path, encoder_id: str) -> Callable[[bytes], bytes]:
+    """The producer of `encoder_id`'s layers, sharing no code with segment encoding."""
+    family, _, level = encoder_id.rpartition("/")
+    if family.startswith("gzip/zlib"):
+        return python_gzip(int(level))
+    if family.startswith("gzip/go"):
+        return helper_gzip(helper_dir, f"gzip-{family[5:]}", "-level", level)
+    block = family.rpartition("/b")[2]
+    return helper_gzip(helper_dir, "gzip-pgzip-deb", "-blocksize", block, "-level", level)
+
+
+def gzip_params(blob: bytes) -> bytes:
+    header_len = 10  # these producers write no name, comment or extra field
+    return encode_gzip_params(blob[:header_len], blob[-8:])
+
+
+def ranged(blob: bytes) -> Callable[[int, int], Iterator[bytes]]:
+    return lambda offset, length: iter([blob[offset : offset + length]])
+
+
+def joined(encoder: Encoder, plan: Checkpoints, tar: bytes, threads: int) -> bytes:
+    """A parallel re-encode of the body from `plan`, on `threads` threads."""
+    segments = plan.segments()
+
+    def one(segment: Segment) -> bytes:
+        return encode_segment(encoder, segment, lambda a, b: tar[a:b], len(tar))
+
+    with ThreadPoolExecutor(threads) as pool:
+        bits = list(pool.map(one, segments))
+    return b"".join(join_bits(zip(bits, (s.bits for s in segments), strict=True)))
+
+
+# --------------------------------------------------------------------------- every encoder
+
+# Proven in full (every candidate) on these inputs; the others are shown exact anyway.
+RESUMABLE = [
+    "gzip/zlib-1.2.13/6",  # Python gzip, Java, Jib
+    "gzip/zlib-1.2.13/9",  # gzip.compress default
+    "gzip/zlib-1.2.13/4",
+    "gzip/go1.26/6",  # docker, BuildKit, containerd
+    "gzip/go1.26/9",
+    "gzip/go1.27/6",
+    "gzip/go1.27/5",
+    f"{PGZIP}/b1048576/5",  # skopeo, podman, buildah
+    f"{PGZIP}/b262144/5",  # umoci
+]
+# Resumed only where their state happens to be a function of the window.
+PARTLY = [
+    "gzip/zlib-1.2.13/1",  # deflate_fast skips hashing inside long matches
+    "gzip/go1.26/1",  # crane, ko, kaniko: table rebuilt from three chunks
+    "gzip/go1.27/1",
+    "gzip/go1.26/2",  # skips hashing inside matches
+    "gzip/go1.27/9",  # keeps literal-cost estimates across blocks
+    "gzip/go1.27/4",  # its tables are not rebuilt by three chunks of history
+]
+
+
+@pytest.mark.parametrize("encoder_id", RESUMABLE + PARTLY)
+def test_checkpoints_are_proven_and_the_parallel_restore_is_exact(
+    helper_dir: Path, tar: bytes, encoder_id: str
+) -> None:
+    blob = producer(helper_dir, encoder_id)(tar)
+    encoder = lookup_encoder(encoder_id)
+    payload = gzip_payload(ranged(blob), len(blob), gzip_params(blob))
+    body = blob[10:-8]
+    with ThreadPoolExecutor(4) as pool:
+        proof = find_and_prove(
+            encoder, "sha256:" + sha256(blob), len(tar), payload, slice_of(tar), pool, SPACING
+        )
+    plan = proof.checkpoints
+    assert plan is not None, "segment 0 is the serial encoder: it must reproduce the blob"
+    assert plan.candidates >= (2 if encoder_id.endswith("b1048576/5") else 5)
+    if encoder_id in RESUMABLE:
+        assert len(plan.points) == plan.candidates
+        assert any(point.bit_offset % 8 for point in plan.points) or encoder_id.startswith(PGZIP)
+    for threads in (1, 2, 4):
+        assert joined(encoder, plan, tar, threads) == body
+    serial = b"".join(encoder.body([tar], b""))
+    assert serial == body
+
+
+def slice_of(tar: bytes) -> Callable[[int, int], bytes]:
+    return lambda start, end: tar[start:end]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("encoder_id", ["gzip/zlib-1.2.13/6", "gzip/go1.26/6"])
+def test_a_checkpoint_that_fails_its_proof_is_dropped(
+    helper_dir: Path, tar: bytes, encoder_id: str
+) -> None:
+    """A candidate one byte off its block boundary resumes with the wrong state: its
+    segment differs from the pushed bits, it is dropped (its segment joins the one before),
+    the others stand, and the restore is exact."""
+    blob = producer(helper_dir, encoder_id)(tar)
+    encoder = lookup_encoder(encoder_id)
+    body = blob[10:-8]
+    candidates = choose_candidates(boundaries([body]), len(tar), encoder.resumable_at, SPACING)
+    bad = replace(candidates[2], tar_offset=candidates[2].tar_offset + 1)
+    candidates[2] = bad
+    plan = Checkpoints("sha256:x", encoder_id, len(tar), len(body) * 8, tuple(candidates))
+
+    def encoded(segment: Segment) -> bytes | None:
+        return encode_segment(encoder, segment, slice_of(tar), len(tar))
+
+    with ThreadPoolExecutor(2) as pool:
+        proof = prove(plan, encoded, lambda s: slice_bits(body, s.bit_start, s.bits), pool)
+    assert proof.checkpoints is not None and proof.rounds == 2
+    assert bad not in proof.checkpoints.points
+    assert len(proof.checkpoints.points) == len(candidates) - 1
+    assert joined(encoder, proof.checkpoints, tar, 2) == body
+
+
+def test_a_wrong_encoder_is_refused() -> None:
+    """Segment 0 is the serial encoder: a blob that zlib 6 did not make is not proven."""
+    data = mixed_random_tar(3, 1_500_000)
+    blob = python_gzip(9)(data)
+    with ThreadPoolExecutor(2) as pool:
+        proof = find_and_prove(
+            lookup_encoder("gzip/zlib-1.2.13/1"),
+            "sha256:x",
+            len(data),
+            gzip_payload(ranged(blob), len(blob), gzip_params(blob)),
+            slice_of(data),
+            pool,
+            SPACING,
+        )
+    assert proof.checkpoints is None
+
+
+# --------------------------------------------------------------------------- bits and format
+
+
+def test_join_shifts_bits_at_odd_offsets() -> None:
+    rng = random.Random(11)
+    parts = []
+    reference = ""
+    for _ in range(200):
+        nbits = rng.randint(1, 300)
+        value = rng.getrandbits(nbits)
+        data = value.to_bytes((nbits + 7) // 8, "little") + bytes([0xFF])  # junk past it
+        parts.append((data, nbits))
+        reference += format(value, f"0{nbits}b")[::-1]  # LSB first, as deflate
+    reference += "0" * (-len(reference) % 8)
+    expected = int(reference[::-1], 2).to_bytes(len(reference) // 8, "little")
+    assert b"".join(join_bits(parts)) == expected
+
+
+def test_slice_bits_inverts_join() -> None:
+    rng = random.Random(5)
+    data = rng.randbytes(64)
+    for start in range(0, 200, 7):
+        nbits = rng.randint(1, 250)
+        head, tail = slice_bits(data, 0, start) if start else b"", slice_bits(data, start, nbits)
+        again = b"".join(join_bits([(head, start), (tail, nbits)]))
+        assert again == slice_bits(data, 0, start + nbits)
+
+
+def plan_example() -> Checkpoints:
+    points = (Checkpoint(5_000_000, 9_999_999), Checkpoint(9_000_000, 20_000_003))
+    return Checkpoints("sha256:" + "ab" * 32, "gzip/go1.26/6", 12_345_678, 30_000_000, points, 5)
+
+
+def test_format_round_trip() -> None:
+    plan = plan_example()
+    encoded = plan.encode()
+    assert encoded.startswith(b"DHCk\x01")
+    assert Checkpoints.decode(encoded) == plan
+    assert len(encoded) < 200
+    assert [s.tar_end - s.tar_start for s in plan.segments()] == [5_000_000, 4_000_000, 3_345_678]
+    assert checkpoints_key(plan.blob_digest) == "checkpoints/sha256/" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[:-1],
+        lambda b: b"DHCx" + b[4:],
+        lambda b: b[:4] + b"\x02" + b[5:],
+        lambda b: b[:20] + bytes([b[20] ^ 1]) + b[21:],
+        lambda b: b"",
+    ],
+)
+def test_damaged_objects_are_refused(damage: Callable[[bytes], bytes]) -> None:
+    with pytest.raises(CheckpointError):
+        Checkpoints.decode(damage(plan_example().encode()))
+
+
+def test_checkpoints_must_lie_inside_the_stream() -> None:
+    with pytest.raises(CheckpointError):
+        replace(plan_example(), points=(Checkpoint(13_000_000, 1),))
+
+
+# --------------------------------------------------------------------------- live
+
+
+def layer_tar(megabytes: int) -> bytes:
+    """Real files of several kinds, repeated with a varying prefix so that the layer is
+    large but its files are few."""
+    base = real_tar(2_000_000)
+    files = {f"copy{n}/stdlib.tar": (b"%d" % n) + base for n in range(megabytes // 2)}
+    return make_tar(files)
+
+
+@pytest.fixture(scope="module")
+def go_layer(helper_dir: Path) -> tuple[bytes, bytes]:
+    """A docker-style layer (Go <= 1.26, level 6) of ~14 MB of tar: a few segments."""
+    data = layer_tar(14)
+    return data, helper_gzip(helper_dir, "gzip-go1.26", "-level", "6")(data)
+
+
+def deduplicated_recipe(
+    live: LiveStack, client: RegistryClient, repo: str, blob: bytes
+) -> tuple[str, Recipe]:
+    (digest,) = push_layers(client, repo, [blob])
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    wait_until_retired(live, digest)
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    return digest, Recipe.decode(live.registry.store.get_bytes(info.recipe))
+
+
+def test_live_layer_restores_in_parallel_byte_exact(
+    live: LiveStack, client: RegistryClient, repo: str, go_layer: tuple[bytes, bytes]
+) -> None:
+    blob = go_layer[1]
+    digest, recipe = deduplicated_recipe(live, client, repo, blob)
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None and len(plan.points) >= 2, "a layer of a few segments has checkpoints"
+    stored = live.registry.store.size(checkpoints_key(digest))
+    assert stored is not None and stored < len(blob) // 100
+    for threads in (1, 2, 4):
+        assert b"".join(release_through(recipe, live, local_runner(threads))) == blob
+    assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
+    headers = {"Range": "bytes=5000000-5999999"}
+    response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
+    assert response.status == 206 and response.data == blob[5_000_000:6_000_000]
+
+
+def release_through(recipe: Recipe, live: LiveStack, runner: SegmentRunner) -> Iterator[bytes]:
+    """restore_blob with `runner` standing in for the hosts that encode segments."""
+    restore.use_restore_workers(runner, 0)
+    try:
+        yield from restore_blob(recipe, live.registry.files)
+    finally:
+        restore.use_restore_workers(None)
+
+
+def test_live_segments_on_restore_workers(
+    live: LiveStack, client: RegistryClient, repo: str, go_layer: tuple[bytes, bytes]
+) -> None:
+    blob = go_layer[1]
+    digest, recipe = deduplicated_recipe(live, client, repo, blob)
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None
+    remote = encode_segment_task.apply_async(args=(digest, 1)).get(timeout=120)
+    assert remote and isinstance(remote, str)
+    assert b"".join(release_through(recipe, live, restore_workers_runner)) == blob
+
+
+def test_live_unreadable_checkpoints_fall_back_to_serial(
+    live: LiveStack, client: RegistryClient, repo: str, go_layer: tuple[bytes, bytes]
+) -> None:
+    blob = go_layer[1]
+    digest, recipe = deduplicated_recipe(live, client, repo, blob)
+    key = checkpoints_key(digest)
+    original = live.registry.store.get_bytes(key)
+    live.registry.store.put_bytes(key, original[:-5] + b"junk!")
+    try:
+        assert load_checkpoints(recipe, live.registry.store) is None
+        assert b"".join(restore_blob(recipe, live.registry.files)) == blob
+        assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
+    finally:
+        live.registry.store.put_bytes(key, original)
