@@ -7,6 +7,8 @@ gzip mode, pgzip), segments are re-encoded by the encoders that restores use.
 
 from __future__ import annotations
 
+import base64
+import functools
 import gzip
 import hashlib
 import io
@@ -42,6 +44,7 @@ from pipelines.restore import SegmentRunner, load_checkpoints, local_runner, res
 from tests.client import RegistryClient
 from tests.conftest import LiveStack
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
+from workers.app import make_celery
 from workers.jobs import restore_workers_runner
 from workers.tasks import encode_segment as encode_segment_task
 
@@ -356,9 +359,10 @@ def test_live_layer_restores_in_parallel_byte_exact(
     for threads in (1, 2, 4):
         assert b"".join(release_through(recipe, live, local_runner(threads))) == blob
     assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
-    headers = {"Range": "bytes=5000000-5999999"}
+    start = len(blob) // 2 + 3
+    headers = {"Range": f"bytes={start}-{start + 99_999}"}
     response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
-    assert response.status == 206 and response.data == blob[5_000_000:6_000_000]
+    assert response.status == 206 and response.data == blob[start : start + 100_000]
 
 
 def release_through(recipe: Recipe, live: LiveStack, runner: SegmentRunner) -> Iterator[bytes]:
@@ -377,9 +381,12 @@ def test_live_segments_on_restore_workers(
     digest, recipe = deduplicated_recipe(live, client, repo, blob)
     plan = load_checkpoints(recipe, live.registry.store)
     assert plan is not None
-    remote = encode_segment_task.apply_async(args=(digest, 1)).get(timeout=120)
-    assert remote and isinstance(remote, str)
-    assert b"".join(release_through(recipe, live, restore_workers_runner)) == blob
+    app = make_celery(live.settings)
+    local = restore.encode_stored_segment(recipe, live.registry.files, plan, 1)
+    remote = app.send_task(encode_segment_task.name, args=(digest, 1)).get(timeout=120)
+    assert base64.b64decode(remote) == local
+    runner = functools.partial(restore_workers_runner, app=app)
+    assert b"".join(release_through(recipe, live, runner)) == blob
 
 
 def test_live_unreadable_checkpoints_fall_back_to_serial(

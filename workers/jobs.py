@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from celery import Celery
 from celery.result import AsyncResult
 
 from pipelines.checkpoints import Checkpoints
@@ -65,7 +66,7 @@ def queue_depths(registry: Registry) -> dict[str, int]:
 
 
 def restore_workers_runner(
-    recipe: Recipe, files: FileStore, plan: Checkpoints, ahead: int = 8
+    recipe: Recipe, files: FileStore, plan: Checkpoints, app: Celery = celery_app, ahead: int = 8
 ) -> Iterator[bytes]:
     """The segments of a parallel restore, re-encoded by `restore` workers (at most
     `ahead` queued at a time), in order; a segment a worker fails or is late with is
@@ -73,7 +74,8 @@ def restore_workers_runner(
     count = len(plan.segments())
     queued: deque[tuple[int, Any]] = deque()
     for index in range(count):
-        queued.append((index, encode_segment.apply_async(args=(recipe.blob_digest, index))))
+        result = app.send_task(encode_segment.name, args=(recipe.blob_digest, index))
+        queued.append((index, result))
         if len(queued) > ahead:
             yield _collect(*queued.popleft(), recipe, files, plan)
     while queued:
