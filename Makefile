@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory clean
+.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-restore clean
 
 run: system-deps venv helpers
 	$(BIN)/python -m deploy.stack
@@ -44,6 +44,9 @@ bench-dedup: test-deps venv helpers
 
 bench-memory: system-deps venv
 	$(BIN)/python -m bench.memory
+
+bench-restore: test-deps venv helpers
+	$(BIN)/python -m bench.restore
 
 clean:
 	rm -rf build var .mypy_cache .ruff_cache .pytest_cache

@@ -19,7 +19,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,24 +277,94 @@ def encode_layer_segment(
 
 # Runs the segments of a plan, yielding their bits in order.
 SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[bytes]]
+# Encodes segment `index` of a plan: here, or by asking another process or host.
+SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], bytes]
 
 
 def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
-    helper processes), at most `threads` + 1 ahead of the one being joined."""
+    helper processes)."""
+    return pooled_runner([encode_stored_segment] * threads)
+
+
+def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRunner:
+    """Segments shared among `slots` (each a thread calling its encoder: a local one, or
+    one that waits for a restore worker), each slot taking the next segment when free, at
+    most `ahead` (default: one per slot, plus one) past the one being joined."""
+    window = ahead or len(slots) + 1
 
     def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
-        count = len(plan.segments())
-        with ThreadPoolExecutor(threads, thread_name_prefix="segment") as pool:
-            pending: deque[Future[bytes]] = deque()
-            for index in range(count):
-                pending.append(pool.submit(encode_stored_segment, recipe, files, plan, index))
-                if len(pending) > threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        shared = _Shared(len(plan.segments()), window)
+        threads = [
+            threading.Thread(
+                target=shared.work,
+                args=(encode, recipe, files, plan),
+                daemon=True,
+                name=f"segment-{number}",
+            )
+            for number, encode in enumerate(slots)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            yield from shared.in_order()
+        finally:
+            shared.stop()
 
     return run
+
+
+class _Shared:
+    """Segment indexes handed out to slots, and their results handed back in order."""
+
+    def __init__(self, count: int, window: int) -> None:
+        self.count, self.window = count, window
+        self.next = self.consumed = 0
+        self.results: dict[int, bytes | BaseException] = {}
+        self.stopped = False
+        self.changed = threading.Condition()
+
+    def work(
+        self, encode: SegmentEncoder, recipe: Recipe, files: FileStore, plan: Checkpoints
+    ) -> None:
+        while (index := self._take()) is not None:
+            try:
+                value: bytes | BaseException = encode(recipe, files, plan, index)
+            except BaseException as error:  # handed to the consumer
+                value = error
+            with self.changed:
+                self.results[index] = value
+                self.changed.notify_all()
+
+    def _take(self) -> int | None:
+        with self.changed:
+            while (
+                not self.stopped
+                and self.next < self.count
+                and (self.next - self.consumed >= self.window)
+            ):
+                self.changed.wait()
+            if self.stopped or self.next >= self.count:
+                return None
+            self.next += 1
+            return self.next - 1
+
+    def in_order(self) -> Iterator[bytes]:
+        for index in range(self.count):
+            with self.changed:
+                while index not in self.results:
+                    self.changed.wait()
+                value = self.results.pop(index)
+                self.consumed = index + 1
+                self.changed.notify_all()
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
 
 
 _remote_runner: SegmentRunner | None = None

@@ -8,7 +8,6 @@ gzip mode, pgzip), segments are re-encoded by the encoders that restores use.
 from __future__ import annotations
 
 import base64
-import functools
 import gzip
 import hashlib
 import io
@@ -385,7 +384,7 @@ def test_live_segments_on_restore_workers(
     local = restore.encode_stored_segment(recipe, live.registry.files, plan, 1)
     remote = app.send_task(encode_segment_task.name, args=(digest, 1)).get(timeout=120)
     assert base64.b64decode(remote) == local
-    runner = functools.partial(restore_workers_runner, app=app)
+    runner = restore_workers_runner(app, remote_slots=2)
     assert b"".join(release_through(recipe, live, runner)) == blob
 
 

@@ -2,8 +2,8 @@
 
 Importing it also sends the segments of large parallel restores to the `restore` workers
 (`pipelines.restore.use_restore_workers`): the API's processes are the ones that can
-reach them. DUPHUNTER_RESTORE_WORKERS_MIN_BYTES sets from what tar size (default 64 MiB;
-0 keeps every restore on the API's host)."""
+reach them; the API's own threads encode segments too. DUPHUNTER_RESTORE_WORKERS_MIN_BYTES
+sets from what tar size (default 64 MiB; 0 keeps every restore on the API's host)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import base64
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
@@ -23,7 +21,14 @@ from pipelines.filestore import FileStore
 from pipelines.ingest import mark_queued
 from pipelines.recipe import Recipe
 from pipelines.registry import Registry
-from pipelines.restore import encode_stored_segment, use_restore_workers
+from pipelines.restore import (
+    RESTORE_THREADS,
+    SegmentEncoder,
+    SegmentRunner,
+    encode_stored_segment,
+    pooled_runner,
+    use_restore_workers,
+)
 from workers.app import QUEUES, celery_app
 from workers.tasks import encode_segment, ingest_layer, record_pull
 
@@ -65,31 +70,26 @@ def queue_depths(registry: Registry) -> dict[str, int]:
     return {queue: registry.index.queue_length(queue) for queue in QUEUES}
 
 
-def restore_workers_runner(
-    recipe: Recipe, files: FileStore, plan: Checkpoints, app: Celery = celery_app, ahead: int = 8
-) -> Iterator[bytes]:
-    """The segments of a parallel restore, re-encoded by `restore` workers (at most
-    `ahead` queued at a time), in order; a segment a worker fails or is late with is
-    encoded here (every restore is verified before its bytes leave, whoever encoded)."""
-    count = len(plan.segments())
-    queued: deque[tuple[int, Any]] = deque()
-    for index in range(count):
+def restore_workers_runner(app: Celery = celery_app, remote_slots: int = 0) -> SegmentRunner:
+    """Segments shared between this host's threads and `remote_slots` restore workers
+    (default DUPHUNTER_RESTORE_WORKER_SLOTS, else 2): each remote slot queues a segment
+    and waits for it; a segment a worker fails or is late with is encoded here (every
+    restore is verified before its bytes leave, whoever encoded it)."""
+    slots = remote_slots or int(os.environ.get("DUPHUNTER_RESTORE_WORKER_SLOTS", "2"))
+
+    def remote(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
         result = app.send_task(encode_segment.name, args=(recipe.blob_digest, index))
-        queued.append((index, result))
-        if len(queued) > ahead:
-            yield _collect(*queued.popleft(), recipe, files, plan)
-    while queued:
-        yield _collect(*queued.popleft(), recipe, files, plan)
+        try:
+            return base64.b64decode(result.get(timeout=SEGMENT_TIMEOUT_SECONDS))
+        except Exception as error:
+            logger.warning("segment %d of %s: %r; encoding it here", index, recipe.blob_digest,
+                           error)  # fmt: skip
+            return encode_stored_segment(recipe, files, plan, index)
 
-
-def _collect(index: int, result: Any, recipe: Recipe, files: FileStore, plan: Checkpoints) -> bytes:
-    try:
-        return base64.b64decode(result.get(timeout=SEGMENT_TIMEOUT_SECONDS))
-    except Exception as error:
-        logger.warning("segment %d of %s: %r; encoding it here", index, recipe.blob_digest, error)
-        return encode_stored_segment(recipe, files, plan, index)
+    local: list[SegmentEncoder] = [encode_stored_segment] * RESTORE_THREADS
+    return pooled_runner([*local, *[remote] * slots])
 
 
 _min_bytes = int(os.environ.get("DUPHUNTER_RESTORE_WORKERS_MIN_BYTES", str(64 << 20)))
 if _min_bytes > 0:
-    use_restore_workers(restore_workers_runner, _min_bytes)
+    use_restore_workers(restore_workers_runner(), _min_bytes)
