@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from pipelines import restore
 from pipelines.checkpoints import (
@@ -402,3 +403,60 @@ def test_live_unreadable_checkpoints_fall_back_to_serial(
         assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
     finally:
         live.registry.store.put_bytes(key, original)
+
+
+# --------------------------------------------------------------------------- zstd
+
+
+def zstd_block_starts(frame: bytes) -> dict[int, int]:
+    """tar offset -> frame offset of every block of a single zstd frame."""
+    descriptor = frame[4]
+    single = (descriptor >> 5) & 1
+    header = 5 + (0 if single else 1) + [0, 1, 2, 4][descriptor & 3]
+    header += [1 if single else 0, 2, 4, 8][descriptor >> 6]
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    decompressor.decompress(frame[:header])
+    starts, position, produced = {}, header, 0
+    while True:
+        word = int.from_bytes(frame[position : position + 3], "little")
+        size = 3 + (1 if (word >> 1) & 3 == 1 else word >> 3)
+        starts[produced] = position
+        produced += len(decompressor.decompress(frame[position : position + size]))
+        position += size
+        if word & 1:
+            starts[produced] = position
+            return starts
+
+
+@pytest.mark.parametrize("threads", [2, 0])
+def test_zstd_blocks_cannot_be_resumed_through_the_api(threads: int) -> None:
+    """Evidence, not a wish: libzstd's jobs (threads) are independent by design, each a
+    fresh context primed with the input before it, but re-encoding one alone needs what
+    python-zstandard's API does not reach (ZSTD_compressBegin_advanced_internal loading the
+    overlap as a prefix with forceMaxWindow, ZSTD_invalidateRepCodes, contiguous input);
+    a single-threaded frame carries entropy tables and repeat offsets across blocks. The
+    nearest the API gets (the window before the boundary as a raw-content dictionary,
+    forceMaxWindow, no frame fields) gives other blocks, so zstd layers restore serially."""
+    data = real_tar(5_000_000)
+    level = 1
+    stream = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(size=len(data))
+    frame = stream.compress(data) + stream.flush()
+    starts = zstd_block_starts(frame)
+    params = zstandard.ZstdCompressionParameters.from_level(level, source_size=len(data))
+    job = 1 << max(20, params.window_log + 2)  # ZSTDMT's job size without long matching
+    cut = job if threads else min(t for t in starts if t >= job)
+    end = min(t for t in starts if t >= cut + job // 2)
+    overlap = (1 << params.window_log) >> (3 if threads else 0)
+    resumed_params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=len(data), force_max_window=1, write_checksum=0,
+        write_content_size=0, write_dict_id=0,
+    )  # fmt: skip
+    prefix = zstandard.ZstdCompressionDict(
+        data[cut - overlap : cut], dict_type=zstandard.DICT_TYPE_RAWCONTENT
+    )
+    compressor = zstandard.ZstdCompressor(compression_params=resumed_params, dict_data=prefix)
+    resumed = compressor.compressobj(size=end - cut)
+    again = resumed.compress(data[cut:end]) + resumed.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    pushed = frame[starts[cut] : starts[end]]
+    assert cut in starts and again[-len(pushed) :] != pushed
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
