@@ -263,6 +263,7 @@ def measure_layer(
             runs[f"hosts {hosts}"].append(
                 timed(lambda: runner_restore(recipe, files, runner), digest)  # noqa: B023
             )
+    load = os.getloadavg()[0]  # the machine is shared: say how busy it was
     medians = {name: statistics.median(values) for name, values in runs.items() if values}
     checkpoint_bytes = registry.store.size(checkpoints_key(digest)) or 0
     result = {
@@ -276,6 +277,7 @@ def measure_layer(
         "checkpoint_bytes": checkpoint_bytes,
         "ingest_prove_seconds": float(record.get("prove_seconds", 0) or 0),
         "ingest_split_seconds": float(record.get("split_seconds", 0) or 0),
+        "load_average": load,
         "seconds": medians,
         "ratio": {name: value / medians["original"] for name, value in medians.items()},
     }
@@ -338,8 +340,8 @@ def stored_bytes(registry: Registry) -> dict[str, int]:
 
 def table(layers: list[dict[str, Any]]) -> str:
     columns = ["original", "serial", "threads", *(f"hosts {n}" for n in HOSTS)]
-    head = "| encoder | tar MB | checkpoints proven | " + " | ".join(columns) + " |"
-    rule = "|" + "---|" * (3 + len(columns))
+    head = "| encoder | tar MB | checkpoints proven | " + " | ".join(columns) + " | load |"
+    rule = "|" + "---|" * (4 + len(columns))
     rows = [head, rule]
     for layer in layers:
         cells = []
@@ -350,7 +352,9 @@ def table(layers: list[dict[str, Any]]) -> str:
             )
         rows.append(
             f"| {layer['label']} | {layer['tar_bytes'] / 1e6:.0f} | "
-            f"{layer['proven']} of {layer['candidates']} | " + " | ".join(cells) + " |"
+            f"{layer['proven']} of {layer['candidates']} | "
+            + " | ".join(cells)
+            + f" | {layer.get('load_average', 0):.1f} |"
         )
     return "\n".join(rows)
 

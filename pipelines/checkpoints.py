@@ -314,9 +314,9 @@ def prove(
         failed = {s.index for s in segments if not known[(s.tar_start, s.tar_end)]}
         if not failed:
             return Proof(current, rounds)
-        if 0 in failed and len(segments) == 1:
-            return Proof(None, rounds)  # the serial encoder itself differs
-        if 0 in failed or rounds >= MAX_PROOF_ROUNDS:
+        if 0 in failed:  # segment 0 is the encoder from the stream's start: not this one
+            return Proof(None, rounds)
+        if rounds >= MAX_PROOF_ROUNDS:
             kept: tuple[Checkpoint, ...] = ()  # settle it with one serial segment
         else:
             kept = tuple(p for i, p in enumerate(current.points, start=1) if i not in failed)
@@ -392,6 +392,22 @@ class PushedPayload:
     size: int
 
 
+def find_candidates(
+    encoder: Encoder,
+    blob_digest: str,
+    tar_size: int,
+    payload: PushedPayload,
+    spacing: int = CHECKPOINT_SPACING,
+) -> Checkpoints:
+    """Candidate checkpoints at the block boundaries of the pushed payload."""
+    found = boundaries(payload.chunks())
+    candidates = choose_candidates(found, tar_size, encoder.resumable_at, spacing)
+    return Checkpoints(
+        blob_digest, encoder.encoder_id, tar_size, payload.size * 8, tuple(candidates),
+        len(candidates),
+    )  # fmt: skip
+
+
 def find_and_prove(
     encoder: Encoder,
     blob_digest: str,
@@ -404,16 +420,16 @@ def find_and_prove(
     """Find candidate checkpoints in the pushed payload and prove them on `read_tar` (the
     tar rebuilt from stored files): a proof whose checkpoints are None means this
     encoder does not reproduce the payload at all."""
-    found = boundaries(payload.chunks())
-    candidates = choose_candidates(found, tar_size, encoder.resumable_at, spacing)
-    plan = Checkpoints(
-        blob_digest, encoder.encoder_id, tar_size, payload.size * 8, tuple(candidates),
-        len(candidates),
-    )  # fmt: skip
+    plan = find_candidates(encoder, blob_digest, tar_size, payload, spacing)
+    return prove_plan(encoder, plan, payload, read_tar, pool)
 
+
+def prove_plan(
+    encoder: Encoder, plan: Checkpoints, payload: PushedPayload, read_tar: ReadTar, pool: Executor
+) -> Proof:
     def encoded(segment: Segment) -> bytes | None:
         try:
-            return encode_segment(encoder, segment, read_tar, tar_size)
+            return encode_segment(encoder, segment, read_tar, plan.tar_size)
         except SegmentError:
             return None
 
@@ -458,8 +474,11 @@ def prove_shortlisted(
     if not encoder.encoder_id.startswith("gzip/"):
         return fallback(), None
     payload = gzip_payload(read_blob, blob_size, params)
+    plan = find_candidates(encoder, blob_digest, tar_size, payload)
+    if not plan.points:  # nowhere to resume: the usual serial proof
+        return fallback(), None
     with ThreadPoolExecutor(PROOF_THREADS, thread_name_prefix="proof") as pool:
-        proof = find_and_prove(encoder, blob_digest, tar_size, payload, read_tar, pool)
+        proof = prove_plan(encoder, plan, payload, read_tar, pool)
     if proof.checkpoints is None:
         return fallback(), None
     logger.info(

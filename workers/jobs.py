@@ -32,7 +32,9 @@ from pipelines.restore import (
 from workers.app import QUEUES, celery_app
 from workers.tasks import encode_segment, ingest_layer, record_pull
 
-SEGMENT_TIMEOUT_SECONDS = 120.0  # then the segment is encoded here instead
+# A segment (about 4 MiB of tar) takes a worker a second or two; past this, a missing or
+# overloaded restore worker is assumed and the segment is encoded here.
+SEGMENT_TIMEOUT_SECONDS = 20.0
 logger = logging.getLogger(__name__)
 
 
@@ -84,7 +86,10 @@ def restore_workers_runner(app: Celery = celery_app, remote_slots: int = 0) -> S
         except Exception as error:
             logger.warning("segment %d of %s: %r; encoding it here", index, recipe.blob_digest,
                            error)  # fmt: skip
+            result.revoke()
             return encode_stored_segment(recipe, files, plan, index)
+        finally:
+            result.forget()  # megabytes of bits: not kept in Redis for the results' lifetime
 
     local: list[SegmentEncoder] = [encode_stored_segment] * RESTORE_THREADS
     return pooled_runner([*local, *[remote] * slots])
