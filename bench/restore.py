@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -182,10 +183,25 @@ def drain(chunks: Iterator[bytes]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def timed(work: Callable[[], str], expected: str | None = None) -> float:
-    started = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the Go helpers); not of
+    the S3 server, nor of the stand-in hosts' processes."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+CPU: dict[str, list[float]] = {}  # label/run -> CPU seconds, beside the wall times
+
+
+def timed(work: Callable[[], str], expected: str | None = None, cpu_key: str = "") -> float:
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     result = work()
     seconds = time.perf_counter() - started
+    if cpu_key:
+        CPU.setdefault(cpu_key, []).append(cpu_seconds() - cpu_started)
     if expected is not None and result != expected:
         raise RuntimeError(f"restored {result}, expected {expected}")
     return seconds
@@ -196,7 +212,7 @@ def original_seconds(encoder_id: str, tar: bytes) -> float:
     encoder = lookup_encoder(encoder_id)
     os.environ["GOMAXPROCS"] = "1"  # pgzip's own goroutines: one thread
     try:
-        return timed(lambda: drain(encoder.body([tar], b"")))
+        return timed(lambda: drain(encoder.body([tar], b"")), cpu_key=f"{encoder_id} original")
     finally:
         del os.environ["GOMAXPROCS"]
 
@@ -254,7 +270,9 @@ def measure_layer(
     runs.update({f"hosts {n}": [] for n in HOSTS})
     for _ in range(reps):
         runs["original"].append(original_seconds(encoder_id, tar))
-        runs["serial"].append(timed(lambda: serial_restore(recipe, files), digest))
+        runs["serial"].append(
+            timed(lambda: serial_restore(recipe, files), digest, f"{encoder_id} serial")
+        )
         if plan is None:
             continue
         runs["threads"].append(timed(lambda: runner_restore(recipe, files, local_runner()), digest))
@@ -278,6 +296,11 @@ def measure_layer(
         "ingest_prove_seconds": float(record.get("prove_seconds", 0) or 0),
         "ingest_split_seconds": float(record.get("split_seconds", 0) or 0),
         "load_average": load,
+        "cpu_seconds": {
+            name: statistics.median(CPU[f"{encoder_id} {name}"])
+            for name in ("original", "serial", "threads")
+            if CPU.get(f"{encoder_id} {name}")
+        },
         "seconds": medians,
         "ratio": {name: value / medians["original"] for name, value in medians.items()},
     }
@@ -386,6 +409,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Checkpoint objects: {store['checkpoints']} bytes, "
         f"{100 * store['share']:.4f}% of the {store['stored'] / 1e6:.0f} MB stored "
         f"(target < {100 * STORE_TARGET:.0f}%).",
+        "- CPU seconds (this process and the Go helpers; not the S3 server), "
+        "original / serial restore / parallel restore on threads: "
+        + ", ".join(
+            f"{layer['label']} "
+            + " / ".join(
+                f"{layer['cpu_seconds'].get(n, 0):.1f}" for n in ("original", "serial", "threads")
+            )
+            for layer in layers
+        )
+        + ". On a machine shared with other work, these show the parallel path's extra work,"
+        " and half of the parallel figure what 2 idle cores would take.",
         "- Ingest (find + prove checkpoints, which is also the encoder's proof): "
         + ", ".join(f"{layer['label']} {layer['ingest_prove_seconds']:.1f} s" for layer in layers)
         + ".",

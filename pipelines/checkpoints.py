@@ -41,7 +41,7 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -62,6 +62,10 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(Exception):
     """The bytes are not a valid checkpoint object."""
+
+
+class SegmentError(Exception):
+    """A segment could not be re-encoded into the bits it must have."""
 
 
 @dataclass(frozen=True)
@@ -211,39 +215,47 @@ class _Reader:
 
 
 # --------------------------------------------------------------------------- bits
+#
+# A segment's bits are kept as the bytes of the stream they touch: a segment starting at
+# bit b of the stream starts `b % 8` bits into its first byte (its encoder is primed with
+# that many zero bits: zlib's deflatePrime, the Go helpers' -align). Its first byte's low
+# bits belong to the segment before, its last byte's high bits to the one after; both are
+# kept zero. Joining ORs the byte two segments share: the shift is done by the encoders.
 
 
-def take_bits(data: bytes, nbits: int) -> bytes:
-    """The first `nbits` bits of a deflate bit string (LSB first), unused bits zeroed."""
-    whole, rest = divmod(nbits, 8)
-    if len(data) * 8 < nbits:
-        raise ValueError(f"{len(data) * 8} bits where {nbits} are needed")
-    if not rest:
-        return data[:whole]
-    return data[:whole] + bytes([data[whole] & ((1 << rest) - 1)])
+def edge_masked(data: bytes, segment: Segment) -> bytes | None:
+    """The bytes of `segment` in `data` (which starts at the byte holding its first bit),
+    bits outside the segment zeroed; None if `data` is too short, or, for the stream's
+    last segment, goes on past its end."""
+    end_bit = segment.align + segment.bits
+    size = (end_bit + 7) // 8
+    if len(data) < size or (segment.final and any(data[size:])):
+        return None
+    first = data[0] & (0xFF << segment.align) & 0xFF
+    if size == 1:
+        return bytes([first & ((1 << (end_bit % 8 or 8)) - 1)])
+    last = data[size - 1] & ((1 << (end_bit % 8 or 8)) - 1)
+    return bytes([first]) + data[1 : size - 1] + bytes([last])
 
 
-def slice_bits(data: bytes, start: int, nbits: int) -> bytes:
-    """Bits [start, start+nbits) of `data` as a bit string starting at bit 0."""
-    first, shift = divmod(start, 8)
-    chunk = data[first : (start + nbits + 7) // 8]
-    value = int.from_bytes(chunk, "little") >> shift
-    value &= (1 << nbits) - 1
-    return value.to_bytes((nbits + 7) // 8, "little")
-
-
-def join_bits(parts: Iterable[tuple[bytes, int]]) -> Iterator[bytes]:
-    """Concatenate bit strings (bytes, number of bits), shifting each by what the previous
-    ones left in their last byte. Only whole bytes are yielded until the end."""
-    carry, carry_bits = 0, 0
-    for data, nbits in parts:
-        value = carry | (int.from_bytes(take_bits(data, nbits), "little") << carry_bits)
-        total = carry_bits + nbits
-        whole = total // 8
+def join_segments(parts: Iterable[tuple[bytes, Segment]]) -> Iterator[bytes]:
+    """The stream from consecutive segments' edge-masked bytes: a segment's first byte is
+    ORed with the last, partial byte of the one before."""
+    carry, pending, position = 0, False, 0
+    for data, segment in parts:
+        end_bit = segment.align + segment.bits
+        if segment.bit_start != position:
+            raise SegmentError(f"segment {segment.index} does not start where the last ended")
+        position = segment.bit_end
+        head = data[0] | carry
+        whole = end_bit // 8
         if whole:
-            yield (value & ((1 << (8 * whole)) - 1)).to_bytes(whole, "little")
-        carry, carry_bits = value >> (8 * whole), total - 8 * whole
-    if carry_bits:
+            yield bytes([head])
+            yield data[1:whole]
+            carry, pending = (data[whole] if end_bit % 8 else 0), bool(end_bit % 8)
+        else:
+            carry, pending = head, True
+    if pending:
         yield bytes([carry])
 
 
@@ -280,7 +292,7 @@ def choose_candidates(
 # --------------------------------------------------------------------------- proving
 
 EncodeSegment = Callable[[Segment], bytes | None]  # its bits, from its start alone
-ReadBits = Callable[[Segment], bytes]  # the pushed payload's bits of a segment
+ReadBits = Callable[[Segment], bytes | None]  # the pushed payload's bits of a segment
 
 
 @dataclass(frozen=True)
@@ -323,37 +335,14 @@ def prove(
         current = replace(current, points=kept)
 
 
-def segment_bits(encoded: bytes, segment: Segment) -> bytes | None:
-    """The bits of `segment` in what its encoder produced, which starts with
-    `segment.align` padding bits: its first `segment.bits` after those, or None if the
-    output is too short, or, for the stream's last segment, goes on past its end (the
-    padding of the last byte is zero in both)."""
-    available = len(encoded) * 8 - segment.align
-    if available < segment.bits - (7 if segment.final else 0):
-        return None
-    value = int.from_bytes(encoded, "little") >> segment.align
-    if segment.final and value >> segment.bits:
-        return None
-    value &= (1 << segment.bits) - 1
-    return value.to_bytes((segment.bits + 7) // 8, "little")
-
-
-def read_payload_bits(payload: bytes, segment: Segment) -> bytes:
-    return slice_bits(payload, segment.bit_start, segment.bits)
-
-
-def points_of(segments: Sequence[Segment]) -> tuple[Checkpoint, ...]:
-    return tuple(Checkpoint(s.tar_start, s.bit_start) for s in segments[1:])
-
-
 # --------------------------------------------------------------------------- segments
 
 ReadTar = Callable[[int, int], bytes]  # tar bytes [start, end)
 
 
 def encode_segment(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
-    """The bits of `segment`, re-encoded from its start alone (from the tar bytes around
-    it); raises SegmentError if the encoder's output cannot hold them."""
+    """The bits of `segment` (edge-masked bytes), re-encoded from its start alone from the
+    tar bytes around it; raises SegmentError if the encoder's output cannot hold them."""
     if segment.tar_start and not encoder.resumable_at(segment.tar_start):
         raise SegmentError(f"{encoder.encoder_id} cannot resume at {segment.tar_start}")
     history_start = max(0, segment.tar_start - encoder.history_bytes)
@@ -370,14 +359,10 @@ def encode_segment(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_si
         final=segment.final,
         align=segment.align,
     )
-    bits = segment_bits(encoded, segment)
+    bits = edge_masked(encoded, segment)
     if bits is None:
         raise SegmentError(f"segment {segment.index} does not end where it should")
     return bits
-
-
-class SegmentError(Exception):
-    """A segment could not be re-encoded into the bits it must have."""
 
 
 # --------------------------------------------------------------------------- at ingest
@@ -433,10 +418,9 @@ def prove_plan(
         except SegmentError:
             return None
 
-    def pushed(segment: Segment) -> bytes:
-        first = segment.bit_start // 8
-        data = payload.read(first, (segment.bit_end + 7) // 8)
-        return slice_bits(data, segment.align, segment.bits)
+    def pushed(segment: Segment) -> bytes | None:
+        data = payload.read(segment.bit_start // 8, (segment.bit_end + 7) // 8)
+        return edge_masked(data, segment)
 
     return prove(plan, encoded, pushed, pool)
 

@@ -308,6 +308,11 @@ class GoStdlibEncoder(Encoder):
         return 2 * GO_CHUNK + 1 if self.generation != "1.26" else 4096
 
     def resumable_at(self, tar_offset: int) -> bool:
+        if self.generation != "1.26" and self.level in (7, 8, 9):
+            # Go >= 1.27's lazy levels keep literal-cost estimates across blocks and may
+            # continue a block's Huffman table over many chunks: measured, almost no
+            # boundary resumes, so none is offered.
+            return False
         chunk = self._chunked
         return chunk is None or tar_offset % chunk == 0
 

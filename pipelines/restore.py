@@ -30,7 +30,7 @@ from pipelines.checkpoints import (
     SegmentError,
     checkpoints_key,
     encode_segment,
-    join_bits,
+    join_segments,
 )
 from pipelines.encoders import decode_gzip_params, encode, lookup_encoder
 from pipelines.filestore import FileStore, Location, decode_stored
@@ -225,7 +225,7 @@ def _rebuilt_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     runner = _runner_for(recipe)
     yield header
     bits = runner(recipe, files, plan)
-    yield from join_bits(zip(bits, (s.bits for s in plan.segments()), strict=True))
+    yield from join_segments(zip(bits, plan.segments(), strict=True))
     yield trailer
 
 
@@ -268,11 +268,26 @@ def encode_layer_segment(
 ) -> bytes:
     """What a restore worker does for a parallel restore elsewhere: segment `index` of
     the layer whose recipe is at `recipe_key`."""
-    recipe = Recipe.decode(store.get_bytes(recipe_key))
-    plan = load_checkpoints(recipe, store)
+    recipe, plan = _layer_plan(store, recipe_key)
     if plan is None or index >= len(plan.segments()):
         raise RestoreError(f"{recipe.blob_digest} has no segment {index}")
     return encode_stored_segment(recipe, files, plan, index)
+
+
+_plans: dict[tuple[int, str], tuple[Recipe, Checkpoints | None]] = {}
+_PLANS_KEPT = 8  # a worker asked for one segment is likely asked for the next ones
+
+
+def _layer_plan(store: ObjectStore, recipe_key: str) -> tuple[Recipe, Checkpoints | None]:
+    """A layer's recipe and checkpoints, kept for the next segments (both are written
+    once, before the layer's commit point, and never changed under the same key)."""
+    key = (id(store), recipe_key)
+    if key not in _plans:
+        recipe = Recipe.decode(store.get_bytes(recipe_key))
+        _plans[key] = (recipe, load_checkpoints(recipe, store))
+        while len(_plans) > _PLANS_KEPT:
+            del _plans[next(iter(_plans))]
+    return _plans[key]
 
 
 # Runs the segments of a plan, yielding their bits in order.
