@@ -275,7 +275,10 @@ def measure_layer(
         )
         if plan is None:
             continue
-        runs["threads"].append(timed(lambda: runner_restore(recipe, files, local_runner()), digest))
+        threads = timed(
+            lambda: runner_restore(recipe, files, local_runner()), digest, f"{encoder_id} threads"
+        )
+        runs["threads"].append(threads)
         for hosts in HOSTS:
             runner = hosts_runner(pools[hosts], hosts, info.recipe)
             runs[f"hosts {hosts}"].append(
