@@ -37,11 +37,12 @@ restore, never a wrong one (and every restore is verified by `pipelines.verify`)
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -54,6 +55,7 @@ VERSION = 1
 CHECKSUM_SIZE = 32
 CHECKPOINT_SPACING = 4 << 20  # tar bytes between candidates
 MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
+AVOID_MARGIN = 256 * 1024  # more than any encoder's history or lookahead
 _MAX_VARINT_BYTES = 10
 PROOF_THREADS = os.cpu_count() or 2
 
@@ -276,6 +278,25 @@ def choose_candidates(
 ) -> list[Checkpoint]:
     """About one boundary every `spacing` tar bytes where the encoder can resume; of
     several boundaries at one tar offset (an empty sync block) the last one."""
+    return choose_candidates_avoiding(boundaries, tar_size, resumable_at, [], spacing)
+
+
+def choose_candidates_avoiding(
+    boundaries: Iterable[Checkpoint],
+    tar_size: int,
+    resumable_at: Callable[[int], bool],
+    avoid: Sequence[tuple[int, int]],
+    spacing: int = CHECKPOINT_SPACING,
+) -> list[Checkpoint]:
+    """choose_candidates, with no checkpoint in or near (AVOID_MARGIN) the tar spans
+    `avoid`: a segment that touches a large file fetches all of it, so each large file
+    is left to one segment."""
+    blocked = sorted((start - AVOID_MARGIN, end + AVOID_MARGIN) for start, end in avoid)
+
+    def allowed(offset: int) -> bool:
+        index = bisect.bisect_right(blocked, (offset, tar_size)) - 1
+        return resumable_at(offset) and not (index >= 0 and blocked[index][1] > offset)
+
     last_at: dict[int, Checkpoint] = {}
     for point in boundaries:
         if 0 < point.tar_offset < tar_size:
@@ -283,7 +304,7 @@ def choose_candidates(
     chosen: list[Checkpoint] = []
     target = spacing
     for offset in sorted(last_at):
-        if offset >= target and resumable_at(offset) and tar_size - offset >= spacing // 4:
+        if offset >= target and allowed(offset) and tar_size - offset >= spacing // 4:
             chosen.append(last_at[offset])
             target = offset + spacing
     return chosen
@@ -383,10 +404,12 @@ def find_candidates(
     tar_size: int,
     payload: PushedPayload,
     spacing: int = CHECKPOINT_SPACING,
+    avoid: Sequence[tuple[int, int]] = (),
 ) -> Checkpoints:
-    """Candidate checkpoints at the block boundaries of the pushed payload."""
+    """Candidate checkpoints at the block boundaries of the pushed payload, away from the
+    tar spans `avoid` (large files)."""
     found = boundaries(payload.chunks())
-    candidates = choose_candidates(found, tar_size, encoder.resumable_at, spacing)
+    candidates = choose_candidates_avoiding(found, tar_size, encoder.resumable_at, avoid, spacing)
     return Checkpoints(
         blob_digest, encoder.encoder_id, tar_size, payload.size * 8, tuple(candidates),
         len(candidates),
@@ -445,6 +468,7 @@ def prove_shortlisted(
     blob_size: int,
     read_tar: ReadTar,
     fallback: Callable[[], Match | NoMatch],
+    avoid: Sequence[tuple[int, int]] = (),
 ) -> tuple[Match | NoMatch, Checkpoints | None]:
     """The trial restore of ingest. A gzip layer's best candidate is proven segment by
     segment, in parallel, from checkpoints found in the pushed blob: every bit of the
@@ -458,7 +482,7 @@ def prove_shortlisted(
     if not encoder.encoder_id.startswith("gzip/"):
         return fallback(), None
     payload = gzip_payload(read_blob, blob_size, params)
-    plan = find_candidates(encoder, blob_digest, tar_size, payload)
+    plan = find_candidates(encoder, blob_digest, tar_size, payload, avoid=avoid)
     if not plan.points:  # nowhere to resume: the usual serial proof
         return fallback(), None
     with ThreadPoolExecutor(PROOF_THREADS, thread_name_prefix="proof") as pool:

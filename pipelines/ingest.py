@@ -42,7 +42,7 @@ from pipelines.errors import is_transient
 from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
-from pipelines.restore import rebuild_tar, rebuild_tar_range
+from pipelines.restore import large_file_spans, rebuild_tar, rebuild_tar_range
 from pipelines.storage import ObjectStore
 from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 from pipelines.verify import SegmentHasher, VerificationError
@@ -221,6 +221,7 @@ class Ingestor:
             info.size,
             lambda start, end: b"".join(rebuild_tar_range(recipe, self.files, start, end)),
             lambda: encoders.prove(shortlist, self._opener(recipe), info.digest),
+            avoid=large_file_spans(recipe),
         )
 
     def _opener(self, recipe: Recipe) -> Callable[[], BinaryIO]:

@@ -98,6 +98,19 @@ def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) ->
         raise RestoreError(f"the tar ends before byte {end}")
 
 
+def large_file_spans(recipe: Recipe) -> list[tuple[int, int]]:
+    """Tar offsets [start, end) of the files a rebuild fetches whole and on their own
+    (larger than SPAN_LIMIT): a segment touching one fetches all of it, so checkpoints
+    are kept away from them (pipelines.checkpoints.choose_candidates)."""
+    spans, offset = [], 0
+    for entry in recipe.entries():
+        size = len(entry.data) if isinstance(entry, Raw) else entry.size
+        if isinstance(entry, FileRef) and size > SPAN_LIMIT:
+            spans.append((offset, offset + size))
+        offset += size
+    return spans
+
+
 def _rebuild(entries: Iterator[Raw | FileRef], files: FileStore) -> Iterator[bytes]:
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
         pending: deque[tuple[_Item, int]] = deque()

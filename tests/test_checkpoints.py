@@ -25,6 +25,8 @@ import zstandard
 
 from pipelines import restore
 from pipelines.checkpoints import (
+    AVOID_MARGIN,
+    CHECKPOINT_SPACING,
     Checkpoint,
     CheckpointError,
     Checkpoints,
@@ -33,6 +35,7 @@ from pipelines.checkpoints import (
     boundaries,
     checkpoints_key,
     choose_candidates,
+    choose_candidates_avoiding,
     edge_masked,
     encode_segment,
     find_and_prove,
@@ -494,3 +497,18 @@ def test_zstd_blocks_cannot_be_resumed_through_the_api(threads: int) -> None:
     pushed = frame[starts[cut] : starts[end]]
     assert cut in starts and again[-len(pushed) :] != pushed
     assert zstandard.ZstdDecompressor().decompress(frame) == data
+
+
+def test_checkpoints_keep_away_from_large_files() -> None:
+    """A segment touching a large file fetches all of it: each is left to one segment."""
+    found = [Checkpoint(offset, offset * 3) for offset in range(100_000, 60_000_000, 100_000)]
+    spans = [(10_000_000, 30_000_000)]
+    chosen = choose_candidates_avoiding(found, 60_000_000, lambda _: True, spans)
+    margin = AVOID_MARGIN
+    assert chosen and all(not 10_000_000 - margin <= c.tar_offset < 30_000_000 + margin
+                          for c in chosen)  # fmt: skip
+    assert any(c.tar_offset < 10_000_000 for c in chosen)
+    assert any(c.tar_offset > 30_000_000 for c in chosen)
+    everywhere = choose_candidates(found, 60_000_000, lambda _: True)
+    assert len(everywhere) > len(chosen)
+    assert all(c.tar_offset >= CHECKPOINT_SPACING for c in everywhere)
