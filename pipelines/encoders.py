@@ -39,6 +39,7 @@ from pipelines.codecs import (
     iter_chunks,
     parse_zstd_frame_header,
 )
+from pipelines.libz import zlib_segment
 
 IDENTITY_ID = "identity"
 GZIP_TRAILER_LEN = 8
@@ -50,6 +51,8 @@ FEED_CHUNK = 64 * 1024
 # pgzip closes the stream after the screened prefix: ignore that many final bytes.
 PGZIP_CLOSE_MARGIN = 64
 PGZIP_BLOCK_SIZES = (1 << 20, 256 << 10)  # containers/image (skopeo...), umoci
+PGZIP_TAIL = 16 * 1024  # pgzip primes each block with this much of the previous one
+GO_CHUNK = 65535  # Go's chunk-wise encoders (BestSpeed; Go >= 1.27 levels 1-6)
 # A stage-1 agreement over this much output is proof enough to go to the full check.
 SCREEN_CONCLUSIVE_BYTES = 16 * 1024
 ZSTD_ONESHOT_MAX = 64 * 1024 * 1024
@@ -212,6 +215,25 @@ class Encoder(ABC):
         or None if this encoder cannot be screened on a prefix."""
         return None
 
+    # Resuming at a deflate block boundary (pipelines.checkpoints proves every use).
+    history_bytes = 0  # input before a boundary that a segment needs
+    lookahead_bytes = 0  # input after a segment's end that finishing it needs
+
+    def resumable_at(self, tar_offset: int) -> bool:
+        """Whether a segment may start at a block boundary at this tar offset."""
+        return False
+
+    def encode_segment(
+        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
+    ) -> bytes:
+        """The payload's bits from a block boundary on, encoding `data` as the stream
+        does after `history`: the whole rest of the stream if `final`, else at least up
+        to the block boundary after `data` (seeing `lookahead`, the input past it).
+        `offset` is the boundary's offset in the tar. The output starts with `align`
+        zero bits: the boundary's place in its byte (stored blocks pad to a byte
+        boundary of the whole stream)."""
+        raise EncoderUnavailableError(f"{self.encoder_id} cannot resume mid-stream")
+
 
 class ZlibEncoder(Encoder):
     """Stock zlib raw deflate (Python gzip, Java GZIPOutputStream, Jib)."""
@@ -236,6 +258,20 @@ class ZlibEncoder(Encoder):
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes:
         compressor = self._compressor()  # fed like body() and not flushed: a true prefix
         return b"".join(compressor.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+
+    # deflateSetDictionary rebuilds the window and the hash chains of every position
+    # (what levels 4-9 hold); the lookahead covers MIN_LOOKAHEAD (262) and a margin.
+    history_bytes = 32 * 1024
+    lookahead_bytes = 4096
+
+    def resumable_at(self, tar_offset: int) -> bool:
+        # Level 0's stored blocks follow the caller's buffers; it is memcpy-fast anyway.
+        return self.level != 0
+
+    def encode_segment(
+        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
+    ) -> bytes:
+        return zlib_segment(self.level, history, data, lookahead, final, align, FEED_CHUNK)
 
 
 class GoStdlibEncoder(Encoder):
@@ -266,6 +302,43 @@ class GoStdlibEncoder(Encoder):
 
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes:
         return b"".join(run_filter(self._argv("prefix"), [tar_prefix]))
+
+    @property
+    def _chunked(self) -> int | None:
+        """The input chunk of encoders that work chunk by chunk (their blocks start on
+        chunk boundaries and a resume replays whole chunks), None for lazy matching."""
+        if self.generation == "1.26":
+            return GO_CHUNK if self.level in (-2, 0, 1) else None
+        if self.level == -2:
+            return 32 * 1024
+        return GO_CHUNK if self.level in (-1, 0, 1, 2, 3, 4, 5, 6) else None
+
+    @property
+    def history_bytes(self) -> int:  # type: ignore[override]
+        # Lazy levels: the compressor's window holds up to 64 KiB before the boundary.
+        return 3 * GO_CHUNK if self._chunked else 64 * 1024
+
+    @property
+    def lookahead_bytes(self) -> int:  # type: ignore[override]
+        # Go >= 1.27 may end a block only when the next chunk wants a new table.
+        return 2 * GO_CHUNK + 1 if self.generation != "1.26" else 4096
+
+    def resumable_at(self, tar_offset: int) -> bool:
+        if self.generation != "1.26" and self.level in (7, 8, 9):
+            # Go >= 1.27's lazy levels keep literal-cost estimates across blocks and may
+            # continue a block's Huffman table over many chunks: measured, almost no
+            # boundary resumes, so none is offered.
+            return False
+        chunk = self._chunked
+        return chunk is None or tar_offset % chunk == 0
+
+    def encode_segment(
+        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
+    ) -> bytes:
+        argv = [*self._argv("segment"), "-history", str(len(history)), "-align", str(align)]
+        argv += ["-offset", str(offset)]
+        argv += ["-final"] if final else []
+        return b"".join(run_filter(argv, [history, data, lookahead]))
 
 
 class PgzipEncoder(Encoder):
@@ -302,6 +375,21 @@ class PgzipEncoder(Encoder):
             return None
         out = b"".join(run_filter(self._argv(), [tar_prefix[:whole_blocks]]))
         return out[:-PGZIP_CLOSE_MARGIN]
+
+    # Blocks are independent by design: each is primed with the previous one's tail.
+    history_bytes = PGZIP_TAIL
+
+    def resumable_at(self, tar_offset: int) -> bool:
+        return tar_offset % self.block_size == 0
+
+    def encode_segment(
+        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
+    ) -> bytes:
+        if align:
+            raise ValueError("pgzip blocks start on a byte boundary")
+        argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(len(history))]
+        argv += ["-final"] if final else []
+        return b"".join(run_filter(argv, [history, data]))
 
 
 def pgzip_helper() -> Path:

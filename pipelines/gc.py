@@ -40,6 +40,7 @@ from typing import Any
 
 from pipelines.blobs import BlobInfo, BlobStore, blob_key, layer_link_key
 from pipelines.buffer import LayerBuffer
+from pipelines.checkpoints import checkpoints_key
 from pipelines.filestore import (
     FileStore,
     Location,
@@ -60,6 +61,7 @@ from pipelines.storage import Listed, ObjectNotFound, ObjectStore
 REPORT_KEY = "gc/last-report.json"
 DEFERRED_PREFIX = "gc/deferred/"
 LEASE_SECONDS = 60
+COUNTED_PREFIXES = ("data/", "recipes/", "checkpoints/")  # counted in stored bytes
 
 
 @dataclass
@@ -326,7 +328,7 @@ class GarbageCollector:
         self.store.delete([blob_key(info.digest)])
         self.index.redis.delete(f"dh:blob:{info.digest}")
         self.store.delete([s.key for s in data] + ([info.recipe] if info.recipe else []))
-        self.store.delete([layer_record_key(info.digest)])
+        self.store.delete([layer_record_key(info.digest), checkpoints_key(info.digest)])
         self.index.redis.delete(f"dh:layer:{info.digest}")
         self.index.redis.hdel("dh:layers", info.digest)
         self.buffer.drop(info.digest)
@@ -443,21 +445,20 @@ class GarbageCollector:
         named = {s.key for _l, info in descriptors.values() for s in info.segments + info.retired}
         named |= {info.recipe for _l, info in descriptors.values() if info.recipe}
         named |= {layer_record_key(digest) for digest in descriptors}
+        named |= {checkpoints_key(digest) for digest in descriptors}
         uploads = {key.removeprefix("uploads/") for key, _s in self.store.list("uploads/")}
         doomed = []
-        for prefix in ("data/", "recipes/", "layers/"):
+        for prefix in ("data/", "recipes/", "layers/", "checkpoints/"):
             for listed in self.store.listing(prefix):
                 in_upload = prefix == "data/" and listed.key.split("/")[1] in uploads
                 if listed.key not in named and not in_upload and listed.modified < cutoff:
                     doomed.append(listed)
         report.orphans += len(doomed)
-        report.orphan_bytes += sum(
-            listed.size for listed in doomed if listed.key.startswith(("data/", "recipes/"))
-        )
+        counted = [item for item in doomed if item.key.startswith(COUNTED_PREFIXES)]
+        report.orphan_bytes += sum(item.size for item in counted)
         if not report.dry_run and doomed:
             self.store.delete([listed.key for listed in doomed])
-            counted = [l for l in doomed if l.key.startswith(("data/", "recipes/"))]  # noqa: E741
-            self.index.add_bytes(stored=-sum(listed.size for listed in counted))
+            self.index.add_bytes(stored=-sum(item.size for item in counted))
 
 
 class ObjectCache:

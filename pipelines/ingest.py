@@ -7,7 +7,8 @@ A layer is deduplicated in five steps, each safe to repeat after a crash:
 2. split its tar: every regular-file payload goes once into the content store, all other
    bytes into the recipe;
 3. prove the encoder on the tar rebuilt from the stored files (the trial restore: the
-   sha256 of the recompressed rebuild must equal the blob digest);
+   sha256 of the recompressed rebuild must equal the blob digest); for gzip layers this
+   is done segment by segment from checkpoints, which are kept (pipelines.checkpoints);
 4. write the recipe durably, then switch the blob's descriptor to it (the commit point);
 5. count the file references and mark the layer, at once and once; the intact copy is
    deleted afterwards by `retire_intact_copy`, after a grace period for in-flight GETs.
@@ -28,6 +29,7 @@ from typing import BinaryIO
 
 from pipelines import encoders
 from pipelines.blobs import BlobInfo, BlobStore
+from pipelines.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
 from pipelines.codecs import (
     SNIFF_BYTES,
     ChunkReader,
@@ -41,7 +43,7 @@ from pipelines.errors import BeingCollected, is_transient
 from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
-from pipelines.restore import rebuild_tar
+from pipelines.restore import large_file_spans, rebuild_tar, rebuild_tar_range
 from pipelines.storage import ObjectStore
 from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 from pipelines.verify import SegmentHasher, VerificationError
@@ -161,13 +163,17 @@ class Ingestor:
         started = time.perf_counter()
         recipe = self._split_and_store(kind, info, record)
         record.split_seconds = round(time.perf_counter() - started, 3)
-        match = encoders.prove(shortlist, self._opener(recipe), info.digest)
+        match, checkpoints = self._prove(shortlist, recipe, info)
         record.prove_seconds = round(time.perf_counter() - started - record.split_seconds, 3)
         if isinstance(match, encoders.NoMatch):
             return self._intact(record, match.reason)
         recipe = replace(recipe, encoder_id=match.encoder_id, encoder_params=match.encoder_params)
         record.encoder = match.encoder_id
         record.recipe_bytes = self._store_recipe(recipe)
+        if checkpoints is not None:  # optional for restores: never read back here
+            encoded = checkpoints.encode()
+            self.store.put_bytes(checkpoints_key(info.digest), encoded)
+            self.index.add_bytes(stored=len(encoded))
         self._rely_on_files(recipe)
         deduplicated = BlobInfo(
             info.digest,
@@ -234,6 +240,21 @@ class Ingestor:
             orphaned = store.orphaned
         if orphaned:
             raise ConnectionError(f"{len(orphaned)} files stay claimed by dead workers")
+
+    def _prove(
+        self, shortlist: encoders.Shortlist, recipe: Recipe, info: BlobInfo
+    ) -> tuple[encoders.Match | encoders.NoMatch, Checkpoints | None]:
+        """Step 3, finding and proving checkpoints on the way (pipelines.checkpoints)."""
+        return prove_shortlisted(
+            shortlist,
+            info.digest,
+            recipe.tar_size,
+            lambda offset, length: self.blobs.read(info, offset, length),
+            info.size,
+            lambda start, end: b"".join(rebuild_tar_range(recipe, self.files, start, end)),
+            lambda: encoders.prove(shortlist, self._opener(recipe), info.digest),
+            avoid=large_file_spans(recipe),
+        )
 
     def _opener(self, recipe: Recipe) -> Callable[[], BinaryIO]:
         def open_rebuilt_tar() -> BinaryIO:

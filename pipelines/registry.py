@@ -447,7 +447,7 @@ class Registry:
         replica_bytes = retiring_bytes = 0
         for key, size in self.store.list(""):
             kind = key.split("/", 1)[0]
-            if kind in ("data", "manifests", "packs", "recipes"):
+            if kind in ("data", "manifests", "packs", "recipes", "checkpoints"):
                 stored += size
             logical += size if kind == "manifests" else 0
             if kind == "blobs":

@@ -19,15 +19,23 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipelines.encoders import encode
+from pipelines.checkpoints import (
+    Checkpoints,
+    SegmentError,
+    checkpoints_key,
+    encode_segment,
+    join_segments,
+)
+from pipelines.encoders import decode_gzip_params, encode, lookup_encoder
 from pipelines.filestore import FileStore, Location, decode_stored
 from pipelines.recipe import Recipe
+from pipelines.storage import ObjectNotFound, ObjectStore
 from pipelines.tarsplit import FileRef, Raw
 from pipelines.verify import release_verified
 
@@ -39,6 +47,7 @@ PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
 PREFETCH_BYTES = 64 << 20
 PREFETCH_THREADS = 4
 POLL_SECONDS = 0.005
+RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once on this host
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +60,62 @@ def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     """The layer's tar. Files are located in batches; neighbours in a pack are fetched
     together in one ranged GET (a span), spans run ahead on a few threads, large files
     stream on their own."""
+    return _rebuild(recipe.entries(), files)
+
+
+def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) -> Iterator[bytes]:
+    """Bytes [start, end) of the layer's tar: only the entries that overlap the range are
+    fetched (a file that straddles an edge is fetched whole)."""
+    first_offset = -1
+
+    def overlapping() -> Iterator[Raw | FileRef]:
+        nonlocal first_offset
+        offset = 0
+        for entry in recipe.entries():
+            size = len(entry.data) if isinstance(entry, Raw) else entry.size
+            if offset + size > start and offset < end:
+                if first_offset < 0:
+                    first_offset = offset
+                yield entry
+            offset += size
+            if offset >= end:
+                return
+
+    skip, left = -1, end - start
+    for chunk in _rebuild(overlapping(), files):
+        if skip < 0:
+            skip = start - first_offset
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        piece = chunk[skip : skip + left]
+        skip = 0
+        left -= len(piece)
+        yield piece
+        if left == 0:
+            return
+    if left > 0 and end > start:
+        raise RestoreError(f"the tar ends before byte {end}")
+
+
+def large_file_spans(recipe: Recipe) -> list[tuple[int, int]]:
+    """Tar offsets [start, end) of the files a rebuild fetches whole and on their own
+    (larger than SPAN_LIMIT): a segment touching one fetches all of it, so checkpoints
+    are kept away from them (pipelines.checkpoints.choose_candidates)."""
+    spans, offset = [], 0
+    for entry in recipe.entries():
+        size = len(entry.data) if isinstance(entry, Raw) else entry.size
+        if isinstance(entry, FileRef) and size > SPAN_LIMIT:
+            spans.append((offset, offset + size))
+        offset += size
+    return spans
+
+
+def _rebuild(entries: Iterator[Raw | FileRef], files: FileStore) -> Iterator[bytes]:
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
         pending: deque[tuple[_Item, int]] = deque()
         ahead = 0  # bytes planned but not yet written: bounds the memory a restore holds
-        for batch in _batched(recipe.entries(), LOCATE_BATCH):
+        for batch in _batched(entries, LOCATE_BATCH):
             for item, size in _plan(batch, files, pool):
                 pending.append((item, size))
                 ahead += size
@@ -162,9 +223,193 @@ def _emit(item: _Item, files: FileStore) -> Iterator[bytes]:
 
 
 def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
-    """The pushed blob's bytes, each segment passed on only once it is verified."""
-    rebuilt = encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
+    """The pushed blob's bytes, each segment passed on only once it is verified. A layer
+    with proven checkpoints is re-encoded segment by segment in parallel and joined."""
+    rebuilt = _rebuilt_blob(recipe, files)
     return release_verified(rebuilt, recipe.blob_digest, recipe.blob_size, recipe.segments)
+
+
+def _rebuilt_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
+    plan = load_checkpoints(recipe, files.store)
+    if plan is None:
+        yield from encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
+        return
+    header, trailer = decode_gzip_params(recipe.encoder_params)
+    runner = _runner_for(recipe)
+    yield header
+    bits = runner(recipe, files, plan)
+    yield from join_segments(zip(bits, plan.segments(), strict=True))
+    yield trailer
+
+
+# --------------------------------------------------------------------------- parallel
+
+
+def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
+    """The layer's proven checkpoints, or None (then the restore is serial): none were
+    stored, the object cannot be read or decoded, or it is for another encoding."""
+    try:
+        plan = Checkpoints.decode(store.get_bytes(checkpoints_key(recipe.blob_digest)))
+    except ObjectNotFound:
+        return None
+    except Exception as error:  # optional by design: never worse than a serial restore
+        logger.warning("checkpoints of %s unusable, restoring serially: %s",
+                       recipe.blob_digest, error)  # fmt: skip
+        return None
+    same = (plan.blob_digest, plan.encoder_id, plan.tar_size) == (
+        recipe.blob_digest, recipe.encoder_id, recipe.tar_size)  # fmt: skip
+    if not same or not plan.points or not recipe.encoder_id.startswith("gzip/"):
+        return None
+    return plan
+
+
+def encode_stored_segment(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
+    """The bits of segment `index` of a layer, from the tar rebuilt around it."""
+    encoder = lookup_encoder(recipe.encoder_id)
+
+    def read_tar(start: int, end: int) -> bytes:
+        return b"".join(rebuild_tar_range(recipe, files, start, end))
+
+    try:
+        return encode_segment(encoder, plan.segments()[index], read_tar, recipe.tar_size)
+    except SegmentError as error:
+        raise RestoreError(str(error)) from error
+
+
+def encode_layer_segment(
+    store: ObjectStore, files: FileStore, recipe_key: str, index: int
+) -> bytes:
+    """What a restore worker does for a parallel restore elsewhere: segment `index` of
+    the layer whose recipe is at `recipe_key`."""
+    recipe, plan = _layer_plan(store, recipe_key)
+    if plan is None or index >= len(plan.segments()):
+        raise RestoreError(f"{recipe.blob_digest} has no segment {index}")
+    return encode_stored_segment(recipe, files, plan, index)
+
+
+_plans: dict[tuple[int, str], tuple[Recipe, Checkpoints | None]] = {}
+_PLANS_KEPT = 8  # a worker asked for one segment is likely asked for the next ones
+
+
+def _layer_plan(store: ObjectStore, recipe_key: str) -> tuple[Recipe, Checkpoints | None]:
+    """A layer's recipe and checkpoints, kept for the next segments (both are written
+    once, before the layer's commit point, and never changed under the same key)."""
+    key = (id(store), recipe_key)
+    if key not in _plans:
+        recipe = Recipe.decode(store.get_bytes(recipe_key))
+        _plans[key] = (recipe, load_checkpoints(recipe, store))
+        while len(_plans) > _PLANS_KEPT:
+            del _plans[next(iter(_plans))]
+    return _plans[key]
+
+
+# Runs the segments of a plan, yielding their bits in order.
+SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[bytes]]
+# Encodes segment `index` of a plan: here, or by asking another process or host.
+SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], bytes]
+
+
+def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
+    """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
+    helper processes)."""
+    return pooled_runner([encode_stored_segment] * threads)
+
+
+def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRunner:
+    """Segments shared among `slots` (each a thread calling its encoder: a local one, or
+    one that waits for a restore worker), each slot taking the next segment when free, at
+    most `ahead` (default: one per slot, plus one) past the one being joined."""
+    window = ahead or len(slots) + 1
+
+    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
+        shared = _Shared(len(plan.segments()), window)
+        threads = [
+            threading.Thread(
+                target=shared.work,
+                args=(encode, recipe, files, plan),
+                daemon=True,
+                name=f"segment-{number}",
+            )
+            for number, encode in enumerate(slots)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            yield from shared.in_order()
+        finally:
+            shared.stop()
+
+    return run
+
+
+class _Shared:
+    """Segment indexes handed out to slots, and their results handed back in order."""
+
+    def __init__(self, count: int, window: int) -> None:
+        self.count, self.window = count, window
+        self.next = self.consumed = 0
+        self.results: dict[int, bytes | BaseException] = {}
+        self.stopped = False
+        self.changed = threading.Condition()
+
+    def work(
+        self, encode: SegmentEncoder, recipe: Recipe, files: FileStore, plan: Checkpoints
+    ) -> None:
+        while (index := self._take()) is not None:
+            try:
+                value: bytes | BaseException = encode(recipe, files, plan, index)
+            except BaseException as error:  # handed to the consumer
+                value = error
+            with self.changed:
+                self.results[index] = value
+                self.changed.notify_all()
+
+    def _take(self) -> int | None:
+        with self.changed:
+            while (
+                not self.stopped
+                and self.next < self.count
+                and (self.next - self.consumed >= self.window)
+            ):
+                self.changed.wait()
+            if self.stopped or self.next >= self.count:
+                return None
+            self.next += 1
+            return self.next - 1
+
+    def in_order(self) -> Iterator[bytes]:
+        for index in range(self.count):
+            with self.changed:
+                while index not in self.results:
+                    self.changed.wait()
+                value = self.results.pop(index)
+                self.consumed = index + 1
+                self.changed.notify_all()
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+
+
+_remote_runner: SegmentRunner | None = None
+_remote_min_tar_bytes = 0
+
+
+def use_restore_workers(runner: SegmentRunner | None, min_tar_bytes: int = 64 << 20) -> None:
+    """Send the segments of layers of at least `min_tar_bytes` of tar to `runner` (the
+    `restore` workers, set by the process that can reach them); None: this host only."""
+    global _remote_runner, _remote_min_tar_bytes
+    _remote_runner, _remote_min_tar_bytes = runner, min_tar_bytes
+
+
+def _runner_for(recipe: Recipe) -> SegmentRunner:
+    if _remote_runner is not None and recipe.tar_size >= _remote_min_tar_bytes:
+        return _remote_runner
+    return local_runner()
 
 
 class RestoreHub:

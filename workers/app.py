@@ -2,7 +2,8 @@
 
 ingest       layer ingestion after a manifest push
 restore      layer rebuilds: preconstruction into the layer buffer (warm requests first,
-             then predictions), intact replicas of hot layers, verification reads
+             then predictions), intact replicas of hot layers, verification reads, and
+             segments of large layers that a restore re-encodes in parallel
 predict      the prediction worker: access events from every manifest and blob GET,
              the history it learns from, and the rebuilds it asks for
 maintenance  retiring intact copies, the schedules (popularity, verification sampling,
@@ -44,6 +45,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.audit_packs": {"queue": "maintenance"},
             "workers.tasks.collect_garbage": {"queue": "maintenance"},
             "workers.tasks.apply_retention": {"queue": "maintenance"},
+            "workers.tasks.encode_segment": {"queue": "restore"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},

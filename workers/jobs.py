@@ -1,29 +1,55 @@
-"""Enqueueing and tracking jobs: the only part of `workers` the API calls."""
+"""Enqueueing and tracking jobs: the only part of `workers` the API calls.
+
+Importing it also sends the segments of large parallel restores to the `restore` workers
+(`pipelines.restore.use_restore_workers`): the API's processes are the ones that can
+reach them; the API's own threads encode segments too. DUPHUNTER_RESTORE_WORKERS_MIN_BYTES
+sets from what tar size (default 64 MiB; 0 keeps every restore on the API's host)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from celery import Celery
 from celery.result import AsyncResult
 
+from pipelines.checkpoints import Checkpoints
+from pipelines.filestore import FileStore
 from pipelines.ingest import mark_queued
+from pipelines.recipe import Recipe
 from pipelines.registry import Registry
+from pipelines.restore import (
+    RESTORE_THREADS,
+    SegmentEncoder,
+    SegmentRunner,
+    encode_stored_segment,
+    pooled_runner,
+    use_restore_workers,
+)
 from workers.app import QUEUES, celery_app
 from workers.tasks import (
     PRIORITY_WARM,
     apply_retention,
     blob_fetched,
     collect_garbage,
+    encode_segment,
     ingest_layer,
     manifest_fetched,
     preconstruct_layer,
     rebuild_index,
     verify_blob,
 )
+
+# A segment (about 4 MiB of tar) takes a worker a second or two; past this, a missing or
+# overloaded restore worker is assumed and the segment is encoded here.
+SEGMENT_TIMEOUT_SECONDS = 20.0
+logger = logging.getLogger(__name__)
 
 
 def enqueue_ingest(registry: Registry, repository: str, digest: str, force: bool = False) -> str:
@@ -230,3 +256,31 @@ def _outcome(result: Any) -> str:
 
 def queue_depths(registry: Registry) -> dict[str, int]:
     return {queue: registry.index.queue_length(queue) for queue in QUEUES}
+
+
+def restore_workers_runner(app: Celery = celery_app, remote_slots: int = 0) -> SegmentRunner:
+    """Segments shared between this host's threads and `remote_slots` restore workers
+    (default DUPHUNTER_RESTORE_WORKER_SLOTS, else 2): each remote slot queues a segment
+    and waits for it; a segment a worker fails or is late with is encoded here (every
+    restore is verified before its bytes leave, whoever encoded it)."""
+    slots = remote_slots or int(os.environ.get("DUPHUNTER_RESTORE_WORKER_SLOTS", "2"))
+
+    def remote(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
+        result = app.send_task(encode_segment.name, args=(recipe.blob_digest, index))
+        try:
+            return base64.b64decode(result.get(timeout=SEGMENT_TIMEOUT_SECONDS))
+        except Exception as error:
+            logger.warning("segment %d of %s: %r; encoding it here", index, recipe.blob_digest,
+                           error)  # fmt: skip
+            result.revoke()
+            return encode_stored_segment(recipe, files, plan, index)
+        finally:
+            result.forget()  # megabytes of bits: not kept in Redis for the results' lifetime
+
+    local: list[SegmentEncoder] = [encode_stored_segment] * RESTORE_THREADS
+    return pooled_runner([*local, *[remote] * slots])
+
+
+_min_bytes = int(os.environ.get("DUPHUNTER_RESTORE_WORKERS_MIN_BYTES", str(64 << 20)))
+if _min_bytes > 0:
+    use_restore_workers(restore_workers_runner(), _min_bytes)

@@ -8,6 +8,7 @@ Redis that is restarting. Work that outlives that is picked up by `resume_ingest
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from celery import Task
 from pipelines.errors import is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry import Registry
+from pipelines.restore import RestoreError, encode_layer_segment
 from workers.app import celery_app
 
 FIRST_RETRY_DELAY = 0.5
@@ -126,6 +128,20 @@ def apply_popularity() -> dict[str, list[str]]:
 def verify_blob(digest: str) -> dict[str, Any]:
     """Read a blob as a pull would (restoring it if deduplicated); check its digest."""
     return retrying(lambda: registry().verify_blob(digest))
+
+
+@celery_app.task(name="workers.tasks.encode_segment")
+def encode_segment(digest: str, index: int) -> str:
+    """Re-encode one segment of a deduplicated layer from its checkpoint (a parallel
+    restore spread over restore workers); its bits, base64 (results travel as JSON)."""
+
+    def work() -> bytes:
+        info = registry().blobs.stored_info(digest)
+        if info is None or info.recipe is None:
+            raise RestoreError(f"{digest} is not a deduplicated layer")
+        return encode_layer_segment(registry().store, registry().files, info.recipe, index)
+
+    return base64.b64encode(retrying(work)).decode()
 
 
 @celery_app.task(name="workers.tasks.verify_sample")

@@ -49,12 +49,21 @@ build_stdlib() {  # build_stdlib GO_BINARY OUTPUT_NAME
     local gobin="$1" name="$2" goroot version src key dir
     goroot="$(cd "$(dirname "$gobin")/.." && pwd)"
     version="$(GOROOT="$goroot" "$gobin" env GOVERSION)"
-    src="$(sha256sum "$here/gostd/main.go" | cut -d' ' -f1)"
+    local generation=go1.26
+    if [[ "$(printf '%s\n' "$version" go1.27 | sort -V | head -1)" == go1.27 ]]; then
+        generation=go1.27
+    fi
+    src="$(cat "$here/gostd/main.go" "$here/flateresume/$generation/resume.go" | sha256sum | cut -d' ' -f1)"
     key="$version $src"
     if up_to_date "$outdir/$name" "$key"; then return; fi
     dir="$work/$name"
-    rm -rf "$dir" && mkdir -p "$dir"
+    rm -rf "$dir" && mkdir -p "$dir/resumeflate"
     cp "$here/gostd/main.go" "$dir/"
+    # Segments resume the toolchain's own deflate: a copy of its compress/flate (tests
+    # left out) plus one file of ours that reaches the compressor's state.
+    find "$goroot/src/compress/flate" -maxdepth 1 -name '*.go' ! -name '*_test.go' \
+        -exec cp {} "$dir/resumeflate/" \;
+    cp "$here/flateresume/$generation/resume.go" "$dir/resumeflate/duphunter_resume.go"
     # The go directive selects GODEBUG defaults: use the toolchain's own language version.
     local lang
     lang="$(sed -E 's/^go([0-9]+\.[0-9]+).*/\1/' <<<"$version")"

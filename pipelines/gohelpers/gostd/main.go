@@ -9,7 +9,16 @@
 //	-mode prefix   raw deflate body emitted so far, without closing the stream: a
 //	               prefix of the body that the full input would produce
 //	-mode gzip     a complete gzip stream as compress/gzip.Writer writes it
+//	-mode segment  one segment of the deflate body, resumed at a block boundary: stdin
+//	               holds -history bytes of input before the boundary, then the input
+//	               from the boundary on; the output is the body's bits from the boundary,
+//	               closed (-final) or sync-flushed (the caller keeps the bits it needs),
+//	               after -align zero bits (where the boundary is in its byte); -offset
+//	               is the boundary's place in the input
 //	-describe      print the Go version the helper was built with
+//
+// Segments use resumeflate, a copy of the toolchain's own compress/flate made by
+// build.sh with one added file (flateresume/<generation>/resume.go).
 package main
 
 import (
@@ -21,20 +30,32 @@ import (
 	"io"
 	"os"
 	"runtime"
+
+	resumeflate "duphunter/gzipgo/resumeflate"
 )
 
 const bufSize = 256 << 10
 
 func main() {
 	level := flag.Int("level", flate.DefaultCompression, "compression level (-2..9)")
-	mode := flag.String("mode", "deflate", "deflate | prefix | gzip")
+	mode := flag.String("mode", "deflate", "deflate | prefix | gzip | segment")
+	history := flag.Int("history", 0, "segment: bytes of input before the boundary")
+	align := flag.Int("align", 0, "segment: the boundary's bit position in its byte (0-7)")
+	offset := flag.Int("offset", 0, "segment: the boundary's offset in the input stream")
+	final := flag.Bool("final", false, "segment: the last one, close the stream")
 	describe := flag.Bool("describe", false, "print the Go version and exit")
 	flag.Parse()
 	if *describe {
 		fmt.Println(runtime.Version())
 		return
 	}
-	if err := run(*level, *mode); err != nil {
+	var err error
+	if *mode == "segment" {
+		err = segment(*level, *history, *align, *offset, *final)
+	} else {
+		err = run(*level, *mode)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "gzip-go:", err)
 		os.Exit(1)
 	}
@@ -63,6 +84,34 @@ func run(level int, mode string) error {
 		if err := w.Close(); err != nil {
 			return err
 		}
+	}
+	return out.Flush()
+}
+
+func segment(level, historyLen, align, offset int, final bool) error {
+	input, err := io.ReadAll(bufio.NewReaderSize(os.Stdin, bufSize))
+	if err != nil {
+		return err
+	}
+	if historyLen > len(input) {
+		return fmt.Errorf("history of %d bytes, input of %d", historyLen, len(input))
+	}
+	history, rest := input[:historyLen], input[historyLen:]
+	out := bufio.NewWriterSize(os.Stdout, bufSize)
+	w, err := resumeflate.NewResumeWriter(out, level, align, offset, history, rest)
+	if err != nil {
+		return err
+	}
+	if _, err := w.Write(rest); err != nil {
+		return err
+	}
+	if final {
+		err = w.Close()
+	} else {
+		err = w.Flush()
+	}
+	if err != nil {
+		return err
 	}
 	return out.Flush()
 }

@@ -8,6 +8,11 @@
 //
 //	-mode deflate  the deflate body only: pgzip's gzip header and trailer stripped
 //	-mode gzip     the complete gzip stream as pgzip writes it (ModTime unset)
+//	-mode segment  the deflate body of whole pgzip blocks from a block boundary on: stdin
+//	               holds the previous block's tail (-history bytes, 0 at the start of
+//	               the stream), then the blocks; each block is compressed as pgzip
+//	               compresses it (klauspost flate primed with that tail, sync-flushed),
+//	               and -final closes the stream after the last one
 //	-describe      print the library versions baked in at build time
 package main
 
@@ -19,6 +24,7 @@ import (
 	"os"
 	"runtime"
 
+	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/pgzip"
 )
 
@@ -26,6 +32,7 @@ const (
 	bufSize       = 256 << 10
 	gzipHeaderLen = 10 // pgzip header without name, comment or extra
 	gzipTrailer   = 8
+	tailSize      = 16384 // pgzip primes each block with this much of the previous one
 )
 
 // Set with -ldflags -X by build.sh from dpkg.
@@ -37,14 +44,22 @@ var (
 func main() {
 	level := flag.Int("level", pgzip.DefaultCompression, "compression level (-2..9)")
 	blockSize := flag.Int("blocksize", 1<<20, "pgzip block size in bytes")
-	mode := flag.String("mode", "deflate", "deflate | gzip")
+	mode := flag.String("mode", "deflate", "deflate | gzip | segment")
+	history := flag.Int("history", 0, "segment: bytes of the previous block's tail")
+	final := flag.Bool("final", false, "segment: the last one, close the stream")
 	describe := flag.Bool("describe", false, "print library versions and exit")
 	flag.Parse()
 	if *describe {
 		fmt.Printf("pgzip-deb-%s+compress-deb-%s %s\n", pgzipVersion, compressVersion, runtime.Version())
 		return
 	}
-	if err := run(*level, *blockSize, *mode); err != nil {
+	var err error
+	if *mode == "segment" {
+		err = segment(*level, *blockSize, *history, *final)
+	} else {
+		err = run(*level, *blockSize, *mode)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "gzip-pgzip:", err)
 		os.Exit(1)
 	}
@@ -107,4 +122,54 @@ func min(a, b int) int {
 		return a
 	}
 	return b
+}
+
+// segment compresses whole blocks the way pgzip's compressBlock does: one flate writer,
+// ResetDict with the previous block's tail (none for a block of at most tailSize
+// bytes), Write, Flush; the stream's last block (possibly empty) is also closed.
+func segment(level, blockSize, historyLen int, final bool) error {
+	input, err := io.ReadAll(bufio.NewReaderSize(os.Stdin, bufSize))
+	if err != nil {
+		return err
+	}
+	if historyLen > len(input) {
+		return fmt.Errorf("history of %d bytes, input of %d", historyLen, len(input))
+	}
+	var tail []byte
+	if historyLen > 0 {
+		tail = input[:historyLen]
+	}
+	data := input[historyLen:]
+	out := bufio.NewWriterSize(os.Stdout, bufSize)
+	fw, err := flate.NewWriterDict(out, level, nil)
+	if err != nil {
+		return err
+	}
+	for {
+		n := min(blockSize, len(data))
+		last := final && n < blockSize
+		if n == 0 && !last {
+			break
+		}
+		block := data[:n]
+		data = data[n:]
+		fw.ResetDict(out, tail)
+		if _, err := fw.Write(block); err != nil {
+			return err
+		}
+		if err := fw.Flush(); err != nil {
+			return err
+		}
+		if last {
+			if err := fw.Close(); err != nil {
+				return err
+			}
+			break
+		}
+		tail = nil
+		if len(block) > tailSize {
+			tail = block[len(block)-tailSize:]
+		}
+	}
+	return out.Flush()
 }

@@ -1,0 +1,519 @@
+"""bench-restore: cold restores of deduplicated layers, serial and parallel from checkpoints.
+
+Usage::
+
+    python -m bench.restore [--tar-mb 96] [--reps 3] [--no-docs]
+
+One tar of real files of this machine (about --tar-mb MB, cached under build/bench/restore/)
+is compressed by each producer's own code (Python's gzip for zlib, the Go helpers' gzip mode
+for Go's compress/gzip, pgzip), pushed to DupHunter with skopeo and ingested: the ingest
+finds and proves checkpoints. Then, for each encoder, median of --reps runs:
+
+- `original`: the encoder alone on the tar in memory, one stream, one thread (pgzip with
+  GOMAXPROCS=1);
+- `serial`: a cold restore as before checkpoints (tar rebuilt from S3, one encoder, every
+  segment verified);
+- `hosts N`: a cold restore from checkpoints, its segments shared among N processes standing
+  in for hosts (each rebuilds its tar range from S3 and encodes), joined and verified here;
+- `threads`: the same on this host's threads (what the API does for layers under 64 MiB).
+
+"Cold" means nothing of the layer was restored before: no spool, no buffer. Then an image of
+three docker-style layers (Go <= 1.26, level 6) is pushed to DupHunter and to CNCF
+Distribution 2.8.2 (bench-core's set-up: both on the same local S3), and pulled cold with
+skopeo from each, alternating. Checkpoint objects are compared with the stored bytes.
+
+Results: a table on stdout, `docs/bench/restore.json`, and the section
+`## bench-restore: parallel restore from checkpoints` in `docs/benchmarks.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench import core
+from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
+from pipelines import restore
+from pipelines.checkpoints import Checkpoints, checkpoints_key
+from pipelines.encoders import encode, helper_dir, lookup_encoder, pgzip_library
+from pipelines.filestore import FileStore
+from pipelines.recipe import Recipe
+from pipelines.registry import Registry
+from pipelines.restore import (
+    SegmentEncoder,
+    encode_layer_segment,
+    load_checkpoints,
+    local_runner,
+    pooled_runner,
+    rebuild_tar,
+    restore_blob,
+)
+from pipelines.verify import release_verified
+
+WORK = REPO_ROOT / "build" / "bench" / "restore"
+HEADING = "## bench-restore: parallel restore from checkpoints"
+TARGET_RATIO = 0.6  # cold restore time / the original encoder's single-thread time
+PULL_TARGET = 3.0  # cold image pull / Distribution
+STORE_TARGET = 0.01  # checkpoints / stored bytes
+HOSTS = (1, 2, 4)
+SOURCES = [
+    "/usr/lib/python3.11",
+    "/usr/share/doc",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/bin",
+    "/usr/share/perl",
+    "/usr/share/locale",
+]
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def real_tar(megabytes: int) -> bytes:
+    """A GNU tar of real files of this machine (text, machine code, compressed docs)."""
+    path = WORK / f"layer-{megabytes}mb.tar"
+    if not path.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        picked, total = [], 0
+        for root in SOURCES:
+            for file in sorted(Path(root).rglob("*")):
+                if file.is_file() and not file.is_symlink():
+                    picked.append(str(file))
+                    total += file.stat().st_size
+                if total >= megabytes * 1_000_000:
+                    break
+            if total >= megabytes * 1_000_000:
+                break
+        listing = WORK / "files.txt"
+        listing.write_text("\n".join(picked) + "\n")
+        command = ["tar", "-cf", str(path), "--absolute-names", "-T", str(listing)]
+        subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+    return path.read_bytes()
+
+
+def python_gzip(level: int) -> Callable[[bytes], bytes]:
+    def produce(data: bytes) -> bytes:
+        out = io.BytesIO()
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz:
+            for start in range(0, len(data), 1 << 20):
+                gz.write(data[start : start + (1 << 20)])
+        return out.getvalue()
+
+    return produce
+
+
+def helper_gzip(name: str, *args: str) -> Callable[[bytes], bytes]:
+    def produce(data: bytes) -> bytes:
+        argv = [str(helper_dir() / name), "-mode", "gzip", *args]
+        return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+
+    return produce
+
+
+def encoders() -> dict[str, tuple[str, Callable[[bytes], bytes]]]:
+    """label -> (encoder id, the producer's own code)."""
+    chosen = {
+        "zlib 6 (Python gzip, Java)": ("gzip/zlib-1.2.13/6", python_gzip(6)),
+        "Go <=1.26 level 6 (docker)": ("gzip/go1.26/6", helper_gzip("gzip-go1.26", "-level", "6")),
+        "Go >=1.27 level 6": ("gzip/go1.27/6", helper_gzip("gzip-go1.27", "-level", "6")),
+        "Go <=1.26 level 1 (crane)": ("gzip/go1.26/1", helper_gzip("gzip-go1.26", "-level", "1")),
+    }
+    library = pgzip_library()
+    if library:
+        produce = helper_gzip("gzip-pgzip-deb", "-blocksize", str(1 << 20), "-level", "5")
+        chosen["pgzip 1 MiB level 5 (skopeo)"] = (f"gzip/{library}/b1048576/5", produce)
+    return chosen
+
+
+def write_layout(root: Path, layers: list[bytes], tag: str = "t") -> None:
+    """An OCI image layout with these gzip layers."""
+    shutil.rmtree(root, ignore_errors=True)
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest() for layer in layers]
+    config = {"architecture": "amd64", "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids}}  # fmt: skip
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            **put(json.dumps(config).encode()),
+        },
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **put(layer)}
+            for layer in layers
+        ],
+    }
+    reference = put(json.dumps(manifest).encode())
+    index = {"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", **reference,
+        "annotations": {"org.opencontainers.image.ref.name": tag}}]}  # fmt: skip
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+
+# --- restores -----------------------------------------------------------------------------
+
+
+def drain(chunks: Iterator[bytes]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the Go helpers); not of
+    the S3 server, nor of the stand-in hosts' processes."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+CPU: dict[str, list[float]] = {}  # label/run -> CPU seconds, beside the wall times
+
+
+def timed(work: Callable[[], str], expected: str | None = None, cpu_key: str = "") -> float:
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    result = work()
+    seconds = time.perf_counter() - started
+    if cpu_key:
+        CPU.setdefault(cpu_key, []).append(cpu_seconds() - cpu_started)
+    if expected is not None and result != expected:
+        raise RuntimeError(f"restored {result}, expected {expected}")
+    return seconds
+
+
+def original_seconds(encoder_id: str, tar: bytes) -> float:
+    """The encoder alone, one stream, one thread, the tar in memory."""
+    encoder = lookup_encoder(encoder_id)
+    os.environ["GOMAXPROCS"] = "1"  # pgzip's own goroutines: one thread
+    try:
+        return timed(lambda: drain(encoder.body([tar], b"")), cpu_key=f"{encoder_id} original")
+    finally:
+        del os.environ["GOMAXPROCS"]
+
+
+def serial_restore(recipe: Recipe, files: FileStore) -> str:
+    rebuilt = encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
+    verified = release_verified(rebuilt, recipe.blob_digest, recipe.blob_size, recipe.segments)
+    return drain(verified)
+
+
+def runner_restore(recipe: Recipe, files: FileStore, runner: restore.SegmentRunner) -> str:
+    restore.use_restore_workers(runner, 0)
+    try:
+        return drain(restore_blob(recipe, files))
+    finally:
+        restore.use_restore_workers(None)
+
+
+_host: Registry | None = None
+
+
+def _connect_host() -> None:
+    global _host
+    _host = Registry.connect()
+
+
+def _encode_on_host(recipe_key: str, index: int) -> bytes:
+    assert _host is not None
+    return encode_layer_segment(_host.store, _host.files, recipe_key, index)
+
+
+def hosts_runner(pool: ProcessPoolExecutor, hosts: int, recipe_key: str) -> restore.SegmentRunner:
+    """Segments shared among `hosts` processes, each a stand-in for a restore host."""
+
+    def slot(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
+        return pool.submit(_encode_on_host, recipe_key, index).result()
+
+    slots: list[SegmentEncoder] = [slot] * hosts
+    return pooled_runner(slots)
+
+
+def measure_layer(
+    registry: Registry, label: str, encoder_id: str, digest: str, tar: bytes, reps: int,
+    pools: dict[int, ProcessPoolExecutor],
+) -> dict[str, Any]:  # fmt: skip
+    info = registry.blobs.stored_info(digest)
+    if info is None or info.recipe is None:
+        record = registry.index.layer(digest)
+        raise RuntimeError(f"{label}: {digest} was not deduplicated: {record}")
+    recipe = Recipe.decode(registry.store.get_bytes(info.recipe))
+    plan = load_checkpoints(recipe, registry.store)
+    record = registry.index.layer(digest)
+    files = registry.files
+    runs: dict[str, list[float]] = {"original": [], "serial": [], "threads": []}
+    runs.update({f"hosts {n}": [] for n in HOSTS})
+    for _ in range(reps):
+        runs["original"].append(original_seconds(encoder_id, tar))
+        runs["serial"].append(
+            timed(lambda: serial_restore(recipe, files), digest, f"{encoder_id} serial")
+        )
+        if plan is None:
+            continue
+        threads = timed(
+            lambda: runner_restore(recipe, files, local_runner()), digest, f"{encoder_id} threads"
+        )
+        runs["threads"].append(threads)
+        for hosts in HOSTS:
+            runner = hosts_runner(pools[hosts], hosts, info.recipe)
+            runs[f"hosts {hosts}"].append(
+                timed(lambda: runner_restore(recipe, files, runner), digest)  # noqa: B023
+            )
+    load = os.getloadavg()[0]  # the machine is shared: say how busy it was
+    medians = {name: statistics.median(values) for name, values in runs.items() if values}
+    checkpoint_bytes = registry.store.size(checkpoints_key(digest)) or 0
+    result = {
+        "label": label,
+        "encoder": encoder_id,
+        "digest": digest,
+        "tar_bytes": len(tar),
+        "blob_bytes": info.size,
+        "candidates": plan.candidates if plan else 0,
+        "proven": len(plan.points) if plan else 0,
+        "checkpoint_bytes": checkpoint_bytes,
+        "ingest_prove_seconds": float(record.get("prove_seconds", 0) or 0),
+        "ingest_split_seconds": float(record.get("split_seconds", 0) or 0),
+        "load_average": load,
+        "cpu_seconds": {
+            name: statistics.median(CPU[f"{encoder_id} {name}"])
+            for name in ("original", "serial", "threads")
+            if CPU.get(f"{encoder_id} {name}")
+        },
+        "seconds": medians,
+        "ratio": {name: value / medians["original"] for name, value in medians.items()},
+    }
+    print(
+        f"  {label:<30} {len(plan.points) if plan else 0:>3}/{plan.candidates if plan else 0:<3} "
+        + "  ".join(f"{name} {value:6.2f}s" for name, value in medians.items()),
+        flush=True,
+    )
+    return result
+
+
+# --- image pull ---------------------------------------------------------------------------
+
+
+def image_pull(services: core.Services, tar: bytes, reps: int, scratch: Path) -> dict[str, Any]:
+    """Three docker-style layers (thirds of the tar, Go <= 1.26 level 6), pushed to both
+    registries, pulled cold from each."""
+    produce = helper_gzip("gzip-go1.26", "-level", "6")
+    third = len(tar) // 3 // 512 * 512
+    parts = [tar[:third], tar[third : 2 * third], tar[2 * third :]]
+    layers = [produce(b"v2" + part[2:]) for part in parts]  # not the layers pushed above
+    layout = WORK / "image"
+    write_layout(layout, layers)
+    image = core.load_image("restore-image", layout)
+    for registry in (services.peer, services.ours):
+        core.push(image, registry, "bench/restore-image", scratch)
+    core.wait_for_quiet(services)
+    pulls: dict[str, list[float]] = {services.peer.name: [], services.ours.name: []}
+    for rep in range(reps):
+        order = [services.peer, services.ours] if rep % 2 == 0 else [services.ours, services.peer]
+        for registry in order:
+            core.wait_until_cold(services, (image.name, registry.name))
+            seconds = core.pull(image, registry, "bench/restore-image", scratch)
+            services.last_pull[(image.name, registry.name)] = time.monotonic()
+            pulls[registry.name].append(seconds)
+            print(f"  image pull {registry.name:<14} rep {rep}: {seconds:6.2f}s", flush=True)
+    peer = statistics.median(pulls[services.peer.name])
+    ours = statistics.median(pulls[services.ours.name])
+    return {
+        "layers": len(layers),
+        "image_bytes": image.size,
+        "tar_bytes": len(tar),
+        "distribution_s": peer,
+        "duphunter_s": ours,
+        "ratio": ours / peer,
+        "runs": pulls,
+    }
+
+
+def stored_bytes(registry: Registry) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for key, size in registry.store.list(""):
+        kind = key.split("/", 1)[0]
+        totals[kind] = totals.get(kind, 0) + size
+    return totals
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+
+def table(layers: list[dict[str, Any]]) -> str:
+    columns = ["original", "serial", "threads", *(f"hosts {n}" for n in HOSTS)]
+    head = "| encoder | tar MB | checkpoints proven | " + " | ".join(columns) + " | load |"
+    rule = "|" + "---|" * (4 + len(columns))
+    rows = [head, rule]
+    for layer in layers:
+        cells = []
+        for name in columns:
+            seconds = layer["seconds"].get(name)
+            cells.append(
+                "-" if seconds is None else f"{seconds:.2f} s ({layer['ratio'][name]:.2f}x)"
+            )
+        rows.append(
+            f"| {layer['label']} | {layer['tar_bytes'] / 1e6:.0f} | "
+            f"{layer['proven']} of {layer['candidates']} | "
+            + " | ".join(cells)
+            + f" | {layer.get('load_average', 0):.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    layers, pull, store = result["layers"], result["image_pull"], result["store"]
+    best = {layer["label"]: min(layer["ratio"][f"hosts {n}"] for n in HOSTS if
+                                f"hosts {n}" in layer["ratio"]) for layer in layers
+            if any(f"hosts {n}" in layer["ratio"] for n in HOSTS)}  # fmt: skip
+    lines = [
+        f"Measured {result['date']} at {result['git']}, {result['reps']} runs each (median).",
+        "Cold restore of one deduplicated layer: wall time, and in brackets the ratio to the",
+        "original encoder alone on the same tar (one stream, one thread). `hosts N`: segments",
+        "shared among N processes standing in for restore hosts; `threads`: this host's",
+        f"threads (the API's own path). Target: <= {TARGET_RATIO}x for layers of 64 MB or more.",
+        "",
+        table(layers),
+        "",
+        "![restore ratios](bench/restore.png)",
+        "",
+        "- Best ratio per encoder: "
+        + ", ".join(f"{label} {ratio:.2f}x" for label, ratio in best.items())
+        + ".",
+        f"- Cold pull of an image of {pull['layers']} docker-style layers "
+        f"({pull['image_bytes'] / 1e6:.0f} MB compressed, "
+        f"{pull['tar_bytes'] / 1e6:.0f} MB of tar): "
+        f"Distribution {pull['distribution_s']:.2f} s, DupHunter {pull['duphunter_s']:.2f} s "
+        f"= {pull['ratio']:.2f}x (target <= {PULL_TARGET}x, no buffer).",
+        f"- Checkpoint objects: {store['checkpoints']} bytes, "
+        f"{100 * store['share']:.4f}% of the {store['stored'] / 1e6:.0f} MB stored "
+        f"(target < {100 * STORE_TARGET:.0f}%).",
+        "- CPU seconds (this process and the Go helpers; not the S3 server), "
+        "original / serial restore / parallel restore on threads: "
+        + ", ".join(
+            f"{layer['label']} "
+            + " / ".join(
+                f"{layer['cpu_seconds'].get(n, 0):.1f}" for n in ("original", "serial", "threads")
+            )
+            for layer in layers
+        )
+        + ". On a machine shared with other work, these show the parallel path's extra work,"
+        " and half of the parallel figure what 2 idle cores would take.",
+        "- Ingest (find + prove checkpoints, which is also the encoder's proof): "
+        + ", ".join(f"{layer['label']} {layer['ingest_prove_seconds']:.1f} s" for layer in layers)
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def chart(layers: list[dict[str, Any]]) -> Path:
+    groups = {
+        layer["label"]: {
+            name: layer["ratio"][name] for name in layer["ratio"] if name != "original"
+        }
+        for layer in layers
+    }
+    return bar_chart(
+        REPO_ROOT / "docs" / "bench" / "restore.png",
+        "Cold restore time / original encoder's single-thread time",
+        groups,
+        "ratio (lower is faster)",
+        target=TARGET_RATIO,
+    )
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    tar = real_tar(args.tar_mb)
+    scratch = WORK / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    services = core.start_services(WORK / "stack", redirect=False)
+    os.environ.update({k: v for k, v in services.stack.env.items() if k.startswith("DUPHUNTER_")})
+    pools = {n: ProcessPoolExecutor(n, initializer=_connect_host) for n in HOSTS}
+    try:
+        registry = Registry.connect()
+        pushed: dict[str, tuple[str, str]] = {}
+        for number, (label, (encoder_id, produce)) in enumerate(encoders().items()):
+            blob = produce(tar)
+            layout = WORK / f"layer-{number}"
+            write_layout(layout, [blob])
+            image = core.load_image(f"layer-{number}", layout)
+            core.push(image, services.ours, f"bench/layer-{number}", scratch)
+            pushed[label] = (encoder_id, image.layers[0])
+        core.wait_for_quiet(services)
+        for hosts, pool in pools.items():  # the stand-in hosts are up before a pull comes
+            list(pool.map(_connect_host_probe, range(hosts)))
+        layers = [
+            measure_layer(registry, label, encoder_id, digest, tar, args.reps, pools)
+            for label, (encoder_id, digest) in pushed.items()
+        ]
+        pull = image_pull(services, tar, args.reps, scratch)
+        stored = stored_bytes(registry)
+        ours = sum(stored.get(kind, 0) for kind in ("data", "packs", "recipes", "checkpoints"))
+        store = {
+            "checkpoints": stored.get("checkpoints", 0),
+            "stored": ours,
+            "share": stored.get("checkpoints", 0) / max(ours, 1),
+            "by_prefix": stored,
+        }
+    finally:
+        for pool in pools.values():
+            pool.shutdown(cancel_futures=True)
+        services.stack.stop()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "git": git_state(),
+        "machine": machine(),
+        "reps": args.reps,
+        "layers": layers,
+        "image_pull": pull,
+        "store": store,
+    }
+
+
+def _connect_host_probe(_: int) -> bool:
+    return _host is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tar-mb", type=int, default=96)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    result = bench(args)
+    save_json("restore", result)
+    print(markdown(result))
+    if not args.no_docs:
+        chart(result["layers"])
+        write_section(HEADING, markdown(result), result["machine"])
+
+
+if __name__ == "__main__":
+    main()
