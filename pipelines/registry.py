@@ -487,8 +487,8 @@ class Registry:
         elif parts[0] == "layers":
             self.index.put_layer(f"{parts[1]}:{parts[2]}", json.loads(self.store.get_bytes(key)))
         elif parts[0] == "packs":
-            for digest, location in read_pack_table(self.store, key, size):
-                self.index.add_file(digest.hex(), location.encode())
+            table = read_pack_table(self.store, key, size)
+            self.index.add_files({digest.hex(): where.encode() for digest, where in table})
         elif parts[0] == "repositories":
             return self._reindex_repository_object(key)
         return parts[0]
