@@ -293,7 +293,7 @@ def test_index_rebuilt_from_s3_after_dedup(
     # and counting it (an earlier test does that) leaves the running counter short.
     in_s3 = sum(
         size
-        for prefix in ("data/", "manifests/", "packs/", "recipes/")
+        for prefix in ("data/", "manifests/", "packs/", "recipes/", "checkpoints/")
         for _key, size in live.registry.store.list(prefix)
     )
     assert after[2]["stored_bytes"] == in_s3
