@@ -144,13 +144,14 @@ def status(registry: Registry, job_id: str) -> dict[str, Any] | None:
         return _group_status(job_id, job)
     result: AsyncResult[Any] = AsyncResult(job_id, app=celery_app)
     fields = {key: value for key, value in job.items() if key != "progress_done"}
-    body: dict[str, Any] = {"id": job_id, **typed(fields), "state": result.state.lower()}
+    state = result.state  # read once: the task may finish between two reads
+    body: dict[str, Any] = {"id": job_id, **typed(fields), "state": state.lower()}
     if "progress_done" in job:
         body["progress"] = {"done": int(job["progress_done"])}
-    if result.successful():
+    if state == "SUCCESS":
         value = result.result
         body["result"] = typed(value) if isinstance(value, dict) else value
-    elif result.failed():
+    elif state == "FAILURE":
         body["error"] = str(result.result)
     return body
 
@@ -192,7 +193,10 @@ def _group_status(job_id: str, job: dict[str, str]) -> dict[str, Any]:
     outcomes: dict[str, str] = {}
     for layer, child in zip(layers, children, strict=True):
         result: AsyncResult[Any] = AsyncResult(child, app=celery_app)
-        outcomes[layer] = _outcome(result.result) if result.successful() else result.state.lower()
+        child_state = result.state  # read once: the task may finish between two reads
+        outcomes[layer] = (
+            _outcome(result.result) if child_state == "SUCCESS" else child_state.lower()
+        )
     done = sum(result not in ("pending", "started", "retry") for result in outcomes.values())
     state = "success" if done == len(layers) else ("started" if done else "pending")
     failed = [layer for layer, outcome in outcomes.items() if outcome == "failure"]
