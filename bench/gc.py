@@ -208,8 +208,8 @@ def run_gc_process(env: dict[str, str]) -> dict[str, Any]:
         "report['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "print(json.dumps(report))\n"
     )
-    done = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, capture_output=True,
-                          text=True, check=True)  # fmt: skip
+    done = subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env,
+                          stdout=subprocess.PIPE, text=True, check=True)  # fmt: skip
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
