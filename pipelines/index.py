@@ -182,8 +182,12 @@ class Index:
         return {key.decode(): value.decode() for key, value in raw.items()}
 
     def lock(self, name: str, timeout: float = 600, blocking_timeout: float = 30) -> Any:
+        # Not thread-local: a long holder (GC) renews its lease from a thread of its own.
         return self.redis.lock(
-            f"{PREFIX}lock:{name}", timeout=timeout, blocking_timeout=blocking_timeout
+            f"{PREFIX}lock:{name}",
+            timeout=timeout,
+            blocking_timeout=blocking_timeout,
+            thread_local=False,
         )
 
     def is_ready(self) -> bool:

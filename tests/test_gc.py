@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,16 @@ def _pack_ages(live: LiveStack) -> list[tuple[str, float, int, int]]:
         alive = sum(found == loc.encode() for (_d, loc), found in zip(table, where, strict=True))
         out.append((listed.key, round(time.time() - listed.modified, 1), alive, len(table) - alive))
     return out
+
+
+def test_the_gc_lease_is_renewed_from_another_thread(gc_live: LiveStack) -> None:
+    """A GC longer than its lease keeps its lock: the renewing thread is not the one that
+    took it (a thread-local lock token made every GC over 60 s fail at its end)."""
+    lock = gc_live.registry.index.lock("lease-renewal-test", timeout=30, blocking_timeout=1)
+    assert lock.acquire()
+    renewal = ThreadPoolExecutor(1).submit(lock.reacquire)
+    assert renewal.result(timeout=10) is True
+    lock.release()
 
 
 def test_a_dry_run_deletes_nothing(gc_live: LiveStack) -> None:
