@@ -191,6 +191,7 @@ class Registry:
             settings.gc_grace_seconds,
             settings.gc_compact_below,
             settings.gc_untagged,
+            settings.gc_nice,
         )
 
     def last_gc(self) -> dict[str, Any] | None:
