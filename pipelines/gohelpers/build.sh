@@ -110,3 +110,6 @@ if [[ -n "$debian_go" ]]; then
 else
     echo "skipping gzip-go1.19 and gzip-pgzip-deb: Debian's golang-go is not installed" >&2
 fi
+
+# The pinned C programs (GNU gzip, pigz, the zstd CLI): pipelines/programs/build.sh.
+bash "$here/../programs/build.sh" "$outdir"
