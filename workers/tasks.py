@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,8 +19,9 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Task, signals
 
+from pipelines.canaries import check_at_start
 from pipelines.errors import is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry import Registry
@@ -50,6 +52,24 @@ def retrying(work: Callable[[], Result]) -> Result:
             logger.warning("transient failure, retrying in %.1fs: %r", delay, error)
             time.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
+
+
+@signals.worker_ready.connect
+def _check_encoder_canaries(**_kwargs: object) -> None:
+    """At start, check every encoder against its canary (once per host when the workers
+    start together), in the background: until it is recorded, retirement waits."""
+
+    def check() -> None:
+        try:
+            results = check_at_start(registry().index.redis)
+        except Exception:
+            logger.exception("encoder canary check failed to run")
+            return
+        if results is not None:
+            failed = sum(bool(reason) for reason in results.values())
+            logger.info("encoder canaries: %d checked, %d failed", len(results), failed)
+
+    threading.Thread(target=check, name="encoder-canaries", daemon=True).start()
 
 
 # Priorities on the restore queue (Redis transport: 0 is served first).
