@@ -480,7 +480,7 @@ class RegistryApp:
         the results: a failed or missing one turns readiness red and keeps intact copies.
         {"ok", "checked", "failed": {encoder id: reason}}; a few seconds, no job."""
         _drain(request)
-        return _json(self.registry.check_encoder_canaries())
+        return _json(jobs.verify_encoders(self.registry))
 
     def delete_repository(self, request: Request, name: str) -> Response:
         """Every tag, manifest and blob link of a repository; GC frees the bytes."""

@@ -323,6 +323,19 @@ class Ingestor:
             return None
         return retirement_blocker(self.index.redis, info.encoder)
 
+    def unblocked_retirements(self) -> list[str]:
+        """Layers whose retirement a canary blocked and whose encoder now passes: to retire
+        again (after a check records its results)."""
+        ready = []
+        for raw in self.index.redis.hkeys(RETIRE_BLOCKED_KEY):
+            digest = raw.decode()
+            info = self.blobs.stored_info(digest)
+            if info is None or not (info.retired or info.segments):
+                self.index.redis.hdel(RETIRE_BLOCKED_KEY, digest)
+            elif self.retirement_blocker(info) is None:
+                ready.append(digest)
+        return ready
+
     def retire_intact_copy(self, digest: str, keep_replica: bool = False) -> int:
         """Settle the intact copy of a deduplicated layer: delete it (the bytes freed), or,
         for a layer hot enough to keep one (S-mode), keep it as the layer's replica."""

@@ -366,3 +366,45 @@ def test_podman_push_dedup_pull(
         blob = client.request("GET", f"/v2/{repo}/blobs/{layer['digest']}")
         assert blob.status == 200, (layer, blob.status)
         assert sha256(blob.data) == layer["digest"] and len(blob.data) == layer["size"]
+
+
+# --------------------------------------------------------------------------- GNU gzip, pigz
+
+PROGRAM_PRODUCERS = [
+    (["gzip", "-n", "-N"], "gzip/gnu-1.12/level6"),  # a name and an mtime in the header
+    (["gzip", "-n", "-9"], "gzip/gnu-1.12/level9"),
+    (["pigz", "-n"], "gzip/pigz-2.6-zlib-1.2.13/level6"),
+    (["pigz", "-n", "-1", "-p", "1"], "gzip/pigz-2.6-zlib-1.2.13/single/level1"),
+]
+
+
+@pytest.mark.parametrize(("tool", "expected_id"), PROGRAM_PRODUCERS)
+def test_gzip_program_layer_dedup_pull(
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    helper_dir: Path,
+    tool: list[str],
+    expected_id: str,
+) -> None:
+    """A layer tarred by GNU tar and compressed by the host's real GNU gzip or pigz
+    (Debian's, deploy/system-deps.sh test) is deduplicated with the pinned build of the
+    same program, and pulled back byte-exact from its recipe."""
+    if shutil.which(tool[0]) is None:
+        pytest.skip(f"{tool[0]} is not installed")
+    write_layer_tree(tmp_path / "tree")
+    layer_tar = tmp_path / "layer.tar"
+    run("tar", "--sort=name", "-C", tmp_path / "tree", "-cf", layer_tar, ".")
+    blob = subprocess.run([*tool, "-c", str(layer_tar)], capture_output=True, check=True).stdout
+    tar = layer_tar.read_bytes()
+
+    client.push_image(repo, "v1", [blob], config=oci_config([tar]))
+    digest = sha256(blob)
+    record = wait_for_layers(live, [digest], timeout=120)[digest]
+    assert record["state"] == "deduplicated", record
+    assert record["encoder"] == expected_id, record
+
+    restores_before = wait_until_restorable(live, [digest])
+    assert_pulled_exactly(client, repo, digest, blob)
+    assert served_from_dedup(live) > restores_before

@@ -68,6 +68,7 @@ def _check_encoder_canaries(**_kwargs: object) -> None:
         if results is not None:
             failed = sum(bool(reason) for reason in results.values())
             logger.info("encoder canaries: %d checked, %d failed", len(results), failed)
+            retire_unblocked()
 
     threading.Thread(target=check, name="encoder-canaries", daemon=True).start()
 
@@ -97,6 +98,15 @@ def retire_intact_copy(digest: str, keep: bool | None = None, repository: str = 
     if not keep_replica and pullers:
         retrying(lambda: registry().server.preconstruct(digest, "retired", pullers))
     return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
+
+
+def retire_unblocked(of: Registry | None = None) -> list[str]:
+    """Queue the retirements that canaries blocked and that may go ahead now."""
+    ingestor = (of or registry()).ingestor
+    digests = retrying(ingestor.unblocked_retirements)
+    for digest in digests:
+        retire_intact_copy.apply_async(args=(digest, None, ""))
+    return digests
 
 
 @celery_app.task(name="workers.tasks.manifest_fetched", ignore_result=True)
