@@ -645,6 +645,9 @@ def zstd_encoders() -> list[Encoder]:
     """Streaming encoders (screenable) first, then workers and one-shot level by level."""
     encoders: list[Encoder] = [ZstdEncoder("stream", level) for level in ZSTD_LEVELS]
     encoders += [ZstdEncoder(mode, level) for level in ZSTD_LEVELS for mode in ("mt", "oneshot")]
+    from pipelines.zstd_cli import zstd_cli_encoders  # the pinned zstd program
+
+    encoders += zstd_cli_encoders()
     return encoders
 
 
@@ -921,6 +924,10 @@ def _zstd_option_guesses(
 def _zstd_window_fits(
     encoder: Encoder, window: int | None, single_segment: bool, size: int
 ) -> bool:
+    from pipelines.zstd_cli import ZstdCliEncoder
+
+    if isinstance(encoder, ZstdCliEncoder) and not (single_segment or window is None):
+        return window in (1 << encoder.window_log(size), 1 << encoder.window_log(None))
     if single_segment or window is None or not isinstance(encoder, ZstdEncoder):
         return True
     params = zstandard.ZstdCompressionParameters.from_level(encoder.level, source_size=size)
