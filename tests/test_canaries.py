@@ -88,6 +88,23 @@ def test_program_canaries_are_what_the_real_programs_write(
     assert produce(encoder_id, params) == expected
 
 
+@pytest.mark.parametrize(
+    ("options", "encoder_id"),
+    [([], "zstd/cli-1.5.4/level3"), (["-19", "--long"], "zstd/cli-1.5.4/level19-long")],
+)
+def test_zstd_cli_canaries_are_what_the_real_program_writes(
+    helper_dir: Path, options: list[str], encoder_id: str
+) -> None:
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is not installed")
+    data = canary_input()
+    argv = ["zstd", "-q", "-c", *options, f"--stream-size={len(data)}", "-"]
+    frame = subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+    expected = sha256(frame).removeprefix("sha256:")
+    assert load_canaries()[encoder_id].sha256 == expected
+    assert produce(encoder_id, default_params(encoder_id)) == expected
+
+
 def test_tampered_canary_fails(helper_dir: Path, tmp_path: Path) -> None:
     document = json.loads(CANARY_FILE.read_text())
     document["canaries"][GNU_LEVEL6]["sha256"] = "0" * 64

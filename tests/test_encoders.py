@@ -32,6 +32,7 @@ from pipelines.encoders import (
     find_encoder,
     stock_zlib_problem,
 )
+from pipelines.zstd_cli import ZstdCliEncoder
 from tests.test_codecs import real_files_tar
 
 PGZIP_LIBRARY = "pgzip-deb-"
@@ -312,19 +313,44 @@ def test_python_zstandard_layers_are_reproduced(
     assert result.encoder_id.endswith(expected_id)
 
 
-def test_zstd_cli_layer_is_matched_exactly_or_refused(layer_tar: bytes, tmp_path: Path) -> None:
-    """The CLI links Debian's libzstd, a different version: reproduce it exactly or refuse."""
+ZSTD_CLI = "zstd/cli-1.5.4"
+
+
+@pytest.mark.parametrize(
+    ("options", "from_pipe", "expected_id"),
+    [
+        ([], False, f"{ZSTD_CLI}/level3"),  # a file: its size pledged and written
+        ([], True, f"{ZSTD_CLI}/level3"),  # a pipe: no size
+        (["-T0"], False, f"{ZSTD_CLI}/level3"),  # as many workers as cores: the same bytes
+        (["-19"], False, f"{ZSTD_CLI}/level19"),
+        (["-19"], True, f"{ZSTD_CLI}/level19"),
+        (["--long"], False, f"{ZSTD_CLI}/level3-long"),
+        (["--long", "-T0"], True, f"{ZSTD_CLI}/level3-long"),
+        (["-19", "--long"], False, f"{ZSTD_CLI}/level19-long"),
+    ],
+)
+def test_zstd_cli_layers_are_reproduced(
+    helper_dir: Path,
+    layer_tar: bytes,
+    tmp_path: Path,
+    options: list[str],
+    from_pipe: bool,
+    expected_id: str,
+) -> None:
+    """The host's zstd CLI (Debian's) against the pinned one we build."""
     need("zstd")
     path = tmp_path / "layer.tar"
     path.write_bytes(layer_tar)
-    blob = run_tool(["zstd", "-q", "-c", str(path)], b"")
-    result = match_blob(blob)
-    if isinstance(result, Match):
-        assert sha256(b"".join(encode(result.encoder_id, result.encoder_params, [layer_tar]))) == (
-            sha256(blob)
-        )
-    else:
-        assert "tried zstd/" in result.reason
+    source = "-" if from_pipe else str(path)
+    blob = run_tool(["zstd", "-q", "-c", *options, source], layer_tar if from_pipe else b"")
+    assert_exact(blob, layer_tar, expected_id)
+
+
+def test_zstd_cli_single_thread_is_refused(helper_dir: Path, layer_tar: bytes) -> None:
+    """`--single-thread` writes other bytes than the CLI's default worker: not covered."""
+    need("zstd")
+    result = match_blob(run_tool(["zstd", "-q", "-c", "--single-thread", "-"], layer_tar))
+    assert isinstance(result, NoMatch), result
 
 
 # --------------------------------------------------------------------------- refusals
@@ -419,3 +445,4 @@ def test_encoder_ids_are_stable() -> None:
     assert GzipProgramEncoder("pigz", 9).encoder_id == "gzip/pigz-2.6-zlib-1.2.13/level9"
     pigz_single = GzipProgramEncoder("pigz", 1, single_thread=True)
     assert pigz_single.encoder_id == "gzip/pigz-2.6-zlib-1.2.13/single/level1"
+    assert ZstdCliEncoder(19, long=True).encoder_id == "zstd/cli-1.5.4/level19-long"

@@ -408,3 +408,46 @@ def test_gzip_program_layer_dedup_pull(
     restores_before = wait_until_restorable(live, [digest])
     assert_pulled_exactly(client, repo, digest, blob)
     assert served_from_dedup(live) > restores_before
+
+
+# --------------------------------------------------------------------------- the zstd CLI
+
+ZSTD_CLI_PRODUCERS = [
+    ([], False, "zstd/cli-1.5.4/level3"),
+    (["-T0"], True, "zstd/cli-1.5.4/level3"),
+    (["-19"], False, "zstd/cli-1.5.4/level19"),
+    (["--long"], True, "zstd/cli-1.5.4/level3-long"),
+]
+
+
+@pytest.mark.parametrize(("options", "from_pipe", "expected_id"), ZSTD_CLI_PRODUCERS)
+def test_zstd_cli_layer_dedup_pull(
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    helper_dir: Path,
+    options: list[str],
+    from_pipe: bool,
+    expected_id: str,
+) -> None:
+    """A layer compressed by the host's zstd CLI (a file, or a pipe: no size in the
+    header) is deduplicated with the pinned CLI and pulled back byte-exact."""
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is not installed")
+    write_layer_tree(tmp_path / "tree")
+    layer_tar = tmp_path / "layer.tar"
+    run("tar", "--sort=name", "-C", tmp_path / "tree", "-cf", layer_tar, ".")
+    tar = layer_tar.read_bytes()
+    argv = ["zstd", "-q", "-c", *options, "-" if from_pipe else str(layer_tar)]
+    blob = subprocess.run(argv, input=tar if from_pipe else b"", capture_output=True, check=True)
+
+    client.push_image(repo, "v1", [blob.stdout], config=oci_config([tar]))
+    digest = sha256(blob.stdout)
+    record = wait_for_layers(live, [digest], timeout=180)[digest]
+    assert record["state"] == "deduplicated", record
+    assert record["encoder"] == expected_id, record
+
+    restores_before = wait_until_restorable(live, [digest])
+    assert_pulled_exactly(client, repo, digest, blob.stdout)
+    assert served_from_dedup(live) > restores_before
