@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from pipelines.encoders import (
 
 CANARY_KEY = "dh:canaries"
 REASONS_KEY = "dh:canaries:reasons"
+STARTS_KEY = "dh:canaries:starts"  # host -> when its workers last checked at start
 CANARY_FILE = Path(__file__).with_name("encoder_canaries.json")
 CANARY_INPUT_NAME = "golden_input+reversed/v1"
 START_LOCK_SECONDS = 120  # one check per host when its workers start together
@@ -151,10 +153,12 @@ def check_and_record(client: redis.Redis[bytes]) -> dict[str, str]:
 
 def check_at_start(client: redis.Redis[bytes]) -> dict[str, str] | None:
     """The check when a worker starts; None if another worker of this host just ran it."""
-    lock = f"{CANARY_KEY}:started:{socket.gethostname()}"
-    if not client.set(lock, "1", nx=True, ex=START_LOCK_SECONDS):
+    host = socket.gethostname()
+    if not client.set(f"{CANARY_KEY}:started:{host}", "1", nx=True, ex=START_LOCK_SECONDS):
         return None
-    return check_and_record(client)
+    results = check_and_record(client)
+    client.hset(STARTS_KEY, host, str(time.time()))
+    return results
 
 
 def stored_reasons(client: redis.Redis[bytes]) -> dict[str, str]:

@@ -22,6 +22,7 @@ from pipelines import canaries
 from pipelines.canaries import (
     CANARY_FILE,
     CANARY_KEY,
+    STARTS_KEY,
     canary_input,
     check_all,
     default_params,
@@ -141,6 +142,12 @@ def test_replaced_helper_fails_its_canaries(
     assert all(results[i].startswith("drifted") for i in failed)
     monkeypatch.setenv("DUPHUNTER_HELPER_DIR", str(tmp_path / "nothing-here"))
     assert check_all()[GNU_LEVEL6].startswith("missing")
+
+
+def test_workers_check_the_canaries_at_start(live: LiveStack) -> None:
+    redis = live.registry.index.redis
+    wait_until(lambda: bool(redis.hlen(STARTS_KEY)), "a check at worker start", 180)
+    assert redis.hlen(CANARY_KEY) >= len(registered_ids())
 
 
 def test_retirement_blocker_reads_the_recorded_results(live: LiveStack) -> None:
