@@ -34,12 +34,13 @@ import zstandard
 
 from pipelines.codecs import (
     GZIP_MAGIC,
+    GZIP_OS_UNIX,
     Sniff,
     gzip_header_length,
     iter_chunks,
     parse_zstd_frame_header,
 )
-from pipelines.libz import zlib_segment
+from pipelines.libz import deflate_boundaries, zlib_segment
 
 IDENTITY_ID = "identity"
 GZIP_TRAILER_LEN = 8
@@ -400,6 +401,103 @@ def pgzip_library() -> str | None:
     return describe_helper(pgzip_helper())
 
 
+GNU_GZIP_VERSION = "1.12"
+PIGZ_VERSION = "2.6"
+PIGZ_ZLIB_VERSION = "1.2.13"  # pigz's deflate is zlib's: the id names both
+GZIP_PROGRAM_HEADER = 10  # -n: no name, no time
+# Deflate blocks of a prefix's output that end this far before the prefix's end hold the
+# same tokens as in the whole stream's (a match looks at most 262 bytes ahead).
+PROGRAM_SCREEN_MARGIN = 4096
+
+
+@functools.cache
+def program_version(path: Path) -> str | None:
+    """The first line of `program --version`, or None if it cannot run."""
+    try:
+        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = (done.stdout or done.stderr).decode("utf-8", "replace").splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None
+
+
+class GzipProgramEncoder(Encoder):
+    """A real gzip program: GNU gzip or pigz, pinned and built by pipelines/programs/build.sh
+    (`gzip -n -LEVEL`, `pigz -n -LEVEL`: pigz compresses 128 KiB blocks in parallel, each
+    primed with the previous 32 KiB, its output independent of the thread count). The
+    program writes a whole gzip member; the body is what lies between its header and its
+    trailer, which the recipe keeps verbatim as for every gzip encoder."""
+
+    def __init__(self, program: str, level: int, single_thread: bool = False) -> None:
+        if program not in ("gnu", "pigz") or (single_thread and program != "pigz"):
+            raise ValueError(f"unknown gzip program {program!r}")
+        self.program = program
+        self.level = level
+        self.single_thread = single_thread
+        if program == "gnu":
+            self.encoder_id = f"gzip/gnu-{GNU_GZIP_VERSION}/level{level}"
+        else:
+            family = f"gzip/pigz-{PIGZ_VERSION}-zlib-{PIGZ_ZLIB_VERSION}"
+            self.encoder_id = f"{family}/{'single/' if single_thread else ''}level{level}"
+
+    @property
+    def helper(self) -> Path:
+        name = f"gzip-gnu-{GNU_GZIP_VERSION}" if self.program == "gnu" else f"pigz-{PIGZ_VERSION}"
+        return helper_dir() / name
+
+    def unavailable_reason(self) -> str | None:
+        expected = GNU_GZIP_VERSION if self.program == "gnu" else PIGZ_VERSION
+        version = program_version(self.helper)
+        if version is None:
+            return f"program {self.helper} is missing or broken (run pipelines/programs/build.sh)"
+        if version.split()[-1] != expected:
+            return f"program {self.helper} is {version!r}, not version {expected}"
+        return None
+
+    def _argv(self) -> list[str]:
+        argv = [str(self.helper), "-c", "-n", f"-{self.level}"]
+        if self.program == "pigz":  # levels 1-3 differ between one thread and several
+            argv += ["-p", "1" if self.single_thread else "2"]
+        return argv
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return gzip_member_body(run_filter(self._argv(), tar_chunks))
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes:
+        """The bits of the prefix's output up to its last deflate block boundary that lies
+        PROGRAM_SCREEN_MARGIN before the prefix's end: the rest depends on the prefix's end
+        (the final block, matches cut short)."""
+        body = b"".join(self.body([tar_prefix], params))
+        keep = 0
+        for tar_offset, bit in deflate_boundaries([body]):
+            if tar_offset > len(tar_prefix) - PROGRAM_SCREEN_MARGIN:
+                break
+            keep = bit // 8
+        return body[:keep]
+
+
+def gzip_member_body(member: Iterable[bytes]) -> Iterator[bytes]:
+    """The deflate body of a gzip member written by a program run with -n: without its
+    10-byte header and its 8-byte trailer."""
+    head = b""
+    held = b""
+    started = False
+    for chunk in member:
+        if not started:
+            head += chunk
+            if len(head) < GZIP_PROGRAM_HEADER:
+                continue
+            if not head.startswith(GZIP_MAGIC) or head[3] != 0:
+                raise RuntimeError("the program wrote an unexpected gzip header")
+            chunk, started = head[GZIP_PROGRAM_HEADER:], True
+        held += chunk
+        if len(held) > GZIP_TRAILER_LEN:
+            yield held[:-GZIP_TRAILER_LEN]
+            held = held[-GZIP_TRAILER_LEN:]
+    if not started or len(held) != GZIP_TRAILER_LEN:
+        raise RuntimeError("the program wrote a truncated gzip member")
+
+
 class ZstdEncoder(Encoder):
     """libzstd through python-zstandard, single frame.
 
@@ -524,6 +622,7 @@ GO_GENERATIONS = ("1.26", "1.27")
 GO_LEVELS = (6, 1, 9, 2, 3, 4, 5, 7, 8, -2, 0)  # default (6) and BestSpeed first
 PGZIP_LEVELS = (5, 1, 9, 6, 2, 3, 4, 7, 8, -2, 0)  # klauspost default is 5
 ZLIB_LEVELS = (6, 9, 1, 2, 3, 4, 5, 7, 8, 0)
+PROGRAM_LEVELS = (6, 9, 1, 2, 3, 4, 5, 7, 8)  # GNU gzip and pigz: -6 is the default
 ZSTD_LEVELS = (3, *range(1, 3), *range(4, 20), -1, -3, -5, *range(20, 23))
 
 
@@ -535,6 +634,10 @@ def gzip_encoders() -> list[Encoder]:
     if library is not None:
         for block_size in PGZIP_BLOCK_SIZES:
             encoders += [PgzipEncoder(library, block_size, level) for level in PGZIP_LEVELS]
+    for program in ("gnu", "pigz"):
+        encoders += [GzipProgramEncoder(program, level) for level in PROGRAM_LEVELS]
+    # pigz -p 1 (or on one core): only its levels 1-3 write other bytes than in parallel
+    encoders += [GzipProgramEncoder("pigz", level, single_thread=True) for level in (1, 2, 3)]
     return encoders
 
 
@@ -542,6 +645,9 @@ def zstd_encoders() -> list[Encoder]:
     """Streaming encoders (screenable) first, then workers and one-shot level by level."""
     encoders: list[Encoder] = [ZstdEncoder("stream", level) for level in ZSTD_LEVELS]
     encoders += [ZstdEncoder(mode, level) for level in ZSTD_LEVELS for mode in ("mt", "oneshot")]
+    from pipelines.zstd_cli import zstd_cli_encoders  # the pinned zstd program
+
+    encoders += zstd_cli_encoders()
     return encoders
 
 
@@ -749,7 +855,8 @@ def _ordered_gzip_candidates(sniff: Sniff) -> list[Encoder]:
     family_order = {
         "go-stdlib": ("gzip/go", "gzip/zlib", "gzip/pgzip"),
         "pgzip": ("gzip/pgzip", "gzip/go", "gzip/zlib"),
-    }.get(sniff.producer_hint or "", ("gzip/zlib", "gzip/go", "gzip/pgzip"))
+        "gnu-gzip": ("gzip/gnu", "gzip/pigz", "gzip/zlib"),
+    }.get(sniff.producer_hint or "", ("gzip/zlib", "gzip/go", "gzip/pgzip", "gzip/gnu"))
     preferred_level = {2: 9, 4: 1}.get(sniff.xfl or 0)
 
     def rank(encoder: Encoder) -> tuple[int, int]:
@@ -757,19 +864,26 @@ def _ordered_gzip_candidates(sniff: Sniff) -> list[Encoder]:
             (i for i, prefix in enumerate(family_order) if encoder.encoder_id.startswith(prefix)),
             len(family_order),
         )
-        level_bonus = 0 if encoder.encoder_id.endswith(f"/{preferred_level}") else 1
+        level_bonus = 0 if getattr(encoder, "level", None) == preferred_level else 1
         return family, level_bonus
 
-    candidates = [e for e in gzip_encoders() if _xfl_consistent(e, sniff.xfl)]
+    candidates = [
+        e for e in gzip_encoders() if _xfl_consistent(e, sniff.xfl) and _os_consistent(e, sniff.os)
+    ]
     return sorted(candidates, key=rank)
 
 
 def _xfl_consistent(encoder: Encoder, xfl: int | None) -> bool:
     """Go and pgzip write their own header: XFL is 2 exactly for level 9 and 4 exactly
     for level 1. zlib users (Python, Java, zlib's wrapper) set XFL in other ways."""
-    if not isinstance(encoder, GoStdlibEncoder | PgzipEncoder):
+    if not isinstance(encoder, GoStdlibEncoder | PgzipEncoder | GzipProgramEncoder):
         return True
     return {9: 2, 1: 4}.get(encoder.level, 0) == xfl
+
+
+def _os_consistent(encoder: Encoder, os_code: int | None) -> bool:
+    """GNU gzip and pigz write their own header, with OS 3 (Unix)."""
+    return not isinstance(encoder, GzipProgramEncoder) or os_code == GZIP_OS_UNIX
 
 
 def _zstd_trials(
@@ -810,6 +924,10 @@ def _zstd_option_guesses(
 def _zstd_window_fits(
     encoder: Encoder, window: int | None, single_segment: bool, size: int
 ) -> bool:
+    from pipelines.zstd_cli import ZstdCliEncoder
+
+    if isinstance(encoder, ZstdCliEncoder) and not (single_segment or window is None):
+        return window in (1 << encoder.window_log(size), 1 << encoder.window_log(None))
     if single_segment or window is None or not isinstance(encoder, ZstdEncoder):
         return True
     params = zstandard.ZstdCompressionParameters.from_level(encoder.level, source_size=size)
@@ -856,7 +974,10 @@ def _screen_verdict(encoder: Encoder, tar_prefix: bytes, target: _Target) -> str
         if not _is_prefix_of_payload(produced, target):
             return "reject"
         verdict = "pass"
-        if stage >= len(tar_prefix) or len(produced) >= SCREEN_CONCLUSIVE_BYTES:
+        # The first stage never concludes: pigz writes zlib's very bytes up to its first
+        # 128 KiB block's end (and pigz with larger blocks pigz's).
+        conclusive = len(produced) >= SCREEN_CONCLUSIVE_BYTES and stage > SCREEN_STAGES[0]
+        if stage >= len(tar_prefix) or conclusive:
             break
     return verdict
 

