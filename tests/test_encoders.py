@@ -11,22 +11,28 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import zstandard
 
 from pipelines.codecs import open_decompressed, sniff
 from pipelines.encoders import (
+    SCREEN_STAGES,
     EncoderUnavailableError,
+    KlauspostOptions,
     Match,
     NoMatch,
     ZlibEncoder,
     decode_gzip_params,
+    describe_helper,
     encode,
     find_encoder,
     stock_zlib_problem,
@@ -324,6 +330,148 @@ def test_zstd_cli_layer_is_matched_exactly_or_refused(layer_tar: bytes, tmp_path
         )
     else:
         assert "tried zstd/" in result.reason
+
+
+# --------------------------------------------------------------------------- klauspost zstd
+
+# skopeo/podman/buildah --compression-level and the klauspost encoder level it maps to
+# (zstd.EncoderLevelFromZstd); None: no level given, the library default.
+KLAUSPOST_LEVELS = [(None, "default"), (1, "fastest"), (5, "default"), (7, "better"),
+                    (19, "best")]  # fmt: skip
+
+
+def random_tar(seed: int, total: int = 3_000_000) -> bytes:
+    """A tar of seeded random files: incompressible, repetitive text and zero runs."""
+    rng = random.Random(seed)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        written = 0
+        while written < total:
+            kind = rng.choice(("random", "text", "zeros"))
+            size = rng.randrange(0, 400_000)
+            if kind == "random":
+                data = rng.randbytes(size)
+            elif kind == "text":
+                words = [rng.choice((b"usr", b"lib", b"share", b"\n", b"0644")) for _ in range(64)]
+                data = (b" ".join(words) * (size // 256 + 1))[:size]
+            else:
+                data = bytes(size)
+            info = tarfile.TarInfo(f"f{written}/{kind}.bin")
+            info.size, info.mtime = len(data), 1_700_000_000
+            archive.addfile(info, io.BytesIO(data))
+            written += len(data) + 512
+    return out.getvalue()
+
+
+def skopeo_zstd_layer(tar: bytes, workdir: Path, level: int | None) -> bytes:
+    """skopeo (containers/image, Debian's klauspost/compress) recompressing a layer."""
+    source, dest = workdir / "plain", workdir / "zstd"
+    write_oci_layout(source, tar)
+    argv = ["skopeo", "copy", "--dest-compress-format", "zstd"]
+    argv += [] if level is None else ["--dest-compress-level", str(level)]
+    subprocess.run([*argv, f"oci:{source}:t", f"oci:{dest}:t"], check=True, capture_output=True)
+    return first_layer(dest)
+
+
+def first_layer(layout: Path) -> bytes:
+    def blob(digest: str) -> bytes:
+        return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(blob(index["manifests"][0]["digest"]))
+    return blob(manifest["layers"][0]["digest"])
+
+
+def klauspost_library(helper_dir: Path) -> str:
+    library = describe_helper(Path(helper(helper_dir, "zstd-klauspost-deb")))
+    assert library is not None and library.startswith("klauspost-deb-"), library
+    return library
+
+
+@pytest.mark.parametrize(("level", "speed"), KLAUSPOST_LEVELS)
+@pytest.mark.parametrize("content", ["real", "random"])
+def test_skopeo_zstd_layers_are_reproduced(
+    helper_dir: Path, layer_tar: bytes, tmp_path: Path, content: str, level: int | None,
+    speed: str,
+) -> None:  # fmt: skip
+    need("skopeo")
+    library = klauspost_library(helper_dir)
+    tar = layer_tar if content == "real" else random_tar(level or 0)
+    blob = skopeo_zstd_layer(tar, tmp_path, level)
+    result = assert_exact(blob, tar, f"zstd/{library}/{speed}")
+    # containers/image hands the 8 bytes it sniffed to the writer first
+    assert KlauspostOptions.decode(result.encoder_params) == KlauspostOptions(True, 8)
+
+
+@pytest.mark.parametrize("size", [5, 1024, 100_000, 131_072, 300_000])
+def test_small_skopeo_zstd_layers_are_reproduced(
+    helper_dir: Path, layer_tar: bytes, tmp_path: Path, size: int
+) -> None:
+    """Around the first write and the first block (one block: EncodeAll's frame)."""
+    need("skopeo")
+    klauspost_library(helper_dir)
+    tar = layer_tar[:size] if size != 1024 else bytes(1024)  # Docker's empty layer
+    assert_exact(skopeo_zstd_layer(tar, tmp_path, None), tar)
+
+
+@pytest.mark.parametrize("speed", ["default", "fastest", "better", "best"])
+def test_klauspost_zstd_without_first_write_is_reproduced(
+    helper_dir: Path, layer_tar: bytes, speed: str
+) -> None:
+    """A Go program that copies the tar straight into zstd.NewWriter (no sniffed bytes)."""
+    library = klauspost_library(helper_dir)
+    producer = [helper(helper_dir, "zstd-klauspost-deb"), "-speed", speed, "-first", "0"]
+    for tar in (layer_tar, layer_tar[:50_000]):
+        result = assert_exact(run_tool(producer, tar), tar, f"zstd/{library}/{speed}")
+        assert KlauspostOptions.decode(result.encoder_params).first_write == 0
+
+
+def test_klauspost_zstd_output_does_not_depend_on_concurrency(
+    helper_dir: Path, layer_tar: bytes
+) -> None:
+    """Why one id per level: synchronous (GOMAXPROCS=1) and asynchronous encoding agree."""
+    binary = helper(helper_dir, "zstd-klauspost-deb")
+    tar = layer_tar + random_tar(7)
+    for speed in ("fastest", "default", "better"):
+        outputs = {
+            run_tool([binary, "-speed", speed, "-concurrency", str(n), "-first", "8"], tar)
+            for n in (1, 2, 4)
+        }
+        assert len(outputs) == 1, speed
+
+
+def test_unmatched_zstd_layer_is_rejected_cheaply(helper_dir: Path) -> None:
+    """A klauspost frame no encoder here makes (flushed at an odd place): no candidate is
+    recompressed in full, and the tar is read once (its size) plus the screened prefix."""
+    tar = real_files_tar(12_000_000)
+    producer = [helper(helper_dir, "zstd-klauspost-deb"), "-first", "100000"]
+    blob = run_tool(producer, tar)
+    read = [0]
+
+    def open_tar() -> io.BufferedReader:
+        return io.BufferedReader(CountingReader(open_decompressed("zstd", io.BytesIO(blob)), read))
+
+    result = find_encoder(lambda: io.BytesIO(blob), open_tar, sha256(blob), sniff(blob[:65536]))
+    assert isinstance(result, NoMatch), result
+    assert "zstd/klauspost-deb-" in result.reason and "zstd/libzstd-" in result.reason
+    assert "recompressed in full" not in result.reason, result.reason
+    assert read[0] <= len(tar) + SCREEN_STAGES[-1] + (1 << 20), (read[0], len(tar))
+
+
+class CountingReader(io.RawIOBase):
+    """Counts the bytes read through it into counter[0]."""
+
+    def __init__(self, inner: BinaryIO, counter: list[int]) -> None:
+        self.inner, self.counter = inner, counter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        data = self.inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.counter[0] += len(data)
+        return len(data)
 
 
 # --------------------------------------------------------------------------- refusals
