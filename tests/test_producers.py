@@ -5,7 +5,9 @@ pushed to the live registry, deduplicated, and pulled back byte-exact:
   containerd and BuildKit do (archive/tar, then compress/gzip at the default level),
   built with the Go 1.26 and the Go 1.27 toolchains of pipelines/gohelpers/build.sh;
 - podman: `podman build` (no container runs) and `podman push`, whose containers/image
-  compresses layers with klauspost pgzip.
+  compresses layers with klauspost pgzip;
+- skopeo: `skopeo copy --dest-compress-format zstd`, whose containers/image compresses
+  layers with klauspost/compress zstd.
 
 Docker's own push (Go's compress/gzip inside dockerd) is tests/test_docker.py."""
 
@@ -31,6 +33,7 @@ from deploy.stack import REPO_ROOT
 from tests.client import OCI_MANIFEST, RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup
 from tests.test_dedup import wait_for_layers, wait_until_retired
+from tests.test_encoders import write_oci_layout
 
 PRODUCER_SOURCE = Path(__file__).parent / "producers" / "containerd-gzip"
 GO_GENERATIONS = ("go1.26", "go1.27")
@@ -366,3 +369,63 @@ def test_podman_push_dedup_pull(
         blob = client.request("GET", f"/v2/{repo}/blobs/{layer['digest']}")
         assert blob.status == 200, (layer, blob.status)
         assert sha256(blob.data) == layer["digest"] and len(blob.data) == layer["size"]
+
+
+# --------------------------------------------------------------------------- skopeo zstd
+
+
+def skopeo(*args: str | Path) -> str:
+    """skopeo with a signature policy of its own (it reads none of the host's)."""
+    policy = Path(tempfile.mkdtemp(prefix="dh-skopeo-")) / "policy.json"
+    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    try:
+        return run("skopeo", "--policy", policy, *args, timeout=PODMAN_TIMEOUT)
+    finally:
+        shutil.rmtree(policy.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("level", "speed"), [(None, "default"), (7, "better")])
+def test_skopeo_zstd_push_dedup_pull(
+    helper_dir: Path,
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    level: int | None,
+    speed: str,
+) -> None:
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is installed by `make test` (deploy/system-deps.sh)")
+    write_layer_tree(tmp_path / "tree")
+    tar = run_tar_bytes(tmp_path / "tree")
+    write_oci_layout(tmp_path / "plain", tar)  # one uncompressed layer, tagged t
+    image = f"docker://{live.url.removeprefix('http://')}/{repo}:v1"
+    digest_file = tmp_path / "pushed-digest"
+    levels = [] if level is None else ["--dest-compress-level", str(level)]
+    skopeo("copy", "--dest-tls-verify=false", "--dest-compress-format", "zstd", *levels,
+           "--digestfile", digest_file, f"oci:{tmp_path / 'plain'}:t", image)  # fmt: skip
+
+    manifest = served_manifest(client, repo, digest_file.read_text().strip())
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd", layer
+    digest = layer["digest"]
+    record = wait_for_layers(live, [digest], timeout=120)[digest]
+    assert record["state"] == "deduplicated", record
+    assert record["encoder"].startswith("zstd/klauspost-deb-"), record
+    assert record["encoder"].endswith(f"/{speed}"), record
+
+    restores_before = wait_until_restorable(live, [digest])
+    skopeo("copy", "--src-tls-verify=false", image, f"oci:{tmp_path / 'pulled'}:t")
+    pulled = (tmp_path / "pulled" / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
+    assert sha256(pulled) == digest and len(pulled) == layer["size"]
+    assert served_from_dedup(live) > restores_before
+    assert_pulled_exactly(client, repo, digest, pulled)
+
+
+def run_tar_bytes(directory: Path) -> bytes:
+    """The directory as GNU tar writes it (sorted names, fixed owner and times)."""
+    return subprocess.run(
+        ["tar", "--sort=name", "--owner=0", "--group=0", "--mtime=@1700000000", "-cf", "-",
+         "-C", str(directory), "."],
+        check=True, capture_output=True, timeout=120,
+    ).stdout  # fmt: skip
