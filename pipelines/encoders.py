@@ -581,6 +581,111 @@ def klauspost_zstd_library() -> str | None:
     return describe_helper(klauspost_zstd_helper())
 
 
+# zstd:chunked (containers/storage pkg/chunked): the zstd levels containers/image may
+# pass, one per klauspost encoder level they map to; 10 is containers/storage's default.
+ZSTD_CHUNKED_LEVELS = {"best": 10, "default": 3, "fastest": 1, "better": 7}
+# Its footer: a skippable frame of 40 bytes ending in this magic.
+ZSTD_CHUNKED_FOOTER_LEN = 48
+ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+TAR_END = bytes(1024)
+
+
+class ZstdChunkedEncoder(Encoder):
+    """zstd:chunked layers as containers/image writes them (skopeo, podman, buildah
+    --compression-format zstd:chunked): containers/storage's compressor as built in
+    Debian. `library` is what the helper reports, e.g. "chunked-storage-deb-1.43.0+ds1-8
+    +compress-deb-…+jsoniter-deb-…+tarsplit-deb-…". No params: the tar and the level fix
+    every frame, the table of contents and the footer."""
+
+    def __init__(self, library: str, speed: str) -> None:
+        self.library = library
+        self.speed = speed
+        self.encoder_id = f"zstd/{library}/{speed}"
+
+    def unavailable_reason(self) -> str | None:
+        if zstd_chunked_library() != self.library:
+            return f"no helper for {self.library} (found: {zstd_chunked_library() or 'none'})"
+        return None
+
+    def _argv(self) -> list[str]:
+        return [str(zstd_chunked_helper()), "-level", str(ZSTD_CHUNKED_LEVELS[self.speed])]
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv(), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # The tar's whole entries, ended as a tar ends: the layer's frames up to the last
+        # one (which holds the end of the tar instead of the next entry's header).
+        if len(tar_prefix) < KLAUSPOST_SCREEN_BYTES:
+            return None
+        cut = tar_entries_end(tar_prefix)
+        try:
+            produced = b"".join(run_filter(self._argv(), [tar_prefix[:cut], TAR_END]))
+        except RuntimeError:
+            return None
+        return zstd_frames_but_last(produced) or None
+
+
+def zstd_chunked_helper() -> Path:
+    return helper_dir() / "zstd-chunked-deb"
+
+
+def zstd_chunked_library() -> str | None:
+    return describe_helper(zstd_chunked_helper())
+
+
+def is_zstd_chunked(tail: bytes) -> bool:
+    """Whether a zstd blob ending in `tail` ends with the zstd:chunked footer."""
+    footer = tail[-ZSTD_CHUNKED_FOOTER_LEN:]
+    return (
+        len(footer) == ZSTD_CHUNKED_FOOTER_LEN
+        and footer.endswith(ZSTD_CHUNKED_MAGIC)
+        and 0x184D2A50 <= int.from_bytes(footer[:4], "little") <= 0x184D2A5F
+    )
+
+
+def tar_entries_end(tar: bytes) -> int:
+    """The offset after the last whole entry of a tar prefix whose header is not an
+    extension (PAX, GNU long name) of the next one."""
+    pos = safe = 0
+    while pos + 512 <= len(tar):
+        header = tar[pos : pos + 512]
+        if header == bytes(512):
+            break
+        field = header[124:136]
+        if field[0] & 0x80:  # base-256
+            size = int.from_bytes(field[1:], "big")
+        else:
+            digits = field.split(b"\0", 1)[0].strip()
+            size = int(digits, 8) if digits else 0
+        end = pos + 512 + (size + 511) // 512 * 512
+        if end > len(tar):
+            break
+        pos = end
+        if header[156:157] not in (b"x", b"g", b"L", b"K"):
+            safe = pos
+    return safe
+
+
+def zstd_frames_but_last(data: bytes) -> bytes:
+    """The complete zstd frames of `data` before its last one (skippable frames end the
+    walk): a prefix that does not depend on how the last frame ends."""
+    starts: list[int] = []
+    pos = 0
+    while (frame := parse_zstd_frame_header(data[pos : pos + 18])) is not None:
+        starts.append(pos)
+        pos += frame.header_len
+        last = False
+        while not last and pos + 3 <= len(data):
+            header = int.from_bytes(data[pos : pos + 3], "little")
+            last, block_type, size = bool(header & 1), header >> 1 & 3, header >> 3
+            pos += 3 + (1 if block_type == 1 else size)
+        if not last or pos + 4 * frame.checksum > len(data):
+            break
+        pos += 4 * frame.checksum
+    return data[: starts[-1]] if len(starts) > 1 else b""
+
+
 # --------------------------------------------------------------------------- stock zlib check
 
 # sha256 of raw deflate (memLevel 8, default strategy) of _golden_input() per level,
@@ -661,6 +766,9 @@ def zstd_encoders() -> list[Encoder]:
     library = klauspost_zstd_library()
     if library is not None:
         encoders += [KlauspostZstdEncoder(library, speed) for speed in KLAUSPOST_WINDOWS]
+    chunked = zstd_chunked_library()
+    if chunked is not None:
+        encoders += [ZstdChunkedEncoder(chunked, speed) for speed in ZSTD_CHUNKED_LEVELS]
     return encoders
 
 
@@ -676,6 +784,9 @@ def lookup_encoder(encoder_id: str) -> Encoder:
         raise EncoderUnavailableError(
             f"{encoder_id}: no matching pgzip helper (found: {pgzip_library() or 'none'})"
         )
+    if encoder_id.startswith("zstd/chunked"):
+        found = zstd_chunked_library() or "none"
+        raise EncoderUnavailableError(f"{encoder_id}: no matching zstd:chunked helper ({found})")
     if encoder_id.startswith("zstd/klauspost"):
         found = klauspost_zstd_library() or "none"
         raise EncoderUnavailableError(
@@ -902,13 +1013,17 @@ def _zstd_trials(
     head_len = SCREEN_STAGES[-1] + 64 * 1024
     with open_blob() as blob:
         head = blob.read(head_len)
+        tail = _read_tail(blob, head, ZSTD_CHUNKED_FOOTER_LEN)
     frame = parse_zstd_frame_header(head)
     if frame is None:
         return NoMatch("malformed zstd frame header")
     if frame.dict_id:
         return NoMatch(f"zstd frame uses dictionary {frame.dict_id}")
-    tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
     whole = len(head) < head_len
+    if is_zstd_chunked(tail):  # many frames and a table of contents: no one-frame encoder
+        chunked: list[Encoder] = [e for e in zstd_encoders() if isinstance(e, ZstdChunkedEncoder)]
+        return [(_Target(head, whole, b"", b"", b""), chunked)]
+    tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
     encoders = zstd_encoders()
     candidates: list[Encoder] = [
         encoder

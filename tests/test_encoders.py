@@ -36,6 +36,7 @@ from pipelines.encoders import (
     encode,
     find_encoder,
     stock_zlib_problem,
+    tar_entries_end,
 )
 from tests.test_codecs import real_files_tar
 
@@ -363,11 +364,11 @@ def random_tar(seed: int, total: int = 3_000_000) -> bytes:
     return out.getvalue()
 
 
-def skopeo_zstd_layer(tar: bytes, workdir: Path, level: int | None) -> bytes:
+def skopeo_zstd_layer(tar: bytes, workdir: Path, level: int | None, fmt: str = "zstd") -> bytes:
     """skopeo (containers/image, Debian's klauspost/compress) recompressing a layer."""
     source, dest = workdir / "plain", workdir / "zstd"
     write_oci_layout(source, tar)
-    argv = ["skopeo", "copy", "--dest-compress-format", "zstd"]
+    argv = ["skopeo", "copy", "--dest-compress-format", fmt]
     argv += [] if level is None else ["--dest-compress-level", str(level)]
     subprocess.run([*argv, f"oci:{source}:t", f"oci:{dest}:t"], check=True, capture_output=True)
     return first_layer(dest)
@@ -456,6 +457,44 @@ def test_unmatched_zstd_layer_is_rejected_cheaply(helper_dir: Path) -> None:
     assert "zstd/klauspost-deb-" in result.reason and "zstd/libzstd-" in result.reason
     assert "recompressed in full" not in result.reason, result.reason
     assert read[0] <= len(tar) + SCREEN_STAGES[-1] + (1 << 20), (read[0], len(tar))
+
+
+# zstd:chunked: containers/storage's default level is 10 ("best").
+ZSTD_CHUNKED_LEVELS = [(None, "best"), (1, "fastest"), (3, "default"), (7, "better")]
+
+
+@pytest.mark.parametrize(("level", "speed"), ZSTD_CHUNKED_LEVELS)
+@pytest.mark.parametrize("content", ["real", "random"])
+def test_skopeo_zstd_chunked_layers_are_reproduced(
+    helper_dir: Path, tmp_path: Path, content: str, level: int | None, speed: str
+) -> None:
+    """Each file in frames of its own, then the table of contents and the footer; the
+    tar inside is the pushed one without its padding after the end-of-archive blocks."""
+    need("skopeo")
+    library = describe_helper(Path(helper(helper_dir, "zstd-chunked-deb")))
+    tar = real_files_tar(6_000_000) if content == "real" else random_tar(level or 0, 6_000_000)
+    blob = skopeo_zstd_layer(tar, tmp_path, level, "zstd:chunked")
+    assert blob.endswith(b"GnUlInUx")
+    inner = open_decompressed("zstd", io.BytesIO(blob)).read()
+    assert tar.startswith(inner)
+    assert_exact(blob, inner, f"zstd/{library}/{speed}")
+
+
+def test_small_zstd_chunked_layer_is_reproduced(helper_dir: Path, tmp_path: Path) -> None:
+    """A layer under the smallest screening stage: compared whole."""
+    need("skopeo")
+    helper(helper_dir, "zstd-chunked-deb")
+    blob = skopeo_zstd_layer(real_files_tar(200_000), tmp_path, None, "zstd:chunked")
+    assert_exact(blob, open_decompressed("zstd", io.BytesIO(blob)).read())
+
+
+def test_zstd_chunked_screen_cuts_at_entries() -> None:
+    tar = real_files_tar(2_000_000)
+    ends = [0]
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        ends += [m.offset_data + (m.size + 511) // 512 * 512 for m in archive.getmembers()]
+    for cut in (0, 100, 512, 70_000, 1_000_000, len(tar)):
+        assert tar_entries_end(tar[:cut]) == max(end for end in ends if end <= cut)
 
 
 class CountingReader(io.RawIOBase):
