@@ -1032,8 +1032,12 @@ def _zstd_trials(
         and _zstd_window_fits(encoder, frame.window_size, frame.single_segment, tar_size)
         and not (encoder.mode == "oneshot" and tar_size > ZSTD_ONESHOT_MAX)
     ]  # fmt: skip
+    # One-shot compression always knows the size: never a guess of an unknown one.
     trials: list[tuple[_Target, list[Encoder]]] = [
-        (_Target(head, whole, options.encode(), b"", b""), candidates)
+        (
+            _Target(head, whole, options.encode(), b"", b""),
+            [e for e in candidates if options.pledged_size >= 0 or _mode(e) != "oneshot"],
+        )
         for options in _zstd_option_guesses(frame.checksum, frame.content_size, tar_size)
     ]
     # klauspost streams a frame without a content size, with its level's window; small
@@ -1052,6 +1056,10 @@ def _zstd_trials(
             for first in KLAUSPOST_FIRST_WRITES
         ]  # fmt: skip
     return trials
+
+
+def _mode(encoder: Encoder) -> str | None:
+    return encoder.mode if isinstance(encoder, ZstdEncoder) else None
 
 
 def _zstd_option_guesses(
