@@ -1029,14 +1029,21 @@ def _zstd_trials(
         encoder
         for encoder in encoders
         if isinstance(encoder, ZstdEncoder)
-        and _zstd_window_fits(encoder, frame.window_size, frame.single_segment, tar_size)
         and not (encoder.mode == "oneshot" and tar_size > ZSTD_ONESHOT_MAX)
     ]  # fmt: skip
-    # One-shot compression always knows the size: never a guess of an unknown one.
+    # A compressor that does not know the size uses its level's own window; one-shot
+    # compression always knows the size.
     trials: list[tuple[_Target, list[Encoder]]] = [
         (
             _Target(head, whole, options.encode(), b"", b""),
-            [e for e in candidates if options.pledged_size >= 0 or _mode(e) != "oneshot"],
+            [
+                e
+                for e in candidates
+                if (options.pledged_size >= 0 or _mode(e) != "oneshot")
+                and _zstd_window_fits(
+                    e, frame.window_size, frame.single_segment, max(options.pledged_size, 0)
+                )
+            ],
         )
         for options in _zstd_option_guesses(frame.checksum, frame.content_size, tar_size)
     ]
@@ -1074,6 +1081,8 @@ def _zstd_option_guesses(
 def _zstd_window_fits(
     encoder: Encoder, window: int | None, single_segment: bool, size: int
 ) -> bool:
+    """Whether libzstd at the encoder's level writes this window for a source of `size`
+    bytes (0: unknown to the compressor)."""
     if single_segment or window is None or not isinstance(encoder, ZstdEncoder):
         return True
     params = zstandard.ZstdCompressionParameters.from_level(encoder.level, source_size=size)
