@@ -559,6 +559,21 @@ def test_missing_helpers_make_go_encoders_unavailable(
         b"".join(encode("gzip/go1.26/6", b"", [b""]))
 
 
+def test_missing_helpers_make_klauspost_zstd_encoders_unavailable(
+    helper_dir: Path, layer_tar: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    library = klauspost_library(helper_dir)
+    blob = run_tool([str(helper_dir / "zstd-klauspost-deb"), "-first", "8"], layer_tar)
+    monkeypatch.setenv("DUPHUNTER_HELPER_DIR", str(tmp_path / "no-helpers"))
+    result = match_blob(blob)
+    assert isinstance(result, NoMatch) and "klauspost" not in result.reason, result
+    params = KlauspostOptions(True, 8).encode()
+    with pytest.raises(EncoderUnavailableError, match="no matching klauspost zstd helper"):
+        b"".join(encode(f"zstd/{library}/default", params, [layer_tar]))
+    with pytest.raises(EncoderUnavailableError, match="no matching zstd:chunked helper"):
+        b"".join(encode("zstd/chunked-storage-deb-0/best", b"", [layer_tar]))
+
+
 def test_unknown_encoder_id_is_refused() -> None:
     with pytest.raises(EncoderUnavailableError):
         b"".join(encode("gzip/zlib-9.9.9/6", b"", [b""]))
