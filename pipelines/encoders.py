@@ -442,11 +442,25 @@ class ZstdEncoder(Encoder):
         yield stream.flush()
 
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
-        if self.mode != "stream":
-            return None  # workers and one-shot emit nothing comparable for a prefix
         options = ZstdOptions.decode(params)
+        if self.mode == "mt":
+            return self._screen_workers(tar_prefix, options)
+        if self.mode != "stream":
+            return None  # one-shot emits nothing comparable for a prefix
         stream = self._compressor(options).compressobj(size=options.pledged_size)
         return b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+
+    def _screen_workers(self, tar_prefix: bytes, options: ZstdOptions) -> bytes | None:
+        """Workers compress jobs (2^20 bytes or a larger power of two) in chunks of
+        ZSTD_MT_CHUNK, each chunk seeing only itself and what came before: a prefix of
+        whole chunks compresses as in the full stream, up to its last block (which ends
+        the frame). Only for an unknown size (a known one sets every job's parameters)."""
+        whole = len(tar_prefix) // ZSTD_MT_CHUNK * ZSTD_MT_CHUNK
+        if options.pledged_size >= 0 or whole == 0:
+            return None
+        stream = self._compressor(options).compressobj(size=-1)
+        produced = [stream.compress(c) for c in rechunk([tar_prefix[:whole]], FEED_CHUNK)]
+        return zstd_blocks_but_last(b"".join(produced) + stream.flush())
 
     def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
         # Workers and one-shot write the same first block as the streaming compressor
@@ -456,6 +470,7 @@ class ZstdEncoder(Encoder):
 
 
 ZSTD_BLOCK = 128 * 1024
+ZSTD_MT_CHUNK = 4 * ZSTD_BLOCK  # what a libzstd worker compresses at a time
 ZSTD_PRESCREEN_FEED = ZSTD_BLOCK + 1  # one byte past a block makes libzstd emit it
 
 
@@ -470,6 +485,21 @@ def _libzstd_first_block(level: int, options: ZstdOptions, tar_prefix: bytes) ->
     stream = compressor.compressobj(size=options.pledged_size)
     produced = b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
     return zstd_first_block(produced)
+
+
+def zstd_blocks_but_last(frame: bytes) -> bytes | None:
+    """A whole zstd frame up to the start of its last block, None if malformed."""
+    header = parse_zstd_frame_header(frame)
+    if header is None:
+        return None
+    pos = last = header.header_len
+    while pos + 3 <= len(frame):
+        block = int.from_bytes(frame[pos : pos + 3], "little")
+        last = pos
+        pos += 3 + (1 if block >> 1 & 3 == 1 else block >> 3)
+        if block & 1:
+            return frame[:last]
+    return None
 
 
 def zstd_first_block(data: bytes) -> bytes | None:

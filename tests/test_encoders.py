@@ -30,11 +30,14 @@ from pipelines.encoders import (
     KlauspostOptions,
     Match,
     NoMatch,
+    Shortlist,
     ZlibEncoder,
     decode_gzip_params,
     describe_helper,
     encode,
     find_encoder,
+    libzstd_version,
+    shortlist,
     stock_zlib_problem,
     tar_entries_end,
 )
@@ -316,6 +319,23 @@ def test_python_zstandard_layers_are_reproduced(
 ) -> None:
     result = assert_exact(produce(layer_tar), layer_tar)
     assert result.encoder_id.endswith(expected_id)
+
+
+@pytest.mark.parametrize("level", [-5, 1, 3, 9])
+def test_multithreaded_zstandard_layers_are_screened(level: int) -> None:
+    """Workers compress 512 KiB chunks of whole jobs: a prefix screens them, so they are
+    proven first rather than tried within the budget for encoders no prefix can judge."""
+    tar = real_files_tar(6_000_000)
+    blob = zstd_stream(level, threads=2)(tar)
+    found = shortlist(
+        lambda: io.BytesIO(blob),
+        lambda: open_decompressed("zstd", io.BytesIO(blob)),
+        sniff(blob[:65536]),
+    )
+    assert isinstance(found, Shortlist)
+    screened = [e.encoder_id for trial in found.trials for e in trial.screened]
+    assert f"zstd/libzstd-{libzstd_version()}/mt/{level}" in screened, screened
+    assert_exact(blob, tar, f"zstd/libzstd-{libzstd_version()}/mt/{level}")
 
 
 def test_zstd_cli_layer_is_matched_exactly_or_refused(layer_tar: bytes, tmp_path: Path) -> None:
