@@ -66,6 +66,10 @@ class EncoderUnavailableError(RuntimeError):
     """The encoder named by a recipe cannot run here (missing helper, other library)."""
 
 
+class HelperFailedError(RuntimeError):
+    """A helper exited with an error (e.g. zstd:chunked's on a stream that is no tar)."""
+
+
 @dataclass(frozen=True)
 class Match:
     encoder_id: str
@@ -143,7 +147,7 @@ def run_filter(argv: Sequence[str], chunks: Iterable[bytes]) -> Iterator[bytes]:
         raise feed_errors[0]
     if returncode != 0:
         message = b"".join(stderr_text).decode("utf-8", "replace").strip()
-        raise RuntimeError(f"{argv[0]} exited with {returncode}: {message}")
+        raise HelperFailedError(f"{argv[0]} exited with {returncode}: {message}")
 
 
 _helper_cpu = threading.local()
@@ -651,7 +655,7 @@ class ZstdChunkedEncoder(Encoder):
         cut = tar_entries_end(tar_prefix)
         try:
             produced = b"".join(run_filter(self._argv(), [tar_prefix[:cut], TAR_END]))
-        except RuntimeError:
+        except HelperFailedError:
             return None
         return zstd_frames_but_last(produced) or None
 
@@ -687,6 +691,8 @@ def tar_entries_end(tar: bytes) -> int:
             size = int.from_bytes(field[1:], "big")
         else:
             digits = field.split(b"\0", 1)[0].strip()
+            if digits.strip(b"01234567"):
+                break  # not a tar header
             size = int(digits, 8) if digits else 0
         end = pos + 512 + (size + 511) // 512 * 512
         if end > len(tar):
@@ -959,7 +965,7 @@ def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | N
     for trial in found.trials:
         for encoder in trial.screened:
             tried.append(encoder)
-            if _full_digest(encoder, trial.target, open_tar)[0] == digest:
+            if _tried_digest(encoder, trial.target, open_tar)[0] == digest:
                 return Match(encoder.encoder_id, trial.target.params)
     spent = 0
     for trial in found.trials:
@@ -967,11 +973,19 @@ def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | N
             if spent >= UNSCREENED_BUDGET_BYTES:
                 break
             tried.append(encoder)
-            produced, tar_bytes = _full_digest(encoder, trial.target, open_tar)
+            produced, tar_bytes = _tried_digest(encoder, trial.target, open_tar)
             if produced == digest:
                 return Match(encoder.encoder_id, trial.target.params)
             spent += tar_bytes
     return NoMatch(_no_match_reason(found.trials, tried))
+
+
+def _tried_digest(encoder: Encoder, target: _Target, open_tar: OpenStream) -> tuple[str, int]:
+    """_full_digest, where a helper that fails on this tar simply does not reproduce it."""
+    try:
+        return _full_digest(encoder, target, open_tar)
+    except HelperFailedError:
+        return "", 0
 
 
 def _hex_digest(digest: str) -> str:
@@ -1154,7 +1168,10 @@ def _prescreen_rejects(encoder: Encoder, tar_prefix: bytes, target: _Target) -> 
 
 def _whole_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:
     """Small blobs: the whole tar and blob are at hand, so compare them outright."""
-    produced = b"".join(encoder.body([tar], target.params))
+    try:
+        produced = b"".join(encoder.body([tar], target.params))
+    except HelperFailedError:
+        return "reject"
     return "pass" if produced == target.payload_prefix else "reject"
 
 

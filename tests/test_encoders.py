@@ -508,6 +508,16 @@ def test_small_zstd_chunked_layer_is_reproduced(helper_dir: Path, tmp_path: Path
     assert_exact(blob, open_decompressed("zstd", io.BytesIO(blob)).read())
 
 
+@pytest.mark.parametrize("size", [300_000, 6_000_000])
+def test_zstd_chunked_footer_without_a_tar_is_refused(helper_dir: Path, size: int) -> None:
+    """The helper fails on what is no tar: a refusal, not an error of the ingest."""
+    helper(helper_dir, "zstd-chunked-deb")
+    footer = (0x184D2A50).to_bytes(4, "little") + (40).to_bytes(4, "little") + bytes(32)
+    blob = zstandard.ZstdCompressor().compress(os.urandom(size)) + footer + b"GnUlInUx"
+    result = match_blob(blob)
+    assert isinstance(result, NoMatch) and "zstd/chunked-storage-deb-" in result.reason
+
+
 def test_zstd_chunked_screen_cuts_at_entries() -> None:
     tar = real_files_tar(2_000_000)
     ends = [0]

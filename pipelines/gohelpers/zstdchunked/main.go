@@ -9,9 +9,9 @@
 // zstd-compressed table of contents (JSON) and a footer locating it. All of it is a
 // function of the tar and of the compression level (through zstd.EncoderLevelFromZstd).
 //
-//	-mode frame    the whole layer, as containers/image writes it
-//	-mode prefix   what the compressor wrote for a tar cut short (stdin), errors
-//	               ignored: all but its last frame are a prefix of the full layer
+// It writes the whole layer, as containers/image writes it. (Screening feeds it whole
+// tar entries and an end of archive: all but the last frame are then the layer's own.)
+//
 //	-describe      print the library versions baked in at build time
 package main
 
@@ -38,7 +38,6 @@ var (
 
 func main() {
 	level := flag.Int("level", 10, "zstd compression level (containers/storage's default: 10)")
-	mode := flag.String("mode", "frame", "frame | prefix")
 	describe := flag.Bool("describe", false, "print the library versions and exit")
 	flag.Parse()
 	if *describe {
@@ -46,13 +45,7 @@ func main() {
 			storageVersion, compressVersion, jsoniterVersion, tarsplitVersion, runtime.Version())
 		return
 	}
-	err := run(*level)
-	if *mode == "prefix" {
-		err = nil // a cut tar fails at its end; what was written before stands
-	} else if *mode != "frame" {
-		err = fmt.Errorf("unknown mode %q", *mode)
-	}
-	if err != nil {
+	if err := run(*level); err != nil {
 		fmt.Fprintln(os.Stderr, "zstd-chunked:", err)
 		os.Exit(1)
 	}
