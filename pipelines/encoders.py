@@ -1069,11 +1069,11 @@ def _zstd_trials(
         return [(_Target(head, whole, b"", b"", b""), chunked)]
     tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
     encoders = zstd_encoders()
-    candidates: list[Encoder] = [
+    candidates: list[Encoder] = [  # the one-frame encoders with libzstd's framing
         encoder
         for encoder in encoders
-        if isinstance(encoder, ZstdEncoder)
-        and not (encoder.mode == "oneshot" and tar_size > ZSTD_ONESHOT_MAX)
+        if not isinstance(encoder, KlauspostZstdEncoder | ZstdChunkedEncoder)
+        and not (_mode(encoder) == "oneshot" and tar_size > ZSTD_ONESHOT_MAX)
     ]  # fmt: skip
     # A compressor that does not know the size uses its level's own window; one-shot
     # compression always knows the size.
