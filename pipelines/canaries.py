@@ -35,6 +35,7 @@ import redis
 from pipelines.encoders import (
     GZIP_TRAILER_LEN,
     EncoderUnavailableError,
+    KlauspostOptions,
     ZstdOptions,
     encode,
     encode_gzip_params,
@@ -69,12 +70,37 @@ def canary_input() -> bytes:
     return golden + golden[::-1]
 
 
+def canary_tar() -> bytes:
+    """The canary input as a tar (for encoders that read tar entries: zstd:chunked), in
+    the fixed ustar layout, so that no Python release changes its bytes."""
+    data = canary_input()
+    header = bytearray(512)
+    fields = ((0, b"canary.bin"), (100, b"0000644\0"), (108, b"0000000\0"), (116, b"0000000\0"),
+              (124, b"%011o\0" % len(data)), (136, b"00000000000\0"), (156, b"0"),
+              (257, b"ustar\x0000"))  # fmt: skip
+    for offset, value in fields:
+        header[offset : offset + len(value)] = value
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    padding = bytes(-len(data) % 512)
+    return bytes(header) + data + padding + bytes(1024)
+
+
+def input_for(encoder_id: str) -> bytes:
+    return canary_tar() if encoder_id.startswith("zstd/chunked-") else canary_input()
+
+
 def default_params(encoder_id: str) -> bytes:
     """The params a new canary is recorded with: a plain 10-byte gzip header (the body is
-    what is checked) or a zstd frame with checksum and content size."""
+    what is checked), klauspost's as containers/image writes, none for zstd:chunked, or a
+    libzstd frame with checksum and content size."""
     if encoder_id.startswith("gzip/"):
         header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
         return encode_gzip_params(header, bytes(GZIP_TRAILER_LEN))
+    if encoder_id.startswith("zstd/klauspost-"):
+        return KlauspostOptions(checksum=True, first_write=8).encode()
+    if encoder_id.startswith("zstd/chunked-"):
+        return b""
     return ZstdOptions(True, True, len(canary_input())).encode()
 
 
@@ -96,7 +122,7 @@ def load_canaries(path: Path = CANARY_FILE) -> dict[str, Canary]:
 
 def produce(encoder_id: str, params: bytes) -> str:
     """sha256 of what the encoder makes of the canary input (raises if it cannot run)."""
-    data = canary_input()
+    data = input_for(encoder_id)
     chunks = (data[i : i + 65536] for i in range(0, len(data), 65536))
     digest = hashlib.sha256()
     for chunk in encode(encoder_id, params, chunks):

@@ -67,6 +67,10 @@ class EncoderUnavailableError(RuntimeError):
     """The encoder named by a recipe cannot run here (missing helper, other library)."""
 
 
+class HelperFailedError(RuntimeError):
+    """A helper exited with an error (e.g. zstd:chunked's on a stream that is no tar)."""
+
+
 @dataclass(frozen=True)
 class Match:
     encoder_id: str
@@ -144,7 +148,7 @@ def run_filter(argv: Sequence[str], chunks: Iterable[bytes]) -> Iterator[bytes]:
         raise feed_errors[0]
     if returncode != 0:
         message = b"".join(stderr_text).decode("utf-8", "replace").strip()
-        raise RuntimeError(f"{argv[0]} exited with {returncode}: {message}")
+        raise HelperFailedError(f"{argv[0]} exited with {returncode}: {message}")
 
 
 _helper_cpu = threading.local()
@@ -214,6 +218,12 @@ class Encoder(ABC):
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
         """Bytes that must start the payload of any tar beginning with `tar_prefix`,
         or None if this encoder cannot be screened on a prefix."""
+        return None
+
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        """Like `screen`, for encoders it cannot judge (or that are judged whole): the
+        few first bytes of the payload (a zstd frame's header and first block). They
+        can only reject; agreeing on them proves nothing. None: no opinion."""
         return None
 
     # Resuming at a deflate block boundary (pipelines.checkpoints proves every use).
@@ -534,11 +544,76 @@ class ZstdEncoder(Encoder):
         yield stream.flush()
 
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
-        if self.mode != "stream":
-            return None  # workers and one-shot emit nothing comparable for a prefix
         options = ZstdOptions.decode(params)
+        if self.mode == "mt":
+            return self._screen_workers(tar_prefix, options)
+        if self.mode != "stream":
+            return None  # one-shot emits nothing comparable for a prefix
         stream = self._compressor(options).compressobj(size=options.pledged_size)
         return b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+
+    def _screen_workers(self, tar_prefix: bytes, options: ZstdOptions) -> bytes | None:
+        """Workers compress jobs (2^20 bytes or a larger power of two) in chunks of
+        ZSTD_MT_CHUNK, each chunk seeing only itself and what came before: a prefix of
+        whole chunks compresses as in the full stream, up to its last block (which ends
+        the frame). Only for an unknown size (a known one sets every job's parameters)."""
+        whole = len(tar_prefix) // ZSTD_MT_CHUNK * ZSTD_MT_CHUNK
+        if options.pledged_size >= 0 or whole == 0:
+            return None
+        stream = self._compressor(options).compressobj(size=-1)
+        produced = [stream.compress(c) for c in rechunk([tar_prefix[:whole]], FEED_CHUNK)]
+        return zstd_blocks_but_last(b"".join(produced) + stream.flush())
+
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # Workers and one-shot write the same first block as the streaming compressor
+        # (they part at the second): the same for all three modes of a level, cached.
+        options = ZstdOptions.decode(params)
+        return _libzstd_first_block(self.level, options, tar_prefix[:ZSTD_PRESCREEN_FEED])
+
+
+ZSTD_BLOCK = 128 * 1024
+ZSTD_MT_CHUNK = 4 * ZSTD_BLOCK  # what a libzstd worker compresses at a time
+ZSTD_PRESCREEN_FEED = ZSTD_BLOCK + 1  # one byte past a block makes libzstd emit it
+
+
+@functools.lru_cache(maxsize=128)
+def _libzstd_first_block(level: int, options: ZstdOptions, tar_prefix: bytes) -> bytes | None:
+    """Frame header and first block of libzstd's streaming output, None if not out yet."""
+    compressor = zstandard.ZstdCompressor(
+        level=level,
+        write_checksum=options.checksum,
+        write_content_size=options.write_content_size,
+    )
+    stream = compressor.compressobj(size=options.pledged_size)
+    produced = b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+    return zstd_first_block(produced)
+
+
+def zstd_blocks_but_last(frame: bytes) -> bytes | None:
+    """A whole zstd frame up to the start of its last block, None if malformed."""
+    header = parse_zstd_frame_header(frame)
+    if header is None:
+        return None
+    pos = last = header.header_len
+    while pos + 3 <= len(frame):
+        block = int.from_bytes(frame[pos : pos + 3], "little")
+        last = pos
+        pos += 3 + (1 if block >> 1 & 3 == 1 else block >> 3)
+        if block & 1:
+            return frame[:last]
+    return None
+
+
+def zstd_first_block(data: bytes) -> bytes | None:
+    """The frame header and first block at the start of `data`, None if incomplete."""
+    frame = parse_zstd_frame_header(data)
+    pos = frame.header_len if frame else 0
+    if frame is None or len(data) < pos + 3:
+        return None
+    header = int.from_bytes(data[pos : pos + 3], "little")
+    block_type, size = header >> 1 & 3, header >> 3
+    end = pos + 3 + (1 if block_type == 1 else size)  # an RLE block holds one byte
+    return data[:end] if len(data) >= end else None
 
 
 def libzstd_version() -> str:
@@ -561,6 +636,188 @@ class ZstdOptions:
             raise ValueError("malformed zstd encoder params")
         flags, pledged = struct.unpack(">Bq", params[2:])
         return cls(bool(flags & 1), bool(flags & 2), pledged)
+
+
+# klauspost/compress zstd (containers/image: skopeo, podman, buildah; BuildKit vendors
+# its own copy). Its encoder levels and their fixed windows (encoder_options.go).
+KLAUSPOST_WINDOWS = {"default": 8 << 20, "fastest": 4 << 20, "better": 16 << 20, "best": 32 << 20}
+# How the producer fed the encoder before copying the rest: containers/image writes the
+# 8 bytes it sniffed for a compression magic first (a block of their own); 0: no split.
+KLAUSPOST_FIRST_WRITES = (8, 0)
+# A klauspost screen compares whole 64/128 KiB blocks: ask for 1 MiB of them at least.
+KLAUSPOST_SCREEN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class KlauspostOptions:
+    checksum: bool
+    first_write: int  # bytes written (and so flushed as a block) before the rest
+
+    def encode(self) -> bytes:
+        return b"K1" + struct.pack(">BI", int(self.checksum), self.first_write)
+
+    @classmethod
+    def decode(cls, params: bytes) -> KlauspostOptions:
+        if len(params) != 7 or not params.startswith(b"K1"):
+            raise ValueError("malformed klauspost zstd encoder params")
+        checksum, first_write = struct.unpack(">BI", params[2:])
+        return cls(bool(checksum), first_write)
+
+
+class KlauspostZstdEncoder(Encoder):
+    """klauspost/compress zstd as built in Debian, driven as containers/image drives it:
+    zstd.NewWriter with one encoder level (podman/skopeo/buildah's compression level 1-2
+    is "fastest", 3-5 "default" (also no level), 6-9 "better", 10+ "best"). `library` is
+    what the helper reports, e.g. "klauspost-deb-1.15.12+ds1-3". One frame, streamed."""
+
+    def __init__(self, library: str, speed: str) -> None:
+        self.library = library
+        self.speed = speed
+        self.encoder_id = f"zstd/{library}/{speed}"
+
+    def unavailable_reason(self) -> str | None:
+        if klauspost_zstd_library() != self.library:
+            return f"no helper for {self.library} (found: {klauspost_zstd_library() or 'none'})"
+        return None
+
+    def _argv(self, options: KlauspostOptions, mode: str) -> list[str]:
+        return [
+            str(klauspost_zstd_helper()),
+            "-speed", self.speed,
+            "-crc=" + ("true" if options.checksum else "false"),
+            "-first", str(options.first_write),
+            "-mode", mode,
+        ]  # fmt: skip
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv(KlauspostOptions.decode(params), "frame"), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        if len(tar_prefix) < KLAUSPOST_SCREEN_BYTES:
+            return None  # a block or two prove little: wait for a larger stage
+        argv = self._argv(KlauspostOptions.decode(params), "prefix")
+        return b"".join(run_filter(argv, [tar_prefix])) or None
+
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # The split block, if any, and the first whole block after it.
+        options = KlauspostOptions.decode(params)
+        feed = tar_prefix[: options.first_write + ZSTD_BLOCK]
+        return b"".join(run_filter(self._argv(options, "prefix"), [feed])) or None
+
+
+def klauspost_zstd_helper() -> Path:
+    return helper_dir() / "zstd-klauspost-deb"
+
+
+def klauspost_zstd_library() -> str | None:
+    return describe_helper(klauspost_zstd_helper())
+
+
+# zstd:chunked (containers/storage pkg/chunked): the zstd levels containers/image may
+# pass, one per klauspost encoder level they map to; 10 is containers/storage's default.
+ZSTD_CHUNKED_LEVELS = {"best": 10, "default": 3, "fastest": 1, "better": 7}
+# Its footer: a skippable frame of 40 bytes ending in this magic.
+ZSTD_CHUNKED_FOOTER_LEN = 48
+ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+TAR_END = bytes(1024)
+
+
+class ZstdChunkedEncoder(Encoder):
+    """zstd:chunked layers as containers/image writes them (skopeo, podman, buildah
+    --compression-format zstd:chunked): containers/storage's compressor as built in
+    Debian. `library` is what the helper reports, e.g. "chunked-storage-deb-1.43.0+ds1-8
+    +compress-deb-…+jsoniter-deb-…+tarsplit-deb-…". No params: the tar and the level fix
+    every frame, the table of contents and the footer."""
+
+    def __init__(self, library: str, speed: str) -> None:
+        self.library = library
+        self.speed = speed
+        self.encoder_id = f"zstd/{library}/{speed}"
+
+    def unavailable_reason(self) -> str | None:
+        if zstd_chunked_library() != self.library:
+            return f"no helper for {self.library} (found: {zstd_chunked_library() or 'none'})"
+        return None
+
+    def _argv(self) -> list[str]:
+        return [str(zstd_chunked_helper()), "-level", str(ZSTD_CHUNKED_LEVELS[self.speed])]
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv(), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # The tar's whole entries, ended as a tar ends: the layer's frames up to the last
+        # one (which holds the end of the tar instead of the next entry's header).
+        if len(tar_prefix) < KLAUSPOST_SCREEN_BYTES:
+            return None
+        cut = tar_entries_end(tar_prefix)
+        try:
+            produced = b"".join(run_filter(self._argv(), [tar_prefix[:cut], TAR_END]))
+        except HelperFailedError:
+            return None
+        return zstd_frames_but_last(produced) or None
+
+
+def zstd_chunked_helper() -> Path:
+    return helper_dir() / "zstd-chunked-deb"
+
+
+def zstd_chunked_library() -> str | None:
+    return describe_helper(zstd_chunked_helper())
+
+
+def is_zstd_chunked(tail: bytes) -> bool:
+    """Whether a zstd blob ending in `tail` ends with the zstd:chunked footer."""
+    footer = tail[-ZSTD_CHUNKED_FOOTER_LEN:]
+    return (
+        len(footer) == ZSTD_CHUNKED_FOOTER_LEN
+        and footer.endswith(ZSTD_CHUNKED_MAGIC)
+        and 0x184D2A50 <= int.from_bytes(footer[:4], "little") <= 0x184D2A5F
+    )
+
+
+def tar_entries_end(tar: bytes) -> int:
+    """The offset after the last whole entry of a tar prefix whose header is not an
+    extension (PAX, GNU long name) of the next one."""
+    pos = safe = 0
+    while pos + 512 <= len(tar):
+        header = tar[pos : pos + 512]
+        if header == bytes(512):
+            break
+        field = header[124:136]
+        if field[0] & 0x80:  # base-256
+            size = int.from_bytes(field[1:], "big")
+        else:
+            digits = field.split(b"\0", 1)[0].strip()
+            if digits.strip(b"01234567"):
+                break  # not a tar header
+            size = int(digits, 8) if digits else 0
+        end = pos + 512 + (size + 511) // 512 * 512
+        if end > len(tar):
+            break
+        pos = end
+        if header[156:157] not in (b"x", b"g", b"L", b"K"):
+            safe = pos
+    return safe
+
+
+def zstd_frames_but_last(data: bytes) -> bytes:
+    """The complete zstd frames of `data` before its last one (skippable frames end the
+    walk): a prefix that does not depend on how the last frame ends."""
+    starts: list[int] = []
+    pos = 0
+    while (frame := parse_zstd_frame_header(data[pos : pos + 18])) is not None:
+        starts.append(pos)
+        pos += frame.header_len
+        last = False
+        while not last and pos + 3 <= len(data):
+            header = int.from_bytes(data[pos : pos + 3], "little")
+            last, block_type, size = bool(header & 1), header >> 1 & 3, header >> 3
+            pos += 3 + (1 if block_type == 1 else size)
+        if not last or pos + 4 * frame.checksum > len(data):
+            break
+        pos += 4 * frame.checksum
+    return data[: starts[-1]] if len(starts) > 1 else b""
 
 
 # --------------------------------------------------------------------------- stock zlib check
@@ -648,6 +905,12 @@ def zstd_encoders() -> list[Encoder]:
     from pipelines.zstd_cli import zstd_cli_encoders  # the pinned zstd program
 
     encoders += zstd_cli_encoders()
+    library = klauspost_zstd_library()
+    if library is not None:
+        encoders += [KlauspostZstdEncoder(library, speed) for speed in KLAUSPOST_WINDOWS]
+    chunked = zstd_chunked_library()
+    if chunked is not None:
+        encoders += [ZstdChunkedEncoder(chunked, speed) for speed in ZSTD_CHUNKED_LEVELS]
     return encoders
 
 
@@ -662,6 +925,14 @@ def lookup_encoder(encoder_id: str) -> Encoder:
     if encoder_id.startswith("gzip/pgzip"):
         raise EncoderUnavailableError(
             f"{encoder_id}: no matching pgzip helper (found: {pgzip_library() or 'none'})"
+        )
+    if encoder_id.startswith("zstd/chunked"):
+        found = zstd_chunked_library() or "none"
+        raise EncoderUnavailableError(f"{encoder_id}: no matching zstd:chunked helper ({found})")
+    if encoder_id.startswith("zstd/klauspost"):
+        found = klauspost_zstd_library() or "none"
+        raise EncoderUnavailableError(
+            f"{encoder_id}: no matching klauspost zstd helper (found: {found})"
         )
     raise EncoderUnavailableError(f"{encoder_id}: unknown encoder (or other library version)")
 
@@ -800,7 +1071,7 @@ def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | N
     for trial in found.trials:
         for encoder in trial.screened:
             tried.append(encoder)
-            if _full_digest(encoder, trial.target, open_tar)[0] == digest:
+            if _tried_digest(encoder, trial.target, open_tar)[0] == digest:
                 return Match(encoder.encoder_id, trial.target.params)
     spent = 0
     for trial in found.trials:
@@ -808,11 +1079,19 @@ def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | N
             if spent >= UNSCREENED_BUDGET_BYTES:
                 break
             tried.append(encoder)
-            produced, tar_bytes = _full_digest(encoder, trial.target, open_tar)
+            produced, tar_bytes = _tried_digest(encoder, trial.target, open_tar)
             if produced == digest:
                 return Match(encoder.encoder_id, trial.target.params)
             spent += tar_bytes
     return NoMatch(_no_match_reason(found.trials, tried))
+
+
+def _tried_digest(encoder: Encoder, target: _Target, open_tar: OpenStream) -> tuple[str, int]:
+    """_full_digest, where a helper that fails on this tar simply does not reproduce it."""
+    try:
+        return _full_digest(encoder, target, open_tar)
+    except HelperFailedError:
+        return "", 0
 
 
 def _hex_digest(digest: str) -> str:
@@ -892,24 +1171,60 @@ def _zstd_trials(
     head_len = SCREEN_STAGES[-1] + 64 * 1024
     with open_blob() as blob:
         head = blob.read(head_len)
+        tail = _read_tail(blob, head, ZSTD_CHUNKED_FOOTER_LEN)
     frame = parse_zstd_frame_header(head)
     if frame is None:
         return NoMatch("malformed zstd frame header")
     if frame.dict_id:
         return NoMatch(f"zstd frame uses dictionary {frame.dict_id}")
-    tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
     whole = len(head) < head_len
-    candidates = [
+    if is_zstd_chunked(tail):  # many frames and a table of contents: no one-frame encoder
+        chunked: list[Encoder] = [e for e in zstd_encoders() if isinstance(e, ZstdChunkedEncoder)]
+        return [(_Target(head, whole, b"", b"", b""), chunked)]
+    tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
+    encoders = zstd_encoders()
+    candidates: list[Encoder] = [  # the one-frame encoders with libzstd's framing
         encoder
-        for encoder in zstd_encoders()
-        if _zstd_window_fits(encoder, frame.window_size, frame.single_segment, tar_size)
-        and not (isinstance(encoder, ZstdEncoder) and encoder.mode == "oneshot"
-                 and tar_size > ZSTD_ONESHOT_MAX)
+        for encoder in encoders
+        if not isinstance(encoder, KlauspostZstdEncoder | ZstdChunkedEncoder)
+        and not (_mode(encoder) == "oneshot" and tar_size > ZSTD_ONESHOT_MAX)
     ]  # fmt: skip
-    return [
-        (_Target(head, whole, options.encode(), b"", b""), candidates)
+    # A compressor that does not know the size uses its level's own window; one-shot
+    # compression always knows the size.
+    trials: list[tuple[_Target, list[Encoder]]] = [
+        (
+            _Target(head, whole, options.encode(), b"", b""),
+            [
+                e
+                for e in candidates
+                if (options.pledged_size >= 0 or _mode(e) != "oneshot")
+                and _zstd_window_fits(
+                    e, frame.window_size, frame.single_segment, max(options.pledged_size, 0)
+                )
+            ],
+        )
         for options in _zstd_option_guesses(frame.checksum, frame.content_size, tar_size)
     ]
+    # klauspost streams a frame without a content size, with its level's window; small
+    # inputs (one block, no split) go through EncodeAll, which writes both sizes.
+    klauspost: list[Encoder] = [
+        encoder
+        for encoder in encoders
+        if isinstance(encoder, KlauspostZstdEncoder)
+        and (frame.content_size is not None
+             or frame.window_size == KLAUSPOST_WINDOWS[encoder.speed])
+    ]  # fmt: skip
+    if klauspost:
+        trials += [
+            (_Target(head, whole, KlauspostOptions(frame.checksum, first).encode(), b"", b""),
+             klauspost)
+            for first in KLAUSPOST_FIRST_WRITES
+        ]  # fmt: skip
+    return trials
+
+
+def _mode(encoder: Encoder) -> str | None:
+    return encoder.mode if isinstance(encoder, ZstdEncoder) else None
 
 
 def _zstd_option_guesses(
@@ -924,10 +1239,12 @@ def _zstd_option_guesses(
 def _zstd_window_fits(
     encoder: Encoder, window: int | None, single_segment: bool, size: int
 ) -> bool:
+    """Whether the encoder at its level writes this window for a source of `size` bytes
+    (0: unknown to the compressor)."""
     from pipelines.zstd_cli import ZstdCliEncoder
 
     if isinstance(encoder, ZstdCliEncoder) and not (single_segment or window is None):
-        return window in (1 << encoder.window_log(size), 1 << encoder.window_log(None))
+        return window == 1 << encoder.window_log(size or None)
     if single_segment or window is None or not isinstance(encoder, ZstdEncoder):
         return True
     params = zstandard.ZstdCompressionParameters.from_level(encoder.level, source_size=size)
@@ -947,9 +1264,12 @@ def _screen(candidates: list[Encoder], target: _Target, tar_prefix: bytes) -> _T
     whole = len(tar_prefix) < SCREEN_STAGES[-1] and target.prefix_is_whole
     for encoder in available:
         if whole:  # a small blob: compare all of it, which no prefix screen can match
-            verdict = _whole_verdict(encoder, tar_prefix, target)
+            rejected = _prescreen_rejects(encoder, tar_prefix, target)
+            verdict = "reject" if rejected else _whole_verdict(encoder, tar_prefix, target)
         else:
             verdict = _screen_verdict(encoder, tar_prefix, target)
+            if verdict == "unscreened" and _prescreen_rejects(encoder, tar_prefix, target):
+                verdict = "reject"
         if verdict == "pass":
             screened.append(encoder)
         elif verdict == "unscreened":
@@ -957,9 +1277,19 @@ def _screen(candidates: list[Encoder], target: _Target, tar_prefix: bytes) -> _T
     return _Trial(target, screened, unscreened, available, skipped)
 
 
+def _prescreen_rejects(encoder: Encoder, tar_prefix: bytes, target: _Target) -> bool:
+    """Whether the first bytes the encoder would write already contradict the blob:
+    a cheap rejection before a full trial."""
+    produced = encoder.prescreen(tar_prefix, target.params)
+    return produced is not None and not _is_prefix_of_payload(produced, target)
+
+
 def _whole_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:
     """Small blobs: the whole tar and blob are at hand, so compare them outright."""
-    produced = b"".join(encoder.body([tar], target.params))
+    try:
+        produced = b"".join(encoder.body([tar], target.params))
+    except HelperFailedError:
+        return "reject"
     return "pass" if produced == target.payload_prefix else "reject"
 
 
