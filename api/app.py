@@ -201,6 +201,7 @@ class RegistryApp:
         r.add(r"/api/v1/jobs/gc", POST=self.submit_gc)
         r.add(r"/api/v1/jobs/retention", POST=self.submit_retention)
         r.add(r"/api/v1/jobs/verify", POST=self.submit_verify)
+        r.add(r"/api/v1/encoders/verify", POST=self.verify_encoders)
         r.add(rf"/api/v1/repositories/{name}", DELETE=self.delete_repository)
         r.add(r"/api/v1/jobs/(?P<job_id>[^/]+)", GET=self.job_status)
         r.add(r"/api/v1/health", GET=self.health)
@@ -473,6 +474,13 @@ class RegistryApp:
         sample = payload.get("sample")
         job_id = jobs.enqueue_verify(self.registry, int(sample) if sample is not None else None)
         return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
+
+    def verify_encoders(self, request: Request) -> Response:
+        """Run every encoder's canary in this process (the build this API runs) and record
+        the results: a failed or missing one turns readiness red and keeps intact copies.
+        {"ok", "checked", "failed": {encoder id: reason}}; a few seconds, no job."""
+        _drain(request)
+        return _json(jobs.verify_encoders(self.registry))
 
     def delete_repository(self, request: Request, name: str) -> Response:
         """Every tag, manifest and blob link of a repository; GC frees the bytes."""

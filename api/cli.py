@@ -13,6 +13,8 @@
   duphunter gc [--dry-run]            garbage collection now: what it freed (would free)
   duphunter retention [--dry-run]     delete the tags the retention policy does not keep
   duphunter verify [--sample N]       re-restore deduplicated layers, check their digests
+  duphunter verify --encoders         run every encoder's canary on the API's build (before
+                                      an upgrade: a failure means do not roll it out)
   duphunter repo delete REPOSITORY    drop a repository (GC frees its bytes)
   duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
 
@@ -252,8 +254,18 @@ def cmd_retention(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]
 
 
 def cmd_verify(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    if args.encoders:
+        return _call(args.url, "POST", "/api/v1/encoders/verify", {}), show_canaries
     job = _call(args.url, "POST", "/api/v1/jobs/verify", {"sample": args.sample})
     return _wait(args.url, job["id"], "layers verified"), show_verification
+
+
+def show_canaries(report: dict[str, Any]) -> None:
+    failed = report.get("failed", {})
+    print(f"{report['checked'] - len(failed)} of {report['checked']} encoders passed their canary")
+    _table(sorted(failed.items()))
+    if failed:
+        print("FAILED: do not roll this build out; intact copies of their layers are kept")
 
 
 def show_verification(status: dict[str, Any]) -> None:
@@ -347,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         dry.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     verify = commands.add_parser("verify", parents=[common])
     verify.add_argument("--sample", type=int, default=None, help="at most N layers")
+    verify.add_argument(
+        "--encoders", action="store_true", help="check every encoder against its canary"
+    )
     repo = commands.add_parser("repo", parents=[common])
     repo.add_argument("action", choices=["delete"])
     repo.add_argument("repository")
@@ -396,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         show(result)
     if args.command == "status" and not result.get("ok"):
+        raise SystemExit(1)
+    if args.command == "verify" and args.encoders and not result.get("ok"):
         raise SystemExit(1)
 
 

@@ -323,16 +323,22 @@ def write_docs(result: dict[str, Any]) -> None:
                           if row["share"] == share} for share in SHARES},
         "hit ratio",
     )  # fmt: skip
-    summary = result["workload"]
+    workloads = result["workloads"]
+    first = workloads[0]
+    spread = ", ".join(
+        f"{w['layers']} layers ({w['unique_bytes'] / 1e6:.0f} MB unique), {w['pulls']} pulls"
+        for w in workloads
+    )
     body = f"""![bench-buffer]({chart.relative_to(REPO_ROOT / "docs")})
 
 Run {result["date"]} by `make bench-buffer` (`{result["command"]}`, {result["total_s"]:.0f} s,
-a simulation: no stack), code at {result["git"]}. Workload: the synthetic generator of
-`duphunter replay`, {summary["clients"]} clients, {summary["repositories"]} repositories,
-{summary["layers"]} layers ({result["unique_bytes"] / 1e6:.0f} MB unique), {summary["pulls"]}
-pulls over {summary["duration_s"] / 3600:.1f} h. Every layer deduplicated; admission as in the
-registry (the layers a client lacks are filled at its manifest GET; a missed GET fills its
-layer). Pins last {PIN_SECONDS:.0f} s; LRFU's time constant is {TAU_SECONDS:.0f} s.
+a simulation: no stack), code at {result["git"]}. Workloads: the synthetic generator of
+`duphunter replay` with seeds {", ".join(str(seed) for seed in SEEDS)} (the range in the table is
+over them), each {first["clients"]} clients, {first["repositories"]} repositories and
+{first["duration_s"] / 3600:.1f} h of pulls: {spread}. Every layer deduplicated;
+admission as in the registry (the layers a client lacks are filled at its manifest GET;
+a missed GET fills its layer). Pins last {PIN_SECONDS:.0f} s. The registry's buffer is
+LRFU with a time constant of 600 s (`DUPHUNTER_BUFFER_TAU_SECONDS`).
 
 {table(result["rows"])}
 

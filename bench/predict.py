@@ -178,15 +178,16 @@ def duphunter(shared: Shared, name: str, env: dict[str, str], reindex: bool) -> 
     with Stack(shared.workdir / name.replace("/", "-")) as stack:
         stack.env.update(env)
         if reindex:  # the index of a copied bucket, rebuilt from S3 before anything starts
+            rebuild = "from pipelines.registry import Registry; Registry.connect().rebuild_index()"
             done = subprocess.run(
-                [sys.executable, "-m", "api.cli", "reindex"],
+                [sys.executable, "-c", rebuild],
                 cwd=REPO_ROOT,
                 env=stack.env,
                 capture_output=True,
                 text=True,
             )
             if done.returncode != 0:
-                raise RuntimeError(f"duphunter reindex failed: {done.stderr[-2000:]}")
+                raise RuntimeError(f"index rebuild failed: {done.stderr[-2000:]}")
         stack.start_workers()
         stack.start_api(env["DUPHUNTER_LISTEN"], processes=2)
         yield stack

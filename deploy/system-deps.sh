@@ -3,7 +3,10 @@
 #   deploy/system-deps.sh         what `make run` needs
 #   deploy/system-deps.sh test    plus what the tests and benchmarks need
 #   redis-server                        a Redis when none answers (make run) and for tests
-#   golang-go golang-github-klauspost-* the pgzip encoder helper (Debian's skopeo encoder)
+#   golang-go golang-github-klauspost-* the pgzip and zstd encoder helpers (Debian's skopeo encoders)
+#   golang-github-containers-storage-dev the zstd:chunked encoder helper (skopeo's chunked compressor)
+#   dpkg-dev gcc make curl xz-utils     pipelines/programs/build.sh: GNU gzip, zlib and the
+#                                       zstd CLI from pinned Debian sources, pigz's .deb
 #   skopeo umoci                        real OCI clients (tests, benchmarks)
 #   docker-registry                     the peer registry, CNCF Distribution (bench-core)
 #   docker.io                           the Docker engine (Go stdlib gzip), tests/test_docker.py
@@ -14,7 +17,8 @@
 #   apache2-utils                       htpasswd, to write bcrypt users (tests/test_auth.py)
 set -euo pipefail
 packages=(redis-server golang-go golang-github-klauspost-pgzip-dev
-          golang-github-klauspost-compress-dev python3-venv)
+          golang-github-klauspost-compress-dev golang-github-containers-storage-dev
+          python3-venv dpkg-dev gcc make curl xz-utils bzip2)
 if [[ "${1:-}" == "test" ]]; then
     packages+=(skopeo umoci docker-registry docker.io podman pigz zstd libarchive-tools
                mmdebstrap prometheus apache2-utils)

@@ -34,12 +34,13 @@ import zstandard
 
 from pipelines.codecs import (
     GZIP_MAGIC,
+    GZIP_OS_UNIX,
     Sniff,
     gzip_header_length,
     iter_chunks,
     parse_zstd_frame_header,
 )
-from pipelines.libz import zlib_segment
+from pipelines.libz import deflate_boundaries, zlib_segment
 
 IDENTITY_ID = "identity"
 GZIP_TRAILER_LEN = 8
@@ -64,6 +65,10 @@ STOCK_ZLIB_FAMILY = "1.2.13"
 
 class EncoderUnavailableError(RuntimeError):
     """The encoder named by a recipe cannot run here (missing helper, other library)."""
+
+
+class HelperFailedError(RuntimeError):
+    """A helper exited with an error (e.g. zstd:chunked's on a stream that is no tar)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ def run_filter(argv: Sequence[str], chunks: Iterable[bytes]) -> Iterator[bytes]:
         raise feed_errors[0]
     if returncode != 0:
         message = b"".join(stderr_text).decode("utf-8", "replace").strip()
-        raise RuntimeError(f"{argv[0]} exited with {returncode}: {message}")
+        raise HelperFailedError(f"{argv[0]} exited with {returncode}: {message}")
 
 
 _helper_cpu = threading.local()
@@ -213,6 +218,12 @@ class Encoder(ABC):
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
         """Bytes that must start the payload of any tar beginning with `tar_prefix`,
         or None if this encoder cannot be screened on a prefix."""
+        return None
+
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        """Like `screen`, for encoders it cannot judge (or that are judged whole): the
+        few first bytes of the payload (a zstd frame's header and first block). They
+        can only reject; agreeing on them proves nothing. None: no opinion."""
         return None
 
     # Resuming at a deflate block boundary (pipelines.checkpoints proves every use).
@@ -400,6 +411,103 @@ def pgzip_library() -> str | None:
     return describe_helper(pgzip_helper())
 
 
+GNU_GZIP_VERSION = "1.12"
+PIGZ_VERSION = "2.6"
+PIGZ_ZLIB_VERSION = "1.2.13"  # pigz's deflate is zlib's: the id names both
+GZIP_PROGRAM_HEADER = 10  # -n: no name, no time
+# Deflate blocks of a prefix's output that end this far before the prefix's end hold the
+# same tokens as in the whole stream's (a match looks at most 262 bytes ahead).
+PROGRAM_SCREEN_MARGIN = 4096
+
+
+@functools.cache
+def program_version(path: Path) -> str | None:
+    """The first line of `program --version`, or None if it cannot run."""
+    try:
+        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = (done.stdout or done.stderr).decode("utf-8", "replace").splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None
+
+
+class GzipProgramEncoder(Encoder):
+    """A real gzip program: GNU gzip or pigz, pinned and built by pipelines/programs/build.sh
+    (`gzip -n -LEVEL`, `pigz -n -LEVEL`: pigz compresses 128 KiB blocks in parallel, each
+    primed with the previous 32 KiB, its output independent of the thread count). The
+    program writes a whole gzip member; the body is what lies between its header and its
+    trailer, which the recipe keeps verbatim as for every gzip encoder."""
+
+    def __init__(self, program: str, level: int, single_thread: bool = False) -> None:
+        if program not in ("gnu", "pigz") or (single_thread and program != "pigz"):
+            raise ValueError(f"unknown gzip program {program!r}")
+        self.program = program
+        self.level = level
+        self.single_thread = single_thread
+        if program == "gnu":
+            self.encoder_id = f"gzip/gnu-{GNU_GZIP_VERSION}/level{level}"
+        else:
+            family = f"gzip/pigz-{PIGZ_VERSION}-zlib-{PIGZ_ZLIB_VERSION}"
+            self.encoder_id = f"{family}/{'single/' if single_thread else ''}level{level}"
+
+    @property
+    def helper(self) -> Path:
+        name = f"gzip-gnu-{GNU_GZIP_VERSION}" if self.program == "gnu" else f"pigz-{PIGZ_VERSION}"
+        return helper_dir() / name
+
+    def unavailable_reason(self) -> str | None:
+        expected = GNU_GZIP_VERSION if self.program == "gnu" else PIGZ_VERSION
+        version = program_version(self.helper)
+        if version is None:
+            return f"program {self.helper} is missing or broken (run pipelines/programs/build.sh)"
+        if version.split()[-1] != expected:
+            return f"program {self.helper} is {version!r}, not version {expected}"
+        return None
+
+    def _argv(self) -> list[str]:
+        argv = [str(self.helper), "-c", "-n", f"-{self.level}"]
+        if self.program == "pigz":  # levels 1-3 differ between one thread and several
+            argv += ["-p", "1" if self.single_thread else "2"]
+        return argv
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return gzip_member_body(run_filter(self._argv(), tar_chunks))
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes:
+        """The bits of the prefix's output up to its last deflate block boundary that lies
+        PROGRAM_SCREEN_MARGIN before the prefix's end: the rest depends on the prefix's end
+        (the final block, matches cut short)."""
+        body = b"".join(self.body([tar_prefix], params))
+        keep = 0
+        for tar_offset, bit in deflate_boundaries([body]):
+            if tar_offset > len(tar_prefix) - PROGRAM_SCREEN_MARGIN:
+                break
+            keep = bit // 8
+        return body[:keep]
+
+
+def gzip_member_body(member: Iterable[bytes]) -> Iterator[bytes]:
+    """The deflate body of a gzip member written by a program run with -n: without its
+    10-byte header and its 8-byte trailer."""
+    head = b""
+    held = b""
+    started = False
+    for chunk in member:
+        if not started:
+            head += chunk
+            if len(head) < GZIP_PROGRAM_HEADER:
+                continue
+            if not head.startswith(GZIP_MAGIC) or head[3] != 0:
+                raise RuntimeError("the program wrote an unexpected gzip header")
+            chunk, started = head[GZIP_PROGRAM_HEADER:], True
+        held += chunk
+        if len(held) > GZIP_TRAILER_LEN:
+            yield held[:-GZIP_TRAILER_LEN]
+            held = held[-GZIP_TRAILER_LEN:]
+    if not started or len(held) != GZIP_TRAILER_LEN:
+        raise RuntimeError("the program wrote a truncated gzip member")
+
+
 class ZstdEncoder(Encoder):
     """libzstd through python-zstandard, single frame.
 
@@ -436,11 +544,76 @@ class ZstdEncoder(Encoder):
         yield stream.flush()
 
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
-        if self.mode != "stream":
-            return None  # workers and one-shot emit nothing comparable for a prefix
         options = ZstdOptions.decode(params)
+        if self.mode == "mt":
+            return self._screen_workers(tar_prefix, options)
+        if self.mode != "stream":
+            return None  # one-shot emits nothing comparable for a prefix
         stream = self._compressor(options).compressobj(size=options.pledged_size)
         return b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+
+    def _screen_workers(self, tar_prefix: bytes, options: ZstdOptions) -> bytes | None:
+        """Workers compress jobs (2^20 bytes or a larger power of two) in chunks of
+        ZSTD_MT_CHUNK, each chunk seeing only itself and what came before: a prefix of
+        whole chunks compresses as in the full stream, up to its last block (which ends
+        the frame). Only for an unknown size (a known one sets every job's parameters)."""
+        whole = len(tar_prefix) // ZSTD_MT_CHUNK * ZSTD_MT_CHUNK
+        if options.pledged_size >= 0 or whole == 0:
+            return None
+        stream = self._compressor(options).compressobj(size=-1)
+        produced = [stream.compress(c) for c in rechunk([tar_prefix[:whole]], FEED_CHUNK)]
+        return zstd_blocks_but_last(b"".join(produced) + stream.flush())
+
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # Workers and one-shot write the same first block as the streaming compressor
+        # (they part at the second): the same for all three modes of a level, cached.
+        options = ZstdOptions.decode(params)
+        return _libzstd_first_block(self.level, options, tar_prefix[:ZSTD_PRESCREEN_FEED])
+
+
+ZSTD_BLOCK = 128 * 1024
+ZSTD_MT_CHUNK = 4 * ZSTD_BLOCK  # what a libzstd worker compresses at a time
+ZSTD_PRESCREEN_FEED = ZSTD_BLOCK + 1  # one byte past a block makes libzstd emit it
+
+
+@functools.lru_cache(maxsize=128)
+def _libzstd_first_block(level: int, options: ZstdOptions, tar_prefix: bytes) -> bytes | None:
+    """Frame header and first block of libzstd's streaming output, None if not out yet."""
+    compressor = zstandard.ZstdCompressor(
+        level=level,
+        write_checksum=options.checksum,
+        write_content_size=options.write_content_size,
+    )
+    stream = compressor.compressobj(size=options.pledged_size)
+    produced = b"".join(stream.compress(c) for c in rechunk([tar_prefix], FEED_CHUNK))
+    return zstd_first_block(produced)
+
+
+def zstd_blocks_but_last(frame: bytes) -> bytes | None:
+    """A whole zstd frame up to the start of its last block, None if malformed."""
+    header = parse_zstd_frame_header(frame)
+    if header is None:
+        return None
+    pos = last = header.header_len
+    while pos + 3 <= len(frame):
+        block = int.from_bytes(frame[pos : pos + 3], "little")
+        last = pos
+        pos += 3 + (1 if block >> 1 & 3 == 1 else block >> 3)
+        if block & 1:
+            return frame[:last]
+    return None
+
+
+def zstd_first_block(data: bytes) -> bytes | None:
+    """The frame header and first block at the start of `data`, None if incomplete."""
+    frame = parse_zstd_frame_header(data)
+    pos = frame.header_len if frame else 0
+    if frame is None or len(data) < pos + 3:
+        return None
+    header = int.from_bytes(data[pos : pos + 3], "little")
+    block_type, size = header >> 1 & 3, header >> 3
+    end = pos + 3 + (1 if block_type == 1 else size)  # an RLE block holds one byte
+    return data[:end] if len(data) >= end else None
 
 
 def libzstd_version() -> str:
@@ -463,6 +636,188 @@ class ZstdOptions:
             raise ValueError("malformed zstd encoder params")
         flags, pledged = struct.unpack(">Bq", params[2:])
         return cls(bool(flags & 1), bool(flags & 2), pledged)
+
+
+# klauspost/compress zstd (containers/image: skopeo, podman, buildah; BuildKit vendors
+# its own copy). Its encoder levels and their fixed windows (encoder_options.go).
+KLAUSPOST_WINDOWS = {"default": 8 << 20, "fastest": 4 << 20, "better": 16 << 20, "best": 32 << 20}
+# How the producer fed the encoder before copying the rest: containers/image writes the
+# 8 bytes it sniffed for a compression magic first (a block of their own); 0: no split.
+KLAUSPOST_FIRST_WRITES = (8, 0)
+# A klauspost screen compares whole 64/128 KiB blocks: ask for 1 MiB of them at least.
+KLAUSPOST_SCREEN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class KlauspostOptions:
+    checksum: bool
+    first_write: int  # bytes written (and so flushed as a block) before the rest
+
+    def encode(self) -> bytes:
+        return b"K1" + struct.pack(">BI", int(self.checksum), self.first_write)
+
+    @classmethod
+    def decode(cls, params: bytes) -> KlauspostOptions:
+        if len(params) != 7 or not params.startswith(b"K1"):
+            raise ValueError("malformed klauspost zstd encoder params")
+        checksum, first_write = struct.unpack(">BI", params[2:])
+        return cls(bool(checksum), first_write)
+
+
+class KlauspostZstdEncoder(Encoder):
+    """klauspost/compress zstd as built in Debian, driven as containers/image drives it:
+    zstd.NewWriter with one encoder level (podman/skopeo/buildah's compression level 1-2
+    is "fastest", 3-5 "default" (also no level), 6-9 "better", 10+ "best"). `library` is
+    what the helper reports, e.g. "klauspost-deb-1.15.12+ds1-3". One frame, streamed."""
+
+    def __init__(self, library: str, speed: str) -> None:
+        self.library = library
+        self.speed = speed
+        self.encoder_id = f"zstd/{library}/{speed}"
+
+    def unavailable_reason(self) -> str | None:
+        if klauspost_zstd_library() != self.library:
+            return f"no helper for {self.library} (found: {klauspost_zstd_library() or 'none'})"
+        return None
+
+    def _argv(self, options: KlauspostOptions, mode: str) -> list[str]:
+        return [
+            str(klauspost_zstd_helper()),
+            "-speed", self.speed,
+            "-crc=" + ("true" if options.checksum else "false"),
+            "-first", str(options.first_write),
+            "-mode", mode,
+        ]  # fmt: skip
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv(KlauspostOptions.decode(params), "frame"), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        if len(tar_prefix) < KLAUSPOST_SCREEN_BYTES:
+            return None  # a block or two prove little: wait for a larger stage
+        argv = self._argv(KlauspostOptions.decode(params), "prefix")
+        return b"".join(run_filter(argv, [tar_prefix])) or None
+
+    def prescreen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # The split block, if any, and the first whole block after it.
+        options = KlauspostOptions.decode(params)
+        feed = tar_prefix[: options.first_write + ZSTD_BLOCK]
+        return b"".join(run_filter(self._argv(options, "prefix"), [feed])) or None
+
+
+def klauspost_zstd_helper() -> Path:
+    return helper_dir() / "zstd-klauspost-deb"
+
+
+def klauspost_zstd_library() -> str | None:
+    return describe_helper(klauspost_zstd_helper())
+
+
+# zstd:chunked (containers/storage pkg/chunked): the zstd levels containers/image may
+# pass, one per klauspost encoder level they map to; 10 is containers/storage's default.
+ZSTD_CHUNKED_LEVELS = {"best": 10, "default": 3, "fastest": 1, "better": 7}
+# Its footer: a skippable frame of 40 bytes ending in this magic.
+ZSTD_CHUNKED_FOOTER_LEN = 48
+ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+TAR_END = bytes(1024)
+
+
+class ZstdChunkedEncoder(Encoder):
+    """zstd:chunked layers as containers/image writes them (skopeo, podman, buildah
+    --compression-format zstd:chunked): containers/storage's compressor as built in
+    Debian. `library` is what the helper reports, e.g. "chunked-storage-deb-1.43.0+ds1-8
+    +compress-deb-…+jsoniter-deb-…+tarsplit-deb-…". No params: the tar and the level fix
+    every frame, the table of contents and the footer."""
+
+    def __init__(self, library: str, speed: str) -> None:
+        self.library = library
+        self.speed = speed
+        self.encoder_id = f"zstd/{library}/{speed}"
+
+    def unavailable_reason(self) -> str | None:
+        if zstd_chunked_library() != self.library:
+            return f"no helper for {self.library} (found: {zstd_chunked_library() or 'none'})"
+        return None
+
+    def _argv(self) -> list[str]:
+        return [str(zstd_chunked_helper()), "-level", str(ZSTD_CHUNKED_LEVELS[self.speed])]
+
+    def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
+        return run_filter(self._argv(), tar_chunks)
+
+    def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
+        # The tar's whole entries, ended as a tar ends: the layer's frames up to the last
+        # one (which holds the end of the tar instead of the next entry's header).
+        if len(tar_prefix) < KLAUSPOST_SCREEN_BYTES:
+            return None
+        cut = tar_entries_end(tar_prefix)
+        try:
+            produced = b"".join(run_filter(self._argv(), [tar_prefix[:cut], TAR_END]))
+        except HelperFailedError:
+            return None
+        return zstd_frames_but_last(produced) or None
+
+
+def zstd_chunked_helper() -> Path:
+    return helper_dir() / "zstd-chunked-deb"
+
+
+def zstd_chunked_library() -> str | None:
+    return describe_helper(zstd_chunked_helper())
+
+
+def is_zstd_chunked(tail: bytes) -> bool:
+    """Whether a zstd blob ending in `tail` ends with the zstd:chunked footer."""
+    footer = tail[-ZSTD_CHUNKED_FOOTER_LEN:]
+    return (
+        len(footer) == ZSTD_CHUNKED_FOOTER_LEN
+        and footer.endswith(ZSTD_CHUNKED_MAGIC)
+        and 0x184D2A50 <= int.from_bytes(footer[:4], "little") <= 0x184D2A5F
+    )
+
+
+def tar_entries_end(tar: bytes) -> int:
+    """The offset after the last whole entry of a tar prefix whose header is not an
+    extension (PAX, GNU long name) of the next one."""
+    pos = safe = 0
+    while pos + 512 <= len(tar):
+        header = tar[pos : pos + 512]
+        if header == bytes(512):
+            break
+        field = header[124:136]
+        if field[0] & 0x80:  # base-256
+            size = int.from_bytes(field[1:], "big")
+        else:
+            digits = field.split(b"\0", 1)[0].strip()
+            if digits.strip(b"01234567"):
+                break  # not a tar header
+            size = int(digits, 8) if digits else 0
+        end = pos + 512 + (size + 511) // 512 * 512
+        if end > len(tar):
+            break
+        pos = end
+        if header[156:157] not in (b"x", b"g", b"L", b"K"):
+            safe = pos
+    return safe
+
+
+def zstd_frames_but_last(data: bytes) -> bytes:
+    """The complete zstd frames of `data` before its last one (skippable frames end the
+    walk): a prefix that does not depend on how the last frame ends."""
+    starts: list[int] = []
+    pos = 0
+    while (frame := parse_zstd_frame_header(data[pos : pos + 18])) is not None:
+        starts.append(pos)
+        pos += frame.header_len
+        last = False
+        while not last and pos + 3 <= len(data):
+            header = int.from_bytes(data[pos : pos + 3], "little")
+            last, block_type, size = bool(header & 1), header >> 1 & 3, header >> 3
+            pos += 3 + (1 if block_type == 1 else size)
+        if not last or pos + 4 * frame.checksum > len(data):
+            break
+        pos += 4 * frame.checksum
+    return data[: starts[-1]] if len(starts) > 1 else b""
 
 
 # --------------------------------------------------------------------------- stock zlib check
@@ -524,6 +879,7 @@ GO_GENERATIONS = ("1.26", "1.27")
 GO_LEVELS = (6, 1, 9, 2, 3, 4, 5, 7, 8, -2, 0)  # default (6) and BestSpeed first
 PGZIP_LEVELS = (5, 1, 9, 6, 2, 3, 4, 7, 8, -2, 0)  # klauspost default is 5
 ZLIB_LEVELS = (6, 9, 1, 2, 3, 4, 5, 7, 8, 0)
+PROGRAM_LEVELS = (6, 9, 1, 2, 3, 4, 5, 7, 8)  # GNU gzip and pigz: -6 is the default
 ZSTD_LEVELS = (3, *range(1, 3), *range(4, 20), -1, -3, -5, *range(20, 23))
 
 
@@ -535,6 +891,10 @@ def gzip_encoders() -> list[Encoder]:
     if library is not None:
         for block_size in PGZIP_BLOCK_SIZES:
             encoders += [PgzipEncoder(library, block_size, level) for level in PGZIP_LEVELS]
+    for program in ("gnu", "pigz"):
+        encoders += [GzipProgramEncoder(program, level) for level in PROGRAM_LEVELS]
+    # pigz -p 1 (or on one core): only its levels 1-3 write other bytes than in parallel
+    encoders += [GzipProgramEncoder("pigz", level, single_thread=True) for level in (1, 2, 3)]
     return encoders
 
 
@@ -542,6 +902,15 @@ def zstd_encoders() -> list[Encoder]:
     """Streaming encoders (screenable) first, then workers and one-shot level by level."""
     encoders: list[Encoder] = [ZstdEncoder("stream", level) for level in ZSTD_LEVELS]
     encoders += [ZstdEncoder(mode, level) for level in ZSTD_LEVELS for mode in ("mt", "oneshot")]
+    from pipelines.zstd_cli import zstd_cli_encoders  # the pinned zstd program
+
+    encoders += zstd_cli_encoders()
+    library = klauspost_zstd_library()
+    if library is not None:
+        encoders += [KlauspostZstdEncoder(library, speed) for speed in KLAUSPOST_WINDOWS]
+    chunked = zstd_chunked_library()
+    if chunked is not None:
+        encoders += [ZstdChunkedEncoder(chunked, speed) for speed in ZSTD_CHUNKED_LEVELS]
     return encoders
 
 
@@ -556,6 +925,14 @@ def lookup_encoder(encoder_id: str) -> Encoder:
     if encoder_id.startswith("gzip/pgzip"):
         raise EncoderUnavailableError(
             f"{encoder_id}: no matching pgzip helper (found: {pgzip_library() or 'none'})"
+        )
+    if encoder_id.startswith("zstd/chunked"):
+        found = zstd_chunked_library() or "none"
+        raise EncoderUnavailableError(f"{encoder_id}: no matching zstd:chunked helper ({found})")
+    if encoder_id.startswith("zstd/klauspost"):
+        found = klauspost_zstd_library() or "none"
+        raise EncoderUnavailableError(
+            f"{encoder_id}: no matching klauspost zstd helper (found: {found})"
         )
     raise EncoderUnavailableError(f"{encoder_id}: unknown encoder (or other library version)")
 
@@ -694,7 +1071,7 @@ def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | N
     for trial in found.trials:
         for encoder in trial.screened:
             tried.append(encoder)
-            if _full_digest(encoder, trial.target, open_tar)[0] == digest:
+            if _tried_digest(encoder, trial.target, open_tar)[0] == digest:
                 return Match(encoder.encoder_id, trial.target.params)
     spent = 0
     for trial in found.trials:
@@ -702,11 +1079,19 @@ def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | N
             if spent >= UNSCREENED_BUDGET_BYTES:
                 break
             tried.append(encoder)
-            produced, tar_bytes = _full_digest(encoder, trial.target, open_tar)
+            produced, tar_bytes = _tried_digest(encoder, trial.target, open_tar)
             if produced == digest:
                 return Match(encoder.encoder_id, trial.target.params)
             spent += tar_bytes
     return NoMatch(_no_match_reason(found.trials, tried))
+
+
+def _tried_digest(encoder: Encoder, target: _Target, open_tar: OpenStream) -> tuple[str, int]:
+    """_full_digest, where a helper that fails on this tar simply does not reproduce it."""
+    try:
+        return _full_digest(encoder, target, open_tar)
+    except HelperFailedError:
+        return "", 0
 
 
 def _hex_digest(digest: str) -> str:
@@ -749,7 +1134,8 @@ def _ordered_gzip_candidates(sniff: Sniff) -> list[Encoder]:
     family_order = {
         "go-stdlib": ("gzip/go", "gzip/zlib", "gzip/pgzip"),
         "pgzip": ("gzip/pgzip", "gzip/go", "gzip/zlib"),
-    }.get(sniff.producer_hint or "", ("gzip/zlib", "gzip/go", "gzip/pgzip"))
+        "gnu-gzip": ("gzip/gnu", "gzip/pigz", "gzip/zlib"),
+    }.get(sniff.producer_hint or "", ("gzip/zlib", "gzip/go", "gzip/pgzip", "gzip/gnu"))
     preferred_level = {2: 9, 4: 1}.get(sniff.xfl or 0)
 
     def rank(encoder: Encoder) -> tuple[int, int]:
@@ -757,19 +1143,26 @@ def _ordered_gzip_candidates(sniff: Sniff) -> list[Encoder]:
             (i for i, prefix in enumerate(family_order) if encoder.encoder_id.startswith(prefix)),
             len(family_order),
         )
-        level_bonus = 0 if encoder.encoder_id.endswith(f"/{preferred_level}") else 1
+        level_bonus = 0 if getattr(encoder, "level", None) == preferred_level else 1
         return family, level_bonus
 
-    candidates = [e for e in gzip_encoders() if _xfl_consistent(e, sniff.xfl)]
+    candidates = [
+        e for e in gzip_encoders() if _xfl_consistent(e, sniff.xfl) and _os_consistent(e, sniff.os)
+    ]
     return sorted(candidates, key=rank)
 
 
 def _xfl_consistent(encoder: Encoder, xfl: int | None) -> bool:
     """Go and pgzip write their own header: XFL is 2 exactly for level 9 and 4 exactly
     for level 1. zlib users (Python, Java, zlib's wrapper) set XFL in other ways."""
-    if not isinstance(encoder, GoStdlibEncoder | PgzipEncoder):
+    if not isinstance(encoder, GoStdlibEncoder | PgzipEncoder | GzipProgramEncoder):
         return True
     return {9: 2, 1: 4}.get(encoder.level, 0) == xfl
+
+
+def _os_consistent(encoder: Encoder, os_code: int | None) -> bool:
+    """GNU gzip and pigz write their own header, with OS 3 (Unix)."""
+    return not isinstance(encoder, GzipProgramEncoder) or os_code == GZIP_OS_UNIX
 
 
 def _zstd_trials(
@@ -778,24 +1171,60 @@ def _zstd_trials(
     head_len = SCREEN_STAGES[-1] + 64 * 1024
     with open_blob() as blob:
         head = blob.read(head_len)
+        tail = _read_tail(blob, head, ZSTD_CHUNKED_FOOTER_LEN)
     frame = parse_zstd_frame_header(head)
     if frame is None:
         return NoMatch("malformed zstd frame header")
     if frame.dict_id:
         return NoMatch(f"zstd frame uses dictionary {frame.dict_id}")
-    tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
     whole = len(head) < head_len
-    candidates = [
+    if is_zstd_chunked(tail):  # many frames and a table of contents: no one-frame encoder
+        chunked: list[Encoder] = [e for e in zstd_encoders() if isinstance(e, ZstdChunkedEncoder)]
+        return [(_Target(head, whole, b"", b"", b""), chunked)]
+    tar_size = frame.content_size if frame.content_size is not None else _stream_size(open_tar)
+    encoders = zstd_encoders()
+    candidates: list[Encoder] = [  # the one-frame encoders with libzstd's framing
         encoder
-        for encoder in zstd_encoders()
-        if _zstd_window_fits(encoder, frame.window_size, frame.single_segment, tar_size)
-        and not (isinstance(encoder, ZstdEncoder) and encoder.mode == "oneshot"
-                 and tar_size > ZSTD_ONESHOT_MAX)
+        for encoder in encoders
+        if not isinstance(encoder, KlauspostZstdEncoder | ZstdChunkedEncoder)
+        and not (_mode(encoder) == "oneshot" and tar_size > ZSTD_ONESHOT_MAX)
     ]  # fmt: skip
-    return [
-        (_Target(head, whole, options.encode(), b"", b""), candidates)
+    # A compressor that does not know the size uses its level's own window; one-shot
+    # compression always knows the size.
+    trials: list[tuple[_Target, list[Encoder]]] = [
+        (
+            _Target(head, whole, options.encode(), b"", b""),
+            [
+                e
+                for e in candidates
+                if (options.pledged_size >= 0 or _mode(e) != "oneshot")
+                and _zstd_window_fits(
+                    e, frame.window_size, frame.single_segment, max(options.pledged_size, 0)
+                )
+            ],
+        )
         for options in _zstd_option_guesses(frame.checksum, frame.content_size, tar_size)
     ]
+    # klauspost streams a frame without a content size, with its level's window; small
+    # inputs (one block, no split) go through EncodeAll, which writes both sizes.
+    klauspost: list[Encoder] = [
+        encoder
+        for encoder in encoders
+        if isinstance(encoder, KlauspostZstdEncoder)
+        and (frame.content_size is not None
+             or frame.window_size == KLAUSPOST_WINDOWS[encoder.speed])
+    ]  # fmt: skip
+    if klauspost:
+        trials += [
+            (_Target(head, whole, KlauspostOptions(frame.checksum, first).encode(), b"", b""),
+             klauspost)
+            for first in KLAUSPOST_FIRST_WRITES
+        ]  # fmt: skip
+    return trials
+
+
+def _mode(encoder: Encoder) -> str | None:
+    return encoder.mode if isinstance(encoder, ZstdEncoder) else None
 
 
 def _zstd_option_guesses(
@@ -810,6 +1239,12 @@ def _zstd_option_guesses(
 def _zstd_window_fits(
     encoder: Encoder, window: int | None, single_segment: bool, size: int
 ) -> bool:
+    """Whether the encoder at its level writes this window for a source of `size` bytes
+    (0: unknown to the compressor)."""
+    from pipelines.zstd_cli import ZstdCliEncoder
+
+    if isinstance(encoder, ZstdCliEncoder) and not (single_segment or window is None):
+        return window == 1 << encoder.window_log(size or None)
     if single_segment or window is None or not isinstance(encoder, ZstdEncoder):
         return True
     params = zstandard.ZstdCompressionParameters.from_level(encoder.level, source_size=size)
@@ -829,9 +1264,12 @@ def _screen(candidates: list[Encoder], target: _Target, tar_prefix: bytes) -> _T
     whole = len(tar_prefix) < SCREEN_STAGES[-1] and target.prefix_is_whole
     for encoder in available:
         if whole:  # a small blob: compare all of it, which no prefix screen can match
-            verdict = _whole_verdict(encoder, tar_prefix, target)
+            rejected = _prescreen_rejects(encoder, tar_prefix, target)
+            verdict = "reject" if rejected else _whole_verdict(encoder, tar_prefix, target)
         else:
             verdict = _screen_verdict(encoder, tar_prefix, target)
+            if verdict == "unscreened" and _prescreen_rejects(encoder, tar_prefix, target):
+                verdict = "reject"
         if verdict == "pass":
             screened.append(encoder)
         elif verdict == "unscreened":
@@ -839,9 +1277,19 @@ def _screen(candidates: list[Encoder], target: _Target, tar_prefix: bytes) -> _T
     return _Trial(target, screened, unscreened, available, skipped)
 
 
+def _prescreen_rejects(encoder: Encoder, tar_prefix: bytes, target: _Target) -> bool:
+    """Whether the first bytes the encoder would write already contradict the blob:
+    a cheap rejection before a full trial."""
+    produced = encoder.prescreen(tar_prefix, target.params)
+    return produced is not None and not _is_prefix_of_payload(produced, target)
+
+
 def _whole_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:
     """Small blobs: the whole tar and blob are at hand, so compare them outright."""
-    produced = b"".join(encoder.body([tar], target.params))
+    try:
+        produced = b"".join(encoder.body([tar], target.params))
+    except HelperFailedError:
+        return "reject"
     return "pass" if produced == target.payload_prefix else "reject"
 
 
@@ -856,7 +1304,10 @@ def _screen_verdict(encoder: Encoder, tar_prefix: bytes, target: _Target) -> str
         if not _is_prefix_of_payload(produced, target):
             return "reject"
         verdict = "pass"
-        if stage >= len(tar_prefix) or len(produced) >= SCREEN_CONCLUSIVE_BYTES:
+        # The first stage never concludes: pigz writes zlib's very bytes up to its first
+        # 128 KiB block's end (and pigz with larger blocks pigz's).
+        conclusive = len(produced) >= SCREEN_CONCLUSIVE_BYTES and stage > SCREEN_STAGES[0]
+        if stage >= len(tar_prefix) or conclusive:
             break
     return verdict
 

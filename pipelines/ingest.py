@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from pipelines import encoders
 from pipelines.blobs import BlobInfo, BlobStore
+from pipelines.canaries import retirement_blocker
 from pipelines.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
 from pipelines.codecs import (
     SNIFF_BYTES,
@@ -52,6 +53,7 @@ QUEUED, INTACT, DEDUPLICATED = "queued", "intact", "deduplicated"
 ORPHAN_PASSES = 3  # reads of a layer to store files whose claimants died
 logger = logging.getLogger(__name__)
 PENDING_ENCODER = "pending"
+RETIRE_BLOCKED_KEY = "dh:retire-blocked"  # digest -> why its intact copy is kept
 
 
 @dataclass
@@ -314,6 +316,26 @@ class Ingestor:
         save_record(self.store, self.index, record)
         return IngestResult(record, retire_after_grace=False)
 
+    def retirement_blocker(self, info: BlobInfo) -> str | None:
+        """Why a deduplicated layer's intact copy must not be deleted now: the encoder that
+        rebuilds it failed its canary or has none that passed (pipelines.canaries)."""
+        if info.encoder in (None, "", encoders.IDENTITY_ID):
+            return None
+        return retirement_blocker(self.index.redis, info.encoder)
+
+    def unblocked_retirements(self) -> list[str]:
+        """Layers whose retirement a canary blocked and whose encoder now passes: to retire
+        again (after a check records its results)."""
+        ready = []
+        for raw in self.index.redis.hkeys(RETIRE_BLOCKED_KEY):
+            digest = raw.decode()
+            info = self.blobs.stored_info(digest)
+            if info is None or not (info.retired or info.segments):
+                self.index.redis.hdel(RETIRE_BLOCKED_KEY, digest)
+            elif self.retirement_blocker(info) is None:
+                ready.append(digest)
+        return ready
+
     def retire_intact_copy(self, digest: str, keep_replica: bool = False) -> int:
         """Settle the intact copy of a deduplicated layer: delete it (the bytes freed), or,
         for a layer hot enough to keep one (S-mode), keep it as the layer's replica."""
@@ -332,6 +354,13 @@ class Ingestor:
             doomed = info.retired + info.segments
             if not doomed:
                 return 0
+            blocker = self.retirement_blocker(info)
+            if blocker:  # kept, and served from; retired by a later demotion once it passes
+                logger.warning("keeping the intact copy of %s: %s", digest, blocker)
+                self.index.redis.hset(RETIRE_BLOCKED_KEY, digest, blocker)
+                self.index.count("retirements_blocked")
+                return 0
+            self.index.redis.hdel(RETIRE_BLOCKED_KEY, digest)
             present = [s for s in doomed if self.store.size(s.key) is not None]
             self.store.delete([s.key for s in present])
             freed = sum(s.size for s in present)

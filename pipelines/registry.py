@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import metrics
+from pipelines import canaries, metrics
 from pipelines.blobs import BlobInfo, BlobStore
 from pipelines.buffer import LayerBuffer
+from pipelines.canaries import CANARY_KEY
 from pipelines.config import Settings
 from pipelines.digests import Digest
 from pipelines.errors import RegistryError
@@ -21,7 +22,7 @@ from pipelines.filestore import FileStore, read_pack_table
 from pipelines.gc import REPORT_KEY as GC_REPORT_KEY
 from pipelines.gc import GarbageCollector
 from pipelines.index import Index
-from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, Ingestor
+from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, RETIRE_BLOCKED_KEY, Ingestor
 from pipelines.manifests import ManifestStore
 from pipelines.popularity import Popularity
 from pipelines.predict import AccessHistory, ClientHistory, Prediction, choose_platform, predict
@@ -39,7 +40,6 @@ MAX_NAME_LENGTH = 255
 REDIRECT_URL_SECONDS = 1200
 PULLERS_WINDOW_SECONDS = 24 * 3600
 AUDIT_KEY = "dh:audit:packs"
-CANARY_KEY = "dh:canaries"
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -178,6 +178,11 @@ class Registry:
         `duphunter verify --encoders`)."""
         raw = self.index.redis.hgetall(CANARY_KEY)
         return {key.decode(): value == b"ok" for key, value in raw.items()}
+
+    def check_encoder_canaries(self) -> dict[str, Any]:
+        """Run every encoder's canary here, record the results (readiness and retirement
+        follow them) and report: {"ok", "checked", "failed": {id: reason}}."""
+        return canaries.report(canaries.check_and_record(self.index.redis))
 
     def collector(self) -> GarbageCollector:
         settings = self.settings
@@ -355,6 +360,10 @@ class Registry:
                 layer["reason"] for layer in layers if layer["state"] == INTACT
             ),
             "verification": self._verification_stats(counters),
+            "intact_copies_kept_for_canaries": {
+                key.decode(): value.decode()
+                for key, value in self.index.redis.hgetall(RETIRE_BLOCKED_KEY).items()
+            },
             "storage": {
                 "mode": self.settings.mode,
                 "stored_bytes": stored,

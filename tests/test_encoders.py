@@ -11,26 +11,38 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import zstandard
 
 from pipelines.codecs import open_decompressed, sniff
 from pipelines.encoders import (
+    SCREEN_STAGES,
     EncoderUnavailableError,
+    GzipProgramEncoder,
+    KlauspostOptions,
     Match,
     NoMatch,
+    Shortlist,
     ZlibEncoder,
     decode_gzip_params,
+    describe_helper,
     encode,
     find_encoder,
+    libzstd_version,
+    shortlist,
     stock_zlib_problem,
+    tar_entries_end,
 )
+from pipelines.zstd_cli import ZstdCliEncoder
 from tests.test_codecs import real_files_tar
 
 PGZIP_LIBRARY = "pgzip-deb-"
@@ -311,19 +323,251 @@ def test_python_zstandard_layers_are_reproduced(
     assert result.encoder_id.endswith(expected_id)
 
 
-def test_zstd_cli_layer_is_matched_exactly_or_refused(layer_tar: bytes, tmp_path: Path) -> None:
-    """The CLI links Debian's libzstd, a different version: reproduce it exactly or refuse."""
+@pytest.mark.parametrize("level", [-5, 1, 3, 9])
+def test_multithreaded_zstandard_layers_are_screened(level: int) -> None:
+    """Workers compress 512 KiB chunks of whole jobs: a prefix screens them, so they are
+    proven first rather than tried within the budget for encoders no prefix can judge."""
+    tar = real_files_tar(6_000_000)
+    blob = zstd_stream(level, threads=2)(tar)
+    found = shortlist(
+        lambda: io.BytesIO(blob),
+        lambda: open_decompressed("zstd", io.BytesIO(blob)),
+        sniff(blob[:65536]),
+    )
+    assert isinstance(found, Shortlist)
+    screened = [e.encoder_id for trial in found.trials for e in trial.screened]
+    assert f"zstd/libzstd-{libzstd_version()}/mt/{level}" in screened, screened
+    assert_exact(blob, tar, f"zstd/libzstd-{libzstd_version()}/mt/{level}")
+
+
+ZSTD_CLI = "zstd/cli-1.5.4"
+
+
+@pytest.mark.parametrize(
+    ("options", "from_pipe", "expected_id"),
+    [
+        ([], False, f"{ZSTD_CLI}/level3"),  # a file: its size pledged and written
+        ([], True, f"{ZSTD_CLI}/level3"),  # a pipe: no size
+        (["-T0"], False, f"{ZSTD_CLI}/level3"),  # as many workers as cores: the same bytes
+        (["-19"], False, f"{ZSTD_CLI}/level19"),
+        (["-19"], True, f"{ZSTD_CLI}/level19"),
+        (["--long"], False, f"{ZSTD_CLI}/level3-long"),
+        (["--long", "-T0"], True, f"{ZSTD_CLI}/level3-long"),
+        (["-19", "--long"], False, f"{ZSTD_CLI}/level19-long"),
+    ],
+)
+def test_zstd_cli_layers_are_reproduced(
+    helper_dir: Path,
+    layer_tar: bytes,
+    tmp_path: Path,
+    options: list[str],
+    from_pipe: bool,
+    expected_id: str,
+) -> None:
+    """The host's zstd CLI (Debian's) against the pinned one we build."""
     need("zstd")
     path = tmp_path / "layer.tar"
     path.write_bytes(layer_tar)
-    blob = run_tool(["zstd", "-q", "-c", str(path)], b"")
+    source = "-" if from_pipe else str(path)
+    blob = run_tool(["zstd", "-q", "-c", *options, source], layer_tar if from_pipe else b"")
+    assert_exact(blob, layer_tar, expected_id)
+
+
+def test_zstd_cli_single_thread_is_refused(helper_dir: Path, layer_tar: bytes) -> None:
+    """`--single-thread` writes other bytes than the CLI's default worker: not covered."""
+    need("zstd")
+    result = match_blob(run_tool(["zstd", "-q", "-c", "--single-thread", "-"], layer_tar))
+    assert isinstance(result, NoMatch), result
+
+
+# --------------------------------------------------------------------------- klauspost zstd
+
+# skopeo/podman/buildah --compression-level and the klauspost encoder level it maps to
+# (zstd.EncoderLevelFromZstd); None: no level given, the library default.
+KLAUSPOST_LEVELS = [(None, "default"), (1, "fastest"), (5, "default"), (7, "better"),
+                    (19, "best")]  # fmt: skip
+
+
+def random_tar(seed: int, total: int = 3_000_000) -> bytes:
+    """A tar of seeded random files: incompressible, repetitive text and zero runs."""
+    rng = random.Random(seed)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        written = 0
+        while written < total:
+            kind = rng.choice(("random", "text", "zeros"))
+            size = rng.randrange(0, 400_000)
+            if kind == "random":
+                data = rng.randbytes(size)
+            elif kind == "text":
+                words = [rng.choice((b"usr", b"lib", b"share", b"\n", b"0644")) for _ in range(64)]
+                data = (b" ".join(words) * (size // 256 + 1))[:size]
+            else:
+                data = bytes(size)
+            info = tarfile.TarInfo(f"f{written}/{kind}.bin")
+            info.size, info.mtime = len(data), 1_700_000_000
+            archive.addfile(info, io.BytesIO(data))
+            written += len(data) + 512
+    return out.getvalue()
+
+
+def skopeo_zstd_layer(tar: bytes, workdir: Path, level: int | None, fmt: str = "zstd") -> bytes:
+    """skopeo (containers/image, Debian's klauspost/compress) recompressing a layer."""
+    source, dest = workdir / "plain", workdir / "zstd"
+    write_oci_layout(source, tar)
+    argv = ["skopeo", "copy", "--dest-compress-format", fmt]
+    argv += [] if level is None else ["--dest-compress-level", str(level)]
+    subprocess.run([*argv, f"oci:{source}:t", f"oci:{dest}:t"], check=True, capture_output=True)
+    return first_layer(dest)
+
+
+def first_layer(layout: Path) -> bytes:
+    def blob(digest: str) -> bytes:
+        return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(blob(index["manifests"][0]["digest"]))
+    return blob(manifest["layers"][0]["digest"])
+
+
+def klauspost_library(helper_dir: Path) -> str:
+    library = describe_helper(Path(helper(helper_dir, "zstd-klauspost-deb")))
+    assert library is not None and library.startswith("klauspost-deb-"), library
+    return library
+
+
+@pytest.mark.parametrize(("level", "speed"), KLAUSPOST_LEVELS)
+@pytest.mark.parametrize("content", ["real", "random"])
+def test_skopeo_zstd_layers_are_reproduced(
+    helper_dir: Path, layer_tar: bytes, tmp_path: Path, content: str, level: int | None,
+    speed: str,
+) -> None:  # fmt: skip
+    need("skopeo")
+    library = klauspost_library(helper_dir)
+    tar = layer_tar if content == "real" else random_tar(level or 0)
+    blob = skopeo_zstd_layer(tar, tmp_path, level)
+    result = assert_exact(blob, tar, f"zstd/{library}/{speed}")
+    # containers/image hands the 8 bytes it sniffed to the writer first
+    assert KlauspostOptions.decode(result.encoder_params) == KlauspostOptions(True, 8)
+
+
+@pytest.mark.parametrize("size", [5, 1024, 100_000, 131_072, 300_000])
+def test_small_skopeo_zstd_layers_are_reproduced(
+    helper_dir: Path, layer_tar: bytes, tmp_path: Path, size: int
+) -> None:
+    """Around the first write and the first block (one block: EncodeAll's frame)."""
+    need("skopeo")
+    klauspost_library(helper_dir)
+    tar = layer_tar[:size] if size != 1024 else bytes(1024)  # Docker's empty layer
+    assert_exact(skopeo_zstd_layer(tar, tmp_path, None), tar)
+
+
+@pytest.mark.parametrize("speed", ["default", "fastest", "better", "best"])
+def test_klauspost_zstd_without_first_write_is_reproduced(
+    helper_dir: Path, layer_tar: bytes, speed: str
+) -> None:
+    """A Go program that copies the tar straight into zstd.NewWriter (no sniffed bytes)."""
+    library = klauspost_library(helper_dir)
+    producer = [helper(helper_dir, "zstd-klauspost-deb"), "-speed", speed, "-first", "0"]
+    for tar in (layer_tar, layer_tar[:50_000]):
+        result = assert_exact(run_tool(producer, tar), tar, f"zstd/{library}/{speed}")
+        assert KlauspostOptions.decode(result.encoder_params).first_write == 0
+
+
+def test_klauspost_zstd_output_does_not_depend_on_concurrency(
+    helper_dir: Path, layer_tar: bytes
+) -> None:
+    """Why one id per level: synchronous (GOMAXPROCS=1) and asynchronous encoding agree."""
+    binary = helper(helper_dir, "zstd-klauspost-deb")
+    tar = layer_tar + random_tar(7)
+    for speed in ("fastest", "default", "better"):
+        outputs = {
+            run_tool([binary, "-speed", speed, "-concurrency", str(n), "-first", "8"], tar)
+            for n in (1, 2, 4)
+        }
+        assert len(outputs) == 1, speed
+
+
+def test_unmatched_zstd_layer_is_rejected_cheaply(helper_dir: Path) -> None:
+    """A klauspost frame no encoder here makes (flushed at an odd place): no candidate is
+    recompressed in full, and the tar is read once (its size) plus the screened prefix."""
+    tar = real_files_tar(12_000_000)
+    producer = [helper(helper_dir, "zstd-klauspost-deb"), "-first", "100000"]
+    blob = run_tool(producer, tar)
+    read = [0]
+
+    def open_tar() -> io.BufferedReader:
+        return io.BufferedReader(CountingReader(open_decompressed("zstd", io.BytesIO(blob)), read))
+
+    result = find_encoder(lambda: io.BytesIO(blob), open_tar, sha256(blob), sniff(blob[:65536]))
+    assert isinstance(result, NoMatch), result
+    assert "zstd/klauspost-deb-" in result.reason and "zstd/libzstd-" in result.reason
+    assert "recompressed in full" not in result.reason, result.reason
+    assert read[0] <= len(tar) + SCREEN_STAGES[-1] + (1 << 20), (read[0], len(tar))
+
+
+# zstd:chunked: containers/storage's default level is 10 ("best").
+ZSTD_CHUNKED_LEVELS = [(None, "best"), (1, "fastest"), (3, "default"), (7, "better")]
+
+
+@pytest.mark.parametrize(("level", "speed"), ZSTD_CHUNKED_LEVELS)
+@pytest.mark.parametrize("content", ["real", "random"])
+def test_skopeo_zstd_chunked_layers_are_reproduced(
+    helper_dir: Path, tmp_path: Path, content: str, level: int | None, speed: str
+) -> None:
+    """Each file in frames of its own, then the table of contents and the footer; the
+    tar inside is the pushed one without its padding after the end-of-archive blocks."""
+    need("skopeo")
+    library = describe_helper(Path(helper(helper_dir, "zstd-chunked-deb")))
+    tar = real_files_tar(6_000_000) if content == "real" else random_tar(level or 0, 6_000_000)
+    blob = skopeo_zstd_layer(tar, tmp_path, level, "zstd:chunked")
+    assert blob.endswith(b"GnUlInUx")
+    inner = open_decompressed("zstd", io.BytesIO(blob)).read()
+    assert tar.startswith(inner)
+    assert_exact(blob, inner, f"zstd/{library}/{speed}")
+
+
+def test_small_zstd_chunked_layer_is_reproduced(helper_dir: Path, tmp_path: Path) -> None:
+    """A layer under the smallest screening stage: compared whole."""
+    need("skopeo")
+    helper(helper_dir, "zstd-chunked-deb")
+    blob = skopeo_zstd_layer(real_files_tar(200_000), tmp_path, None, "zstd:chunked")
+    assert_exact(blob, open_decompressed("zstd", io.BytesIO(blob)).read())
+
+
+@pytest.mark.parametrize("size", [300_000, 6_000_000])
+def test_zstd_chunked_footer_without_a_tar_is_refused(helper_dir: Path, size: int) -> None:
+    """The helper fails on what is no tar: a refusal, not an error of the ingest."""
+    helper(helper_dir, "zstd-chunked-deb")
+    footer = (0x184D2A50).to_bytes(4, "little") + (40).to_bytes(4, "little") + bytes(32)
+    blob = zstandard.ZstdCompressor().compress(os.urandom(size)) + footer + b"GnUlInUx"
     result = match_blob(blob)
-    if isinstance(result, Match):
-        assert sha256(b"".join(encode(result.encoder_id, result.encoder_params, [layer_tar]))) == (
-            sha256(blob)
-        )
-    else:
-        assert "tried zstd/" in result.reason
+    assert isinstance(result, NoMatch) and "zstd/chunked-storage-deb-" in result.reason
+
+
+def test_zstd_chunked_screen_cuts_at_entries() -> None:
+    tar = real_files_tar(2_000_000)
+    ends = [0]
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        ends += [m.offset_data + (m.size + 511) // 512 * 512 for m in archive.getmembers()]
+    for cut in (0, 100, 512, 70_000, 1_000_000, len(tar)):
+        assert tar_entries_end(tar[:cut]) == max(end for end in ends if end <= cut)
+
+
+class CountingReader(io.RawIOBase):
+    """Counts the bytes read through it into counter[0]."""
+
+    def __init__(self, inner: BinaryIO, counter: list[int]) -> None:
+        self.inner, self.counter = inner, counter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        data = self.inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.counter[0] += len(data)
+        return len(data)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -348,12 +592,38 @@ def test_identity(layer_tar: bytes) -> None:
     assert assert_exact(layer_tar, layer_tar).encoder_id == "identity"
 
 
-@pytest.mark.parametrize("tool", [["gzip", "-c"], ["gzip", "-9", "-c"], ["pigz", "-c"]])
-def test_gnu_gzip_and_pigz_are_refused(helper_dir: Path, layer_tar: bytes, tool: list[str]) -> None:
+GNU = "gzip/gnu-1.12"
+PIGZ = "gzip/pigz-2.6-zlib-1.2.13"
+PROGRAM_CASES = [
+    *[(["gzip", "-n", f"-{level}"], f"{GNU}/level{level}") for level in range(1, 10)],
+    (["gzip", "-n", "-N"], f"{GNU}/level6"),  # a name and an mtime in the header
+    *[(["pigz", "-n", f"-{level}"], f"{PIGZ}/level{level}") for level in range(1, 10)],
+    *[(["pigz", "-n", "-p", "1", f"-{level}"], f"{PIGZ}/single/level{level}") for level in (1, 3)],
+    (["pigz", "-n", "-p", "1", "-6"], f"{PIGZ}/level6"),  # levels 4-9: one thread or many alike
+]
+
+
+@pytest.mark.parametrize(("tool", "expected_id"), PROGRAM_CASES)
+def test_gnu_gzip_and_pigz_layers_are_reproduced(
+    helper_dir: Path, layer_tar: bytes, tool: list[str], expected_id: str, tmp_path: Path
+) -> None:
+    """The host's real GNU gzip and pigz (Debian's) against the pinned ones we build."""
     need(tool[0])
-    result = match_blob(run_tool(tool, layer_tar))
+    path = tmp_path / "layer.tar"
+    path.write_bytes(layer_tar)
+    blob = run_tool([*tool, "-c", str(path)], b"")
+    assert_exact(blob, layer_tar, expected_id)
+
+
+@pytest.mark.parametrize("tool", [["pigz", "-n", "-b", "256"], ["pigz", "-n", "-9", "-b", "64"]])
+def test_other_pigz_block_sizes_are_refused_cheaply(
+    helper_dir: Path, layer_tar: bytes, tool: list[str]
+) -> None:
+    """Same zlib, other blocks: refused on the prefix, with no full recompression."""
+    need("pigz")
+    result = match_blob(run_tool([*tool, "-c"], layer_tar))
     assert isinstance(result, NoMatch)
-    assert "tried gzip/zlib-1.2.13/" in result.reason and "gzip/go1.26/" in result.reason
+    assert f"{PIGZ}/" in result.reason and "recompressed in full" not in result.reason
 
 
 def test_random_blob_is_refused() -> None:
@@ -372,6 +642,21 @@ def test_missing_helpers_make_go_encoders_unavailable(
         b"".join(encode("gzip/go1.26/6", b"", [b""]))
 
 
+def test_missing_helpers_make_klauspost_zstd_encoders_unavailable(
+    helper_dir: Path, layer_tar: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    library = klauspost_library(helper_dir)
+    blob = run_tool([str(helper_dir / "zstd-klauspost-deb"), "-first", "8"], layer_tar)
+    monkeypatch.setenv("DUPHUNTER_HELPER_DIR", str(tmp_path / "no-helpers"))
+    result = match_blob(blob)
+    assert isinstance(result, NoMatch) and "klauspost" not in result.reason, result
+    params = KlauspostOptions(True, 8).encode()
+    with pytest.raises(EncoderUnavailableError, match="no matching klauspost zstd helper"):
+        b"".join(encode(f"zstd/{library}/default", params, [layer_tar]))
+    with pytest.raises(EncoderUnavailableError, match="no matching zstd:chunked helper"):
+        b"".join(encode("zstd/chunked-storage-deb-0/best", b"", [layer_tar]))
+
+
 def test_unknown_encoder_id_is_refused() -> None:
     with pytest.raises(EncoderUnavailableError):
         b"".join(encode("gzip/zlib-9.9.9/6", b"", [b""]))
@@ -388,3 +673,8 @@ def test_gzip_params_keep_header_and_trailer_verbatim(layer_tar: bytes) -> None:
 def test_encoder_ids_are_stable() -> None:
     """Ids are written into durable recipes: they must never change meaning."""
     assert ZlibEncoder(6).encoder_id == "gzip/zlib-1.2.13/6"
+    assert GzipProgramEncoder("gnu", 6).encoder_id == "gzip/gnu-1.12/level6"
+    assert GzipProgramEncoder("pigz", 9).encoder_id == "gzip/pigz-2.6-zlib-1.2.13/level9"
+    pigz_single = GzipProgramEncoder("pigz", 1, single_thread=True)
+    assert pigz_single.encoder_id == "gzip/pigz-2.6-zlib-1.2.13/single/level1"
+    assert ZstdCliEncoder(19, long=True).encoder_id == "zstd/cli-1.5.4/level19-long"

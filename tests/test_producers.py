@@ -5,12 +5,16 @@ pushed to the live registry, deduplicated, and pulled back byte-exact:
   containerd and BuildKit do (archive/tar, then compress/gzip at the default level),
   built with the Go 1.26 and the Go 1.27 toolchains of pipelines/gohelpers/build.sh;
 - podman: `podman build` (no container runs) and `podman push`, whose containers/image
-  compresses layers with klauspost pgzip.
+  compresses layers with klauspost pgzip (`--compression-format zstd`: klauspost zstd);
+- skopeo: `skopeo copy --dest-compress-format zstd` (and `zstd:chunked`), whose
+  containers/image compresses layers with klauspost/compress zstd (containers/storage's
+  chunked compressor).
 
 Docker's own push (Go's compress/gzip inside dockerd) is tests/test_docker.py."""
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import io
 import json
@@ -31,6 +35,7 @@ from deploy.stack import REPO_ROOT
 from tests.client import OCI_MANIFEST, RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup
 from tests.test_dedup import wait_for_layers, wait_until_retired
+from tests.test_encoders import write_oci_layout
 
 PRODUCER_SOURCE = Path(__file__).parent / "producers" / "containerd-gzip"
 GO_GENERATIONS = ("go1.26", "go1.27")
@@ -326,8 +331,23 @@ def podman_homes() -> Iterator[Path]:
     shutil.rmtree(homes, ignore_errors=True)
 
 
+@pytest.mark.parametrize(
+    ("compression", "encoder"),
+    [
+        # containers/image's gzip: pgzip with 1 MiB blocks at its default level
+        ("gzip", "gzip/pgzip-deb-*/b1048576/5"),
+        # its zstd: klauspost/compress at the default level
+        ("zstd", "zstd/klauspost-deb-*/default"),
+    ],
+)
 def test_podman_push_dedup_pull(
-    live: LiveStack, client: RegistryClient, repo: str, tmp_path: Path, podman_homes: Path
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    podman_homes: Path,
+    compression: str,
+    encoder: str,
 ) -> None:
     pusher = private_podman(podman_homes / "push")
     image = f"{live.url.removeprefix('http://')}/{repo}:v1"
@@ -337,7 +357,8 @@ def test_podman_push_dedup_pull(
     built = pusher.inspect(image)
     digest_file = tmp_path / "pushed-digest"
     pusher.run("push", "--tls-verify=false", "--signature-policy", pusher.policy,
-               "--digestfile", digest_file, image)  # fmt: skip
+               "--compression-format", compression, "--digestfile", digest_file,
+               image)  # fmt: skip
     pushed_digest = digest_file.read_text().strip()
 
     manifest = served_manifest(client, repo, pushed_digest)
@@ -347,9 +368,7 @@ def test_podman_push_dedup_pull(
     for digest in layers:
         record = records[digest]
         assert record["state"] == "deduplicated", (digest, record)
-        assert record["encoder"].startswith("gzip/pgzip"), (digest, record)
-        # containers/image's gzip: pgzip with 1 MiB blocks at its default level
-        assert record["encoder"].endswith("/b1048576/5"), (digest, record)
+        assert fnmatch.fnmatchcase(record["encoder"], encoder), (digest, record)
     refs = live.registry.index.file_refcount(sha256(shared).split(":")[1])
     assert refs == 2, f"a file both layers hold should be stored once, refcount {refs}"
     restores_before = wait_until_restorable(live, layers)
@@ -366,3 +385,155 @@ def test_podman_push_dedup_pull(
         blob = client.request("GET", f"/v2/{repo}/blobs/{layer['digest']}")
         assert blob.status == 200, (layer, blob.status)
         assert sha256(blob.data) == layer["digest"] and len(blob.data) == layer["size"]
+
+
+# --------------------------------------------------------------------------- GNU gzip, pigz
+
+PROGRAM_PRODUCERS = [
+    (["gzip", "-n", "-N"], "gzip/gnu-1.12/level6"),  # a name and an mtime in the header
+    (["gzip", "-n", "-9"], "gzip/gnu-1.12/level9"),
+    (["pigz", "-n"], "gzip/pigz-2.6-zlib-1.2.13/level6"),
+    (["pigz", "-n", "-1", "-p", "1"], "gzip/pigz-2.6-zlib-1.2.13/single/level1"),
+]
+
+
+@pytest.mark.parametrize(("tool", "expected_id"), PROGRAM_PRODUCERS)
+def test_gzip_program_layer_dedup_pull(
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    helper_dir: Path,
+    tool: list[str],
+    expected_id: str,
+) -> None:
+    """A layer tarred by GNU tar and compressed by the host's real GNU gzip or pigz
+    (Debian's, deploy/system-deps.sh test) is deduplicated with the pinned build of the
+    same program, and pulled back byte-exact from its recipe."""
+    if shutil.which(tool[0]) is None:
+        pytest.skip(f"{tool[0]} is not installed")
+    write_layer_tree(tmp_path / "tree")
+    layer_tar = tmp_path / "layer.tar"
+    run("tar", "--sort=name", "-C", tmp_path / "tree", "-cf", layer_tar, ".")
+    blob = subprocess.run([*tool, "-c", str(layer_tar)], capture_output=True, check=True).stdout
+    tar = layer_tar.read_bytes()
+
+    client.push_image(repo, "v1", [blob], config=oci_config([tar]))
+    digest = sha256(blob)
+    record = wait_for_layers(live, [digest], timeout=120)[digest]
+    assert record["state"] == "deduplicated", record
+    assert record["encoder"] == expected_id, record
+
+    restores_before = wait_until_restorable(live, [digest])
+    assert_pulled_exactly(client, repo, digest, blob)
+    assert served_from_dedup(live) > restores_before
+
+
+# --------------------------------------------------------------------------- the zstd CLI
+
+ZSTD_CLI_PRODUCERS = [
+    ([], False, "zstd/cli-1.5.4/level3"),
+    (["-T0"], True, "zstd/cli-1.5.4/level3"),
+    (["-19"], False, "zstd/cli-1.5.4/level19"),
+    (["--long"], True, "zstd/cli-1.5.4/level3-long"),
+]
+
+
+@pytest.mark.parametrize(("options", "from_pipe", "expected_id"), ZSTD_CLI_PRODUCERS)
+def test_zstd_cli_layer_dedup_pull(
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    helper_dir: Path,
+    options: list[str],
+    from_pipe: bool,
+    expected_id: str,
+) -> None:
+    """A layer compressed by the host's zstd CLI (a file, or a pipe: no size in the
+    header) is deduplicated with the pinned CLI and pulled back byte-exact."""
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is not installed")
+    write_layer_tree(tmp_path / "tree")
+    layer_tar = tmp_path / "layer.tar"
+    run("tar", "--sort=name", "-C", tmp_path / "tree", "-cf", layer_tar, ".")
+    tar = layer_tar.read_bytes()
+    argv = ["zstd", "-q", "-c", *options, "-" if from_pipe else str(layer_tar)]
+    blob = subprocess.run(argv, input=tar if from_pipe else b"", capture_output=True, check=True)
+
+    client.push_image(repo, "v1", [blob.stdout], config=oci_config([tar]))
+    digest = sha256(blob.stdout)
+    record = wait_for_layers(live, [digest], timeout=180)[digest]
+    assert record["state"] == "deduplicated", record
+    assert record["encoder"] == expected_id, record
+
+    restores_before = wait_until_restorable(live, [digest])
+    assert_pulled_exactly(client, repo, digest, blob.stdout)
+    assert served_from_dedup(live) > restores_before
+
+
+# --------------------------------------------------------------------------- skopeo zstd
+
+
+def skopeo(*args: str | Path) -> str:
+    """skopeo with a signature policy of its own (it reads none of the host's)."""
+    policy = Path(tempfile.mkdtemp(prefix="dh-skopeo-")) / "policy.json"
+    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    try:
+        return run("skopeo", "--policy", policy, *args, timeout=PODMAN_TIMEOUT)
+    finally:
+        shutil.rmtree(policy.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "level", "encoder"),
+    [
+        ("zstd", None, "zstd/klauspost-deb-*/default"),
+        ("zstd", 7, "zstd/klauspost-deb-*/better"),
+        ("zstd:chunked", None, "zstd/chunked-storage-deb-*/best"),
+    ],
+)
+def test_skopeo_zstd_push_dedup_pull(
+    helper_dir: Path,
+    live: LiveStack,
+    client: RegistryClient,
+    repo: str,
+    tmp_path: Path,
+    fmt: str,
+    level: int | None,
+    encoder: str,
+) -> None:
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is installed by `make test` (deploy/system-deps.sh)")
+    write_layer_tree(tmp_path / "tree")
+    tar = run_tar_bytes(tmp_path / "tree")
+    write_oci_layout(tmp_path / "plain", tar)  # one uncompressed layer, tagged t
+    image = f"docker://{live.url.removeprefix('http://')}/{repo}:v1"
+    digest_file = tmp_path / "pushed-digest"
+    levels = [] if level is None else ["--dest-compress-level", str(level)]
+    skopeo("copy", "--dest-tls-verify=false", "--dest-compress-format", fmt, *levels,
+           "--digestfile", digest_file, f"oci:{tmp_path / 'plain'}:t", image)  # fmt: skip
+
+    manifest = served_manifest(client, repo, digest_file.read_text().strip())
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd", layer
+    digest = layer["digest"]
+    record = wait_for_layers(live, [digest], timeout=120)[digest]
+    assert record["state"] == "deduplicated", record
+    assert fnmatch.fnmatchcase(record["encoder"], encoder), record
+
+    restores_before = wait_until_restorable(live, [digest])
+    skopeo("copy", "--src-tls-verify=false", image, f"oci:{tmp_path / 'pulled'}:t")
+    pulled = (tmp_path / "pulled" / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
+    assert sha256(pulled) == digest and len(pulled) == layer["size"]
+    assert served_from_dedup(live) > restores_before
+    assert_pulled_exactly(client, repo, digest, pulled)
+
+
+def run_tar_bytes(directory: Path) -> bytes:
+    """The directory as GNU tar writes it (sorted names, fixed owner and times)."""
+    return subprocess.run(
+        ["tar", "--sort=name", "--owner=0", "--group=0", "--mtime=@1700000000", "-cf", "-",
+         "-C", str(directory), "."],
+        check=True, capture_output=True, timeout=120,
+    ).stdout  # fmt: skip

@@ -43,6 +43,7 @@ from workers.tasks import (
     manifest_fetched,
     preconstruct_layer,
     rebuild_index,
+    retire_unblocked,
     verify_blob,
 )
 
@@ -127,6 +128,14 @@ def enqueue_verify(registry: Registry, sample: int | None) -> str:
         },
     )
     return job_id
+
+
+def verify_encoders(registry: Registry) -> dict[str, Any]:
+    """Check every encoder's canary in this process and record the results; the intact
+    copies that were kept for a canary and may go now are queued for retirement."""
+    report = registry.check_encoder_canaries()
+    report["retirements_queued"] = len(retire_unblocked(registry))
+    return report
 
 
 def enqueue_reindex(registry: Registry) -> str:

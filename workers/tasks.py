@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,8 +19,9 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Task, signals
 
+from pipelines.canaries import check_at_start
 from pipelines.errors import is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry import Registry
@@ -52,6 +54,25 @@ def retrying(work: Callable[[], Result]) -> Result:
             delay = min(delay * 2, MAX_RETRY_DELAY)
 
 
+@signals.worker_ready.connect
+def _check_encoder_canaries(**_kwargs: object) -> None:
+    """At start, check every encoder against its canary (once per host when the workers
+    start together), in the background: until it is recorded, retirement waits."""
+
+    def check() -> None:
+        try:
+            results = check_at_start(registry().index.redis)
+        except Exception:
+            logger.exception("encoder canary check failed to run")
+            return
+        if results is not None:
+            failed = sum(bool(reason) for reason in results.values())
+            logger.info("encoder canaries: %d checked, %d failed", len(results), failed)
+            retire_unblocked()
+
+    threading.Thread(target=check, name="encoder-canaries", daemon=True).start()
+
+
 # Priorities on the restore queue (Redis transport: 0 is served first).
 PRIORITY_WARM, PRIORITY_PREDICTED, PRIORITY_REPLICA, PRIORITY_VERIFY = 0, 3, 6, 9
 
@@ -77,6 +98,15 @@ def retire_intact_copy(digest: str, keep: bool | None = None, repository: str = 
     if not keep_replica and pullers:
         retrying(lambda: registry().server.preconstruct(digest, "retired", pullers))
     return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
+
+
+def retire_unblocked(of: Registry | None = None) -> list[str]:
+    """Queue the retirements that canaries blocked and that may go ahead now."""
+    ingestor = (of or registry()).ingestor
+    digests = retrying(ingestor.unblocked_retirements)
+    for digest in digests:
+        retire_intact_copy.apply_async(args=(digest, None, ""))
+    return digests
 
 
 @celery_app.task(name="workers.tasks.manifest_fetched", ignore_result=True)

