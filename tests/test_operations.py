@@ -169,7 +169,8 @@ def local_stack(tmp_path: Path) -> Iterator[LocalStack]:
 
 
 def test_make_run_recovers_from_crashes_and_stops_cleanly(local_stack: LocalStack) -> None:
-    """kill -9 of each worker kind and of the API, in the middle of pushes and pulls: the
+    """kill -9 of each worker kind and of the API, in the middle of pushes and pulls (and of
+    one API worker process during pulls): the
     stack is whole again within 30 s and every image pulls byte-exact; a second `make
     run` refuses to start; SIGTERM stops everything and frees every port."""
     client = RegistryClient(local_stack.url)
@@ -192,6 +193,7 @@ def test_make_run_recovers_from_crashes_and_stops_cleanly(local_stack: LocalStac
     _wait_dedup(client, wait_for_each)
     for repo, layer in images.items():
         _pull_while_killing(client, local_stack, repo, layer)
+        _pull_while_killing_an_api_process(client, local_stack, repo, layer)
     local_stack.process.send_signal(signal.SIGTERM)
     assert local_stack.process.wait(timeout=90) == 0
     leftovers = subprocess.run(["pgrep", "-f", str(local_stack.workdir)], capture_output=True)
@@ -228,6 +230,38 @@ def _pull_while_killing(client: RegistryClient, stack: LocalStack, repo: str, la
     response = client.request("GET", f"/v2/{repo}/blobs/{sha256(layer)}")
     assert response.status == 200 and bytes(response.data) == layer
     wait_until(stack.all_running, "worker-restore back", timeout=RECOVERY_SECONDS)
+
+
+def _pull_while_killing_an_api_process(
+    client: RegistryClient, stack: LocalStack, repo: str, layer: bytes
+) -> None:
+    """Pulls under way while one of the API's worker processes is killed: each one gets
+    the exact bytes or fails, never other bytes with a success; then pulls work again."""
+    outcomes: list[tuple[int, bytes] | BaseException] = []
+    digest = sha256(layer)
+
+    def pull() -> None:
+        try:
+            response = RegistryClient(client.url).request("GET", f"/v2/{repo}/blobs/{digest}")
+            outcomes.append((response.status, bytes(response.data)))
+        except BaseException as error:  # a connection cut by the kill
+            outcomes.append(error)
+
+    pullers = [threading.Thread(target=pull) for _ in range(4)]
+    for puller in pullers:
+        puller.start()
+    api = str(stack.pid_of("api"))
+    workers = subprocess.run(["pgrep", "-P", api], capture_output=True, text=True, check=True)
+    os.kill(int(workers.stdout.split()[0]), signal.SIGKILL)
+    for puller in pullers:
+        puller.join(timeout=120)
+    for outcome in outcomes:
+        if isinstance(outcome, tuple) and outcome[0] == 200:
+            assert outcome[1] == layer, "a pull cut by the kill returned other bytes"
+    wait_until(stack.all_running, "the API back", timeout=RECOVERY_SECONDS)
+    wait_until(lambda: client.request("GET", "/v2/").status == 200, "the API answering")
+    response = client.request("GET", f"/v2/{repo}/blobs/{digest}")
+    assert response.status == 200 and bytes(response.data) == layer
 
 
 def _wait_dedup(client: RegistryClient, digests: list[str]) -> None:
