@@ -261,6 +261,9 @@ def start_services(workdir: Path, redirect: bool) -> Services:
                 "DUPHUNTER_S3_BUCKET": OUR_BUCKET,
                 "DUPHUNTER_LISTEN": listen,
                 "DUPHUNTER_SPOOL_DIR": str(workdir / "spool"),
+                # No popularity replicas: phase 1's pulls would make the layers hot and
+                # keep their intact copies, and the "cold" pulls would not restore.
+                "DUPHUNTER_MODE": "b0",
             }
         )
         stack.start_workers()
@@ -453,10 +456,17 @@ def run_all(images: list[Image], services: Services, reps: int, scratch: Path) -
     ]
     services.stack.respawn("worker-ingest")
     settle = wait_for_quiet(services)
-    states = dict(http_json(f"http://{services.ours.hostport}/api/v1/stats").get("layers", {}))
+    stats_url = f"http://{services.ours.hostport}/api/v1/stats"
+    before = http_json(stats_url)
+    states = dict(before.get("layers", {}))
     for run, (_rep, image, registry) in zip(runs, plan, strict=True):
         run.settle_after_push_s, run.layer_states = settle, states
         pull_deduplicated(run, image, registry, services, scratch)
+    restores = http_json(stats_url)["restores"]["on_demand_or_preconstructed"]
+    services.notes.append(
+        f"DupHunter restored {restores - before['restores']['on_demand_or_preconstructed']}"
+        f" layers during phase 2 ({len(runs) // 2} cold pulls of 2 layers each)"
+    )
     return runs
 
 
@@ -555,7 +565,8 @@ Setup (all on loopback, one machine):
 - Two phases. Phase 1, with DupHunter's ingest worker held back: every push, each followed
   by "pull (intact)", so both registries serve the blobs as pushed (the issue's target).
   Phase 2, once that worker has deduplicated every layer: "pull (dedup, cold)", where
-  DupHunter restores the layers from stored files, at least {COLD_GAP_S:.0f} s after any
+  DupHunter (`DUPHUNTER_MODE=b0`: no hot-layer replicas) restores the layers from stored
+  files, at least {COLD_GAP_S:.0f} s after any
   earlier pull of the same layers (no restore spool left), then "pull again (local spool)"
   at once: DupHunter then serves the layers it has just restored from this host's restore
   spool (kept {KEEP_S:.0f} s), not from a new restore.
