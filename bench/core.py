@@ -465,7 +465,7 @@ def run_all(images: list[Image], services: Services, reps: int, scratch: Path) -
     restores = http_json(stats_url)["restores"]["on_demand_or_preconstructed"]
     services.notes.append(
         f"DupHunter restored {restores - before['restores']['on_demand_or_preconstructed']}"
-        f" layers during phase 2 ({len(runs) // 2} cold pulls of 2 layers each)"
+        f" layers during phase 2 (its {len(runs) // 2} cold pulls; b0 mode, no replicas)"
     )
     return runs
 
