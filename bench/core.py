@@ -264,6 +264,7 @@ def start_services(workdir: Path, redirect: bool) -> Services:
                 # No popularity replicas: phase 1's pulls would make the layers hot and
                 # keep their intact copies, and the "cold" pulls would not restore.
                 "DUPHUNTER_MODE": "b0",
+                "DUPHUNTER_BUFFER_BYTES": "0",  # nor a buffer: every cold pull restores
             }
         )
         stack.start_workers()
@@ -465,7 +466,7 @@ def run_all(images: list[Image], services: Services, reps: int, scratch: Path) -
     restores = http_json(stats_url)["restores"]["on_demand_or_preconstructed"]
     services.notes.append(
         f"DupHunter restored {restores - before['restores']['on_demand_or_preconstructed']}"
-        f" layers during phase 2 (its {len(runs) // 2} cold pulls; b0 mode, no replicas)"
+        f" layers during phase 2 (its {len(runs) // 2} cold pulls; b0 mode, no buffer)"
     )
     return runs
 
@@ -565,8 +566,8 @@ Setup (all on loopback, one machine):
 - Two phases. Phase 1, with DupHunter's ingest worker held back: every push, each followed
   by "pull (intact)", so both registries serve the blobs as pushed (the issue's target).
   Phase 2, once that worker has deduplicated every layer: "pull (dedup, cold)", where
-  DupHunter (`DUPHUNTER_MODE=b0`: no hot-layer replicas) restores the layers from stored
-  files, at least {COLD_GAP_S:.0f} s after any
+  DupHunter (`DUPHUNTER_MODE=b0`, no buffer: no hot-layer replicas, no buffered copy)
+  restores the layers from stored files, at least {COLD_GAP_S:.0f} s after any
   earlier pull of the same layers (no restore spool left), then "pull again (local spool)"
   at once: DupHunter then serves the layers it has just restored from this host's restore
   spool (kept {KEEP_S:.0f} s), not from a new restore.
