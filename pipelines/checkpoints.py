@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 from pipelines.digests import digest_key
 from pipelines.encoders import Encoder, Match, NoMatch, Shortlist, decode_gzip_params
 from pipelines.libz import deflate_boundaries
+from pipelines.recipe import decode_varint, encode_varint
 
 MAGIC = b"DHCk"
 VERSION = 1
@@ -56,7 +57,6 @@ CHECKSUM_SIZE = 32
 CHECKPOINT_SPACING = 4 << 20  # tar bytes between candidates
 MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
 AVOID_MARGIN = 256 * 1024  # more than any encoder's history or lookahead
-_MAX_VARINT_BYTES = 10
 PROOF_THREADS = os.cpu_count() or 2
 
 logger = logging.getLogger(__name__)
@@ -129,16 +129,16 @@ class Checkpoints:
             bytes([VERSION]),
             _text(self.blob_digest),
             _text(self.encoder_id),
-            _varint(self.tar_size),
-            _varint(self.payload_bits),
-            _varint(self.candidates),
-            _varint(len(self.points)),
+            encode_varint(self.tar_size),
+            encode_varint(self.payload_bits),
+            encode_varint(self.candidates),
+            encode_varint(len(self.points)),
         ]
         previous = Checkpoint(0, 0)
         for point in self.points:
             parts += [
-                _varint(point.tar_offset - previous.tar_offset),
-                _varint(point.bit_offset - previous.bit_offset),
+                encode_varint(point.tar_offset - previous.tar_offset),
+                encode_varint(point.bit_offset - previous.bit_offset),
             ]
             previous = point
         unsigned = b"".join(parts)
@@ -170,20 +170,9 @@ def checkpoints_key(blob_digest: str) -> str:
     return digest_key("checkpoints", blob_digest)
 
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        raise ValueError(f"negative value {value} cannot be encoded")
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _text(value: str) -> bytes:
     data = value.encode()
-    return _varint(len(data)) + data
+    return encode_varint(len(data)) + data
 
 
 class _Reader:
@@ -198,13 +187,7 @@ class _Reader:
         return out
 
     def varint(self) -> int:
-        value = 0
-        for index in range(_MAX_VARINT_BYTES):
-            byte = self.take(1)[0]
-            value |= (byte & 0x7F) << (7 * index)
-            if byte < 0x80:
-                return value
-        raise CheckpointError("varint too long")
+        return decode_varint(self.take, CheckpointError)
 
     def text(self) -> str:
         try:

@@ -52,7 +52,8 @@ class RecipeError(Exception):
     """The bytes are not a valid recipe (wrong magic or version, truncated, corrupted)."""
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """Unsigned LEB128, the integer encoding of DupHunter's binary formats."""
     if value < 0:
         raise ValueError(f"negative value {value} cannot be encoded")
     out = bytearray()
@@ -64,7 +65,7 @@ def _varint(value: int) -> bytes:
 
 
 def _length_prefixed(data: bytes) -> bytes:
-    return _varint(len(data)) + data
+    return encode_varint(len(data)) + data
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,14 @@ class Recipe:
                 MAGIC,
                 bytes([VERSION]),
                 _length_prefixed(self.blob_digest.encode()),
-                _varint(self.blob_size),
-                _varint(self.tar_size),
+                encode_varint(self.blob_size),
+                encode_varint(self.tar_size),
                 self.tar_sha256,
                 _length_prefixed(self.encoder_id.encode()),
                 _length_prefixed(self.encoder_params),
                 _encode_segments(self.segments),
-                _varint(self.entry_count),
-                _varint(len(self.body)),
+                encode_varint(self.entry_count),
+                encode_varint(len(self.body)),
             ]
         )
         unsigned = head + self.body
@@ -139,14 +140,14 @@ class RecipeBuilder:
     def add_raw(self, data: bytes) -> None:
         """Append raw tar bytes (empty data adds nothing)."""
         if data:
-            self._append(bytes([_TAG_RAW]) + _varint(len(data)), data)
+            self._append(bytes([_TAG_RAW]) + encode_varint(len(data)), data)
             self._tar_size += len(data)
 
     def add_file(self, digest: bytes, size: int) -> None:
         """Append a reference to a stored file: its sha256 and the bytes it holds."""
         if len(digest) != DIGEST_SIZE:
             raise ValueError(f"file digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
-        self._append(bytes([_TAG_FILE]) + digest + _varint(size))
+        self._append(bytes([_TAG_FILE]) + digest + encode_varint(size))
         self._tar_size += size
 
     def add(self, entry: Raw | FileRef) -> None:
@@ -242,7 +243,7 @@ class _Cursor:
         return out
 
     def varint(self) -> int:
-        return _read_varint(self.take)
+        return decode_varint(self.take)
 
     def text(self) -> str:
         try:
@@ -254,23 +255,24 @@ class _Cursor:
         return self.pos == len(self._data)
 
 
-def _read_varint(take: Callable[[int], bytes]) -> int:
+def decode_varint(take: Callable[[int], bytes], error: type[Exception] = RecipeError) -> int:
+    """An unsigned LEB128 integer read with `take`; `error` if it runs over 10 bytes."""
     value = 0
     for index in range(_MAX_VARINT_BYTES):
         byte = take(1)[0]
         value |= (byte & 0x7F) << (7 * index)
         if byte < 0x80:
             return value
-    raise RecipeError("varint too long")
+    raise error("varint too long")
 
 
 def _encode_segments(segments: SegmentDigests | None) -> bytes:
     if segments is None:
-        return _varint(0)
-    parts = [_varint(len(segments.ends))]
+        return encode_varint(0)
+    parts = [encode_varint(len(segments.ends))]
     start = 0
     for end, digest in zip(segments.ends, segments.digests, strict=True):
-        parts += [_varint(end - start), digest]
+        parts += [encode_varint(end - start), digest]
         start = end
     return b"".join(parts)
 
@@ -371,11 +373,11 @@ def _iter_body(body: bytes, entry_count: int) -> Iterator[Raw | FileRef]:
 def _read_entry(cursor: _StreamCursor) -> Raw | FileRef:
     tag = cursor.take(1)[0]
     if tag == _TAG_RAW:
-        length = _read_varint(cursor.take)
+        length = decode_varint(cursor.take)
         if length == 0:
             raise RecipeError("empty raw entry")
         return Raw(cursor.take(length))
     if tag == _TAG_FILE:
         digest = cursor.take(DIGEST_SIZE)
-        return FileRef(digest, _read_varint(cursor.take))
+        return FileRef(digest, decode_varint(cursor.take))
     raise RecipeError(f"unknown recipe entry tag {tag}")
