@@ -119,11 +119,18 @@ class Stack:
         for entry in [entry for entry in self.processes if entry[0] == name]:
             os.killpg(entry[1].pid, signum)
 
-    def stop_service(self, name: str) -> None:
-        """SIGTERM a service (a clean shutdown, as a restart does) and wait for it."""
+    def stop_service(self, name: str, timeout: float = 30) -> None:
+        """SIGTERM a service (a clean shutdown, as a restart does) and wait for it; one
+        that was frozen is woken to hear it, and one still running after `timeout` is
+        killed."""
         for entry in [entry for entry in self.processes if entry[0] == name]:
             os.killpg(entry[1].pid, signal.SIGTERM)
-            entry[1].wait(timeout=30)
+            os.killpg(entry[1].pid, signal.SIGCONT)
+            try:
+                entry[1].wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(entry[1].pid, signal.SIGKILL)
+                entry[1].wait()
             self.processes.remove(entry)
 
     def stop(self) -> None:

@@ -20,6 +20,7 @@ from tests.conftest import LiveStack
 from tests.test_dedup import make_tar, wait_for_layers
 
 KiB = 1 << 10
+BROKER_POLL_SECONDS = 1  # kombu's BRPOP timeout on Redis (its default polling_interval)
 
 
 def pack_keys(live: LiveStack) -> set[str]:
@@ -96,6 +97,9 @@ def test_a_killed_claimant_is_taken_over(client: RegistryClient, live: LiveStack
         live.stack.start_worker("ingest", "worker-ingest-y")
         time.sleep(4)  # both connected
         live.stack.signal_service("worker-ingest-y", signal.SIGSTOP)  # so that V takes A
+        # A frozen worker still has a BRPOP waiting on Redis (1 s polls); had A arrived
+        # then, Redis would have handed it to Y's socket, and V would never see it.
+        time.sleep(BROKER_POLL_SECONDS + 1)
         client.push_image("scale/claims-a", "v1", [layer_a])
         _wait_for_claims(live)
         live.stack.signal_service("worker-ingest-v", signal.SIGSTOP)
@@ -106,9 +110,11 @@ def test_a_killed_claimant_is_taken_over(client: RegistryClient, live: LiveStack
         records = wait_for_layers(live, [sha256(layer_a), sha256(layer_b)], timeout=300)
         assert {record["state"] for record in records.values()} == {"deduplicated"}, records
     finally:
-        for name in ("worker-ingest-v", "worker-ingest-y"):
-            live.stack.stop_service(name)
-        live.stack.respawn("worker-ingest")
+        try:
+            for name in ("worker-ingest-v", "worker-ingest-y"):
+                live.stack.stop_service(name)
+        finally:
+            live.stack.respawn("worker-ingest")
     took_over = (live.workdir / "worker-ingest-y.log").read_text()
     assert "taking over" in took_over, "Y never waited for V's claims"
     copies = copies_in_packs(live, pack_keys(live) - before_packs)
