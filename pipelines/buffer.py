@@ -17,8 +17,11 @@ The rank is exponentially decayed access frequency (LRFU): every fill and every 
 served adds one access, older accesses count exp(-age/tau); the rank key
 K = log(sum exp(t_i/tau)) orders entries by that decayed frequency at any time without
 rewriting them. An entry that predictions expect GETs for is pinned (ranked above every
-unpinned one) until those GETs came or its pin expired. docs/benchmarks.md compares
-this policy with LRU and ARC on replayed workloads.
+unpinned one) until those GETs came or its pin expired. A prediction made from a manifest
+GET at time `since` pins nothing if the entry was read or filled after `since`: its GET
+came already (predictions run after the client's GETs more often than not), and a pin
+waiting for it would hold bytes for nothing. docs/benchmarks.md compares this policy with
+LRU and ARC on replayed workloads.
 """
 
 from __future__ import annotations
@@ -145,32 +148,36 @@ class LayerBuffer:
 
     def record_hit(self, digest: str) -> None:
         """A GET served from the entry: one more access, and one expected GET fewer."""
+        now = time.time()
         self._touch(
             keys=[entry_key(digest), RANK_KEY, STATS_KEY],
-            args=[digest, time.time() / self.tau, PIN_BONUS, 1, 0, time.time()],
+            args=[digest, now / self.tau, PIN_BONUS, 1, 0, now, now, now],
         )
 
-    def expect(self, digest: str, gets: int) -> None:
-        """Predictions expect `gets` more GETs of a buffered layer: pin it a while."""
+    def expect(self, digest: str, gets: int, since: float) -> None:
+        """A manifest GET at `since` predicts `gets` more GETs of a buffered layer: pin it
+        until `since` + pin_seconds, unless it was read or filled after `since`."""
+        now = time.time()
         self._touch(
             keys=[entry_key(digest), RANK_KEY, STATS_KEY],
-            args=[digest, time.time() / self.tau, PIN_BONUS, 0, gets,
-                  time.time() + self.pin_seconds],
+            args=[digest, now / self.tau, PIN_BONUS, 0, gets, since + self.pin_seconds,
+                  now, since],
         )  # fmt: skip
 
     # filling
     def start_fill(
-        self, digest: str, size: int, origin: str, expected_gets: int = 0
+        self, digest: str, size: int, origin: str, expected_gets: int = 0, since: float = 0
     ) -> Filler | None:
         """Claim the filling of a layer and reserve its bytes, evicting as needed; None if
-        it is buffered or being filled already, or cannot be admitted."""
+        it is buffered or being filled already, or cannot be admitted. A fill for
+        `expected_gets` predicted at `since` is pinned until `since` + pin_seconds."""
         owner = uuid.uuid4().hex
         while True:
+            now = time.time()
             verdict, *victims = self._reserve(
                 keys=[entry_key(digest), fill_key(digest), USED_KEY, RANK_KEY, STATS_KEY],
                 args=[digest, size, self.capacity, owner, LEASE_MS, origin, expected_gets,
-                      time.time() / self.tau, PIN_BONUS, time.time() + self.pin_seconds,
-                      time.time()],
+                      now / self.tau, PIN_BONUS, (since or now) + self.pin_seconds, now],
             )  # fmt: skip
             if verdict == b"granted":
                 return Filler(self, digest, size, owner)
@@ -215,12 +222,16 @@ class LayerBuffer:
             held[name] = held.get(name, 0) + 1
             if int(hits or 0) == 0:
                 unused[name] = unused.get(name, 0) + 1
+        counters.setdefault("wasted_preconstructions", 0)
         return {
             "capacity_bytes": self.capacity,
             "used_bytes": self.used_bytes(),
             "entries": len(digests),
             "entries_by_origin": held,
             "unused_entries_by_origin": unused,
+            "unused_preconstructed_entries": sum(
+                count for origin, count in unused.items() if origin != "miss"
+            ),
             **counters,
         }
 
@@ -342,19 +353,20 @@ redis.call('INCRBY', KEYS[3], size)
 local expected = tonumber(ARGV[7])
 local rank = tonumber(ARGV[8])
 local pinned_until = 0
-if expected > 0 then
+if expected > 0 and tonumber(ARGV[10]) > tonumber(ARGV[11]) then
   rank = rank + tonumber(ARGV[9])
   pinned_until = tonumber(ARGV[10])
 end
 redis.call('HSET', KEYS[1], 'size', size, 'state', 'filling', 'parts', 0, 'hits', 0,
            'origin', ARGV[6], 'expected', expected, 'pinned_until', pinned_until,
-           'k', ARGV[8])
+           'k', ARGV[8], 'at', ARGV[11])
 redis.call('ZADD', KEYS[4], rank, ARGV[1])
 return {'granted'}
 """
 
 # KEYS: entry, rank, stats. ARGV: digest, now/tau, pin bonus, hits to add, expected GETs
-# to add, pinned until (or now).
+# to add, pinned until, now, predicted at (expected GETs are not added to an entry read
+# or filled since).
 _TOUCH_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local k = tonumber(redis.call('HGET', KEYS[1], 'k'))
@@ -362,10 +374,14 @@ local t = tonumber(ARGV[2])
 local high, low = math.max(k, t), math.min(k, t)
 k = high + math.log(1 + math.exp(low - high))
 local hits = tonumber(ARGV[4])
+local adding = tonumber(ARGV[5])
+local touched = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
+if touched > tonumber(ARGV[8]) or tonumber(ARGV[6]) <= tonumber(ARGV[7]) then adding = 0 end
 local expected = tonumber(redis.call('HGET', KEYS[1], 'expected') or '0')
-expected = math.max(0, expected - hits + tonumber(ARGV[5]))
-if tonumber(ARGV[5]) > 0 then redis.call('HSET', KEYS[1], 'pinned_until', ARGV[6]) end
+expected = math.max(0, expected - hits + adding)
+if adding > 0 then redis.call('HSET', KEYS[1], 'pinned_until', ARGV[6]) end
 redis.call('HSET', KEYS[1], 'k', k, 'expected', expected)
+if hits > 0 then redis.call('HSET', KEYS[1], 'at', ARGV[7]) end
 redis.call('HINCRBY', KEYS[1], 'hits', hits)
 if hits > 0 then redis.call('HINCRBY', KEYS[3], 'hits', hits) end
 local rank = k

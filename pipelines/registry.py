@@ -224,10 +224,14 @@ class Registry:
         return self.settings.mode != "intact"
 
     # what the registry learns from GETs, and what it rebuilds or keeps because of it
-    def on_manifest_get(self, client: str, repo: str, digest: str) -> list[Prediction]:
-        """Learn from a manifest GET; the layers worth rebuilding before the client asks.
-        For an index, the platform the client will take is predicted and its layers
-        returned at once (the client's next request is that manifest)."""
+    def on_manifest_get(
+        self, client: str, repo: str, digest: str, when: float | None = None
+    ) -> list[Prediction]:
+        """Learn from a manifest GET (at `when`, by default now); the layers worth
+        rebuilding before the client asks. For an index, the platform the client will take
+        is predicted and its layers returned at once (the client's next request is that
+        manifest)."""
+        when = time.time() if when is None else when
         manifest = self.manifests.get(repo, digest, [])
         history = self.history.client(client)
         self.history.record_repository_client(repo, client, time.time())
@@ -236,14 +240,16 @@ class Registry:
             self.history.remember_index(client, dict(children))
             chosen = choose_platform([platform for _child, platform in children], history)
             child = self.manifests.get(repo, children[chosen][0], [])
-            return self._worth_rebuilding(child.layer_digests(), history)
+            return self._worth_rebuilding(child.layer_digests(), history, when)
         self.history.record_platform_choice(client, digest)
         layers = manifest.layer_digests()
-        predictions = self._worth_rebuilding(layers, history)
+        predictions = self._worth_rebuilding(layers, history, when)
         self.history.record_manifest_get(client, layers, history)
         return predictions
 
-    def _worth_rebuilding(self, layers: list[str], history: ClientHistory) -> list[Prediction]:
+    def _worth_rebuilding(
+        self, layers: list[str], history: ClientHistory, when: float
+    ) -> list[Prediction]:
         infos = {digest: self.blobs.info(digest) for digest in dict.fromkeys(layers)}
         sizes = {digest: info.size for digest, info in infos.items() if info is not None}
         worth = []
@@ -252,7 +258,7 @@ class Registry:
             if info is None or not info.deduplicated or info.segments:
                 continue  # served intact: nothing to rebuild
             if self.buffer.entry(prediction.digest) is not None:
-                self.buffer.expect(prediction.digest, 1)
+                self.buffer.expect(prediction.digest, 1, when)
                 continue
             worth.append(prediction)
         return worth
@@ -337,6 +343,7 @@ class Registry:
         layers = list(self.index.layer_summaries().values())
         files = self.index.file_count()
         waiting = counters.get("retiring_bytes", 0)
+        buffer = self.buffer.stats()
         return {
             "logical_bytes": logical,
             "stored_bytes": stored,
@@ -371,10 +378,13 @@ class Registry:
                 "buffer_bytes": self.buffer.used_bytes(),
                 "stored_with_buffer_bytes": stored + self.buffer.used_bytes(),
             },
-            "buffer": self.buffer.stats(),
+            "buffer": buffer,
             "restores": {
                 "on_demand_or_preconstructed": counters.get("restores", 0),
                 "preconstructions": counters.get("preconstructions", 0),
+                # filled ahead of GETs, and evicted, or still held, before any GET came
+                "preconstructions_wasted": buffer["wasted_preconstructions"]
+                + buffer["unused_preconstructed_entries"],
                 "cpu_seconds": counters.get("restore_cpu_ms", 0) / 1000,
                 "intact_reads_resumed": counters.get("intact_reads_resumed_from_restore", 0),
                 "buffer_reads_resumed": counters.get("buffer_reads_resumed_from_restore", 0),

@@ -137,18 +137,22 @@ class BlobServer:
             self.index.count("restore_cpu_ms", int(spent * 1000))
 
     # ahead of GETs
-    def preconstruct(self, digest: str, origin: str, expected_gets: int) -> str:
+    def preconstruct(
+        self, digest: str, origin: str, expected_gets: int, since: float | None = None
+    ) -> str:
         """Rebuild a deduplicated layer into the buffer, unless something serves it already
-        (then only pin it for the expected GETs). Returns what was done."""
+        (then only pin it for the expected GETs, predicted at `since`, by default now).
+        Returns what was done."""
+        since = time.time() if since is None else since
         info = self.blobs.info(digest)
         if info is None:
             return "unknown"
         if info.segments or not info.deduplicated:
             return "intact"
         if self.buffer.entry(digest) is not None:
-            self.buffer.expect(digest, expected_gets)
+            self.buffer.expect(digest, expected_gets, since)
             return "buffered"
-        filler = self.buffer.start_fill(digest, info.size, origin, expected_gets)
+        filler = self.buffer.start_fill(digest, info.size, origin, expected_gets, since)
         if filler is None:
             return "not admitted"
         self.index.count("preconstructions")

@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from deploy.stack import wait_until
-from pipelines.buffer import PART_BYTES, LayerBuffer
+from pipelines.buffer import PART_BYTES, LayerBuffer, entry_key
 from pipelines.storage import S3Store
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
@@ -152,6 +152,35 @@ def test_the_buffer_never_exceeds_its_bound_under_concurrent_fills(live: LiveSta
     assert buffer.stats()["evictions"] >= 1
     for digest in complete:
         buffer.drop(digest)
+
+
+def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:
+    """A prediction from a manifest GET that came before the entry was last read or
+    filled pins nothing: its GET came already, and a pin would hold the bytes of a full
+    buffer for nothing, refusing every other fill. A prediction made after pins it, and
+    the pin is counted from the manifest GET, so a late one pins nothing either."""
+    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/6")
+    client.flushdb()
+    buffer = LayerBuffer(S3Store(live.settings), client, 2 * PART_BYTES, 60, pin_seconds=30)
+    old, new = (f"sha256:{os.urandom(32).hex()}" for _ in range(2))
+    before_fill = time.time() - 1
+    filler = buffer.start_fill(old, PART_BYTES + 1, "miss")
+    assert filler is not None
+    filler.write(os.urandom(PART_BYTES + 1))
+    filler.finish()
+    buffer.expect(old, 1, since=before_fill)
+    buffer.expect(old, 1, since=time.time() - 31)
+    assert client.hget(entry_key(old), "expected") == b"0"
+    predicted = buffer.start_fill(new, PART_BYTES, "predicted", 1, time.time())
+    assert predicted is not None  # `old` was evicted
+    predicted.write(os.urandom(PART_BYTES))
+    predicted.finish()
+    assert buffer.entry(old) is None and buffer.stats().get("refused_full", 0) == 0
+    assert client.hget(entry_key(new), "expected") == b"1"
+    assert buffer.start_fill(old, PART_BYTES + 1, "miss") is None  # `new` is pinned
+    assert buffer.stats()["refused_full"] == 1
+    buffer.drop(new)
+    client.flushdb()
 
 
 def _ours(key: str, layers: dict[str, bytes]) -> bool:

@@ -113,13 +113,13 @@ def retire_unblocked(of: Registry | None = None) -> list[str]:
 def manifest_fetched(client: str, repository: str, digest: str, when: float) -> list[str]:
     """Learn from a manifest GET; queue the rebuilds the predictor asks for, each useless
     after the deadline (the client has pulled by then)."""
-    predictions = retrying(lambda: registry().on_manifest_get(client, repository, digest))
+    predictions = retrying(lambda: registry().on_manifest_get(client, repository, digest, when))
     expires = datetime.fromtimestamp(
         when + registry().settings.preconstruct_deadline_seconds, tz=UTC
     )
     for prediction in predictions:
         preconstruct_layer.apply_async(
-            args=(prediction.digest, "predicted", 1),
+            args=(prediction.digest, "predicted", 1, when),
             priority=PRIORITY_PREDICTED,
             expires=expires,
         )
@@ -132,9 +132,12 @@ def blob_fetched(client: str, repository: str, digest: str, when: float) -> None
 
 
 @celery_app.task(name="workers.tasks.preconstruct_layer")
-def preconstruct_layer(digest: str, origin: str, expected_gets: int) -> str:
-    """Rebuild a layer into the buffer (never twice at once: the buffer's fill claim)."""
-    return retrying(lambda: registry().server.preconstruct(digest, origin, expected_gets))
+def preconstruct_layer(
+    digest: str, origin: str, expected_gets: int, since: float | None = None
+) -> str:
+    """Rebuild a layer into the buffer (never twice at once: the buffer's fill claim), for
+    GETs predicted at `since`."""
+    return retrying(lambda: registry().server.preconstruct(digest, origin, expected_gets, since))
 
 
 @celery_app.task(name="workers.tasks.materialize_intact")
