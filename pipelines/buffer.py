@@ -18,10 +18,10 @@ served adds one access, older accesses count exp(-age/tau); the rank key
 K = log(sum exp(t_i/tau)) orders entries by that decayed frequency at any time without
 rewriting them. An entry that predictions expect GETs for is pinned (ranked above every
 unpinned one) until those GETs came or its pin expired. A prediction made from a manifest
-GET at time `since` pins nothing if the entry was read or filled after `since`: its GET
-came already (predictions run after the client's GETs more often than not), and a pin
-waiting for it would hold bytes for nothing. docs/benchmarks.md compares this policy with
-LRU and ARC on replayed workloads.
+GET at time `since` pins nothing if the layer was fetched, by any path, or its entry
+filled after `since`: its GET came already (predictions run after the client's GETs more
+often than not), and a pin waiting for it would hold bytes for nothing.
+docs/benchmarks.md compares this policy with LRU and ARC on replayed workloads.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ PREFIX = "dh:buf:"
 USED_KEY = PREFIX + "used"
 RANK_KEY = PREFIX + "rank"
 STATS_KEY = PREFIX + "stats"
+GOT_SECONDS = 900  # how long a layer's last GET is remembered: longer than any prediction
 
 
 class BufferMiss(Exception):
@@ -84,6 +85,11 @@ def entry_key(digest: str) -> str:
 
 def fill_key(digest: str) -> str:
     return f"{PREFIX}fill:{digest}"
+
+
+def got_key(digest: str) -> str:
+    """When the layer was last fetched, by any path."""
+    return f"{PREFIX}got:{digest}"
 
 
 class LayerBuffer:
@@ -146,11 +152,15 @@ class LayerBuffer:
         if position != stop:
             raise BufferMiss(position)
 
+    def record_get(self, digest: str) -> None:
+        """A GET of the layer, served by any path: predictions made before it pin nothing."""
+        self.redis.set(got_key(digest), repr(time.time()), ex=GOT_SECONDS)
+
     def record_hit(self, digest: str) -> None:
         """A GET served from the entry: one more access, and one expected GET fewer."""
         now = time.time()
         self._touch(
-            keys=[entry_key(digest), RANK_KEY, STATS_KEY],
+            keys=[entry_key(digest), RANK_KEY, STATS_KEY, got_key(digest)],
             args=[digest, now / self.tau, PIN_BONUS, 1, 0, now, now, now],
         )
 
@@ -159,7 +169,7 @@ class LayerBuffer:
         until `since` + pin_seconds, unless it was read or filled after `since`."""
         now = time.time()
         self._touch(
-            keys=[entry_key(digest), RANK_KEY, STATS_KEY],
+            keys=[entry_key(digest), RANK_KEY, STATS_KEY, got_key(digest)],
             args=[digest, now / self.tau, PIN_BONUS, 0, gets, since + self.pin_seconds,
                   now, since],
         )  # fmt: skip
@@ -175,9 +185,11 @@ class LayerBuffer:
         while True:
             now = time.time()
             verdict, *victims = self._reserve(
-                keys=[entry_key(digest), fill_key(digest), USED_KEY, RANK_KEY, STATS_KEY],
+                keys=[entry_key(digest), fill_key(digest), USED_KEY, RANK_KEY, STATS_KEY,
+                      got_key(digest)],
                 args=[digest, size, self.capacity, owner, LEASE_MS, origin, expected_gets,
-                      now / self.tau, PIN_BONUS, (since or now) + self.pin_seconds, now],
+                      now / self.tau, PIN_BONUS, (since or now) + self.pin_seconds, now,
+                      since or now],
             )  # fmt: skip
             if verdict == b"granted":
                 return Filler(self, digest, size, owner)
@@ -302,8 +314,9 @@ class Filler:
             self.uploads.popleft().result()
 
 
-# KEYS: entry, fill claim, used, rank, stats. ARGV: digest, size, capacity, owner,
-# lease ms, origin, expected GETs, now/tau, pin bonus, pinned until, now.
+# KEYS: entry, fill claim, used, rank, stats, last GET. ARGV: digest, size, capacity,
+# owner, lease ms, origin, expected GETs, now/tau, pin bonus, pinned until, now,
+# predicted at.
 # Returns {"granted"} | {"evict", victim...} | {"refused"}.
 _RESERVE_LUA = """
 local size, capacity = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -353,9 +366,12 @@ redis.call('INCRBY', KEYS[3], size)
 local expected = tonumber(ARGV[7])
 local rank = tonumber(ARGV[8])
 local pinned_until = 0
-if expected > 0 and tonumber(ARGV[10]) > tonumber(ARGV[11]) then
+local got = tonumber(redis.call('GET', KEYS[6]) or '0')
+if expected > 0 and tonumber(ARGV[10]) > tonumber(ARGV[11]) and got <= tonumber(ARGV[12]) then
   rank = rank + tonumber(ARGV[9])
   pinned_until = tonumber(ARGV[10])
+else
+  expected = 0
 end
 redis.call('HSET', KEYS[1], 'size', size, 'state', 'filling', 'parts', 0, 'hits', 0,
            'origin', ARGV[6], 'expected', expected, 'pinned_until', pinned_until,
@@ -364,9 +380,9 @@ redis.call('ZADD', KEYS[4], rank, ARGV[1])
 return {'granted'}
 """
 
-# KEYS: entry, rank, stats. ARGV: digest, now/tau, pin bonus, hits to add, expected GETs
-# to add, pinned until, now, predicted at (expected GETs are not added to an entry read
-# or filled since).
+# KEYS: entry, rank, stats, last GET. ARGV: digest, now/tau, pin bonus, hits to add,
+# expected GETs to add, pinned until, now, predicted at (expected GETs are not added to
+# an entry filled, or a layer fetched, since).
 _TOUCH_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local k = tonumber(redis.call('HGET', KEYS[1], 'k'))
@@ -375,7 +391,8 @@ local high, low = math.max(k, t), math.min(k, t)
 k = high + math.log(1 + math.exp(low - high))
 local hits = tonumber(ARGV[4])
 local adding = tonumber(ARGV[5])
-local touched = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
+local touched = math.max(tonumber(redis.call('HGET', KEYS[1], 'at') or '0'),
+                         tonumber(redis.call('GET', KEYS[4]) or '0'))
 if touched > tonumber(ARGV[8]) or tonumber(ARGV[6]) <= tonumber(ARGV[7]) then adding = 0 end
 local expected = tonumber(redis.call('HGET', KEYS[1], 'expected') or '0')
 expected = math.max(0, expected - hits + adding)

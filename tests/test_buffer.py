@@ -156,9 +156,10 @@ def test_the_buffer_never_exceeds_its_bound_under_concurrent_fills(live: LiveSta
 
 def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:
     """A prediction from a manifest GET that came before the entry was last read or
-    filled pins nothing: its GET came already, and a pin would hold the bytes of a full
-    buffer for nothing, refusing every other fill. A prediction made after pins it, and
-    the pin is counted from the manifest GET, so a late one pins nothing either."""
+    filled, or before the layer was fetched by any path, pins nothing: its GET came
+    already, and a pin would hold the bytes of a full buffer for nothing, refusing every
+    other fill. A prediction made after pins it, and the pin is counted from the manifest
+    GET, so a late one pins nothing either."""
     client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/6")
     client.flushdb()
     buffer = LayerBuffer(S3Store(live.settings), client, 2 * PART_BYTES, 60, pin_seconds=30)
@@ -179,6 +180,13 @@ def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> N
     assert client.hget(entry_key(new), "expected") == b"1"
     assert buffer.start_fill(old, PART_BYTES + 1, "miss") is None  # `new` is pinned
     assert buffer.stats()["refused_full"] == 1
+    fetched = f"sha256:{os.urandom(32).hex()}"
+    predicted_at = time.time()
+    buffer.record_get(fetched)  # served by a restore before the prediction was acted on
+    late = buffer.start_fill(fetched, PART_BYTES, "predicted", 1, predicted_at)
+    assert late is not None
+    assert client.hget(entry_key(fetched), "expected") == b"0"  # admitted, not pinned
+    late.abort()
     buffer.drop(new)
     client.flushdb()
 
