@@ -156,6 +156,10 @@ class LayerBuffer:
         """A GET of the layer, served by any path: predictions made before it pin nothing."""
         self.redis.set(got_key(digest), repr(time.time()), ex=GOT_SECONDS)
 
+    def fetched_since(self, digest: str, since: float) -> bool:
+        raw = self.redis.get(got_key(digest))
+        return raw is not None and float(raw) > since
+
     def record_hit(self, digest: str) -> None:
         """A GET served from the entry: one more access, and one expected GET fewer."""
         now = time.time()

@@ -382,6 +382,7 @@ class Registry:
             "restores": {
                 "on_demand_or_preconstructed": counters.get("restores", 0),
                 "preconstructions": counters.get("preconstructions", 0),
+                "preconstructions_skipped_late": counters.get("preconstructions_too_late", 0),
                 # filled ahead of GETs, and evicted, or still held, before any GET came
                 "preconstructions_wasted": buffer["wasted_preconstructions"]
                 + buffer["unused_preconstructed_entries"],

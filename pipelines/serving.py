@@ -142,8 +142,13 @@ class BlobServer:
         self, digest: str, origin: str, expected_gets: int, since: float | None = None
     ) -> str:
         """Rebuild a deduplicated layer into the buffer, unless something serves it already
-        (then only pin it for the expected GETs, predicted at `since`, by default now).
+        (then only pin it for the expected GETs, predicted at `since`, by default now),
+        or the layer was fetched after the prediction was made: that GET was the predicted
+        one, or its restore fills the spool and buffer that serve the predicted one.
         Returns what was done."""
+        if since is not None and self.buffer.fetched_since(digest, since):
+            self.index.count("preconstructions_too_late")
+            return "fetched already"
         since = time.time() if since is None else since
         info = self.blobs.info(digest)
         if info is None:

@@ -191,6 +191,20 @@ def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> N
     client.flushdb()
 
 
+def test_a_prediction_acted_on_after_its_get_rebuilds_nothing(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """Predictions reach the restore queue after the client's GETs more often than not; a
+    preconstruction for a layer fetched since its manifest GET is skipped, not filled into
+    the buffer for a GET that came already."""
+    digest = deduplicated_layer(client, repo, live, slow_layer(1))
+    predicted_at = time.time()
+    get(client, repo, digest)
+    server = live.registry.server
+    assert server.preconstruct(digest, "predicted", 1, predicted_at) == "fetched already"
+    assert server.preconstruct(digest, "predicted", 1, time.time()) != "fetched already"
+
+
 def _ours(key: str, layers: dict[str, bytes]) -> bool:
     return any(digest.split(":")[1] in key for digest in layers)
 
