@@ -81,71 +81,35 @@ build_stdlib() {  # build_stdlib GO_BINARY OUTPUT_NAME
 
 deb_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo unknown; }
 
-build_pgzip() {
-    local gobin="$1" name=gzip-pgzip-deb pg kc src key gopath
-    pg="$(deb_version golang-github-klauspost-pgzip-dev)"
-    kc="$(deb_version golang-github-klauspost-compress-dev)"
-    if [[ ! -d "$gocode/src/github.com/klauspost/pgzip" || "$pg" == unknown ]]; then
-        echo "skipping $name: Debian golang-github-klauspost-pgzip-dev is not installed" >&2
+# build_library_helper GO NAME SOURCE_DIR NEEDED_IMPORT "var=package ...": a helper built
+# in GOPATH mode against Debian's Go library packages, each package's Debian version
+# stamped into the binary as main.var; rebuilt when Go, a package or the source changes.
+# Skipped (its encoders unavailable) when the first package is not installed.
+build_library_helper() {
+    local gobin="$1" name="$2" source="$3" needed="$4" pins="$5"
+    local pin package version versions="" ldflags="" src key gopath
+    for pin in $pins; do
+        package="${pin#*=}"
+        version="$(deb_version "$package")"
+        versions+=" $version"
+        ldflags+=" -X main.${pin%%=*}=$version"
+    done
+    package="$(cut -d= -f2 <<<"${pins%% *}")"
+    if [[ ! -d "$gocode/src/$needed" || "$(deb_version "$package")" == unknown ]]; then
+        echo "skipping $name: Debian $package is not installed" >&2
         return
     fi
-    src="$(sha256sum "$here/pgzip/main.go" | cut -d' ' -f1)"
-    key="$("$gobin" env GOVERSION) $pg $kc $src"
+    src="$(sha256sum "$here/$source/main.go" | cut -d' ' -f1)"
+    key="$("$gobin" env GOVERSION)$versions $src"
     if up_to_date "$outdir/$name" "$key"; then return; fi
-    gopath="$work/pgzip-gopath"
-    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/gzip-pgzip"
-    cp "$here/pgzip/main.go" "$gopath/src/duphunter/gzip-pgzip/"
-    (cd "$gopath/src/duphunter/gzip-pgzip" && GO111MODULE=off GOPATH="$gopath:$gocode" \
-        "$gobin" build -trimpath \
-        -ldflags "-X main.pgzipVersion=$pg -X main.compressVersion=$kc" \
-        -o "$outdir/$name.tmp" .)
+    gopath="$work/$source-gopath"
+    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/$name"
+    cp "$here/$source/main.go" "$gopath/src/duphunter/$name/"
+    (cd "$gopath/src/duphunter/$name" && GO111MODULE=off GOPATH="$gopath:$gocode" \
+        "$gobin" build -trimpath -ldflags "$ldflags" -o "$outdir/$name.tmp" .)
     mv "$outdir/$name.tmp" "$outdir/$name"
     echo "$key" >"$outdir/$name.stamp"
-    echo "built $outdir/$name (pgzip $pg, compress $kc)" >&2
-}
-
-build_kzstd() {
-    local gobin="$1" name=zstd-klauspost-deb kc src key gopath
-    kc="$(deb_version golang-github-klauspost-compress-dev)"
-    if [[ ! -d "$gocode/src/github.com/klauspost/compress/zstd" || "$kc" == unknown ]]; then
-        echo "skipping $name: Debian golang-github-klauspost-compress-dev is not installed" >&2
-        return
-    fi
-    src="$(sha256sum "$here/kzstd/main.go" | cut -d' ' -f1)"
-    key="$("$gobin" env GOVERSION) $kc $src"
-    if up_to_date "$outdir/$name" "$key"; then return; fi
-    gopath="$work/kzstd-gopath"
-    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/zstd-klauspost"
-    cp "$here/kzstd/main.go" "$gopath/src/duphunter/zstd-klauspost/"
-    (cd "$gopath/src/duphunter/zstd-klauspost" && GO111MODULE=off GOPATH="$gopath:$gocode" \
-        "$gobin" build -trimpath -ldflags "-X main.compressVersion=$kc" -o "$outdir/$name.tmp" .)
-    mv "$outdir/$name.tmp" "$outdir/$name"
-    echo "$key" >"$outdir/$name.stamp"
-    echo "built $outdir/$name (compress $kc)" >&2
-}
-
-build_chunked() {
-    local gobin="$1" name=zstd-chunked-deb st kc ji ts src key gopath
-    st="$(deb_version golang-github-containers-storage-dev)"
-    kc="$(deb_version golang-github-klauspost-compress-dev)"
-    ji="$(deb_version golang-github-json-iterator-go-dev)"
-    ts="$(deb_version golang-github-vbatts-tar-split-dev)"
-    if [[ ! -d "$gocode/src/github.com/containers/storage/pkg/chunked/compressor" || "$st" == unknown ]]; then
-        echo "skipping $name: Debian golang-github-containers-storage-dev is not installed" >&2
-        return
-    fi
-    src="$(sha256sum "$here/zstdchunked/main.go" | cut -d' ' -f1)"
-    key="$("$gobin" env GOVERSION) $st $kc $ji $ts $src"
-    if up_to_date "$outdir/$name" "$key"; then return; fi
-    gopath="$work/zstdchunked-gopath"
-    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/zstd-chunked"
-    cp "$here/zstdchunked/main.go" "$gopath/src/duphunter/zstd-chunked/"
-    (cd "$gopath/src/duphunter/zstd-chunked" && GO111MODULE=off GOPATH="$gopath:$gocode" \
-        "$gobin" build -trimpath -ldflags "-X main.storageVersion=$st -X main.compressVersion=$kc \
-        -X main.jsoniterVersion=$ji -X main.tarsplitVersion=$ts" -o "$outdir/$name.tmp" .)
-    mv "$outdir/$name.tmp" "$outdir/$name"
-    echo "$key" >"$outdir/$name.stamp"
-    echo "built $outdir/$name (containers/storage $st, compress $kc)" >&2
+    echo "built $outdir/$name (Debian packages:$versions)" >&2
 }
 
 for version in "${go_versions[@]}"; do
@@ -155,9 +119,17 @@ done
 debian_go="$(command -v go || true)"
 if [[ -n "$debian_go" ]]; then
     build_stdlib "$(readlink -f "$debian_go")" gzip-go1.19
-    build_pgzip "$debian_go"
-    build_kzstd "$debian_go"
-    build_chunked "$debian_go"
+    build_library_helper "$debian_go" gzip-pgzip-deb pgzip github.com/klauspost/pgzip \
+        "pgzipVersion=golang-github-klauspost-pgzip-dev \
+         compressVersion=golang-github-klauspost-compress-dev"
+    build_library_helper "$debian_go" zstd-klauspost-deb kzstd github.com/klauspost/compress/zstd \
+        "compressVersion=golang-github-klauspost-compress-dev"
+    build_library_helper "$debian_go" zstd-chunked-deb zstdchunked \
+        github.com/containers/storage/pkg/chunked/compressor \
+        "storageVersion=golang-github-containers-storage-dev \
+         compressVersion=golang-github-klauspost-compress-dev \
+         jsoniterVersion=golang-github-json-iterator-go-dev \
+         tarsplitVersion=golang-github-vbatts-tar-split-dev"
 else
     echo "skipping gzip-go1.19 and the klauspost helpers: Debian's golang-go is not installed" >&2
 fi
