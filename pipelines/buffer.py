@@ -105,18 +105,16 @@ class LayerBuffer:
 
     # looking up and reading
     def entry(self, digest: str) -> Entry | None:
-        raw = self.redis.hgetall(entry_key(digest))
-        if not raw:
-            return None
-        fields = {key.decode(): value.decode() for key, value in raw.items()}
-        return Entry(
-            digest,
-            int(fields["size"]),
-            fields["state"],
-            int(fields.get("parts", 0)),
-            int(fields.get("hits", 0)),
-            fields.get("origin", ""),
-        )
+        return _parse_entry(digest, self.redis.hgetall(entry_key(digest)))
+
+    def record_get(self, digest: str) -> Entry | None:
+        """A GET of the layer, served by any path (predictions made before it pin nothing);
+        returns its entry as it stands, looked up in the same round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(got_key(digest), repr(time.time()), ex=GOT_SECONDS)
+        pipe.hgetall(entry_key(digest))
+        _recorded, raw = pipe.execute()
+        return _parse_entry(digest, raw)
 
     def filling_alive(self, digest: str) -> bool:
         return bool(self.redis.exists(fill_key(digest)))
@@ -151,10 +149,6 @@ class LayerBuffer:
             raise BufferMiss(position) from None
         if position != stop:
             raise BufferMiss(position)
-
-    def record_get(self, digest: str) -> None:
-        """A GET of the layer, served by any path: predictions made before it pin nothing."""
-        self.redis.set(got_key(digest), repr(time.time()), ex=GOT_SECONDS)
 
     def fetched_since(self, digest: str, since: float) -> bool:
         raw = self.redis.get(got_key(digest))
@@ -250,6 +244,20 @@ class LayerBuffer:
             ),
             **counters,
         }
+
+
+def _parse_entry(digest: str, raw: dict[bytes, bytes]) -> Entry | None:
+    if not raw:
+        return None
+    fields = {key.decode(): value.decode() for key, value in raw.items()}
+    return Entry(
+        digest,
+        int(fields["size"]),
+        fields["state"],
+        int(fields.get("parts", 0)),
+        int(fields.get("hits", 0)),
+        fields.get("origin", ""),
+    )
 
 
 class Filler:
@@ -402,9 +410,11 @@ local expected = tonumber(redis.call('HGET', KEYS[1], 'expected') or '0')
 expected = math.max(0, expected - hits + adding)
 if adding > 0 then redis.call('HSET', KEYS[1], 'pinned_until', ARGV[6]) end
 redis.call('HSET', KEYS[1], 'k', k, 'expected', expected)
-if hits > 0 then redis.call('HSET', KEYS[1], 'at', ARGV[7]) end
 redis.call('HINCRBY', KEYS[1], 'hits', hits)
-if hits > 0 then redis.call('HINCRBY', KEYS[3], 'hits', hits) end
+if hits > 0 then
+  redis.call('HSET', KEYS[1], 'at', ARGV[7])
+  redis.call('HINCRBY', KEYS[3], 'hits', hits)
+end
 local rank = k
 if expected > 0 then rank = rank + tonumber(ARGV[3]) end
 redis.call('ZADD', KEYS[2], rank, ARGV[1])

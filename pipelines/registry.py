@@ -375,8 +375,8 @@ class Registry:
                 "mode": self.settings.mode,
                 "stored_bytes": stored,
                 "replica_bytes": counters.get("replica_bytes", 0),
-                "buffer_bytes": self.buffer.used_bytes(),
-                "stored_with_buffer_bytes": stored + self.buffer.used_bytes(),
+                "buffer_bytes": buffer["used_bytes"],
+                "stored_with_buffer_bytes": stored + buffer["used_bytes"],
             },
             "buffer": buffer,
             "restores": {

@@ -66,8 +66,7 @@ class BlobServer:
     def read(self, info: BlobInfo, offset: int, end: int) -> BlobRead:
         if info.segments or not info.deduplicated:
             return BlobRead("intact", self._intact(info, offset, end))
-        self.buffer.record_get(info.digest)
-        entry = self.buffer.entry(info.digest)
+        entry = self.buffer.record_get(info.digest)
         if entry is not None and (entry.complete or self.buffer.filling_alive(info.digest)):
             source = "buffer" if entry.complete else "inflight"
             self.buffer.record_hit(info.digest)
