@@ -62,7 +62,9 @@ def grpc_safe_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
     return ports
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+def wait_until(
+    check: Callable[[], bool], what: str, timeout: float = 60, interval: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -70,7 +72,7 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 60) -> Non
                 return
         except Exception:
             pass
-        time.sleep(0.2)
+        time.sleep(interval)
     raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s")
 
 
