@@ -262,8 +262,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         os.environ["DUPHUNTER_SPOOL_DIR"] = str(Path(workdir) / "spool")
         registry = Registry.connect(Settings())
-        canaries = registry.check_encoder_canaries()  # what workers do at start: until
-        if not canaries["ok"]:  # then no intact copy is retired
+        # what workers do at start: until the canaries pass, no intact copy is retired
+        canaries = registry.check_encoder_canaries()
+        if not canaries["ok"]:
             raise SystemExit(f"encoder canaries failed: {canaries['failed']}")
         runs = []
         for blob in index["blobs"]:

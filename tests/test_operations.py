@@ -170,9 +170,9 @@ def local_stack(tmp_path: Path) -> Iterator[LocalStack]:
 
 def test_make_run_recovers_from_crashes_and_stops_cleanly(local_stack: LocalStack) -> None:
     """kill -9 of each worker kind and of the API, in the middle of pushes and pulls (and of
-    one API worker process during pulls): the
-    stack is whole again within 30 s and every image pulls byte-exact; a second `make
-    run` refuses to start; SIGTERM stops everything and frees every port."""
+    one API worker process during pulls): the stack is whole again within 30 s and every
+    image pulls byte-exact; a second `make run` refuses to start; SIGTERM stops everything
+    and frees every port."""
     client = RegistryClient(local_stack.url)
     images = {f"run/img{n}": gzip.compress(make_tar({"f": os.urandom(3 << 20)}), mtime=0)
               for n in range(3)}  # fmt: skip
