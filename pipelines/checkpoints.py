@@ -344,13 +344,20 @@ def prove(
 ReadTar = Callable[[int, int], bytes]  # tar bytes [start, end)
 
 
+def segment_input(encoder: Encoder, segment: Segment, tar_size: int) -> tuple[int, int]:
+    """The tar bytes [start, end) that re-encoding `segment` reads: its encoder's history
+    before it and lookahead after it."""
+    start = max(0, segment.tar_start - encoder.history_bytes)
+    end = tar_size if segment.final else min(tar_size, segment.tar_end + encoder.lookahead_bytes)
+    return start, end
+
+
 def encode_segment(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
     """The bits of `segment` (edge-masked bytes), re-encoded from its start alone from the
     tar bytes around it; raises SegmentError if the encoder's output cannot hold them."""
     if segment.tar_start and not encoder.resumable_at(segment.tar_start):
         raise SegmentError(f"{encoder.encoder_id} cannot resume at {segment.tar_start}")
-    history_start = max(0, segment.tar_start - encoder.history_bytes)
-    end = tar_size if segment.final else min(tar_size, segment.tar_end + encoder.lookahead_bytes)
+    history_start, end = segment_input(encoder, segment, tar_size)
     tar = read_tar(history_start, end)
     if len(tar) != end - history_start:
         raise SegmentError(f"the tar gave {len(tar)} bytes, not {end - history_start}")

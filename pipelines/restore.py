@@ -27,12 +27,15 @@ from typing import BinaryIO
 
 from pipelines.checkpoints import (
     Checkpoints,
+    ReadTar,
+    Segment,
     SegmentError,
     checkpoints_key,
     encode_segment,
     join_segments,
+    segment_input,
 )
-from pipelines.encoders import decode_gzip_params, encode, lookup_encoder
+from pipelines.encoders import Encoder, decode_gzip_params, encode, lookup_encoder
 from pipelines.filestore import FileStore, Location, decode_stored
 from pipelines.recipe import Recipe
 from pipelines.storage import ObjectNotFound, ObjectStore
@@ -48,6 +51,7 @@ PREFETCH_BYTES = 64 << 20
 PREFETCH_THREADS = 4
 POLL_SECONDS = 0.005
 RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once on this host
+SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)
 
@@ -143,72 +147,97 @@ def _batched(entries: Iterator[Raw | FileRef], count: int) -> Iterator[list[Raw 
 
 @dataclass
 class _Span:
-    """Consecutive files of one pack, fetched with one ranged GET."""
+    """Files of one pack fetched with one ranged GET: each distinct file of a batch once,
+    with the files near it in the pack, whatever their order in the tar."""
 
     pack: str
     start: int
     end: int
-    members: list[tuple[FileRef, Location]]
+    members: dict[int, tuple[FileRef, Location]]  # by offset in the pack
 
     def fits(self, location: Location) -> bool:
         return (
             location.pack == self.pack
-            and self.end <= location.offset <= self.end + SPAN_GAP
+            and location.offset <= self.end + SPAN_GAP
             and location.offset + location.length - self.start <= SPAN_LIMIT
         )
 
+    def add(self, ref: FileRef, location: Location) -> None:
+        self.members[location.offset] = (ref, location)
+        self.end = max(self.end, location.offset + location.length)
 
-# What the emitter gets, in tar order: raw bytes, file n of a span being fetched, or a
-# large file to stream.
-_Item = bytes | tuple["Future[list[bytes]]", int] | FileRef
+
+# What the emitter gets, in tar order: raw bytes, the file at an offset of a span being
+# fetched, or a large file to stream.
+_Item = bytes | tuple["Future[dict[int, bytes]]", int] | FileRef
 
 
 def _plan(
     batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
 ) -> list[tuple[_Item, int]]:
+    """The batch's items in tar order; its files grouped into spans by pack and offset
+    (a tar lists the files of one pack out of order, and the same content more than
+    once), each span submitted to `pool` in the order the tar first needs it."""
     refs = [entry for entry in batch if isinstance(entry, FileRef)]
-    locations = dict(
-        zip((r.digest for r in refs), files.locate([r.digest for r in refs]), strict=True)
+    found = dict(zip((r.digest for r in refs), files.locate([r.digest for r in refs]), strict=True))
+    small: dict[tuple[str, int], tuple[FileRef, Location]] = {}
+    for ref in refs:
+        location = found[ref.digest]
+        if location is None:
+            raise RestoreError(f"file {ref.digest.hex()} is not stored")
+        if location.length <= SPAN_LIMIT:
+            small.setdefault((location.pack, location.offset), (ref, location))
+    need = {key: order for order, key in enumerate(small)}
+    spans = sorted(
+        _spans(small.values()), key=lambda span: min(need[(span.pack, o)] for o in span.members)
     )
+    futures = _submit_spans(spans, files, pool)
     items: list[tuple[_Item, int]] = []
-    span: _Span | None = None
-    span_slots: list[int] = []
-
-    def submit() -> None:
-        if span is not None:
-            future = pool.submit(_fetch_span, files, span)
-            for position, slot in enumerate(span_slots):
-                items[slot] = ((future, position), items[slot][1])
-
     for entry in batch:
         if isinstance(entry, Raw):
             items.append((entry.data, len(entry.data)))
             continue
-        location = locations[entry.digest]
-        if location is None:
-            raise RestoreError(f"file {entry.digest.hex()} is not stored")
+        location = found[entry.digest]
+        assert location is not None
         if location.length > SPAN_LIMIT:
             items.append((entry, 0))  # streamed when its turn comes, not held ahead
-            continue
-        if span is None or not span.fits(location):
-            submit()
-            span = _Span(location.pack, location.offset, location.offset, [])
-            span_slots = []
-        span.members.append((entry, location))
-        span.end = location.offset + location.length
-        span_slots.append(len(items))
-        items.append((b"", entry.size))  # becomes the span's slot once the span is submitted
-    submit()
+        else:
+            items.append(((futures[(location.pack, location.offset)], location.offset), entry.size))
     return items
 
 
-def _fetch_span(files: FileStore, span: _Span) -> list[bytes]:
+def _spans(members: Iterable[tuple[FileRef, Location]]) -> list[_Span]:
+    by_pack: dict[str, list[tuple[FileRef, Location]]] = {}
+    for ref, location in members:
+        by_pack.setdefault(location.pack, []).append((ref, location))
+    spans: list[_Span] = []
+    for pack, located in by_pack.items():
+        span: _Span | None = None
+        for ref, location in sorted(located, key=lambda member: member[1].offset):
+            if span is None or not span.fits(location):
+                span = _Span(pack, location.offset, location.offset, {})
+                spans.append(span)
+            span.add(ref, location)
+    return spans
+
+
+def _submit_spans(
+    spans: list[_Span], files: FileStore, pool: ThreadPoolExecutor
+) -> dict[tuple[str, int], Future[dict[int, bytes]]]:
+    """Each span's fetch, keyed by (pack, offset) of each of its files."""
+    futures: dict[tuple[str, int], Future[dict[int, bytes]]] = {}
+    for span in spans:
+        future = pool.submit(_fetch_span, files, span)
+        futures.update({(span.pack, offset): future for offset in span.members})
+    return futures
+
+
+def _fetch_span(files: FileStore, span: _Span) -> dict[int, bytes]:
     data = files.read_range(span.pack, span.start, span.end - span.start)
-    contents = []
-    for ref, location in span.members:
-        start = location.offset - span.start
-        stored = data[start : start + location.length]
-        contents.append(decode_stored(stored, ref.digest, ref.size))
+    contents = {}
+    for offset, (ref, location) in span.members.items():
+        stored = data[offset - span.start : offset - span.start + location.length]
+        contents[offset] = decode_stored(stored, ref.digest, ref.size)
     return contents
 
 
@@ -216,8 +245,8 @@ def _emit(item: _Item, files: FileStore) -> Iterator[bytes]:
     if isinstance(item, bytes):
         yield item
     elif isinstance(item, tuple):
-        future, position = item
-        yield future.result()[position]
+        future, offset = item
+        yield future.result()[offset]
     else:
         yield from files.open(item.digest, item.size)
 
@@ -265,13 +294,17 @@ def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
 
 def encode_stored_segment(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
     """The bits of segment `index` of a layer, from the tar rebuilt around it."""
-    encoder = lookup_encoder(recipe.encoder_id)
 
     def read_tar(start: int, end: int) -> bytes:
         return b"".join(rebuild_tar_range(recipe, files, start, end))
 
+    encoder = lookup_encoder(recipe.encoder_id)
+    return _encoded(encoder, plan.segments()[index], read_tar, recipe.tar_size)
+
+
+def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
     try:
-        return encode_segment(encoder, plan.segments()[index], read_tar, recipe.tar_size)
+        return encode_segment(encoder, segment, read_tar, tar_size)
     except SegmentError as error:
         raise RestoreError(str(error)) from error
 
@@ -311,8 +344,59 @@ SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], bytes]
 
 def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
-    helper processes)."""
-    return pooled_runner([encode_stored_segment] * threads)
+    helper processes), each cut from one streamed rebuild of the tar: a rebuild per
+    segment would walk the recipe, and fetch the files at its edges, once per segment.
+    Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
+    one segment may be many times longer than the others (checkpoints keep away from
+    large files), and the other threads go on meanwhile."""
+
+    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
+        encoder = lookup_encoder(recipe.encoder_id)
+        cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
+        pending: deque[tuple[Future[bytes], int]] = deque()
+        ahead = 0
+        try:
+            for segment, start, window in cuts:
+                read_tar = _window_reader(start, window)
+                future = pool.submit(_encoded, encoder, segment, read_tar, recipe.tar_size)
+                pending.append((future, len(window)))
+                ahead += len(window)
+                while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
+                    future, size = pending.popleft()
+                    ahead -= size
+                    yield future.result()
+            for future, _size in pending:
+                yield future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    return run
+
+
+def segment_cuts(
+    encoder: Encoder, segments: list[Segment], tar: Iterator[bytes], tar_size: int
+) -> Iterator[tuple[Segment, int, bytes]]:
+    """Each segment with the tar offset and bytes of its encoder's input, cut in one pass
+    over the tar (inputs overlap by the history and lookahead)."""
+    held, base = bytearray(), 0
+    for segment in segments:
+        start, end = segment_input(encoder, segment, tar_size)
+        del held[: start - base]
+        base = start
+        while base + len(held) < end:
+            chunk = next(tar, None)
+            if chunk is None:
+                raise RestoreError(f"the tar ends before byte {end}")
+            held += chunk
+        yield segment, start, bytes(held[: end - base])
+
+
+def _window_reader(window_start: int, window: bytes) -> ReadTar:
+    def read_tar(start: int, end: int) -> bytes:
+        return window[start - window_start : end - window_start]
+
+    return read_tar
 
 
 def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRunner:

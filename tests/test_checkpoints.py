@@ -43,10 +43,18 @@ from pipelines.checkpoints import (
     gzip_payload,
     join_segments,
     prove,
+    segment_input,
 )
 from pipelines.encoders import Encoder, encode_gzip_params, lookup_encoder
 from pipelines.recipe import Recipe
-from pipelines.restore import SegmentRunner, load_checkpoints, local_runner, restore_blob
+from pipelines.restore import (
+    RestoreError,
+    SegmentRunner,
+    load_checkpoints,
+    local_runner,
+    restore_blob,
+    segment_cuts,
+)
 from tests.client import RegistryClient
 from tests.conftest import LiveStack
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
@@ -323,6 +331,26 @@ def test_edge_masking() -> None:
 def plan_example() -> Checkpoints:
     points = (Checkpoint(5_000_000, 9_999_999), Checkpoint(9_000_000, 20_000_003))
     return Checkpoints("sha256:" + "ab" * 32, "gzip/go1.26/6", 12_345_678, 30_000_000, points, 5)
+
+
+@pytest.mark.parametrize("encoder_id", ["gzip/zlib-1.2.13/6", "gzip/go1.27/6"])
+def test_segments_are_cut_from_one_pass_over_the_tar(encoder_id: str) -> None:
+    """Each segment's input, history and lookahead included, as the tar holds it,
+    whatever the sizes of the chunks the tar comes in; a short tar is an error."""
+    encoder = lookup_encoder(encoder_id)
+    plan = plan_example()
+    tar = random.Random(7).randbytes(plan.tar_size)
+    rng = random.Random(8)
+    cuts = [0, *sorted(rng.sample(range(1, len(tar)), 300)), len(tar)]
+    chunks = [tar[a:b] for a, b in itertools.pairwise(cuts)]
+    segments = plan.segments()
+    got = list(segment_cuts(encoder, segments, iter(chunks), len(tar)))
+    assert [segment for segment, _, _ in got] == segments
+    for segment, start, window in got:
+        expected_start, end = segment_input(encoder, segment, len(tar))
+        assert start == expected_start and window == tar[start:end]
+    with pytest.raises(RestoreError, match="ends before"):
+        list(segment_cuts(encoder, segments, iter([tar[:9_500_000]]), len(tar)))
 
 
 def test_format_round_trip() -> None:

@@ -19,7 +19,9 @@ import pytest
 import urllib3
 import zstandard
 
+from pipelines.filestore import FileStore
 from pipelines.recipe import Recipe
+from pipelines.restore import rebuild_tar
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.test_clients import build_image, layout_manifest, skopeo_copy
@@ -201,6 +203,35 @@ def test_concurrent_gets_share_one_restore(
         thread.join()
     assert bodies == [layer] * 6
     assert live.registry.index.counters().get("restores", 0) - restores_before == 1
+
+
+def test_a_rebuild_fetches_a_pack_region_once(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """A tar listing the files of one pack out of their stored order, one of them twice,
+    is rebuilt with one ranged GET of that pack, not one per backward jump."""
+    files = {f"f{n}": os.urandom(30_000) for n in range(6)}
+    stored_in_order = gzip.compress(make_tar(files), mtime=0)
+    shuffled = {name: files[name] for name in ("f3", "f0", "f5", "f1", "f4", "f2")}
+    shuffled["f0-again"] = files["f0"]
+    reordered = gzip.compress(make_tar(shuffled), mtime=0)
+    for layer in (stored_in_order, reordered):
+        (digest,) = push_layers(client, repo, [layer])
+        assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    info = live.registry.blobs.stored_info(sha256(reordered))
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    store = FileStore(live.registry.store, live.registry.index)
+    ranges: list[tuple[str, int, int]] = []
+    read_range = store.read_range
+
+    def counted(pack: str, offset: int, length: int) -> bytes:
+        ranges.append((pack, offset, length))
+        return read_range(pack, offset, length)
+
+    store.read_range = counted  # type: ignore[method-assign]
+    assert b"".join(rebuild_tar(recipe, store)) == make_tar(shuffled)
+    assert len(ranges) == 1, ranges
 
 
 def test_corrupted_file_is_never_served(client: RegistryClient, repo: str, live: LiveStack) -> None:
