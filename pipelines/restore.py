@@ -402,8 +402,9 @@ def _window_reader(window_start: int, window: bytes) -> ReadTar:
 def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRunner:
     """Segments shared among `slots` (each a thread calling its encoder: a local one, or
     one that waits for a restore worker), each slot taking the next segment when free, at
-    most `ahead` (default: one per slot, plus one) past the one being joined."""
-    window = ahead or len(slots) + 1
+    most `ahead` (default: four per slot) past the one being joined: a segment many times
+    longer than the others must not leave the other slots idle."""
+    window = ahead or 4 * len(slots)
 
     def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
         shared = _Shared(len(plan.segments()), window)
