@@ -237,6 +237,7 @@ class Encoder(ABC):
         return None
 
     # Resuming at a deflate block boundary (pipelines.checkpoints proves every use).
+    uses_every_core = False  # its whole-stream encoding is parallel already
     history_bytes = 0  # input before a boundary that a segment needs
     lookahead_bytes = 0  # input after a segment's end that finishing it needs
 
@@ -397,6 +398,7 @@ class PgzipEncoder(Encoder):
         out = b"".join(run_filter(self._argv(), [tar_prefix[:whole_blocks]]))
         return out[:-PGZIP_CLOSE_MARGIN]
 
+    uses_every_core = True  # one goroutine per block
     # Blocks are independent by design: each is primed with the previous one's tail.
     history_bytes = PGZIP_TAIL
 

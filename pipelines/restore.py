@@ -260,11 +260,11 @@ def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
 
 def _rebuilt_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     plan = load_checkpoints(recipe, files.store)
-    if plan is None:
+    runner = None if plan is None else _runner_for(recipe)
+    if plan is None or runner is None:
         yield from encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
         return
     header, trailer = decode_gzip_params(recipe.encoder_params)
-    runner = _runner_for(recipe)
     yield header
     bits = runner(recipe, files, plan)
     yield from join_segments(zip(bits, plan.segments(), strict=True))
@@ -491,10 +491,12 @@ def use_restore_workers(runner: SegmentRunner | None, min_tar_bytes: int = 64 <<
     _remote_runner, _remote_min_tar_bytes = runner, min_tar_bytes
 
 
-def _runner_for(recipe: Recipe) -> SegmentRunner:
+def _runner_for(recipe: Recipe) -> SegmentRunner | None:
+    """Who encodes the segments; None: one stream here, for an encoder that runs on
+    every core by itself (segments on this host's threads only add their overhead)."""
     if _remote_runner is not None and recipe.tar_size >= _remote_min_tar_bytes:
         return _remote_runner
-    return local_runner()
+    return None if lookup_encoder(recipe.encoder_id).uses_every_core else local_runner()
 
 
 class RestoreHub:

@@ -45,7 +45,7 @@ from pipelines.checkpoints import (
     prove,
     segment_input,
 )
-from pipelines.encoders import Encoder, encode_gzip_params, lookup_encoder
+from pipelines.encoders import Encoder, PgzipEncoder, encode_gzip_params, lookup_encoder
 from pipelines.recipe import Recipe
 from pipelines.restore import (
     RestoreError,
@@ -428,6 +428,23 @@ def test_live_layer_restores_in_parallel_byte_exact(
     headers = {"Range": f"bytes={start}-{start + 99_999}"}
     response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
     assert response.status == 206 and response.data == blob[start : start + 100_000]
+
+
+def test_live_pgzip_layer_restores_as_one_stream_here(
+    live: LiveStack, client: RegistryClient, repo: str, helper_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """pgzip encodes on every core by itself: a restore on this host runs it as one
+    stream, checkpoints or not, and encodes no segment."""
+    blob = producer(helper_dir, f"{PGZIP}/b1048576/5")(layer_tar(14))
+    _, recipe = deduplicated_recipe(live, client, repo, blob)
+    assert load_checkpoints(recipe, live.registry.store) is not None
+
+    def refuse(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a segment was encoded")
+
+    monkeypatch.setattr(PgzipEncoder, "encode_segment", refuse)
+    assert b"".join(restore_blob(recipe, live.registry.files)) == blob
 
 
 def release_through(recipe: Recipe, live: LiveStack, runner: SegmentRunner) -> Iterator[bytes]:
