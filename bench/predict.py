@@ -75,6 +75,7 @@ RETIRE_GRACE_S = 1
 OURS = "s/history"  # the configuration the issue's targets are for
 LATENCY_TARGETS = {"p50": 1.1, "p90": 1.5, "p99": 3.0}
 HIT_TARGET, WASTED_TARGET, STORAGE_TARGET = 0.95, 0.20, 1.15
+SPOOL_KEEP_S = 30.0  # the registry's default DUPHUNTER_RESTORE_KEEP_SECONDS
 GET_COLUMNS = ["at", "client", "repository", "digest", "kind", "status", "bytes", "seconds"]
 GET_COLUMNS += ["ttfb_s", "source", "verified", "error"]
 
@@ -475,6 +476,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         targets_table(result["targets"]),
         "",
+        *bound_notes(result),
         *run_notes(result["runs"]),
         "Latency = from sending a layer GET to its last byte, every byte hashed and checked. "
         'ratio = DupHunter / Distribution. "served by" = the `X-DupHunter-Source` header '
@@ -491,6 +493,22 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bound_notes(result: dict[str, Any]) -> list[str]:
+    bounds = result.get("cache_bounds")
+    if not bounds:
+        return []
+    return [
+        "Bound on the hit ratio from this workload: with the whole replay known in advance, "
+        "a cache filled by restores (Belady's MIN by bytes, beside the "
+        f"{SPOOL_KEEP_S:.0f} s restore spool) serves {bounds['buffer']:.3f} of the layer GETs "
+        f"in the buffer's bytes, {bounds['buffer_and_replicas']:.3f} in the buffer's and the "
+        f"hot replicas' bytes, {bounds['unbounded']:.3f} with no bound (every first GET of a "
+        "layer is a restore). Only a rebuild finished before its GET, that is a prediction "
+        "made before the manifest GET, can do better.",
+        "",
+    ]
+
+
 SETUP_TEXT = (
     "one Redis and one SeaweedFS S3 on loopback serve every registry (a database and a "
     "bucket each). Each DupHunter run (2 API processes, one worker per queue) starts from a "
@@ -499,6 +517,59 @@ SETUP_TEXT = (
     "Distribution 2.8.2 (S3 driver, redirects off, so it proxies blob bytes like DupHunter) "
     "gets the same pushes. Runs one after the other."
 )
+
+
+def demand_cache_bound(gets: list[tuple[float, str, int]], capacity: int, spool_s: float) -> float:
+    """The share of layer GETs (time, digest, bytes; in time order) that a clairvoyant
+    demand cache of `capacity` bytes could serve without a restore: Belady's MIN by
+    bytes (a restored layer is kept only if it is needed again before what it would
+    evict, and the one needed furthest away goes first), beside the restore spool that
+    serves any GET within `spool_s` of the layer's last restore. Every first GET is a
+    restore: no cache prefetches."""
+    uses: dict[str, list[int]] = {}
+    for position, (_, digest, _) in enumerate(gets):
+        uses.setdefault(digest, []).append(position)
+    cached: dict[str, int] = {}
+    restored_at: dict[str, float] = {}
+    hits = 0
+
+    def next_use(layer: str, after: int) -> int:
+        return next((p for p in uses[layer] if p > after), len(gets))
+
+    for position, (at, digest, size) in enumerate(gets):
+        if digest in cached or at - restored_at.get(digest, -spool_s - 1) <= spool_s:
+            hits += 1
+            continue
+        restored_at[digest] = at
+        wanted, free, victims = next_use(digest, position), capacity - sum(cached.values()), []
+        ahead = {layer: next_use(layer, position) for layer in cached}
+        for layer in sorted(cached, key=ahead.__getitem__, reverse=True):
+            if free >= size or ahead[layer] <= wanted:
+                break
+            victims.append(layer)
+            free += cached[layer]
+        if free >= size and wanted < len(gets):
+            for layer in victims:
+                del cached[layer]
+            cached[digest] = size
+    return hits / len(gets) if gets else 0.0
+
+
+def cache_bounds(runs: dict[str, Any], buffer_bytes: int) -> dict[str, float]:
+    """demand_cache_bound on the replay's layer GETs (Distribution's run: the workload's
+    order, untouched by any DupHunter), for the buffer, the buffer and the hot replicas,
+    and no bound at all."""
+    run = runs.get("distribution") or runs.get(OURS) or {}
+    rows = [dict(zip(GET_COLUMNS, get, strict=True)) for get in run.get("gets", [])]
+    layers = [row for row in rows if row["kind"] == "layer"]
+    gets = sorted((row["at"], row["digest"], row["bytes"]) for row in layers)
+    replicas = int(buffer_bytes * HOT_SHARE / BUFFER_SHARE)
+    capacities = {"buffer": buffer_bytes, "buffer_and_replicas": buffer_bytes + replicas}
+    bounds = {
+        name: demand_cache_bound(gets, size, SPOOL_KEEP_S) for name, size in capacities.items()
+    }
+    bounds["unbounded"] = demand_cache_bound(gets, 1 << 62, SPOOL_KEEP_S)
+    return bounds
 
 
 def write_docs(result: dict[str, Any]) -> None:
@@ -543,6 +614,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "templates": done["templates"],
         "runs": done["runs"],
         "targets": targets(done["runs"]),
+        "cache_bounds": cache_bounds(done["runs"], buffer_bytes),
         "get_columns": GET_COLUMNS,
         "total_s": round(time.perf_counter() - started, 1),
     }
