@@ -36,7 +36,7 @@ from pipelines.checkpoints import (
     segment_input,
 )
 from pipelines.encoders import Encoder, decode_gzip_params, encode, lookup_encoder
-from pipelines.filestore import FileStore, Location, decode_stored
+from pipelines.filestore import FileStore, FileStoreError, Location, decode_stored
 from pipelines.recipe import Recipe
 from pipelines.storage import ObjectNotFound, ObjectStore
 from pipelines.tarsplit import FileRef, Raw
@@ -169,7 +169,7 @@ class _Span:
 
 # What the emitter gets, in tar order: raw bytes, the file at an offset of a span being
 # fetched, or a large file to stream.
-_Item = bytes | tuple["Future[dict[int, bytes]]", int] | FileRef
+_Item = bytes | tuple["Future[dict[int, bytes | FileStoreError]]", int] | FileRef
 
 
 def _plan(
@@ -223,21 +223,26 @@ def _spans(members: Iterable[tuple[FileRef, Location]]) -> list[_Span]:
 
 def _submit_spans(
     spans: list[_Span], files: FileStore, pool: ThreadPoolExecutor
-) -> dict[tuple[str, int], Future[dict[int, bytes]]]:
+) -> dict[tuple[str, int], Future[dict[int, bytes | FileStoreError]]]:
     """Each span's fetch, keyed by (pack, offset) of each of its files."""
-    futures: dict[tuple[str, int], Future[dict[int, bytes]]] = {}
+    futures: dict[tuple[str, int], Future[dict[int, bytes | FileStoreError]]] = {}
     for span in spans:
         future = pool.submit(_fetch_span, files, span)
         futures.update({(span.pack, offset): future for offset in span.members})
     return futures
 
 
-def _fetch_span(files: FileStore, span: _Span) -> dict[int, bytes]:
+def _fetch_span(files: FileStore, span: _Span) -> dict[int, bytes | FileStoreError]:
+    """Each member's bytes, or why they are wrong: a damaged file fails when its turn
+    comes, so the tar before it (its verified segments) is still served."""
     data = files.read_range(span.pack, span.start, span.end - span.start)
-    contents = {}
+    contents: dict[int, bytes | FileStoreError] = {}
     for offset, (ref, location) in span.members.items():
         stored = data[offset - span.start : offset - span.start + location.length]
-        contents[offset] = decode_stored(stored, ref.digest, ref.size)
+        try:
+            contents[offset] = decode_stored(stored, ref.digest, ref.size)
+        except FileStoreError as error:
+            contents[offset] = error
     return contents
 
 
@@ -246,7 +251,10 @@ def _emit(item: _Item, files: FileStore) -> Iterator[bytes]:
         yield item
     elif isinstance(item, tuple):
         future, offset = item
-        yield future.result()[offset]
+        content = future.result()[offset]
+        if isinstance(content, FileStoreError):
+            raise content
+        yield content
     else:
         yield from files.open(item.digest, item.size)
 
@@ -355,19 +363,24 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
         cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
         pending: deque[tuple[Future[bytes], int]] = deque()
-        ahead = 0
+        ahead, failure = 0, None
         try:
-            for segment, start, window in cuts:
-                read_tar = _window_reader(start, window)
-                future = pool.submit(_encoded, encoder, segment, read_tar, recipe.tar_size)
-                pending.append((future, len(window)))
-                ahead += len(window)
-                while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
-                    future, size = pending.popleft()
-                    ahead -= size
-                    yield future.result()
+            try:
+                for segment, start, window in cuts:
+                    read_tar = _window_reader(start, window)
+                    future = pool.submit(_encoded, encoder, segment, read_tar, recipe.tar_size)
+                    pending.append((future, len(window)))
+                    ahead += len(window)
+                    while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
+                        future, size = pending.popleft()
+                        ahead -= size
+                        yield future.result()
+            except Exception as error:  # a damaged file: the segments before it still go out
+                failure = error
             for future, _size in pending:
                 yield future.result()
+            if failure is not None:
+                raise failure
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
