@@ -634,11 +634,16 @@ def _open_existing(path: Path) -> BinaryIO | None:
         handle = open(path, "rb")  # noqa: SIM115 - the caller's generator closes it
     except FileNotFoundError:
         return None
-    if _mode(handle) == MODE_RESTORING and not _producer_alive(handle):
-        handle.close()
+    mode = _mode(handle)
+    if mode == MODE_VERIFIED or (mode == MODE_RESTORING and _producer_alive(handle)):
+        return handle
+    alive = _producer_alive(handle)
+    handle.close()
+    if alive:  # a failed restore: its producer removes the file right after marking it
+        time.sleep(POLL_SECONDS)
+    else:  # a crashed producer's file, or a failed one left behind: restore again
         _unlink_quietly(path)
-        return None
-    return handle
+    return None
 
 
 def _stream(handle: BinaryIO, size: int, offset: int, end: int) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.restore import RestoreError, RestoreHub
+from pipelines.restore import MODE_FAILED, RestoreError, RestoreHub
 from pipelines.verify import SegmentDigests, SegmentHasher, VerificationError, release_verified
 
 SEGMENT = 4096  # small segments, so that a few KiB of data span many of them
@@ -136,6 +136,16 @@ def test_spool_readers_at_every_offset_get_exact_bytes_or_an_error(
         else:
             with pytest.raises(RestoreError):
                 hub_read(hub, verified, offset, length)
+
+
+def test_a_failed_restore_left_in_the_spool_is_restored_again(tmp_path: Path) -> None:
+    """A GET arriving after a restore failed, while (or because) its spool file is
+    still there, restores again instead of taking the old failure for its own."""
+    hub = RestoreHub(tmp_path, keep_seconds=0)
+    failed = tmp_path / (DIGEST.replace(":", "-") + ".data")
+    failed.write_bytes(BLOB[:SEGMENT])
+    failed.chmod(MODE_FAILED)
+    assert hub_read(hub, iter([BLOB]), SEGMENT, 10) == BLOB[SEGMENT : SEGMENT + 10]
 
 
 def test_a_reader_never_spins_when_the_producer_fails_midway(tmp_path: Path) -> None:
