@@ -363,24 +363,22 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
         cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
         pending: deque[tuple[Future[bytes], int]] = deque()
-        ahead, failure = 0, None
+        ahead = 0
+        broken: list[Exception] = []
         try:
-            try:
-                for segment, start, window in cuts:
-                    read_tar = _window_reader(start, window)
-                    future = pool.submit(_encoded, encoder, segment, read_tar, recipe.tar_size)
-                    pending.append((future, len(window)))
-                    ahead += len(window)
-                    while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
-                        future, size = pending.popleft()
-                        ahead -= size
-                        yield future.result()
-            except Exception as error:  # a damaged file: the segments before it still go out
-                failure = error
+            for segment, start, window in _until_broken(cuts, broken):
+                read_tar = _window_reader(start, window)
+                future = pool.submit(_encoded, encoder, segment, read_tar, recipe.tar_size)
+                pending.append((future, len(window)))
+                ahead += len(window)
+                while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
+                    future, size = pending.popleft()
+                    ahead -= size
+                    yield future.result()
             for future, _size in pending:
                 yield future.result()
-            if failure is not None:
-                raise failure
+            if broken:  # a damaged file: raised once the segments cut before it went out
+                raise broken[0]
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -403,6 +401,18 @@ def segment_cuts(
                 raise RestoreError(f"the tar ends before byte {end}")
             held += chunk
         yield segment, start, bytes(held[: end - base])
+
+
+def _until_broken(
+    cuts: Iterator[tuple[Segment, int, bytes]], broken: list[Exception]
+) -> Iterator[tuple[Segment, int, bytes]]:
+    """The cuts, until the tar fails: its error goes to `broken`, not up through the
+    loop that is still sending the segments before it (a segment's own encoding error
+    is not caught here, so no later segment can take its place)."""
+    try:
+        yield from cuts
+    except Exception as error:
+        broken.append(error)
 
 
 def _window_reader(window_start: int, window: bytes) -> ReadTar:
@@ -635,9 +645,11 @@ def _open_existing(path: Path) -> BinaryIO | None:
     except FileNotFoundError:
         return None
     mode = _mode(handle)
-    if mode == MODE_VERIFIED or (mode == MODE_RESTORING and _producer_alive(handle)):
+    if mode == MODE_VERIFIED:
         return handle
     alive = _producer_alive(handle)
+    if mode == MODE_RESTORING and alive:
+        return handle
     handle.close()
     if alive:  # a failed restore: its producer removes the file right after marking it
         time.sleep(POLL_SECONDS)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -45,7 +46,13 @@ from pipelines.checkpoints import (
     prove,
     segment_input,
 )
-from pipelines.encoders import Encoder, PgzipEncoder, encode_gzip_params, lookup_encoder
+from pipelines.encoders import (
+    Encoder,
+    GoStdlibEncoder,
+    PgzipEncoder,
+    encode_gzip_params,
+    lookup_encoder,
+)
 from pipelines.recipe import Recipe
 from pipelines.restore import (
     RestoreError,
@@ -428,6 +435,36 @@ def test_live_layer_restores_in_parallel_byte_exact(
     headers = {"Range": f"bytes={start}-{start + 99_999}"}
     response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
     assert response.status == 206 and response.data == blob[start : start + 100_000]
+
+
+def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(
+    live: LiveStack, client: RegistryClient, repo: str, go_layer: tuple[bytes, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """On this host's threads, a segment whose encoding fails ends the restore with that
+    error where the segment belongs: no later segment is sent in its place."""
+    _, recipe = deduplicated_recipe(live, client, repo, go_layer[1])
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None and len(plan.segments()) >= 3
+    first = restore.encode_stored_segment(recipe, live.registry.files, plan, 0)
+    refused_at = plan.segments()[1].tar_start
+    encode = GoStdlibEncoder.encode_segment
+
+    def refuse_second(self: GoStdlibEncoder, *args: bytes, **kwargs: Any) -> bytes:
+        if kwargs["offset"] == refused_at:
+            raise SegmentError("refused for the test")
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(GoStdlibEncoder, "encode_segment", refuse_second)
+    # Room ahead for two segments' input: the failed second one is taken while the
+    # third is cut already.
+    encoder = lookup_encoder(recipe.encoder_id)
+    inputs = [segment_input(encoder, segment, recipe.tar_size) for segment in plan.segments()]
+    monkeypatch.setattr(restore, "SEGMENTS_AHEAD_BYTES", sum(b - a for a, b in inputs[:2]))
+    bits = local_runner(2)(recipe, live.registry.files, plan)
+    assert next(bits) == first
+    with pytest.raises(RestoreError, match="refused for the test"):
+        next(bits)
 
 
 def test_live_pgzip_layer_restores_as_one_stream_here(
