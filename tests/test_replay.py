@@ -29,7 +29,7 @@ from api.replay.trace import (
     workload_from_records,
 )
 from api.replay.transport import Get
-from api.replay.workload import Fetch, Pull, Workload
+from api.replay.workload import Fetch, Pull, Tag, Workload
 from deploy.stack import REPO_ROOT
 from tests.conftest import LiveStack
 
@@ -234,6 +234,16 @@ def test_new_tags_change_only_their_top_layers_and_keep_some_files() -> None:
     assert {tag for _repo, tag in generate(long_spec(new_tag_interval_s=0)).images} == {"v1"}
 
 
+def test_each_new_tag_appears_at_its_time_before_any_pull_of_it() -> None:
+    workload = generate(long_spec())
+    published = {(e.repository, e.tag): e.at for e in workload.events if isinstance(e, Tag)}
+    assert set(published) == {key for key in workload.images if key[1] != "v1"}
+    assert workload.tagged_later() == set(published)
+    for pull in pulls(workload):
+        assert pull.at >= published.get((pull.repository, pull.tag), 0.0)
+    assert workload.summary()["tags"] == len(published) > 0
+
+
 def test_bursty_arrivals_are_burstier_than_poisson() -> None:
     def variation(arrivals: str) -> float:
         workload = generate(long_spec(pull_once_share=0.0, arrivals=arrivals))
@@ -310,6 +320,7 @@ def test_short_replay_verifies_every_layer_and_reports_latency_by_path(
     requests = result["manifest_gets"]["count"] + result["config_gets"]["count"] + layers["count"]
     assert 15 <= requests <= 60
     assert_docker_like(result["gets"], result["workload"])
+    assert result["tags_published"] == result["workload"]["tags"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "layer GETs" in printed and "p99 ms" in printed
 

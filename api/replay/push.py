@@ -10,7 +10,7 @@ from typing import Any
 from api.replay.content import BuiltLayer, LayerCache
 from api.replay.progress import Status, bar
 from api.replay.transport import Connection, image_config, image_manifest
-from api.replay.workload import Workload
+from api.replay.workload import ImageSpec, Workload
 
 
 @dataclass
@@ -33,17 +33,26 @@ def build_layers(workload: Workload, cache: LayerCache, status: Status) -> dict[
     return built
 
 
+def image_documents(image: ImageSpec, layers: dict[str, BuiltLayer]) -> tuple[bytes, bytes]:
+    """The image's config and manifest: the same bytes whenever they are made."""
+    blobs = [layers[layer] for layer in image.layers]
+    config = image_config(image.repository, image.tag, blobs)
+    return config, image_manifest(config, blobs)
+
+
 def push_workload(
     connection: Connection, workload: Workload, layers: dict[str, BuiltLayer], status: Status
 ) -> Pushed:
     """Push every image of the workload (shared layers are mounted from the repository
-    that got them first), in a stable order."""
+    that got them first), in a stable order. An image whose tag appears during the replay
+    (a Tag event) is pushed by digest: its tag is put then."""
     started, sent = time.monotonic(), 0
     holder: dict[str, str] = {}  # digest -> a repository that has it
+    later = workload.tagged_later()
     images = sorted(workload.images.values(), key=lambda image: (image.repository, image.tag))
     for number, image in enumerate(images, 1):
         blobs = [layers[layer] for layer in image.layers]
-        config = image_config(image.repository, image.tag, blobs)
+        config, manifest = image_documents(image, layers)
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
         connection.push_blob(image.repository, config_digest, config, None)
         for blob in blobs:
@@ -52,7 +61,10 @@ def push_workload(
                 connection.push_blob(image.repository, blob.digest, body, source)
             holder.setdefault(blob.digest, image.repository)
             sent += blob.size
-        connection.push_manifest(image.repository, image.tag, image_manifest(config, blobs))
+        reference = image.tag
+        if (image.repository, image.tag) in later:
+            reference = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        connection.push_manifest(image.repository, reference, manifest)
         status.update(f"{bar(number, len(images))} images pushed: {number}")
     seconds = time.monotonic() - started
     status.done(f"pushed {len(images)} images ({sent / 1e6:.1f} MB of layers) in {seconds:.0f} s")

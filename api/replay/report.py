@@ -177,8 +177,9 @@ def summarize(
     errors += [
         f"{p.kind} {p.repository}:{p.tag}: {p.error}"
         for p in result.pulls
-        if p.error and "replayer" in p.error
+        if p.error and ("replayer" in p.error or p.kind == "tag")
     ]
+    pulls = [pull for pull in result.pulls if pull.kind != "tag"]
     return {
         "url": url,
         "workload": workload.summary() | {"unique_layer_bytes": sum(unique.values())},
@@ -190,10 +191,11 @@ def summarize(
         "manifest_gets": _gets_summary([get for get in gets if get.kind == "manifest"]),
         "config_gets": _gets_summary([get for get in gets if get.kind == "config"]),
         "pulls": {
-            "count": len(result.pulls),
-            "lag": latency(pull.lag_s for pull in result.pulls),
-            "seconds": latency(pull.seconds for pull in result.pulls if not pull.error),
+            "count": len(pulls),
+            "lag": latency(pull.lag_s for pull in pulls),
+            "seconds": latency(pull.seconds for pull in pulls if not pull.error),
         },
+        "tags_published": len(result.pulls) - len(pulls),
         "oracle": {"requests": result.oracle_requests, "errors": result.oracle_errors[:20]}
         if options.oracle
         else None,

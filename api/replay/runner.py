@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.replay.progress import Status, bar
-from api.replay.push import Pushed
-from api.replay.transport import Connection, Get, client_address, is_loopback
-from api.replay.workload import Event, Fetch, Pull, Workload
+from api.replay.push import Pushed, image_documents
+from api.replay.transport import Connection, Get, PushError, client_address, is_loopback
+from api.replay.workload import Event, Fetch, Pull, Tag, Workload
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ReplayOptions:
 
 @dataclass
 class PullRecord:
-    kind: str  # "pull" or "fetch"
+    kind: str  # "pull", "fetch" or "tag"
     at: float  # when it was due, seconds from the start
     client: str
     repository: str
@@ -155,6 +155,10 @@ class Replayer:
             return PullRecord(
                 "pull", event.at, event.client, event.repository, event.tag, event.fresh, lag
             )
+        if isinstance(event, Tag):
+            return PullRecord(
+                "tag", event.at, event.client, event.repository, event.tag, False, lag
+            )
         return PullRecord(
             "fetch", event.at, event.client, event.repository, event.layer, False, lag
         )
@@ -164,6 +168,8 @@ class Replayer:
         started = time.monotonic()
         if isinstance(event, Pull):
             self._pull(client, event, record)
+        elif isinstance(event, Tag):
+            self._publish(client, event, record)
         else:
             self._fetch(client, event, record)
         record.seconds = time.monotonic() - started
@@ -218,6 +224,14 @@ class Replayer:
                     self.oracle_errors.append(error)
 
         self.oracle_pool.submit(ask)
+
+    def _publish(self, client: ClientState, event: Tag, record: PullRecord) -> None:
+        image = self.workload.images[(event.repository, event.tag)]
+        _config, manifest = image_documents(image, self.pushed.layers)
+        try:
+            client.connection.push_manifest(event.repository, event.tag, manifest)
+        except PushError as error:
+            record.error = str(error)
 
     def _fetch(self, client: ClientState, event: Fetch, record: PullRecord) -> None:
         layer = self.pushed.layers[event.layer]  # no manifest GET: nothing for the oracle

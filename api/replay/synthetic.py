@@ -1,7 +1,8 @@
 """A seeded generator of pull workloads, with the shape the trace studies report: a few
 clients pull each image once, others pull again and again (mostly only the manifest, since
 they keep their layers, unless a repull starts them from an empty store); repositories
-share base layers; new tags appear over time and change only their top layers.
+share base layers; new tags appear over time (a publisher puts each at its time: a Tag
+event) and change only their top layers.
 
 Every random choice comes from one `random.Random(seed)`: the same spec gives the same
 workload.
@@ -14,9 +15,10 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from api.replay.content import plan_files
-from api.replay.workload import Event, ImageSpec, LayerSpec, Pull, Workload, knob
+from api.replay.workload import Event, ImageSpec, LayerSpec, Pull, Tag, Workload, knob
 
 MB = 1_000_000
+PUBLISHER = "publisher"  # the client that puts each new tag (a CI system)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,15 @@ class _Builder:
             self.images[(repository, tag)] = ImageSpec(repository, tag, tuple(layers))
             self.tag_times[repository].append((clock, tag))
 
+    def publications(self) -> list[Event]:
+        """A Tag event for each tag that appears after the start."""
+        return [
+            Tag(time, PUBLISHER, repository, tag)
+            for repository, times in self.tag_times.items()
+            for time, tag in times
+            if time > 0
+        ]
+
     def latest_tag(self, repository: str, at: float) -> str:
         return [tag for time, tag in self.tag_times[repository] if time <= at][-1]
 
@@ -199,7 +210,7 @@ def generate(spec: SyntheticSpec) -> Workload:
     plans = builder.clients(repositories)
     events = [
         event for plan in plans for event in builder.pulls_of(plan) if event.at < spec.duration_s
-    ]
+    ] + builder.publications()
     events.sort(key=lambda event: (event.at, event.client))
     workload = Workload("synthetic", builder.layers, builder.images, events, asdict(spec))
     workload.parameters["client_plans"] = [asdict(plan) for plan in plans]

@@ -62,7 +62,18 @@ class Fetch:
     layer: str  # LayerSpec key
 
 
-Event = Pull | Fetch
+@dataclass(frozen=True)
+class Tag:
+    """A publisher (a CI system) points `repository:tag` at its image: the tag appears
+    then, not before. The image's blobs and manifest (by digest) were pushed ahead."""
+
+    at: float
+    client: str
+    repository: str
+    tag: str
+
+
+Event = Pull | Fetch | Tag
 
 
 @dataclass
@@ -76,6 +87,10 @@ class Workload:
 
     def clients(self) -> list[str]:
         return sorted({event.client for event in self.events})
+
+    def tagged_later(self) -> set[tuple[str, str]]:
+        """The (repository, tag) that appear during the replay, by a Tag event."""
+        return {(e.repository, e.tag) for e in self.events if isinstance(e, Tag)}
 
     def duration(self) -> float:
         return max((event.at for event in self.events), default=0.0)
@@ -101,6 +116,7 @@ class Workload:
             "events": len(self.events),
             "pulls": kinds.get("pull", 0),
             "fetches": kinds.get("fetch", 0),
+            "tags": kinds.get("tag", 0),
             "fresh_pulls": sum(1 for e in self.events if isinstance(e, Pull) and e.fresh),
             "duration_s": round(self.duration(), 3),
             "notes": self.notes,
