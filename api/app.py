@@ -399,6 +399,7 @@ class RegistryApp:
         )
         for layer in parsed.layers:
             jobs.enqueue_ingest(self.registry, name, layer)
+        jobs.enqueue_manifest_put(name, reference, parsed.digest)
         headers = {
             "Location": f"/v2/{name}/manifests/{parsed.digest}",
             "Docker-Content-Digest": parsed.digest,

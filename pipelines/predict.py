@@ -18,12 +18,17 @@ Predictors (DUPHUNTER_PREDICTOR) turn a manifest GET into layers to preconstruct
   PREDICT_MIN_PROBABILITY are preconstructed, most probable and largest first (expected
   restore time saved). For an image index, it predicts the platform the client takes
   (its most frequent, else the first) and predicts that manifest's layers right away.
+  It also acts before any manifest GET: when a tag is put in a repository that clients
+  pull, the layers of its image never pulled through that repository are rebuilt at once,
+  each expecting a GET from every such client (`fleet_rule`): the clients that follow the
+  repository hold its other layers, and will GET these at their next pull.
 Predictions for layers already intact or buffered only pin the buffer entry.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import redis
@@ -85,6 +90,16 @@ def history_rule(
         if probability >= PREDICT_MIN_PROBABILITY:
             predicted.append(Prediction(digest, round(probability, 4)))
     return sorted(predicted, key=lambda p: -p.probability * sizes.get(p.digest, 0))
+
+
+def fleet_rule(layers: list[str], pulled_through_repository: Collection[str]) -> list[Prediction]:
+    """The layers of a newly tagged image that no client pulled through its repository
+    yet: those its pullers lack."""
+    return [
+        Prediction(digest, 1.0)
+        for digest in dict.fromkeys(layers)
+        if digest not in pulled_through_repository
+    ]
 
 
 def choose_platform(platforms: list[str], history: ClientHistory) -> int:

@@ -23,9 +23,16 @@ from pipelines.gc import REPORT_KEY as GC_REPORT_KEY
 from pipelines.gc import GarbageCollector
 from pipelines.index import Index
 from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, RETIRE_BLOCKED_KEY, Ingestor
-from pipelines.manifests import ManifestStore
+from pipelines.manifests import ManifestStore, is_digest_reference
 from pipelines.popularity import Popularity
-from pipelines.predict import AccessHistory, ClientHistory, Prediction, choose_platform, predict
+from pipelines.predict import (
+    AccessHistory,
+    ClientHistory,
+    Prediction,
+    choose_platform,
+    fleet_rule,
+    predict,
+)
 from pipelines.recipe import Recipe
 from pipelines.restore import RestoreError, RestoreHub
 from pipelines.retention import load_policy, rule_for
@@ -247,18 +254,40 @@ class Registry:
         self.history.record_manifest_get(client, layers, history)
         return predictions
 
+    def on_tag_put(
+        self, repo: str, reference: str, digest: str, when: float
+    ) -> tuple[int, list[Prediction]]:
+        """Act on a manifest put as `repo:reference` at `when`, before any client asks: with
+        the history predictor, a new tag's layers that the repository's pullers lack.
+        Returns how many GETs each layer expects (the pullers) and the layers to rebuild."""
+        if self.settings.predictor != "history" or is_digest_reference(reference):
+            return 0, []
+        pullers = self.expected_pullers(repo)
+        if not pullers:
+            return 0, []
+        layers = self.manifests.get(repo, digest, []).layer_digests()
+        predictions = fleet_rule(layers, self.history.repository_layers(repo))
+        return pullers, self._needing_rebuild(predictions, pullers, when)
+
     def _worth_rebuilding(
         self, layers: list[str], history: ClientHistory, when: float
     ) -> list[Prediction]:
-        infos = {digest: self.blobs.info(digest) for digest in dict.fromkeys(layers)}
-        sizes = {digest: info.size for digest, info in infos.items() if info is not None}
+        sizes = {digest: info.size for digest in layers if (info := self.blobs.info(digest))}
+        predictions = predict(self.settings.predictor, layers, history, sizes)
+        return self._needing_rebuild(predictions, 1, when)
+
+    def _needing_rebuild(
+        self, predictions: list[Prediction], gets: int, when: float
+    ) -> list[Prediction]:
+        """The predicted layers that nothing serves yet; a buffered one is pinned for the
+        `gets` expected since `when` instead."""
         worth = []
-        for prediction in predict(self.settings.predictor, layers, history, sizes):
-            info = infos.get(prediction.digest)
+        for prediction in predictions:
+            info = self.blobs.info(prediction.digest)
             if info is None or not info.deduplicated or info.segments:
                 continue  # served intact: nothing to rebuild
             if self.buffer.entry(prediction.digest) is not None:
-                self.buffer.expect(prediction.digest, 1, when)
+                self.buffer.expect(prediction.digest, gets, when)
                 continue
             worth.append(prediction)
         return worth

@@ -311,6 +311,45 @@ def test_a_layer_pushed_where_clients_pull_is_retired_into_the_buffer(
     assert get(client, repo, digest) == ("buffer", second)
 
 
+def test_a_tag_put_where_clients_pull_rebuilds_its_new_layer_before_any_get(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """A publisher pushes an image by digest, its layers deduplicated long ago, then tags
+    it in a repository whose manifests clients fetch: the layer that no client pulled
+    through the repository is rebuilt into the buffer (origin "pushed") before any GET,
+    so the first GET of the fleet is served from it. A put by digest predicts nothing."""
+    source = f"{repo}-source"
+    top = gzip.compress(make_tar({"top.bin": os.urandom(300_000)}), mtime=0)
+    top_digest = deduplicated_layer(client, source, live, top)
+    base = gzip.compress(make_tar({"base.bin": os.urandom(200_000)}), mtime=0)
+    base_digest = deduplicated_layer(client, repo, live, base)
+    assert client.request("GET", f"/v2/{repo}/manifests/latest").status == 200
+    assert get(client, repo, base_digest)[1] == base
+    wait_until(lambda: base_digest in live.registry.history.repository_layers(repo), "events")
+    mount = f"/v2/{repo}/blobs/uploads/?mount={top_digest}&from={source}"
+    assert client.request("POST", mount).status == 201
+    config = b'{"architecture":"amd64","os":"linux"}'
+    layers = [(base_digest, len(base)), (top_digest, len(top))]
+    manifest = image_manifest(client.push_blob(repo, config), len(config), layers)
+    manifest_digest = sha256(json.dumps(manifest).encode())
+    assert client.push_manifest(repo, manifest_digest, manifest).status == 201
+    assert live.registry.on_tag_put(repo, manifest_digest, manifest_digest, time.time()) == (
+        0,
+        [],
+    )
+    assert live.registry.buffer.entry(top_digest) is None
+    assert client.push_manifest(repo, "v2", manifest).status == 201
+
+    def rebuilt() -> bool:
+        entry = live.registry.buffer.entry(top_digest)
+        return entry is not None and entry.complete
+
+    wait_until(rebuilt, "the rebuild for the repository's pullers", timeout=60)
+    entry = live.registry.buffer.entry(top_digest)
+    assert entry is not None and entry.origin == "pushed"
+    assert get(client, repo, top_digest) == ("buffer", top)
+
+
 def test_a_layer_hot_at_its_dedup_keeps_its_intact_copy(
     client: RegistryClient, repo: str, live: LiveStack
 ) -> None:

@@ -9,6 +9,7 @@ from pipelines.predict import (
     LayerPulls,
     Prediction,
     choose_platform,
+    fleet_rule,
     history_rule,
     paper_rule,
     predict,
@@ -75,6 +76,12 @@ def test_probabilities_are_smoothed_for_a_new_client() -> None:
 
 def test_none_predicts_nothing() -> None:
     assert predict("none", LAYERS, ClientHistory(), SIZES) == []
+
+
+def test_fleet_rule_takes_the_layers_never_pulled_through_the_repository() -> None:
+    assert fleet_rule(["base", "top", "top"], {"base", "old-top"}) == [Prediction("top", 1.0)]
+    assert fleet_rule(["base"], {"base"}) == []
+    assert [p.digest for p in fleet_rule(["a", "b"], set())] == ["a", "b"]
 
 
 def test_platform_choice_follows_the_client_habit() -> None:

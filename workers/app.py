@@ -4,7 +4,8 @@ ingest       layer ingestion after a manifest push
 restore      layer rebuilds: preconstruction into the layer buffer (warm requests first,
              then predictions), intact replicas of hot layers, verification reads, and
              segments of large layers that a restore re-encodes in parallel
-predict      the prediction worker: access events from every manifest and blob GET,
+predict      the prediction worker: access events from every manifest and blob GET and
+             every tag put,
              the history it learns from, and the rebuilds it asks for
 maintenance  retiring intact copies, the schedules (popularity, verification sampling,
              resuming unfinished ingests, expiring abandoned uploads), index rebuilds
@@ -39,6 +40,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.verify_blob": {"queue": "restore"},
             "workers.tasks.manifest_fetched": {"queue": "predict"},
             "workers.tasks.blob_fetched": {"queue": "predict"},
+            "workers.tasks.tag_put": {"queue": "predict"},
             "workers.tasks.preconstruct_layer": {"queue": "restore"},
             "workers.tasks.materialize_intact": {"queue": "restore"},
             "workers.tasks.apply_popularity": {"queue": "maintenance"},

@@ -44,6 +44,7 @@ from workers.tasks import (
     preconstruct_layer,
     rebuild_index,
     retire_unblocked,
+    tag_put,
     verify_blob,
 )
 
@@ -70,6 +71,10 @@ def enqueue_ingest(registry: Registry, repository: str, digest: str, force: bool
 
 def enqueue_manifest_event(client: str, repository: str, digest: str) -> None:
     manifest_fetched.apply_async(args=(client, repository, digest, time.time()))
+
+
+def enqueue_manifest_put(repository: str, reference: str, digest: str) -> None:
+    tag_put.apply_async(args=(repository, reference, digest, time.time()))
 
 
 def enqueue_blob_event(client: str, repository: str, digest: str) -> None:

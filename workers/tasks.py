@@ -24,6 +24,7 @@ from celery import Task, signals
 from pipelines.canaries import check_at_start
 from pipelines.errors import is_transient
 from pipelines.metrics import INGEST_SECONDS
+from pipelines.predict import Prediction
 from pipelines.registry import Registry
 from pipelines.restore import RestoreError, encode_layer_segment
 from workers.app import celery_app
@@ -114,12 +115,28 @@ def manifest_fetched(client: str, repository: str, digest: str, when: float) -> 
     """Learn from a manifest GET; queue the rebuilds the predictor asks for, each useless
     after the deadline (the client has pulled by then)."""
     predictions = retrying(lambda: registry().on_manifest_get(client, repository, digest, when))
+    return _queue_preconstructions(predictions, "predicted", 1, when)
+
+
+@celery_app.task(name="workers.tasks.tag_put", ignore_result=True)
+def tag_put(repository: str, reference: str, digest: str, when: float) -> list[str]:
+    """Act on a manifest put by tag: rebuild what the repository's pullers will GET."""
+    pullers, predictions = retrying(
+        lambda: registry().on_tag_put(repository, reference, digest, when)
+    )
+    return _queue_preconstructions(predictions, "pushed", pullers, when)
+
+
+def _queue_preconstructions(
+    predictions: list[Prediction], origin: str, gets: int, when: float
+) -> list[str]:
+    """Queue the rebuilds, each useless after the deadline (the clients have pulled)."""
     expires = datetime.fromtimestamp(
         when + registry().settings.preconstruct_deadline_seconds, tz=UTC
     )
     for prediction in predictions:
         preconstruct_layer.apply_async(
-            args=(prediction.digest, "predicted", 1, when),
+            args=(prediction.digest, origin, gets, when),
             priority=PRIORITY_PREDICTED,
             expires=expires,
         )
