@@ -20,7 +20,10 @@ rewriting them. An entry that predictions expect GETs for is pinned (ranked abov
 unpinned one) until those GETs came or its pin expired. A prediction made from a manifest
 GET at time `since` pins nothing if the layer was fetched, by any path, or its entry
 filled after `since`: its GET came already (predictions run after the client's GETs more
-often than not), and a pin waiting for it would hold bytes for nothing.
+often than not), and a pin waiting for it would hold bytes for nothing. Pinned entries
+hold at most PIN_SHARE of the bound; a prediction beyond it fills (or keeps) its entry
+unpinned, ranked like any other: otherwise pins waiting for GETs that come late, or not
+at all, fill the buffer and refuse every fill, on-demand restores' included.
 docs/benchmarks.md compares this policy with LRU and ARC on replayed workloads.
 """
 
@@ -45,6 +48,7 @@ PART_BYTES = SEGMENT_BYTES
 LEASE_MS = 60_000  # a filler that writes no part for this long is taken for dead
 POLL_SECONDS = 0.02
 PIN_BONUS = 1e12  # added to the rank of a pinned entry: above any unpinned one
+PIN_SHARE = 0.5  # of the bound, at most, held by pinned entries
 PREFIX = "dh:buf:"
 USED_KEY = PREFIX + "used"
 RANK_KEY = PREFIX + "rank"
@@ -159,7 +163,7 @@ class LayerBuffer:
         now = time.time()
         self._touch(
             keys=[entry_key(digest), RANK_KEY, STATS_KEY, got_key(digest)],
-            args=[digest, now / self.tau, PIN_BONUS, 1, 0, now, now, now],
+            args=[digest, now / self.tau, PIN_BONUS, 1, 0, now, now, now, self._pin_room()],
         )
 
     def expect(self, digest: str, gets: int, since: float) -> None:
@@ -169,8 +173,11 @@ class LayerBuffer:
         self._touch(
             keys=[entry_key(digest), RANK_KEY, STATS_KEY, got_key(digest)],
             args=[digest, now / self.tau, PIN_BONUS, 0, gets, since + self.pin_seconds,
-                  now, since],
+                  now, since, self._pin_room()],
         )  # fmt: skip
+
+    def _pin_room(self) -> int:
+        return int(self.capacity * PIN_SHARE)
 
     # filling
     def start_fill(
@@ -187,7 +194,7 @@ class LayerBuffer:
                       got_key(digest)],
                 args=[digest, size, self.capacity, owner, LEASE_MS, origin, expected_gets,
                       now / self.tau, PIN_BONUS, (since or now) + self.pin_seconds, now,
-                      since or now],
+                      since or now, self._pin_room()],
             )  # fmt: skip
             if verdict == b"granted":
                 return Filler(self, digest, size, owner)
@@ -326,11 +333,28 @@ class Filler:
             self.uploads.popleft().result()
 
 
+# Bytes of the entries pinned now (rank key, pin bonus, now); a pin that expired counts
+# nothing.
+_PINNED_BYTES_LUA = """
+local function pinned_bytes(rank_key, bonus, now)
+  local total = 0
+  for _, digest in ipairs(redis.call('ZRANGEBYSCORE', rank_key, bonus / 2, '+inf')) do
+    local key = 'dh:buf:e:' .. digest
+    if tonumber(redis.call('HGET', key, 'pinned_until') or '0') >= now then
+      total = total + tonumber(redis.call('HGET', key, 'size') or '0')
+    end
+  end
+  return total
+end
+"""
+
 # KEYS: entry, fill claim, used, rank, stats, last GET. ARGV: digest, size, capacity,
 # owner, lease ms, origin, expected GETs, now/tau, pin bonus, pinned until, now,
-# predicted at.
+# predicted at, bytes pins may hold.
 # Returns {"granted"} | {"evict", victim...} | {"refused"}.
-_RESERVE_LUA = """
+_RESERVE_LUA = (
+    _PINNED_BYTES_LUA
+    + """
 local size, capacity = tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HGET', KEYS[1], 'state') == 'complete' or redis.call('EXISTS', KEYS[2]) == 1 then
@@ -380,8 +404,13 @@ local rank = tonumber(ARGV[8])
 local pinned_until = 0
 local got = tonumber(redis.call('GET', KEYS[6]) or '0')
 if expected > 0 and tonumber(ARGV[10]) > tonumber(ARGV[11]) and got <= tonumber(ARGV[12]) then
-  rank = rank + tonumber(ARGV[9])
-  pinned_until = tonumber(ARGV[10])
+  if pinned_bytes(KEYS[4], tonumber(ARGV[9]), tonumber(ARGV[11])) + size <= tonumber(ARGV[13]) then
+    rank = rank + tonumber(ARGV[9])
+    pinned_until = tonumber(ARGV[10])
+  else
+    redis.call('HINCRBY', KEYS[5], 'pins_refused', 1)
+    expected = 0
+  end
 else
   expected = 0
 end
@@ -391,11 +420,14 @@ redis.call('HSET', KEYS[1], 'size', size, 'state', 'filling', 'parts', 0, 'hits'
 redis.call('ZADD', KEYS[4], rank, ARGV[1])
 return {'granted'}
 """
+)
 
 # KEYS: entry, rank, stats, last GET. ARGV: digest, now/tau, pin bonus, hits to add,
 # expected GETs to add, pinned until, now, predicted at (expected GETs are not added to
-# an entry filled, or a layer fetched, since).
-_TOUCH_LUA = """
+# an entry filled, or a layer fetched, since), bytes pins may hold.
+_TOUCH_LUA = (
+    _PINNED_BYTES_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local k = tonumber(redis.call('HGET', KEYS[1], 'k'))
 local t = tonumber(ARGV[2])
@@ -407,6 +439,16 @@ local touched = math.max(tonumber(redis.call('HGET', KEYS[1], 'at') or '0'),
                          tonumber(redis.call('GET', KEYS[4]) or '0'))
 if touched > tonumber(ARGV[8]) or tonumber(ARGV[6]) <= tonumber(ARGV[7]) then adding = 0 end
 local expected = tonumber(redis.call('HGET', KEYS[1], 'expected') or '0')
+if tonumber(redis.call('HGET', KEYS[1], 'pinned_until') or '0') < tonumber(ARGV[7]) then
+  expected = 0  -- the pin expired
+end
+if adding > 0 and expected == 0 then  -- a new pin: only within the pins' share
+  local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+  if pinned_bytes(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[7])) + size > tonumber(ARGV[9]) then
+    redis.call('HINCRBY', KEYS[3], 'pins_refused', 1)
+    adding = 0
+  end
+end
 expected = math.max(0, expected - hits + adding)
 if adding > 0 then redis.call('HSET', KEYS[1], 'pinned_until', ARGV[6]) end
 redis.call('HSET', KEYS[1], 'k', k, 'expected', expected)
@@ -420,3 +462,4 @@ if expected > 0 then rank = rank + tonumber(ARGV[3]) end
 redis.call('ZADD', KEYS[2], rank, ARGV[1])
 return 1
 """
+)
