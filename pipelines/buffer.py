@@ -21,9 +21,9 @@ unpinned one) until those GETs came or its pin expired. A prediction made from a
 GET at time `since` pins nothing if the layer was fetched, by any path, or its entry
 filled after `since`: its GET came already (predictions run after the client's GETs more
 often than not), and a pin waiting for it would hold bytes for nothing. Pinned entries
-hold at most PIN_SHARE of the bound; a prediction beyond it fills (or keeps) its entry
-unpinned, ranked like any other: otherwise pins waiting for GETs that come late, or not
-at all, fill the buffer and refuse every fill, on-demand restores' included.
+hold at most PIN_SHARE of the bound, so that on-demand restores always find room: a
+preconstruction beyond it is refused (admitted unpinned, it would be evicted before its
+GET, a rebuild wasted), and a prediction for a buffered entry leaves it unpinned.
 docs/benchmarks.md compares this policy with LRU and ARC on replayed workloads.
 """
 
@@ -363,6 +363,14 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'evict', ARGV[1]}  -- a dead filler's entry: delete it, then claim afresh
 end
 if size > capacity then return {'refused'} end
+local expected = tonumber(ARGV[7])
+local got = tonumber(redis.call('GET', KEYS[6]) or '0')
+local pin = expected > 0 and tonumber(ARGV[10]) > tonumber(ARGV[11]) and got <= tonumber(ARGV[12])
+local pin_room = tonumber(ARGV[13])
+if pin and pinned_bytes(KEYS[4], tonumber(ARGV[9]), tonumber(ARGV[11])) + size > pin_room then
+  redis.call('HINCRBY', KEYS[5], 'pins_refused', 1)  -- a prediction the pins' share cannot hold
+  return {'refused'}
+end
 local used = tonumber(redis.call('GET', KEYS[3]) or '0')
 if used + size > capacity then
   local now = tonumber(ARGV[11])
@@ -399,18 +407,11 @@ if used + size > capacity then
 end
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
 redis.call('INCRBY', KEYS[3], size)
-local expected = tonumber(ARGV[7])
 local rank = tonumber(ARGV[8])
 local pinned_until = 0
-local got = tonumber(redis.call('GET', KEYS[6]) or '0')
-if expected > 0 and tonumber(ARGV[10]) > tonumber(ARGV[11]) and got <= tonumber(ARGV[12]) then
-  if pinned_bytes(KEYS[4], tonumber(ARGV[9]), tonumber(ARGV[11])) + size <= tonumber(ARGV[13]) then
-    rank = rank + tonumber(ARGV[9])
-    pinned_until = tonumber(ARGV[10])
-  else
-    redis.call('HINCRBY', KEYS[5], 'pins_refused', 1)
-    expected = 0
-  end
+if pin then
+  rank = rank + tonumber(ARGV[9])
+  pinned_until = tonumber(ARGV[10])
 else
   expected = 0
 end
