@@ -49,6 +49,7 @@ LEASE_MS = 60_000  # a filler that writes no part for this long is taken for dea
 POLL_SECONDS = 0.02
 PIN_BONUS = 1e12  # added to the rank of a pinned entry: above any unpinned one
 PIN_SHARE = 0.5  # of the bound, at most, held by pinned entries
+PREDICTED = "predicted"  # the origin of a prediction from a manifest GET
 PREFIX = "dh:buf:"
 USED_KEY = PREFIX + "used"
 RANK_KEY = PREFIX + "rank"
@@ -72,7 +73,7 @@ class Entry:
     state: str  # "filling" | "complete"
     parts: int  # parts written so far
     hits: int
-    origin: str  # why it was filled: "predicted", "warm", "miss", "retired"
+    origin: str  # why it was filled: "predicted", "pushed", "warm", "miss", "retired"
 
     @property
     def complete(self) -> bool:
@@ -98,14 +99,24 @@ def got_key(digest: str) -> str:
 
 class LayerBuffer:
     def __init__(self, store: ObjectStore, client: redis.Redis[bytes], capacity: int,
-                 tau_seconds: float, pin_seconds: float) -> None:  # fmt: skip
+                 tau_seconds: float, pin_seconds: float,
+                 prediction_pin_seconds: float | None = None) -> None:  # fmt: skip
         self.store = store
         self.redis = client
         self.capacity = capacity
         self.tau = tau_seconds
         self.pin_seconds = pin_seconds
+        self.prediction_pin_seconds = (
+            pin_seconds if prediction_pin_seconds is None else prediction_pin_seconds
+        )
         self._reserve = client.register_script(_RESERVE_LUA)
         self._touch = client.register_script(_TOUCH_LUA)
+
+    def _pin_seconds(self, origin: str) -> float:
+        """How long a pin waits for its GETs: a layer predicted from a manifest GET is
+        fetched by that client's pull within seconds or not at all; the pullers of a tag
+        just put, of a layer just pushed or warmed come at their next pulls."""
+        return self.prediction_pin_seconds if origin == PREDICTED else self.pin_seconds
 
     # looking up and reading
     def entry(self, digest: str) -> Entry | None:
@@ -166,14 +177,14 @@ class LayerBuffer:
             args=[digest, now / self.tau, PIN_BONUS, 1, 0, now, now, now, self._pin_room()],
         )
 
-    def expect(self, digest: str, gets: int, since: float) -> None:
-        """A manifest GET at `since` predicts `gets` more GETs of a buffered layer: pin it
-        until `since` + pin_seconds, unless it was read or filled after `since`."""
+    def expect(self, digest: str, gets: int, since: float, origin: str = PREDICTED) -> None:
+        """A prediction made at `since` expects `gets` more GETs of a buffered layer: pin
+        it for its origin's pin time from `since`, unless it was read or filled after."""
         now = time.time()
         self._touch(
             keys=[entry_key(digest), RANK_KEY, STATS_KEY, got_key(digest)],
-            args=[digest, now / self.tau, PIN_BONUS, 0, gets, since + self.pin_seconds,
-                  now, since, self._pin_room()],
+            args=[digest, now / self.tau, PIN_BONUS, 0, gets,
+                  since + self._pin_seconds(origin), now, since, self._pin_room()],
         )  # fmt: skip
 
     def _pin_room(self) -> int:
@@ -185,7 +196,7 @@ class LayerBuffer:
     ) -> Filler | None:
         """Claim the filling of a layer and reserve its bytes, evicting as needed; None if
         it is buffered or being filled already, or cannot be admitted. A fill for
-        `expected_gets` predicted at `since` is pinned until `since` + pin_seconds."""
+        `expected_gets` predicted at `since` is pinned for its origin's pin time."""
         owner = uuid.uuid4().hex
         while True:
             now = time.time()
@@ -193,7 +204,7 @@ class LayerBuffer:
                 keys=[entry_key(digest), fill_key(digest), USED_KEY, RANK_KEY, STATS_KEY,
                       got_key(digest)],
                 args=[digest, size, self.capacity, owner, LEASE_MS, origin, expected_gets,
-                      now / self.tau, PIN_BONUS, (since or now) + self.pin_seconds, now,
+                      now / self.tau, PIN_BONUS, (since or now) + self._pin_seconds(origin), now,
                       since or now, self._pin_room()],
             )  # fmt: skip
             if verdict == b"granted":

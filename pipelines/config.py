@@ -63,6 +63,9 @@ class Settings:
     buffer_pin_seconds: float = field(
         default_factory=lambda: float(_env("BUFFER_PIN_SECONDS", "60"))
     )
+    prediction_pin_seconds: float = field(
+        default_factory=lambda: float(_env("PREDICTION_PIN_SECONDS", "10"))
+    )
     popularity_tau_seconds: float = field(
         default_factory=lambda: float(_env("POPULARITY_TAU_SECONDS", "3600"))
     )

@@ -121,6 +121,7 @@ class Registry:
             settings.buffer_bytes,
             settings.buffer_tau_seconds,
             settings.buffer_pin_seconds,
+            settings.prediction_pin_seconds,
         )
         hub = RestoreHub(settings.spool_dir, settings.restore_keep_seconds)
         return cls(
@@ -267,17 +268,17 @@ class Registry:
             return 0, []
         layers = self.manifests.get(repo, digest, []).layer_digests()
         predictions = fleet_rule(layers, self.history.repository_layers(repo))
-        return pullers, self._needing_rebuild(predictions, pullers, when)
+        return pullers, self._needing_rebuild(predictions, "pushed", pullers, when)
 
     def _worth_rebuilding(
         self, layers: list[str], history: ClientHistory, when: float
     ) -> list[Prediction]:
         sizes = {digest: info.size for digest in layers if (info := self.blobs.info(digest))}
         predictions = predict(self.settings.predictor, layers, history, sizes)
-        return self._needing_rebuild(predictions, 1, when)
+        return self._needing_rebuild(predictions, "predicted", 1, when)
 
     def _needing_rebuild(
-        self, predictions: list[Prediction], gets: int, when: float
+        self, predictions: list[Prediction], origin: str, gets: int, when: float
     ) -> list[Prediction]:
         """The predicted layers that nothing serves yet; a buffered one is pinned for the
         `gets` expected since `when` instead."""
@@ -287,7 +288,7 @@ class Registry:
             if info is None or not info.deduplicated or info.segments:
                 continue  # served intact: nothing to rebuild
             if self.buffer.entry(prediction.digest) is not None:
-                self.buffer.expect(prediction.digest, gets, when)
+                self.buffer.expect(prediction.digest, gets, when, origin)
                 continue
             worth.append(prediction)
         return worth

@@ -155,7 +155,7 @@ class BlobServer:
         if info.segments or not info.deduplicated:
             return "intact"
         if self.buffer.entry(digest) is not None:
-            self.buffer.expect(digest, expected_gets, since)
+            self.buffer.expect(digest, expected_gets, since, origin)
             return "buffered"
         filler = self.buffer.start_fill(digest, info.size, origin, expected_gets, since)
         if filler is None:

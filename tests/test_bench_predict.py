@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.predict import demand_cache_bound
+from bench.predict import demand_cache_bound, tag_put_bound
 
 A, B, C = "sha256:a", "sha256:b", "sha256:c"
 
@@ -27,3 +27,10 @@ def test_the_spool_serves_gets_soon_after_a_restore() -> None:
     assert demand_cache_bound(trace(A, A, gap=10), capacity=0, spool_s=30) == 1 / 2
     assert demand_cache_bound(trace(A, A, gap=40), capacity=0, spool_s=30) == 0
     assert demand_cache_bound([], capacity=10, spool_s=30) == 0
+
+
+def test_tag_puts_leave_only_first_gets_of_layers_tagged_at_start() -> None:
+    gets = [(0.0, "old", 1), (1.0, "new", 1), (2.0, "old", 1), (3.0, "new", 1)]
+    assert tag_put_bound(gets, {"old"}) == 0.75
+    assert tag_put_bound(gets, {"old", "new"}) == 0.5
+    assert tag_put_bound([], {"old"}) == 0.0

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from deploy.stack import wait_until
@@ -225,6 +226,29 @@ def test_pins_hold_at_most_half_the_buffer(live: LiveStack) -> None:
     for digest in (first, second, third, demanded):
         if buffer.entry(digest) is not None:
             buffer.drop(digest)
+    client.flushdb()
+
+
+def test_a_prediction_from_a_manifest_get_pins_for_less_time_than_one_for_a_fleet(
+    live: LiveStack,
+) -> None:
+    """A client GETs the layers of the manifest it fetched within seconds, or not at all:
+    a prediction from a manifest GET pins for the prediction pin time; one from a tag
+    put (the repository's pullers come at their next pulls) for the buffer's pin time."""
+    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/8")
+    client.flushdb()
+    buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60, 10)
+    predicted, pushed = (f"sha256:{os.urandom(32).hex()}" for _ in range(2))
+    since = time.time()
+    for digest, origin in ((predicted, "predicted"), (pushed, "pushed")):
+        filler = buffer.start_fill(digest, PART_BYTES, origin, 1, since)
+        assert filler is not None
+        filler.write(os.urandom(PART_BYTES))
+        filler.finish()
+    until = {d: float(client.hget(entry_key(d), "pinned_until") or 0) for d in (predicted, pushed)}
+    assert until == {predicted: pytest.approx(since + 10), pushed: pytest.approx(since + 60)}
+    for digest in (predicted, pushed):
+        buffer.drop(digest)
     client.flushdb()
 
 
