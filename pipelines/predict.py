@@ -203,6 +203,15 @@ class AccessHistory:
         """How many clients fetched a manifest of the repository since `since`."""
         return int(self.redis.zcount(f"dh:rc:{repo}", since, "+inf"))
 
+    def pulled_through(self, repo: str, layers: list[str]) -> set[str]:
+        """Those of `layers` that some client pulled through the repository."""
+        unique = list(dict.fromkeys(layers))
+        pipe = self.redis.pipeline(transaction=False)
+        for digest in unique:
+            pipe.zscore(f"dh:rl:{repo}", digest)
+        scores = pipe.execute()
+        return {digest for digest, score in zip(unique, scores, strict=True) if score is not None}
+
     def repository_layers(self, repo: str) -> dict[str, int]:
         raw = self.redis.zrange(f"dh:rl:{repo}", 0, -1, withscores=True)
         return {member.decode(): int(score) for member, score in raw}

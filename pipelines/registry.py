@@ -17,6 +17,7 @@ from pipelines.buffer import LayerBuffer
 from pipelines.canaries import CANARY_KEY
 from pipelines.config import Settings
 from pipelines.digests import Digest
+from pipelines.encoders import prepare_encoders
 from pipelines.errors import RegistryError
 from pipelines.filestore import FileStore, read_pack_table
 from pipelines.gc import REPORT_KEY as GC_REPORT_KEY
@@ -267,24 +268,34 @@ class Registry:
         if not pullers:
             return 0, []
         layers = self.manifests.get(repo, digest, []).layer_digests()
-        predictions = fleet_rule(layers, self.history.repository_layers(repo))
-        return pullers, self._needing_rebuild(predictions, "pushed", pullers, when)
+        predictions = fleet_rule(layers, self.history.pulled_through(repo, layers))
+        infos = self._infos(prediction.digest for prediction in predictions)
+        return pullers, self._needing_rebuild(predictions, infos, "pushed", pullers, when)
 
     def _worth_rebuilding(
         self, layers: list[str], history: ClientHistory, when: float
     ) -> list[Prediction]:
-        sizes = {digest: info.size for digest in layers if (info := self.blobs.info(digest))}
+        infos = self._infos(layers)
+        sizes = {digest: info.size for digest, info in infos.items() if info is not None}
         predictions = predict(self.settings.predictor, layers, history, sizes)
-        return self._needing_rebuild(predictions, "predicted", 1, when)
+        return self._needing_rebuild(predictions, infos, "predicted", 1, when)
+
+    def _infos(self, layers: Iterable[str]) -> dict[str, BlobInfo | None]:
+        return {digest: self.blobs.info(digest) for digest in dict.fromkeys(layers)}
 
     def _needing_rebuild(
-        self, predictions: list[Prediction], origin: str, gets: int, when: float
+        self,
+        predictions: list[Prediction],
+        infos: dict[str, BlobInfo | None],
+        origin: str,
+        gets: int,
+        when: float,
     ) -> list[Prediction]:
-        """The predicted layers that nothing serves yet; a buffered one is pinned for the
-        `gets` expected since `when` instead."""
+        """The predicted layers (their `infos` looked up) that nothing serves yet; a
+        buffered one is pinned for the `gets` expected since `when` instead."""
         worth = []
         for prediction in predictions:
-            info = self.blobs.info(prediction.digest)
+            info = infos.get(prediction.digest)
             if info is None or not info.deduplicated or info.segments:
                 continue  # served intact: nothing to rebuild
             if self.buffer.entry(prediction.digest) is not None:
@@ -478,6 +489,12 @@ class Registry:
                 if info is not None and info.deduplicated:
                     stale.append(digest)
         return stale
+
+    def prepare_to_serve(self) -> None:
+        """What a process that serves GETs does at start, before its first request: the
+        index ready, the encoders' first-use checks made."""
+        self.ensure_index()
+        prepare_encoders()
 
     def ensure_index(self) -> None:
         """Rebuild the index from S3 if it is empty; one process does it, the others wait."""
