@@ -10,7 +10,7 @@ proves them, stores the proven ones and joins segments bit by bit.
 
 Found and proven at ingest: the boundaries of the pushed deflate body are found with
 zlib's own `inflate(Z_BLOCK)` (as zlib's example zran.c does), about every
-CHECKPOINT_SPACING bytes of tar a candidate is kept, and every segment between two
+`checkpoint_spacing(tar_size)` bytes of tar a candidate is kept, and every segment between two
 candidates is re-encoded from its start alone and compared, bit for bit, with the pushed
 body up to the next candidate. A candidate whose segment differs is dropped: its segment
 is re-encoded together with the one before. Segment 0 starts at the stream's start, so
@@ -54,7 +54,9 @@ from pipelines.recipe import decode_varint, encode_varint
 MAGIC = b"DHCk"
 VERSION = 1
 CHECKSUM_SIZE = 32
-CHECKPOINT_SPACING = 4 << 20  # tar bytes between candidates
+CHECKPOINT_SPACING = 4 << 20  # tar bytes between candidates in a large layer
+MIN_CHECKPOINT_SPACING = 1 << 20  # and at least this many in a small one
+SEGMENTS_WANTED = 8  # per layer, where the spacings allow it
 MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
 AVOID_MARGIN = 256 * 1024  # more than any encoder's history or lookahead
 PROOF_THREADS = os.cpu_count() or 2
@@ -251,6 +253,14 @@ def boundaries(body: Iterable[bytes]) -> Iterator[Checkpoint]:
     """The block boundaries of a raw deflate body (see pipelines.libz)."""
     for tar_offset, bit_offset in deflate_boundaries(body):
         yield Checkpoint(tar_offset, bit_offset)
+
+
+def checkpoint_spacing(tar_size: int) -> int:
+    """Tar bytes between candidates: about SEGMENTS_WANTED segments per layer, so that the
+    restore of a layer of a few MB (most layers) also runs on every core; the cost of a
+    segment (its encoder primed with 32 KiB of history, its edges joined) stays small
+    against the MIN_CHECKPOINT_SPACING bytes it encodes."""
+    return min(CHECKPOINT_SPACING, max(MIN_CHECKPOINT_SPACING, tar_size // SEGMENTS_WANTED))
 
 
 def choose_candidates(
@@ -466,13 +476,14 @@ def prove_shortlisted(
     as a full recompression would. Otherwise, or if that candidate is not the encoder,
     `fallback` (the serial proof of the whole shortlist) decides, without checkpoints."""
     trial = shortlist.trials[0] if shortlist.trials else None
-    if trial is None or not trial.screened or tar_size < 2 * CHECKPOINT_SPACING:
+    spacing = checkpoint_spacing(tar_size)
+    if trial is None or not trial.screened or tar_size < 2 * spacing:
         return fallback(), None
     encoder, params = trial.screened[0], trial.target.params
     if not encoder.encoder_id.startswith("gzip/"):
         return fallback(), None
     payload = gzip_payload(read_blob, blob_size, params)
-    plan = find_candidates(encoder, blob_digest, tar_size, payload, avoid=avoid)
+    plan = find_candidates(encoder, blob_digest, tar_size, payload, spacing, avoid)
     if not plan.points:  # nowhere to resume: the usual serial proof
         return fallback(), None
     with ThreadPoolExecutor(PROOF_THREADS, thread_name_prefix="proof") as pool:

@@ -28,12 +28,14 @@ from pipelines import restore
 from pipelines.checkpoints import (
     AVOID_MARGIN,
     CHECKPOINT_SPACING,
+    MIN_CHECKPOINT_SPACING,
     Checkpoint,
     CheckpointError,
     Checkpoints,
     Segment,
     SegmentError,
     boundaries,
+    checkpoint_spacing,
     checkpoints_key,
     choose_candidates,
     choose_candidates_avoiding,
@@ -435,6 +437,25 @@ def test_live_layer_restores_in_parallel_byte_exact(
     headers = {"Range": f"bytes={start}-{start + 99_999}"}
     response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
     assert response.status == 206 and response.data == blob[start : start + 100_000]
+
+
+def test_live_small_layer_gets_segments_too(
+    live: LiveStack, client: RegistryClient, repo: str
+) -> None:
+    """A layer of ~4 MB of tar, under two large-layer spacings, is cut into segments of
+    about a MiB, so that its restore runs on every core; the restore stays exact."""
+    data = layer_tar(4)
+    assert 2 * MIN_CHECKPOINT_SPACING < len(data) < 2 * CHECKPOINT_SPACING
+    blob = python_gzip(6)(data)
+    digest, recipe = deduplicated_recipe(live, client, repo, blob)
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None and len(plan.points) >= 2
+    assert all(
+        segment.tar_end - segment.tar_start <= checkpoint_spacing(len(data)) * 2
+        for segment in plan.segments()
+    )
+    assert b"".join(release_through(recipe, live, local_runner(2))) == blob
+    assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
 
 
 def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(
