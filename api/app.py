@@ -501,16 +501,22 @@ class RegistryApp:
 
 def create_app() -> RegistryApp:
     registry = Registry.connect()
-    registry.ensure_index()
+    registry.prepare_to_serve()
     return RegistryApp(registry)
 
 
 _app: RegistryApp | None = None
 
 
-def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-    """The WSGI entry point; the registry connects on the first request of each process."""
+def prepare() -> RegistryApp:
+    """This process's application, created at once (gunicorn's post_worker_init calls it,
+    so that the first request does not wait for it)."""
     global _app
     if _app is None:
         _app = create_app()
-    return _app(environ, start_response)
+    return _app
+
+
+def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """The WSGI entry point; a server without the hook prepares on the first request."""
+    return prepare()(environ, start_response)

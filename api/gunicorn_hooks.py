@@ -1,6 +1,7 @@
 """gunicorn settings for the API: Prometheus multiprocess metrics (each worker writes its
 samples to PROMETHEUS_MULTIPROC_DIR; a worker that exits is marked dead), TLS from
-DUPHUNTER_TLS_CERT / DUPHUNTER_TLS_KEY, and the auth configuration checked at start.
+DUPHUNTER_TLS_CERT / DUPHUNTER_TLS_KEY, the auth configuration checked at start, and each
+process's application prepared before its first request.
 
 gunicorn's access log shows the user name of Basic credentials (`%(u)s`), never the
 Authorization header itself: no format here names request headers (`%({...}i)s`).
@@ -30,6 +31,14 @@ def on_starting(server: Any) -> None:
         authority_from_settings(AuthSettings())
     except (ValueError, OSError) as error:
         raise SystemExit(f"auth configuration: {error}") from error
+
+
+def post_worker_init(worker: Any) -> None:
+    """Each API process connects and makes the restore path's first-use checks before it
+    accepts a request."""
+    from api.app import prepare
+
+    prepare()
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -37,12 +37,11 @@ from pipelines.encoders import (
     EncoderUnavailableError,
     KlauspostOptions,
     ZstdOptions,
+    all_encoders,
     encode,
     encode_gzip_params,
     golden_input,
-    gzip_encoders,
     lookup_encoder,
-    zstd_encoders,
 )
 
 CANARY_KEY = "dh:canaries"
@@ -106,7 +105,7 @@ def default_params(encoder_id: str) -> bytes:
 
 def registered_ids() -> list[str]:
     """Every encoder id this build registers (an id whose program is missing included)."""
-    return [encoder.encoder_id for encoder in gzip_encoders() + zstd_encoders()]
+    return [encoder.encoder_id for encoder in all_encoders()]
 
 
 def load_canaries(path: Path = CANARY_FILE) -> dict[str, Canary]:

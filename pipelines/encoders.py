@@ -851,6 +851,7 @@ _ZLIB_GOLDEN = {
 }
 
 
+@functools.cache
 def golden_input() -> bytes:
     """Deterministic mixed text/binary/zero input (xorshift-generated, version-proof)."""
     state = 0x9E3779B97F4A7C15
@@ -926,9 +927,22 @@ def zstd_encoders() -> list[Encoder]:
     return encoders
 
 
+def all_encoders() -> list[Encoder]:
+    """Every encoder this build knows, gzip first, whether or not it can run here."""
+    return gzip_encoders() + zstd_encoders()
+
+
+def prepare_encoders() -> None:
+    """Make now the checks each encoder makes on first use (stock zlib's golden digests,
+    the helpers' versions: ~130 ms here), so that a process that serves GETs does not
+    make its first restore pay them."""
+    for encoder in all_encoders():
+        encoder.unavailable_reason()
+
+
 def lookup_encoder(encoder_id: str) -> Encoder:
     """The encoder for a stored id; raises EncoderUnavailableError if it cannot run here."""
-    for encoder in gzip_encoders() + zstd_encoders():
+    for encoder in all_encoders():
         if encoder.encoder_id == encoder_id:
             reason = encoder.unavailable_reason()
             if reason:

@@ -38,6 +38,8 @@ from pipelines.encoders import (
     encode,
     find_encoder,
     libzstd_version,
+    lookup_encoder,
+    prepare_encoders,
     shortlist,
     stock_zlib_problem,
     tar_entries_end,
@@ -285,6 +287,18 @@ def test_encode_ignores_input_chunking(helper_dir: Path, layer_tar: bytes, encod
 
 def test_runtime_zlib_is_stock() -> None:
     assert stock_zlib_problem() is None, "this runtime would make zlib encoders unavailable"
+
+
+def test_prepared_encoders_leave_no_check_to_a_restore() -> None:
+    """A process that serves GETs prepares its encoders at start: the first restore's
+    lookup then makes no golden-digest check of its own."""
+    stock_zlib_problem.cache_clear()
+    prepare_encoders()
+    checks = stock_zlib_problem.cache_info().misses
+    assert checks == 1
+    lookup_encoder("gzip/zlib-1.2.13/6")
+    lookup_encoder("gzip/go1.26/6")
+    assert stock_zlib_problem.cache_info().misses == checks
 
 
 # --------------------------------------------------------------------------- zstd

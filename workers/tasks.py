@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from celery import Task, signals
 
 from pipelines.canaries import check_at_start
+from pipelines.encoders import prepare_encoders
 from pipelines.errors import is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.predict import Prediction
@@ -53,6 +54,13 @@ def retrying(work: Callable[[], Result]) -> Result:
             logger.warning("transient failure, retrying in %.1fs: %r", delay, error)
             time.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
+
+
+@signals.worker_process_init.connect
+def _prepare_encoders(**_kwargs: object) -> None:
+    """Each worker process makes the encoders' first-use checks before its first task (a
+    preconstruction that a GET follows must not pay them)."""
+    prepare_encoders()
 
 
 @signals.worker_ready.connect
