@@ -23,6 +23,7 @@ import os
 import struct
 import subprocess
 import threading
+import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -161,19 +162,25 @@ def run_filter(
         raise HelperFailedError(f"{argv[0]} exited with {returncode}: {message}")
 
 
-_helper_cpu = threading.local()
+_delegated_cpu = threading.local()
 
 
-def helper_cpu_seconds() -> float:
-    """CPU seconds used so far by the helper processes this thread ran to completion."""
-    return float(getattr(_helper_cpu, "seconds", 0.0))
+def thread_cpu_seconds() -> float:
+    """CPU seconds this thread used so far, counting what was spent on its behalf: by the
+    helper processes it ran to completion, and by work it handed to other threads."""
+    return time.thread_time() + float(getattr(_delegated_cpu, "seconds", 0.0))
+
+
+def charge_cpu(seconds: float) -> None:
+    """Count `seconds` of CPU, spent elsewhere for this thread, as this thread's."""
+    _delegated_cpu.seconds = float(getattr(_delegated_cpu, "seconds", 0.0)) + seconds
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> int:
     """Wait for a helper and count its CPU time (user + system) for this thread."""
     _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    _helper_cpu.seconds = helper_cpu_seconds() + usage.ru_utime + usage.ru_stime
+    charge_cpu(usage.ru_utime + usage.ru_stime)
     return proc.returncode
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -35,7 +36,14 @@ from pipelines.checkpoints import (
     join_segments,
     segment_input,
 )
-from pipelines.encoders import Encoder, decode_gzip_params, encode, lookup_encoder
+from pipelines.encoders import (
+    Encoder,
+    charge_cpu,
+    decode_gzip_params,
+    encode,
+    lookup_encoder,
+    thread_cpu_seconds,
+)
 from pipelines.filestore import FileStore, FileStoreError, Location, decode_stored
 from pipelines.recipe import Recipe
 from pipelines.storage import ObjectNotFound, ObjectStore
@@ -362,27 +370,41 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
         encoder = lookup_encoder(recipe.encoder_id)
         cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
-        pending: deque[tuple[Future[bytes], int]] = deque()
+        pending: deque[tuple[Future[tuple[bytes, float]], int]] = deque()
         ahead = 0
         broken: list[Exception] = []
         try:
             for segment, start, window in _until_broken(cuts, broken):
                 read_tar = _window_reader(start, window)
-                future = pool.submit(_encoded, encoder, segment, read_tar, recipe.tar_size)
-                pending.append((future, len(window)))
+                job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size)
+                pending.append((pool.submit(_metered, job), len(window)))
                 ahead += len(window)
                 while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
                     future, size = pending.popleft()
                     ahead -= size
-                    yield future.result()
+                    yield _charged(future.result())
             for future, _size in pending:
-                yield future.result()
+                yield _charged(future.result())
             if broken:  # a damaged file: raised once the segments cut before it went out
                 raise broken[0]
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
     return run
+
+
+def _metered(work: Callable[[], bytes]) -> tuple[bytes, float]:
+    """The bits `work` returns, with the CPU seconds it took on this (segment) thread."""
+    started = thread_cpu_seconds()
+    bits = work()
+    return bits, thread_cpu_seconds() - started
+
+
+def _charged(result: tuple[bytes, float]) -> bytes:
+    """A segment's bits; its CPU counted as the restoring thread's, whose restore it is."""
+    bits, seconds = result
+    charge_cpu(seconds)
+    return bits
 
 
 def segment_cuts(
@@ -456,7 +478,7 @@ class _Shared:
     def __init__(self, count: int, window: int) -> None:
         self.count, self.window = count, window
         self.next = self.consumed = 0
-        self.results: dict[int, bytes | BaseException] = {}
+        self.results: dict[int, tuple[bytes, float] | BaseException] = {}
         self.stopped = False
         self.changed = threading.Condition()
 
@@ -465,7 +487,9 @@ class _Shared:
     ) -> None:
         while (index := self._take()) is not None:
             try:
-                value: bytes | BaseException = encode(recipe, files, plan, index)
+                value: tuple[bytes, float] | BaseException = _metered(
+                    functools.partial(encode, recipe, files, plan, index)
+                )
             except BaseException as error:  # handed to the consumer
                 value = error
             with self.changed:
@@ -495,7 +519,7 @@ class _Shared:
                 self.changed.notify_all()
             if isinstance(value, BaseException):
                 raise value
-            yield value
+            yield _charged(value)
 
     def stop(self) -> None:
         with self.changed:

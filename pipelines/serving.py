@@ -29,7 +29,7 @@ from pipelines import metrics
 from pipelines.blobs import BlobInfo, BlobStore, Segment
 from pipelines.buffer import BufferMiss, Filler, LayerBuffer
 from pipelines.codecs import ChunkReader
-from pipelines.encoders import helper_cpu_seconds
+from pipelines.encoders import thread_cpu_seconds
 from pipelines.filestore import FileStore
 from pipelines.index import Index
 from pipelines.recipe import Recipe
@@ -114,7 +114,7 @@ class BlobServer:
     ) -> Iterator[bytes]:
         """The verified bytes of a deduplicated layer, written to `filler` as they come."""
         self.index.count("restores")
-        started = time.thread_time() + helper_cpu_seconds()
+        started = thread_cpu_seconds()
         wall = time.perf_counter()
         try:
             recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
@@ -132,8 +132,8 @@ class BlobServer:
             if filler is not None:
                 filler.abort()
             raise
-        finally:  # the CPU of this thread and of the encoder helpers it ran
-            spent = time.thread_time() + helper_cpu_seconds() - started
+        finally:  # the CPU of this thread, its encoder helpers and segment threads
+            spent = thread_cpu_seconds() - started
             self.index.count("restore_cpu_ms", int(spent * 1000))
 
     # ahead of GETs

@@ -15,6 +15,7 @@ import itertools
 import random
 import subprocess
 import sysconfig
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -54,6 +55,7 @@ from pipelines.encoders import (
     PgzipEncoder,
     encode_gzip_params,
     lookup_encoder,
+    thread_cpu_seconds,
 )
 from pipelines.recipe import Recipe
 from pipelines.restore import (
@@ -456,6 +458,25 @@ def test_live_small_layer_gets_segments_too(
     )
     assert b"".join(release_through(recipe, live, local_runner(2))) == blob
     assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
+
+
+@pytest.mark.parametrize("runner", ["local", "pooled"])
+def test_a_parallel_restore_counts_its_segment_threads_cpu_as_its_own(
+    live: LiveStack, client: RegistryClient, repo: str, runner: str
+) -> None:
+    """The restore CPU a registry reports is what the restoring thread measures: the
+    encoding its segment threads did for it is counted there, not lost."""
+    blob = python_gzip(6)(layer_tar(4))
+    _, recipe = deduplicated_recipe(live, client, repo, blob)
+    runners = {
+        "local": local_runner(2),
+        "pooled": restore.pooled_runner([restore.encode_stored_segment] * 2),
+    }
+    process_started, thread_started = time.process_time(), thread_cpu_seconds()
+    assert b"".join(release_through(recipe, live, runners[runner])) == blob
+    counted = thread_cpu_seconds() - thread_started
+    spent = time.process_time() - process_started
+    assert counted >= 0.8 * spent, f"counted {counted:.3f} s of the {spent:.3f} s spent"
 
 
 def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(
