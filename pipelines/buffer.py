@@ -70,7 +70,7 @@ class BufferMiss(Exception):
 class Entry:
     digest: str
     size: int
-    state: str  # "filling" | "complete"
+    state: str  # "filling" | "complete" (an entry being dropped is not an Entry)
     parts: int  # parts written so far
     hits: int
     origin: str  # why it was filled: "predicted", "pushed", "warm", "miss", "retired"
@@ -111,6 +111,8 @@ class LayerBuffer:
         )
         self._reserve = client.register_script(_RESERVE_LUA)
         self._touch = client.register_script(_TOUCH_LUA)
+        self._begin_drop = client.register_script(_BEGIN_DROP_LUA)
+        self._end_drop = client.register_script(_END_DROP_LUA)
 
     def _pin_seconds(self, origin: str) -> float:
         """How long a pin waits for its GETs: a layer predicted from a manifest GET is
@@ -216,15 +218,17 @@ class LayerBuffer:
 
     def drop(self, digest: str) -> None:
         """Delete an entry's parts (it was chosen for eviction, or its fill failed), then
-        give its bytes back."""
-        raw_size = self.redis.hget(entry_key(digest), "size")
-        size = int(raw_size or 0)
+        give its bytes back. The entry is first marked dropping, atomically, so that of two
+        processes dropping it at once (a failed fill, and a claimant that found its filler
+        gone) only one gives its bytes back: given back twice, S3 would hold more than the
+        bound."""
+        token, now = uuid.uuid4().hex, time.time()
+        size = int(self._begin_drop(keys=[entry_key(digest), RANK_KEY],
+                                    args=[digest, token, now, now + LEASE_MS / 1000]))  # fmt: skip
+        if size < 0:
+            return  # gone already, or another process is dropping it
         self.store.delete([part_key(digest, n) for n in range(-(-size // PART_BYTES))])
-        pipe = self.redis.pipeline()
-        pipe.delete(entry_key(digest))
-        pipe.zrem(RANK_KEY, digest)
-        pipe.incrby(USED_KEY, -size)
-        pipe.execute()
+        self._end_drop(keys=[entry_key(digest), USED_KEY], args=[token, size])
 
     # accounting
     def used_bytes(self) -> int:
@@ -268,6 +272,8 @@ def _parse_entry(digest: str, raw: dict[bytes, bytes]) -> Entry | None:
     if not raw:
         return None
     fields = {key.decode(): value.decode() for key, value in raw.items()}
+    if fields.get("state") == "dropping" or "size" not in fields:
+        return None  # its parts are being deleted (or it is the remnant of a dead filler)
     return Entry(
         digest,
         int(fields["size"]),
@@ -368,10 +374,13 @@ _RESERVE_LUA = (
     + """
 local size, capacity = tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'state') == 'complete' or redis.call('EXISTS', KEYS[2]) == 1 then
-    return {'refused'}
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if state == 'complete' or redis.call('EXISTS', KEYS[2]) == 1 then return {'refused'} end
+  local dropping_until = tonumber(redis.call('HGET', KEYS[1], 'dropping_until') or '0')
+  if state == 'dropping' and dropping_until >= tonumber(ARGV[11]) then
+    return {'refused'}  -- its parts are being deleted
   end
-  return {'evict', ARGV[1]}  -- a dead filler's entry: delete it, then claim afresh
+  return {'evict', ARGV[1]}  -- a dead filler's (or dropper's) entry: delete it, claim afresh
 end
 if size > capacity then return {'refused'} end
 local expected = tonumber(ARGV[7])
@@ -433,6 +442,28 @@ redis.call('ZADD', KEYS[4], rank, ARGV[1])
 return {'granted'}
 """
 )
+
+# KEYS: entry, rank. ARGV: digest, dropper's token, now, dropping until (a dropper that
+# died by then is replaced). Returns the entry's size, or -1: no entry, or another
+# process is dropping it.
+_BEGIN_DROP_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local dropping_until = tonumber(redis.call('HGET', KEYS[1], 'dropping_until') or '0')
+if redis.call('HGET', KEYS[1], 'state') == 'dropping' and dropping_until >= tonumber(ARGV[3]) then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'state', 'dropping', 'dropper', ARGV[2], 'dropping_until', ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+"""
+
+# KEYS: entry, used. ARGV: dropper's token, size. The entry's bytes given back, once.
+_END_DROP_LUA = """
+if redis.call('HGET', KEYS[1], 'dropper') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('DECRBY', KEYS[2], ARGV[2])
+return 1
+"""
 
 # KEYS: entry, rank, stats, last GET. ARGV: digest, now/tau, pin bonus, hits to add,
 # expected GETs to add, pinned until, now, predicted at (expected GETs are not added to

@@ -155,6 +155,53 @@ def test_the_buffer_never_exceeds_its_bound_under_concurrent_fills(live: LiveSta
         buffer.drop(digest)
 
 
+class DeleteHeldStore(S3Store):
+    """The stack's S3, with its deletes held until the test lets them go on."""
+
+    def __init__(self, live: LiveStack) -> None:
+        super().__init__(live.settings)
+        self.deleting, self.go_on = threading.Event(), threading.Event()
+
+    def delete(self, keys: list[str]) -> None:
+        self.deleting.set()
+        assert self.go_on.wait(30)
+        super().delete(keys)
+
+
+def test_an_entry_dropped_by_two_processes_at_once_gives_its_bytes_back_once(
+    live: LiveStack,
+) -> None:
+    """A fill fails and its parts are being deleted when another process claims the layer
+    and finds no filler: the claim waits for that delete instead of dropping the entry a
+    second time (which gave its bytes back twice: the buffer then counted fewer bytes
+    than S3 held, and let S3 hold more than the bound)."""
+    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/6")
+    client.flushdb()
+    held = DeleteHeldStore(live)
+    failing = LayerBuffer(held, client, 4 * PART_BYTES, tau_seconds=60, pin_seconds=60)
+    other = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    data = os.urandom(PART_BYTES + 1000)
+    digest = sha256(data)
+    filler = failing.start_fill(digest, len(data), "miss")
+    assert filler is not None
+    filler.write(data[:PART_BYTES])
+    aborting = threading.Thread(target=filler.abort)
+    aborting.start()
+    assert held.deleting.wait(30)
+    claim = other.start_fill(digest, len(data), "miss")  # while the failed fill drops
+    held.go_on.set()
+    aborting.join()
+    claim = claim or other.start_fill(digest, len(data), "miss")
+    assert claim is not None
+    claim.write(data)
+    claim.finish()
+    in_s3 = sum(size for key, size in held.list("buffer/") if _ours(key, {digest: data}))
+    assert other.used_bytes() == in_s3 == len(data)
+    assert b"".join(other.read(digest, 0, len(data))) == data
+    other.drop(digest)
+    assert other.used_bytes() == 0
+
+
 def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:
     """A prediction from a manifest GET that came before the entry was last read or
     filled, or before the layer was fetched by any path, pins nothing: its GET came
