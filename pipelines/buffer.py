@@ -220,15 +220,15 @@ class LayerBuffer:
         """Delete an entry's parts (it was chosen for eviction, or its fill failed), then
         give its bytes back. The entry is first marked dropping, atomically, so that of two
         processes dropping it at once (a failed fill, and a claimant that found its filler
-        gone) only one gives its bytes back: given back twice, S3 would hold more than the
-        bound."""
+        gone, or two evictions when a GET's hit ranked it again) only one gives its bytes
+        back: given back twice, S3 would hold more than the bound."""
         token, now = uuid.uuid4().hex, time.time()
         size = int(self._begin_drop(keys=[entry_key(digest), RANK_KEY],
                                     args=[digest, token, now, now + LEASE_MS / 1000]))  # fmt: skip
         if size < 0:
             return  # gone already, or another process is dropping it
         self.store.delete([part_key(digest, n) for n in range(-(-size // PART_BYTES))])
-        self._end_drop(keys=[entry_key(digest), USED_KEY], args=[token, size])
+        self._end_drop(keys=[entry_key(digest), USED_KEY, RANK_KEY], args=[token, size, digest])
 
     # accounting
     def used_bytes(self) -> int:
@@ -457,10 +457,12 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 """
 
-# KEYS: entry, used. ARGV: dropper's token, size. The entry's bytes given back, once.
+# KEYS: entry, used, rank. ARGV: dropper's token, size, digest. The entry's bytes given
+# back, once.
 _END_DROP_LUA = """
 if redis.call('HGET', KEYS[1], 'dropper') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('DECRBY', KEYS[2], ARGV[2])
 return 1
 """
@@ -471,7 +473,8 @@ return 1
 _TOUCH_LUA = (
     _PINNED_BYTES_LUA
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'dropping' then return 0 end  -- ranked again, it could be evicted twice
 local k = tonumber(redis.call('HGET', KEYS[1], 'k'))
 local t = tonumber(ARGV[2])
 local high, low = math.max(k, t), math.min(k, t)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from deploy.stack import wait_until
-from pipelines.buffer import PART_BYTES, LayerBuffer, entry_key
+from pipelines.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key
 from pipelines.storage import S3Store
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
@@ -200,6 +200,48 @@ def test_an_entry_dropped_by_two_processes_at_once_gives_its_bytes_back_once(
     assert b"".join(other.read(digest, 0, len(data))) == data
     other.drop(digest)
     assert other.used_bytes() == 0
+
+
+def fill_whole(buffer: LayerBuffer, digest: str, data: bytes) -> None:
+    filler = buffer.start_fill(digest, len(data), "miss")
+    assert filler is not None
+    filler.write(data)
+    filler.finish()
+
+
+def test_an_entry_evicted_while_a_get_ranks_it_again_is_dropped_once(live: LiveStack) -> None:
+    """A GET served from an entry records its hit while the entry's eviction deletes its
+    parts: the hit must not put it back among the candidates, where another fill's
+    eviction took it a second time and its bytes were given back twice (S3 then held two
+    layers in a buffer of one and a half)."""
+    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/7")
+    client.flushdb()
+    size = PART_BYTES + 1000
+    held = DeleteHeldStore(live)
+    evicting = LayerBuffer(held, client, size * 3 // 2, tau_seconds=60, pin_seconds=60)
+    other = LayerBuffer(S3Store(live.settings), client, size * 3 // 2, 60, 60)
+    layers = {sha256(data): data for data in (os.urandom(size) for _ in range(3))}
+    first, second, third = layers
+    fill_whole(other, first, layers[first])
+    claims: list[Filler | None] = []
+    evicting_first = threading.Thread(
+        target=lambda: claims.append(evicting.start_fill(second, size, "miss"))
+    )
+    evicting_first.start()
+    assert held.deleting.wait(30)
+    other.record_hit(first)  # a GET it served, recorded mid-eviction
+    third_claim = other.start_fill(third, size, "miss")
+    held.go_on.set()
+    evicting_first.join()
+    for digest, claim in ((second, claims[0]), (third, third_claim)):
+        if claim is not None:
+            claim.write(layers[digest])
+            claim.finish()
+    in_s3 = sum(size for key, size in held.list("buffer/") if _ours(key, layers))
+    assert other.used_bytes() == in_s3 <= size * 3 // 2
+    assert [member.decode() for member in client.zrange(RANK_KEY, 0, -1)] == [
+        digest for digest in (second, third) if other.entry(digest) is not None
+    ]
 
 
 def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:
