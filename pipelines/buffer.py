@@ -113,6 +113,7 @@ class LayerBuffer:
         self._touch = client.register_script(_TOUCH_LUA)
         self._begin_drop = client.register_script(_BEGIN_DROP_LUA)
         self._end_drop = client.register_script(_END_DROP_LUA)
+        self.fill_step = client.register_script(_OWNED_LUA)
 
     def _pin_seconds(self, origin: str) -> float:
         """How long a pin waits for its GETs: a layer predicted from a manifest GET is
@@ -287,7 +288,9 @@ def _parse_entry(digest: str, raw: dict[bytes, bytes]) -> Entry | None:
 class Filler:
     """Writes one entry's parts as verified bytes arrive, uploading on a thread of its own
     so that the restore does not wait for S3 (at most MAX_PENDING parts in memory);
-    `finish` marks the entry complete, `abort` gives its bytes back."""
+    `finish` marks the entry complete, `abort` gives its bytes back. Each step checks that
+    the filler still holds the fill claim: a filler whose lease expired and whose layer
+    another process took over stops writing (the GET it streams to goes on)."""
 
     MAX_PENDING = 2
 
@@ -301,34 +304,40 @@ class Filler:
         self.written = 0
         self.uploads: deque[Future[None]] = deque()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"fill-{digest[7:19]}")
+        self.lost = False  # another process took the fill over: the rest is not written
 
     def write(self, chunk: bytes) -> None:
+        if self.lost:
+            return
         self.pending += chunk
         while len(self.pending) >= PART_BYTES:
             self._put(bytes(self.pending[:PART_BYTES]))
             del self.pending[:PART_BYTES]
 
     def finish(self) -> None:
-        if self.pending:
+        if self.pending and not self.lost:
             self._put(bytes(self.pending))
             self.pending.clear()
         self._wait(0)
         self.pool.shutdown()
-        if self.written != self.size:
+        if not self.lost and self.written != self.size:
             raise ValueError(f"filled {self.written} of {self.size} bytes")
-        pipe = self.buffer.redis.pipeline()
-        pipe.hset(entry_key(self.digest), "state", "complete")
-        pipe.delete(fill_key(self.digest))
-        pipe.hincrby(STATS_KEY, "fills", 1)
-        pipe.execute()
+        if self.lost or not self._owned("finish"):
+            self.buffer.redis.hincrby(STATS_KEY, "fills_lost", 1)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._wait(0)
         self.pool.shutdown(cancel_futures=True)
-        self.buffer.redis.delete(fill_key(self.digest))
         self.buffer.redis.hincrby(STATS_KEY, "fills_failed", 1)
-        self.buffer.drop(self.digest)
+        if not self.lost and self._owned("abort"):
+            self.buffer.drop(self.digest)  # else the entry is another filler's now
+
+    def _owned(self, step: str, parts: int = 0) -> bool:
+        """Do `step` if this filler still holds the layer's fill claim; False if its lease
+        expired and another process took the layer over (or dropped it)."""
+        keys = [entry_key(self.digest), fill_key(self.digest), STATS_KEY]
+        return bool(self.buffer.fill_step(keys=keys, args=[self.owner, step, parts, LEASE_MS]))
 
     def _put(self, data: bytes) -> None:
         self._wait(self.MAX_PENDING - 1)
@@ -338,11 +347,14 @@ class Filler:
         self.uploads.append(self.pool.submit(self._upload, number, data))
 
     def _upload(self, number: int, data: bytes) -> None:
+        """Write a part, unless the fill was taken over: its parts are another filler's
+        now, and one written after that filler's drop would be bytes nobody counts."""
+        if self.lost or not self._owned("lease"):
+            self.lost = True
+            return
         self.buffer.store.put_bytes(part_key(self.digest, number), data)
-        pipe = self.buffer.redis.pipeline()
-        pipe.hset(entry_key(self.digest), "parts", number + 1)
-        pipe.pexpire(fill_key(self.digest), LEASE_MS)
-        pipe.execute()
+        if not self._owned("part", number + 1):
+            self.lost = True
 
     def _wait(self, keep: int) -> None:
         """Wait until at most `keep` uploads are pending; an upload's error is raised."""
@@ -442,6 +454,25 @@ redis.call('ZADD', KEYS[4], rank, ARGV[1])
 return {'granted'}
 """
 )
+
+# KEYS: entry, fill claim, stats. ARGV: filler's owner token, step, parts written, lease
+# ms. A filler's step, done only while it holds the claim; returns 1 if done, else 0.
+_OWNED_LUA = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[2] == 'lease' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+elseif ARGV[2] == 'part' then
+  redis.call('HSET', KEYS[1], 'parts', ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+elseif ARGV[2] == 'finish' then
+  redis.call('HSET', KEYS[1], 'state', 'complete')
+  redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[3], 'fills', 1)
+else  -- abort: the claim given up, the caller drops the entry
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
 
 # KEYS: entry, rank. ARGV: digest, dropper's token, now, dropping until (a dropper that
 # died by then is replaced). Returns the entry's size, or -1: no entry, or another

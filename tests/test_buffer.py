@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from deploy.stack import wait_until
-from pipelines.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key
+from pipelines.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key, fill_key
 from pipelines.storage import S3Store
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
@@ -242,6 +242,43 @@ def test_an_entry_evicted_while_a_get_ranks_it_again_is_dropped_once(live: LiveS
     assert [member.decode() for member in client.zrange(RANK_KEY, 0, -1)] == [
         digest for digest in (second, third) if other.entry(digest) is not None
     ]
+
+
+@pytest.mark.parametrize("end", ["finish", "abort"])
+def test_a_filler_whose_layer_was_taken_over_leaves_the_new_fill_alone(
+    live: LiveStack, end: str
+) -> None:
+    """A filler stalled past its lease while another process took its layer over: its
+    later parts, and its finish or abort, leave the new filler's entry alone (before, its
+    finish marked the new entry complete half-written, its abort dropped it under the new
+    filler), and S3 holds only the bytes the buffer counts."""
+    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/8")
+    client.flushdb()
+    stalling = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    other = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    data = os.urandom(2 * PART_BYTES + 1000)
+    digest = sha256(data)
+    stalled = stalling.start_fill(digest, len(data), "miss")
+    assert stalled is not None
+    stalled.write(data[:PART_BYTES])
+
+    def first_part_written() -> bool:
+        entry = stalling.entry(digest)
+        return entry is not None and entry.parts == 1
+
+    wait_until(first_part_written, "the first part written")
+    client.delete(fill_key(digest))  # its lease ran out
+    taking_over = other.start_fill(digest, len(data), "miss")
+    assert taking_over is not None
+    stalled.write(data[PART_BYTES:])
+    stalled.finish() if end == "finish" else stalled.abort()
+    entry = other.entry(digest)
+    assert entry is not None and not entry.complete and entry.parts == 0
+    taking_over.write(data)
+    taking_over.finish()
+    assert b"".join(other.read(digest, 0, len(data))) == data
+    in_s3 = sum(size for key, size in other.store.list("buffer/") if _ours(key, {digest: data}))
+    assert other.used_bytes() == in_s3 == len(data)
 
 
 def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:
