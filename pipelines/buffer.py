@@ -113,7 +113,7 @@ class LayerBuffer:
         self._touch = client.register_script(_TOUCH_LUA)
         self._begin_drop = client.register_script(_BEGIN_DROP_LUA)
         self._end_drop = client.register_script(_END_DROP_LUA)
-        self.fill_step = client.register_script(_OWNED_LUA)
+        self.fill_step = client.register_script(_FILL_STEP_LUA)
 
     def _pin_seconds(self, origin: str) -> float:
         """How long a pin waits for its GETs: a layer predicted from a manifest GET is
@@ -377,21 +377,28 @@ local function pinned_bytes(rank_key, bonus, now)
 end
 """
 
+# Whether an entry's parts are being deleted by a dropper alive at `now` (entry key, now).
+_BEING_DROPPED_LUA = """
+local function being_dropped(key, now)
+  local dropping_until = tonumber(redis.call('HGET', key, 'dropping_until') or '0')
+  return redis.call('HGET', key, 'state') == 'dropping' and dropping_until >= now
+end
+"""
+
 # KEYS: entry, fill claim, used, rank, stats, last GET. ARGV: digest, size, capacity,
 # owner, lease ms, origin, expected GETs, now/tau, pin bonus, pinned until, now,
 # predicted at, bytes pins may hold.
 # Returns {"granted"} | {"evict", victim...} | {"refused"}.
 _RESERVE_LUA = (
     _PINNED_BYTES_LUA
+    + _BEING_DROPPED_LUA
     + """
 local size, capacity = tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  local state = redis.call('HGET', KEYS[1], 'state')
-  if state == 'complete' or redis.call('EXISTS', KEYS[2]) == 1 then return {'refused'} end
-  local dropping_until = tonumber(redis.call('HGET', KEYS[1], 'dropping_until') or '0')
-  if state == 'dropping' and dropping_until >= tonumber(ARGV[11]) then
-    return {'refused'}  -- its parts are being deleted
+  if redis.call('HGET', KEYS[1], 'state') == 'complete' or redis.call('EXISTS', KEYS[2]) == 1 then
+    return {'refused'}
   end
+  if being_dropped(KEYS[1], tonumber(ARGV[11])) then return {'refused'} end
   return {'evict', ARGV[1]}  -- a dead filler's (or dropper's) entry: delete it, claim afresh
 end
 if size > capacity then return {'refused'} end
@@ -457,7 +464,7 @@ return {'granted'}
 
 # KEYS: entry, fill claim, stats. ARGV: filler's owner token, step, parts written, lease
 # ms. A filler's step, done only while it holds the claim; returns 1 if done, else 0.
-_OWNED_LUA = """
+_FILL_STEP_LUA = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[2] == 'lease' then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -477,16 +484,17 @@ return 1
 # KEYS: entry, rank. ARGV: digest, dropper's token, now, dropping until (a dropper that
 # died by then is replaced). Returns the entry's size, or -1: no entry, or another
 # process is dropping it.
-_BEGIN_DROP_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local dropping_until = tonumber(redis.call('HGET', KEYS[1], 'dropping_until') or '0')
-if redis.call('HGET', KEYS[1], 'state') == 'dropping' and dropping_until >= tonumber(ARGV[3]) then
+_BEGIN_DROP_LUA = (
+    _BEING_DROPPED_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 or being_dropped(KEYS[1], tonumber(ARGV[3])) then
   return -1
 end
 redis.call('HSET', KEYS[1], 'state', 'dropping', 'dropper', ARGV[2], 'dropping_until', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 """
+)
 
 # KEYS: entry, used, rank. ARGV: dropper's token, size, digest. The entry's bytes given
 # back, once.
