@@ -15,7 +15,7 @@ import redis
 
 from deploy.stack import wait_until
 from pipelines.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key, fill_key
-from pipelines.storage import S3Store
+from pipelines.storage import ObjectStore, S3Store
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
@@ -113,8 +113,7 @@ def test_the_buffer_never_exceeds_its_bound_under_concurrent_fills(live: LiveSta
     bytes S3 holds stay within the bound throughout, and every entry that completed
     reads back exactly."""
     capacity = 5 * PART_BYTES
-    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/5")
-    client.flushdb()
+    client = empty_redis_db(live, 5)
     store = S3Store(live.settings)
     buffer = LayerBuffer(store, client, capacity, tau_seconds=60, pin_seconds=60)
     layers = {f"sha256:{os.urandom(32).hex()}": os.urandom(2 * PART_BYTES + n) for n in range(8)}
@@ -123,7 +122,7 @@ def test_the_buffer_never_exceeds_its_bound_under_concurrent_fills(live: LiveSta
 
     def watch() -> None:
         while not done.is_set():
-            in_s3 = sum(size for key, size in store.list("buffer/") if _ours(key, layers))
+            in_s3 = buffer_bytes_in_s3(store, layers)
             observed.append(max(in_s3, buffer.used_bytes()))
 
     def fill(digest: str, data: bytes) -> None:
@@ -175,8 +174,7 @@ def test_an_entry_dropped_by_two_processes_at_once_gives_its_bytes_back_once(
     and finds no filler: the claim waits for that delete instead of dropping the entry a
     second time (which gave its bytes back twice: the buffer then counted fewer bytes
     than S3 held, and let S3 hold more than the bound)."""
-    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/6")
-    client.flushdb()
+    client = empty_redis_db(live, 6)
     held = DeleteHeldStore(live)
     failing = LayerBuffer(held, client, 4 * PART_BYTES, tau_seconds=60, pin_seconds=60)
     other = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
@@ -195,7 +193,7 @@ def test_an_entry_dropped_by_two_processes_at_once_gives_its_bytes_back_once(
     assert claim is not None
     claim.write(data)
     claim.finish()
-    in_s3 = sum(size for key, size in held.list("buffer/") if _ours(key, {digest: data}))
+    in_s3 = buffer_bytes_in_s3(held, {digest: data})
     assert other.used_bytes() == in_s3 == len(data)
     assert b"".join(other.read(digest, 0, len(data))) == data
     other.drop(digest)
@@ -214,8 +212,7 @@ def test_an_entry_evicted_while_a_get_ranks_it_again_is_dropped_once(live: LiveS
     parts: the hit must not put it back among the candidates, where another fill's
     eviction took it a second time and its bytes were given back twice (S3 then held two
     layers in a buffer of one and a half)."""
-    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/7")
-    client.flushdb()
+    client = empty_redis_db(live, 7)
     size = PART_BYTES + 1000
     held = DeleteHeldStore(live)
     evicting = LayerBuffer(held, client, size * 3 // 2, tau_seconds=60, pin_seconds=60)
@@ -237,7 +234,7 @@ def test_an_entry_evicted_while_a_get_ranks_it_again_is_dropped_once(live: LiveS
         if claim is not None:
             claim.write(layers[digest])
             claim.finish()
-    in_s3 = sum(size for key, size in held.list("buffer/") if _ours(key, layers))
+    in_s3 = buffer_bytes_in_s3(held, layers)
     assert other.used_bytes() == in_s3 <= size * 3 // 2
     assert [member.decode() for member in client.zrange(RANK_KEY, 0, -1)] == [
         digest for digest in (second, third) if other.entry(digest) is not None
@@ -252,8 +249,7 @@ def test_a_filler_whose_layer_was_taken_over_leaves_the_new_fill_alone(
     later parts, and its finish or abort, leave the new filler's entry alone (before, its
     finish marked the new entry complete half-written, its abort dropped it under the new
     filler), and S3 holds only the bytes the buffer counts."""
-    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/8")
-    client.flushdb()
+    client = empty_redis_db(live, 8)
     stalling = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
     other = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
     data = os.urandom(2 * PART_BYTES + 1000)
@@ -277,7 +273,7 @@ def test_a_filler_whose_layer_was_taken_over_leaves_the_new_fill_alone(
     taking_over.write(data)
     taking_over.finish()
     assert b"".join(other.read(digest, 0, len(data))) == data
-    in_s3 = sum(size for key, size in other.store.list("buffer/") if _ours(key, {digest: data}))
+    in_s3 = buffer_bytes_in_s3(other.store, {digest: data})
     assert other.used_bytes() == in_s3 == len(data)
 
 
@@ -287,8 +283,7 @@ def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> N
     already, and a pin would hold the bytes of a full buffer for nothing, refusing every
     other fill. A prediction made after pins it, and the pin is counted from the manifest
     GET, so a late one pins nothing either."""
-    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/6")
-    client.flushdb()
+    client = empty_redis_db(live, 6)
     buffer = LayerBuffer(S3Store(live.settings), client, 2 * PART_BYTES, 60, pin_seconds=30)
     old, new = (f"sha256:{os.urandom(32).hex()}" for _ in range(2))
     before_fill = time.time() - 1
@@ -323,8 +318,7 @@ def test_pins_hold_at_most_half_the_buffer(live: LiveStack) -> None:
     bound (PIN_SHARE), so an on-demand fill always finds room. A preconstruction beyond
     it is refused (unpinned, it would be evicted before its GET), and a prediction for a
     buffered entry leaves it unpinned."""
-    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/7")
-    client.flushdb()
+    client = empty_redis_db(live, 7)
     buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, pin_seconds=60)
     first, second, third, demanded = (f"sha256:{os.urandom(32).hex()}" for _ in range(4))
 
@@ -361,8 +355,7 @@ def test_a_prediction_from_a_manifest_get_pins_for_less_time_than_one_for_a_flee
     """A client GETs the layers of the manifest it fetched within seconds, or not at all:
     a prediction from a manifest GET pins for the prediction pin time; one from a tag
     put (the repository's pullers come at their next pulls) for the buffer's pin time."""
-    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + "/8")
-    client.flushdb()
+    client = empty_redis_db(live, 8)
     buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60, 10)
     predicted, pushed = (f"sha256:{os.urandom(32).hex()}" for _ in range(2))
     since = time.time()
@@ -394,6 +387,18 @@ def test_a_prediction_acted_on_after_its_get_rebuilds_nothing(
 
 def _ours(key: str, layers: dict[str, bytes]) -> bool:
     return any(digest.split(":")[1] in key for digest in layers)
+
+
+def buffer_bytes_in_s3(store: ObjectStore, layers: dict[str, bytes]) -> int:
+    """The bytes S3 holds in buffer parts of `layers`."""
+    return sum(size for key, size in store.list("buffer/") if _ours(key, layers))
+
+
+def empty_redis_db(live: LiveStack, number: int) -> redis.Redis[bytes]:
+    """Database `number` of the stack's Redis, emptied: a buffer of the test's own."""
+    client = redis.Redis.from_url(live.settings.redis_url.rsplit("/", 1)[0] + f"/{number}")
+    client.flushdb()
+    return client
 
 
 def test_popular_layers_get_an_intact_replica_and_lose_it_when_cold(
