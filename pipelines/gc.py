@@ -56,6 +56,7 @@ from pipelines.manifests import (
     ManifestStore,
     manifest_key,
 )
+from pipelines.pauses import pause
 from pipelines.recipe import Recipe
 from pipelines.storage import Listed, ObjectNotFound, ObjectStore
 
@@ -179,6 +180,7 @@ class GarbageCollector:
         marks = self._mark(cutoff)
         self._sweep_manifests(marks, cutoff, report)
         descriptors = self._descriptors()
+        pause("gc.marked")
         dead_blobs = self._decide(
             "blob",
             [d for d, (listed, _i) in descriptors.items()
@@ -190,6 +192,7 @@ class GarbageCollector:
             self._delete_blob(descriptors.pop(digest)[1], marks, report)
         live_files = self._live_files(info for _listed, info in descriptors.values())
         dead_files = self._dead_files(live_files, cutoff, descriptors, report)
+        pause("gc.files_decided")
         self._sweep_packs(dead_files, cutoff, report)
         self._sweep_orphans(descriptors, cutoff, report)
 

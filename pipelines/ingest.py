@@ -43,6 +43,7 @@ from pipelines.digests import digest_key
 from pipelines.errors import BeingCollected, is_transient
 from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index
+from pipelines.pauses import pause
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
 from pipelines.restore import large_file_spans, rebuild_tar, rebuild_tar_range
 from pipelines.storage import ObjectStore
@@ -171,6 +172,7 @@ class Ingestor:
             return self._intact(record, match.reason)
         recipe = replace(recipe, encoder_id=match.encoder_id, encoder_params=match.encoder_params)
         record.encoder = match.encoder_id
+        pause("ingest.before_recipe")
         record.recipe_bytes = self._store_recipe(recipe)
         if checkpoints is not None:  # optional for restores: never read back here
             encoded = checkpoints.encode()
@@ -339,6 +341,7 @@ class Ingestor:
     def retire_intact_copy(self, digest: str, keep_replica: bool = False) -> int:
         """Settle the intact copy of a deduplicated layer: delete it (the bytes freed), or,
         for a layer hot enough to keep one (S-mode), keep it as the layer's replica."""
+        pause("retire.start")
         with self.index.lock(f"retire:{digest}"):
             info = self.blobs.stored_info(digest)
             if info is None or not info.deduplicated:

@@ -45,6 +45,7 @@ from pipelines.encoders import (
     thread_cpu_seconds,
 )
 from pipelines.filestore import FileStore, FileStoreError, Location, decode_stored
+from pipelines.pauses import pause
 from pipelines.recipe import Recipe
 from pipelines.storage import ObjectNotFound, ObjectStore
 from pipelines.tarsplit import FileRef, Raw
@@ -195,6 +196,7 @@ def _plan(
             raise RestoreError(f"file {ref.digest.hex()} is not stored")
         if location.length <= SPAN_LIMIT:
             small.setdefault((location.pack, location.offset), (ref, location))
+    pause("restore.planned")
     need = {key: order for order, key in enumerate(small)}
     spans = sorted(
         _spans(small.values()), key=lambda span: min(need[(span.pack, o)] for o in span.members)

@@ -17,6 +17,7 @@ import pytest
 
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
 from pipelines.config import Settings
+from pipelines.pauses import PAUSE_DIR_VARIABLE
 from pipelines.registry import Registry
 from tests.client import RegistryClient
 
@@ -152,3 +153,31 @@ def helper_dir() -> Path:
     if isinstance(built, str):
         pytest.skip(built)
     return built
+
+
+class PausePoints:
+    """The test's side of `pipelines.pauses`: hold a named point, see a process reach it,
+    let it go on. Every process of a stack started with `environment()` obeys."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def environment(self) -> dict[str, str]:
+        return {PAUSE_DIR_VARIABLE: str(self.directory)}
+
+    def hold(self, name: str) -> None:
+        (self.directory / f"{name}.reached").unlink(missing_ok=True)
+        (self.directory / name).touch()
+
+    def wait_reached(self, name: str, timeout: float = 120) -> None:
+        wait_until(lambda: (self.directory / f"{name}.reached").exists(), f"pause point {name}",
+                   timeout=timeout, interval=0.01)  # fmt: skip
+
+    def release(self, name: str) -> None:
+        (self.directory / name).unlink(missing_ok=True)
+
+    def release_all(self) -> None:
+        for armed in self.directory.iterdir():
+            if not armed.name.endswith(".reached"):
+                armed.unlink(missing_ok=True)
