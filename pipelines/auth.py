@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from pipelines.config import AuthSettings
+from pipelines.globs import glob_regex
 from pipelines.registry import MAX_NAME_LENGTH, NAME_PATTERN
 
 MODES = ("none", "htpasswd", "token")
@@ -224,13 +225,6 @@ class Htpasswd:
 
 
 # policy
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """`*` and `?` stay within one path component, `**` crosses them."""
-    parts = re.split(r"(\*\*|\*|\?)", pattern)
-    wild = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
-    return re.compile("".join(wild.get(part, re.escape(part)) for part in parts))
-
-
 @dataclass(frozen=True)
 class Rule:
     patterns: tuple[re.Pattern[str], ...]

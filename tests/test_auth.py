@@ -53,13 +53,13 @@ from pipelines.auth import (
     ReloadingFile,
     TokenIssuer,
     TokenVerifier,
-    glob_regex,
     load_policy,
     load_private_key,
     load_public_keys,
     parse_policy,
     parse_scope,
 )
+from pipelines.globs import glob_regex
 from tests.client import OCI_CONFIG, OCI_MANIFEST, RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack
 from tests.test_conformance import build_data, run_discovery, run_management, run_pull, run_push
