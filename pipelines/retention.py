@@ -8,6 +8,10 @@ rule whose pattern matches a repository applies to it, other repositories keep a
         {"repositories": "ci/**", "keep_last": 3}
     ]}
 
+Patterns follow the auth policy's rules (`pipelines.globs`): `*` and `?` stay within one
+path component, `**` crosses them (`team/*` matches `team/app`, not `team/app/sub`;
+`ci/**` matches both `ci/app` and `ci/app/sub`).
+
 A tag is kept if it is among the `keep_last` most recently pushed, or was pushed within
 `keep_newer_than_days` (either condition keeps it; a rule with neither keeps nothing).
 A tag's time is when its tag object was last written in S3. Deleting a tag leaves its
@@ -17,12 +21,13 @@ held.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipelines.globs import glob_regex
 
 
 class PolicyError(ValueError):
@@ -36,7 +41,7 @@ class Rule:
     keep_newer_than_days: float | None
 
     def matches(self, repository: str) -> bool:
-        return fnmatch.fnmatchcase(repository, self.pattern)
+        return glob_regex(self.pattern).fullmatch(repository) is not None
 
     def doomed(self, tags: dict[str, float], now: float) -> list[str]:
         """The tags (name -> push time) this rule does not keep."""
