@@ -197,9 +197,11 @@ class Index:
         self.redis.set(READY_KEY, "1")
 
     def clear(self) -> None:
-        """Drop every index entry (locks excepted: a rebuild runs under one)."""
+        """Drop every index entry; locks (a rebuild runs under one) and job records (a
+        rebuild is a job, followed through its record) are kept."""
+        kept = (f"{PREFIX}lock:".encode(), f"{PREFIX}job:".encode())
         for key in self.redis.scan_iter(match=PREFIX + "*", count=1000):
-            if not key.startswith(f"{PREFIX}lock:".encode()):
+            if not key.startswith(kept):
                 self.redis.delete(key)
 
     # jobs
