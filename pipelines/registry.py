@@ -48,6 +48,8 @@ MAX_NAME_LENGTH = 255
 REDIRECT_URL_SECONDS = 1200
 PULLERS_WINDOW_SECONDS = 24 * 3600
 AUDIT_KEY = "dh:audit:packs"
+REBUILD_LOCK = "rebuild-index"
+REBUILD_SECONDS = 3600  # the rebuild's lease, and how long another waits for it
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -497,16 +499,27 @@ class Registry:
         prepare_encoders()
 
     def ensure_index(self) -> None:
-        """Rebuild the index from S3 if it is empty; one process does it, the others wait."""
+        """Rebuild the index from S3 if it is incomplete; one process does it, the others
+        wait for it."""
         if self.index.is_ready():
             return
-        with self.index.lock("rebuild-index", timeout=3600, blocking_timeout=3600):
+        with self._rebuild_lock():
             if not self.index.is_ready():
-                self.rebuild_index()
+                self._rebuild_from_s3(None)
 
     def rebuild_index(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
-        """Recreate every Redis index entry from what S3 holds; `progress` hears how many
-        objects were indexed, every thousand."""
+        """Recreate every Redis index entry from what S3 holds, after any rebuild running
+        elsewhere (two at once would clear each other's entries); `progress` hears how
+        many objects were indexed, every thousand."""
+        with self._rebuild_lock():
+            return self._rebuild_from_s3(progress)
+
+    def _rebuild_lock(self) -> Any:
+        return self.index.lock(
+            REBUILD_LOCK, timeout=REBUILD_SECONDS, blocking_timeout=REBUILD_SECONDS
+        )
+
+    def _rebuild_from_s3(self, progress: Callable[[int], None] | None) -> dict[str, int]:
         self.index.clear()
         counts: dict[str, int] = {}
         logical = stored = 0

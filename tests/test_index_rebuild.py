@@ -1,5 +1,5 @@
 """The Redis index rebuilt from S3, on a stack of its own (its Redis is flushed here):
-`duphunter reindex` ends with its job's result."""
+`duphunter reindex` ends with its job's result; a rebuild never runs beside another."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -80,3 +81,23 @@ def test_cli_reindex_ends_with_the_jobs_result(index_live: LiveStack, pushed: Pu
     assert client.request("GET", f"/v2/{pushed.repo}/blobs/{sha256(pushed.layer)}").data == (
         pushed.layer
     )
+
+
+def test_a_rebuild_waits_for_the_one_running(index_live: LiveStack, pushed: Pushed) -> None:
+    """Two rebuilds at once would clear each other's entries: the reindex job waits for
+    the rebuild lock (here held by the test, standing for another process's rebuild)."""
+    client, index = RegistryClient(index_live.url), index_live.registry.index
+    with index.lock("rebuild-index", timeout=120, blocking_timeout=5):
+        job_id = json.loads(client.request("POST", "/api/v1/jobs/reindex", b"{}").data)["id"]
+        wait_until(lambda: job_state(client, job_id) == "started", "reindex job started")
+        time.sleep(2)
+        assert job_state(client, job_id) == "started"
+        assert index.is_ready()  # nothing cleared
+    wait_until(lambda: job_state(client, job_id) == "success", "reindex job done")
+    assert client.request("GET", f"/v2/{pushed.repo}/manifests/{pushed.tag}").data == (
+        pushed.manifest
+    )
+
+
+def job_state(client: RegistryClient, job_id: str) -> str:
+    return str(json.loads(client.request("GET", f"/api/v1/jobs/{job_id}").data)["state"])
