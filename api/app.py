@@ -21,7 +21,7 @@ from api.auth import AuthGate
 from api.exposition import metrics_exposition
 from pipelines import metrics
 from pipelines.blobs import BlobInfo
-from pipelines.errors import RegistryError, is_transient
+from pipelines.errors import IndexIncomplete, RegistryError, is_transient
 from pipelines.manifests import OCI_INDEX
 from pipelines.registry import Registry, check_name, paginate, parse_count
 from workers import jobs
@@ -29,6 +29,7 @@ from workers import jobs
 Handler = Callable[..., Response]
 SOURCE_HEADER = "X-DupHunter-Source"  # what served a blob GET (pipelines.serving.SOURCES)
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+RETRY_AFTER_SECONDS = "5"  # with a 503: a backend unreachable, the index being rebuilt
 
 
 class Router:
@@ -53,7 +54,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error_response(error: RegistryError) -> Response:
-    return _json(error.body(), error.status)
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if error.status == 503 else None
+    return _json(error.body(), error.status, headers)
 
 
 def _content_length(request: Request) -> int | None:
@@ -246,7 +248,7 @@ class RegistryApp:
         try:
             if "name" in params:
                 check_name(params["name"])
-            return handler(request, **params)
+            return self._run(handler, request, params)
         except RegistryError as error:
             _drain(request)
             return _error_response(error)
@@ -256,7 +258,16 @@ class RegistryApp:
             if not is_transient(error):
                 raise
             unavailable = RegistryError("UNAVAILABLE", f"a backend is unreachable: {error}")
-            return _json(unavailable.body(), 503, {"Retry-After": "5"})
+            return _error_response(unavailable)
+
+    def _run(self, handler: Handler, request: Request, params: dict[str, str]) -> Response:
+        """The handler's answer; a lookup that found the index incomplete also asks for
+        it to be rebuilt."""
+        try:
+            return handler(request, **params)
+        except IndexIncomplete:
+            jobs.request_index_rebuild(self.registry)
+            raise
 
     # base, catalog
     def base(self, request: Request) -> Response:

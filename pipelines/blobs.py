@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pipelines.digests import Digest, ResumableSha256, digest_key
-from pipelines.errors import RegistryError
+from pipelines.errors import RegistryError, unknown
 from pipelines.index import Index
 from pipelines.storage import ObjectNotFound, ObjectStore
 
@@ -189,12 +189,13 @@ class BlobStore:
 
     def linked_info(self, repo: str, digest: str) -> BlobInfo:
         """The blob as seen from `repo`: BLOB_UNKNOWN unless linked there (or while
-        garbage collection deletes it)."""
+        garbage collection deletes it); IndexIncomplete while the index may not know it."""
         Digest.parse(digest)
         linked = self.index.is_layer_linked(repo, digest) and not self.index.touch("blob", [digest])
         info = self.info(digest) if linked else None
         if info is None:
-            raise RegistryError("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
+            detail = {"digest": digest}
+            raise unknown("BLOB_UNKNOWN", "blob unknown to registry", detail, self.index.is_ready())
         return info
 
     def read(self, info: BlobInfo, offset: int = 0, length: int | None = None) -> Iterator[bytes]:

@@ -52,6 +52,21 @@ class RegistryError(Exception):
         return {"errors": [error]}
 
 
+class IndexIncomplete(RegistryError):
+    """A lookup missed while the Redis index is incomplete (Redis lost its keys, or a
+    rebuild runs): what was looked up may be in S3 all the same, so the client is told to
+    come back (503) rather than that it is unknown (404)."""
+
+    def __init__(self, detail: Any = None) -> None:
+        message = "the registry's index is being rebuilt from storage; try again shortly"
+        super().__init__("UNAVAILABLE", message, detail)
+
+
+def unknown(code: str, message: str, detail: Any, index_complete: bool) -> RegistryError:
+    """What a lookup that missed raises: `code` (a 404) once the index is complete."""
+    return RegistryError(code, message, detail) if index_complete else IndexIncomplete(detail)
+
+
 class BeingCollected(ConnectionError):
     """An object this work relies on is being garbage-collected: try again later (it is
     a ConnectionError so that the retries for transient failures take it)."""

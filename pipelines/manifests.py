@@ -14,7 +14,7 @@ from typing import Any
 
 from pipelines.blobs import BlobStore
 from pipelines.digests import Digest, digest_key
-from pipelines.errors import RegistryError
+from pipelines.errors import IndexIncomplete, RegistryError, unknown
 from pipelines.index import Index
 from pipelines.storage import ObjectStore
 
@@ -271,9 +271,8 @@ class ManifestStore:
         else:  # a reference that could not be a tag names no manifest: 404, as for any other
             digest = self.index.tag(repo, reference) if TAG_PATTERN.match(reference) else None
         if digest is None or self.index.revision(repo, digest) is None:
-            raise RegistryError(
-                "MANIFEST_UNKNOWN", "manifest unknown to registry", {"reference": reference}
-            )
+            message, detail = "manifest unknown to registry", {"reference": reference}
+            raise unknown("MANIFEST_UNKNOWN", message, detail, self.index.is_ready())
         return digest
 
     def get(self, repo: str, reference: str, accept: list[str]) -> StoredManifest:
@@ -329,10 +328,11 @@ class ManifestStore:
         }
 
     def tags(self, repo: str) -> list[str]:
+        if not self.index.is_ready():  # a partial index would give a partial list
+            raise IndexIncomplete({"name": repo})
         if not self.index.repository_exists(repo):
-            raise RegistryError(
-                "NAME_UNKNOWN", "repository name not known to registry", {"name": repo}
-            )
+            message, detail = "repository name not known to registry", {"name": repo}
+            raise unknown("NAME_UNKNOWN", message, detail, self.index.is_ready())
         return sorted(self.index.tags(repo))
 
     def referrers(self, repo: str, subject: str, artifact_type: str | None) -> list[dict[str, Any]]:

@@ -50,6 +50,8 @@ PULLERS_WINDOW_SECONDS = 24 * 3600
 AUDIT_KEY = "dh:audit:packs"
 REBUILD_LOCK = "rebuild-index"
 REBUILD_SECONDS = 3600  # the rebuild's lease, and how long another waits for it
+REBUILD_REQUEST_KEY = "dh:index:rebuild-requested"
+REBUILD_REQUEST_SECONDS = 300  # after this, a request that never ran (lost?) is made again
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -498,14 +500,13 @@ class Registry:
         self.ensure_index()
         prepare_encoders()
 
-    def ensure_index(self) -> None:
+    def ensure_index(self) -> dict[str, int] | None:
         """Rebuild the index from S3 if it is incomplete; one process does it, the others
-        wait for it."""
+        wait for it. What this call indexed (None: nothing, the index was complete)."""
         if self.index.is_ready():
-            return
+            return None
         with self._rebuild_lock():
-            if not self.index.is_ready():
-                self._rebuild_from_s3(None)
+            return None if self.index.is_ready() else self._rebuild_from_s3(None)
 
     def rebuild_index(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
         """Recreate every Redis index entry from what S3 holds, after any rebuild running
@@ -513,6 +514,21 @@ class Registry:
         many objects were indexed, every thousand."""
         with self._rebuild_lock():
             return self._rebuild_from_s3(progress)
+
+    def claim_rebuild_request(self) -> bool:
+        """Whether this caller is the one to ask for the incomplete index to be rebuilt:
+        no rebuild runs, and none was asked for (and not yet done) by another."""
+        if self._rebuild_lock().locked():
+            return False
+        claimed = self.index.redis.set(
+            REBUILD_REQUEST_KEY, "1", nx=True, ex=REBUILD_REQUEST_SECONDS
+        )
+        return bool(claimed)
+
+    def release_rebuild_request(self) -> None:
+        """The requested rebuild ended (or could not be asked for): the next lookup to
+        find the index incomplete may ask again."""
+        self.index.redis.delete(REBUILD_REQUEST_KEY)
 
     def _rebuild_lock(self) -> Any:
         return self.index.lock(

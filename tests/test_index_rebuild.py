@@ -1,5 +1,7 @@
 """The Redis index rebuilt from S3, on a stack of its own (its Redis is flushed here):
-`duphunter reindex` ends with its job's result; a rebuild never runs beside another."""
+`duphunter reindex` ends with its job's result; a rebuild never runs beside another; while
+the index is incomplete (Redis lost its keys, a rebuild runs) a lookup that misses answers
+503, never 404, and the registry asks for one rebuild by itself."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 
 from deploy.stack import VENV_BIN, Stack, wait_until
-from tests.client import OCI_MANIFEST, RegistryClient, sha256
+from pipelines.index import Index
+from tests.client import OCI_MANIFEST, RegistryClient, error_codes, sha256
 from tests.conftest import LiveStack, start_live_stack
 from tests.test_dedup import make_tar
 
@@ -38,6 +42,16 @@ class Pushed:
     @property
     def digest(self) -> str:
         return sha256(self.manifest)
+
+    def lookups(self) -> list[str]:
+        """A GET of each: the manifest by tag and by digest, the layer, the tag list."""
+        base = f"/v2/{self.repo}"
+        return [
+            f"{base}/manifests/{self.tag}",
+            f"{base}/manifests/{self.digest}",
+            f"{base}/blobs/{sha256(self.layer)}",
+            f"{base}/tags/list",
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +115,86 @@ def test_a_rebuild_waits_for_the_one_running(index_live: LiveStack, pushed: Push
 
 def job_state(client: RegistryClient, job_id: str) -> str:
     return str(json.loads(client.request("GET", f"/api/v1/jobs/{job_id}").data)["state"])
+
+
+def test_while_redis_lost_its_keys_lookups_answer_503_until_rebuilt_by_itself(
+    index_live: LiveStack, pushed: Pushed
+) -> None:
+    live, client, index = index_live, RegistryClient(index_live.url), index_live.registry.index
+    assert not live.settings.redis_url.startswith("redis://127.0.0.1:6379/")  # the stack's own
+    live.stack.kill("worker-maintenance")  # nothing rebuilds until it is back
+    try:
+        index.redis.flushall()
+        assert_unavailable(client, pushed.lookups() * 10)
+        assert [job["trigger"] for job in reindex_jobs(index)] == ["index incomplete"]
+    finally:
+        live.stack.respawn("worker-maintenance")
+    wait_until(lambda: index.is_ready(), "the index rebuilt by itself", timeout=120)
+    assert_served(client, pushed)
+    (job_id,) = [job["id"] for job in reindex_jobs(index)]
+    wait_until(lambda: job_state(client, job_id) == "success", "its job's record")
+
+
+def test_while_a_rebuild_runs_lookups_answer_503_and_ask_for_no_other(
+    index_live: LiveStack, pushed: Pushed
+) -> None:
+    client, index = RegistryClient(index_live.url), index_live.registry.index
+    before = {job["id"] for job in reindex_jobs(index)}
+    with index.lock("rebuild-index", timeout=120, blocking_timeout=5):
+        index.clear()  # as a rebuild running elsewhere does first
+        assert_unavailable(client, pushed.lookups() * 5)
+        assert {job["id"] for job in reindex_jobs(index)} == before
+    # That rebuild died (its lock released, the index incomplete): the next miss asks.
+    assert_unavailable(client, pushed.lookups()[:1])
+    wait_until(lambda: index.is_ready(), "the index rebuilt by itself", timeout=120)
+    assert_served(client, pushed)
+    assert len({job["id"] for job in reindex_jobs(index)} - before) == 1
+
+
+def test_what_is_unknown_is_404_once_the_index_is_complete(
+    index_live: LiveStack, pushed: Pushed
+) -> None:
+    client, index = RegistryClient(index_live.url), index_live.registry.index
+    wait_until(lambda: index.is_ready(), "the index complete")
+    unknown_digest = sha256(b"never pushed")
+    expected = {
+        f"/v2/{pushed.repo}/manifests/v2": "MANIFEST_UNKNOWN",
+        f"/v2/{pushed.repo}/manifests/{unknown_digest}": "MANIFEST_UNKNOWN",
+        f"/v2/{pushed.repo}/blobs/{unknown_digest}": "BLOB_UNKNOWN",
+        "/v2/rebuild/nothing-here/tags/list": "NAME_UNKNOWN",
+    }
+    for path, code in expected.items():
+        answer = client.request("GET", path)
+        assert (answer.status, error_codes(answer)) == (404, [code]), path
+
+
+def assert_unavailable(client: RegistryClient, paths: list[str]) -> None:
+    """Each GET (and HEAD, for manifests and blobs) answers 503 UNAVAILABLE with a
+    Retry-After, many at once."""
+    heads = [path for path in paths if "/tags/" not in path]
+    with ThreadPoolExecutor(8) as pool:
+        gets = list(pool.map(lambda path: client.request("GET", path), paths))
+        head_answers = list(pool.map(lambda path: client.request("HEAD", path), heads))
+    for path, answer in zip(paths, gets, strict=True):
+        assert (answer.status, error_codes(answer)) == (503, ["UNAVAILABLE"]), path
+        assert answer.headers["Retry-After"] == "5"
+    assert {answer.status for answer in head_answers} == {503}
+
+
+def assert_served(client: RegistryClient, pushed: Pushed) -> None:
+    """The manifest, by tag and by digest, the layer and the tag list, as pushed."""
+    by_tag, by_digest, blob, tags = (
+        client.request("GET", path, headers={"Accept": OCI_MANIFEST}) for path in pushed.lookups()
+    )
+    for manifest in (by_tag, by_digest):
+        assert (manifest.status, manifest.data) == (200, pushed.manifest)
+        assert manifest.headers["Docker-Content-Digest"] == pushed.digest
+    assert (blob.status, sha256(blob.data)) == (200, sha256(pushed.layer))
+    assert json.loads(tags.data)["tags"] == [pushed.tag]
+
+
+def reindex_jobs(index: Index) -> list[dict[str, str]]:
+    """The records of the rebuilds the registry asked for by itself."""
+    job_ids = [key.decode().removeprefix("dh:job:") for key in index.redis.scan_iter("dh:job:*")]
+    records = [{"id": job_id, **index.job(job_id)} for job_id in job_ids]
+    return [record for record in records if record.get("trigger") == "index incomplete"]

@@ -50,6 +50,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.encode_segment": {"queue": "restore"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
+            "workers.tasks.complete_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},
             "workers.tasks.verify_sample": {"queue": "maintenance"},
             "workers.tasks.resume_ingests": {"queue": "maintenance"},

@@ -251,6 +251,16 @@ def purge_stale_uploads() -> int:
     return registry().blobs.purge_stale_uploads(time.time() - settings.upload_ttl_seconds)
 
 
+@celery_app.task(name="workers.tasks.complete_index")
+def complete_index() -> dict[str, int] | None:
+    """Rebuild the index if it is still incomplete (asked for by the API when a lookup
+    found it so), or wait for the rebuild running elsewhere; what it indexed."""
+    try:
+        return retrying(registry().ensure_index)
+    finally:
+        registry().release_rebuild_request()
+
+
 @celery_app.task(name="workers.tasks.rebuild_index", bind=True)
 def rebuild_index(task: Task[[], dict[str, int]]) -> dict[str, int]:
     job_id = str(task.request.id)
