@@ -1,0 +1,125 @@
+"""Proving layers from their packs alone, on a stack of its own: a layer whose pack is
+gone is found broken while the layer buffer still serves it. Each test puts back what it
+broke, so the others find a healthy store."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from deploy.stack import Stack, wait_until
+from pipelines.layercheck import check_from_packs
+from pipelines.recipe import Recipe
+from tests.client import RegistryClient, sha256
+from tests.conftest import LiveStack, start_live_stack
+from tests.test_buffer import deduplicated_layer, get
+from tests.test_dedup import make_tar
+
+KiB = 1 << 10
+
+
+@pytest.fixture(scope="module")
+def verify_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    workdir = tmp_path_factory.mktemp("verify-stack")
+    with Stack(workdir) as stack:
+        yield start_live_stack(stack, workdir, {"DUPHUNTER_PREDICTOR": "none"})
+
+
+def layer_of(files: dict[str, bytes]) -> bytes:
+    return gzip.compress(make_tar(files), compresslevel=1, mtime=0)
+
+
+def random_files(prefix: str, count: int) -> dict[str, bytes]:
+    return {f"{prefix}/{n}": os.urandom(20 * KiB) for n in range(count)}
+
+
+def hexes(files: dict[str, bytes]) -> set[str]:
+    return {sha256(content).removeprefix("sha256:") for content in files.values()}
+
+
+def files_by_pack(live: LiveStack, digest: str) -> dict[str, set[str]]:
+    """The packs holding a deduplicated layer's files, and which of them each holds."""
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    refs = list(Recipe.decode(live.registry.store.get_bytes(info.recipe)).file_refs())
+    by_pack: dict[str, set[str]] = {}
+    for ref, location in zip(refs, live.registry.files.locate(refs), strict=True):
+        assert location is not None
+        by_pack.setdefault(location.pack, set()).add(ref.hex())
+    return by_pack
+
+
+@contextlib.contextmanager
+def pack_changed(live: LiveStack, pack: str, content: bytes | None) -> Iterator[bytes]:
+    """Behind the registry's back: the pack deleted (`content` None) or rewritten, and
+    put back as it was afterwards. Yields its original bytes."""
+    store = live.registry.store
+    original = store.get_bytes(pack)
+    if content is None:
+        store.delete([pack])
+    else:
+        store.put_bytes(pack, content)
+    try:
+        yield original
+    finally:
+        store.put_bytes(pack, original)
+
+
+def buffered(live: LiveStack, client: RegistryClient, repo: str, digest: str) -> None:
+    """GET the layer (a restore, which fills the buffer) until the buffer holds all of it."""
+    assert get(client, repo, digest)[0] == "restore"
+    entry_complete = lambda: (e := live.registry.buffer.entry(digest)) is not None and e.complete  # noqa: E731
+    wait_until(entry_complete, "the buffer entry")
+
+
+def test_check_from_packs_ignores_the_buffer(verify_live: LiveStack) -> None:
+    live, client = verify_live, RegistryClient(verify_live.url)
+    files = random_files("direct", 3)
+    digest = deduplicated_layer(client, "verify/direct", live, layer_of(files))
+    buffered(live, client, "verify/direct", digest)
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None
+    ((pack, _held),) = files_by_pack(live, digest).items()
+    with pack_changed(live, pack, None):
+        check = check_from_packs(live.registry.store, live.registry.files, info)
+        assert not check.ok and check.digest == digest
+        missing = {f"sha256:{file} pack {pack} missing" for file in hexes(files)}
+        assert set(check.problems) == missing and len(check.problems) == len(files)
+        assert "3 of 3 files missing or damaged" in check.reason
+        assert check.as_dict() == {"digest": digest, "ok": False, "reason": check.reason,
+                                   "problems": check.problems}  # fmt: skip
+        entry = live.registry.buffer.entry(digest)
+        assert entry is not None and entry.complete
+    assert check_from_packs(live.registry.store, live.registry.files, info).as_dict() == {
+        "digest": digest, "ok": True, "reason": "", "problems": []}  # fmt: skip
+
+
+def test_check_from_packs_reads_an_intact_blob_from_its_data_objects(
+    verify_live: LiveStack,
+) -> None:
+    live, client = verify_live, RegistryClient(verify_live.url)
+    blob = os.urandom(100 * KiB)
+    digest = client.push_blob_chunked("verify/intact", blob, 40 * KiB)
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and len(info.segments) == 3
+
+    def check() -> tuple[bool, str, list[str]]:
+        result = check_from_packs(live.registry.store, live.registry.files, info)
+        return result.ok, result.reason, result.problems
+
+    assert check() == (True, "", [])
+    store, middle = live.registry.store, info.segments[1].key
+    original = store.get_bytes(middle)
+    try:
+        store.put_bytes(middle, original[:-1] + bytes([original[-1] ^ 1]))
+        ok, reason, _problems = check()
+        assert not ok and reason.startswith("its data objects read back as sha256:")
+        store.delete([middle])
+        assert check() == (False, "1 of 3 data objects missing or damaged",
+                           [f"data object {middle} missing"])  # fmt: skip
+    finally:
+        store.put_bytes(middle, original)
