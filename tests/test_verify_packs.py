@@ -92,6 +92,9 @@ def test_check_from_packs_ignores_the_buffer(verify_live: LiveStack) -> None:
         assert "3 of 3 files missing or damaged" in check.reason
         assert check.as_dict() == {"digest": digest, "ok": False, "reason": check.reason,
                                    "problems": check.problems}  # fmt: skip
+        verified = live.registry.verify_blob(digest)  # what the verify job runs
+        assert (verified["ok"], verified["problems"]) == (False, check.problems)
+        assert live.registry.index.layer(digest)["verify_error"] == check.reason
         entry = live.registry.buffer.entry(digest)
         assert entry is not None and entry.complete
     assert check_from_packs(live.registry.store, live.registry.files, info).as_dict() == {

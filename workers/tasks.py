@@ -184,7 +184,7 @@ def apply_popularity() -> dict[str, list[str]]:
 
 @celery_app.task(name="workers.tasks.verify_blob")
 def verify_blob(digest: str) -> dict[str, Any]:
-    """Read a blob as a pull would (restoring it if deduplicated); check its digest."""
+    """Prove a blob from its packs (or data objects) alone, never from a cache."""
     return retrying(lambda: registry().verify_blob(digest))
 
 
