@@ -480,11 +480,14 @@ class RegistryApp:
         return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
 
     def submit_verify(self, request: Request) -> Response:
-        """Re-restore deduplicated layers and check their digests: {"sample": n} takes the
-        n verified longest ago (all without it)."""
+        """Prove blobs from their packs or data objects, never from a cache: the
+        deduplicated layers, or {"all": true} every stored blob; {"sample": n} at most n
+        (of the deduplicated layers, those verified longest ago)."""
         payload = _json_body(request, ())
         sample = payload.get("sample")
-        job_id = jobs.enqueue_verify(self.registry, int(sample) if sample is not None else None)
+        job_id = jobs.enqueue_verify(
+            self.registry, int(sample) if sample is not None else None, bool(payload.get("all"))
+        )
         return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
 
     def verify_encoders(self, request: Request) -> Response:

@@ -12,7 +12,11 @@
   duphunter reindex                   rebuild the Redis index from S3 (a maintenance job)
   duphunter gc [--dry-run]            garbage collection now: what it freed (would free)
   duphunter retention [--dry-run]     delete the tags the retention policy does not keep
-  duphunter verify [--sample N]       re-restore deduplicated layers, check their digests
+  duphunter verify [--sample N | --all]
+                                      rebuild deduplicated layers from their packs alone
+                                      (--all: every stored blob, intact ones from their
+                                      data objects) and check their digests; names each
+                                      missing or damaged file; exits 1 if any is broken
   duphunter verify --encoders         run every encoder's canary on the API's build (before
                                       an upgrade: a failure means do not roll it out)
   duphunter repo delete REPOSITORY    drop a repository (GC frees its bytes)
@@ -256,7 +260,8 @@ def cmd_retention(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]
 def cmd_verify(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
     if args.encoders:
         return _call(args.url, "POST", "/api/v1/encoders/verify", {}), show_canaries
-    job = _call(args.url, "POST", "/api/v1/jobs/verify", {"sample": args.sample})
+    body = {"sample": args.sample, "all": args.all}
+    job = _call(args.url, "POST", "/api/v1/jobs/verify", body)
     return _wait(args.url, job["id"], "layers verified"), show_verification
 
 
@@ -270,9 +275,22 @@ def show_canaries(report: dict[str, Any]) -> None:
 
 def show_verification(status: dict[str, Any]) -> None:
     outcomes = status.get("layers", {})
+    broken = status.get("broken", {})
     failed = {layer: outcome for layer, outcome in outcomes.items() if outcome != "verified"}
-    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} layers restored to their digest")
-    _table(sorted(failed.items()))
+    proven = len(outcomes) - len(failed)
+    print(f"{proven} of {len(outcomes)} layers verified from their packs (or data objects)")
+    for layer in sorted(failed):
+        why = broken.get(layer) or {"reason": failed[layer], "problems": []}
+        print(f"  {layer}  BROKEN: {why['reason']}")
+        for problem in why["problems"]:
+            print(f"      {problem}")
+
+
+def verification_passed(status: dict[str, Any]) -> bool:
+    """Whether every layer of a verify job was proven (a pending one was not)."""
+    return status.get("state") == "success" and all(
+        outcome == "verified" for outcome in status.get("layers", {}).values()
+    )
 
 
 def cmd_repo(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
@@ -358,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         dry = commands.add_parser(name, parents=[common])
         dry.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     verify = commands.add_parser("verify", parents=[common])
-    verify.add_argument("--sample", type=int, default=None, help="at most N layers")
+    scope = verify.add_mutually_exclusive_group()
+    scope.add_argument("--sample", type=int, default=None, help="at most N deduplicated layers")
+    scope.add_argument(
+        "--all", action="store_true", help="every stored blob, deduplicated or intact"
+    )
     verify.add_argument(
         "--encoders", action="store_true", help="check every encoder against its canary"
     )
@@ -412,7 +434,9 @@ def main(argv: list[str] | None = None) -> None:
         show(result)
     if args.command == "status" and not result.get("ok"):
         raise SystemExit(1)
-    if args.command == "verify" and args.encoders and not result.get("ok"):
+    if args.command == "verify" and not (
+        result.get("ok") if args.encoders else verification_passed(result)
+    ):
         raise SystemExit(1)
 
 

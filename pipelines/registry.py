@@ -61,6 +61,12 @@ def _count(values: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+def _blob_digest(key: str) -> str:
+    """ "blobs/sha256/<hex>" -> "sha256:<hex>"."""
+    _prefix, algorithm, hex_digest = key.split("/")
+    return f"{algorithm}:{hex_digest}"
+
+
 def check_name(name: str) -> None:
     if len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.match(name):
         raise RegistryError("NAME_INVALID", "invalid repository name", {"name": name})
@@ -173,6 +179,10 @@ class Registry:
         if info.deduplicated:
             self.ingestor.record_verification(digest, check.reason)
         return {**check.as_dict(), "checked": time.time()}
+
+    def stored_blobs(self) -> list[str]:
+        """Every blob with a descriptor in S3 (deduplicated or not): `verify --all`."""
+        return [_blob_digest(key) for key, _size in self.store.list("blobs/")]
 
     def redirect_url(self, info: BlobInfo) -> str | None:
         """With DUPHUNTER_REDIRECT=presigned, a presigned S3 URL for a blob whose bytes lie

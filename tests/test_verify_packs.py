@@ -1,17 +1,21 @@
-"""Proving layers from their packs alone, on a stack of its own: a layer whose pack is
-gone is found broken while the layer buffer still serves it. Each test puts back what it
-broke, so the others find a healthy store."""
+"""`duphunter verify` proves layers from their packs alone, on a stack of its own: a layer
+whose pack is gone is found broken while the layer buffer still serves it, a flipped byte
+in a pack is named as damage to its file, and only a clean run exits 0. Each test puts
+back what it broke, so the others find a healthy store."""
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
+import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from deploy.stack import Stack, wait_until
+from deploy.stack import VENV_BIN, Stack, wait_until
 from pipelines.layercheck import check_from_packs
 from pipelines.recipe import Recipe
 from tests.client import RegistryClient, sha256
@@ -20,6 +24,7 @@ from tests.test_buffer import deduplicated_layer, get
 from tests.test_dedup import make_tar
 
 KiB = 1 << 10
+CONFIG = b'{"architecture":"amd64","os":"linux"}'  # what push_image pushes as the config
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,77 @@ def buffered(live: LiveStack, client: RegistryClient, repo: str, digest: str) ->
     assert get(client, repo, digest)[0] == "restore"
     entry_complete = lambda: (e := live.registry.buffer.entry(digest)) is not None and e.complete  # noqa: E731
     wait_until(entry_complete, "the buffer entry")
+
+
+def verify(live: LiveStack, *args: str, json_out: bool = True) -> tuple[int, Any, str]:
+    """`duphunter verify ARGS`: its exit code, its output (parsed with --json), stderr."""
+    command = [str(VENV_BIN / "duphunter"), "--url", live.url, "verify", *args]
+    done = subprocess.run(
+        command + (["--json"] if json_out else []), capture_output=True, text=True, timeout=600
+    )
+    return done.returncode, json.loads(done.stdout) if json_out else done.stdout, done.stderr
+
+
+def test_a_lost_pack_is_found_while_the_buffer_still_serves_the_layer(
+    verify_live: LiveStack,
+) -> None:
+    live, client = verify_live, RegistryClient(verify_live.url)
+    shared = random_files("lib", 5)
+    base = deduplicated_layer(client, "verify/base", live, layer_of(shared))
+    own = random_files("app", 4)
+    app_layer = layer_of({**shared, **own})
+    app = deduplicated_layer(client, "verify/app", live, app_layer)
+    buffered(live, client, "verify/app", app)
+    (own_pack,) = [pack for pack, held in files_by_pack(live, app).items() if held == hexes(own)]
+    with pack_changed(live, own_pack, None):
+        assert get(client, "verify/app", app) == ("buffer", app_layer)  # the cache hides it
+        code, status, progress = verify(live, "--all")
+        assert code == 1 and status["state"] == "success"
+        assert status["layers"][app].startswith("FAILED")
+        assert status["layers"][base] == status["layers"][sha256(CONFIG)] == "verified"
+        broken = status["broken"][app]
+        expected = {f"sha256:{file} pack {own_pack} missing" for file in hexes(own)}
+        assert set(broken["problems"]) == expected and len(broken["problems"]) == len(own)
+        assert "does not restore from its packs" in broken["reason"]
+        counted = f"{len(own)} of {len(shared) + len(own)} files missing or damaged"
+        assert counted in broken["reason"]
+        assert list(status["broken"]) == [app]
+        assert f"] {len(status['layers'])}/{len(status['layers'])}" in progress  # the bar
+        assert live.registry.index.layer(app)["verify_error"] == broken["reason"]
+        assert get(client, "verify/app", app) == ("buffer", app_layer)  # still served
+    assert verify(live, "--all")[0] == 0  # the pack is back
+
+
+def test_a_flipped_byte_in_a_pack_is_damage_to_its_file(verify_live: LiveStack) -> None:
+    live, client = verify_live, RegistryClient(verify_live.url)
+    files = random_files("flip", 5)
+    digest = deduplicated_layer(client, "verify/flipped", live, layer_of(files))
+    ((pack, held),) = files_by_pack(live, digest).items()
+    victim = sorted(held)[2]
+    (location,) = live.registry.files.locate([bytes.fromhex(victim)])
+    assert location is not None
+    damaged = bytearray(live.registry.store.get_bytes(pack))
+    damaged[location.offset + location.length // 2] ^= 0x01
+    with pack_changed(live, pack, bytes(damaged)):
+        code, status, _progress = verify(live, "--all")
+        assert code == 1
+        (problem,) = status["broken"][digest]["problems"]
+        assert problem.startswith(f"sha256:{victim} in pack {pack} damaged: ")
+        assert "1 of 5 files missing or damaged" in status["broken"][digest]["reason"]
+        code, shown, _progress = verify(live, "--all", json_out=False)
+        assert code == 1 and f"{digest}  BROKEN: " in shown and problem in shown
+
+
+def test_a_healthy_store_verifies_and_exits_zero(verify_live: LiveStack) -> None:
+    live, client = verify_live, RegistryClient(verify_live.url)
+    digest = deduplicated_layer(client, "verify/healthy", live, layer_of(random_files("ok", 3)))
+    code, status, _progress = verify(live, "--all")
+    assert code == 0 and status["state"] == "success" and status["broken"] == {}
+    assert status["layers"][digest] == status["layers"][sha256(CONFIG)] == "verified"
+    record = live.registry.index.layer(digest)
+    assert record["verify_error"] == "" and float(record["verified"]) > 0
+    code, status, _progress = verify(live, "--sample", "1")
+    assert code == 0 and list(status["layers"].values()) == ["verified"]
 
 
 def test_check_from_packs_ignores_the_buffer(verify_live: LiveStack) -> None:

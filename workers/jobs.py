@@ -118,10 +118,12 @@ def _enqueue(registry: Registry, task: Any, kind: str, dry_run: bool) -> str:
     return str(result.id)
 
 
-def enqueue_verify(registry: Registry, sample: int | None) -> str:
-    """Verification reads of deduplicated layers (the least recently verified first, at
-    most `sample` of them), one job id for all."""
-    layers = registry.layers_by_last_verification()[:sample]
+def enqueue_verify(registry: Registry, sample: int | None, every: bool = False) -> str:
+    """Verification of blobs from their packs or data objects, one job id for all:
+    the deduplicated layers, the least recently verified first, or with `every` each blob
+    with a descriptor (intact ones too); at most `sample` of them."""
+    layers = registry.stored_blobs() if every else registry.layers_by_last_verification()
+    layers = layers[:sample]
     children = [verify_blob.apply_async(args=(digest,)).id for digest in layers]
     job_id = f"verify-{time.time_ns():x}"
     registry.index.put_job(
@@ -218,19 +220,22 @@ def _iso(epoch: float) -> str | None:
 
 
 def _group_status(job_id: str, job: dict[str, str]) -> dict[str, Any]:
-    """A job of one task per layer (warm, verify): each layer's outcome, and how far."""
+    """A job of one task per layer (warm, verify): each layer's outcome, and how far; a
+    verification also says why each broken layer is broken (`broken`)."""
     layers, children = json.loads(job["layers"]), json.loads(job["children"])
     outcomes: dict[str, str] = {}
+    broken: dict[str, dict[str, Any]] = {}
     for layer, child in zip(layers, children, strict=True):
         result: AsyncResult[Any] = AsyncResult(child, app=celery_app)
         child_state = result.state  # read once: the task may finish between two reads
-        outcomes[layer] = (
-            _outcome(result.result) if child_state == "SUCCESS" else child_state.lower()
-        )
+        value = result.result if child_state in ("SUCCESS", "FAILURE") else None
+        outcomes[layer] = _outcome(value) if child_state == "SUCCESS" else child_state.lower()
+        if (why := _why_broken(child_state, value)) is not None:
+            broken[layer] = why
     done = sum(result not in ("pending", "started", "retry") for result in outcomes.values())
     state = "success" if done == len(layers) else ("started" if done else "pending")
     failed = [layer for layer, outcome in outcomes.items() if outcome == "failure"]
-    return {
+    body: dict[str, Any] = {
         "id": job_id,
         "kind": job["kind"],
         **{key: job[key] for key in ("repository", "reference") if key in job},
@@ -238,6 +243,18 @@ def _group_status(job_id: str, job: dict[str, str]) -> dict[str, Any]:
         "progress": {"done": done, "total": len(layers)},
         "layers": outcomes,
     }
+    if job["kind"] == "verify":
+        body["broken"] = broken
+    return body
+
+
+def _why_broken(state: str, value: Any) -> dict[str, Any] | None:
+    """A failed verification's reason and problems; a task that failed could not check."""
+    if state == "FAILURE":
+        return {"reason": f"could not be checked: {value!r}", "problems": []}
+    if state == "SUCCESS" and isinstance(value, dict) and value.get("ok") is False:
+        return {"reason": value.get("reason", ""), "problems": value.get("problems", [])}
+    return None
 
 
 def readiness(registry: Registry, scope: str = "all") -> dict[str, dict[str, Any]]:
