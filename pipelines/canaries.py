@@ -193,7 +193,10 @@ def stored_reasons(client: redis.Redis[bytes]) -> dict[str, str]:
 
 def retirement_blocker(client: redis.Redis[bytes], encoder_id: str) -> str | None:
     """Why the intact copy of a layer made by `encoder_id` must be kept, or None: its
-    canary failed, or none was checked (a layer is only as safe as its encoder)."""
+    canary failed, or none was checked (a layer is only as safe as its encoder). When no
+    result is recorded at all (Redis lost them), the canaries are checked here first."""
+    if not client.exists(CANARY_KEY):
+        check_and_record(client)
     state = client.hget(CANARY_KEY, encoder_id)
     if state == OK.encode():
         return None
