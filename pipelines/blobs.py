@@ -5,10 +5,17 @@ hold its bytes in order. An upload writes each chunk straight into a data object
 `data/<upload-id>/<n>`; committing the upload only writes the descriptor, so no byte is
 copied at commit time. Upload state (offset, data objects, saved SHA-256 state) is kept
 in S3 and cached in Redis, so any API process can take the next chunk.
+
+Garbage collection reads these objects (pipelines/gc.py): an upload's state names its
+data objects until its descriptor does (the descriptor is written first, the state
+deleted after), and a link written within the grace window keeps a blob alive. An upload
+or a mount of a blob that exists relies on it only after linking it and finding no notice
+that GC is deleting it (pipelines.deletion).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -17,12 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from pipelines.deletion import Notices
 from pipelines.digests import Digest, ResumableSha256, digest_key
 from pipelines.errors import RegistryError, unknown
 from pipelines.index import Index
 from pipelines.storage import ObjectNotFound, ObjectStore
 
 DESCRIPTOR_FORMAT = 1
+NOTICE_WAIT_SECONDS = 30.0  # how long a relier waits for GC to finish with a blob
 
 
 class BodyError(Exception):
@@ -164,6 +173,7 @@ class BlobStore:
         self.index = index
         self.max_blob_bytes = max_blob_bytes
         self.upload_ttl = upload_ttl
+        self.notices = Notices(store)
 
     # reading
     def info(self, digest: str) -> BlobInfo | None:
@@ -191,8 +201,7 @@ class BlobStore:
         """The blob as seen from `repo`: BLOB_UNKNOWN unless linked there (or while
         garbage collection deletes it); IndexIncomplete while the index may not know it."""
         Digest.parse(digest)
-        linked = self.index.is_layer_linked(repo, digest) and not self.index.touch("blob", [digest])
-        info = self.info(digest) if linked else None
+        info = self.info(digest) if self.index.is_layer_linked(repo, digest) else None
         if info is None:
             detail = {"digest": digest}
             raise unknown("BLOB_UNKNOWN", "blob unknown to registry", detail, self.index.is_ready())
@@ -227,15 +236,35 @@ class BlobStore:
         self.index.unlink_layer(repo, digest)
 
     def mount(self, repo: str, digest: str, source_repo: str) -> bool:
-        """Link a blob that `source_repo` already has; False when it has not."""
+        """Link a blob that `source_repo` already has; False when it has not (or GC took
+        it meanwhile): the client uploads it instead."""
         if not self.index.is_layer_linked(source_repo, digest) or self.info(digest) is None:
             return False
-        if self.index.touch("blob", [digest]):
-            return False  # being collected: the client uploads it instead
         self.link(repo, digest)
-        return True
+        if self.still_stored(digest):
+            return True
+        self.unlink(repo, digest)
+        return False
+
+    def still_stored(self, digest: str) -> bool:
+        """After the caller made its reliance on a blob visible to GC (a link, a revision):
+        whether the blob may be relied on. Waits while a GC run is deleting it; UNAVAILABLE
+        if that takes longer than NOTICE_WAIT_SECONDS."""
+        if self.notices.wait_until_clear(NOTICE_WAIT_SECONDS, blobs=[digest]):
+            raise RegistryError("UNAVAILABLE", "the blob is being garbage-collected")
+        return self.store.size(blob_key(digest)) is not None
 
     # uploads
+    @contextlib.contextmanager
+    def staged_data_object(self) -> Iterator[str]:
+        """The key of a new data object that GC leaves alone until the caller's descriptor
+        names it (an upload state names it meanwhile): a replica being written."""
+        state = self.start_upload("")
+        try:
+            yield f"data/{state.upload_id}/000000"
+        finally:
+            self._forget_upload(state)
+
     def start_upload(self, repo: str) -> UploadState:
         state = UploadState(uuid.uuid4().hex, repo, sha256_state=ResumableSha256().state().hex())
         self._save_upload(state)
@@ -287,8 +316,12 @@ class BlobStore:
     ) -> BlobInfo:
         """A whole blob in one request: no upload state is ever saved."""
         Digest.parse(digest)
-        state = UploadState(uuid.uuid4().hex, repo, sha256_state=ResumableSha256().state().hex())
-        return self._finish(state, digest, body, length)
+        state = self.start_upload(repo)  # its state names the data object while it is written
+        try:
+            return self._finish(state, digest, body, length)
+        except BaseException:  # its data object was never written, or is dropped, or named
+            self._forget_upload(state)
+            raise
 
     def _finish(
         self, state: UploadState, digest: str, body: IO[bytes], length: int | None
@@ -296,16 +329,16 @@ class BlobStore:
         if length != 0:
             self._write_chunk(state, body, length)
         actual = self._digest_of(state, digest.split(":", 1)[0])
-        self._forget_upload(state)
         if actual != digest:
+            self._forget_upload(state)
             self._discard(state.segments)
             raise RegistryError(
                 "DIGEST_INVALID",
                 "provided digest did not match uploaded content",
                 {"expected": digest, "actual": actual},
             )
-        info = self._store_descriptor(BlobInfo(digest, state.offset, state.segments))
-        self.link(state.repo, digest)
+        info = self._store_descriptor(state.repo, BlobInfo(digest, state.offset, state.segments))
+        self._forget_upload(state)  # the descriptor names the data objects now (or dropped them)
         return info
 
     def cancel(self, repo: str, upload_id: str) -> None:
@@ -355,28 +388,23 @@ class BlobStore:
             hasher.update(chunk)
         return f"{algorithm}:{hasher.hexdigest()}"
 
-    def _store_descriptor(self, info: BlobInfo) -> BlobInfo:
-        """Record the blob unless it exists already, in which case drop the new copy."""
+    def _store_descriptor(self, repo: str, info: BlobInfo) -> BlobInfo:
+        """Record the blob and link it into `repo`. If S3 holds the blob already, the new
+        copy is dropped, but only once the existing one may be relied on; if GC deleted it
+        meanwhile, the new copy takes its place."""
         with self.index.lock(f"blob:{info.digest}"):
-            self._wait_while_collected(info.digest)
-            existing = self.info(info.digest)
+            existing = self.stored_info(info.digest)
             if existing is not None:
-                self._discard(info.segments)
-                return existing
+                self.link(repo, info.digest)
+                if self.still_stored(info.digest):
+                    self._discard(info.segments)
+                    return existing
             descriptor = info.to_json()
             self.store.put_bytes(blob_key(info.digest), json.dumps(descriptor).encode())
             self.index.put_blob(info.digest, descriptor)
             self.index.add_bytes(logical=info.size)
+            self.link(repo, info.digest)
             return info
-
-    def _wait_while_collected(self, digest: str, timeout: float = 120.0) -> None:
-        """If GC is deleting this blob, wait until it is gone, so that the upload just
-        received is kept rather than dropped for a copy about to vanish."""
-        deadline = time.monotonic() + timeout
-        while self.index.touch("blob", [digest]):
-            if time.monotonic() > deadline:
-                raise RegistryError("UNAVAILABLE", "the blob is being garbage-collected")
-            time.sleep(0.2)
 
     def _discard(self, segments: list[Segment]) -> None:
         self.store.delete([s.key for s in segments])

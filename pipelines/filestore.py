@@ -32,7 +32,7 @@ import zstandard
 
 from pipelines.codecs import ChunkReader
 from pipelines.index import Index
-from pipelines.storage import ObjectStore
+from pipelines.storage import ObjectNotFound, ObjectStore, sizes
 
 FORMAT_VERSION = 1
 PACK_MAGIC = b"DHP" + bytes((FORMAT_VERSION,))
@@ -215,10 +215,7 @@ class FileStore:
         """One file's bytes in chunks, for files too large to fetch with their neighbours.
         They are decompressed as they stream in, spooled, and passed on only once the whole
         file has the right size and sha256; a file that grows past `size` stops at once."""
-        (location,) = self.locate([digest])
-        if location is None:
-            raise FileStoreError(f"file {digest.hex()} is not stored")
-        chunks = self.store.iter_range(location.pack, location.offset, location.length)
+        chunks = self._stored(digest)
         with tempfile.SpooledTemporaryFile(IN_MEMORY_LIMIT) as spool:
             hasher, length = hashlib.sha256(), 0
             for data in _decoded(chunks, digest):
@@ -231,6 +228,32 @@ class FileStore:
             spool.seek(0)
             while data := spool.read(CHUNK):
                 yield data
+
+    def _stored(self, digest: bytes) -> Iterator[bytes]:
+        """A file's stored form as it streams in. A pack deleted since the file was
+        located (compacted by GC) is looked up once more: the index points at the copy."""
+        seen = None
+        while True:
+            (location,) = self.locate([digest])
+            if location is None:
+                raise FileStoreError(f"file {digest.hex()} is not stored")
+            try:
+                return self.store.iter_range(location.pack, location.offset, location.length)
+            except ObjectNotFound:
+                if location == seen:
+                    raise
+                seen = location
+
+    def missing(self, digests: Sequence[bytes]) -> list[bytes]:
+        """Of these files, those not stored now: not indexed, or indexed in a pack that is
+        gone. Such stale entries are dropped, so that the next ingest stores the file."""
+        located = dict(zip(digests, self.locate(digests), strict=True))
+        packs = sizes(self.store, (location.pack for location in located.values() if location))
+        gone = {pack for pack, size in packs.items() if size is None}
+        stale = {digest: location for digest, location in located.items()
+                 if location is not None and location.pack in gone}  # fmt: skip
+        self.index.forget_files({d.hex(): loc.encode() for d, loc in stale.items()})
+        return [digest for digest, location in located.items() if location is None] + list(stale)
 
     def put_pack(
         self,

@@ -16,13 +16,18 @@ repaired by `rebuild`, never the other way round. Key schema (prefix `dh:`):
     files                      hash file sha256 -> "<pack> <offset> <length>"
     filerefs                   hash file sha256 -> layers referencing it
     claim:<sha256>             a worker storing this new file now (token, with a lease)
+    index:ready                set once a rebuild finished: the index is complete
+    index:rebuild-requested    a lookup found the index incomplete and asked for a rebuild
+    job:<id>                   a job's record (kept through a rebuild)
 
+Garbage collection never deletes on this index's word (pipelines/gc.py, docs/deletion.md).
 The buffer, the access history and popularity keep their own keys (see their modules).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -50,6 +55,9 @@ class Index:
 
     def put_blob(self, digest: str, descriptor: dict[str, Any]) -> None:
         self.redis.set(f"{PREFIX}blob:{digest}", json.dumps(descriptor))
+
+    def drop_blob(self, digest: str) -> None:
+        self.redis.delete(f"{PREFIX}blob:{digest}")
 
     def link_layer(self, repo: str, digest: str) -> None:
         pipe = self.redis.pipeline()
@@ -99,6 +107,10 @@ class Index:
 
     def cache_manifest_bytes(self, digest: str, content: bytes) -> None:
         self.redis.set(f"{PREFIX}manifest:{digest}", content)
+
+    def drop_manifest_bytes(self, digests: list[str]) -> None:
+        if digests:
+            self.redis.delete(*[f"{PREFIX}manifest:{digest}" for digest in digests])
 
     def tag(self, repo: str, tag: str) -> str | None:
         value = self.redis.hget(f"{PREFIX}repo:{repo}:tags", tag)
@@ -162,6 +174,12 @@ class Index:
         pipe.hset(f"{PREFIX}layer:{digest}", mapping=_mapping(fields))
         if "state" in fields:
             pipe.hset(f"{PREFIX}layers", digest, fields["state"])
+        pipe.execute()
+
+    def drop_layer(self, digest: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.delete(f"{PREFIX}layer:{digest}")
+        pipe.hdel(f"{PREFIX}layers", digest)
         pipe.execute()
 
     def layer_summaries(
@@ -242,57 +260,6 @@ class Index:
             pipe.hsetnx(f"{PREFIX}files", hex_digest, location)
         return [bool(added) for added in pipe.execute()]
 
-    # garbage collection's handshake with whoever starts to rely on an object. While GC
-    # runs, users *touch* what they rely on and check it is not being deleted; GC
-    # *condemns* (flags as being deleted) only what nobody touched. Redis orders the two,
-    # so either the user sees the flag (and does not rely on the object) or GC sees the
-    # touch (and keeps the object).
-    def touch(self, kind: str, digests: list[str]) -> list[str]:
-        """Rely on these objects: the ones GC is deleting (not to be relied on)."""
-        if not digests:
-            return []
-        doomed = self._touch_script(
-            keys=[GC_ACTIVE_KEY, f"{PREFIX}gc:touched:{kind}", f"{PREFIX}gc:deleting:{kind}"],
-            args=digests,
-        )
-        return [value.decode() for value in doomed]
-
-    def condemn(self, kind: str, digests: list[str]) -> list[str]:
-        """Flag untouched objects as being deleted; the ones flagged."""
-        if not digests:
-            return []
-        flagged = self._condemn_script(
-            keys=[f"{PREFIX}gc:touched:{kind}", f"{PREFIX}gc:deleting:{kind}"], args=digests
-        )
-        return [value.decode() for value in flagged]
-
-    def absolve(self, kind: str, digests: list[str]) -> None:
-        if digests:
-            self.redis.srem(f"{PREFIX}gc:deleting:{kind}", *digests)
-
-    def start_gc(self, ttl_seconds: int) -> None:
-        pipe = self.redis.pipeline()
-        for kind in GC_KINDS:
-            pipe.delete(f"{PREFIX}gc:touched:{kind}", f"{PREFIX}gc:deleting:{kind}")
-        pipe.set(GC_ACTIVE_KEY, "1", ex=ttl_seconds)
-        pipe.execute()
-
-    def renew_gc(self, ttl_seconds: int) -> None:
-        self.redis.expire(GC_ACTIVE_KEY, ttl_seconds)
-
-    def end_gc(self) -> None:
-        parts = ("touched", "deleting")
-        keys = [f"{PREFIX}gc:{part}:{kind}" for part in parts for kind in GC_KINDS]
-        self.redis.delete(GC_ACTIVE_KEY, *keys)
-
-    @property
-    def _touch_script(self) -> Any:
-        return self.redis.register_script(_TOUCH_LUA)
-
-    @property
-    def _condemn_script(self) -> Any:
-        return self.redis.register_script(_CONDEMN_LUA)
-
     # claims: a worker about to store a new file claims it, so that no other stores it too
     def claim_files(self, hex_digests: list[str], token: str, lease_ms: int) -> list[bool]:
         """Claim files for storing; per file, whether this token got the claim."""
@@ -326,17 +293,31 @@ class Index:
     def _release_script(self) -> Any:
         return self.redis.register_script(_RELEASE_CLAIMS_LUA)
 
-    def move_files(self, moves: dict[str, tuple[str, str]]) -> int:
-        """Point files at new places (a compacted pack), each only if it still points at
-        the old one; how many moved."""
-        if not moves:
+    def replace_files(self, changes: Mapping[str, tuple[str | None, str]]) -> int:
+        """Point files at new places (a compacted pack, a copy chosen for a lost entry),
+        each only if its entry is still what the caller saw (None: absent); how many."""
+        return self._compare_and_set(
+            {hexdigest: (old or "", new) for hexdigest, (old, new) in changes.items()}
+        )
+
+    def forget_files(self, places: dict[str, str]) -> int:
+        """Drop file entries, each only if it still points where the caller saw it (a file
+        no recipe names; an entry whose pack is gone); how many."""
+        return self._compare_and_set({digest: (old, "") for digest, old in places.items()})
+
+    def forget_file_references(self, hex_digests: list[str]) -> None:
+        if hex_digests:
+            self.redis.hdel(f"{PREFIX}filerefs", *hex_digests)
+
+    def _compare_and_set(self, changes: dict[str, tuple[str, str]]) -> int:
+        if not changes:
             return 0
-        args = [part for hexdigest, (old, new) in moves.items() for part in (hexdigest, old, new)]
-        return int(self._move_script(keys=[f"{PREFIX}files"], args=args))
+        args = [part for hexdigest, (old, new) in changes.items() for part in (hexdigest, old, new)]
+        return int(self._compare_and_set_script(keys=[f"{PREFIX}files"], args=args))
 
     @property
-    def _move_script(self) -> Any:
-        return self.redis.register_script(_MOVE_FILES_LUA)
+    def _compare_and_set_script(self) -> Any:
+        return self.redis.register_script(_COMPARE_AND_SET_FILES_LUA)
 
     def file_count(self) -> int:
         return int(self.redis.hlen(f"{PREFIX}files"))
@@ -376,41 +357,21 @@ class Index:
         return self.redis.register_script(_COMMIT_DEDUP_LUA)
 
 
-_MOVE_FILES_LUA = """
-local moved = 0
+# ARGV: triples (file, expected entry or "" for none, new entry or "" to delete).
+_COMPARE_AND_SET_FILES_LUA = """
+local changed = 0
 for i = 1, #ARGV, 3 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
-    moved = moved + 1
+  local current = redis.call('HGET', KEYS[1], ARGV[i]) or ''
+  if current == ARGV[i + 1] then
+    if ARGV[i + 2] == '' then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    end
+    changed = changed + 1
   end
 end
-return moved
-"""
-
-GC_ACTIVE_KEY = PREFIX + "gc:active"
-GC_KINDS = ("blob", "file", "manifest")
-
-# KEYS: active flag, touched set, deleting set. ARGV: digests. Returns those being deleted.
-_TOUCH_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-local doomed = {}
-for _, digest in ipairs(ARGV) do
-  redis.call('SADD', KEYS[2], digest)
-  if redis.call('SISMEMBER', KEYS[3], digest) == 1 then table.insert(doomed, digest) end
-end
-return doomed
-"""
-
-# KEYS: touched set, deleting set. ARGV: digests. Returns those flagged.
-_CONDEMN_LUA = """
-local flagged = {}
-for _, digest in ipairs(ARGV) do
-  if redis.call('SISMEMBER', KEYS[1], digest) == 0 then
-    redis.call('SADD', KEYS[2], digest)
-    table.insert(flagged, digest)
-  end
-end
-return flagged
+return changed
 """
 
 _RENEW_CLAIMS_LUA = """

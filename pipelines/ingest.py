@@ -9,9 +9,12 @@ A layer is deduplicated in five steps, each safe to repeat after a crash:
 3. prove the encoder on the tar rebuilt from the stored files (the trial restore: the
    sha256 of the recompressed rebuild must equal the blob digest); for gzip layers this
    is done segment by segment from checkpoints, which are kept (pipelines.checkpoints);
-4. write the recipe durably, then switch the blob's descriptor to it (the commit point);
+4. write the recipe durably (garbage collection marks files from recipes), check that no
+   GC run is deleting the blob or a file it names and that each file's pack is still
+   there (pipelines.deletion), then switch the blob's descriptor to it (the commit point);
 5. count the file references and mark the layer, at once and once; the intact copy is
-   deleted afterwards by `retire_intact_copy`, after a grace period for in-flight GETs.
+   deleted afterwards by `retire_intact_copy`, after a grace period for in-flight GETs
+   and once the layer restored from its packs alone to its digest.
 
 Until step 4 the layer is intact; from step 4 on it is deduplicated. Nothing in between.
 The layer record is durable in S3 (`layers/<alg>/<hex>`, JSON) and indexed in Redis.
@@ -25,10 +28,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pipelines import encoders
-from pipelines.blobs import BlobInfo, BlobStore
+from pipelines.blobs import BlobInfo, BlobStore, blob_key
 from pipelines.canaries import retirement_blocker
 from pipelines.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
 from pipelines.codecs import (
@@ -43,6 +46,7 @@ from pipelines.digests import digest_key
 from pipelines.errors import BeingCollected, is_transient
 from pipelines.filestore import FileStore, Packer, SpooledPayload
 from pipelines.index import Index
+from pipelines.layercheck import check_from_packs
 from pipelines.pauses import pause
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
 from pipelines.restore import large_file_spans, rebuild_tar, rebuild_tar_range
@@ -55,6 +59,8 @@ ORPHAN_PASSES = 3  # reads of a layer to store files whose claimants died
 logger = logging.getLogger(__name__)
 PENDING_ENCODER = "pending"
 RETIRE_BLOCKED_KEY = "dh:retire-blocked"  # digest -> why its intact copy is kept
+RETIRE_LOCK_SECONDS = 60  # a retirement's descriptor rewrite takes well under a second
+UNPROVEN = "does not restore from its packs"
 
 
 @dataclass
@@ -123,7 +129,7 @@ class Ingestor:
     def ingest(self, digest: str) -> IngestResult:
         info = self.blobs.stored_info(digest)
         if info is None:
-            return self._intact(LayerRecord(digest, INTACT), "blob not found")
+            return self._gone(digest, "blob not found")
         if info.deduplicated:  # a retry after the commit point: finish what follows it
             recipe = Recipe.decode(self.store.get_bytes(info.recipe or ""))
             return self._complete(info, recipe, self._recorded(digest))
@@ -178,7 +184,8 @@ class Ingestor:
             encoded = checkpoints.encode()
             self.store.put_bytes(checkpoints_key(info.digest), encoded)
             self.index.add_bytes(stored=len(encoded))
-        self._rely_on_files(recipe)
+        if not self._may_rely(info, recipe):
+            return self._gone(info.digest, "the blob was garbage-collected while it was ingested")
         deduplicated = BlobInfo(
             info.digest,
             info.size,
@@ -266,14 +273,22 @@ class Ingestor:
 
         return open_rebuilt_tar
 
-    def _rely_on_files(self, recipe: Recipe) -> None:
-        """Between writing the recipe and the commit point: if garbage collection is
-        deleting a file the recipe names, do not commit (the layer stays intact and the
-        job is tried again). The recipe is in S3 already, so a GC that starts later sees
-        it (pipelines/gc.py)."""
-        doomed = self.index.touch("file", [digest.hex() for digest in recipe.file_refs()])
-        if doomed:
-            raise BeingCollected(f"{len(doomed)} files of {recipe.blob_digest} are being collected")
+    def _may_rely(self, info: BlobInfo, recipe: Recipe) -> bool:
+        """Between writing the recipe (what GC marks files from) and the commit point:
+        whether the blob is still there (False: GC deleted it, nothing to commit). A GC run
+        deleting the blob or a file the recipe names, or a file no longer stored, stops
+        the commit: the layer stays intact and the job is tried again, when the files it
+        lacks are stored anew."""
+        files = list(recipe.file_refs())
+        condemned = self.blobs.notices.condemned(blobs=[info.digest], files=files)
+        if condemned:
+            raise BeingCollected(f"{recipe.blob_digest}: {condemned.describe()}")
+        if self.store.size(blob_key(info.digest)) is None:
+            return False
+        missing = self.files.missing(files)
+        if missing:
+            raise BeingCollected(f"{len(missing)} files of {recipe.blob_digest} are gone")
+        return True
 
     def _store_recipe(self, recipe: Recipe) -> int:
         """Write the recipe and read it back: what S3 holds must decode to this recipe."""
@@ -313,6 +328,13 @@ class Ingestor:
         if error:
             self.index.count("verification_failures")
 
+    def _gone(self, digest: str, reason: str) -> IngestResult:
+        """The blob is not stored (GC took it): no record is kept, so that the same layer
+        pushed again is queued and ingested again."""
+        self.store.delete([layer_record_key(digest)])
+        self.index.drop_layer(digest)
+        return IngestResult(LayerRecord(digest, INTACT, reason=reason), retire_after_grace=False)
+
     def _intact(self, record: LayerRecord, reason: str) -> IngestResult:
         record.state, record.reason, record.updated = INTACT, reason, time.time()
         save_record(self.store, self.index, record)
@@ -338,37 +360,78 @@ class Ingestor:
                 ready.append(digest)
         return ready
 
+    def _keep_as_replica(self, info: BlobInfo | None) -> None:
+        if info is not None and info.deduplicated and info.retired:
+            retiring = sum(segment.size for segment in info.retired)
+            kept = replace(info, segments=info.segments + info.retired, retired=[])
+            self.blobs.replace_descriptor(kept)
+            self.index.count("replica_bytes", retiring)
+            self.index.count("retiring_bytes", -retiring)
+
+    def _unproven(self, info: BlobInfo) -> str | None:
+        """Why the packs alone do not restore the layer (None when they do)."""
+        proof = check_from_packs(self.store, self.files, info)
+        return None if proof.ok else f"{UNPROVEN}: {proof.reason}"
+
+    def withdraw_replica(self, digest: str) -> bool:
+        """Stop offering a deduplicated layer's replica (a hot layer that cooled): it turns
+        into an intact copy awaiting deletion, so that no new presigned URL names it.
+        Whether there was one; `retire_intact_copy` deletes it a grace later."""
+        with self._retire_lock(digest):
+            info = self.blobs.stored_info(digest)
+            if info is None or not info.deduplicated or not info.segments:
+                return False
+            withdrawn = sum(segment.size for segment in info.segments)
+            self.blobs.replace_descriptor(
+                replace(info, segments=[], retired=info.retired + info.segments)
+            )
+            self.index.count("replica_bytes", -withdrawn)
+            self.index.count("retiring_bytes", withdrawn)
+            return True
+
     def retire_intact_copy(self, digest: str, keep_replica: bool = False) -> int:
         """Settle the intact copy of a deduplicated layer: delete it (the bytes freed), or,
-        for a layer hot enough to keep one (S-mode), keep it as the layer's replica."""
+        for a layer hot enough to keep one (S-mode), keep it as the layer's replica. It is
+        deleted only once the layer restored from its packs alone to its digest: it is the
+        last full copy. The restore runs outside the lock, which guards only the short
+        read and rewrite of the descriptor (a worker killed holding it blocks no one for
+        long)."""
         pause("retire.start")
-        with self.index.lock(f"retire:{digest}"):
-            info = self.blobs.stored_info(digest)
-            if info is None or not info.deduplicated:
+        info = self.blobs.stored_info(digest)
+        if info is None or not info.deduplicated or not (info.retired or info.segments):
+            return 0
+        if keep_replica:
+            with self._retire_lock(digest):
+                self._keep_as_replica(self.blobs.stored_info(digest))
+            return 0
+        blocker = self.retirement_blocker(info) or self._unproven(info)
+        with self._retire_lock(digest):
+            info = self.blobs.stored_info(digest)  # another retirement may have settled it
+            if info is None or not info.deduplicated or not (info.retired or info.segments):
                 return 0
-            retiring = sum(segment.size for segment in info.retired)
-            if keep_replica:
-                if info.retired:
-                    kept = replace(info, segments=info.segments + info.retired, retired=[])
-                    self.blobs.replace_descriptor(kept)
-                    self.index.count("replica_bytes", retiring)
-                    self.index.count("retiring_bytes", -retiring)
+            if blocker:  # kept, and served from; retired later once it passes
+                self._keep_intact_copy(info, blocker)
                 return 0
-            doomed = info.retired + info.segments
-            if not doomed:
-                return 0
-            blocker = self.retirement_blocker(info)
-            if blocker:  # kept, and served from; retired by a later demotion once it passes
-                logger.warning("keeping the intact copy of %s: %s", digest, blocker)
-                self.index.redis.hset(RETIRE_BLOCKED_KEY, digest, blocker)
-                self.index.count("retirements_blocked")
-                return 0
-            self.index.redis.hdel(RETIRE_BLOCKED_KEY, digest)
-            present = [s for s in doomed if self.store.size(s.key) is not None]
-            self.store.delete([s.key for s in present])
-            freed = sum(s.size for s in present)
-            self.index.add_bytes(stored=-freed)
-            self.index.count("replica_bytes", -sum(s.size for s in info.segments))
-            self.index.count("retiring_bytes", -retiring)
-            self.blobs.replace_descriptor(replace(info, segments=[], retired=[]))
-            return freed
+            return self._delete_intact_copy(info)
+
+    def _keep_intact_copy(self, info: BlobInfo, blocker: str) -> None:
+        logger.warning("keeping the intact copy of %s: %s", info.digest, blocker)
+        self.index.redis.hset(RETIRE_BLOCKED_KEY, info.digest, blocker)
+        self.index.count("retirements_blocked")
+        if blocker.startswith(UNPROVEN):  # the packs cannot serve it: GETs read the copy
+            self._keep_as_replica(info)
+
+    def _delete_intact_copy(self, info: BlobInfo) -> int:
+        doomed = info.retired + info.segments
+        self.index.redis.hdel(RETIRE_BLOCKED_KEY, info.digest)
+        present = [s for s in doomed if self.store.size(s.key) is not None]
+        self.store.delete([s.key for s in present])
+        freed = sum(s.size for s in present)
+        self.index.add_bytes(stored=-freed)
+        self.index.count("replica_bytes", -sum(s.size for s in info.segments))
+        self.index.count("retiring_bytes", -sum(s.size for s in info.retired))
+        self.blobs.replace_descriptor(replace(info, segments=[], retired=[]))
+        return freed
+
+    def _retire_lock(self, digest: str) -> Any:
+        return self.index.lock(f"retire:{digest}", timeout=RETIRE_LOCK_SECONDS)

@@ -3,6 +3,10 @@
 Manifest bytes live in S3 at `manifests/<alg>/<hex>`; a repository holds a revision link
 (`repositories/<name>/_manifests/revisions/<alg>/<hex>`, JSON with the media type and the
 referrer descriptor) and tag links (`.../_manifests/tags/<tag>`, the digest).
+
+A manifest PUT relies on the blobs and manifests it names only after its revision is in
+S3 (garbage collection marks from revisions) and no notice says GC is deleting them
+(pipelines.deletion); the tag is written last.
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.blobs import BlobStore
+from pipelines.blobs import NOTICE_WAIT_SECONDS, BlobStore, blob_key
 from pipelines.digests import Digest, digest_key
 from pipelines.errors import IndexIncomplete, RegistryError, unknown
 from pipelines.index import Index
-from pipelines.storage import ObjectStore
+from pipelines.storage import ObjectStore, sizes
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -30,6 +34,7 @@ NON_DISTRIBUTABLE = (
     "application/vnd.docker.image.rootfs.foreign",
 )
 TAG_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+CLAIM_ATTEMPTS = 3  # writes of a revision that GC deleted before it saw them
 _MEDIA_TYPE = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
 )
@@ -211,20 +216,19 @@ class ManifestStore:
             check_tag(reference)
         parsed = parse_manifest(content, content_type, reference if by_digest else None)
         self._check_references(repo, parsed)
-        if self.index.manifest_bytes(parsed.digest) is None or self.index.touch(
-            "manifest", [parsed.digest]
-        ):
-            self.store.put_bytes(manifest_key(parsed.digest), content)
-            self.index.add_bytes(logical=len(content), stored=len(content))
-            self.index.cache_manifest_bytes(parsed.digest, content)
         revision: dict[str, Any] = {
             "mediaType": parsed.media_type,
             "size": len(content),
             "subject": parsed.subject,
             "referrer": parsed.referrer_descriptor(),
         }
-        self.store.put_bytes(revision_key(repo, parsed.digest), json.dumps(revision).encode())
-        self._still_there(repo, parsed)
+        for _attempt in range(CLAIM_ATTEMPTS):
+            self._store_bytes(parsed)
+            self.store.put_bytes(revision_key(repo, parsed.digest), json.dumps(revision).encode())
+            if self._may_rely(repo, parsed):
+                break
+        else:
+            raise RegistryError("UNAVAILABLE", "garbage collection keeps deleting the manifest")
         self.index.put_revision(repo, parsed.digest, revision)
         if parsed.subject:
             self.index.add_referrer(repo, parsed.subject, parsed.digest, revision["referrer"])
@@ -233,26 +237,38 @@ class ManifestStore:
             self.index.set_tag(repo, reference, parsed.digest)
         return parsed
 
-    def _still_there(self, repo: str, parsed: ParsedManifest) -> None:
-        """After the revision is written: if garbage collection began deleting something
-        it names meanwhile, take the revision back and refuse (pipelines/gc.py)."""
-        doomed = self.index.touch("blob", parsed.blobs) + self.index.touch(
-            "manifest", [*parsed.children, parsed.digest]
+    def _store_bytes(self, parsed: ParsedManifest) -> None:
+        key = manifest_key(parsed.digest)
+        if self.store.size(key) is None:
+            self.store.put_bytes(key, parsed.content)
+            self.index.add_bytes(logical=len(parsed.content), stored=len(parsed.content))
+        self.index.cache_manifest_bytes(parsed.digest, parsed.content)
+
+    def _may_rely(self, repo: str, parsed: ParsedManifest) -> bool:
+        """After the revision is written (what GC marks from): wait while a GC run deletes
+        something it names, then check S3 still holds all of it. A blob or child gone:
+        the revision is taken back and the PUT refused. Its own bytes or revision gone
+        (GC took them as unnamed or untagged before it saw the revision): False, to write
+        them again and check again."""
+        own = [manifest_key(parsed.digest), revision_key(repo, parsed.digest)]
+        named = {blob_key(digest): digest for digest in parsed.blobs}
+        named |= {revision_key(repo, digest): digest for digest in parsed.children}
+        condemned = self.blobs.notices.wait_until_clear(
+            NOTICE_WAIT_SECONDS, parsed.blobs, [*parsed.children, parsed.digest]
         )
-        if doomed:
+        found = sizes(self.store, [*own, *named]) if not condemned else {}
+        missing = [digest for key, digest in named.items() if found.get(key) is None]
+        if condemned or missing:
             self.store.delete([revision_key(repo, parsed.digest)])
+        if condemned:
+            raise RegistryError("UNAVAILABLE", f"the manifest names objects {condemned.describe()}")
+        if missing:
             raise RegistryError(
-                "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry", {"digest": doomed[0]}
+                "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry", {"digest": missing[0]}
             )
+        return all(found.get(key) is not None for key in own)
 
     def _check_references(self, repo: str, parsed: ParsedManifest) -> None:
-        doomed = self.index.touch("blob", parsed.blobs) + self.index.touch(
-            "manifest", parsed.children
-        )
-        if doomed:
-            raise RegistryError(
-                "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry", {"digest": doomed[0]}
-            )
         for digest in parsed.blobs:
             if not self.index.is_layer_linked(repo, digest) or self.blobs.info(digest) is None:
                 raise RegistryError(
@@ -290,6 +306,13 @@ class ManifestStore:
             content = self.store.get_bytes(manifest_key(digest))
             self.index.cache_manifest_bytes(digest, content)
         return StoredManifest(digest, media_type, content)
+
+    def forget_revision(self, repo: str, digest: str) -> None:
+        """The index entries of a revision that garbage collection deleted (untagged)."""
+        revision = self.index.revision(repo, digest) or {}
+        if revision.get("subject"):
+            self.index.drop_referrer(repo, revision["subject"], digest)
+        self.index.drop_revision(repo, digest)
 
     def delete(self, repo: str, reference: str) -> None:
         if not is_digest_reference(reference):

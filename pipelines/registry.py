@@ -190,7 +190,14 @@ class Registry:
         its bytes skip the API; None when it must be streamed."""
         if self.settings.redirect != "presigned" or len(info.segments) != 1:
             return None
-        return self.store.presigned_get(info.segments[0].key, REDIRECT_URL_SECONDS)
+        return self.store.presigned_get(info.segments[0].key, self._redirect_seconds())
+
+    def _redirect_seconds(self) -> int:
+        """A presigned URL never outlives its object: an intact copy is deleted a retire
+        grace after it stops being offered (it turned into a recipe, or a replica was
+        withdrawn), a blob nothing names a GC grace after its last push."""
+        graces = (self.settings.retire_grace_seconds, self.settings.gc_grace_seconds)
+        return max(1, int(min(REDIRECT_URL_SECONDS, *graces)))
 
     def encoder_canaries(self) -> dict[str, bool]:
         """Per encoder id, whether its last canary check passed (written at start and by
@@ -499,6 +506,21 @@ class Registry:
                 if info is not None and info.deduplicated:
                     stale.append(digest)
         return stale
+
+    def overdue_retirements(self, older_than: float) -> list[str]:
+        """Deduplicated layers, settled before `older_than`, whose intact copy still awaits
+        deletion although no canary or failed proof keeps it: their retirement job was
+        lost (a worker killed with it, Redis emptied)."""
+        kept = {key.decode() for key in self.index.redis.hkeys(RETIRE_BLOCKED_KEY)}
+        records = self.index.layer_summaries(("state", "updated"))
+        overdue = []
+        for digest, fields in records.items():
+            settled = fields["state"] == DEDUPLICATED and float(fields["updated"] or 0) < older_than
+            if settled and digest not in kept:
+                info = self.blobs.info(digest)
+                if info is not None and info.retired:
+                    overdue.append(digest)
+        return overdue
 
     def prepare_to_serve(self) -> None:
         """What a process that serves GETs does at start, before its first request: the

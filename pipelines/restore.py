@@ -245,7 +245,10 @@ def _submit_spans(
 def _fetch_span(files: FileStore, span: _Span) -> dict[int, bytes | FileStoreError]:
     """Each member's bytes, or why they are wrong: a damaged file fails when its turn
     comes, so the tar before it (its verified segments) is still served."""
-    data = files.read_range(span.pack, span.start, span.end - span.start)
+    try:
+        data = files.read_range(span.pack, span.start, span.end - span.start)
+    except ObjectNotFound:  # the pack went away (compacted by GC): look the files up again
+        return {offset: _refetched(files, ref) for offset, (ref, _l) in span.members.items()}
     contents: dict[int, bytes | FileStoreError] = {}
     for offset, (ref, location) in span.members.items():
         stored = data[offset - span.start : offset - span.start + location.length]
@@ -254,6 +257,16 @@ def _fetch_span(files: FileStore, span: _Span) -> dict[int, bytes | FileStoreErr
         except FileStoreError as error:
             contents[offset] = error
     return contents
+
+
+def _refetched(files: FileStore, ref: FileRef) -> bytes | FileStoreError:
+    """One file read where the index points now, checked; or why it cannot be."""
+    try:
+        return b"".join(files.open(ref.digest, ref.size))
+    except ObjectNotFound as error:
+        return FileStoreError(f"file {ref.digest.hex()}: its pack {error} is gone")
+    except FileStoreError as error:
+        return error
 
 
 def _emit(item: _Item, files: FileStore) -> Iterator[bytes]:

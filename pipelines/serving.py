@@ -183,10 +183,10 @@ class BlobServer:
         info = self.blobs.stored_info(digest)
         if info is None or not info.deduplicated or info.segments:
             return 0
-        key = f"data/materialized/{digest.replace(':', '/')}"
         read = self.read(info, 0, info.size)
-        self.store.put_stream(key, io.BufferedReader(ChunkReader(read.chunks)), info.size)
-        self.blobs.replace_descriptor(replace(info, segments=[Segment(key, info.size)]))
+        with self.blobs.staged_data_object() as key:
+            self.store.put_stream(key, io.BufferedReader(ChunkReader(read.chunks)), info.size)
+            self.blobs.replace_descriptor(replace(info, segments=[Segment(key, info.size)]))
         self.index.add_bytes(stored=info.size)
         self.index.count("replica_bytes", info.size)
         return info.size

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, BinaryIO, Protocol, TypeVar, cast
@@ -169,6 +170,15 @@ class S3Store:
             if item.object_name is not None and not item.is_dir:
                 modified = item.last_modified.timestamp() if item.last_modified else 0.0
                 yield Listed(item.object_name, int(item.size or 0), modified)
+
+
+_EXISTS_POOL = ThreadPoolExecutor(16, thread_name_prefix="s3-head")
+
+
+def sizes(store: ObjectStore, keys: Iterable[str]) -> dict[str, int | None]:
+    """The size of each object (None: no such object), asked for all at once."""
+    wanted = list(dict.fromkeys(keys))
+    return dict(zip(wanted, _EXISTS_POOL.map(store.size, wanted), strict=True))
 
 
 def _stream_and_release(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:

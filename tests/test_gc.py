@@ -198,7 +198,7 @@ def test_a_gc_killed_halfway_loses_nothing_and_the_next_run_finishes(gc_live: Li
     time.sleep(5)
     make_celery(live.settings).send_task("workers.tasks.collect_garbage", args=(False,))
     wait_until(  # a GC of this store takes ~0.2 s: watch closely, kill at once
-        lambda: bool(live.registry.index.redis.exists("dh:gc:active")), "GC start", interval=0.001
+        lambda: bool(list(live.registry.store.list("gc/runs/"))), "GC start", interval=0.001
     )
     live.stack.kill("worker-maintenance")
     live.stack.respawn("worker-maintenance")

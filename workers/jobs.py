@@ -38,7 +38,6 @@ from workers.tasks import (
     apply_retention,
     blob_fetched,
     collect_garbage,
-    complete_index,
     encode_segment,
     ingest_layer,
     manifest_fetched,
@@ -47,6 +46,9 @@ from workers.tasks import (
     retire_unblocked,
     tag_put,
     verify_blob,
+)
+from workers.tasks import (
+    request_index_rebuild as request_index_rebuild,  # the API asks through this module
 )
 
 # A segment (about 4 MiB of tar) takes a worker a second or two; past this, a missing or
@@ -149,21 +151,6 @@ def verify_encoders(registry: Registry) -> dict[str, Any]:
 def enqueue_reindex(registry: Registry) -> str:
     result = rebuild_index.apply_async()
     registry.index.put_job(result.id, {"kind": "reindex", "created": str(time.time())})
-    return str(result.id)
-
-
-def request_index_rebuild(registry: Registry) -> str:
-    """Queue one rebuild of an incomplete index, ahead of other maintenance, however many
-    lookups find it so (the first asks); its job id, or "" when one runs or was asked for."""
-    if not registry.claim_rebuild_request():
-        return ""
-    try:
-        result = complete_index.apply_async(priority=0)
-    except Exception:
-        registry.release_rebuild_request()
-        raise
-    fields = {"kind": "reindex", "trigger": "index incomplete", "created": str(time.time())}
-    registry.index.put_job(result.id, fields)
     return str(result.id)
 
 

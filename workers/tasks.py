@@ -103,6 +103,10 @@ def retire_intact_copy(digest: str, keep: bool | None = None, repository: str = 
     keep it as a replica if the layer is hot (`keep` None: decide now), else delete it,
     first copying it into the buffer if clients of its repository will likely pull it."""
     keep_replica = registry().keeps_replica(digest) if keep is None else keep
+    if not keep_replica and retrying(lambda: registry().ingestor.withdraw_replica(digest)):
+        grace = registry().settings.retire_grace_seconds  # presigned URLs for it run out first
+        retire_intact_copy.apply_async(args=(digest, False, repository), countdown=grace)
+        return 0
     pullers = registry().expected_pullers(repository) if repository else 0
     if not keep_replica and pullers:
         retrying(lambda: registry().server.preconstruct(digest, "retired", pullers))
@@ -217,13 +221,15 @@ def verify_sample() -> list[str]:
 
 @celery_app.task(name="workers.tasks.resume_ingests")
 def resume_ingests() -> list[str]:
-    """Queue again the ingests that a long outage or a lost job left unfinished."""
-    stale = registry().unfinished_ingests(
-        older_than=time.time() - 2 * registry().settings.visibility_timeout_seconds
-    )
+    """Queue again the ingests, and the retirements of intact copies, that a long outage
+    or a lost job left unfinished."""
+    older_than = time.time() - 2 * registry().settings.visibility_timeout_seconds
+    stale = registry().unfinished_ingests(older_than)
     for digest in stale:
         job = ingest_layer.apply_async(args=("", digest))
         registry().index.put_layer(digest, {"job": job.id, "updated": str(time.time())})
+    for digest in registry().overdue_retirements(older_than):
+        retire_intact_copy.apply_async(args=(digest, None, ""))
     return stale
 
 
@@ -235,8 +241,27 @@ def audit_packs() -> dict[str, int]:
 
 @celery_app.task(name="workers.tasks.collect_garbage")
 def collect_garbage(dry_run: bool = False) -> dict[str, Any]:
-    """Online garbage collection (pipelines/gc.py): what it freed, or would free."""
-    return asdict(retrying(lambda: registry().collector().run(dry_run)))
+    """Online garbage collection (pipelines/gc.py): what it freed, or would free. A run
+    that refused (the index is incomplete) asks for the index to be rebuilt."""
+    report = retrying(lambda: registry().collector().run(dry_run))
+    if report.refused:
+        request_index_rebuild(registry())
+    return asdict(report)
+
+
+def request_index_rebuild(of: Registry) -> str:
+    """Queue one rebuild of an incomplete index, ahead of other maintenance, however many
+    find it so (the first asks); its job id, or "" when one runs or was asked for."""
+    if not of.claim_rebuild_request():
+        return ""
+    try:
+        result = complete_index.apply_async(priority=0)
+    except Exception:
+        of.release_rebuild_request()
+        raise
+    fields = {"kind": "reindex", "trigger": "index incomplete", "created": str(time.time())}
+    of.index.put_job(result.id, fields)
+    return str(result.id)
 
 
 @celery_app.task(name="workers.tasks.apply_retention")
