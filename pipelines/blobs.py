@@ -6,16 +6,16 @@ hold its bytes in order. An upload writes each chunk straight into a data object
 copied at commit time. Upload state (offset, data objects, saved SHA-256 state) is kept
 in S3 and cached in Redis, so any API process can take the next chunk.
 
-Garbage collection reads these objects (pipelines/gc.py): an upload's state names its
-data objects until its descriptor does (the descriptor is written first, the state
-deleted after), and a link written within the grace window keeps a blob alive. An upload
-or a mount of a blob that exists relies on it only after linking it and finding no notice
-that GC is deleting it (pipelines.deletion).
+Garbage collection reads these objects (pipelines/gc.py): a data object is named by its
+upload's state until its descriptor names it (the descriptor is written first, the state
+deleted after), and one nothing names is left alone for an upload's longest life
+(DUPHUNTER_UPLOAD_TTL_SECONDS) plus the grace; a link written within the grace window
+keeps a blob alive. An upload or a mount of a blob that exists relies on it only after
+linking it and finding no notice that GC is deleting it (pipelines.deletion).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -255,16 +255,6 @@ class BlobStore:
         return self.store.size(blob_key(digest)) is not None
 
     # uploads
-    @contextlib.contextmanager
-    def staged_data_object(self) -> Iterator[str]:
-        """The key of a new data object that GC leaves alone until the caller's descriptor
-        names it (an upload state names it meanwhile): a replica being written."""
-        state = self.start_upload("")
-        try:
-            yield f"data/{state.upload_id}/000000"
-        finally:
-            self._forget_upload(state)
-
     def start_upload(self, repo: str) -> UploadState:
         state = UploadState(uuid.uuid4().hex, repo, sha256_state=ResumableSha256().state().hex())
         self._save_upload(state)
@@ -316,12 +306,8 @@ class BlobStore:
     ) -> BlobInfo:
         """A whole blob in one request: no upload state is ever saved."""
         Digest.parse(digest)
-        state = self.start_upload(repo)  # its state names the data object while it is written
-        try:
-            return self._finish(state, digest, body, length)
-        except BaseException:  # its data object was never written, or is dropped, or named
-            self._forget_upload(state)
-            raise
+        state = UploadState(uuid.uuid4().hex, repo, sha256_state=ResumableSha256().state().hex())
+        return self._finish(state, digest, body, length)
 
     def _finish(
         self, state: UploadState, digest: str, body: IO[bytes], length: int | None
@@ -393,7 +379,8 @@ class BlobStore:
         copy is dropped, but only once the existing one may be relied on; if GC deleted it
         meanwhile, the new copy takes its place."""
         with self.index.lock(f"blob:{info.digest}"):
-            existing = self.stored_info(info.digest)
+            known = self.index.blob(info.digest) is not None or not self.index.is_ready()
+            existing = self.stored_info(info.digest) if known else None
             if existing is not None:
                 self.link(repo, info.digest)
                 if self.still_stored(info.digest):

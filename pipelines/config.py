@@ -90,6 +90,7 @@ class Settings:
     gc_compact_below: float = field(default_factory=lambda: float(_env("GC_COMPACT_BELOW", "0.5")))
     gc_untagged: bool = field(default_factory=lambda: _env("GC_UNTAGGED", "0") == "1")
     gc_nice: int = field(default_factory=lambda: int(_env("GC_NICE", "10")))
+    gc_pace: float = field(default_factory=lambda: float(_env("GC_PACE", "0.25")))
     gc_interval_seconds: float = field(
         default_factory=lambda: float(_env("GC_INTERVAL_SECONDS", "86400"))
     )

@@ -56,6 +56,12 @@ class Notice:
     manifests: frozenset[str] = frozenset()
     files: frozenset[bytes] = frozenset()
 
+    @property
+    def kind(self) -> str:
+        """"files" for a notice naming files only, else "registry" (blobs, manifests): a
+        relier that asks about one kind does not read the other's notices."""
+        return "registry" if self.blobs or self.manifests else "files"
+
     def encode(self) -> bytes:
         header = json.dumps(
             {"run": self.run, "blobs": sorted(self.blobs), "manifests": sorted(self.manifests)}
@@ -114,13 +120,15 @@ class Notices:
         manifests: Iterable[str] = (),
         files: Iterable[bytes] = (),
     ) -> Condemned:
-        keys = [key for key, _size in self.store.list(NOTICE_PREFIX)]
-        if not keys:
+        listed = [key for key, _size in self.store.list(NOTICE_PREFIX)]
+        if not listed:
             return Condemned()
-        self._read = {key: notice for key, notice in self._read.items() if key in keys}
+        self._read = {key: notice for key, notice in self._read.items() if key in listed}
         wanted_blobs, wanted_manifests, wanted_files = set(blobs), set(manifests), set(files)
+        kinds = {"registry"} if wanted_blobs or wanted_manifests else set()
+        kinds |= {"files"} if wanted_files else set()
         found = Condemned()
-        for key in keys:
+        for key in [key for key in listed if key.rsplit("/", 1)[-1].split("-")[0] in kinds]:
             notice = self._notice(key)
             if notice is None:
                 continue
@@ -193,7 +201,7 @@ class RunLease:
         return time.time() < self.expires - CLOCK_MARGIN_SECONDS
 
     def publish(self, notice: Notice) -> None:
-        key = f"{NOTICE_PREFIX}{self.run}/{len(self.notices)}"
+        key = f"{NOTICE_PREFIX}{self.run}/{notice.kind}-{len(self.notices)}"
         self.store.put_bytes(key, notice.encode())
         self.notices.append(key)
 

@@ -67,8 +67,9 @@ DEFERRED_PREFIX = "gc/deferred/"
 LEASE_SECONDS = 60  # of the lock and of the run's lease in S3, both renewed every 10 s
 COUNTED_PREFIXES = ("data/", "recipes/", "checkpoints/")  # counted in stored bytes
 DELETE_BATCH = 500  # keys per S3 delete request, each after a check that the run may
-LOOKUP_BATCH = 5000  # files asked of the index in one round trip
-READ_THREADS = 8
+LOOKUP_BATCH = 1000  # files asked of the index in one round trip (each blocks Redis briefly)
+READ_THREADS = 3
+READ_CHUNK = 32  # objects read between two of the pacer's pauses
 
 
 class GcStopped(Exception):
@@ -129,6 +130,30 @@ class PackVerdict:
         return self.kept_bytes < below * self.file_bytes
 
 
+class Pacer:
+    """Keeps a run's load on the services it shares with pushes and pulls (S3, Redis)
+    to about `share` of the time: after each step it pauses so that steps take that
+    share of the wall time (DUPHUNTER_GC_PACE; 1 runs flat out)."""
+
+    def __init__(self, share: float) -> None:
+        self.share = min(1.0, max(0.01, share))
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        time.sleep((time.monotonic() - started) * (1 - self.share) / self.share)
+
+    def map(self, work: Any, items: list[Any]) -> Iterator[tuple[Any, Any]]:
+        """(item, work(item)) for each item, READ_THREADS at a time, paced by chunks."""
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for start in range(0, len(items), READ_CHUNK):
+                chunk = items[start : start + READ_CHUNK]
+                with self.step():
+                    results = list(pool.map(work, chunk))
+                yield from zip(chunk, results, strict=True)
+
+
 class GarbageCollector:
     def __init__(
         self,
@@ -142,6 +167,7 @@ class GarbageCollector:
         compact_below: float,
         untagged: bool,
         nice: int = 0,
+        pace: float = 1.0,
     ) -> None:
         self.store = store
         self.index = index
@@ -153,7 +179,8 @@ class GarbageCollector:
         self.compact_below = compact_below
         self.untagged = untagged
         self.nice = nice
-        self.parsed = ParsedObjects(store)
+        self.pacer = Pacer(pace)
+        self.parsed = ParsedObjects(store, self.pacer)
         self.lock: Any = None
         self.lease = RunLease(store, LEASE_SECONDS)
 
@@ -180,7 +207,7 @@ class GarbageCollector:
 
     def _run(self, dry_run: bool) -> GcReport:
         report = GcReport(dry_run)
-        self.parsed = ParsedObjects(self.store)
+        self.parsed = ParsedObjects(self.store, self.pacer)
         self.lease = RunLease(self.store, LEASE_SECONDS)
         if not self.index.is_ready():
             report.refused = ("the index is incomplete (Redis lost keys, or a rebuild runs): "
@@ -260,11 +287,13 @@ class GarbageCollector:
                 tag_objects.append(listed)
             elif kind == "link":
                 links[(repo, rest)] = listed
-        tagged = {str(target) for target in self.parsed.read(tag_objects, _tag_target).values()}
-        subjects = self.parsed.read(list(revisions.values()), _revision_subject)
         young = {digest for (_r, digest), listed in revisions.items() if listed.modified >= cutoff}
-        roots = (tagged if self.untagged else {digest for _repo, digest in revisions}) | young
-        live_manifests, live_blobs = self._closure(roots, revisions, subjects)
+        if self.untagged:
+            targets = self.parsed.read(tag_objects, _tag_target).values()
+            roots = {str(target) for target in targets if target} | young
+        else:
+            roots = {digest for _repo, digest in revisions}
+        live_manifests, live_blobs = self._closure(roots, {d for _r, d in revisions})
         live_blobs |= {digest for (_repo, digest), listed in links.items()
                        if listed.modified >= cutoff}  # fmt: skip
         recipes = list(self.store.listing("recipes/"))
@@ -273,18 +302,15 @@ class GarbageCollector:
         sizes = {_digest_of_key(listed.key, "recipes/"): listed.size for listed in recipes}
         return Marks(revisions, links, live_manifests, live_blobs, sizes)
 
-    def _closure(
-        self,
-        roots: set[str],
-        revisions: dict[tuple[str, str], Listed],
-        subjects: dict[str, Any],
-    ) -> tuple[set[str], set[str]]:
-        """Live manifests (the roots, what indexes name, referrers of live ones) and the
-        blobs they name."""
+    def _closure(self, roots: set[str], held: set[str]) -> tuple[set[str], set[str]]:
+        """Live manifests (the roots, what indexes name, referrers of live ones: of the
+        manifests repositories hold) and the blobs they name."""
+        bodies = self.parsed.read([manifest_key(digest) for digest in held], _manifest_names)
         referrers: dict[str, set[str]] = {}
-        for (_repo, digest), listed in revisions.items():
-            if subjects.get(listed.key):
-                referrers.setdefault(str(subjects[listed.key]), set()).add(digest)
+        for digest in held:
+            subject = (bodies.get(manifest_key(digest)) or NAMES_NONE).subject
+            if subject:
+                referrers.setdefault(subject, set()).add(digest)
         live: set[str] = set()
         blobs: set[str] = set()
         level = set(roots)
@@ -293,9 +319,9 @@ class GarbageCollector:
             named = self.parsed.read([manifest_key(digest) for digest in level], _manifest_names)
             found: set[str] = set()
             for digest in level:
-                names = named.get(manifest_key(digest)) or ((), ())
-                blobs.update(names[0])
-                found.update(names[1])
+                names = named.get(manifest_key(digest)) or NAMES_NONE
+                blobs.update(names.blobs)
+                found.update(names.children)
                 found |= referrers.get(digest, set())
             level = found - live
         return live, blobs
@@ -387,10 +413,11 @@ class GarbageCollector:
             if not self._may_delete(report):
                 return
             keys = [key for info in batch for key in _blob_keys(info, linked.get(info.digest, []))]
-            for start in range(0, len(keys), DELETE_BATCH):
-                self.store.delete(keys[start : start + DELETE_BATCH])
-            for info in batch:
-                self._forget_blob(info, linked.get(info.digest, []), marks.recipe_sizes)
+            with self.pacer.step():
+                for start in range(0, len(keys), DELETE_BATCH):
+                    self.store.delete(keys[start : start + DELETE_BATCH])
+                for info in batch:
+                    self._forget_blob(info, linked.get(info.digest, []), marks.recipe_sizes)
 
     def _forget_blob(self, info: BlobInfo, repos: list[str], recipe_sizes: dict[str, int]) -> None:
         """The index entries, buffer entry and counters of a deleted blob."""
@@ -407,13 +434,16 @@ class GarbageCollector:
     def _sweep_orphans(self, uploads: set[str], cutoff: float, report: GcReport) -> None:
         """Objects nothing names. Uploads were listed at the run's start, descriptors now:
         an upload's data objects are named by its state until its descriptor names them
-        (the descriptor is written first), so one of the two listings sees them."""
+        (the descriptor is written first), so one of the two listings sees them. A data
+        object nothing names may be one being written (a monolithic upload, a replica):
+        it is left alone for an upload's longest life (its TTL) beyond the grace."""
         descriptors = self._descriptors()
         named = {s.key for _l, info in descriptors.values() for s in info.segments + info.retired}
         doomed = []
         for prefix in ("data/", "recipes/", "layers/", "checkpoints/"):
+            horizon = cutoff - (self.blobs.upload_ttl if prefix == "data/" else 0)
             for listed in self.store.listing(prefix):
-                if listed.modified >= cutoff or listed.key in named:
+                if listed.modified >= horizon or listed.key in named:
                     continue
                 if prefix == "data/" and listed.key.split("/")[1] in uploads:
                     continue
@@ -437,7 +467,7 @@ class GarbageCollector:
 
     # files and packs
     def _collect_files(self, cutoff: float, report: GcReport) -> None:
-        live = LiveFiles(self.store)
+        live = LiveFiles(self.store, self.pacer)
         live.read_recipes()
         verdicts = self._judge_packs(live, cutoff, report)
         dead = {digest for verdict in verdicts for digest in verdict.dead}
@@ -465,8 +495,9 @@ class GarbageCollector:
         for listed in listing:
             if listed.modified >= cutoff:
                 continue
-            table = read_pack_table(self.store, listed.key, listed.size)
-            indexed = self._indexed(table)
+            with self.pacer.step():
+                table = read_pack_table(self.store, listed.key, listed.size)
+                indexed = self._indexed(table)
             kept, dead, dead_here, repairs = [], [], {}, {}
             for (digest, location), where in zip(table, indexed, strict=True):
                 if not live.names(digest):
@@ -510,8 +541,9 @@ class GarbageCollector:
         for batch in _batches(items, LOOKUP_BATCH):
             if not self._may_delete(report):
                 return
-            self.index.forget_files(dict(batch))
-            self.index.forget_file_references([digest for digest, _place in batch])
+            with self.pacer.step():
+                self.index.forget_files(dict(batch))
+                self.index.forget_file_references([digest for digest, _place in batch])
 
     def _sweep_packs(self, verdicts: list[PackVerdict], cutoff: float, report: GcReport) -> None:
         waiting = self._deferred()
@@ -620,8 +652,9 @@ class LiveFiles:
     prefixes of their sha256 (a dead file that shares a prefix with a live one is only
     kept, never the reverse), and which recipes were read, to read only new ones again."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, pacer: Pacer) -> None:
         self.store = store
+        self.pacer = pacer
         self.prefixes: set[int] = set()
         self.seen: dict[str, float] = {}
 
@@ -633,11 +666,10 @@ class LiveFiles:
         new = [listed for listed in self.store.listing("recipes/")
                if self.seen.get(listed.key) != listed.modified]  # fmt: skip
         found: set[bytes] = set()
-        with ThreadPoolExecutor(READ_THREADS) as pool:
-            for listed, digests in zip(new, pool.map(self._files_of, new), strict=True):
-                self.seen[listed.key] = listed.modified
-                self.prefixes.update(int.from_bytes(d[:8], "big") for d in digests)
-                found.update(digest for digest in digests if digest in watched)
+        for listed, digests in self.pacer.map(self._files_of, new):
+            self.seen[listed.key] = listed.modified
+            self.prefixes.update(int.from_bytes(d[:8], "big") for d in digests)
+            found.update(digest for digest in digests if digest in watched)
         return found
 
     def _files_of(self, listed: Listed) -> list[bytes]:
@@ -652,8 +684,9 @@ class ParsedObjects:
     content never change; the others are read again when their LastModified changes).
     Only the parsed values are kept, never the bytes."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, pacer: Pacer) -> None:
         self.store = store
+        self.pacer = pacer
         self.cache: dict[str, tuple[float, Any]] = {}
 
     def read(self, objects: Iterable[Listed | str], parse: Any) -> dict[str, Any]:
@@ -661,11 +694,9 @@ class ParsedObjects:
         stale = [key for key, item in wanted.items()
                  if key not in self.cache or (isinstance(item, Listed)
                                               and self.cache[key][0] != item.modified)]  # fmt: skip
-        with ThreadPoolExecutor(READ_THREADS) as pool:
-            for key, value in zip(stale, pool.map(lambda k: parse(self._get(k)), stale),
-                                  strict=True):  # fmt: skip
-                item = wanted[key]
-                self.cache[key] = (item.modified if isinstance(item, Listed) else 0.0, value)
+        for key, value in self.pacer.map(lambda k: parse(self._get(k)), stale):
+            item = wanted[key]
+            self.cache[key] = (item.modified if isinstance(item, Listed) else 0.0, value)
         return {key: self.cache[key][1] for key in wanted}
 
     def _get(self, key: str) -> bytes | None:
@@ -714,22 +745,32 @@ def _tag_target(data: bytes | None) -> str | None:
     return data.decode() if data else None
 
 
-def _revision_subject(data: bytes | None) -> str | None:
-    subject = _json_object(data).get("subject")
-    return str(subject) if subject else None
-
-
 def _descriptor(data: bytes | None) -> dict[str, Any] | None:
     return _json_object(data) or None
 
 
-def _manifest_names(data: bytes | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The blobs (config, layers) and the manifests (an index's children) a manifest names."""
+@dataclass(frozen=True)
+class ManifestNames:
+    blobs: tuple[str, ...]  # config and layers
+    children: tuple[str, ...]  # the manifests an index names
+    subject: str | None  # what a referrer refers to
+
+
+NAMES_NONE = ManifestNames((), (), None)
+
+
+def _manifest_names(data: bytes | None) -> ManifestNames:
     body = _json_object(data)
     blobs = [d.get("digest") for d in [body.get("config") or {}, *body.get("layers", [])]
              if isinstance(d, dict)]  # fmt: skip
     children = [m.get("digest") for m in body.get("manifests", []) if isinstance(m, dict)]
-    return tuple(str(d) for d in blobs if d), tuple(str(d) for d in children if d)
+    subject = body.get("subject")
+    digest = subject.get("digest") if isinstance(subject, dict) else None
+    return ManifestNames(
+        tuple(str(d) for d in blobs if d),
+        tuple(str(d) for d in children if d),
+        str(digest) if digest else None,
+    )
 
 
 def _split_repository_key(key: str) -> tuple[str, str, str]:

@@ -239,7 +239,7 @@ class ManifestStore:
 
     def _store_bytes(self, parsed: ParsedManifest) -> None:
         key = manifest_key(parsed.digest)
-        if self.store.size(key) is None:
+        if self.index.manifest_bytes(parsed.digest) is None and self.store.size(key) is None:
             self.store.put_bytes(key, parsed.content)
             self.index.add_bytes(logical=len(parsed.content), stored=len(parsed.content))
         self.index.cache_manifest_bytes(parsed.digest, parsed.content)

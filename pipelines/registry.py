@@ -223,6 +223,7 @@ class Registry:
             settings.gc_compact_below,
             settings.gc_untagged,
             settings.gc_nice,
+            settings.gc_pace,
         )
 
     def last_gc(self) -> dict[str, Any] | None:

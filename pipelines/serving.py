@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -183,10 +184,10 @@ class BlobServer:
         info = self.blobs.stored_info(digest)
         if info is None or not info.deduplicated or info.segments:
             return 0
+        key = f"data/{uuid.uuid4().hex}/000000"  # GC leaves it an upload's life to be named
         read = self.read(info, 0, info.size)
-        with self.blobs.staged_data_object() as key:
-            self.store.put_stream(key, io.BufferedReader(ChunkReader(read.chunks)), info.size)
-            self.blobs.replace_descriptor(replace(info, segments=[Segment(key, info.size)]))
+        self.store.put_stream(key, io.BufferedReader(ChunkReader(read.chunks)), info.size)
+        self.blobs.replace_descriptor(replace(info, segments=[Segment(key, info.size)]))
         self.index.add_bytes(stored=info.size)
         self.index.count("replica_bytes", info.size)
         return info.size

@@ -21,7 +21,14 @@ import pytest
 
 from deploy.stack import VENV_BIN, Stack, wait_until
 from pipelines.filestore import read_pack_table
-from tests.client import RegistryClient, sha256
+from tests.client import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    RegistryClient,
+    descriptor,
+    image_manifest,
+    sha256,
+)
 from tests.conftest import LiveStack, start_live_stack
 from tests.test_dedup import make_tar
 from workers.app import make_celery
@@ -262,3 +269,42 @@ def test_verify_re_restores_and_reports(gc_live: LiveStack) -> None:
     push_and_wait(client, live, image)
     status = duphunter(live, "verify")
     assert status["state"] == "success" and status["layers"][image.digest] == "verified"
+
+
+def test_untagged_gc_keeps_what_tags_lead_to_and_frees_the_rest(gc_live: LiveStack) -> None:
+    """With DUPHUNTER_GC_UNTAGGED, a manifest lives if a tag leads to it: directly, as the
+    child of a tagged index, or as a referrer of a live manifest; the rest is freed."""
+    live = gc_live
+    client = RegistryClient(live.url)
+    repo = "gc/untagged"
+
+    def pushed(reference: str, manifest: dict[str, Any], media_type: str = OCI_MANIFEST) -> str:
+        response = client.push_manifest(repo, reference, manifest, media_type)
+        assert response.status == 201, response.data
+        return str(response.headers["Docker-Content-Digest"])
+
+    def image(n: int) -> dict[str, Any]:
+        layer = gzip.compress(make_tar({f"f{n}": os.urandom(4 * KiB)}), mtime=0)
+        config = json.dumps({"architecture": "amd64", "os": "linux", "n": n}).encode()
+        return image_manifest(client.push_blob(repo, config), len(config),
+                              [(client.push_blob(repo, layer), len(layer))])  # fmt: skip
+
+    tagged = pushed("v1", image(1))
+    child = image(2)
+    child_digest = pushed(sha256(json.dumps(child).encode()), child)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        descriptor(OCI_MANIFEST, child_digest, len(json.dumps(child)))]}  # fmt: skip
+    pushed("multi", index, OCI_INDEX)
+    referrer = image(3) | {"subject": descriptor(OCI_MANIFEST, tagged, 0),
+                           "artifactType": "application/example"}  # fmt: skip
+    referrer_digest = pushed(sha256(json.dumps(referrer).encode()), referrer)
+    loose = image(4)
+    loose_digest = pushed(sha256(json.dumps(loose).encode()), loose)
+    time.sleep(live.settings.gc_grace_seconds + 1)
+    run_gc(live)
+    for digest in (tagged, child_digest, referrer_digest):
+        assert client.request("GET", f"/v2/{repo}/manifests/{digest}").status == 200, digest
+    assert client.request("GET", f"/v2/{repo}/manifests/{loose_digest}").status == 404
+    loose_layer = loose["layers"][0]["digest"]
+    assert live.registry.blobs.stored_info(loose_layer) is None
+    assert live.registry.blobs.stored_info(referrer["layers"][0]["digest"]) is not None
