@@ -171,15 +171,22 @@ def test_a_gc_that_loses_its_lock_or_its_index_stops_deleting(
 # 2. An ingest deduplicates against files that GC deletes.
 
 
+def newcomer_held_before_its_recipe(live: LiveStack, points: PausePoints, name: str) -> Image:
+    """An image pushed with the files of a deleted one, its ingest held after it found
+    them in the deleted image's packs and before it writes its recipe."""
+    garbage, _kept = garbage_and_kept(live, name)
+    newcomer = make_image(f"{name}/new", {n: garbage.files[n] for n in garbage.files
+                                          if "/lib/" in n}, own_files=3)  # fmt: skip
+    points.hold("ingest.before_recipe")
+    RegistryClient(live.url).push_image(newcomer.repo, "v1", [newcomer.layer])
+    points.wait_reached("ingest.before_recipe")
+    return newcomer
+
+
 def test_an_ingest_cannot_commit_on_files_gc_deleted_meanwhile(
     live: LiveStack, points: PausePoints
 ) -> None:
-    garbage, _kept = garbage_and_kept(live, "dedup-race")
-    newcomer = make_image("dedup-race/new", {n: garbage.files[n] for n in garbage.files
-                                             if "/lib/" in n}, own_files=3)  # fmt: skip
-    points.hold("ingest.before_recipe")
-    RegistryClient(live.url).push_image(newcomer.repo, "v1", [newcomer.layer])
-    points.wait_reached("ingest.before_recipe")  # its files were found in the garbage's packs
+    newcomer = newcomer_held_before_its_recipe(live, points, "dedup-race")
     report = live.registry.collector().run()
     assert report.blobs >= 1 and report.files >= 1, report
     points.release("ingest.before_recipe")
@@ -190,12 +197,7 @@ def test_an_ingest_cannot_commit_on_files_gc_deleted_meanwhile(
 def test_an_ingest_that_meets_a_gc_deleting_its_files_is_tried_again(
     live: LiveStack, points: PausePoints
 ) -> None:
-    garbage, _kept = garbage_and_kept(live, "dedup-meets")
-    newcomer = make_image("dedup-meets/new", {n: garbage.files[n] for n in garbage.files
-                                              if "/lib/" in n}, own_files=3)  # fmt: skip
-    points.hold("ingest.before_recipe")
-    RegistryClient(live.url).push_image(newcomer.repo, "v1", [newcomer.layer])
-    points.wait_reached("ingest.before_recipe")
+    newcomer = newcomer_held_before_its_recipe(live, points, "dedup-meets")
     points.hold("gc.files_decided")
     run = in_background(live.registry.collector().run)
     points.wait_reached("gc.files_decided")  # the garbage's files are condemned

@@ -4,7 +4,7 @@ workers (and so GC) killed at random points, and in some seeds Redis emptied.
 
 At the end of a seed, every image that was pushed (its manifest PUT answered 201) and not
 deleted is served byte-exact and restores from its packs alone. DUPHUNTER_TORTURE_SEEDS
-sets how many seeds run (default 4, each on a stack of its own, about a minute each).
+sets how many seeds run (default 3, each on a stack of its own, about a minute each).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from tests.test_dedup import make_tar
 from workers.app import make_celery
 
 KiB = 1 << 10
-SEEDS = int(os.environ.get("DUPHUNTER_TORTURE_SEEDS", "4"))
-ACTION_SECONDS = 30.0  # of random actions per seed, then the system settles
+SEEDS = int(os.environ.get("DUPHUNTER_TORTURE_SEEDS", "3"))
+ACTION_SECONDS = 25.0  # of random actions per seed, then the system settles
 WORKERS = ("worker-ingest", "worker-maintenance", "worker-restore")
 ACCEPT_IMAGE = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 RETENTION = {"rules": [{"repositories": "torture/kept-*", "keep_last": 1}]}
