@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -62,6 +63,9 @@ def grpc_safe_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
     return ports
 
 
+S3_START_ATTEMPTS = 3
+
+
 def wait_until(
     check: Callable[[], bool], what: str, timeout: float = 60, interval: float = 0.2
 ) -> None:
@@ -74,6 +78,10 @@ def wait_until(
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s")
+
+
+def _up_or_exited(process: subprocess.Popen[bytes], client: Minio, bucket: str) -> bool:
+    return process.poll() is not None or client.bucket_exists(bucket)
 
 
 class Stack:
@@ -169,20 +177,24 @@ class Stack:
         return url
 
     def start_s3(self, port: int, access_key: str, secret_key: str, bucket: str) -> str:
-        """SeaweedFS `weed mini` as the local S3 server; its gRPC ports are port+10000."""
+        """SeaweedFS `weed mini` as the local S3 server; its gRPC ports are port+10000.
+        Its inner ports are picked free but may be taken before it binds them (by another
+        stack, or a client's ephemeral port): if it exits, it starts again on new ones."""
         data = self.workdir / "s3"
         data.mkdir(exist_ok=True)
-        ports = grpc_safe_ports(("master", "volume", "filer", "admin"), taken={port})
         env = dict(self.env, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
-        self.spawn(
-            "s3",
-            services.s3_command(VENV_BIN, port, data, ports, bucket),
-            env=env,
-        )
         endpoint = f"127.0.0.1:{port}"
         client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=False)
-        wait_until(lambda: client.bucket_exists(bucket), "S3 (weed mini)", timeout=120)
-        return endpoint
+        for _attempt in range(S3_START_ATTEMPTS):
+            ports = grpc_safe_ports(("master", "volume", "filer", "admin"), taken={port})
+            self.spawn("s3", services.s3_command(VENV_BIN, port, data, ports, bucket), env=env)
+            process = self.processes[-1][1]
+            wait_until(partial(_up_or_exited, process, client, bucket), "S3 (weed mini)", 120)
+            if process.poll() is None:
+                return endpoint
+            self.processes.pop()
+        log = self.workdir / "s3.log"
+        raise RuntimeError(f"S3 (weed mini) exited {S3_START_ATTEMPTS} times: see {log}")
 
     def start_api(self, listen: str, processes: int = 2, threads: int = 16) -> None:
         self.spawn("api", services.api_command(VENV_BIN, listen, processes, threads))

@@ -34,6 +34,14 @@ import redis
 
 PREFIX = "dh:"
 READY_KEY = PREFIX + "index:ready"
+REBUILDING_KEY = PREFIX + "index:rebuilding"
+# The index is complete only if the rebuild that filled it saw no loss of keys on the way.
+_MARK_READY_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], '1')
+redis.call('DEL', KEYS[1])
+return 1
+"""
 
 
 def _mapping(fields: dict[str, str]) -> dict[str | bytes, bytes | float | int | str]:
@@ -211,8 +219,15 @@ class Index:
     def is_ready(self) -> bool:
         return bool(self.redis.exists(READY_KEY))
 
-    def mark_ready(self) -> None:
-        self.redis.set(READY_KEY, "1")
+    def begin_rebuild(self, token: str) -> None:
+        """Mark the (cleared) index as being filled by the rebuild `token`."""
+        self.redis.set(REBUILDING_KEY, token)
+
+    def mark_ready(self, token: str) -> bool:
+        """Declare the index complete, unless Redis lost keys while rebuild `token` filled
+        it (its mark is gone): then it stays incomplete and must be rebuilt again."""
+        script = self.redis.register_script(_MARK_READY_LUA)
+        return bool(script(keys=[REBUILDING_KEY, READY_KEY], args=[token]))
 
     def clear(self) -> None:
         """Drop every index entry; locks (a rebuild runs under one) and job records (a

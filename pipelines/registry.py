@@ -6,9 +6,13 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import LockError, LockNotOwnedError
 
 from pipelines import canaries, metrics
 from pipelines.blobs import BlobInfo, BlobStore
@@ -25,6 +29,7 @@ from pipelines.index import Index
 from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, RETIRE_BLOCKED_KEY, Ingestor
 from pipelines.layercheck import check_from_packs
 from pipelines.manifests import ManifestStore, is_digest_reference
+from pipelines.pauses import pause
 from pipelines.popularity import Popularity
 from pipelines.predict import (
     AccessHistory,
@@ -51,7 +56,7 @@ AUDIT_KEY = "dh:audit:packs"
 REBUILD_LOCK = "rebuild-index"
 REBUILD_SECONDS = 3600  # the rebuild's lease, and how long another waits for it
 REBUILD_REQUEST_KEY = "dh:index:rebuild-requested"
-REBUILD_REQUEST_SECONDS = 300  # after this, a request that never ran (lost?) is made again
+REBUILD_REQUEST_SECONDS = 60  # after this, a request that never ran (lost?) is made again
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:
@@ -534,14 +539,14 @@ class Registry:
         wait for it. What this call indexed (None: nothing, the index was complete)."""
         if self.index.is_ready():
             return None
-        with self._rebuild_lock():
+        with self._holding_rebuild_lock():
             return None if self.index.is_ready() else self._rebuild_from_s3(None)
 
     def rebuild_index(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
         """Recreate every Redis index entry from what S3 holds, after any rebuild running
         elsewhere (two at once would clear each other's entries); `progress` hears how
         many objects were indexed, every thousand."""
-        with self._rebuild_lock():
+        with self._holding_rebuild_lock():
             return self._rebuild_from_s3(progress)
 
     def claim_rebuild_request(self) -> bool:
@@ -559,6 +564,19 @@ class Registry:
         find the index incomplete may ask again."""
         self.index.redis.delete(REBUILD_REQUEST_KEY)
 
+    @contextmanager
+    def _holding_rebuild_lock(self) -> Iterator[None]:
+        """The rebuild lock held; if Redis lost it meanwhile, the rebuild's own check (its
+        mark) says what that cost, not a failed release."""
+        lock = self._rebuild_lock()
+        if not lock.acquire():
+            raise LockError("another rebuild of the index ran for too long")
+        try:
+            yield
+        finally:
+            with suppress(LockNotOwnedError):
+                lock.release()
+
     def _rebuild_lock(self) -> Any:
         return self.index.lock(
             REBUILD_LOCK, timeout=REBUILD_SECONDS, blocking_timeout=REBUILD_SECONDS
@@ -566,6 +584,8 @@ class Registry:
 
     def _rebuild_from_s3(self, progress: Callable[[int], None] | None) -> dict[str, int]:
         self.index.clear()
+        token = uuid.uuid4().hex
+        self.index.begin_rebuild(token)
         counts: dict[str, int] = {}
         logical = stored = 0
         recipes_in_use: list[str] = []
@@ -595,7 +615,9 @@ class Registry:
         self.index.add_bytes(logical=logical, stored=stored)
         self.index.count("replica_bytes", replica_bytes)
         self.index.count("retiring_bytes", retiring_bytes)
-        self.index.mark_ready()
+        pause("rebuild.filled")
+        if not self.index.mark_ready(token):
+            raise RuntimeError("Redis lost keys while the index was rebuilt: rebuild it again")
         return counts
 
     def _reindex_blob(self, key: str) -> BlobInfo:

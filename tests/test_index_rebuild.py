@@ -13,13 +13,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from deploy.stack import VENV_BIN, Stack, wait_until
 from pipelines.index import Index
+from pipelines.pauses import PAUSE_DIR_VARIABLE
 from tests.client import OCI_MANIFEST, RegistryClient, error_codes, sha256
-from tests.conftest import LiveStack, start_live_stack
+from tests.conftest import LiveStack, PausePoints, start_live_stack
 from tests.test_dedup import make_tar
 
 KiB = 1 << 10
@@ -149,6 +151,40 @@ def test_while_a_rebuild_runs_lookups_answer_503_and_ask_for_no_other(
     wait_until(lambda: index.is_ready(), "the index rebuilt by itself", timeout=120)
     assert_served(client, pushed)
     assert len({job["id"] for job in reindex_jobs(index)} - before) == 1
+
+
+def test_an_index_that_lost_its_keys_is_rebuilt_with_no_lookup_asking(
+    index_live: LiveStack, pushed: Pushed
+) -> None:
+    """Pushes do not meet an incomplete index (they check S3 instead): a watch on the
+    maintenance queue asks for the rebuild."""
+    index = index_live.registry.index
+    wait_until(lambda: index.is_ready(), "the index complete")
+    index.redis.flushall()
+    wait_until(lambda: index.is_ready(), "the index rebuilt by itself", timeout=120)
+    assert [job["trigger"] for job in reindex_jobs(index)] == ["index incomplete"]
+    assert_served(RegistryClient(index_live.url), pushed)
+
+
+def test_a_rebuild_that_redis_loses_keys_under_leaves_the_index_incomplete(
+    index_live: LiveStack, pushed: Pushed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its entries made before the loss are gone: it must not call the index complete."""
+    points = PausePoints(tmp_path / "pauses")
+    monkeypatch.setenv(PAUSE_DIR_VARIABLE, str(points.directory))
+    registry, index = index_live.registry, index_live.registry.index
+    wait_until(lambda: index.is_ready(), "the index complete")
+    points.hold("rebuild.filled")
+    with ThreadPoolExecutor(1) as pool:
+        rebuild = pool.submit(registry.rebuild_index)
+        points.wait_reached("rebuild.filled")
+        index.redis.flushall()
+        points.release("rebuild.filled")
+        with pytest.raises(RuntimeError, match="lost keys while the index was rebuilt"):
+            rebuild.result(timeout=60)
+    monkeypatch.delenv(PAUSE_DIR_VARIABLE)
+    wait_until(lambda: index.is_ready(), "the index rebuilt again by itself", timeout=120)
+    assert_served(RegistryClient(index_live.url), pushed)
 
 
 def test_what_is_unknown_is_404_once_the_index_is_complete(

@@ -51,6 +51,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.complete_index": {"queue": "maintenance"},
+            "workers.tasks.watch_index": {"queue": "maintenance"},
             "workers.tasks.retire_intact_copy": {"queue": "maintenance"},
             "workers.tasks.verify_sample": {"queue": "maintenance"},
             "workers.tasks.resume_ingests": {"queue": "maintenance"},
@@ -86,6 +87,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": 600.0,
             },
             "audit-packs": {"task": "workers.tasks.audit_packs", "schedule": 3600.0},
+            "watch-index": {"task": "workers.tasks.watch_index", "schedule": 30.0},
             "apply-retention": {"task": "workers.tasks.apply_retention", "schedule": 86400.0},
             "collect-garbage": {
                 "task": "workers.tasks.collect_garbage",

@@ -276,6 +276,15 @@ def purge_stale_uploads() -> int:
     return registry().blobs.purge_stale_uploads(time.time() - settings.upload_ttl_seconds)
 
 
+@celery_app.task(name="workers.tasks.watch_index")
+def watch_index() -> str:
+    """Ask for a rebuild of an incomplete index (Redis lost its keys) before any lookup
+    meets it; the job id, or "" when the index is complete or a rebuild was asked for."""
+    if registry().index.is_ready():
+        return ""
+    return request_index_rebuild(registry())
+
+
 @celery_app.task(name="workers.tasks.complete_index")
 def complete_index() -> dict[str, int] | None:
     """Rebuild the index if it is still incomplete (asked for by the API when a lookup
