@@ -6,6 +6,7 @@ all, in reverse order, on exit. `make run` runs the same commands under supervis
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,6 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+LISTEN_PORTS_FROM = 12000  # above the well-known ports of the services on a host
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen here (connections in TIME_WAIT do not count)."""
     with socket.socket() as probe:
@@ -40,13 +44,21 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port(also_free_offset: int = 0) -> int:
-    """A free loopback port; with an offset, one whose port+offset is free too."""
+    """A free loopback port; with an offset, one whose port+offset is free too. Drawn
+    below the kernel's ephemeral range: a port there can be taken, between this check and
+    the server's bind, as the source port of any outgoing connection."""
+    highest = _ephemeral_low() - 1 - also_free_offset
     while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port + also_free_offset < 65536 and port_is_free(port + also_free_offset):
+        port = random.randint(LISTEN_PORTS_FROM, highest)
+        if port_is_free(port) and port_is_free(port + also_free_offset):
             return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def grpc_safe_ports(names: tuple[str, ...], taken: set[int]) -> dict[str, int]:
