@@ -77,6 +77,9 @@ def seeded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Liv
         "DUPHUNTER_MODE": "b0",
         "DUPHUNTER_RETENTION_POLICY": str(policy),
         "DUPHUNTER_RETRY_SECONDS": "60",
+        # a job on a killed worker comes back after this (and resume_ingests re-queues
+        # a layer still queued after twice this): the default hour outlasts the test
+        "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "30",
     }
     with Stack(tmp_path / "stack") as stack:
         yield start_live_stack(stack, tmp_path / "stack", settings), seed
