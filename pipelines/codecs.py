@@ -309,19 +309,27 @@ def scan_zstd_frames(
     max_window: int = DEFAULT_ZSTD_MAX_WINDOW,
     max_frames: int = DEFAULT_ZSTD_MAX_FRAMES,
 ) -> list[ZstdFrame]:
-    """The frames of a zstd stream, found from their headers and block headers alone
-    (nothing is decompressed). Raises CorruptBlobError for a malformed or truncated
-    stream, UnsupportedBlobError for a window above `max_window` or more frames than
-    `max_frames`."""
-    cursor = _Cursor(iter(chunks))
+    """The frames of a zstd stream (see `iter_zstd_frames`); UnsupportedBlobError for
+    more than `max_frames`."""
     frames: list[ZstdFrame] = []
-    while not cursor.at_end():
+    for frame in iter_zstd_frames(chunks, max_window):
         if len(frames) >= max_frames:
             raise UnsupportedBlobError(f"zstd stream of more than {max_frames} frames")
-        frames.append(_scan_frame(cursor, max_window))
-    if not frames:
-        raise CorruptBlobError("empty zstd blob")
+        frames.append(frame)
     return frames
+
+
+def iter_zstd_frames(
+    chunks: Iterable[bytes], max_window: int = DEFAULT_ZSTD_MAX_WINDOW
+) -> Iterator[ZstdFrame]:
+    """The frames of a zstd stream, found from their headers and block headers alone
+    (nothing is decompressed). Raises CorruptBlobError for a malformed, truncated or
+    empty stream, UnsupportedBlobError for a window above `max_window`."""
+    cursor = _Cursor(iter(chunks))
+    if cursor.at_end():
+        raise CorruptBlobError("empty zstd blob")
+    while not cursor.at_end():
+        yield _scan_frame(cursor, max_window)
 
 
 def _scan_frame(cursor: _Cursor, max_window: int) -> ZstdFrame:

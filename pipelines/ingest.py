@@ -42,7 +42,6 @@ from pipelines.codecs import (
     Sniff,
     UnsupportedBlobError,
     open_decompressed,
-    scan_zstd_frames,
     sniff,
 )
 from pipelines.digests import digest_key
@@ -56,7 +55,7 @@ from pipelines.restore import large_file_spans, rebuild_tar, rebuild_tar_range
 from pipelines.storage import ObjectStore
 from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 from pipelines.verify import SegmentHasher, VerificationError
-from pipelines.zstd_frames import frames_shortlist, needs_frames_encoder
+from pipelines.zstd_frames import frames_shortlist, frames_to_rebuild
 
 QUEUED, INTACT, DEDUPLICATED = "queued", "intact", "deduplicated"
 ORPHAN_PASSES = 3  # reads of a layer to store files whose claimants died
@@ -226,8 +225,8 @@ class Ingestor:
         def read_blob(offset: int, length: int) -> Iterable[bytes]:
             return self.blobs.read(info, offset, length)
 
-        frames = scan_zstd_frames(self.blobs.read(info), self.zstd_max_window)
-        if needs_frames_encoder(frames, read_blob, info.size):
+        frames = frames_to_rebuild(read_blob, info.size, self.zstd_max_window)
+        if frames is not None:
             return frames_shortlist(frames, read_blob, self.zstd_max_window)
         return encoders.shortlist(open_blob, open_tar, kind)
 

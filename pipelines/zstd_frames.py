@@ -39,7 +39,9 @@ from pipelines.codecs import (
     ChunkReader,
     ZstdFrame,
     iter_chunks,
+    iter_zstd_frames,
     open_decompressed,
+    scan_zstd_frames,
     sniff,
 )
 from pipelines.encoders import Encoder, Match, NoMatch, Shortlist
@@ -51,6 +53,9 @@ PARAMS_VERSION = 1
 DATA, SKIPPABLE = 0, 1
 # Skippable frames are kept verbatim in the recipe: a layer holding more is kept intact.
 MAX_SKIPPABLE_BYTES = 64 * 1024
+# Times the encoder found so far may give way to another (its search, then the earlier
+# frames again): the CPU a layer of many frames costs stays bounded.
+MAX_ENCODER_SWITCHES = 2
 
 ReadBlob = Callable[[int, int], Iterable[bytes]]  # offset, length -> the blob's bytes
 
@@ -150,14 +155,21 @@ class _Slicer:
         return False
 
 
-def needs_frames_encoder(frames: list[ZstdFrame], read_blob: ReadBlob, blob_size: int) -> bool:
-    """Whether a zstd layer is more than the one data frame a one-frame encoder writes,
-    and not zstd:chunked (whose encoder writes all its frames and its footer)."""
-    if len(frames) == 1 and not frames[0].skippable:
-        return False
+def frames_to_rebuild(
+    read_blob: ReadBlob, blob_size: int, max_window: int
+) -> list[ZstdFrame] | None:
+    """The frames of a zstd layer to rebuild frame by frame; None for one that a single
+    encoder writes whole: one data frame, or zstd:chunked (its encoder writes all its
+    frames and its footer). Either way every frame's window is checked against the cap
+    (UnsupportedBlobError), and a malformed stream raises CorruptBlobError."""
     footer = encoders.ZSTD_CHUNKED_FOOTER_LEN
     tail = b"".join(read_blob(max(0, blob_size - footer), min(footer, blob_size)))
-    return not encoders.is_zstd_chunked(tail)
+    if encoders.is_zstd_chunked(tail):  # a frame per file: not kept in a list
+        for _frame in iter_zstd_frames(read_blob(0, blob_size), max_window):
+            pass
+        return None
+    frames = scan_zstd_frames(read_blob(0, blob_size), max_window)
+    return None if len(frames) == 1 and not frames[0].skippable else frames
 
 
 def frames_shortlist(
@@ -170,11 +182,15 @@ def frames_shortlist(
         return NoMatch(f"skippable zstd frames of {skippable} bytes (a recipe keeps 64 KiB)")
     found: dict[int, DataFrame] = {}  # by frame offset
     inner: str | None = None
+    switches = 0
     for frame in (frame for frame in frames if not frame.skippable):
         match = _frame_match(frame, read_blob, max_window, [inner, None] if inner else [None])
         if isinstance(match, NoMatch):
             return NoMatch(f"zstd frame at offset {frame.offset}: {match.reason}")
         if inner is not None and match[0].encoder_id != inner:
+            switches += 1
+            if switches > MAX_ENCODER_SWITCHES:  # each costs a search and a pass: bounded
+                return NoMatch(f"zstd frames match {switches + 1} encoders in turn")
             # A small frame may match several encoders: the earlier ones again with this one.
             earlier = [f for f in frames if f.offset in found]
             redone = _frames_match(earlier, read_blob, max_window, match[0].encoder_id)

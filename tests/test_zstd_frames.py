@@ -36,8 +36,12 @@ from pipelines.zstd_frames import (
     decode_params,
     encode_params,
     frames_shortlist,
-    needs_frames_encoder,
+    frames_to_rebuild,
 )
+from tests.client import RegistryClient, sha256
+from tests.conftest import LiveStack, served_from_dedup
+from tests.test_dedup import wait_for_layers
+from tests.test_producers import assert_pulled_exactly, oci_config, wait_until_restorable
 
 PZSTD_FRAME_TAR = 8 << 20  # pzstd -3 makes a frame of 4 windows (2 MiB each) of input
 
@@ -86,12 +90,12 @@ def reader_of(blob: bytes) -> Callable[[int, int], Iterable[bytes]]:
 
 def find(blob: bytes, max_window: int = 128 << 20) -> Match | NoMatch:
     """What ingest finds for a zstd layer: frames scanned, then either encoder path."""
-    frames = scan_zstd_frames([blob], max_window)
+    frames = frames_to_rebuild(reader_of(blob), len(blob), max_window)
 
     def open_tar() -> io.BufferedReader:
         return open_decompressed("zstd", io.BytesIO(blob), max_window)  # type: ignore[return-value]
 
-    if needs_frames_encoder(frames, reader_of(blob), len(blob)):
+    if frames is not None:
         found = frames_shortlist(frames, reader_of(blob), max_window)
     else:
         found = encoders.shortlist(lambda: io.BytesIO(blob), open_tar, sniff(blob[:65536]))
@@ -231,5 +235,60 @@ def test_large_skippable_frames_are_kept_intact(tar: bytes) -> None:
 def test_a_single_frame_takes_the_one_frame_path(tar: bytes) -> None:
     need("zstd")
     blob = run(["zstd", "-q", "-c", "-"], tar)
-    assert not needs_frames_encoder(scan_zstd_frames([blob]), reader_of(blob), len(blob))
+    assert frames_to_rebuild(reader_of(blob), len(blob), 128 << 20) is None
     assert assert_rebuilt(blob, tar, find(blob)).encoder_id == "zstd/cli-1.5.4/level3"
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_legal_zstd_layers_through_the_registry(
+    live: LiveStack, client: RegistryClient, repo: str, tmp_path: Path
+) -> None:
+    """Each legal zstd stream pushed ends its ingest job deduplicated or intact with the
+    reason, and every one is pulled back byte-exact (the deduplicated ones rebuilt from
+    their recipe once their intact copy is gone)."""
+    need("zstd")
+    tars = [text_tar(PZSTD_FRAME_TAR + 300_000, seed=3)] + [
+        text_tar(400_000, seed) for seed in (4, 5, 6)
+    ]
+    cli_frames = [
+        run(["zstd", "-q", "-c", "-"], tars[1][:150_000]),
+        run(["zstd", "-q", "-c", "-"], tars[1][150_000:]),
+    ]
+    compressor = zstandard.ZstdCompressor(level=3)
+    layers = {  # blob, expected encoder (None: kept intact, for the reason below)
+        "pzstd": (pzstd(tars[0], tmp_path), FRAMES_PREFIX + "zstd/cli-1.5.4/level3-single"),
+        "cat with skippable frames": (
+            skippable(b"head")
+            + cli_frames[0]
+            + skippable(b"", 7)
+            + cli_frames[1]
+            + skippable(b"tail"),
+            FRAMES_PREFIX + "zstd/cli-1.5.4/level3",
+        ),
+        "python-zstandard frames": (
+            compressor.compress(tars[2][:200_000]) + compressor.compress(tars[2][200_000:]),
+            FRAMES_PREFIX,
+        ),
+        "1 GiB window": (run(["zstd", "-q", "-c", "--long=30", "-"], tars[3]), None),
+        "truncated frame": (cli_frames[0][:-7], None),
+    }
+    reasons = {"1 GiB window": "DUPHUNTER_ZSTD_MAX_WINDOW", "truncated frame": "unreadable"}
+    blobs = [blob for blob, _expected in layers.values()]
+    client.push_image(repo, "v1", blobs, config=oci_config(tars))
+    digests = {name: sha256(blob) for name, (blob, _expected) in layers.items()}
+    records = wait_for_layers(live, list(digests.values()), timeout=300)
+    for name, (_blob, expected) in layers.items():
+        record = records[digests[name]]
+        if expected is None:
+            assert record["state"] == "intact", (name, record)
+            assert reasons[name] in record["reason"], (name, record)
+        else:
+            assert record["state"] == "deduplicated", (name, record)
+            assert record["encoder"].startswith(expected), (name, record)
+    deduplicated = [digests[name] for name, (_blob, expected) in layers.items() if expected]
+    restores_before = wait_until_restorable(live, deduplicated)
+    for name, (blob, _expected) in layers.items():
+        assert_pulled_exactly(client, repo, digests[name], blob)
+    assert served_from_dedup(live) >= restores_before + len(deduplicated)
