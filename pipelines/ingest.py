@@ -46,12 +46,24 @@ from pipelines.codecs import (
 )
 from pipelines.digests import digest_key
 from pipelines.errors import BeingCollected, is_transient
-from pipelines.filestore import FileStore, Packer, SpooledPayload
+from pipelines.filestore import (
+    IN_MEMORY_LIMIT,
+    PACK_TARGET,
+    PACKS_IN_FLIGHT,
+    FileStore,
+    Packer,
+    SpooledPayload,
+)
 from pipelines.index import Index
 from pipelines.layercheck import check_from_packs
 from pipelines.pauses import pause
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
-from pipelines.restore import large_file_spans, rebuild_tar, rebuild_tar_range
+from pipelines.restore import (
+    large_file_spans,
+    rebuild_tar,
+    rebuild_tar_range,
+    restore_memory_bound,
+)
 from pipelines.storage import ObjectStore
 from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 from pipelines.verify import SegmentHasher, VerificationError
@@ -94,6 +106,18 @@ class LayerRecord:
 class IngestResult:
     record: LayerRecord
     retire_after_grace: bool  # an intact copy remains to be deleted
+
+
+def ingest_memory_bound(zstd_window: int) -> int:
+    """The most an ingest holds beyond its process's baseline (README, Memory bounds):
+    the screened prefix and the blob's head, a payload in memory and the packs being
+    filled, the trial restore, and for a zstd layer its frames' window (at most
+    DUPHUNTER_ZSTD_MAX_WINDOW)."""
+    screening = 2 * (encoders.SCREEN_STAGES[-1] + SNIFF_BYTES)
+    # payloads waiting, the pack being filled, the packs uploading: each at most a pack
+    # and the in-memory payload that overflowed it
+    packing = (2 + PACKS_IN_FLIGHT) * (PACK_TARGET + IN_MEMORY_LIMIT)
+    return screening + packing + restore_memory_bound() + zstd_window
 
 
 def layer_record_key(digest: str) -> str:
