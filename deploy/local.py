@@ -51,7 +51,7 @@ class Plan:
 
 def plan(workdir: Path, env: dict[str, str], api_processes: int, flower_port: int) -> Plan:
     """What `make run` starts, given the environment; SystemExit if a port is taken."""
-    result = Plan(env=dict(env, PYTHONPATH=str(REPO_ROOT)))
+    result = Plan(env={**services.PROCESS_ENV, **env, "PYTHONPATH": str(REPO_ROOT)})
     _plan_redis(result, workdir, env)
     _plan_s3(result, workdir, env)
     listen = env.get("DUPHUNTER_LISTEN", f"127.0.0.1:{services.API_PORT}")

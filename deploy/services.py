@@ -9,12 +9,22 @@ from pathlib import Path
 
 from workers.app import QUEUES
 
-__all__ = ["QUEUES", "api_command", "beat_command", "flower_command", "worker_command"]
+__all__ = [
+    "PROCESS_ENV",
+    "QUEUES",
+    "api_command",
+    "beat_command",
+    "flower_command",
+    "worker_command",
+]
 
 API_PORT = 5000
 FLOWER_PORT = 5555
 WORKER_METRICS_PORT = 9808  # each Celery worker's Prometheus exporter
 CELERY_APP = "workers.app:celery_app"
+# glibc raises its mmap threshold as large buffers are freed, after which freed 1 MiB
+# buffers stay resident: the memory bounds (README) hold with the threshold fixed.
+PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def api_command(bin_dir: Path | None, listen: str, processes: int, threads: int = 16) -> list[str]:

@@ -105,7 +105,7 @@ class Stack:
         self.log_to_files = log_to_files
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
-        self.env = dict(os.environ)
+        self.env = {**services.PROCESS_ENV, **os.environ}
         self.env["PYTHONPATH"] = str(REPO_ROOT)
         metrics = workdir / "metrics"  # every process's Prometheus samples (multiprocess mode)
         shutil.rmtree(metrics, ignore_errors=True)

@@ -42,6 +42,7 @@ from pipelines.encoders import (
     encode_gzip_params,
     golden_input,
     lookup_encoder,
+    vouching_encoder_id,
 )
 
 CANARY_KEY = "dh:canaries"
@@ -197,6 +198,7 @@ def retirement_blocker(client: redis.Redis[bytes], encoder_id: str) -> str | Non
     result is recorded at all (Redis lost them), the canaries are checked here first."""
     if not client.exists(CANARY_KEY):
         check_and_record(client)
+    encoder_id = vouching_encoder_id(encoder_id)
     state = client.hget(CANARY_KEY, encoder_id)
     if state == OK.encode():
         return None

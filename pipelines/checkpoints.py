@@ -59,6 +59,9 @@ MIN_CHECKPOINT_SPACING = 1 << 20  # and at least this many in a small one
 SEGMENTS_WANTED = 8  # per layer, where the spacings allow it
 MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
 AVOID_MARGIN = 256 * 1024  # more than any encoder's history or lookahead
+# A segment's tar is held in memory while it is re-encoded: a longer one (around a large
+# file, or merged by the proof) is not proven, and a plan holding one restores serially.
+MAX_SEGMENT_TAR_BYTES = 32 << 20
 PROOF_THREADS = os.cpu_count() or 2
 
 logger = logging.getLogger(__name__)
@@ -432,10 +435,16 @@ def find_and_prove(
     return prove_plan(encoder, plan, payload, read_tar, pool)
 
 
+def fits_in_memory(segment: Segment) -> bool:
+    return segment.tar_end - segment.tar_start <= MAX_SEGMENT_TAR_BYTES
+
+
 def prove_plan(
     encoder: Encoder, plan: Checkpoints, payload: PushedPayload, read_tar: ReadTar, pool: Executor
 ) -> Proof:
     def encoded(segment: Segment) -> bytes | None:
+        if not fits_in_memory(segment):
+            return None
         try:
             return encode_segment(encoder, segment, read_tar, plan.tar_size)
         except SegmentError:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.codecs import DEFAULT_ZSTD_MAX_WINDOW
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,6 +98,9 @@ class Settings:
     )
     metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "0")))
     retention_policy: str = field(default_factory=lambda: _env("RETENTION_POLICY", ""))
+    zstd_max_window: int = field(
+        default_factory=lambda: int(_env("ZSTD_MAX_WINDOW", str(DEFAULT_ZSTD_MAX_WINDOW)))
+    )
     helper_dir: Path = field(
         default_factory=lambda: Path(_env("HELPER_DIR", str(REPO_ROOT / "build" / "helpers")))
     )

@@ -947,8 +947,20 @@ def prepare_encoders() -> None:
         encoder.unavailable_reason()
 
 
+def vouching_encoder_id(encoder_id: str) -> str:
+    """The id whose canary vouches for an encoder: a multi-frame zstd layer's frames
+    encoder is as safe as the encoder of its frames (pipelines.zstd_frames)."""
+    from pipelines.zstd_frames import FRAMES_PREFIX
+
+    return encoder_id.removeprefix(FRAMES_PREFIX)
+
+
 def lookup_encoder(encoder_id: str) -> Encoder:
     """The encoder for a stored id; raises EncoderUnavailableError if it cannot run here."""
+    from pipelines.zstd_frames import FRAMES_PREFIX, ZstdFramesEncoder
+
+    if encoder_id.startswith(FRAMES_PREFIX):
+        return ZstdFramesEncoder(lookup_encoder(encoder_id.removeprefix(FRAMES_PREFIX)))
     for encoder in all_encoders():
         if encoder.encoder_id == encoder_id:
             reason = encoder.unavailable_reason()
@@ -1058,21 +1070,28 @@ class Shortlist:
 
 
 def find_encoder(
-    open_blob: OpenStream, open_tar: OpenStream, blob_digest: str, sniff: Sniff
+    open_blob: OpenStream,
+    open_tar: OpenStream,
+    blob_digest: str,
+    sniff: Sniff,
+    only: str | None = None,
 ) -> Match | NoMatch:
     """Find an encoder that regenerates the blob exactly from its tar.
 
     open_blob/open_tar open fresh streams of the compressed blob and of its tar;
     blob_digest is "sha256:<hex>" or "<hex>". Screens candidates on a tar prefix,
     then proves a survivor by full recompression and sha256 comparison."""
-    found = shortlist(open_blob, open_tar, sniff)
+    found = shortlist(open_blob, open_tar, sniff, only)
     return found if isinstance(found, NoMatch) else prove(found, open_tar, blob_digest)
 
 
-def shortlist(open_blob: OpenStream, open_tar: OpenStream, sniff: Sniff) -> Shortlist | NoMatch:
-    """Screen the candidates on a prefix of the tar: cheap, and nothing survives for a
-    blob no encoder here could make. Reads only the start of the tar, except for a zstd
-    frame that does not record its content size (then the tar's length is needed)."""
+def shortlist(
+    open_blob: OpenStream, open_tar: OpenStream, sniff: Sniff, only: str | None = None
+) -> Shortlist | NoMatch:
+    """Screen the candidates (only the encoder of id `only`, if given) on a prefix of the
+    tar: cheap, and nothing survives for a blob no encoder here could make. Reads only the
+    start of the tar, except for a zstd frame that does not record its content size (then
+    the tar's length is needed)."""
     if sniff.kind == "tar":
         return Shortlist((), identity=True)
     if sniff.kind == "gzip":
@@ -1083,12 +1102,21 @@ def shortlist(open_blob: OpenStream, open_tar: OpenStream, sniff: Sniff) -> Shor
         return NoMatch(f"blob kind {sniff.kind!r} has no encoder")
     if isinstance(trials, NoMatch):
         return trials
+    if only is not None:
+        trials = [(target, [e for e in found if e.encoder_id == only]) for target, found in trials]
     with open_tar() as tar:
         tar_prefix = tar.read(SCREEN_STAGES[-1])
     screened = tuple(_screen(candidates, target, tar_prefix) for target, candidates in trials)
     if not any(trial.screened or trial.unscreened for trial in screened):
         return NoMatch(_no_match_reason(screened))
     return Shortlist(screened)
+
+
+def shortlist_of(encoder: Encoder, params: bytes) -> Shortlist:
+    """A shortlist of one encoder matched already (on parts of the blob: each frame of a
+    multi-frame zstd layer), for `prove` to settle on the whole blob."""
+    target = _Target(b"", False, params, b"", b"")
+    return Shortlist((_Trial(target, [encoder], [], [encoder], []),))
 
 
 def prove(found: Shortlist, open_tar: OpenStream, blob_digest: str) -> Match | NoMatch:

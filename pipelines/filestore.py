@@ -17,6 +17,7 @@ references each file has are recounted from recipes.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import struct
 import tempfile
@@ -40,6 +41,7 @@ CODEC_RAW, CODEC_ZSTD = 0, 1
 ZSTD_LEVEL = 3
 IN_MEMORY_LIMIT = 8 << 20  # larger payloads are spooled to a temporary file
 PACK_TARGET = 8 << 20  # a pack is sealed once it holds this much
+PACKS_IN_FLIGHT = 2  # sealed packs held for upload at once: filling waits for S3 beyond
 LOOKUP_BATCH = 128  # new-or-known is asked of the index this many files at a time
 CLAIM_POLL_SECONDS = 0.2
 CHUNK = 1 << 20
@@ -291,11 +293,13 @@ def _decoded(chunks: Iterator[bytes], digest: bytes) -> Iterator[bytes]:
         return
     if codec != CODEC_ZSTD:
         raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    # A reader, not decompressobj: that returns all a chunk holds at once (a GiB of zeros
+    # is stored in a few KB); a reader hands out at most CHUNK at a time.
+    stored = io.BufferedReader(ChunkReader(itertools.chain((rest,), chunks)), CHUNK)
+    reader = zstandard.ZstdDecompressor().stream_reader(stored, read_size=CHUNK, closefd=False)
     try:
-        for chunk in itertools.chain((rest,), chunks):
-            if out := decompressor.decompress(chunk):
-                yield out
+        while out := reader.read(CHUNK):
+            yield out
     except zstandard.ZstdError as error:
         raise FileStoreError(f"file {digest.hex()} does not decompress: {error}") from error
 
@@ -392,6 +396,8 @@ class Packer:
         entries: list[tuple[bytes, int, int]],
     ) -> None:
         self.new_bytes += length
+        while sum(not upload.done() for upload in self.uploads) >= PACKS_IN_FLIGHT:
+            next(upload for upload in self.uploads if not upload.done()).exception()
         self.uploads.append(self.pool.submit(self.files.put_pack, key, parts, length, entries))
 
     def __enter__(self) -> Packer:

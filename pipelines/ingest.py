@@ -26,7 +26,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, BinaryIO
 
@@ -35,24 +35,39 @@ from pipelines.blobs import BlobInfo, BlobStore, blob_key
 from pipelines.canaries import retirement_blocker
 from pipelines.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
 from pipelines.codecs import (
+    DECODE_ERRORS,
+    DEFAULT_ZSTD_MAX_WINDOW,
     SNIFF_BYTES,
     ChunkReader,
-    CorruptBlobError,
     Sniff,
+    UnsupportedBlobError,
     open_decompressed,
     sniff,
 )
 from pipelines.digests import digest_key
 from pipelines.errors import BeingCollected, is_transient
-from pipelines.filestore import FileStore, Packer, SpooledPayload
+from pipelines.filestore import (
+    IN_MEMORY_LIMIT,
+    PACK_TARGET,
+    PACKS_IN_FLIGHT,
+    FileStore,
+    Packer,
+    SpooledPayload,
+)
 from pipelines.index import Index
 from pipelines.layercheck import check_from_packs
 from pipelines.pauses import pause
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
-from pipelines.restore import large_file_spans, rebuild_tar, rebuild_tar_range
+from pipelines.restore import (
+    large_file_spans,
+    rebuild_tar,
+    rebuild_tar_range,
+    restore_memory_bound,
+)
 from pipelines.storage import ObjectStore
 from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 from pipelines.verify import SegmentHasher, VerificationError
+from pipelines.zstd_frames import frames_shortlist, frames_to_rebuild
 
 QUEUED, INTACT, DEDUPLICATED = "queued", "intact", "deduplicated"
 ORPHAN_PASSES = 3  # reads of a layer to store files whose claimants died
@@ -93,6 +108,18 @@ class IngestResult:
     retire_after_grace: bool  # an intact copy remains to be deleted
 
 
+def ingest_memory_bound(zstd_window: int) -> int:
+    """The most an ingest holds beyond its process's baseline (README, Memory bounds):
+    the screened prefix and the blob's head, a payload in memory and the packs being
+    filled, the trial restore, and for a zstd layer its frames' window (at most
+    DUPHUNTER_ZSTD_MAX_WINDOW)."""
+    screening = 2 * (encoders.SCREEN_STAGES[-1] + SNIFF_BYTES)
+    # payloads waiting, the pack being filled, the packs uploading: each at most a pack
+    # and the in-memory payload that overflowed it
+    packing = (2 + PACKS_IN_FLIGHT) * (PACK_TARGET + IN_MEMORY_LIMIT)
+    return screening + packing + restore_memory_bound() + zstd_window
+
+
 def layer_record_key(digest: str) -> str:
     return digest_key("layers", digest)
 
@@ -120,11 +147,19 @@ def save_record(store: ObjectStore, index: Index, record: LayerRecord) -> None:
 
 
 class Ingestor:
-    def __init__(self, store: ObjectStore, index: Index, blobs: BlobStore, files: FileStore):
+    def __init__(
+        self,
+        store: ObjectStore,
+        index: Index,
+        blobs: BlobStore,
+        files: FileStore,
+        zstd_max_window: int = DEFAULT_ZSTD_MAX_WINDOW,
+    ):
         self.store = store
         self.index = index
         self.blobs = blobs
         self.files = files
+        self.zstd_max_window = zstd_max_window
 
     def ingest(self, digest: str) -> IngestResult:
         info = self.blobs.stored_info(digest)
@@ -140,8 +175,10 @@ class Ingestor:
             return self._intact(record, f"not a tar layer ({kind.detail or 'unknown format'})")
         try:
             outcome = self._deduplicate(info, kind, record)
-        except (CorruptBlobError, TarSplitError, EOFError, VerificationError) as error:
-            return self._intact(record, f"unreadable: {error}")
+        except UnsupportedBlobError as error:
+            return self._intact(record, f"kept intact: {error}")
+        except (*DECODE_ERRORS, TarSplitError, VerificationError) as error:
+            return self._intact(record, f"unreadable: {type(error).__name__}: {error}")
         except Exception as error:
             if not is_transient(error):  # the layer is still intact: say so, and fail the job
                 self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
@@ -159,9 +196,9 @@ class Ingestor:
             return open_intact(self.blobs, info)
 
         def open_tar() -> BinaryIO:
-            return open_decompressed(kind.kind, open_blob())
+            return open_decompressed(kind.kind, open_blob(), self.zstd_max_window)
 
-        shortlist = encoders.shortlist(open_blob, open_tar, kind)
+        shortlist = self._shortlist(info, kind, open_blob, open_tar)
         if isinstance(shortlist, encoders.NoMatch):
             return self._intact(record, shortlist.reason)
         if not shortlist.screened:  # unscreenable candidates: settle them on the pushed tar
@@ -197,13 +234,36 @@ class Ingestor:
         self.blobs.replace_descriptor(deduplicated)
         return deduplicated, recipe
 
+    def _shortlist(
+        self,
+        info: BlobInfo,
+        kind: Sniff,
+        open_blob: encoders.OpenStream,
+        open_tar: encoders.OpenStream,
+    ) -> encoders.Shortlist | encoders.NoMatch:
+        """Step 1. A zstd layer's frames are scanned first (their windows checked against
+        the cap): one of several frames is rebuilt frame by frame (pipelines.zstd_frames)."""
+        if kind.kind != "zstd":
+            return encoders.shortlist(open_blob, open_tar, kind)
+
+        def read_blob(offset: int, length: int) -> Iterable[bytes]:
+            return self.blobs.read(info, offset, length)
+
+        frames = frames_to_rebuild(read_blob, info.size, self.zstd_max_window)
+        if frames is not None:
+            return frames_shortlist(frames, read_blob, self.zstd_max_window)
+        return encoders.shortlist(open_blob, open_tar, kind)
+
     def _split_and_store(self, kind: Sniff, info: BlobInfo, record: LayerRecord) -> Recipe:
         """Read the pushed blob once: store its new files, build its recipe, and record the
         digest of each segment of it (checked against the blob digest once more)."""
         pushed = SegmentHasher(self.blobs.read(info))
         blob = io.BufferedReader(ChunkReader(pushed), 1 << 20)
         builder = RecipeBuilder()
-        with open_decompressed(kind.kind, blob) as stream, Packer(self.files) as store:
+        with (
+            open_decompressed(kind.kind, blob, self.zstd_max_window) as stream,
+            Packer(self.files) as store,
+        ):
             tar = HashingReader(stream)
             for entry in split_tar(tar):
                 if isinstance(entry, Payload):
@@ -236,7 +296,9 @@ class Ingestor:
                 return
             logger.warning("taking over %d files whose claimant died", len(orphaned))
             with (
-                open_decompressed(kind.kind, open_intact(self.blobs, info)) as stream,
+                open_decompressed(
+                    kind.kind, open_intact(self.blobs, info), self.zstd_max_window
+                ) as stream,
                 Packer(self.files) as store,
             ):
                 for entry in split_tar(stream):

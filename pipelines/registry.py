@@ -147,7 +147,7 @@ class Registry:
             blobs,
             ManifestStore(store, index, blobs),
             files,
-            Ingestor(store, index, blobs, files),
+            Ingestor(store, index, blobs, files, settings.zstd_max_window),
             buffer,
             BlobServer(store, index, blobs, files, hub, buffer),
             Popularity(index.redis, settings.popularity_tau_seconds),

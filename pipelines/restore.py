@@ -33,6 +33,7 @@ from pipelines.checkpoints import (
     SegmentError,
     checkpoints_key,
     encode_segment,
+    fits_in_memory,
     join_segments,
     segment_input,
 )
@@ -44,16 +45,23 @@ from pipelines.encoders import (
     lookup_encoder,
     thread_cpu_seconds,
 )
-from pipelines.filestore import FileStore, FileStoreError, Location, decode_stored
+from pipelines.filestore import (
+    IN_MEMORY_LIMIT,
+    FileStore,
+    FileStoreError,
+    Location,
+    decode_stored,
+)
 from pipelines.pauses import pause
 from pipelines.recipe import Recipe
 from pipelines.storage import ObjectNotFound, ObjectStore
 from pipelines.tarsplit import FileRef, Raw
-from pipelines.verify import release_verified
+from pipelines.verify import SPOOL_IN_MEMORY, release_verified
 
 LOCATE_BATCH = 512  # recipe entries whose files are looked up in one round trip
-BATCH_BYTES = 16 << 20  # and at most this much of their files planned at once
-SPAN_LIMIT = 4 << 20  # a ranged GET covers at most this much of a pack
+BATCH_BYTES = 16 << 20  # and at most this much of their tar (files and raw) planned at once
+SPAN_LIMIT = 4 << 20  # a ranged GET covers at most this much of a pack; a file larger than
+# this (stored, or once decompressed) streams on its own
 SPAN_GAP = 64 << 10  # files this close in a pack are fetched together
 PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
 PREFETCH_BYTES = 64 << 20
@@ -63,6 +71,21 @@ RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once on this hos
 SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)
+
+
+# An in-process encoder's own state (zlib's, libzstd's at its usual levels: a few MiB of
+# window and tables) and the interpreter's buffers along the way.
+WORKING_BYTES = 16 << 20
+
+
+def restore_memory_bound() -> int:
+    """The most one serial restore holds, whatever the layer (README, Memory bounds): the
+    tar planned ahead and the batch being planned (files decoded whole only when both
+    their stored and real sizes are within SPAN_LIMIT), a large file's in-memory spool,
+    the verified segment being checked, and the encoder's working state. Parallel
+    restores add their segments'."""
+    held = PREFETCH_BYTES + BATCH_BYTES + SPAN_LIMIT + IN_MEMORY_LIMIT + SPOOL_IN_MEMORY
+    return held + WORKING_BYTES
 
 
 class RestoreError(Exception):
@@ -141,17 +164,26 @@ def _rebuild(entries: Iterator[Raw | FileRef], files: FileStore) -> Iterator[byt
 
 
 def _batched(entries: Iterator[Raw | FileRef], count: int) -> Iterator[list[Raw | FileRef]]:
-    """Entries in batches of at most `count`, and of at most BATCH_BYTES of files."""
+    """Entries in batches of at most `count`, and of at most BATCH_BYTES of tar: raw
+    bytes count as much as files (a layer may be mostly raw, e.g. zero blocks after its
+    end of archive). A batch's files are the span members planned and fetched at once."""
     batch: list[Raw | FileRef] = []
-    file_bytes = 0
+    tar_bytes = 0
     for entry in entries:
         batch.append(entry)
-        file_bytes += entry.size if isinstance(entry, FileRef) else 0
-        if len(batch) >= count or file_bytes >= BATCH_BYTES:
+        tar_bytes += entry.size if isinstance(entry, FileRef) else len(entry.data)
+        if len(batch) >= count or tar_bytes >= BATCH_BYTES:
             yield batch
-            batch, file_bytes = [], 0
+            batch, tar_bytes = [], 0
     if batch:
         yield batch
+
+
+def _streams_alone(ref: FileRef, location: Location) -> bool:
+    """Whether a file is fetched and checked on its own, streaming, rather than with its
+    neighbours in memory: by its real size, not its stored one (a GiB of zeros is stored
+    in a few KB)."""
+    return location.length > SPAN_LIMIT or ref.size > SPAN_LIMIT
 
 
 @dataclass
@@ -194,7 +226,7 @@ def _plan(
         location = found[ref.digest]
         if location is None:
             raise RestoreError(f"file {ref.digest.hex()} is not stored")
-        if location.length <= SPAN_LIMIT:
+        if not _streams_alone(ref, location):
             small.setdefault((location.pack, location.offset), (ref, location))
     pause("restore.planned")
     need = {key: order for order, key in enumerate(small)}
@@ -209,7 +241,7 @@ def _plan(
             continue
         location = found[entry.digest]
         assert location is not None
-        if location.length > SPAN_LIMIT:
+        if _streams_alone(entry, location):
             items.append((entry, 0))  # streamed when its turn comes, not held ahead
         else:
             items.append(((futures[(location.pack, location.offset)], location.offset), entry.size))
@@ -320,6 +352,8 @@ def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
         recipe.blob_digest, recipe.encoder_id, recipe.tar_size)  # fmt: skip
     if not same or not plan.points or not recipe.encoder_id.startswith("gzip/"):
         return None
+    if not all(fits_in_memory(segment) for segment in plan.segments()):
+        return None  # proven before segments were bounded: a serial restore streams
     return plan
 
 

@@ -4,8 +4,10 @@ Debian's libzstd source by pipelines/programs/build.sh.
 The CLI compresses with one worker thread by default (`-T1`), and a job-based frame
 from workers does not depend on their number: `-T0` writes the same bytes. A file's
 size is pledged (and written in the frame header); `--stream-size=N` makes a pipe behave
-as a file of N bytes. Ids: `zstd/cli-1.5.4/level{3,19}[-long]` (the default, `-19`,
-`--long`, that is `--long=27`).
+as a file of N bytes. Ids: `zstd/cli-1.5.4/level{3,19}[-long|-single]` (the default,
+`-19`, `--long`, that is `--long=27`; `--single-thread`, which compresses in the calling
+thread with libzstd's plain streaming and writes other bytes than `-T1`: what pzstd
+writes for each of its frames, see pipelines.zstd_frames).
 
 Screening: the frame made of a prefix agrees with the whole one except in its last
 block, so the output is compared up to the start of its last block.
@@ -41,10 +43,14 @@ class ZstdCliEncoder(Encoder):
     sooner; `-T0` would count physical cores only); a screened prefix with `-T1`, which
     writes every block before a short input's error."""
 
-    def __init__(self, level: int, long: bool) -> None:
+    def __init__(self, level: int, long: bool, single_thread: bool = False) -> None:
+        if long and single_thread:
+            raise ValueError("no --long --single-thread encoder is registered")
         self.level = level
         self.long = long
-        self.encoder_id = f"zstd/cli-{ZSTD_CLI_VERSION}/level{level}{'-long' if long else ''}"
+        self.single_thread = single_thread
+        suffix = "-long" if long else "-single" if single_thread else ""
+        self.encoder_id = f"zstd/cli-{ZSTD_CLI_VERSION}/level{level}{suffix}"
 
     @property
     def helper(self) -> Path:
@@ -60,7 +66,8 @@ class ZstdCliEncoder(Encoder):
 
     def _argv(self, options: ZstdOptions, threads: int = 0) -> list[str]:
         workers = threads or os.cpu_count() or 1
-        argv = [str(self.helper), "-q", "-c", f"-{self.level}", f"-T{workers}"]
+        threading = "--single-thread" if self.single_thread else f"-T{workers}"
+        argv = [str(self.helper), "-q", "-c", f"-{self.level}", threading]
         argv += ["--long"] if self.long else []
         argv += [] if options.checksum else ["--no-check"]
         argv += [] if options.write_content_size else ["--no-content-size"]
@@ -121,4 +128,7 @@ def _level_window_log(level: int, source_size: int) -> int:
 
 
 def zstd_cli_encoders() -> list[Encoder]:
-    return [ZstdCliEncoder(level, long) for level in ZSTD_CLI_LEVELS for long in (False, True)]
+    encoders: list[Encoder] = [
+        ZstdCliEncoder(level, long) for level in ZSTD_CLI_LEVELS for long in (False, True)
+    ]
+    return encoders + [ZstdCliEncoder(level, False, True) for level in ZSTD_CLI_LEVELS]

@@ -91,7 +91,12 @@ def test_program_canaries_are_what_the_real_programs_write(
 
 @pytest.mark.parametrize(
     ("options", "encoder_id"),
-    [([], "zstd/cli-1.5.4/level3"), (["-19", "--long"], "zstd/cli-1.5.4/level19-long")],
+    [
+        ([], "zstd/cli-1.5.4/level3"),
+        (["-19", "--long"], "zstd/cli-1.5.4/level19-long"),
+        (["--single-thread"], "zstd/cli-1.5.4/level3-single"),
+        (["-19", "--single-thread"], "zstd/cli-1.5.4/level19-single"),
+    ],
 )
 def test_zstd_cli_canaries_are_what_the_real_program_writes(
     helper_dir: Path, options: list[str], encoder_id: str

@@ -46,6 +46,7 @@ AWAITED_SETTINGS: frozenset[str] = frozenset()
 # Variables of other software that DupHunter's own image sets.
 THIRD_PARTY_ENV = frozenset(
     {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PROMETHEUS_MULTIPROC_DIR"}
+    | set(services.PROCESS_ENV)
 )
 # Other images' containers: only their own variables.
 IMAGE_ENV_PREFIXES = {"quay.io/minio/minio": "MINIO_", "grafana/grafana": "GF_"}
