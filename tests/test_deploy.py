@@ -997,13 +997,22 @@ def test_compose_stack_serves_and_is_scraped(compose_stack: list[str]) -> None:
 
 
 class LoggedIn(RegistryClient):
+    """Sends its Authorization header with every request."""
+
     def __init__(self, url: str, authorization: str) -> None:
         super().__init__(url)
-        self.http = urllib3.PoolManager(
-            retries=False,
-            timeout=urllib3.Timeout(total=120),
-            headers={"Authorization": authorization},
-        )
+        self.authorization = authorization
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        **fields: str,
+    ) -> urllib3.BaseHTTPResponse:
+        merged = {"Authorization": self.authorization, **(headers or {})}
+        return super().request(method, path, body, merged, **fields)
 
 
 def text_tar() -> bytes:
