@@ -62,7 +62,8 @@ BASIC_REALM = "DupHunter"
 # never 401: a 401 says the credentials are wrong (docker login prints "incorrect username
 # or password", and a client may drop credentials that are right), and invites an
 # immediate retry. 429 is the distribution spec's code for this; docker and containerd
-# print "toomanyrequests", and containers/image (skopeo, podman) waits Retry-After.
+# print "toomanyrequests", and containers/image (skopeo, podman) retries a registry
+# request's 429 after its Retry-After (docker_client.go, parseRetryAfter).
 TOO_MANY_STATUS = 429
 IDENTITY_KEY = "duphunter.identity"
 CATALOG_BATCH = 1000
