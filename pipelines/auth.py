@@ -235,10 +235,15 @@ class CheckSlots:
             running, "bcrypt", initializer=_lower_priority, initargs=(nice,)
         )
 
-    def check(self, password: bytes, hashed: bytes) -> bool:
+    def check(
+        self, password: bytes, hashed: bytes, admitted: Callable[[], None] = lambda: None
+    ) -> bool:
+        """bcrypt in a slot; `admitted` runs once a place is had, before the check (a
+        refusal costs nothing more than the semaphore: not even the throttle's Redis)."""
         if not self._admitted.acquire(blocking=False):
             raise ChecksBusy()
         try:
+            admitted()
             return self._pool.submit(bcrypt.checkpw, password, hashed).result()
         finally:
             self._admitted.release()
@@ -278,11 +283,13 @@ class Htpasswd:
         with self._lock:
             return self._verified.get(fingerprint, 0.0) > time.monotonic()
 
-    def check(self, user: str, password: str) -> bool:
-        """bcrypt, in a slot of this process (ChecksBusy when there is none)."""
+    def check(self, user: str, password: str, admitted: Callable[[], None] = lambda: None) -> bool:
+        """bcrypt, in a slot of this process (ChecksBusy when there is none); `admitted`
+        runs when it has one, before the check."""
         users = self.file.get()
         hashed = users.get(user)
-        matched = self.slots.check(bcrypt_password(password), hashed or _dummy_hash(_cost(users)))
+        expected = hashed or _dummy_hash(_cost(users))
+        matched = self.slots.check(bcrypt_password(password), expected, admitted)
         if not (matched and hashed is not None):
             return False
         self._remember(self._fingerprint(user, password, users))
@@ -597,18 +604,15 @@ class Authority:
 
     def _check_password(self, user: str, password: str, client: str) -> None:
         assert self.htpasswd is not None
-        if self.throttle is not None:
-            self.throttle.charge(client, user)
-        try:
+        throttle = self.throttle
+        if throttle is None:
             matched = self.htpasswd.check(user, password)
-        except ChecksBusy:
-            if self.throttle is not None:
-                self.throttle.refund(client, user)
-            raise
+        else:
+            matched = self.htpasswd.check(user, password, lambda: throttle.charge(client, user))
         if not matched:
             raise InvalidCredentials("bad user name or password")
-        if self.throttle is not None:
-            self.throttle.refund(client, user)
+        if throttle is not None:
+            throttle.refund(client, user)
 
     def bearer(self, token: str) -> Identity:
         """A token's identity. A built-in token of a user no longer in the htpasswd file is
