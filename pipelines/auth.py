@@ -612,7 +612,7 @@ class Authority:
         if not matched:
             raise InvalidCredentials("bad user name or password")
         if throttle is not None:
-            throttle.refund(client, user)
+            throttle.succeeded(client, user)
 
     def bearer(self, token: str) -> Identity:
         """A token's identity. A built-in token of a user no longer in the htpasswd file is

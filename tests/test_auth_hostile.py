@@ -165,13 +165,32 @@ def test_backoff_per_client_and_per_user(own_redis: redis.Redis[bytes]) -> None:
     assert fail(throttle, "10.0.0.1", "z") is None and fail(throttle, "10.0.0.1", "w") == 16
 
 
-def test_refunded_attempts_do_not_count(own_redis: redis.Redis[bytes]) -> None:
+def test_successes_do_not_count(own_redis: redis.Redis[bytes]) -> None:
     own_redis.flushdb()
     throttle = LoginThrottle(own_redis, Backoff(free_failures=FREE, max_seconds=60), Clock())
     for _ in range(3 * FREE):
         throttle.charge("10.0.0.1", "alice")
-        throttle.refund("10.0.0.1", "alice")  # succeeded
-    assert own_redis.keys("dh:auth:*") == []
+        throttle.succeeded("10.0.0.1", "alice")
+    left = sorted(key.decode().split(":")[3] for key in own_redis.keys("dh:auth:*"))
+    assert left == ["known"]  # no count: only the mark that alice logs in from there
+
+
+def test_a_guessed_user_still_logs_in_where_they_did_before(
+    own_redis: redis.Redis[bytes],
+) -> None:
+    own_redis.flushdb()
+    throttle = LoginThrottle(own_redis, Backoff(free_failures=FREE, max_seconds=60), Clock())
+    throttle.charge("10.0.0.1", "carol")
+    throttle.succeeded("10.0.0.1", "carol")  # carol works from 10.0.0.1
+    for n in range(FREE + 1):
+        throttle.charge(f"10.2.0.{n}", "carol")  # guesses at her name from elsewhere
+    with pytest.raises(TooManyAttempts):
+        throttle.charge("10.3.0.1", "carol")  # a new address waits
+    throttle.charge("10.0.0.1", "carol")  # hers does not
+    throttle.succeeded("10.0.0.1", "carol")
+    for n in range(FREE + 1):
+        assert fail(throttle, "10.0.0.1", f"other{n}") is None
+    assert fail(throttle, "10.0.0.1", "carol") == 4  # her address's own count still holds
 
 
 def test_concurrent_guesses_reach_bcrypt_at_most_free_plus_one(
