@@ -118,7 +118,9 @@ def honest_rounds(honest: Honest, blob: str, rounds: int, tag: str) -> dict[str,
 
 
 # the flood, in a process of its own
-def flood(url: str, stop_file: Path) -> None:
+def flood(url: str, stop_file: Path, kind: str) -> None:
+    """`kind` "login": wrong passwords; "anonymous": no credentials at all (a control: the
+    same request rate without any password path)."""
     seen: Counter[int] = Counter()
     lock = threading.Lock()
     started = time.monotonic()
@@ -135,6 +137,8 @@ def flood(url: str, stop_file: Path) -> None:
             http = urllib3.PoolManager(retries=False, timeout=60.0, source_address=(address, 0))
             try:
                 headers = {"Authorization": basic(user, f"guess{rng.randrange(10**9)}")}
+                if kind == "anonymous":
+                    headers = {}
                 status = http.request("GET", f"{url}/v2/", headers=headers).status
             except urllib3.exceptions.HTTPError:
                 status = 0
@@ -181,23 +185,41 @@ def run(rounds: int) -> dict[str, Any]:
         blob = honest.push_blob("bench/auth", os.urandom(BLOB_BYTES))
         honest_rounds(honest, blob, 2, "warmup")
         before = honest_rounds(honest, blob, rounds, "before")
-        stop_file = Path(workdir) / "stop-flood"
-        flooder = subprocess.Popen(
-            [sys.executable, "-m", "bench.auth_flood", "--flood", url, str(stop_file)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            time.sleep(3)  # the flood at full strength before measuring
-            during = honest_rounds(honest, blob, rounds, "during")
-            retries = dict(honest.retries)
-        finally:
-            stop_file.touch()
-            try:
-                output = flooder.communicate(timeout=300)[0]
-            finally:
-                flooder.kill()
+        during, flood_result = flooded_rounds(url, honest, blob, rounds, "login")
         after = honest_rounds(honest, blob, rounds, "after")
-    return _result(before, during, after, {**json.loads(output), "honest_retries": retries})
+        control, control_flood = flooded_rounds(url, honest, blob, rounds, "anonymous")
+    result = _result(before, during, after, flood_result)
+    result["control"] = {
+        "flood": control_flood,
+        **{name: summary(samples) for name, samples in control.items()},
+    }
+    return result
+
+
+def flooded_rounds(
+    url: str, honest: Honest, blob: str, rounds: int, kind: str
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """The honest rounds while a flood of `kind` runs; its samples and what the flood got."""
+    stop_file = Path(tempfile.gettempdir()) / f"duphunter-bench-auth-stop-{os.getpid()}-{kind}"
+    stop_file.unlink(missing_ok=True)
+    flooder = subprocess.Popen(
+        [sys.executable, "-m", "bench.auth_flood", "--flood", url, str(stop_file), kind],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    honest.retries.clear()
+    try:
+        time.sleep(3)  # the flood at full strength before measuring
+        samples = honest_rounds(honest, blob, rounds, f"during-{kind}")
+    finally:
+        stop_file.touch()
+        try:
+            output = flooder.communicate(timeout=300)[0]
+        finally:
+            flooder.kill()
+    stop_file.unlink(missing_ok=True)
+    got = json.loads(output)
+    got["requests_per_s"] = sum(got["statuses"].values()) / got["seconds"]
+    return samples, {**got, "honest_retries": dict(honest.retries)}
 
 
 def _api_command(listen: str) -> list[str]:
@@ -236,7 +258,6 @@ def _result(
             "ratio_p90": flooded["p90_ms"] / quiet["p90_ms"],
             "samples_s": {"before": before[name], "during": during[name], "after": after[name]},
         }
-    total = sum(flood_result["statuses"].values())
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "git": git_state(),
@@ -244,7 +265,7 @@ def _result(
         "flooders": FLOODERS,
         "bcrypt_cost": 10,
         "operations": operations,
-        "flood": {**flood_result, "requests_per_s": total / flood_result["seconds"]},
+        "flood": flood_result,
     }
 
 
@@ -258,6 +279,12 @@ def report(result: dict[str, Any]) -> str:
             f"{flooded['median_ms']:.1f} / {flooded['p90_ms']:.1f} | "
             f"{op['ratio_median']:.2f}x / {op['ratio_p90']:.2f}x | {quiet['n']} / {flooded['n']} |"
         )
+    control = result["control"]
+    control_rows = [
+        f"| {label} | {control[name]['median_ms']:.1f} / {control[name]['p90_ms']:.1f} | "
+        f"{control[name]['median_ms'] / result['operations'][name]['no_flood']['median_ms']:.2f}x |"
+        for name, label in (("cached_get", "GET of a 1 MiB blob"), ("push_pull", "push + pull"))
+    ]
     flood_ = result["flood"]
     statuses = ", ".join(f"{k}: {v}" for k, v in sorted(flood_["statuses"].items()))
     return (
@@ -277,6 +304,12 @@ def report(result: dict[str, Any]) -> str:
         "backing off or every bcrypt slot taken; never a 200 or a 500). The honest user's "
         f"429s during the flood, each retried after its Retry-After: "
         f"{flood_['honest_retries'] or 'none'}.\n\n"
+        "Control, in the same run: the same 64-thread flood sending no credentials at all "
+        "(each request a 401 challenge: no password path, no bcrypt, no throttle), at "
+        f"{control['flood']['requests_per_s']:.0f} requests/s:\n\n"
+        "| operation | control flood: median / p90 ms | ratio median |\n|---|--:|--:|\n"
+        + "\n".join(control_rows)
+        + "\n\n"
         "Raw data: `docs/bench/auth.json`. The machine:\n\n"
         f"```\n{result['machine']}\n```\n"
     )
@@ -286,10 +319,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--no-docs", action="store_true")
-    parser.add_argument("--flood", nargs=2, metavar=("URL", "STOP_FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--flood", nargs=3, metavar=("URL", "STOP_FILE", "KIND"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.flood:
-        flood(args.flood[0], Path(args.flood[1]))
+        flood(args.flood[0], Path(args.flood[1]), args.flood[2])
         return
     result = run(args.rounds)
     text = report(result)
