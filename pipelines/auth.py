@@ -227,26 +227,38 @@ class CheckSlots:
     priority, and at most `running` more waiting for one. A check that finds them all
     taken is refused at once (ChecksBusy): a flood of guesses holds a bounded number of
     the server's threads, and requests with verified credentials or tokens keep the rest
-    and the CPU."""
+    and the CPU. Logins from an address where their user logged in before (`known`) have
+    `running` places of their own, which guesses from elsewhere cannot take."""
 
     def __init__(self, running: int, nice: int = 10) -> None:
         self._admitted = threading.BoundedSemaphore(2 * running)
+        self._reserved = threading.BoundedSemaphore(running)
         self._pool = ThreadPoolExecutor(
             running, "bcrypt", initializer=_lower_priority, initargs=(nice,)
         )
 
     def check(
-        self, password: bytes, hashed: bytes, admitted: Callable[[], None] = lambda: None
+        self,
+        password: bytes,
+        hashed: bytes,
+        admitted: Callable[[], None] = lambda: None,
+        known: Callable[[], bool] = lambda: False,
     ) -> bool:
         """bcrypt in a slot; `admitted` runs once a place is had, before the check (a
         refusal costs nothing more than the semaphore: not even the throttle's Redis)."""
-        if not self._admitted.acquire(blocking=False):
-            raise ChecksBusy()
+        place = self._place(known)
         try:
             admitted()
             return self._pool.submit(bcrypt.checkpw, password, hashed).result()
         finally:
-            self._admitted.release()
+            place.release()
+
+    def _place(self, known: Callable[[], bool]) -> threading.BoundedSemaphore:
+        if self._admitted.acquire(blocking=False):
+            return self._admitted
+        if known() and self._reserved.acquire(blocking=False):
+            return self._reserved
+        raise ChecksBusy()
 
 
 def _lower_priority(nice: int) -> None:
@@ -283,13 +295,19 @@ class Htpasswd:
         with self._lock:
             return self._verified.get(fingerprint, 0.0) > time.monotonic()
 
-    def check(self, user: str, password: str, admitted: Callable[[], None] = lambda: None) -> bool:
+    def check(
+        self,
+        user: str,
+        password: str,
+        admitted: Callable[[], None] = lambda: None,
+        known: Callable[[], bool] = lambda: False,
+    ) -> bool:
         """bcrypt, in a slot of this process (ChecksBusy when there is none); `admitted`
-        runs when it has one, before the check."""
+        runs when it has one, before the check; `known`: CheckSlots'."""
         users = self.file.get()
         hashed = users.get(user)
         expected = hashed or _dummy_hash(_cost(users))
-        matched = self.slots.check(bcrypt_password(password), expected, admitted)
+        matched = self.slots.check(bcrypt_password(password), expected, admitted, known)
         if not (matched and hashed is not None):
             return False
         self._remember(self._fingerprint(user, password, users))
@@ -608,7 +626,12 @@ class Authority:
         if throttle is None:
             matched = self.htpasswd.check(user, password)
         else:
-            matched = self.htpasswd.check(user, password, lambda: throttle.charge(client, user))
+            matched = self.htpasswd.check(
+                user,
+                password,
+                admitted=lambda: throttle.charge(client, user),
+                known=lambda: throttle.known(client, user),
+            )
         if not matched:
             raise InvalidCredentials("bad user name or password")
         if throttle is not None:

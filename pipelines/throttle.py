@@ -99,6 +99,7 @@ class LoginThrottle:
     ) -> None:
         self.backoff = backoff
         self.clock = clock
+        self._redis = client
         self._charge = client.register_script(_CHARGE)
         self._refund = client.register_script(_REFUND)
 
@@ -110,6 +111,10 @@ class LoginThrottle:
         wait = int(self._charge(keys=_keys(address, user), args=[*args, FIRST_DELAY_SECONDS]))
         if wait:
             raise TooManyAttempts(wait, "too many failed logins; retry later")
+
+    def known(self, address: str, user: str) -> bool:
+        """Whether `user` logged in from `address` within KNOWN_ADDRESS_SECONDS."""
+        return bool(self._redis.exists(_keys(address, user)[2]))
 
     def succeeded(self, address: str, user: str) -> None:
         """Take back a successful attempt; the address becomes one the user is known at."""

@@ -456,13 +456,19 @@ def test_readiness_answers_without_a_broadcast_per_call(
 
 
 def test_bcrypt_slots_refuse_rather_than_queue(users_file: Path) -> None:
-    """One check running and one waiting take every place: the next is refused at once."""
+    """One check running and one waiting take every place: the next is refused at once,
+    unless it comes from where its user logged in before (places of its own)."""
     slots = CheckSlots(1)
     users = Htpasswd(users_file, slots)
     taken = [slots._admitted.acquire(blocking=False) for _ in range(2)]
     assert taken == [True, True]
     with pytest.raises(ChecksBusy):
         users.check("alice", USERS["alice"])
+    assert users.check("alice", USERS["alice"], known=lambda: True)
+    assert slots._reserved.acquire(blocking=False)
+    with pytest.raises(ChecksBusy):
+        users.check("alice", USERS["alice"], known=lambda: True)
+    slots._reserved.release()
     for _ in taken:
         slots._admitted.release()
     assert users.check("alice", USERS["alice"])
