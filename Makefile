@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore clean
+.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-auth clean
 
 run: system-deps venv helpers
 	$(BIN)/python -m deploy.local
@@ -57,6 +57,10 @@ bench-scale: system-deps venv helpers
 # about 19 minutes on 2 cores: two ingests and six 2-minute real-time replays
 bench-predict: test-deps venv helpers
 	$(BIN)/python -m bench.predict
+
+# an honest user's latency with and without 64 clients flooding wrong logins (a few minutes)
+bench-auth: test-deps venv
+	$(BIN)/python -m bench.auth_flood
 
 bench-restore: test-deps venv helpers
 	$(BIN)/python -m bench.restore

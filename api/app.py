@@ -6,7 +6,6 @@ decides, the handlers only carry bytes and headers. Served by gunicorn (`api.app
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import time
@@ -17,7 +16,7 @@ from urllib.parse import urlencode
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
-from api.auth import AuthGate
+from api.auth import AuthGate, client_identity
 from api.exposition import metrics_exposition
 from pipelines import metrics
 from pipelines.blobs import BlobInfo
@@ -144,30 +143,11 @@ def _json_body(request: Request, required: tuple[str, ...]) -> dict[str, Any]:
     return payload
 
 
-def client_identity(remote: str, forwarded_for: str, trusted: tuple[str, ...]) -> str:
-    """Who pulls: the remote address, or, when it is a trusted proxy, the nearest address
-    in X-Forwarded-For that is not one (proxies append the address they saw)."""
-    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted]
-
-    def is_trusted(address: str) -> bool:
-        try:
-            return any(ipaddress.ip_address(address) in net for net in networks)
-        except ValueError:
-            return False
-
-    if not is_trusted(remote):
-        return remote
-    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not is_trusted(hop):
-            return hop
-    return hops[0] if hops else remote
-
-
 class RegistryApp:
     def __init__(self, registry: Registry, gate: AuthGate | None = None) -> None:
         self.registry = registry
-        self.gate = gate or AuthGate.from_env()
+        self.gate = gate or AuthGate.from_env(registry.index.redis)
+        self.readiness = jobs.CachedReadiness(registry)
         self.router = Router()
         name = r"(?P<name>.+?)"
         r = self.router
@@ -216,8 +196,9 @@ class RegistryApp:
         started = time.perf_counter()
         route, response = self.dispatch(request)
         response.headers.setdefault(*API_VERSION_HEADER)
-        metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
-        metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        method = metrics.method_label(request.method)
+        metrics.HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
         return response(environ, start_response)
 
     def dispatch(self, request: Request) -> tuple[str, Response]:
@@ -279,8 +260,9 @@ class RegistryApp:
 
     def ready(self, request: Request) -> Response:
         """Readiness: Redis, S3, a consumer on every queue, the encoders; what is wrong.
-        `?scope=backends`: all but the consumers (the API pods' probe)."""
-        checks = jobs.readiness(self.registry, request.args.get("scope", "all"))
+        `?scope=backends`: all but the consumers (the API pods' probe). At most a few
+        seconds old (jobs.CachedReadiness): the endpoint is open, a check is not free."""
+        checks = self.readiness.get(request.args.get("scope", "all"))
         ok = all(check["ok"] for check in checks.values())
         return _json({"ok": ok, "checks": checks}, 200 if ok else 503)
 

@@ -13,6 +13,7 @@ import json
 import time
 from typing import Any
 
+import redis
 from werkzeug.wrappers import Request, Response
 
 from pipelines.auth import (
@@ -30,6 +31,7 @@ from pipelines.auth import (
 )
 from pipelines.config import AuthSettings, Settings
 from pipelines.registry import Registry
+from pipelines.throttle import TooManyAttempts
 
 OPEN, LOGIN = "open", "login"
 # What each handler needs. A handler not listed needs an admin: routes added later are
@@ -55,6 +57,14 @@ NEEDS: dict[str, str] = {
     "delete_manifest": "delete",
 }
 BASIC_REALM = "DupHunter"
+# A login refused unchecked (its sender or user is backing off, or every bcrypt slot is
+# taken) gets 429 TOOMANYREQUESTS with Retry-After, at /v2/... and at /auth/token alike,
+# never 401: a 401 says the credentials are wrong (docker login prints "incorrect username
+# or password", and a client may drop credentials that are right), and invites an
+# immediate retry. 429 is the distribution spec's code for this; docker and containerd
+# print "toomanyrequests", and containers/image (skopeo, podman) retries a registry
+# request's 429 after its Retry-After (docker_client.go, parseRetryAfter).
+TOO_MANY_STATUS = 429
 IDENTITY_KEY = "duphunter.identity"
 CATALOG_BATCH = 1000
 
@@ -89,12 +99,15 @@ class AuthGate:
     ) -> None:
         self.authority = authority
         self.settings = settings
+        self.trusted_proxies = trusted_proxies
         self.proxies = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted_proxies]
 
     @classmethod
-    def from_env(cls) -> AuthGate:
+    def from_env(cls, failures: redis.Redis[bytes] | None = None) -> AuthGate:
+        """As configured; failed logins counted in `failures` (the registry's Redis)."""
         settings = AuthSettings()
-        return cls(authority_from_settings(settings), settings, Settings().trusted_proxies)
+        authority = authority_from_settings(settings, failures)
+        return cls(authority, settings, Settings().trusted_proxies)
 
     @property
     def bearer_mode(self) -> bool:
@@ -111,6 +124,8 @@ class AuthGate:
             identity = self.identify(request)
         except InvalidCredentials:
             return self.unauthorized(request, access, "invalid_token")
+        except TooManyAttempts as refused:
+            return too_many(refused)
         request.environ[IDENTITY_KEY] = identity
         if access is None:
             return None if identity.authenticated else self.unauthorized(request, None)
@@ -140,8 +155,12 @@ class AuthGate:
         if scheme == "bearer":
             return self.authority.bearer(value.strip())
         if scheme == "basic" and not self.bearer_mode:
-            return self.authority.basic(*basic_credentials(value))
+            return self.authority.basic(*basic_credentials(value), self.client(request))
         raise InvalidCredentials(f"{scheme} credentials are not accepted here")
+
+    def client(self, request: Request) -> str:
+        remote, forwarded = request.remote_addr or "", request.headers.get("X-Forwarded-For", "")
+        return client_identity(remote, forwarded, self.trusted_proxies)
 
     @staticmethod
     def _access(need: str, params: dict[str, str]) -> Access | None:
@@ -220,6 +239,8 @@ class AuthGate:
                             content_type="application/json")  # fmt: skip
         try:
             identity = self._token_requester(request)
+        except TooManyAttempts as refused:
+            return too_many(refused)
         except InvalidCredentials:
             response = Response(_errors("UNAUTHORIZED", "bad user name or password"), 401,
                                 content_type="application/json")  # fmt: skip
@@ -247,7 +268,9 @@ class AuthGate:
             if request.form.get("grant_type") != "password":
                 raise InvalidCredentials("only the password grant is supported")
             return self.authority.basic(
-                request.form.get("username", ""), request.form.get("password", "")
+                request.form.get("username", ""),
+                request.form.get("password", ""),
+                self.client(request),
             )
         header = request.headers.get("Authorization", "")
         if not header:
@@ -255,7 +278,7 @@ class AuthGate:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":
             raise InvalidCredentials("the token endpoint takes basic credentials")
-        return self.authority.basic(*basic_credentials(value))
+        return self.authority.basic(*basic_credentials(value), self.client(request))
 
     # catalog
     def catalog_page(
@@ -275,6 +298,36 @@ class AuthGate:
             if not more or not batch:
                 return visible, False
             cursor = batch[-1]
+
+
+def client_identity(remote: str, forwarded_for: str, trusted: tuple[str, ...]) -> str:
+    """Who pulls: the remote address, or, when it is a trusted proxy, the nearest address
+    in X-Forwarded-For that is not one (proxies append the address they saw)."""
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted]
+
+    def is_trusted(address: str) -> bool:
+        try:
+            return any(ipaddress.ip_address(address) in net for net in networks)
+        except ValueError:
+            return False
+
+    if not is_trusted(remote):
+        return remote
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else remote
+
+
+def too_many(refused: TooManyAttempts) -> Response:
+    response = Response(
+        _errors("TOOMANYREQUESTS", str(refused), {"retry_after_seconds": refused.retry_after}),
+        status=TOO_MANY_STATUS,
+        content_type="application/json",
+    )
+    response.headers["Retry-After"] = str(refused.retry_after)
+    return response
 
 
 def _first(value: str | None) -> str:

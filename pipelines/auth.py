@@ -13,11 +13,13 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any, Generic, TypeVar
 
 import bcrypt
 import jwt
+import redis
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -33,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pipelines.config import AuthSettings
 from pipelines.globs import glob_regex
 from pipelines.registry import MAX_NAME_LENGTH, NAME_PATTERN
+from pipelines.throttle import Backoff, LoginThrottle, TooManyAttempts
 
 MODES = ("none", "htpasswd", "token")
 REPOSITORY_ACTIONS = ("pull", "push", "delete")
@@ -42,6 +46,7 @@ CATALOG = ("registry", "catalog", "*")
 ADMIN = ("registry", "admin", "*")
 CREDENTIAL_CACHE_SECONDS = 300.0
 CREDENTIAL_CACHE_ENTRIES = 4096
+CHECK_SLOTS = 2  # bcrypt checks at once per process (DUPHUNTER_AUTH_CHECKS)
 CLOCK_LEEWAY_SECONDS = 10
 
 Access = tuple[str, str, str]  # (type, name, action), as in a token scope
@@ -127,12 +132,16 @@ def token_allows(grants: frozenset[Access], access: Access) -> bool:
 
 class ReloadingFile(Generic[T]):
     """A file re-read when it changes, so users and rules change without a restart. A
-    broken file fails at start; a later broken edit (or a missing file) keeps the last
-    good content, logged, rather than locking everyone out or letting anyone in."""
+    broken file fails at start; a later broken edit keeps the last good content, logged,
+    rather than locking everyone out or letting anyone in. A file that disappears keeps
+    its last content too, unless `when_missing` says what it then means."""
 
-    def __init__(self, path: Path, load: Callable[[Path], T]) -> None:
+    def __init__(
+        self, path: Path, load: Callable[[Path], T], when_missing: Callable[[], T] | None = None
+    ) -> None:
         self.path = path
         self._load = load
+        self._when_missing = when_missing
         self._lock = threading.Lock()
         self._value: T = load(path)
         self._stamp = self._current_stamp()
@@ -149,15 +158,25 @@ class ReloadingFile(Generic[T]):
         with self._lock:
             if stamp != self._stamp:
                 self._stamp = stamp
-                try:
-                    self._value = self._load(self.path)
-                except (OSError, ValueError, yaml.YAMLError) as error:
-                    log.error("%s: %s; keeping its last good content", self.path, error)
+                self._reload(missing=stamp is None)
             return self._value
+
+    def _reload(self, missing: bool) -> None:
+        if missing and self._when_missing is not None:
+            log.error("%s is missing: %s", self.path, "taking it as empty")
+            self._value = self._when_missing()
+            return
+        try:
+            self._value = self._load(self.path)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            log.error("%s: %s; keeping its last good content", self.path, error)
 
 
 # htpasswd
-_BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+_BCRYPT_ENTRY = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# bcrypt reads only the first 72 bytes of a password; `htpasswd -B` takes longer ones and
+# Apache checks them by those 72 bytes, so they are cut here as well (not refused).
+BCRYPT_PASSWORD_BYTES = 72
 
 
 @functools.cache
@@ -168,8 +187,12 @@ def _dummy_hash(cost: int) -> bytes:
 
 def _cost(users: dict[str, bytes]) -> int:
     for hashed in users.values():
-        return max(4, min(int(hashed[4:6]), 31)) if hashed[4:6].isdigit() else 10
+        return int(hashed[4:6])
     return 10
+
+
+def bcrypt_password(password: str) -> bytes:
+    return password.encode("utf-8", "surrogatepass")[:BCRYPT_PASSWORD_BYTES]
 
 
 def load_htpasswd(path: Path) -> dict[str, bytes]:
@@ -182,45 +205,131 @@ def load_htpasswd(path: Path) -> dict[str, bytes]:
         user, sep, hashed = line.partition(":")
         if not sep or not user:
             raise ValueError(f"{path}:{number}: not a user:hash line")
-        if not hashed.startswith(_BCRYPT_PREFIXES):
+        if not _BCRYPT_ENTRY.fullmatch(hashed):
             raise ValueError(f"{path}:{number}: only bcrypt entries (htpasswd -B) are accepted")
         users[user] = hashed.encode()
     return users
 
 
-class Htpasswd:
-    """Verifies passwords against an htpasswd file. A successful check is remembered for
-    a few minutes under an HMAC of the credentials (bcrypt on every request of a push
-    would cost more than the push), and forgotten when the file changes."""
+def _no_users() -> dict[str, bytes]:
+    return {}
 
-    def __init__(self, path: Path) -> None:
-        self.file = ReloadingFile(path, load_htpasswd)
+
+class ChecksBusy(TooManyAttempts):
+    """Every bcrypt slot of this process is taken: the login is refused unchecked."""
+
+    def __init__(self) -> None:
+        super().__init__(1, "too many logins being checked; retry in a second")
+
+
+class CheckSlots:
+    """At most `running` bcrypt checks at a time in this process, in threads of lower CPU
+    priority, and at most `running` more waiting for one. A check that finds them all
+    taken is refused at once (ChecksBusy): a flood of guesses holds a bounded number of
+    the server's threads, and requests with verified credentials or tokens keep the rest
+    and the CPU. Logins from an address where their user logged in before (`known`) have
+    `running` places of their own, which guesses from elsewhere cannot take."""
+
+    def __init__(self, running: int, nice: int = 10) -> None:
+        self._admitted = threading.BoundedSemaphore(2 * running)
+        self._reserved = threading.BoundedSemaphore(running)
+        self._pool = ThreadPoolExecutor(
+            running, "bcrypt", initializer=_lower_priority, initargs=(nice,)
+        )
+
+    def check(
+        self,
+        password: bytes,
+        hashed: bytes,
+        admitted: Callable[[], None] = lambda: None,
+        known: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """bcrypt in a slot; `admitted` runs once a place is had, before the check (a
+        refusal costs nothing more than the semaphore: not even the throttle's Redis)."""
+        place = self._place(known)
+        try:
+            admitted()
+            return self._pool.submit(bcrypt.checkpw, password, hashed).result()
+        finally:
+            place.release()
+
+    def _place(self, known: Callable[[], bool]) -> threading.BoundedSemaphore:
+        if self._admitted.acquire(blocking=False):
+            return self._admitted
+        if known() and self._reserved.acquire(blocking=False):
+            return self._reserved
+        raise ChecksBusy()
+
+
+def _lower_priority(nice: int) -> None:
+    """On Linux a nice value is per thread."""
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, max(os.getpriority(os.PRIO_PROCESS, thread), nice))
+    except OSError as error:  # not permitted in some sandboxes: checks still run, at par
+        log.warning("bcrypt threads keep their priority: %s", error)
+
+
+class Htpasswd:
+    """Verifies passwords against an htpasswd file (a missing file: no users). A
+    successful check is remembered for a few minutes under an HMAC of the credentials and
+    the stored hash (bcrypt on every request of a push would cost more than the push), and
+    forgotten when the entry changes or goes."""
+
+    def __init__(self, path: Path, slots: CheckSlots | None = None) -> None:
+        self.file = ReloadingFile(path, load_htpasswd, when_missing=_no_users)
+        self.slots = slots or CheckSlots(CHECK_SLOTS)
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[bytes, float] = {}
-        self._verified_for: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     def verify(self, user: str, password: str) -> bool:
+        return self.remembered(user, password) or self.check(user, password)
+
+    def remembered(self, user: str, password: str) -> bool:
+        """Whether these credentials were verified lately (no bcrypt: an HMAC)."""
         users = self.file.get()
+        if user not in users:
+            return False
         fingerprint = self._fingerprint(user, password, users)
-        now = time.monotonic()
         with self._lock:
-            if self._verified.get(fingerprint, 0.0) > now:
-                return True
+            return self._verified.get(fingerprint, 0.0) > time.monotonic()
+
+    def check(
+        self,
+        user: str,
+        password: str,
+        admitted: Callable[[], None] = lambda: None,
+        known: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """bcrypt, in a slot of this process (ChecksBusy when there is none); `admitted`
+        runs when it has one, before the check; `known`: CheckSlots'."""
+        users = self.file.get()
         hashed = users.get(user)
-        matched = bcrypt.checkpw(password.encode(), hashed or _dummy_hash(_cost(users)))
+        expected = hashed or _dummy_hash(_cost(users))
+        matched = self.slots.check(bcrypt_password(password), expected, admitted, known)
         if not (matched and hashed is not None):
             return False
+        self._remember(self._fingerprint(user, password, users))
+        return True
+
+    def has_user(self, user: str) -> bool:
+        return user in self.file.get()
+
+    def _remember(self, fingerprint: bytes) -> None:
+        now = time.monotonic()
         with self._lock:
             if len(self._verified) >= CREDENTIAL_CACHE_ENTRIES:
                 self._verified = {k: v for k, v in self._verified.items() if v > now}
             if len(self._verified) < CREDENTIAL_CACHE_ENTRIES:
                 self._verified[fingerprint] = now + CREDENTIAL_CACHE_SECONDS
-        return True
 
     def _fingerprint(self, user: str, password: str, users: dict[str, bytes]) -> bytes:
         """Keyed by the stored hash too: a changed password forgets the old one at once."""
-        material = b"\0".join((user.encode(), password.encode(), users.get(user, b"")))
+        material = b"\0".join(
+            (user.encode("utf-8", "surrogatepass"), password.encode("utf-8", "surrogatepass"),
+             users.get(user, b""))
+        )  # fmt: skip
         return hmac.new(self._cache_key, material, hashlib.sha256).digest()
 
 
@@ -487,6 +596,7 @@ class Authority:
         issuer: TokenIssuer | None = None,
         verifier: TokenVerifier | None = None,
         service: str = BUILTIN_ISSUER,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.mode = mode
         self.permissions = permissions
@@ -494,20 +604,55 @@ class Authority:
         self.issuer = issuer
         self.verifier = verifier
         self.service = service
+        self.throttle = throttle
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
 
-    def basic(self, user: str, password: str) -> Identity:
-        if self.htpasswd is None or not self.htpasswd.verify(user, password):
+    def basic(self, user: str, password: str, client: str = "") -> Identity:
+        """The user, if the password is theirs; InvalidCredentials if not, TooManyAttempts
+        (unchecked) while `client` or `user` is backing off or every bcrypt slot is taken.
+        Credentials verified lately pass at once, whatever the throttle says."""
+        if self.htpasswd is None:
             raise InvalidCredentials("bad user name or password")
+        if not self.htpasswd.remembered(user, password):
+            self._check_password(user, password, client)
         return Identity(user, issuer="htpasswd")
 
+    def _check_password(self, user: str, password: str, client: str) -> None:
+        assert self.htpasswd is not None
+        throttle = self.throttle
+        if throttle is None:
+            matched = self.htpasswd.check(user, password)
+        else:
+            matched = self.htpasswd.check(
+                user,
+                password,
+                admitted=lambda: throttle.charge(client, user),
+                known=lambda: throttle.known(client, user),
+            )
+        if not matched:
+            raise InvalidCredentials("bad user name or password")
+        if throttle is not None:
+            throttle.succeeded(client, user)
+
     def bearer(self, token: str) -> Identity:
+        """A token's identity. A built-in token of a user no longer in the htpasswd file is
+        refused: removing a user revokes their tokens at once (a changed password does not;
+        they expire within DUPHUNTER_TOKEN_TTL_SECONDS)."""
         if self.verifier is None:
             raise InvalidCredentials("bearer tokens are not accepted")
-        return self.verifier.verify(token)
+        identity = self.verifier.verify(token)
+        removed = (
+            identity.issuer == BUILTIN_ISSUER
+            and identity.user is not None
+            and self.htpasswd is not None
+            and not self.htpasswd.has_user(identity.user)
+        )
+        if removed:
+            raise InvalidCredentials("the token's user is no longer known")
+        return identity
 
     def decide(self, identity: Identity, access: Access) -> Verdict:
         if not self.enabled:
@@ -539,8 +684,11 @@ class Authority:
         return self.issuer.issue(identity.user, self.permissions.grant(identity.user, requested))
 
 
-def authority_from_settings(settings: AuthSettings) -> Authority:
-    """ValueError naming the setting when the configuration cannot work."""
+def authority_from_settings(
+    settings: AuthSettings, failures: redis.Redis[bytes] | None = None
+) -> Authority:
+    """ValueError naming the setting when the configuration cannot work. `failures`: the
+    Redis that counts failed logins (none: no throttle, as when only checking settings)."""
     mode = settings.auth
     if mode not in MODES:
         raise ValueError(f"DUPHUNTER_AUTH={mode!r}: choose one of {', '.join(MODES)}")
@@ -548,11 +696,21 @@ def authority_from_settings(settings: AuthSettings) -> Authority:
     if settings.auth_policy is not None:
         policy = ReloadingFile(settings.auth_policy, load_policy).get
     permissions = Permissions(policy, settings.anonymous_pull)
-    htpasswd = Htpasswd(settings.htpasswd) if settings.htpasswd is not None else None
+    if settings.auth_checks < 1 or settings.auth_free_failures < 0:
+        raise ValueError("DUPHUNTER_AUTH_CHECKS >= 1 and DUPHUNTER_AUTH_FREE_FAILURES >= 0")
+    if settings.auth_backoff_max_seconds < 1:
+        raise ValueError("DUPHUNTER_AUTH_BACKOFF_MAX_SECONDS must be at least 1")
+    htpasswd = None
+    if settings.htpasswd is not None:
+        htpasswd = Htpasswd(settings.htpasswd, CheckSlots(settings.auth_checks))
     if mode == "htpasswd" and htpasswd is None:
         raise ValueError("DUPHUNTER_AUTH=htpasswd needs DUPHUNTER_HTPASSWD")
+    throttle = None
+    if failures is not None:
+        backoff = Backoff(settings.auth_free_failures, settings.auth_backoff_max_seconds)
+        throttle = LoginThrottle(failures, backoff)
     if mode != "token":
-        return Authority(mode, permissions, htpasswd)
+        return Authority(mode, permissions, htpasswd, throttle=throttle)
     issuer, trusted = None, {}
     if settings.token_key is not None:
         issuer = TokenIssuer(load_private_key(settings.token_key), settings.token_service,
@@ -570,4 +728,6 @@ def authority_from_settings(settings: AuthSettings) -> Authority:
     if not trusted:
         raise ValueError("DUPHUNTER_AUTH=token needs DUPHUNTER_TOKEN_KEY or an external issuer")
     verifier = TokenVerifier(trusted, settings.token_service)
-    return Authority(mode, permissions, htpasswd, issuer, verifier, settings.token_service)
+    return Authority(
+        mode, permissions, htpasswd, issuer, verifier, settings.token_service, throttle
+    )

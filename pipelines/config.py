@@ -151,5 +151,10 @@ class AuthSettings:
     token_public_key: Path | None = field(
         default_factory=lambda: _optional_path("TOKEN_PUBLIC_KEY")
     )
+    auth_free_failures: int = field(default_factory=lambda: int(_env("AUTH_FREE_FAILURES", "5")))
+    auth_backoff_max_seconds: float = field(
+        default_factory=lambda: float(_env("AUTH_BACKOFF_MAX_SECONDS", "300"))
+    )
+    auth_checks: int = field(default_factory=lambda: int(_env("AUTH_CHECKS", "2")))
     tls_cert: Path | None = field(default_factory=lambda: _optional_path("TLS_CERT"))
     tls_key: Path | None = field(default_factory=lambda: _optional_path("TLS_KEY"))

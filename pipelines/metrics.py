@@ -16,6 +16,10 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+# Label values come from closed sets, never from what a client sends: routes are handler
+# names (or "unknown"), methods those below (else "other"), statuses what the API answers,
+# sources, origins, reasons, outcomes, S3 operations, queues and encoders the code's own.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 HTTP_REQUESTS = Counter(
@@ -60,6 +64,10 @@ VERIFICATION_FAILURES = Counter(
     "duphunter_verification_failures_total",
     "Scheduled verification reads whose layer did not restore to its digest",
 )
+
+
+def method_label(method: str) -> str:
+    return method if method in HTTP_METHODS else "other"
 
 
 class RegistryCollector(Collector):

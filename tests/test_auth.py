@@ -307,6 +307,9 @@ def basic_env(files: AuthFiles, anonymous_pull: bool = False) -> dict[str, str]:
         "DUPHUNTER_HTPASSWD": str(files.htpasswd),
         "DUPHUNTER_AUTH_POLICY": str(files.policy),
         "DUPHUNTER_ANONYMOUS_PULL": "true" if anonymous_pull else "false",
+        # These tests send wrong credentials on purpose, all from 127.0.0.1; the throttle
+        # has tests of its own (tests/test_auth_hostile.py).
+        "DUPHUNTER_AUTH_FREE_FAILURES": "1000000",
     }
 
 

@@ -11,23 +11,28 @@ compose file where a Compose implementation and the images can be had.
 from __future__ import annotations
 
 import ast
+import base64
 import functools
 import gzip
 import io
 import json
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 import yaml
 
 from deploy import services
@@ -45,11 +50,28 @@ DASHBOARD = MONITORING / "grafana" / "duphunter.json"
 AWAITED_SETTINGS: frozenset[str] = frozenset()
 # Variables of other software that DupHunter's own image sets.
 THIRD_PARTY_ENV = frozenset(
-    {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PROMETHEUS_MULTIPROC_DIR"}
+    {
+        "PATH",
+        "PYTHONUNBUFFERED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PROMETHEUS_MULTIPROC_DIR",
+        "FLOWER_BASIC_AUTH",
+    }
     | set(services.PROCESS_ENV)
 )
 # Other images' containers: only their own variables.
-IMAGE_ENV_PREFIXES = {"quay.io/minio/minio": "MINIO_", "grafana/grafana": "GF_"}
+IMAGE_ENV_PREFIXES = {
+    "quay.io/minio/minio": "MINIO_",
+    "grafana/grafana": "GF_",
+    "redis:": "REDISCLI_",
+}
+# What the compose file asks of whoever starts it, besides DupHunter's own settings.
+COMPOSE_INPUTS = frozenset({"REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "HTPASSWD_FILE"})
+# Variables that hold a credential, in any container of any deploy file.
+CREDENTIAL_VARIABLES = re.compile(
+    r"PASSWORD|SECRET|ACCESS_KEY|ROOT_USER|BASIC_AUTH|REDIS_URL|CLI_AUTH"
+)
+REQUIRED = re.compile(r"\$\{([A-Z0-9_]+):\?[^}]+\}")
 SECRET_SETTINGS = frozenset(
     {"DUPHUNTER_S3_ACCESS_KEY", "DUPHUNTER_S3_SECRET_KEY", "DUPHUNTER_REDIS_URL"}
 )
@@ -82,7 +104,7 @@ def settings() -> set[str]:
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
-        and node.func.id == "_env"
+        and node.func.id in ("_env", "_optional_path", "_flag")
         and node.args
         and isinstance(node.args[0], ast.Constant)
         and isinstance(node.args[0].value, str)
@@ -333,7 +355,7 @@ def test_compose_sets_only_known_variables() -> None:
                 assert variable in allowed, f"{name} sets {variable}, not a DupHunter setting"
     text = (DEPLOY / "compose.yaml").read_text()
     for variable in re.findall(r"\$\{([A-Z0-9_]+)", text):
-        assert variable in allowed or variable.startswith("GF_"), variable
+        assert variable in allowed | COMPOSE_INPUTS or variable.startswith("GF_"), variable
 
 
 def test_compose_file_follows_the_compose_specification() -> None:
@@ -383,7 +405,7 @@ def test_compose_redis_keeps_an_append_only_file() -> None:
     assert option(command, "--appendonly") == "yes"
     assert option(command, "--maxmemory-policy") == "noeviction"
     url = own_services()["api"]["environment"]["DUPHUNTER_REDIS_URL"]
-    assert url.startswith("redis://redis:"), url
+    assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@redis:6379/\d+", url), url
 
 
 def test_compose_bucket_exists_before_duphunter_starts() -> None:
@@ -539,6 +561,44 @@ def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_compose_turns_authentication_on_with_users_from_a_secret_file() -> None:
+    api = own_services()["api"]
+    env = api["environment"]
+    assert env["DUPHUNTER_AUTH"] in ("htpasswd", "token")
+    secrets = compose()["secrets"]
+    (name,) = api["secrets"]
+    assert env["DUPHUNTER_HTPASSWD"] == f"/run/secrets/{name}"
+    assert REQUIRED.fullmatch(secrets[name]["file"]), "the users file must be asked for"
+
+
+def test_compose_has_no_default_credentials() -> None:
+    """Every credential is a required variable (${VAR:?why}), never a literal or a default."""
+    text = (DEPLOY / "compose.yaml").read_text()
+    assert not re.search(r"\$\{[A-Z0-9_]+:?-", text), "no ${VAR:-default} in the compose file"
+    checked = set()
+    for name, service in compose_services().items():
+        for variable, value in (service.get("environment") or {}).items():
+            if CREDENTIAL_VARIABLES.search(variable):
+                assert REQUIRED.search(str(value)), f"{name}: {variable}={value!r}"
+                checked.add(variable)
+    assert {
+        "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "DUPHUNTER_S3_SECRET_KEY",
+        "DUPHUNTER_REDIS_URL", "GF_SECURITY_ADMIN_PASSWORD", "FLOWER_BASIC_AUTH",
+    } <= checked  # fmt: skip
+    redis_command = compose_services()["redis"]["command"]
+    assert REQUIRED.fullmatch(option(redis_command, "--requirepass")), "Redis needs a password"
+
+
+def test_compose_flower_asks_for_a_login_and_listens_on_loopback() -> None:
+    roles = by_role({n: s["command"] for n, s in own_services().items() if "command" in s})
+    (name,) = roles["flower"]
+    flower = own_services()[name]
+    assert REQUIRED.fullmatch(flower["environment"]["FLOWER_BASIC_AUTH"])
+    for service in compose_services().values():
+        for published in service.get("ports", []):
+            assert str(published).startswith("127.0.0.1:"), published
+
+
 # ------------------------------------------------------------------------- kubernetes
 def test_kustomization_lists_every_manifest() -> None:
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
@@ -662,6 +722,74 @@ def test_kubernetes_pods_run_unprivileged_on_the_built_image() -> None:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
 
 
+def test_kubernetes_turns_authentication_on_with_users_from_the_secret() -> None:
+    (config,) = k8s_kind("ConfigMap").values()
+    assert config["data"]["DUPHUNTER_AUTH"] in ("htpasswd", "token")
+    users = Path(config["data"]["DUPHUNTER_HTPASSWD"])
+    api = k8s_deployment_for("api")
+    (container,) = containers(api)
+    volumes = {v["name"]: v for v in pod_spec(api)["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == users.parent]
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "duphunter-secrets" and mount["readOnly"] is True
+    assert {"key": "htpasswd", "path": users.name} in secret["items"]
+    assert secret["defaultMode"] & 0o007 == 0, "the users file is not world-readable"
+
+
+def test_kubernetes_flower_asks_for_a_login_and_stays_in_the_namespace() -> None:
+    flower = k8s_deployment_for("flower")
+    (container,) = containers(flower)
+    (entry,) = [e for e in container["env"] if e["name"] == "FLOWER_BASIC_AUTH"]
+    assert "value" not in entry and entry["valueFrom"]["secretKeyRef"]["name"]
+    (service,) = [s for s in k8s_kind("Service").values() if selects(s, flower)]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert not k8s_kind("Ingress"), "nothing is exposed through an Ingress by these files"
+    policies = [p for p in k8s_kind("NetworkPolicy").values() if selects_pods(p, flower)]
+    sources = [
+        source
+        for policy in policies
+        for rule in policy["spec"].get("ingress", [])
+        for source in rule.get("from", [{}])
+    ]
+    assert sources and all(set(source) == {"podSelector"} for source in sources), sources
+
+
+def selects_pods(policy: dict[str, Any], workload: dict[str, Any]) -> bool:
+    """Whether a NetworkPolicy's podSelector (labels and expressions) takes these pods."""
+    selector = policy["spec"]["podSelector"]
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_kubernetes_network_policy_denies_what_it_does_not_let_in() -> None:
+    policies = k8s_kind("NetworkPolicy")
+    deny = [
+        p for p in policies.values()
+        if p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
+        and not p["spec"].get("ingress")
+    ]  # fmt: skip
+    assert deny, "a default-deny ingress policy for the namespace"
+    ports: dict[str, set[int]] = {}
+    for name, workload in k8s_kind("Deployment").items():
+        for policy in policies.values():
+            if selects_pods(policy, workload):
+                for rule in policy["spec"].get("ingress", []):
+                    ports.setdefault(name, set()).update(p["port"] for p in rule["ports"])
+    api = k8s_deployment_for("api")["metadata"]["name"]
+    flower = k8s_deployment_for("flower")["metadata"]["name"]
+    assert ports.pop(api) == {services.API_PORT}
+    assert ports.pop(flower) == {services.FLOWER_PORT}
+    workers = {k8s_deployment_for(f"worker-{q}")["metadata"]["name"] for q in QUEUES}
+    assert set(ports) == workers, "beat opens no port; every worker its metrics only"
+    assert all(opened == {services.WORKER_METRICS_PORT} for opened in ports.values())
+
+
 def test_kubectl_renders_the_kustomization() -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -783,8 +911,27 @@ def missing_images(engine: str) -> list[str]:
     return sorted(i for i in images if not run_ok([engine, "image", "inspect", i]))
 
 
+SMOKE_USER = ("smoke", secrets.token_hex(12))
+
+
+def compose_inputs(directory: Path) -> dict[str, str]:
+    """Every credential the compose file requires, generated, and a users file."""
+    users = directory / "htpasswd"
+    subprocess.run(["htpasswd", "-B", "-c", "-b", str(users), *SMOKE_USER], check=True,
+                   capture_output=True)  # fmt: skip
+    users.chmod(0o644)
+    return {
+        "DUPHUNTER_S3_ACCESS_KEY": "duphunter",
+        "DUPHUNTER_S3_SECRET_KEY": secrets.token_hex(24),
+        "REDIS_PASSWORD": secrets.token_hex(24),
+        "FLOWER_BASIC_AUTH": f"admin:{secrets.token_hex(16)}",
+        "GF_SECURITY_ADMIN_PASSWORD": secrets.token_hex(16),
+        "HTPASSWD_FILE": str(users),
+    }
+
+
 @pytest.fixture
-def compose_stack() -> Iterator[list[str]]:
+def compose_stack(tmp_path: Path) -> Iterator[list[str]]:
     tool, engine_or_reason = compose_command()
     if tool is None:
         pytest.skip(engine_or_reason + WHY_NOT_HERE)
@@ -792,13 +939,15 @@ def compose_stack() -> Iterator[list[str]]:
     if missing:
         pytest.skip(f"images not held locally: {', '.join(missing)}." + WHY_NOT_HERE)
     base = [*tool, "-f", str(DEPLOY / "compose.yaml"), "-p", COMPOSE_PROJECT]
+    env = {**os.environ, **compose_inputs(tmp_path)}
     up = subprocess.run([*base, "up", "-d", "--build"], capture_output=True, text=True,
-                        timeout=3600, check=False)  # fmt: skip
+                        timeout=3600, check=False, env=env)  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield base
     finally:
-        subprocess.run([*base, "down", "-v"], capture_output=True, timeout=600, check=False)
+        subprocess.run([*base, "down", "-v"], capture_output=True, timeout=600, check=False,
+                       env=env)  # fmt: skip
 
 
 WHY_NOT_HERE = (
@@ -813,6 +962,8 @@ def http_status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
     except OSError:
         return 0
 
@@ -824,14 +975,15 @@ def test_compose_stack_serves_and_is_scraped(compose_stack: list[str]) -> None:
     while http_status(f"{api}/api/v1/ready") != 200:
         assert time.monotonic() < deadline, "the API did not become ready within 10 minutes"
         time.sleep(5)
-    assert http_status(f"{api}/v2/") == 200
+    assert http_status(f"{api}/v2/") == 401  # authentication is on
     assert http_status(f"http://127.0.0.1:{services.FLOWER_PORT}/healthcheck") == 200
+    assert http_status(f"http://127.0.0.1:{services.FLOWER_PORT}/") == 401
     with urllib.request.urlopen("http://127.0.0.1:9090/api/v1/targets", timeout=10) as reply:
         targets = json.load(reply)["data"]["activeTargets"]
     up = {t["labels"]["job"] for t in targets if t["health"] == "up"}
     assert {"duphunter-api", *(f"duphunter-worker-{q}" for q in QUEUES)} <= up, targets
     # a push, deduplicated by the ingest worker on MinIO, pulls back byte-exact
-    client = RegistryClient(api)
+    client = LoggedIn(api, "Basic " + base64.b64encode(":".join(SMOKE_USER).encode()).decode())
     layer = gzip.compress(text_tar(), 6, mtime=0)
     _digest, manifest = client.push_image("compose/smoke", "v1", [layer])
     digest = manifest["layers"][0]["digest"]
@@ -843,6 +995,25 @@ def test_compose_stack_serves_and_is_scraped(compose_stack: list[str]) -> None:
         time.sleep(2)
     pulled = client.request("GET", f"/v2/compose/smoke/blobs/{digest}")
     assert pulled.status == 200 and sha256(pulled.data) == digest
+
+
+class LoggedIn(RegistryClient):
+    """Sends its Authorization header with every request."""
+
+    def __init__(self, url: str, authorization: str) -> None:
+        super().__init__(url)
+        self.authorization = authorization
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        **fields: str,
+    ) -> urllib3.BaseHTTPResponse:
+        merged = {"Authorization": self.authorization, **(headers or {})}
+        return super().request(method, path, body, merged, **fields)
 
 
 def text_tar() -> bytes:

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -256,6 +257,63 @@ def readiness(registry: Registry, scope: str = "all") -> dict[str, dict[str, Any
     if scope != "backends":
         checks["queues"] = _check(_queues_without_consumer)
     return checks
+
+
+READY_MAX_AGE_SECONDS = 5.0
+Checks = dict[str, dict[str, Any]]
+
+
+class CachedReadiness:
+    """`readiness` at most once per `max_age` seconds and scope in this process: whoever
+    asks (probes, anyone: the endpoint is open) gets the last answer, never a broadcast
+    to the workers of their own. A stale answer is served while one background thread
+    refreshes it; only a process's very first answer of a scope is waited for."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        max_age: float = READY_MAX_AGE_SECONDS,
+        check: Callable[[Registry, str], Checks] = readiness,
+    ) -> None:
+        self.registry = registry
+        self.max_age = max_age
+        self._check = check
+        self._lock = threading.Lock()
+        self._first = threading.Lock()
+        self._answers: dict[str, tuple[float, Checks]] = {}
+        self._refreshing: set[str] = set()
+
+    def get(self, scope: str) -> Checks:
+        scope = "backends" if scope == "backends" else "all"  # a closed set of cache keys
+        with self._lock:
+            found = self._answers.get(scope)
+            if found is None:
+                pass
+            elif time.monotonic() - found[0] < self.max_age or scope in self._refreshing:
+                return found[1]
+            else:
+                self._refreshing.add(scope)
+        if found is None:
+            return self._first_answer(scope)
+        threading.Thread(target=self._refresh, args=(scope,), daemon=True).start()
+        return found[1]
+
+    def _first_answer(self, scope: str) -> Checks:
+        with self._first:
+            with self._lock:
+                found = self._answers.get(scope)
+            return found[1] if found is not None else self._refresh(scope)
+
+    def _refresh(self, scope: str) -> Checks:
+        checks: Checks = {}
+        try:
+            checks = self._check(self.registry, scope)
+        finally:
+            with self._lock:
+                if checks:
+                    self._answers[scope] = (time.monotonic(), checks)
+                self._refreshing.discard(scope)
+        return checks
 
 
 def _check(problem: Callable[[], str]) -> dict[str, Any]:
