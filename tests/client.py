@@ -21,9 +21,19 @@ def sha256(data: bytes) -> str:
 
 
 class RegistryClient:
-    def __init__(self, url: str) -> None:
+    """A protocol client; with `authorization`, it sends that header with every request,
+    and with `source_address`, it connects from that loopback address (a client of its own
+    for the server's per-address limits)."""
+
+    def __init__(
+        self, url: str, authorization: str | None = None, source_address: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
-        self.http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=120))
+        source = None if source_address is None else (source_address, 0)
+        self.http = urllib3.PoolManager(
+            retries=False, timeout=urllib3.Timeout(total=120), source_address=source
+        )
+        self.authorization = authorization
 
     def request(
         self,
@@ -34,6 +44,8 @@ class RegistryClient:
         **fields: str,
     ) -> urllib3.BaseHTTPResponse:
         url = path if path.startswith("http") else self.url + path
+        if self.authorization:
+            headers = {"Authorization": self.authorization, **(headers or {})}
         if fields:
             url += ("&" if "?" in url else "?") + urlencode(fields)
         return self.http.request(

@@ -387,29 +387,10 @@ def push_real_image(client: RegistryClient, repo: str, tag: str = "v1") -> str:
     return str(response.headers["Docker-Content-Digest"])
 
 
-class CredentialClient(RegistryClient):
-    """Sends the same Authorization header with every request."""
-
-    def __init__(self, url: str, authorization: str) -> None:
-        super().__init__(url)
-        self.authorization = authorization
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-        **fields: str,
-    ) -> Response:
-        merged = {"Authorization": self.authorization, **(headers or {})}
-        return super().request(method, path, body, merged, **fields)
-
-
 @pytest.fixture(scope="module")
 def repos(basic_api: Api) -> dict[str, str]:
     """namespace -> a repository holding an image tagged v1 ("carol2": carol's second)."""
-    alice = CredentialClient(basic_api.url, basic("alice"))
+    alice = RegistryClient(basic_api.url, basic("alice"))
     suffix = uuid.uuid4().hex[:10]
     names = {space: f"{space}/app-{suffix}" for space in NAMESPACES}
     names["carol2"] = f"carol/second-{suffix}"
@@ -674,7 +655,7 @@ def test_catalog_lists_only_what_the_user_may_pull(basic_api: Api, repos: dict[s
 
 def test_mount_needs_pull_on_the_source(basic_api: Api, repos: dict[str, str]) -> None:
     """Without pull on `from`, a mount is an ordinary upload: nothing of the source shows."""
-    alice = CredentialClient(basic_api.url, basic("alice"))
+    alice = RegistryClient(basic_api.url, basic("alice"))
     secret_blob = alice.push_blob(repos["other"], os.urandom(1000))
     target = f"team/mount-{uuid.uuid4().hex[:8]}"
     query = urlencode({"mount": secret_blob, "from": repos["other"]})
@@ -1219,7 +1200,7 @@ def test_skopeo_login_push_pull(
         f"docker://{api.host}/{target}:v1",
     )
     assert pushed.returncode == 0, pushed.stderr
-    alice = CredentialClient(request.getfixturevalue("basic_api").url, basic("alice"))
+    alice = RegistryClient(request.getfixturevalue("basic_api").url, basic("alice"))
     original = alice.request("GET", f"/v2/{repos['carol']}/manifests/v1")
     copy = alice.request("GET", f"/v2/{target}/manifests/v1")
     assert copy.status == 200 and copy.data == original.data
@@ -1299,7 +1280,7 @@ def test_podman_login_push_pull(
         digest_file,
         target,
     )
-    alice = CredentialClient(request.getfixturevalue("basic_api").url, basic("alice"))
+    alice = RegistryClient(request.getfixturevalue("basic_api").url, basic("alice"))
     name = target.split("/", 1)[1].rsplit(":", 1)[0]
     pushed = alice.request(
         "GET",
@@ -1401,7 +1382,7 @@ def run_suite(client: RegistryClient, repo: str) -> None:
 
 
 def test_conformance_with_basic_auth(basic_api: Api, repo: str) -> None:
-    run_suite(CredentialClient(basic_api.url, basic("conformance")), repo)
+    run_suite(RegistryClient(basic_api.url, basic("conformance")), repo)
 
 
 def test_conformance_with_tokens(token_api: Api, repo: str) -> None:
@@ -1414,7 +1395,7 @@ def test_conformance_user_is_held_to_its_repositories(
     basic_api: Api, repos: dict[str, str]
 ) -> None:
     """The control for the two above: the same client outside its rule is refused."""
-    client = CredentialClient(basic_api.url, basic("conformance"))
+    client = RegistryClient(basic_api.url, basic("conformance"))
     assert client.request("POST", f"/v2/{repos['team']}/blobs/uploads/", b"").status == 403
     assert client.request("GET", f"/v2/{repos['team']}/manifests/v1").status == 403
 

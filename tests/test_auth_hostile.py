@@ -21,7 +21,6 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -61,28 +60,6 @@ def htpasswd_accepts(path: Path, user: str, password: str) -> bool:
 
 def credentials(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-class From(RegistryClient):
-    """A client on its own loopback address, sending `authorization` with every request."""
-
-    def __init__(self, url: str, address: str, authorization: str | None = None) -> None:
-        super().__init__(url)
-        self.http = urllib3.PoolManager(
-            retries=False, timeout=urllib3.Timeout(total=120), source_address=(address, 0)
-        )
-        self.authorization = authorization
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-        **fields: str,
-    ) -> Response:
-        merged = {"Authorization": self.authorization} if self.authorization else {}
-        return super().request(method, path, body, {**merged, **(headers or {})}, **fields)
 
 
 # --------------------------------------------------------------------------- htpasswd
@@ -255,7 +232,7 @@ def basic_api(live: LiveStack, hostile: Path, tmp_path: Path) -> Iterator[tuple[
 
 
 def token_for(api: Api, authorization: str | None, address: str = "127.0.0.1") -> Response:
-    client = From(api.url, address, authorization)
+    client = RegistryClient(api.url, authorization, address)
     return client.request("GET", "/auth/token", service=SERVICE, scope="repository:x/y:pull")
 
 
@@ -298,23 +275,23 @@ def assert_too_many(response: Response) -> None:
 def test_throttle_per_client_and_per_user_over_http(basic_api: tuple[Api, Path]) -> None:
     server, _ = basic_api
     alice = credentials("alice", USERS["alice"])
-    cached = From(server.url, "127.0.3.1", alice)
+    cached = RegistryClient(server.url, alice, "127.0.3.1")
     assert cached.request("GET", "/v2/").status == 200  # alice logs in before the attack
     # one address, many names: the (FREE + 1)th wrong password starts its backoff
-    guesser = From(server.url, "127.0.1.1")
+    guesser = RegistryClient(server.url, source_address="127.0.1.1")
     for n in range(FREE + 1):
         wrong = credentials(f"mallory{n}", "guess")
         assert guesser.request("GET", "/v2/", headers={"Authorization": wrong}).status == 401
     bob = credentials("bob", USERS["bob"])
     assert_too_many(guesser.request("GET", "/v2/", headers={"Authorization": bob}))
-    assert From(server.url, "127.0.3.2", bob).request("GET", "/v2/").status == 200
+    assert RegistryClient(server.url, bob, "127.0.3.2").request("GET", "/v2/").status == 200
     # one name, many addresses: carol waits wherever she logs in from, dave does not
     for n in range(FREE + 1):
-        elsewhere = From(server.url, f"127.0.2.{n + 1}", credentials("carol", "guess"))
+        elsewhere = RegistryClient(server.url, credentials("carol", "guess"), f"127.0.2.{n + 1}")
         assert elsewhere.request("GET", "/v2/").status == 401
-    honest_carol = From(server.url, "127.0.3.3", credentials("carol", USERS["carol"]))
+    honest_carol = RegistryClient(server.url, credentials("carol", USERS["carol"]), "127.0.3.3")
     assert_too_many(honest_carol.request("GET", "/v2/"))
-    dave = From(server.url, "127.0.3.4", credentials("dave", USERS["dave"]))
+    dave = RegistryClient(server.url, credentials("dave", USERS["dave"]), "127.0.3.4")
     assert dave.request("GET", "/v2/").status == 200
     # credentials verified before the attack pass, from the guesser's address too
     assert cached.request("GET", "/v2/").status == 200
@@ -326,7 +303,7 @@ def test_throttle_at_the_token_endpoint(api: tuple[Api, Path]) -> None:
     for n in range(FREE + 1):
         assert token_for(server, credentials(f"eve{n}", "guess"), "127.0.4.1").status == 401
     assert_too_many(token_for(server, credentials("alice", USERS["alice"]), "127.0.4.1"))
-    post = From(server.url, "127.0.4.1").request(
+    post = RegistryClient(server.url, source_address="127.0.4.1").request(
         "POST", "/auth/token", b"grant_type=password&username=alice&password=x&service=duphunter",
         {"Content-Type": "application/x-www-form-urlencoded"},
     )  # fmt: skip
@@ -358,7 +335,7 @@ def test_an_honest_user_pushes_and_pulls_through_a_flood_of_wrong_logins(
     basic_api: tuple[Api, Path],
 ) -> None:
     server, _ = basic_api
-    alice = From(server.url, "127.0.5.1", credentials("alice", USERS["alice"]))
+    alice = RegistryClient(server.url, credentials("alice", USERS["alice"]), "127.0.5.1")
     assert alice.request("GET", "/v2/").status == 200
     stop, lock, seen = threading.Event(), threading.Lock(), Counter[int]()
     with ThreadPoolExecutor(64) as pool:

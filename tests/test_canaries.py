@@ -191,8 +191,9 @@ def test_failed_canary_turns_health_red_and_keeps_intact_copies(
         failed = report["failed"]
         assert isinstance(failed, dict) and GNU_LEVEL6 in failed, report
         assert all(encoder_id.startswith("gzip/gnu-1.12/") for encoder_id in failed)
+        # readiness is answered from a state a few seconds old
+        wait_until(lambda: client.request("GET", "/api/v1/ready").status == 503, "red", 30)
         ready = client.request("GET", "/api/v1/ready")
-        assert ready.status == 503
         assert GNU_LEVEL6 in json.loads(ready.data)["checks"]["encoders"]["error"]
 
         files = {f"usr/share/doc/f{n}.txt": os.urandom(2000).hex().encode() for n in range(60)}
@@ -212,7 +213,7 @@ def test_failed_canary_turns_health_red_and_keeps_intact_copies(
         report = verify_encoders(client)  # the stack's own, right build
     assert report["ok"], report
     assert report["retirements_queued"] >= 1  # the kept copy goes now
-    assert client.request("GET", "/api/v1/ready").status == 200
+    wait_until(lambda: client.request("GET", "/api/v1/ready").status == 200, "green", 30)
     wait_until_retired(live, digest)
     assert live.registry.index.redis.hget(RETIRE_BLOCKED_KEY, digest) is None
     time.sleep(live.settings.restore_keep_seconds + 0.5)  # no spool copy left

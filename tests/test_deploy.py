@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import urllib3
 import yaml
 
 from deploy import services
@@ -983,7 +982,8 @@ def test_compose_stack_serves_and_is_scraped(compose_stack: list[str]) -> None:
     up = {t["labels"]["job"] for t in targets if t["health"] == "up"}
     assert {"duphunter-api", *(f"duphunter-worker-{q}" for q in QUEUES)} <= up, targets
     # a push, deduplicated by the ingest worker on MinIO, pulls back byte-exact
-    client = LoggedIn(api, "Basic " + base64.b64encode(":".join(SMOKE_USER).encode()).decode())
+    login = "Basic " + base64.b64encode(":".join(SMOKE_USER).encode()).decode()
+    client = RegistryClient(api, login)
     layer = gzip.compress(text_tar(), 6, mtime=0)
     _digest, manifest = client.push_image("compose/smoke", "v1", [layer])
     digest = manifest["layers"][0]["digest"]
@@ -995,25 +995,6 @@ def test_compose_stack_serves_and_is_scraped(compose_stack: list[str]) -> None:
         time.sleep(2)
     pulled = client.request("GET", f"/v2/compose/smoke/blobs/{digest}")
     assert pulled.status == 200 and sha256(pulled.data) == digest
-
-
-class LoggedIn(RegistryClient):
-    """Sends its Authorization header with every request."""
-
-    def __init__(self, url: str, authorization: str) -> None:
-        super().__init__(url)
-        self.authorization = authorization
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-        **fields: str,
-    ) -> urllib3.BaseHTTPResponse:
-        merged = {"Authorization": self.authorization, **(headers or {})}
-        return super().request(method, path, body, merged, **fields)
 
 
 def text_tar() -> bytes:
