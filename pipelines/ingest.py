@@ -64,7 +64,7 @@ from pipelines.restore import (
     rebuild_tar_range,
     restore_memory_bound,
 )
-from pipelines.storage import ObjectStore
+from pipelines.storage import ObjectNotFound, ObjectStore
 from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
 from pipelines.verify import SegmentHasher, VerificationError
 from pipelines.zstd_frames import frames_shortlist, frames_to_rebuild
@@ -179,6 +179,14 @@ class Ingestor:
             return self._intact(record, f"kept intact: {error}")
         except (*DECODE_ERRORS, TarSplitError, VerificationError) as error:
             return self._intact(record, f"unreadable: {type(error).__name__}: {error}")
+        except ObjectNotFound as error:
+            now = self.blobs.stored_info(digest)
+            if now is None:  # GC took the blob while it was read
+                return self._gone(digest, "blob collected while it was ingested")
+            if now != info:  # collected and pushed again meanwhile: ingest what is stored now
+                return self.ingest(digest)
+            self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
+            raise
         except Exception as error:
             if not is_transient(error):  # the layer is still intact: say so, and fail the job
                 self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
