@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -199,36 +200,31 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture
-def api(live: LiveStack, hostile: Path, tmp_path: Path) -> Iterator[tuple[Api, Path]]:
-    """A token-mode API on its own copy of the users, its throttle counts emptied."""
+@contextmanager
+def api_on_own_users(
+    live: LiveStack, hostile: Path, tmp_path: Path, env: dict[str, str]
+) -> Iterator[tuple[Api, Path]]:
+    """An API with `env` on its own copy of the users, its throttle counts emptied."""
     users = tmp_path / "htpasswd"
     shutil.copy(hostile / "htpasswd", users)
-    env = {
-        "DUPHUNTER_AUTH": "token",
-        "DUPHUNTER_HTPASSWD": str(users),
-        "DUPHUNTER_TOKEN_KEY": str(hostile / "token.pem"),
-        "DUPHUNTER_AUTH_FREE_FAILURES": str(FREE),
-    }
+    env = {**env, "DUPHUNTER_HTPASSWD": str(users), "DUPHUNTER_AUTH_FREE_FAILURES": str(FREE)}
     for key in live.registry.index.redis.scan_iter("dh:auth:failures:*"):
         live.registry.index.redis.delete(key)
     with auth_api(live, env) as started:
         yield started, users
+
+
+@pytest.fixture
+def api(live: LiveStack, hostile: Path, tmp_path: Path) -> Iterator[tuple[Api, Path]]:
+    env = {"DUPHUNTER_AUTH": "token", "DUPHUNTER_TOKEN_KEY": str(hostile / "token.pem")}
+    with api_on_own_users(live, hostile, tmp_path, env) as started:
+        yield started
 
 
 @pytest.fixture
 def basic_api(live: LiveStack, hostile: Path, tmp_path: Path) -> Iterator[tuple[Api, Path]]:
-    users = tmp_path / "htpasswd"
-    shutil.copy(hostile / "htpasswd", users)
-    env = {
-        "DUPHUNTER_AUTH": "htpasswd",
-        "DUPHUNTER_HTPASSWD": str(users),
-        "DUPHUNTER_AUTH_FREE_FAILURES": str(FREE),
-    }
-    for key in live.registry.index.redis.scan_iter("dh:auth:failures:*"):
-        live.registry.index.redis.delete(key)
-    with auth_api(live, env) as started:
-        yield started, users
+    with api_on_own_users(live, hostile, tmp_path, {"DUPHUNTER_AUTH": "htpasswd"}) as started:
+        yield started
 
 
 def token_for(api: Api, authorization: str | None, address: str = "127.0.0.1") -> Response:
