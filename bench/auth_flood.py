@@ -118,6 +118,18 @@ def honest_rounds(honest: Honest, blob: str, rounds: int, tag: str) -> dict[str,
 
 
 # the flood, in a process of its own
+def login_from(url: str, address: str, headers: dict[str, str], timeout: float = 60.0) -> int:
+    """One GET /v2/ with `headers` on a new connection from `address`: its status (0 when
+    the connection failed)."""
+    http = urllib3.PoolManager(retries=False, timeout=timeout, source_address=(address, 0))
+    try:
+        return int(http.request("GET", f"{url}/v2/", headers=headers).status)
+    except urllib3.exceptions.HTTPError:
+        return 0
+    finally:
+        http.clear()
+
+
 def flood(url: str, stop_file: Path, kind: str) -> None:
     """`kind` "login": wrong passwords; "anonymous": no credentials at all (a control: the
     same request rate without any password path)."""
@@ -134,16 +146,8 @@ def flood(url: str, stop_file: Path, kind: str) -> None:
                 break
             address = f"127.{rng.randrange(100, 200)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
             user = USER if rng.random() < 0.5 else f"ghost{rng.randrange(10**6)}"
-            http = urllib3.PoolManager(retries=False, timeout=60.0, source_address=(address, 0))
-            try:
-                headers = {"Authorization": basic(user, f"guess{rng.randrange(10**9)}")}
-                if kind == "anonymous":
-                    headers = {}
-                status = http.request("GET", f"{url}/v2/", headers=headers).status
-            except urllib3.exceptions.HTTPError:
-                status = 0
-            finally:
-                http.clear()
+            headers = {"Authorization": basic(user, f"guess{rng.randrange(10**9)}")}
+            status = login_from(url, address, {} if kind == "anonymous" else headers)
             with lock:
                 seen[status] += 1
 

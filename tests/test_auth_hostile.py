@@ -27,6 +27,7 @@ import pytest
 import redis
 import urllib3
 
+from bench.auth_flood import login_from
 from deploy.stack import Stack, free_port
 from pipelines.auth import ChecksBusy, CheckSlots, Htpasswd, load_htpasswd
 from pipelines.throttle import Backoff, LoginThrottle, TooManyAttempts, client_key
@@ -314,15 +315,7 @@ def flood(url: str, stop: threading.Event, seen: Counter[int], lock: threading.L
     while not stop.is_set():
         address = f"127.{rng.randrange(100, 200)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
         user = "alice" if rng.random() < 0.5 else f"ghost{rng.randrange(10**6)}"
-        http = urllib3.PoolManager(retries=False, timeout=30.0, source_address=(address, 0))
-        try:
-            status = http.request(
-                "GET", f"{url}/v2/", headers={"Authorization": credentials(user, "guess")}
-            ).status
-        except urllib3.exceptions.HTTPError:
-            status = 0
-        finally:
-            http.clear()
+        status = login_from(url, address, {"Authorization": credentials(user, "guess")}, 30.0)
         with lock:
             seen[status] += 1
 
