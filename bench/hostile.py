@@ -1,6 +1,6 @@
-"""Adversarial layers of about 1 MB that decompress to much more, and the peak memory
-of a stack's processes while they go through it (for tests/test_memory_bounds.py and
-`make bench-memory`)."""
+"""Adversarial layers (most of about 1 MB that decompress to much more, one of random
+bytes larger than any process may hold) and the peak memory of a stack's processes while
+they go through it (for tests/test_memory_bounds.py and `make bench-memory`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import zstandard
@@ -50,6 +51,49 @@ def zstd_padded() -> tuple[bytes, int]:
 
     parts = [compressor.compress(chunk) for chunk in rechunk(tar_chunks(), FEED_CHUNK)]
     return b"".join(parts) + compressor.flush(), len(tar) + 512 * MIB
+
+
+def zstd_frames_with_skippable() -> tuple[bytes, int]:
+    """A tar of one 512 MiB file of zeros cut into 8 MiB frames (as parallel compressors
+    write them), a skippable frame after every fourth (about 1 MB)."""
+    tar_size = 512 + 512 * MIB + 1024
+    compressor = zstandard.ZstdCompressor(level=3)
+    parts = []
+    for number, piece in enumerate(rechunk(_zeros_tar(512 * MIB), 8 * MIB)):
+        parts.append(compressor.compress(piece))
+        if number % 4 == 3:
+            parts.append(skippable_frame(b"parallel compressor metadata"))
+    return b"".join(parts), tar_size
+
+
+def zstd_1_gib_window() -> tuple[bytes, int]:
+    """A tar of 512 MiB of zeros in one frame that declares a 1 GiB window (as `zstd
+    --long=30` from a pipe does): above the default cap, so it is kept intact."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=30)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    parts = [compressor.compress(chunk) for chunk in _zeros_tar(512 * MIB)]
+    return b"".join(parts) + compressor.flush(), 512 + 512 * MIB + 1024
+
+
+def random_file(size: int) -> tuple[bytes, int]:
+    """A tar holding one file of `size` random bytes, gzip'd at level 1: a layer as large
+    as its content, larger than what any process may hold."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+    parts = [compressor.compress(tar_header("random", size))]
+    parts += [compressor.compress(os.urandom(MIB)) for _ in range(size // MIB)]
+    parts += [compressor.compress(bytes(1024)), compressor.flush()]
+    return b"".join(parts), 512 + size + 1024
+
+
+def _zeros_tar(size: int) -> Iterator[bytes]:
+    """A tar of one file of `size` zeros (a multiple of 1 MiB), in 1 MiB pieces."""
+    yield tar_header("zeros", size)
+    yield from (ZEROS for _ in range(size // MIB))
+    yield bytes(1024)
+
+
+def skippable_frame(payload: bytes) -> bytes:
+    return (0x184D2A50).to_bytes(4, "little") + len(payload).to_bytes(4, "little") + payload
 
 
 def tiny_files(count: int = 100_000) -> tuple[bytes, int]:
@@ -121,11 +165,23 @@ class PeakGrowth:
         return {p: _status(p.pid, "VmHWM") - self.start[p.pid] for p in self.processes}
 
 
-# name -> the blob and its tar's size
-LAYERS: dict[str, Callable[[], tuple[bytes, int]]] = {
-    "gzip bomb (1 GiB of zeros)": gzip_bomb,
-    "zstd, 512 MiB of zero blocks after the tar": zstd_padded,
-    "100,000 tiny files": tiny_files,
+@dataclass(frozen=True)
+class HostileLayer:
+    make: Callable[[], tuple[bytes, int]]  # the blob and its tar's size
+    zstd_window: int = 0  # the window its frames declare, when it is decoded
+    kept_intact_because: str = ""  # a word of the reason it is not deduplicated, if not
+
+
+LAYERS: dict[str, HostileLayer] = {
+    "gzip bomb (1 GiB of zeros)": HostileLayer(gzip_bomb),
+    # 2 MiB: libzstd level 3 on input of unknown or large size
+    "zstd, 512 MiB of zero blocks after the tar": HostileLayer(zstd_padded, 2 * MIB),
+    "zstd, 64 frames of 512 MiB of zeros, skippable frames between": HostileLayer(
+        zstd_frames_with_skippable, 2 * MIB
+    ),
+    "zstd, one frame declaring a 1 GiB window": HostileLayer(
+        zstd_1_gib_window, kept_intact_because="DUPHUNTER_ZSTD_MAX_WINDOW"
+    ),
+    "100,000 tiny files": HostileLayer(tiny_files),
+    "256 MiB file of random bytes": HostileLayer(partial(random_file, 256 * MIB)),
 }
-# The windows these layers' frames declare (2 MiB: libzstd level 3, size unknown).
-ZSTD_WINDOW = {"zstd, 512 MiB of zero blocks after the tar": 2 * MIB}
