@@ -12,7 +12,9 @@ import signal
 import time
 from collections.abc import Iterator
 
-from deploy.stack import wait_until
+import yaml
+
+from deploy.stack import REPO_ROOT, wait_until
 from tests.client import RegistryClient
 from tests.conftest import LiveStack
 from workers.jobs import READY_MAX_AGE_SECONDS, READY_STALE_AFTER_SECONDS, STALE, CachedReadiness
@@ -72,3 +74,16 @@ def test_the_api_turns_not_ready_within_a_bound_while_redis_hangs(
         assert status == 503 and hung(checks), checks
         assert client.request("GET", "/api/v1/health").status == 200
     wait_until(lambda: backends()[0] == 200, "ready after", timeout=60)
+
+
+def test_compose_and_kubernetes_probe_readiness_the_documented_way() -> None:
+    probe = "/api/v1/ready?scope=backends"
+    documents = yaml.safe_load_all((REPO_ROOT / "deploy" / "k8s" / "api.yaml").read_text())
+    deployment = next(document for document in documents if document["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == probe
+    compose = yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text())
+    healthcheck = " ".join(compose["services"]["api"]["healthcheck"]["test"])
+    assert f"http://127.0.0.1:5000{probe}" in healthcheck
+    assert f"| readiness | `{probe}` |" in (REPO_ROOT / "docs" / "operations.md").read_text()
+    assert f"`{probe}`" in (REPO_ROOT / "deploy" / "k8s" / "README.md").read_text()
