@@ -261,7 +261,8 @@ class RegistryApp:
     def ready(self, request: Request) -> Response:
         """Readiness: Redis, S3, a consumer on every queue, the encoders; what is wrong.
         `?scope=backends`: all but the consumers (the API pods' probe). At most a few
-        seconds old (jobs.CachedReadiness): the endpoint is open, a check is not free."""
+        seconds old (jobs.CachedReadiness): the endpoint is open, a check is not free; a
+        check that hangs turns it 503 ("readiness check stale"). docs/operations.md."""
         checks = self.readiness.get(request.args.get("scope", "all"))
         ok = all(check["ok"] for check in checks.values())
         return _json({"ok": ok, "checks": checks}, 200 if ok else 503)

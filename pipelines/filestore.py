@@ -50,7 +50,24 @@ _TRAILER = struct.Struct(">I4s")
 
 
 class FileStoreError(Exception):
-    """A stored file or pack is malformed or missing."""
+    """A stored file or pack is malformed or missing. A file's error names the sha256 the
+    file must hash to (`digest`) and, where known, the pack it was read from (`pack`): the
+    two names the recovery from corruption starts from (docs/operations.md)."""
+
+    def __init__(
+        self, message: str, digest: bytes | None = None, pack: str = "", problem: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.digest = digest
+        self.pack = pack
+        self.problem = problem or message  # what is wrong, without the names
+
+
+def file_error(digest: bytes, pack: str, problem: str) -> FileStoreError:
+    """`file sha256:<hex> in pack <key> <problem>`: the file by the hash it must have, and
+    where it was read from (left out when not known)."""
+    where = f" in pack {pack}" if pack else ""
+    return FileStoreError(f"file sha256:{digest.hex()}{where} {problem}", digest, pack, problem)
 
 
 @dataclass(frozen=True)
@@ -97,39 +114,41 @@ def read_pack_table(store: ObjectStore, key: str, size: int) -> list[tuple[bytes
     ]
 
 
-def decode_stored(stored: bytes, digest: bytes, size: int) -> bytes:
+def decode_stored(stored: bytes, digest: bytes, size: int, pack: str = "") -> bytes:
     """A file's bytes from its stored form (codec byte, then raw or zstd bytes), checked
-    against its size and sha256: a damaged pack never passes on a wrong file."""
+    against its size and sha256: a damaged pack never passes on a wrong file. `pack`,
+    where the stored form was read, is named in the error."""
     if stored[:1] == bytes((CODEC_RAW,)):
         content = stored[1:]
     elif stored[:1] == bytes((CODEC_ZSTD,)):
         try:
             content = zstandard.ZstdDecompressor().decompress(stored[1:], max_output_size=size)
         except zstandard.ZstdError as error:
-            raise FileStoreError(f"file {digest.hex()} does not decompress: {error}") from error
+            raise file_error(digest, pack, f"does not decompress: {error}") from error
     else:
-        raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
-    _check_file(digest, size, len(content), hashlib.sha256(content).digest())
+        raise file_error(digest, pack, "has an unknown stored form")
+    _check_file(digest, pack, size, len(content), hashlib.sha256(content).digest())
     return bytes(content)
 
 
-def check_stored(stored: bytes, digest: bytes) -> None:
+def check_stored(stored: bytes, digest: bytes, pack: str = "") -> None:
     """Check a file's stored form against its sha256, whatever its size."""
     hasher = hashlib.sha256()
     size = 0
-    for chunk in _decoded(iter([stored]), digest):
+    for chunk in _decoded(iter([stored]), digest, pack):
         hasher.update(chunk)
         size += len(chunk)
     if hasher.digest() != digest:
-        raise FileStoreError(f"file {digest.hex()} read back as {size} bytes of another file")
+        actual = f"sha256:{hasher.hexdigest()}"
+        problem = f"read back as {size} bytes hashing to {actual} (expected sha256:{digest.hex()})"
+        raise file_error(digest, pack, problem)
 
 
-def _check_file(digest: bytes, size: int, actual_size: int, actual: bytes) -> None:
+def _check_file(digest: bytes, pack: str, size: int, actual_size: int, actual: bytes) -> None:
     if actual_size != size or actual != digest:
-        raise FileStoreError(
-            f"file {digest.hex()} read back as {actual_size} bytes hashing to {actual.hex()}, "
-            f"not {size} bytes"
-        )
+        expected = f"expected {size} bytes hashing to sha256:{digest.hex()}"
+        problem = f"read back as {actual_size} bytes hashing to sha256:{actual.hex()} ({expected})"
+        raise file_error(digest, pack, problem)
 
 
 class SpooledPayload:
@@ -217,30 +236,31 @@ class FileStore:
         """One file's bytes in chunks, for files too large to fetch with their neighbours.
         They are decompressed as they stream in, spooled, and passed on only once the whole
         file has the right size and sha256; a file that grows past `size` stops at once."""
-        chunks = self._stored(digest)
+        pack, chunks = self._stored(digest)
         with tempfile.SpooledTemporaryFile(IN_MEMORY_LIMIT) as spool:
             hasher, length = hashlib.sha256(), 0
-            for data in _decoded(chunks, digest):
+            for data in _decoded(chunks, digest, pack):
                 length += len(data)
                 if length > size:
-                    raise FileStoreError(f"file {digest.hex()} is longer than {size} bytes")
+                    raise file_error(digest, pack, f"is longer than {size} bytes")
                 hasher.update(data)
                 spool.write(data)
-            _check_file(digest, size, length, hasher.digest())
+            _check_file(digest, pack, size, length, hasher.digest())
             spool.seek(0)
             while data := spool.read(CHUNK):
                 yield data
 
-    def _stored(self, digest: bytes) -> Iterator[bytes]:
-        """A file's stored form as it streams in. A pack deleted since the file was
-        located (compacted by GC) is looked up once more: the index points at the copy."""
+    def _stored(self, digest: bytes) -> tuple[str, Iterator[bytes]]:
+        """A file's pack and its stored form as it streams in. A pack deleted since the file
+        was located (compacted by GC) is looked up once more: the index points at the copy."""
         seen = None
         while True:
             (location,) = self.locate([digest])
             if location is None:
-                raise FileStoreError(f"file {digest.hex()} is not stored")
+                raise file_error(digest, "", "is not stored (not in the index)")
             try:
-                return self.store.iter_range(location.pack, location.offset, location.length)
+                pack = location.pack
+                return pack, self.store.iter_range(pack, location.offset, location.length)
             except ObjectNotFound:
                 if location == seen:
                     raise
@@ -281,18 +301,18 @@ class FileStore:
         return sum(added)
 
 
-def _decoded(chunks: Iterator[bytes], digest: bytes) -> Iterator[bytes]:
+def _decoded(chunks: Iterator[bytes], digest: bytes, pack: str) -> Iterator[bytes]:
     """The bytes of a stored file (codec byte first) as they arrive, decompressed."""
     head = b""
     while not head:
-        head = next(chunks, None) or _missing(digest)
+        head = next(chunks, None) or _missing(digest, pack)
     codec, rest = head[0], head[1:]
     if codec == CODEC_RAW:
         yield rest
         yield from chunks
         return
     if codec != CODEC_ZSTD:
-        raise FileStoreError(f"file {digest.hex()} has an unknown stored form")
+        raise file_error(digest, pack, "has an unknown stored form")
     # A reader, not decompressobj: that returns all a chunk holds at once (a GiB of zeros
     # is stored in a few KB); a reader hands out at most CHUNK at a time.
     stored = io.BufferedReader(ChunkReader(itertools.chain((rest,), chunks)), CHUNK)
@@ -301,11 +321,11 @@ def _decoded(chunks: Iterator[bytes], digest: bytes) -> Iterator[bytes]:
         while out := reader.read(CHUNK):
             yield out
     except zstandard.ZstdError as error:
-        raise FileStoreError(f"file {digest.hex()} does not decompress: {error}") from error
+        raise file_error(digest, pack, f"does not decompress: {error}") from error
 
 
-def _missing(digest: bytes) -> bytes:
-    raise FileStoreError(f"file {digest.hex()} is truncated in its pack")
+def _missing(digest: bytes, pack: str) -> bytes:
+    raise file_error(digest, pack, "is truncated")
 
 
 class Packer:

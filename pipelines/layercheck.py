@@ -25,7 +25,7 @@ from pipelines.filestore import (
     decode_stored,
 )
 from pipelines.recipe import Recipe, RecipeError
-from pipelines.restore import restore_blob
+from pipelines.restore import file_paths, restore_blob
 from pipelines.storage import ObjectNotFound, ObjectStore
 
 PROBLEMS_LISTED = 20  # files (or data objects) a check reports in detail; the rest counted
@@ -73,7 +73,7 @@ def check_from_packs(store: ObjectStore, files: FileStore, info: BlobInfo) -> La
     failure = _restore_failure(recipe, files)
     if not failure:
         return LayerCheck(info.digest, True)
-    total, problems = len(recipe.file_refs()), _file_problems(recipe, files)
+    total, problems = len(recipe.file_refs()), _named(recipe, _file_problems(recipe, files))
     if not problems:
         return _broken(info, f"{failure}; its {total} files read back intact")
     return _broken(info, f"{failure}; {_counted(problems, total, 'files')}", problems)
@@ -86,6 +86,18 @@ def _broken(info: BlobInfo, reason: str, problems: list[str] | None = None) -> L
 def _counted(problems: list[str], total: int, what: str) -> str:
     listed = f" (the first {PROBLEMS_LISTED} listed)" if len(problems) > PROBLEMS_LISTED else ""
     return f"{len(problems)} of {total} {what} missing or damaged{listed}"
+
+
+def _named(recipe: Recipe, problems: list[tuple[bytes, str]]) -> list[str]:
+    """`file sha256:<hex> (<path>) <problem>` for each problem: the file by the hash it
+    must have and, where the recipe shows it, its path in the layer."""
+    paths = file_paths(recipe, {digest for digest, _problem in problems[:PROBLEMS_LISTED]})
+    return [
+        f"file {_name(digest)} ({paths[digest]}) {problem}"
+        if digest in paths
+        else f"file {_name(digest)} {problem}"
+        for digest, problem in problems
+    ]
 
 
 def _restore_failure(recipe: Recipe, files: FileStore) -> str:
@@ -116,12 +128,12 @@ def _described(error: Exception) -> str:
 # per file: each distinct file of the recipe located and read once
 
 
-def _file_problems(recipe: Recipe, files: FileStore) -> list[str]:
-    """A line for each distinct file of the recipe that is not indexed, whose pack is
-    missing, or whose stored bytes are damaged (do not decode, wrong size or sha256)."""
+def _file_problems(recipe: Recipe, files: FileStore) -> list[tuple[bytes, str]]:
+    """Each distinct file of the recipe that is not indexed, whose pack is missing, or
+    whose stored bytes are damaged (do not decode, wrong size or sha256), and what."""
     sizes = recipe.file_refs()
     located = _located(list(sizes), files)
-    problems = [f"{_name(digest)} not indexed" for digest, at in located.items() if at is None]
+    problems = [(digest, NOT_INDEXED) for digest, at in located.items() if at is None]
     by_pack: dict[str, list[tuple[bytes, Location]]] = {}
     for digest, location in located.items():
         if location is not None:
@@ -145,12 +157,12 @@ def _name(digest: bytes) -> str:
 
 def _pack_problems(
     files: FileStore, pack: str, members: list[tuple[bytes, Location]], sizes: dict[bytes, int]
-) -> list[str]:
+) -> list[tuple[bytes, str]]:
     pack_size = files.store.size(pack)
     if pack_size is None:
-        return [f"{_name(digest)} pack {pack} missing" for digest, _location in members]
+        return [(digest, _pack_missing(pack)) for digest, _location in members]
     problems = [
-        f"{_name(digest)} in pack {pack} damaged: the pack ends at byte {pack_size}"
+        (digest, f"in pack {pack} damaged: the pack ends at byte {pack_size}")
         for digest, location in members
         if location.offset + location.length > pack_size
     ]
@@ -179,7 +191,7 @@ def _spans(members: list[tuple[bytes, Location]]) -> Iterator[list[tuple[bytes, 
 
 def _span_problems(
     files: FileStore, pack: str, span: list[tuple[bytes, Location]], sizes: dict[bytes, int]
-) -> list[str]:
+) -> list[tuple[bytes, str]]:
     digest, first = span[0]
     if len(span) == 1 and first.length > READ_SPAN_BYTES:
         return _large_file_problems(files, pack, digest, sizes[digest])
@@ -187,35 +199,43 @@ def _span_problems(
     try:
         data = files.read_range(pack, start, end - start)
     except ObjectNotFound:  # deleted since its size was read
-        return [f"{_name(digest)} pack {pack} missing" for digest, _location in span]
+        return [(digest, _pack_missing(pack)) for digest, _location in span]
     problems = []
     for digest, location in span:
         stored = data[location.offset - start : location.offset - start + location.length]
         try:
             if sizes[digest] > READ_SPAN_BYTES:  # stored small, large once decoded: streamed
-                check_stored(stored, digest)
+                check_stored(stored, digest, pack)
             else:
-                decode_stored(stored, digest, sizes[digest])
+                decode_stored(stored, digest, sizes[digest], pack)
         except FileStoreError as error:
-            problems.append(_damaged(digest, pack, error))
+            problems.append((digest, _damaged(pack, error)))
     return problems
 
 
-def _large_file_problems(files: FileStore, pack: str, digest: bytes, size: int) -> list[str]:
+def _large_file_problems(
+    files: FileStore, pack: str, digest: bytes, size: int
+) -> list[tuple[bytes, str]]:
     """A file too large to hold in memory, streamed and checked (FileStore.open)."""
     try:
         for _chunk in files.open(digest, size):
             pass
     except ObjectNotFound:
-        return [f"{_name(digest)} pack {pack} missing"]
+        return [(digest, _pack_missing(pack))]
     except FileStoreError as error:
-        return [_damaged(digest, pack, error)]
+        return [(digest, _damaged(pack, error))]
     return []
 
 
-def _damaged(digest: bytes, pack: str, error: FileStoreError) -> str:
-    why = str(error).removeprefix(f"file {digest.hex()} ")
-    return f"{_name(digest)} in pack {pack} damaged: {why}"
+NOT_INDEXED = "is not in the index"
+
+
+def _pack_missing(pack: str) -> str:
+    return f"in pack {pack} missing: the pack is gone"
+
+
+def _damaged(pack: str, error: FileStoreError) -> str:
+    return f"in pack {error.pack or pack} damaged: {error.problem}"
 
 
 # a blob that is not deduplicated: its data objects

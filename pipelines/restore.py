@@ -16,11 +16,13 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import stat
+import tarfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,7 @@ from pipelines.filestore import (
     FileStoreError,
     Location,
     decode_stored,
+    file_error,
 )
 from pipelines.pauses import pause
 from pipelines.recipe import Recipe
@@ -79,17 +82,79 @@ WORKING_BYTES = 16 << 20
 
 
 def restore_memory_bound() -> int:
-    """The most one serial restore holds, whatever the layer (README, Memory bounds): the
-    tar planned ahead and the batch being planned (files decoded whole only when both
-    their stored and real sizes are within SPAN_LIMIT), a large file's in-memory spool,
-    the verified segment being checked, and the encoder's working state. Parallel
-    restores add their segments'."""
+    """The most one serial restore holds, whatever the layer (docs/architecture.md,
+    Memory bounds): the tar planned ahead and the batch being planned (files decoded
+    whole only when both their stored and real sizes are within SPAN_LIMIT), a large
+    file's in-memory spool, the verified segment being checked, and the encoder's
+    working state. Parallel restores add their segments'."""
     held = PREFETCH_BYTES + BATCH_BYTES + SPAN_LIMIT + IN_MEMORY_LIMIT + SPOOL_IN_MEMORY
     return held + WORKING_BYTES
 
 
 class RestoreError(Exception):
     """The layer could not be rebuilt into the bytes that were pushed."""
+
+
+class DamagedFileError(RestoreError):
+    """A file of the layer is missing or damaged in the content store. Names the layer,
+    the file by the sha256 it must hash to and its path in the layer's tar (where the
+    recipe shows it), and the pack it was read from: what the recovery from corruption
+    needs (docs/operations.md)."""
+
+    def __init__(
+        self, message: str, layer: str = "", file: str = "", path: str = "", pack: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.layer, self.file, self.path, self.pack = layer, file, path, pack
+
+
+def damaged_file(recipe: Recipe, error: FileStoreError) -> DamagedFileError:
+    """`error` (a file of this layer's recipe) with the layer and the file's path named."""
+    if error.digest is None:
+        return DamagedFileError(f"layer {recipe.blob_digest}: {error}", recipe.blob_digest)
+    file = f"sha256:{error.digest.hex()}"
+    path = file_paths(recipe, {error.digest}).get(error.digest, "")
+    named = f"{file} ({path})" if path else file
+    where = f" in pack {error.pack}" if error.pack else ""
+    message = f"layer {recipe.blob_digest}: file {named}{where} {error.problem}"
+    return DamagedFileError(message, recipe.blob_digest, file, path, error.pack)
+
+
+PATH_TAIL_BYTES = 1 << 20  # of raw tar before a file, searched for its name
+_PAX_PATH = re.compile(rb"\d+ path=([^\n]*)\n")
+
+
+def file_paths(recipe: Recipe, digests: Collection[bytes]) -> dict[bytes, str]:
+    """The path in the layer's tar of each of these files (its first member with that
+    content), read from the header the recipe keeps raw before it: a PAX `path` record
+    if there is one, else the ustar name. For messages only: a file whose header cannot
+    be read is left out."""
+    paths: dict[bytes, str] = {}
+    tail = b""
+    for entry in recipe.entries():
+        if isinstance(entry, Raw):
+            tail = (tail + entry.data)[-PATH_TAIL_BYTES:]
+            continue
+        if entry.digest in digests and entry.digest not in paths:
+            if path := _member_path(tail):
+                paths[entry.digest] = path
+            if len(paths) == len(digests):
+                break
+        tail = b""
+    return paths
+
+
+def _member_path(raw_before: bytes) -> str:
+    if len(raw_before) < tarfile.BLOCKSIZE:
+        return ""
+    pax: list[bytes] = _PAX_PATH.findall(raw_before[: -tarfile.BLOCKSIZE])
+    if pax:
+        return pax[-1].decode("utf-8", "replace")
+    try:
+        header = tarfile.TarInfo.frombuf(raw_before[-tarfile.BLOCKSIZE :], "utf-8", "replace")
+    except tarfile.TarError:
+        return ""
+    return str(header.name)
 
 
 def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
@@ -225,7 +290,7 @@ def _plan(
     for ref in refs:
         location = found[ref.digest]
         if location is None:
-            raise RestoreError(f"file {ref.digest.hex()} is not stored")
+            raise file_error(ref.digest, "", "is not stored (not in the index)")
         if not _streams_alone(ref, location):
             small.setdefault((location.pack, location.offset), (ref, location))
     pause("restore.planned")
@@ -285,7 +350,7 @@ def _fetch_span(files: FileStore, span: _Span) -> dict[int, bytes | FileStoreErr
     for offset, (ref, location) in span.members.items():
         stored = data[offset - span.start : offset - span.start + location.length]
         try:
-            contents[offset] = decode_stored(stored, ref.digest, ref.size)
+            contents[offset] = decode_stored(stored, ref.digest, ref.size, span.pack)
         except FileStoreError as error:
             contents[offset] = error
     return contents
@@ -296,7 +361,7 @@ def _refetched(files: FileStore, ref: FileRef) -> bytes | FileStoreError:
     try:
         return b"".join(files.open(ref.digest, ref.size))
     except ObjectNotFound as error:
-        return FileStoreError(f"file {ref.digest.hex()}: its pack {error} is gone")
+        return file_error(ref.digest, str(error), "is missing: its pack is gone")
     except FileStoreError as error:
         return error
 
@@ -318,7 +383,16 @@ def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     """The pushed blob's bytes, each segment passed on only once it is verified. A layer
     with proven checkpoints is re-encoded segment by segment in parallel and joined."""
     rebuilt = _rebuilt_blob(recipe, files)
-    return release_verified(rebuilt, recipe.blob_digest, recipe.blob_size, recipe.segments)
+    verified = release_verified(rebuilt, recipe.blob_digest, recipe.blob_size, recipe.segments)
+    return _naming_damage(verified, recipe)
+
+
+def _naming_damage(chunks: Iterator[bytes], recipe: Recipe) -> Iterator[bytes]:
+    """The chunks; a missing or damaged file's error names the layer and the file's path."""
+    try:
+        yield from chunks
+    except FileStoreError as error:
+        raise damaged_file(recipe, error) from error
 
 
 def _rebuilt_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
@@ -608,6 +682,9 @@ class RestoreHub:
     def __init__(self, spool_dir: Path, keep_seconds: float = 30.0) -> None:
         self.spool_dir = spool_dir
         self.keep_seconds = keep_seconds
+        # why this process's last restore of a layer failed: for its readers' errors (a
+        # reader in another process learns only that it failed; the reason is logged)
+        self._failures: dict[str, str] = {}
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.sweep()
 
@@ -648,7 +725,13 @@ class RestoreHub:
             handle = self._claim_or_open(path, digest, size, produce)
             if handle is None:
                 continue  # the previous producer died or its file went away: try again
-            yield from _stream(handle, size, offset, end)
+            try:
+                yield from _stream(handle, size, offset, end)
+            except RestoreError as error:
+                reason = self._failures.get(digest)
+                if str(error) != RESTORE_FAILED or reason is None:
+                    raise
+                raise RestoreError(f"{error}: {reason}") from error
             return
 
     def _claim_or_open(
@@ -689,8 +772,12 @@ class RestoreHub:
             if os.fstat(descriptor).st_size != size:
                 raise RestoreError(f"the spool holds {os.fstat(descriptor).st_size} bytes")
             outcome = MODE_VERIFIED
-        except Exception:
+            self._failures.pop(digest, None)
+        except Exception as error:
             logger.exception("restore of %s failed", digest)
+            self._failures[digest] = str(error)
+            while len(self._failures) > FAILURES_KEPT:
+                del self._failures[next(iter(self._failures))]
         os.fchmod(descriptor, outcome)
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
@@ -703,6 +790,8 @@ class RestoreHub:
 
 
 MODE_RESTORING, MODE_VERIFIED, MODE_FAILED = 0o600, 0o640, 0o604
+RESTORE_FAILED = "the layer could not be restored to its digest"
+FAILURES_KEPT = 64
 
 
 def _write_all(descriptor: int, data: bytes) -> None:
@@ -749,7 +838,7 @@ def _stream(handle: BinaryIO, size: int, offset: int, end: int) -> Iterator[byte
             elif mode == MODE_VERIFIED:
                 raise RestoreError(f"the restored layer ends before byte {end} of {size}")
             elif mode == MODE_FAILED:
-                raise RestoreError("the layer could not be restored to its digest")
+                raise RestoreError(RESTORE_FAILED)
             elif not _producer_alive(handle) and _mode(handle) == MODE_RESTORING:
                 raise RestoreError("the restoring process died")
             else:

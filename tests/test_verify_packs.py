@@ -42,6 +42,14 @@ def random_files(prefix: str, count: int) -> dict[str, bytes]:
     return {f"{prefix}/{n}": os.urandom(20 * KiB) for n in range(count)}
 
 
+def lost_with(pack: str, files: dict[str, bytes]) -> set[str]:
+    """What verification says of each of these files when their pack is gone."""
+    return {
+        f"file {sha256(content)} ({path}) in pack {pack} missing: the pack is gone"
+        for path, content in files.items()
+    }
+
+
 def hexes(files: dict[str, bytes]) -> set[str]:
     return {sha256(content).removeprefix("sha256:") for content in files.values()}
 
@@ -108,7 +116,7 @@ def test_a_lost_pack_is_found_while_the_buffer_still_serves_the_layer(
         assert status["layers"][app].startswith("FAILED")
         assert status["layers"][base] == status["layers"][sha256(CONFIG)] == "verified"
         broken = status["broken"][app]
-        expected = {f"sha256:{file} pack {own_pack} missing" for file in hexes(own)}
+        expected = lost_with(own_pack, own)
         assert set(broken["problems"]) == expected and len(broken["problems"]) == len(own)
         assert "does not restore from its packs" in broken["reason"]
         counted = f"{len(own)} of {len(shared) + len(own)} files missing or damaged"
@@ -121,23 +129,40 @@ def test_a_lost_pack_is_found_while_the_buffer_still_serves_the_layer(
 
 
 def test_a_flipped_byte_in_a_pack_is_damage_to_its_file(verify_live: LiveStack) -> None:
+    """Verification and a GET both name what the recovery needs: the layer, the damaged
+    file by the sha256 it must have and its path in the layer, and its pack (the long
+    path is one a PAX record holds)."""
     live, client = verify_live, RegistryClient(verify_live.url)
-    files = random_files("flip", 5)
+    files = random_files("flip", 4) | {"flip/" + "deep/" * 30 + "long": os.urandom(20 * KiB)}
     digest = deduplicated_layer(client, "verify/flipped", live, layer_of(files))
     ((pack, held),) = files_by_pack(live, digest).items()
-    victim = sorted(held)[2]
+    for victim in (sorted(held)[2], sha256(files["flip/" + "deep/" * 30 + "long"])[7:]):
+        (path,) = [name for name, content in files.items() if sha256(content)[7:] == victim]
+        flipped_in_pack(live, client, digest, pack, victim, path)
+
+
+def flipped_in_pack(
+    live: LiveStack, client: RegistryClient, digest: str, pack: str, victim: str, path: str
+) -> None:
     (location,) = live.registry.files.locate([bytes.fromhex(victim)])
     assert location is not None
     damaged = bytearray(live.registry.store.get_bytes(pack))
     damaged[location.offset + location.length // 2] ^= 0x01
+    named = f"file sha256:{victim} ({path}) in pack {pack}"
     with pack_changed(live, pack, bytes(damaged)):
         code, status, _progress = verify(live, "--all")
         assert code == 1
         (problem,) = status["broken"][digest]["problems"]
-        assert problem.startswith(f"sha256:{victim} in pack {pack} damaged: ")
-        assert "1 of 5 files missing or damaged" in status["broken"][digest]["reason"]
+        assert problem.startswith(f"{named} damaged: read back as 20480 bytes hashing to "), problem
+        assert problem.endswith(f"(expected 20480 bytes hashing to sha256:{victim})"), problem
+        reason = status["broken"][digest]["reason"]
+        assert "1 of 5 files missing or damaged" in reason and named in reason, reason
         code, shown, _progress = verify(live, "--all", json_out=False)
         assert code == 1 and f"{digest}  BROKEN: " in shown and problem in shown
+        served = client.request("GET", f"/v2/verify/flipped/blobs/{digest}")
+        assert served.status == 500  # one 4 MiB segment: no byte of it was verified
+        message = json.loads(served.data)["errors"][0]["message"]
+        assert f"layer {digest}: {named} read back as" in message, message
 
 
 def test_a_healthy_store_verifies_and_exits_zero(verify_live: LiveStack) -> None:
@@ -163,8 +188,7 @@ def test_check_from_packs_ignores_the_buffer(verify_live: LiveStack) -> None:
     with pack_changed(live, pack, None):
         check = check_from_packs(live.registry.store, live.registry.files, info)
         assert not check.ok and check.digest == digest
-        missing = {f"sha256:{file} pack {pack} missing" for file in hexes(files)}
-        assert set(check.problems) == missing and len(check.problems) == len(files)
+        assert set(check.problems) == lost_with(pack, files) and len(check.problems) == len(files)
         assert "3 of 3 files missing or damaged" in check.reason
         assert check.as_dict() == {"digest": digest, "ok": False, "reason": check.reason,
                                    "problems": check.problems}  # fmt: skip

@@ -260,6 +260,10 @@ def readiness(registry: Registry, scope: str = "all") -> dict[str, dict[str, Any
 
 
 READY_MAX_AGE_SECONDS = 5.0
+# A refresh running this long without an answer (a backend that accepts connections and
+# never answers) makes the answer not-ready: the last one says nothing of now.
+READY_STALE_AFTER_SECONDS = 3 * READY_MAX_AGE_SECONDS
+STALE = "readiness check stale"
 Checks = dict[str, dict[str, Any]]
 
 
@@ -267,53 +271,65 @@ class CachedReadiness:
     """`readiness` at most once per `max_age` seconds and scope in this process: whoever
     asks (probes, anyone: the endpoint is open) gets the last answer, never a broadcast
     to the workers of their own. A stale answer is served while one background thread
-    refreshes it; only a process's very first answer of a scope is waited for."""
+    refreshes it, but a refresh that hangs for `stale_after` seconds turns the answer
+    not-ready (check `fresh`, "readiness check stale"). A process's first answer of a
+    scope is waited for, at most `stale_after` seconds."""
 
     def __init__(
         self,
         registry: Registry,
         max_age: float = READY_MAX_AGE_SECONDS,
         check: Callable[[Registry, str], Checks] = readiness,
+        stale_after: float = READY_STALE_AFTER_SECONDS,
     ) -> None:
         self.registry = registry
         self.max_age = max_age
+        self.stale_after = stale_after
         self._check = check
         self._lock = threading.Lock()
-        self._first = threading.Lock()
         self._answers: dict[str, tuple[float, Checks]] = {}
-        self._refreshing: set[str] = set()
+        self._refreshing: dict[str, tuple[float, threading.Event]] = {}  # started, done
 
     def get(self, scope: str) -> Checks:
         scope = "backends" if scope == "backends" else "all"  # a closed set of cache keys
         with self._lock:
             found = self._answers.get(scope)
-            if found is None:
-                pass
-            elif time.monotonic() - found[0] < self.max_age or scope in self._refreshing:
-                return found[1]
+            if found is None or time.monotonic() - found[0] >= self.max_age:
+                started, done = self._refresh_started(scope)
             else:
-                self._refreshing.add(scope)
+                return found[1]
         if found is None:
-            return self._first_answer(scope)
-        threading.Thread(target=self._refresh, args=(scope,), daemon=True).start()
+            done.wait(self.stale_after)
+        if done.is_set():  # the refresh answered: its answer is the newest
+            with self._lock:
+                return self._answers[scope][1]
+        hung = time.monotonic() - started
+        if found is None or hung >= self.stale_after:
+            return self._stale(found, hung)
         return found[1]
 
-    def _first_answer(self, scope: str) -> Checks:
-        with self._first:
-            with self._lock:
-                found = self._answers.get(scope)
-            return found[1] if found is not None else self._refresh(scope)
+    def _refresh_started(self, scope: str) -> tuple[float, threading.Event]:
+        """The running refresh of `scope`, or a new one (called holding the lock)."""
+        if scope not in self._refreshing:
+            self._refreshing[scope] = (time.monotonic(), threading.Event())
+            threading.Thread(target=self._refresh, args=(scope,), daemon=True).start()
+        return self._refreshing[scope]
 
-    def _refresh(self, scope: str) -> Checks:
-        checks: Checks = {}
+    def _refresh(self, scope: str) -> None:
+        started = time.monotonic()
         try:
             checks = self._check(self.registry, scope)
-        finally:
-            with self._lock:
-                if checks:
-                    self._answers[scope] = (time.monotonic(), checks)
-                self._refreshing.discard(scope)
-        return checks
+        except Exception as error:  # an answer all the same: not ready, and why
+            checks = {"readiness": {"ok": False, "error": f"{type(error).__name__}: {error}"}}
+        with self._lock:
+            self._answers[scope] = (started, checks)  # as old as the state it saw
+            _started, done = self._refreshing.pop(scope)
+        done.set()
+
+    def _stale(self, found: tuple[float, Checks] | None, hung: float) -> Checks:
+        """The last answer (if any) and `fresh`: not ok, since a refresh hangs."""
+        error = f"{STALE}: no answer for {hung:.0f} s (a backend accepts but does not answer?)"
+        return {**(found[1] if found else {}), "fresh": {"ok": False, "error": error}}
 
 
 def _check(problem: Callable[[], str]) -> dict[str, Any]:
