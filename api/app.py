@@ -18,9 +18,11 @@ from werkzeug.wrappers import Request, Response
 
 from api.auth import AuthGate, client_identity
 from api.exposition import metrics_exposition
-from pipelines import metrics
+from api.presentation import presentable
+from pipelines import metrics, usage
 from pipelines.blobs import BlobInfo
 from pipelines.errors import IndexIncomplete, RegistryError, is_transient
+from pipelines.ingest import check_is_layer
 from pipelines.manifests import OCI_INDEX
 from pipelines.registry import Registry, check_name, paginate, parse_count
 from workers import jobs
@@ -422,15 +424,28 @@ class RegistryApp:
 
     # jobs and stats
     def stats(self, request: Request) -> Response:
+        """The registry's figures; `storage` also holds what the bucket really holds
+        (pipelines.usage), measured at most a minute ago or, with `?fresh=1`, now."""
         body = self.registry.stats()
         body["queues"] = jobs.queue_depths(self.registry)
-        return _json(body)
+        registry, fresh = self.registry, request.args.get("fresh") in ("1", "true")
+        measured = usage.bucket_usage(registry.store, registry.index.redis, fresh)
+        body["storage"].update(
+            usage.storage_report(
+                measured, registry.index.counters(), body["logical_bytes"], body["stored_bytes"]
+            )
+        )
+        return _json(presentable(body))
 
     def submit_ingest(self, request: Request) -> Response:
         payload = _json_body(request, ("repository", "digest"))
         repository, digest = str(payload["repository"]), str(payload["digest"])
         check_name(repository)
         self.registry.blobs.linked_info(repository, digest)
+        if not self.registry.deduplicates():
+            message = "mode intact: this registry deduplicates no layer"
+            raise RegistryError("UNSUPPORTED", message, status=409)
+        check_is_layer(self.registry.index, digest)
         job_id = jobs.enqueue_ingest(self.registry, repository, digest, force=True)
         return _json({"id": job_id, "state": "queued"}, 202, {"Location": f"/api/v1/jobs/{job_id}"})
 
@@ -442,6 +457,7 @@ class RegistryApp:
         repository, reference = str(payload["repository"]), str(payload["reference"])
         check_name(repository)
         platforms = [str(p) for p in payload.get("platforms") or []]
+        self.registry.manifests.check_platforms(repository, reference, platforms)
         layers = self.registry.warm(repository, reference, platforms)
         if payload.get("layers"):
             wanted = {str(layer) for layer in payload["layers"]}
@@ -493,12 +509,13 @@ class RegistryApp:
         status = jobs.status(self.registry, job_id)
         if status is None:
             return _json({"errors": [{"code": "NOT_FOUND", "message": "unknown job"}]}, 404)
-        return _json(status)
+        return _json(presentable(status))
 
 
 def create_app() -> RegistryApp:
     registry = Registry.connect()
     registry.prepare_to_serve()
+    registry.buffer.enforce_bound()  # DUPHUNTER_BUFFER_BYTES may have been lowered
     return RegistryApp(registry)
 
 

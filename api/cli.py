@@ -1,31 +1,42 @@
 """`duphunter`: the operator's command line, a client of the HTTP API.
 
   duphunter status                    is everything up: Redis, S3, workers, encoders
-  duphunter stats                     storage, dedup ratio, layers, buffer, restores
+  duphunter stats                     what the bucket holds (packs, intact copies and
+                                      replicas, layer buffer), dedup ratio, layers,
+                                      failing layers, last GC, pack garbage, buffer
   duphunter ingest REPOSITORY DIGEST... [--wait]
-                                      queue layers for ingestion (again); --wait shows
-                                      progress until all are done
+                                      queue layers for ingestion (again); only blobs a
+                                      manifest names as layers; --wait shows progress
   duphunter job ID                    the state and result of a job
   duphunter warm REPO:TAG [--platform P ...] [--wait]
                                       rebuild an image's deduplicated layers into the
-                                      layer buffer ahead of a rollout
+                                      layer buffer ahead of a rollout (a platform the
+                                      image lacks is refused)
   duphunter reindex                   rebuild the Redis index from S3 (a maintenance job)
-  duphunter gc [--dry-run]            garbage collection now: what it freed (would free)
-  duphunter retention [--dry-run]     delete the tags the retention policy does not keep
+  duphunter gc [--dry-run]            garbage collection now: the total it freed (would
+                                      free), and why nothing when nothing
+  duphunter retention [--dry-run] [--yes]
+                                      delete the tags the retention policy does not keep
   duphunter verify [--sample N | --all]
                                       rebuild deduplicated layers from their packs alone
                                       (--all: every stored blob, intact ones from their
                                       data objects) and check their digests; names each
-                                      missing or damaged file; exits 1 if any is broken
-  duphunter verify --encoders         run every encoder's canary on the API's build (before
-                                      an upgrade: a failure means do not roll it out)
-  duphunter repo delete REPOSITORY    drop a repository (GC frees its bytes)
+                                      missing or damaged file
+  duphunter verify --encoders [--sample N | --all]
+                                      run every encoder's canary on the API's build (before
+                                      an upgrade: a failure means do not roll it out); with
+                                      --sample or --all, then verify layers as above
+  duphunter repo delete REPOSITORY [--yes]
+                                      drop a repository (GC frees its bytes)
   duphunter replay synthetic|trace …  replay pulls at real time, report latency by path
 
-Every command takes --json (machine output: numbers as numbers, times in ISO 8601),
---url (the API, default http://$DUPHUNTER_LISTEN or http://127.0.0.1:5000) and --user
-(default $DUPHUNTER_USER; the password is $DUPHUNTER_PASSWORD, or asked for). Credentials
-are sent only when the API asks (a 401 challenge): Basic, or a token from its realm.
+Every command takes --json (machine output: numbers as numbers, times as ISO 8601 in UTC,
+flags as true/false), --url (the API, default http://$DUPHUNTER_LISTEN or
+http://127.0.0.1:5000) and --user (default $DUPHUNTER_USER; the password is
+$DUPHUNTER_PASSWORD, or asked for). Credentials are sent only when the API asks (a 401
+challenge): Basic, or a token from its realm. Progress goes to stderr: redrawn in place on
+a terminal, one plain line now and then elsewhere. Waiting on a job rides out an API
+restart (up to a minute without an answer).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from __future__ import annotations
 import argparse
 import base64
 import getpass
+import http.client
 import json
 import os
 import re
@@ -45,13 +57,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from api import cli_output as out
 from api.replay import cli as replay
+from api.replay.progress import Status, bar
 
+EPILOG = """exit status:
+  0  what was asked succeeded (stats shown, job done, every layer verified, ready)
+  1  it ran but failed or found problems (a job failed, a layer or an encoder failed
+     verification, not ready, the API refused or could not be reached)
+  2  usage error: bad arguments, or a destructive command off a terminal without --yes
+  130 interrupted; 141 stdout closed early (e.g. `duphunter stats | head`)
+"""
 WAIT_POLL_SECONDS = 0.5
+PATIENCE_SECONDS = 60.0  # how long polling a job waits for an API that does not answer
+MAX_BACKOFF_SECONDS = 5.0
 
 
 class ApiError(Exception):
     """The API could not be reached, or refused the request: one line for the user."""
+
+
+class Unreachable(ApiError):
+    """No answer, or 503: worth asking again (the API restarts, a backend is back soon)."""
+
+
+class UsageRefused(Exception):
+    """The command will not run as given (exit status 2)."""
 
 
 @dataclass
@@ -117,10 +148,29 @@ def _call(
             challenge = error.headers.get("WWW-Authenticate", "")
             if error.code == 401 and challenge and _credentials.answer(challenge):
                 continue
-            raise ApiError(_refusal(method, path, error)) from error
-        except (urllib.error.URLError, OSError) as error:
+            kind = Unreachable if error.code == 503 else ApiError
+            raise kind(_refusal(method, path, error)) from error
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
-            raise ApiError(f"cannot reach the API at {base}: {reason}") from error
+            raise Unreachable(f"cannot reach the API at {base}: {reason}") from error
+
+
+def _poll(base: str, path: str) -> Any:
+    """GET `path`, asking again with backoff while the API does not answer (it restarts)
+    or answers 503, for at most PATIENCE_SECONDS."""
+    deadline, delay, told = time.monotonic() + PATIENCE_SECONDS, WAIT_POLL_SECONDS, False
+    while True:
+        try:
+            return _call(base, "GET", path)
+        except Unreachable as error:
+            if time.monotonic() + delay > deadline:
+                raise ApiError(f"{error} (gave up after {PATIENCE_SECONDS:.0f} s)") from None
+            if not told:
+                print(f"duphunter: {error}; asking again for up to {PATIENCE_SECONDS:.0f} s",
+                      file=sys.stderr)  # fmt: skip
+                told = True
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_SECONDS)
 
 
 def _refusal(method: str, path: str, error: urllib.error.HTTPError) -> str:
@@ -138,152 +188,99 @@ def _error_message(body: bytes) -> str:
         return body.decode(errors="replace")[:200]
 
 
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return str(count)
-
-
-# human output
-
-
-def show_stats(stats: dict[str, Any]) -> None:
-    storage = stats.get("storage", {})
-    waiting = stats.get("awaiting_deletion_bytes", {})
-    rows = [
-        ("mode", storage.get("mode", "?")),
-        ("pushed (logical)", human_bytes(stats["logical_bytes"])),
-        ("stored", human_bytes(stats["stored_bytes"])),
-        ("dedup ratio", _ratio(stats.get("dedup_ratio"))),
-        ("  once copies in grace go", _ratio(stats.get("dedup_ratio_once_deleted"))),
-        ("intact copies in grace", human_bytes(waiting.get("intact_copies_in_grace", 0))),
-        ("hot-layer replicas", human_bytes(storage.get("replica_bytes", 0))),
-        ("layer buffer", human_bytes(storage.get("buffer_bytes", 0))),
-        ("unique files", stats.get("unique_files", 0)),
-        ("repositories", stats.get("repositories", 0)),
-    ]
-    _table(rows)
-    for title in ("layers", "layers_by_encoder", "intact_layers_by_reason", "queues"):
-        if stats.get(title):
-            print(f"\n{title.replace('_', ' ')}")
-            _table(sorted(stats[title].items(), key=lambda item: -int(item[1])))
-    restores = stats.get("restores", {})
-    if restores:
-        print("\nrestores")
-        _table(sorted(restores.items()))
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def show_status(ready: dict[str, Any]) -> None:
-    for name, check in ready["checks"].items():
-        mark = "ok  " if check["ok"] else "FAIL"
-        print(f"{mark} {name:10} {check.get('error', '')}")
-    print("ready" if ready["ok"] else "NOT READY")
-
-
-def show_fields(body: dict[str, Any]) -> None:
-    _table([(key, json.dumps(value) if isinstance(value, dict | list) else value)
-            for key, value in body.items()])  # fmt: skip
-
-
-def _table(rows: list[tuple[Any, Any]]) -> None:
-    width = max((len(str(key)) for key, _value in rows), default=0)
-    for key, value in rows:
-        print(f"  {key!s:{width}}  {value}")
-
-
 # commands
 
 
-def cmd_stats(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
-    return _call(args.url, "GET", "/api/v1/stats"), show_stats
+@dataclass
+class Outcome:
+    """What a command answered (printed as JSON, or by `show` as text), and whether what
+    was asked succeeded (the exit status)."""
+
+    result: Any
+    show: Callable[[Any], None]
+    ok: bool = True
 
 
-def cmd_status(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
-    return _call(args.url, "GET", "/api/v1/ready", also=503), show_status
+def cmd_stats(args: argparse.Namespace) -> Outcome:
+    return Outcome(_call(args.url, "GET", "/api/v1/stats?fresh=1"), out.show_stats)
 
 
-def cmd_ingest(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+def cmd_status(args: argparse.Namespace) -> Outcome:
+    ready = _call(args.url, "GET", "/api/v1/ready", also=503)
+    return Outcome(ready, out.show_status, bool(ready.get("ok")))
+
+
+def cmd_ingest(args: argparse.Namespace) -> Outcome:
     jobs = [
         _call(args.url, "POST", "/api/v1/jobs/ingest", {"repository": args.repository, "digest": d})
         for d in args.digests
     ]
     if args.wait:
         jobs = _wait_all(args.url, [job["id"] for job in jobs])
+    ok = not args.wait or all(job["state"] == "success" for job in jobs)
     if len(jobs) == 1:
-        return jobs[0], show_fields
-    return jobs, lambda done: _table([(job.get("digest", job["id"]), job["state"]) for job in done])
+        return Outcome(jobs[0], out.show_fields, ok)
+    return Outcome(jobs, out.show_jobs, ok)
 
 
 def _wait_all(base: str, job_ids: list[str]) -> list[dict[str, Any]]:
     """Poll jobs until all end, with one progress bar on stderr."""
+    status = Status()
     while True:
-        statuses = [_call(base, "GET", f"/api/v1/jobs/{job_id}") for job_id in job_ids]
+        statuses = [_poll(base, f"/api/v1/jobs/{job_id}") for job_id in job_ids]
         done = sum(status["state"] in ("success", "failure") for status in statuses)
-        print(f"\r{_bar(done, len(statuses))} jobs done   ", end="", file=sys.stderr)
+        line = f"{bar(done, len(statuses))} {done}/{len(statuses)} jobs done"
         if done == len(statuses):
-            print(file=sys.stderr)
+            status.done(line)
             return statuses
+        status.update(line)
         time.sleep(WAIT_POLL_SECONDS)
 
 
-def cmd_job(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
-    return _call(args.url, "GET", f"/api/v1/jobs/{args.id}"), show_fields
+def cmd_job(args: argparse.Namespace) -> Outcome:
+    return Outcome(_call(args.url, "GET", f"/api/v1/jobs/{args.id}"), out.show_fields)
 
 
-def cmd_warm(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+def cmd_warm(args: argparse.Namespace) -> Outcome:
     repository, reference = split_image(args.image)
     body = {"repository": repository, "reference": reference, "platforms": args.platform}
     job = _call(args.url, "POST", "/api/v1/jobs/preconstruct", body)
     if args.wait:
         job = _wait(args.url, job["id"], "layers rebuilt")
-    return job, show_fields
+    return Outcome(job, out.show_fields, job["state"] != "failure")
 
 
-def cmd_gc(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+def cmd_gc(args: argparse.Namespace) -> Outcome:
     job = _call(args.url, "POST", "/api/v1/jobs/gc", {"dry_run": args.dry_run})
     status = _wait(args.url, job["id"], "steps")
-    return status, lambda s: show_fields(s.get("result") or s)
+    report = status.get("result")
+    ok = status["state"] == "success" and isinstance(report, dict) and not report.get("refused")
+    return Outcome(status, out.show_gc, ok)
 
 
-def cmd_retention(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+def cmd_retention(args: argparse.Namespace) -> Outcome:
+    if not args.dry_run:
+        confirm(args, "delete every tag the retention policy does not keep")
     job = _call(args.url, "POST", "/api/v1/jobs/retention", {"dry_run": args.dry_run})
     status = _wait(args.url, job["id"], "steps")
-    return status, lambda s: show_fields(s.get("result") or s)
+    return Outcome(status, out.show_retention, status["state"] == "success")
 
 
-def cmd_verify(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+def cmd_verify(args: argparse.Namespace) -> Outcome:
     if args.encoders:
-        return _call(args.url, "POST", "/api/v1/encoders/verify", {}), show_canaries
-    body = {"sample": args.sample, "all": args.all}
-    job = _call(args.url, "POST", "/api/v1/jobs/verify", body)
-    return _wait(args.url, job["id"], "layers verified"), show_verification
+        canaries = _call(args.url, "POST", "/api/v1/encoders/verify", {})
+        if args.sample is None and not args.all:
+            return Outcome(canaries, out.show_canaries, bool(canaries.get("ok")))
+        layers = _verify_layers(args)
+        ok = bool(canaries.get("ok")) and verification_passed(layers)
+        return Outcome({"encoders": canaries, "layers": layers}, out.show_encoders_and_layers, ok)
+    layers = _verify_layers(args)
+    return Outcome(layers, out.show_verification, verification_passed(layers))
 
 
-def show_canaries(report: dict[str, Any]) -> None:
-    failed = report.get("failed", {})
-    print(f"{report['checked'] - len(failed)} of {report['checked']} encoders passed their canary")
-    _table(sorted(failed.items()))
-    if failed:
-        print("FAILED: do not roll this build out; intact copies of their layers are kept")
-
-
-def show_verification(status: dict[str, Any]) -> None:
-    outcomes = status.get("layers", {})
-    broken = status.get("broken", {})
-    failed = {layer: outcome for layer, outcome in outcomes.items() if outcome != "verified"}
-    proven = len(outcomes) - len(failed)
-    print(f"{proven} of {len(outcomes)} layers verified from their packs (or data objects)")
-    for layer in sorted(failed):
-        why = broken.get(layer) or {"reason": failed[layer], "problems": []}
-        print(f"  {layer}  BROKEN: {why['reason']}")
-        for problem in why["problems"]:
-            print(f"      {problem}")
+def _verify_layers(args: argparse.Namespace) -> dict[str, Any]:
+    job = _call(args.url, "POST", "/api/v1/jobs/verify", {"sample": args.sample, "all": args.all})
+    return _wait(args.url, job["id"], "layers verified")
 
 
 def verification_passed(status: dict[str, Any]) -> bool:
@@ -293,34 +290,45 @@ def verification_passed(status: dict[str, Any]) -> bool:
     )
 
 
-def cmd_repo(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
-    return _call(args.url, "DELETE", f"/api/v1/repositories/{args.repository}"), show_fields
+def cmd_repo(args: argparse.Namespace) -> Outcome:
+    confirm(args, f"delete repository {args.repository} and every tag and manifest in it")
+    dropped = _call(args.url, "DELETE", f"/api/v1/repositories/{args.repository}")
+    return Outcome(dropped, out.show_fields)
 
 
-def cmd_reindex(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+def cmd_reindex(args: argparse.Namespace) -> Outcome:
     job = _call(args.url, "POST", "/api/v1/jobs/reindex", {})
-    return _wait(args.url, job["id"], "objects indexed"), show_fields
+    status = _wait(args.url, job["id"], "objects indexed")
+    return Outcome(status, out.show_fields, status["state"] == "success")
+
+
+def confirm(args: argparse.Namespace, action: str) -> None:
+    """Go ahead with a destructive action only when --yes says so or a person at the
+    terminal answers yes; off a terminal, without --yes, refuse (UsageRefused)."""
+    if args.yes:
+        return
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageRefused(f"refusing to {action}: not on a terminal to ask for "
+                           "confirmation; pass --yes to go ahead")  # fmt: skip
+    print(f"{action}? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise UsageRefused("not confirmed: nothing done")
 
 
 def _wait(base: str, job_id: str, unit: str) -> dict[str, Any]:
     """Poll a job, with a progress line on stderr, until it ends."""
-    started = time.monotonic()
+    started, status = time.monotonic(), Status()
     while True:
-        status: dict[str, Any] = _call(base, "GET", f"/api/v1/jobs/{job_id}")
-        progress = status.get("progress") or {}
+        job: dict[str, Any] = _poll(base, f"/api/v1/jobs/{job_id}")
+        progress = job.get("progress") or {}
         done, total = progress.get("done", 0), progress.get("total")
-        bar = _bar(done, total) if total else f"{done} {unit}"
-        elapsed = time.monotonic() - started
-        print(f"\r{bar}  {status['state']}  {elapsed:.0f}s   ", end="", file=sys.stderr)
-        if status["state"] in ("success", "failure"):
-            print(file=sys.stderr)
-            return status
+        count = f"{bar(done, total)} {done}/{total} {unit}" if total else f"{done} {unit}"
+        line = f"{count}  {job['state']}  {time.monotonic() - started:.0f}s"
+        if job["state"] in ("success", "failure"):
+            status.done(line)
+            return job
+        status.update(line)
         time.sleep(WAIT_POLL_SECONDS)
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // max(total, 1)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 def split_image(image: str) -> tuple[str, str]:
@@ -334,7 +342,7 @@ def split_image(image: str) -> tuple[str, str]:
     return repository, reference
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], tuple[Any, Callable[[Any], None]]]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], Outcome]] = {
     "status": cmd_status,
     "stats": cmd_stats,
     "ingest": cmd_ingest,
@@ -352,43 +360,65 @@ def build_parser() -> argparse.ArgumentParser:
     default_url = "http://" + os.environ.get("DUPHUNTER_LISTEN", "127.0.0.1:5000")
     common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
     common.add_argument("--url", default=argparse.SUPPRESS, help=f"API (default {default_url})")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON out")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help="machine output: ISO 8601 UTC times, true/false flags",
+    )  # fmt: skip
     common.add_argument(
         "--user", default=argparse.SUPPRESS, help="user name (default $DUPHUNTER_USER)"
     )
     parser = argparse.ArgumentParser(
-        prog="duphunter", description=__doc__, parents=[common],
+        prog="duphunter", description=__doc__, epilog=EPILOG, parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("status", "stats", "reindex"):
-        commands.add_parser(name, parents=[common])
-    ingest = commands.add_parser("ingest", parents=[common])
+    _add_commands(commands, [common])
+    replay.add_parser(commands, parents=[common])
+    return parser
+
+
+def _add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    parents: list[argparse.ArgumentParser],
+) -> None:
+    def add(name: str, summary: str) -> argparse.ArgumentParser:
+        raw = argparse.RawDescriptionHelpFormatter
+        return commands.add_parser(name, parents=parents, help=summary, description=summary,
+                                   epilog=EPILOG, formatter_class=raw)  # fmt: skip
+
+    add("status", "is everything up: Redis, S3, workers, encoders (exit 1 if not)")
+    add("stats", "what the bucket holds, dedup ratio, failing layers, last GC, buffer")
+    add("reindex", "rebuild the Redis index from S3")
+    ingest = add(
+        "ingest", "queue layers for ingestion (again); a blob that is not a layer is refused"
+    )
     ingest.add_argument("repository")
     ingest.add_argument("digests", nargs="+", metavar="digest")
     ingest.add_argument("--wait", action="store_true", help="wait until every layer is done")
-    commands.add_parser("job", parents=[common]).add_argument("id")
-    warm = commands.add_parser("warm", parents=[common])
+    add("job", "the state and result of a job").add_argument("id")
+    warm = add("warm", "rebuild an image's deduplicated layers into the layer buffer")
     warm.add_argument("image", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
-    warm.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64")
+    lacks = "e.g. linux/amd64 (repeatable); one the image lacks is refused"
+    warm.add_argument("--platform", action="append", default=[], help=lacks)
     warm.add_argument("--wait", action="store_true", help="wait until every layer is rebuilt")
-    for name in ("gc", "retention"):
-        dry = commands.add_parser(name, parents=[common])
-        dry.add_argument("--dry-run", action="store_true", help="report, delete nothing")
-    verify = commands.add_parser("verify", parents=[common])
+    gc = add("gc", "garbage collection now: the total freed, and why nothing when nothing")
+    gc.add_argument("--dry-run", action="store_true", help="report what it would free")
+    retention = add("retention", "delete the tags the retention policy does not keep")
+    retention.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    retention.add_argument("--yes", action="store_true", help="delete without asking")
+    verify = add("verify", "prove layers from their packs alone; exit 1 if any is broken")
     scope = verify.add_mutually_exclusive_group()
     scope.add_argument("--sample", type=int, default=None, help="at most N deduplicated layers")
     scope.add_argument(
         "--all", action="store_true", help="every stored blob, deduplicated or intact"
     )
-    verify.add_argument(
-        "--encoders", action="store_true", help="check every encoder against its canary"
-    )
-    repo = commands.add_parser("repo", parents=[common])
+    verify.add_argument("--encoders", action="store_true",
+                        help="check every encoder against its canary (then layers, with "
+                             "--sample or --all)")  # fmt: skip
+    repo = add("repo", "drop a repository (GC frees its bytes)")
     repo.add_argument("action", choices=["delete"])
     repo.add_argument("repository")
-    replay.add_parser(commands, parents=[common])
-    return parser
+    repo.add_argument("--yes", action="store_true", help="delete without asking")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -414,30 +444,40 @@ def credentials(user: str | None) -> Credentials:
     return Credentials(user, password)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (see EPILOG)."""
     global _credentials
     args = parse(argv)
     _credentials = credentials(args.user)
     if args.command == "replay":
-        raise SystemExit(replay.run(args))
+        return replay.run(args)
     try:
-        result, show = COMMANDS[args.command](args)
+        outcome = COMMANDS[args.command](args)
+    except UsageRefused as error:
+        print(f"duphunter: {error}", file=sys.stderr)
+        return 2
     except ApiError as error:
         print(f"duphunter: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        return 1
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
+        json.dump(outcome.result, sys.stdout, indent=2)
         print()
     else:
-        show(result)
-    if args.command == "status" and not result.get("ok"):
-        raise SystemExit(1)
-    if args.command == "verify" and not (
-        result.get("ok") if args.encoders else verification_passed(result)
-    ):
-        raise SystemExit(1)
+        outcome.show(outcome.result)
+    return 0 if outcome.ok else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:  # `duphunter stats | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush fails no more
+        code = 141
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,8 @@ class LayerBuffer:
         it is buffered or being filled already, or cannot be admitted. A fill for
         `expected_gets` predicted at `since` is pinned for its origin's pin time."""
         owner = uuid.uuid4().hex
+        if self.used_bytes() > self.capacity:  # the bound was lowered since those fills
+            self.enforce_bound()
         while True:
             now = time.time()
             verdict, *victims = self._reserve(
@@ -230,6 +232,31 @@ class LayerBuffer:
             return  # gone already, or another process is dropping it
         self.store.delete([part_key(digest, n) for n in range(-(-size // PART_BYTES))])
         self._end_drop(keys=[entry_key(digest), USED_KEY, RANK_KEY], args=[token, size, digest])
+
+    def enforce_bound(self) -> int:
+        """Evict complete entries, lowest ranked (pinned last) first, until the bytes held
+        are within the bound: after a restart with a lower DUPHUNTER_BUFFER_BYTES, the
+        entries filled under the old bound would otherwise stay. Entries being filled are
+        left to finish. How many entries were evicted."""
+        evicted = 0
+        while self.used_bytes() > self.capacity:
+            ranked = [member.decode() for member in self.redis.zrange(RANK_KEY, 0, 63)]
+            complete = [digest for digest in ranked if self._is_complete(digest)]
+            if not complete:
+                break
+            for digest in complete:
+                if self.used_bytes() <= self.capacity:
+                    break
+                self.drop(digest)
+                evicted += 1
+        if evicted:
+            self.redis.hincrby(STATS_KEY, "evictions", evicted)
+            self.redis.hincrby(STATS_KEY, "evicted_to_lowered_bound", evicted)
+        return evicted
+
+    def _is_complete(self, digest: str) -> bool:
+        entry = self.entry(digest)
+        return entry is not None and entry.complete
 
     # accounting
     def used_bytes(self) -> int:

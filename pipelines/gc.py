@@ -96,6 +96,8 @@ class GcReport:
     orphan_bytes: int = 0
     rescued: int = 0  # condemned, then relied on before the second marking: kept
     index_entries_repaired: int = 0
+    grace_seconds: float = 0.0  # nothing younger than this was freed
+    freed_total_bytes: int = 0  # freed_bytes(), for the report's readers
 
     def freed_bytes(self) -> int:
         return self.manifest_bytes + self.blob_bytes + self.pack_bytes_freed + self.orphan_bytes
@@ -206,7 +208,7 @@ class GarbageCollector:
         return outcome[0]
 
     def _run(self, dry_run: bool) -> GcReport:
-        report = GcReport(dry_run)
+        report = GcReport(dry_run, grace_seconds=self.grace)
         self.parsed = ParsedObjects(self.store, self.pacer)
         self.lease = RunLease(self.store, LEASE_SECONDS)
         if not self.index.is_ready():
@@ -226,6 +228,7 @@ class GarbageCollector:
             stop.set()
             self._let_go(dry_run)
         report.seconds = round(time.time() - report.started, 3)
+        report.freed_total_bytes = report.freed_bytes()
         if not dry_run:
             self.store.put_bytes(REPORT_KEY, json.dumps(asdict(report)).encode())
         return report

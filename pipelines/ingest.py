@@ -45,7 +45,7 @@ from pipelines.codecs import (
     sniff,
 )
 from pipelines.digests import digest_key
-from pipelines.errors import BeingCollected, is_transient
+from pipelines.errors import BeingCollected, RegistryError, is_transient
 from pipelines.filestore import (
     IN_MEMORY_LIMIT,
     PACK_TARGET,
@@ -138,6 +138,15 @@ def mark_queued(store: ObjectStore, index: Index, digest: str) -> bool:
         return False
     save_record(store, index, LayerRecord(digest, QUEUED, updated=time.time()))
     return True
+
+
+def check_is_layer(index: Index, digest: str) -> None:
+    """Only a blob that a manifest names as a layer is ingested (each such layer has a
+    record from the manifest's push on): a config or any other blob is kept as pushed."""
+    if not index.layer(digest).get("state"):
+        message = (f"{digest} is not a layer: no manifest names it as one (a config or "
+                   "other blob is kept as pushed, never deduplicated)")  # fmt: skip
+        raise RegistryError("UNSUPPORTED", message, {"digest": digest}, status=400)
 
 
 def save_record(store: ObjectStore, index: Index, record: LayerRecord) -> None:

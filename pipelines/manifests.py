@@ -307,6 +307,42 @@ class ManifestStore:
             self.index.cache_manifest_bytes(digest, content)
         return StoredManifest(digest, media_type, content)
 
+    def platforms_of(self, repo: str, reference: str) -> list[str]:
+        """The platforms an image offers ("os/arch[/variant]"): an index's children's,
+        or a single image's own, from its config (none when the config does not say)."""
+        manifest = self.get(repo, reference, [])
+        children = manifest.platforms()
+        if manifest.media_type not in IMAGE_TYPES:
+            return [platform for _digest, platform in children]
+        config = json.loads(manifest.content).get("config") or {}
+        return [platform] if (platform := self._config_platform(str(config.get("digest")))) else []
+
+    def _config_platform(self, digest: str) -> str:
+        info = self.blobs.info(digest)
+        if info is None or info.deduplicated or info.size > 1 << 20:
+            return ""
+        try:
+            config = json.loads(b"".join(self.blobs.read(info)))
+        except ValueError:
+            return ""
+        if not isinstance(config, dict) or not config.get("os"):
+            return ""
+        parts = [str(config["os"]), str(config.get("architecture", ""))]
+        return "/".join(parts + ([str(config["variant"])] if config.get("variant") else []))
+
+    def check_platforms(self, repo: str, reference: str, wanted: list[str]) -> None:
+        """Refuse platforms the image does not offer, naming those it does."""
+        offered = self.platforms_of(repo, reference)
+        missing = [platform for platform in wanted if platform not in offered]
+        if wanted and missing:
+            has = ", ".join(offered) or "none named"
+            raise RegistryError(
+                "PLATFORM_UNKNOWN",
+                f"{repo}:{reference} has no platform {', '.join(missing)}; it has: {has}",
+                {"missing": missing, "platforms": offered},
+                status=404,
+            )
+
     def forget_revision(self, repo: str, digest: str) -> None:
         """The index entries of a revision that garbage collection deleted (untagged)."""
         revision = self.index.revision(repo, digest) or {}

@@ -100,11 +100,15 @@ def served_from_dedup(live: LiveStack) -> int:
 
 @contextlib.contextmanager
 def extra_api(
-    live: LiveStack, env: dict[str, str], preexec: Callable[[], None] | None = None
+    live: LiveStack,
+    env: dict[str, str],
+    preexec: Callable[[], None] | None = None,
+    listen: str | None = None,
 ) -> Iterator[RegistryClient]:
     """A second API process on the stack's Redis and S3 (standing for another host: its
-    own port and spool), with some settings changed."""
-    listen = f"127.0.0.1:{free_port()}"
+    own port and spool), with some settings changed; on `listen` (host:port) if given, so
+    that one can be started again where a killed one was."""
+    listen = listen or f"127.0.0.1:{free_port()}"
     spool = str(live.workdir / f"spool-{listen}")
     process = subprocess.Popen(
         [str(VENV_BIN / "gunicorn"), "--bind", listen, "--workers", "1",

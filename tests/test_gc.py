@@ -244,7 +244,7 @@ def test_retention_keeps_the_newest_tags(gc_live: LiveStack) -> None:
     dry = duphunter(live, "retention", "--dry-run")["result"]
     assert dry == {"ret/app": ["t1", "t2", "t3"]}
     assert len(json.loads(client.request("GET", "/v2/ret/app/tags/list").data)["tags"]) == 5
-    duphunter(live, "retention")
+    duphunter(live, "retention", "--yes")
     tags = json.loads(client.request("GET", "/v2/ret/app/tags/list").data)["tags"]
     assert tags == ["t4", "t5"]
 
@@ -254,7 +254,7 @@ def test_a_deleted_repository_is_freed_by_gc(gc_live: LiveStack) -> None:
     client = RegistryClient(live.url)
     image = make_image("gc/whole-repo", {}, own_files=4)
     push_and_wait(client, live, image)
-    assert duphunter(live, "repo", "delete", image.repo)["objects_dropped"] >= 3
+    assert duphunter(live, "repo", "delete", image.repo, "--yes")["objects_dropped"] >= 3
     assert client.request("GET", f"/v2/{image.repo}/tags/list").status == 404
     assert image.repo not in json.loads(client.request("GET", "/v2/_catalog").data)["repositories"]
     settle(live)

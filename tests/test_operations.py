@@ -106,7 +106,7 @@ def test_cli_json_anywhere_numbers_and_one_line_errors(
         duphunter("--json", "ingest", repo, sha256(layer), "--url", live.url).stdout
     )
     job = json.loads(duphunter("job", queued["id"], "--json", "--url", live.url).stdout)
-    assert job["digest"] == sha256(layer) and job["created"].endswith("+00:00")
+    assert job["digest"] == sha256(layer) and job["created"].endswith("Z")
     down = duphunter("stats", "--url", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 1 and "Traceback" not in down.stderr
     assert down.stderr.count("\n") == 1 and "cannot reach the API" in down.stderr

@@ -3,9 +3,13 @@
     duphunter replay synthetic --clients 20 --duration-s 120 --seed 1
     duphunter replay trace prod-dal09-*.json --start-s 3600 --duration-s 600 --size-scale 0.1
 
-It prints a summary, writes the whole result (every GET included) as JSON and a PNG of
-the layer-GET latency CDF by serving path. The exit status is 1 if any GET failed or
-returned bytes that do not hash to their digest.
+It prints a summary (with --json: the result without its GETs), writes the whole result
+(every GET included) as result.json and a PNG of the layer-GET latency CDF by serving path
+as latency.png into --out-dir (default: a new directory under the system's temporary
+directory), and deletes the repositories it created (--keep-repositories keeps them; a
+repository that existed before is never deleted). The exit status is 1 if any GET failed
+or returned bytes that do not hash to their digest, or if the workload has no pull to
+replay (too short, too few clients); 2 for a bad trace or option.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+import urllib3
+
+from api.presentation import iso_time
 from api.replay.content import LayerCache
 from api.replay.progress import Status
 from api.replay.push import Pushed, build_layers, push_workload, wait_for_quiet
@@ -30,7 +39,7 @@ from api.replay.trace import TraceError, TraceOptions, load_trace
 from api.replay.transport import Connection, PushError
 from api.replay.workload import Workload
 
-WORKDIR = Path("var") / "replay"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "duphunter"
 
 
 def replay(
@@ -52,7 +61,7 @@ def replay(
     summary = summarize(url, workload, pushed, result, (before, api.stats()), options)
     summary["ingest_wait_s"] = round(waited, 1)
     summary["settle_after_s"] = round(settled, 1)
-    summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    summary["finished"] = iso_time(time.time())
     return summary
 
 
@@ -124,9 +133,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--shared-address", action="store_true", help="all clients from one address"
     )
     parser.add_argument("--wait-timeout", type=float, default=1800.0, help="for ingestion, seconds")
-    parser.add_argument("--cache", type=Path, default=WORKDIR / "layers", help="built layers")
-    parser.add_argument("--out", type=Path, default=WORKDIR / "result.json")
-    parser.add_argument("--plot", type=Path, default=WORKDIR / "latency.png")
+    parser.add_argument(
+        "--cache", type=Path, default=CACHE_DIR / "replay-layers",
+        help=f"built layers, kept between runs (default {CACHE_DIR / 'replay-layers'})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out-dir", type=Path, default=None,
+        help="where result.json and latency.png go (default: a new temporary directory)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="the result (in --out-dir)")
+    parser.add_argument("--plot", type=Path, default=None, help="the plot (in --out-dir)")
+    parser.add_argument(
+        "--keep-repositories", action="store_true", help="leave the pushed repositories"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -142,9 +161,17 @@ def run(args: argparse.Namespace) -> int:
     except (TraceError, ValueError) as error:
         print(f"duphunter replay: {error}", file=sys.stderr)
         return 2
+    work = workload.summary()
+    if not work["pulls"] + work["fetches"]:
+        print(f"duphunter replay: nothing to replay: {work['clients']} clients and no pull "
+              f"in {work['duration_s']:g} s; make the run longer (--duration-s) or busier",
+              file=sys.stderr)  # fmt: skip
+        return 1
     options = ReplayOptions(
         args.max_clients, args.downloads, args.oracle, not args.quiet, not args.shared_address
     )
+    connection = Connection(args.url)
+    created = [] if args.no_push else new_repositories(connection, workload)
     try:
         summary = replay(
             args.url, workload, options, args.cache, not args.no_push, args.wait_timeout
@@ -152,9 +179,54 @@ def run(args: argparse.Namespace) -> int:
     except (PushError, TimeoutError, OSError) as error:
         print(f"duphunter replay: {error}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
-    plot_cdf(args.plot, latency_series(summary["gets"]), f"layer GETs by path: {args.url}")
-    print(render(summary))
-    print(f"wrote {args.out} and {args.plot}")
+    finally:
+        if not args.keep_repositories:
+            delete_repositories(connection, created)
+    out, plot = output_paths(args)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    plot_cdf(plot, latency_series(summary["gets"]), f"layer GETs by path: {args.url}")
+    if args.json:
+        brief = {key: value for key, value in summary.items() if key != "gets"}
+        print(json.dumps({**brief, "result_file": str(out), "plot_file": str(plot)}, indent=2))
+    else:
+        print(render(summary))
+        print(f"wrote {out} and {plot}")
     return 1 if summary["errors"]["count"] else 0
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the result and the plot go: --out and --plot, else in --out-dir, else in a
+    new temporary directory (never the current directory unless asked)."""
+    directory = args.out_dir or Path(tempfile.mkdtemp(prefix="duphunter-replay-"))
+    out = args.out or directory / "result.json"
+    plot = args.plot or directory / "latency.png"
+    for path in (out, plot):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return out, plot
+
+
+def new_repositories(connection: Connection, workload: Workload) -> list[str]:
+    """The workload's repositories that the registry does not have yet: the replay
+    creates them, and may delete them afterwards."""
+    names = sorted({image.repository for image in workload.images.values()})
+    return [name for name in names if _absent(connection, name)]
+
+
+def _absent(connection: Connection, repository: str) -> bool:
+    try:
+        return connection.request("GET", f"/v2/{repository}/tags/list").status == 404
+    except (urllib3.exceptions.HTTPError, OSError):
+        return False
+
+
+def delete_repositories(connection: Connection, names: list[str]) -> None:
+    for name in names:
+        try:
+            response = connection.request("DELETE", f"/api/v1/repositories/{name}")
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            response_status = f"{type(error).__name__}: {error}"
+        else:
+            response_status = "" if response.status in (202, 404) else str(response.status)
+        if response_status:
+            print(f"duphunter replay: repository {name} not deleted: {response_status}",
+                  file=sys.stderr)  # fmt: skip

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from api.cli_output import human_bytes
 from api.replay.content import BuiltLayer, LayerCache
 from api.replay.progress import Status, bar
 from api.replay.transport import Connection, image_config, image_manifest
@@ -67,7 +68,7 @@ def push_workload(
         connection.push_manifest(image.repository, reference, manifest)
         status.update(f"{bar(number, len(images))} images pushed: {number}")
     seconds = time.monotonic() - started
-    status.done(f"pushed {len(images)} images ({sent / 1e6:.1f} MB of layers) in {seconds:.0f} s")
+    status.done(f"pushed {len(images)} images ({human_bytes(sent)} of layers) in {seconds:.0f} s")
     return Pushed(layers, seconds, sent)
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from api.cli_output import human_bytes
 from api.replay.push import Pushed
 from api.replay.runner import ReplayOptions, ReplayResult
 from api.replay.transport import Get
@@ -216,15 +217,22 @@ def _row(name: str, summary: dict[str, Any]) -> str:
     return f"  {name:<10} {summary['count']:>6}  " + " ".join(cells) + f"  {summary['errors']:>6}"
 
 
+def _figure(name: str, value: float) -> str:
+    """A counter for people: bytes in binary units, other figures in plain decimals."""
+    if name.endswith("_bytes"):
+        return human_bytes(value)
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
 def render(summary: dict[str, Any]) -> str:
     work, layers, hits = summary["workload"], summary["layer_gets"], summary["hit_ratio"]
     lines = [
         f"replayed a {work['source']} workload against {summary['url']}: {work['clients']} clients,"
         f" {work['pulls']} pulls, {work['fetches']} lone layer GETs, {work['images']} images, "
-        f"{work['layers']} layers ({work['unique_layer_bytes'] / 1e6:.1f} MB), "
+        f"{work['layers']} layers ({human_bytes(work['unique_layer_bytes'])}), "
         f"in {summary['replay_s']:.0f} s",
         f"layer GETs: {layers['count']}, {layers['verified']} verified (sha256 and size), "
-        f"{layers['errors']} errors, {layers['bytes'] / 1e6:.1f} MB",
+        f"{layers['errors']} errors, {human_bytes(layers['bytes'])}",
         f"  {'path':<10} {'GETs':>6}  "
         + " ".join(f"{name + ' ms':>8}" for name in ("p50", "p90", "p99", "max"))
         + "  errors",
@@ -246,7 +254,7 @@ def render(summary: dict[str, Any]) -> str:
     )
     counters = summary["registry"]
     if counters:
-        lines.append("registry: " + ", ".join(f"{k} {v:g}" for k, v in counters.items()))
+        lines.append("registry: " + ", ".join(f"{k} {_figure(k, v)}" for k, v in counters.items()))
     else:
         lines.append("registry: no counters (no /api/v1/stats, or none of the known keys)")
     if summary["errors"]["count"]:
