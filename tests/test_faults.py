@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,156 @@ def assert_exact_or_503(api: RegistryClient, repo: str, blob: bytes) -> None:
     else:
         assert response.status == 503, (response.status, response.data[:300])
         assert response.headers.get("Retry-After"), response.headers
+
+
+# the fault test: every kind of process killed, Redis and S3 restarted, under load
+
+SEED = int(os.environ.get("DUPHUNTER_FAULT_SEED", "19"))
+PROGRAMS = ("api", "worker-ingest", "worker-restore", "worker-predict", "worker-maintenance",
+            "beat")  # fmt: skip
+BACKENDS = ("redis", "s3")
+BACK_WITHIN_SECONDS = 60
+
+
+@dataclass
+class Load:
+    """Pushes, pulls, deletes and GC runs from threads, and what must still be there."""
+
+    live: LiveStack
+    rng: random.Random
+    alive: dict[str, tuple[str, bytes, str]] = field(default_factory=dict)  # layer -> repo,
+    # its bytes, the manifest naming it
+    deleted: set[str] = field(default_factory=set)
+    wrong_bytes: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    mutex: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self._loop, args=(action, seed), daemon=True)
+                   for seed, action in enumerate((self.push, self.push, self.pull, self.pull,
+                                                  self.delete, self.collect))]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _loop(self, action: Callable[[random.Random, RegistryClient], None], seed: int) -> None:
+        rng = random.Random(SEED * 100 + seed)
+        client = RegistryClient(self.live.url)
+        while not self.stop.is_set():
+            try:
+                action(rng, client)
+            except Exception as error:  # a fault cut it: allowed, logged
+                self.log.append(f"{getattr(action, '__name__', '?')}: {error!r}"[:200])
+                time.sleep(0.5)
+            time.sleep(rng.uniform(0.1, 0.6))
+
+    def push(self, rng: random.Random, client: RegistryClient) -> None:
+        repo = f"faults/r{rng.randrange(4)}"
+        files = {f"lib/{n}.so": SHARED[n] for n in rng.sample(range(len(SHARED)), 4)}
+        files[f"own/{rng.random()}"] = rng.randbytes(rng.randrange(8, 64) * 1024)
+        blob = gzip.compress(make_tar(files), mtime=0)
+        manifest, _body = client.push_image(repo, f"t{rng.randrange(10**6)}", [blob])
+        with self.mutex:  # its manifest PUT answered 201
+            self.alive[sha256(blob)] = (repo, blob, manifest)
+
+    def pull(self, rng: random.Random, client: RegistryClient) -> None:
+        with self.mutex:
+            if not self.alive:
+                return
+            digest = rng.choice(sorted(self.alive))
+            repo, blob, _manifest = self.alive[digest]
+        response = client.request("GET", f"/v2/{repo}/blobs/{digest}")
+        if response.status == 200 and response.data != blob:
+            self.wrong_bytes.append(digest)
+
+    def delete(self, rng: random.Random, client: RegistryClient) -> None:
+        time.sleep(2)
+        with self.mutex:
+            if len(self.alive) < 4:
+                return
+            digest = rng.choice(sorted(self.alive))
+            repo, _blob, manifest = self.alive.pop(digest)  # from now on, not checked
+            self.deleted.add(digest)
+        client.request("DELETE", f"/v2/{repo}/manifests/{manifest}")
+
+    def collect(self, rng: random.Random, client: RegistryClient) -> None:
+        time.sleep(rng.uniform(3, 8))
+        make_celery(self.live.settings).send_task("workers.tasks.collect_garbage", (False,))
+
+
+SHARED = [random.Random(SEED).randbytes(16 * 1024) for _n in range(12)]
+
+
+@pytest.fixture
+def fault_stack(tmp_path: Path) -> Iterator[LiveStack]:
+    settings = {
+        "DUPHUNTER_GC_GRACE_SECONDS": "2",
+        "DUPHUNTER_MODE": "b0",
+        "DUPHUNTER_RETRY_SECONDS": "60",
+    }
+    with Stack(tmp_path / "stack") as stack:
+        yield start_live_stack(stack, tmp_path / "stack", settings)
+
+
+def test_every_process_killed_and_backends_restarted_under_load(fault_stack: LiveStack) -> None:
+    """In a fixed (seeded) order, each program is killed (-9) and Redis and S3 are
+    restarted, a few seconds apart, while threads push, pull, delete and collect; each
+    program is started again as supervisord would. Then: every program answers within a
+    minute of the last fault, the queues drain with nothing left unacknowledged, no pull
+    ever got other bytes, and every pushed and not deleted layer pulls byte-exact and
+    proves from its packs."""
+    live, rng = fault_stack, random.Random(SEED)
+    load = Load(live, rng)
+    threads = load.run()
+    time.sleep(8)  # some images in before the first fault
+    faults = [*PROGRAMS, *BACKENDS]
+    rng.shuffle(faults)
+    for name in faults:
+        if name in BACKENDS:
+            live.stack.stop_service(name)
+        else:
+            live.stack.kill(name)
+        time.sleep(rng.uniform(0.5, 2.0))
+        live.stack.respawn(name)
+        time.sleep(rng.uniform(3, 6))
+    last_fault = time.monotonic()
+    wait_until(lambda: every_program_answers(live), "every program back",
+               timeout=BACK_WITHIN_SECONDS)  # fmt: skip
+    assert time.monotonic() - last_fault <= BACK_WITHIN_SECONDS
+    time.sleep(5)
+    load.stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not load.wrong_bytes, load.wrong_bytes
+    assert load.alive, load.log
+    wait_until(lambda: queues_drained(live), "the queues drained", timeout=240)
+    check_nothing_lost(live, load)
+
+
+def every_program_answers(live: LiveStack) -> bool:
+    if RegistryClient(live.url).request("GET", "/v2/").status != 200:
+        return False
+    alive = {name for name, process in live.stack.processes if process.poll() is None}
+    if not {*PROGRAMS, *BACKENDS} <= alive:
+        return False
+    replies = make_celery(live.settings).control.ping(timeout=2.0) or []
+    workers = {name.split("@")[0] for reply in replies for name in reply}
+    return {name for name in PROGRAMS if name.startswith("worker-")} <= workers
+
+
+def queues_drained(live: LiveStack) -> bool:
+    index = live.registry.index
+    waiting = sum(index.queue_length(queue) for queue in ("ingest", "restore", "predict",
+                                                          "maintenance"))  # fmt: skip
+    return waiting == 0 and index.redis.hlen("unacked") == 0
+
+
+def check_nothing_lost(live: LiveStack, load: Load) -> None:
+    client = RegistryClient(live.url)
+    wait_for_layers(live, sorted(load.alive))
+    for digest, (repo, blob, _manifest) in sorted(load.alive.items()):
+        response = client.request("GET", f"/v2/{repo}/blobs/{digest}")
+        assert response.status == 200 and response.data == blob, (digest, load.log[-10:])
+        proof = live.registry.verify_blob(digest)
+        assert proof["ok"], (digest, proof)
