@@ -407,4 +407,4 @@ class BlobStore:
         self.index.drop_upload(state.upload_id)
 
     def _upload_lock(self, upload_id: str) -> Any:
-        return self.index.lock(f"upload:{upload_id}", timeout=3600, blocking_timeout=10)
+        return self.index.lock(f"upload:{upload_id}", blocking_timeout=10)

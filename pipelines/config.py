@@ -44,7 +44,7 @@ class Settings:
         default_factory=lambda: float(_env("RESTORE_KEEP_SECONDS", "30"))
     )
     visibility_timeout_seconds: int = field(
-        default_factory=lambda: int(_env("VISIBILITY_TIMEOUT_SECONDS", "3600"))
+        default_factory=lambda: int(_env("VISIBILITY_TIMEOUT_SECONDS", "300"))
     )
     claim_lease_seconds: float = field(
         default_factory=lambda: float(_env("CLAIM_LEASE_SECONDS", "60"))

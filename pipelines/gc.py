@@ -41,8 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redis.exceptions import LockError
-
 from pipelines.blobs import BlobInfo, BlobStore, blob_key, layer_link_key
 from pipelines.buffer import LayerBuffer
 from pipelines.checkpoints import checkpoints_key
@@ -64,7 +62,7 @@ from pipelines.storage import Listed, ObjectNotFound, ObjectStore
 
 REPORT_KEY = "gc/last-report.json"
 DEFERRED_PREFIX = "gc/deferred/"
-LEASE_SECONDS = 60  # of the lock and of the run's lease in S3, both renewed every 10 s
+LEASE_SECONDS = 60  # of the run's lease in S3, renewed every 10 s (the lock: pipelines.leases)
 COUNTED_PREFIXES = ("data/", "recipes/", "checkpoints/")  # counted in stored bytes
 DELETE_BATCH = 500  # keys per S3 delete request, each after a check that the run may
 LOOKUP_BATCH = 1000  # files asked of the index in one round trip (each blocks Redis briefly)
@@ -183,12 +181,14 @@ class GarbageCollector:
         self.nice = nice
         self.pacer = Pacer(pace)
         self.parsed = ParsedObjects(store, self.pacer)
-        self.lock: Any = None
+        self.lock = index.lock("gc", blocking_timeout=5)
         self.lease = RunLease(store, LEASE_SECONDS)
 
-    def run(self, dry_run: bool = False) -> GcReport:
+    def run(self, dry_run: bool = False, token: str | None = None) -> GcReport:
         """Collect in a thread of lower CPU priority (`nice`), so that on a shared host
-        pushes and pulls come first; the calling thread keeps its own priority."""
+        pushes and pulls come first; the calling thread keeps its own priority. A run
+        given the `token` of one that failed or died (its job's id) takes its lock back
+        at once rather than waiting for it to expire."""
         outcome: list[GcReport | BaseException] = []
 
         def collect() -> None:
@@ -196,7 +196,7 @@ class GarbageCollector:
             current = os.getpriority(os.PRIO_PROCESS, thread)
             os.setpriority(os.PRIO_PROCESS, thread, max(current, self.nice))
             try:
-                outcome.append(self._run(dry_run))
+                outcome.append(self._run(dry_run, token))
             except BaseException as error:  # handed to the caller below
                 outcome.append(error)
 
@@ -207,7 +207,7 @@ class GarbageCollector:
             raise outcome[0]
         return outcome[0]
 
-    def _run(self, dry_run: bool) -> GcReport:
+    def _run(self, dry_run: bool, token: str | None) -> GcReport:
         report = GcReport(dry_run, grace_seconds=self.grace)
         self.parsed = ParsedObjects(self.store, self.pacer)
         self.lease = RunLease(self.store, LEASE_SECONDS)
@@ -215,8 +215,7 @@ class GarbageCollector:
             report.refused = ("the index is incomplete (Redis lost keys, or a rebuild runs): "
                               "nothing deleted; rebuild the index, then collect")  # fmt: skip
             return report
-        self.lock = self.index.lock("gc", timeout=LEASE_SECONDS, blocking_timeout=5)
-        if not self.lock.acquire():
+        if not self.lock.acquire(token):
             raise GcStopped("another garbage collection holds the lock")
         stop = threading.Event()
         try:
@@ -239,15 +238,14 @@ class GarbageCollector:
             if not dry_run:
                 self.lease.end()
         finally:
-            with contextlib.suppress(LockError):
-                self.lock.release()
+            self.lock.release()
 
     def _renew(self, stop: threading.Event) -> None:
-        """Keep the lock and the lease while this process lives; a renewal that fails is
-        not retried: the run stops at its next deletion (`_may_delete`)."""
+        """Keep the lease in S3 while this process lives (the lock renews itself); a
+        renewal that fails is not retried: the run stops at its next deletion
+        (`_may_delete`)."""
         while not stop.wait(LEASE_SECONDS / 6):
             try:
-                self.lock.reacquire()
                 if self.lease.expires:
                     self.lease.renew()
             except Exception:
@@ -258,7 +256,7 @@ class GarbageCollector:
         makes its deletions safe."""
         if report.dry_run:
             return False
-        if not self.lock.owned():
+        if not self.lock.held():
             raise GcStopped("the GC lock was lost (Redis restarted or emptied?): stopped")
         if not self.index.is_ready():
             raise GcStopped("the index became incomplete (a rebuild began?): stopped")

@@ -32,6 +32,8 @@ from typing import Any
 
 import redis
 
+from pipelines.leases import Lease
+
 PREFIX = "dh:"
 READY_KEY = PREFIX + "index:ready"
 REBUILDING_KEY = PREFIX + "index:rebuilding"
@@ -207,14 +209,10 @@ class Index:
         raw = self.redis.hgetall(f"{PREFIX}layers")
         return {key.decode(): value.decode() for key, value in raw.items()}
 
-    def lock(self, name: str, timeout: float = 600, blocking_timeout: float = 30) -> Any:
-        # Not thread-local: a long holder (GC) renews its lease from a thread of its own.
-        return self.redis.lock(
-            f"{PREFIX}lock:{name}",
-            timeout=timeout,
-            blocking_timeout=blocking_timeout,
-            thread_local=False,
-        )
+    def lock(self, name: str, blocking_timeout: float = 30) -> Lease:
+        """A lock on a short lease its holder renews while it works (pipelines.leases):
+        one whose holder died is free again within seconds."""
+        return Lease(self.redis, f"{PREFIX}lock:{name}", blocking_timeout)
 
     def is_ready(self) -> bool:
         return bool(self.redis.exists(READY_KEY))

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from pipelines import encoders
 from pipelines.blobs import BlobInfo, BlobStore, blob_key
@@ -56,6 +56,7 @@ from pipelines.filestore import (
 )
 from pipelines.index import Index
 from pipelines.layercheck import check_from_packs
+from pipelines.leases import Lease
 from pipelines.pauses import pause
 from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
 from pipelines.restore import (
@@ -74,7 +75,7 @@ ORPHAN_PASSES = 3  # reads of a layer to store files whose claimants died
 logger = logging.getLogger(__name__)
 PENDING_ENCODER = "pending"
 RETIRE_BLOCKED_KEY = "dh:retire-blocked"  # digest -> why its intact copy is kept
-RETIRE_LOCK_SECONDS = 60  # a retirement's descriptor rewrite takes well under a second
+RETIRE_WAIT_SECONDS = 30  # for another retirement of the layer (its rewrite: well under 1 s)
 UNPROVEN = "does not restore from its packs"
 
 
@@ -484,13 +485,14 @@ class Ingestor:
                 self._keep_as_replica(self.blobs.stored_info(digest))
             return 0
         blocker = self.retirement_blocker(info) or self._unproven(info)
-        with self._retire_lock(digest):
+        with self._retire_lock(digest) as lease:
             info = self.blobs.stored_info(digest)  # another retirement may have settled it
             if info is None or not info.deduplicated or not (info.retired or info.segments):
                 return 0
             if blocker:  # kept, and served from; retired later once it passes
                 self._keep_intact_copy(info, blocker)
                 return 0
+            lease.ensure_held()
             return self._delete_intact_copy(info)
 
     def _keep_intact_copy(self, info: BlobInfo, blocker: str) -> None:
@@ -512,5 +514,5 @@ class Ingestor:
         self.blobs.replace_descriptor(replace(info, segments=[], retired=[]))
         return freed
 
-    def _retire_lock(self, digest: str) -> Any:
-        return self.index.lock(f"retire:{digest}", timeout=RETIRE_LOCK_SECONDS)
+    def _retire_lock(self, digest: str) -> Lease:
+        return self.index.lock(f"retire:{digest}", blocking_timeout=RETIRE_WAIT_SECONDS)

@@ -8,11 +8,11 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import LockError, LockNotOwnedError
+from redis.exceptions import LockError
 
 from pipelines import canaries, metrics
 from pipelines.blobs import BlobInfo, BlobStore
@@ -21,12 +21,13 @@ from pipelines.canaries import CANARY_KEY
 from pipelines.config import Settings
 from pipelines.digests import Digest
 from pipelines.encoders import prepare_encoders
-from pipelines.errors import RegistryError
+from pipelines.errors import RegistryError, is_transient
 from pipelines.filestore import FileStore, read_pack_table
 from pipelines.gc import REPORT_KEY as GC_REPORT_KEY
 from pipelines.gc import GarbageCollector
 from pipelines.index import Index
 from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, RETIRE_BLOCKED_KEY, Ingestor
+from pipelines.jobmarks import JobMarks
 from pipelines.layercheck import check_from_packs
 from pipelines.manifests import ManifestStore, is_digest_reference
 from pipelines.pauses import pause
@@ -54,7 +55,7 @@ REDIRECT_URL_SECONDS = 1200
 PULLERS_WINDOW_SECONDS = 24 * 3600
 AUDIT_KEY = "dh:audit:packs"
 REBUILD_LOCK = "rebuild-index"
-REBUILD_SECONDS = 3600  # the rebuild's lease, and how long another waits for it
+REBUILD_SECONDS = 3600  # how long a rebuild waits for one running elsewhere
 REBUILD_REQUEST_KEY = "dh:index:rebuild-requested"
 REBUILD_REQUEST_SECONDS = 60  # after this, a request that never ran (lost?) is made again
 
@@ -123,6 +124,7 @@ class Registry:
     server: BlobServer
     popularity: Popularity
     history: AccessHistory
+    jobmarks: JobMarks
 
     @classmethod
     def connect(cls, settings: Settings | None = None) -> Registry:
@@ -152,6 +154,7 @@ class Registry:
             BlobServer(store, index, blobs, files, hub, buffer),
             Popularity(index.redis, settings.popularity_tau_seconds),
             AccessHistory(index.redis, settings.history_half_life_seconds),
+            JobMarks(index.redis),
         )
 
     def read_blob(self, info: BlobInfo, offset: int = 0, length: int | None = None) -> BlobRead:
@@ -163,9 +166,22 @@ class Registry:
         try:
             first = next(read.chunks, b"")
         except (RestoreError, ObjectNotFound) as error:
+            if is_transient(error) or not self._backends_answer():
+                message = f"blob {info.digest} cannot be served while a backend is unreachable"
+                raise RegistryError("UNAVAILABLE", message) from error
             message = f"blob {info.digest} cannot be served: {error}"
             raise RegistryError("UNKNOWN", message) from error
         return BlobRead(read.source, itertools.chain([first], read.chunks))
+
+    def _backends_answer(self) -> bool:
+        """Whether Redis and S3 answer now: asked once a restore failed, whose cause may
+        be lost on the way (a restore shared by several GETs fails for all of them)."""
+        try:
+            self.index.redis.ping()
+            self.store.size(AUDIT_KEY)  # any key: whether S3 answers, not the object
+        except Exception:
+            return False
+        return True
 
     def verify_blob(self, digest: str) -> dict[str, Any]:
         """Prove a blob from durable objects alone (`check_from_packs`: a deduplicated
@@ -574,13 +590,10 @@ class Registry:
         try:
             yield
         finally:
-            with suppress(LockNotOwnedError):
-                lock.release()
+            lock.release()
 
     def _rebuild_lock(self) -> Any:
-        return self.index.lock(
-            REBUILD_LOCK, timeout=REBUILD_SECONDS, blocking_timeout=REBUILD_SECONDS
-        )
+        return self.index.lock(REBUILD_LOCK, blocking_timeout=REBUILD_SECONDS)
 
     def _rebuild_from_s3(self, progress: Callable[[int], None] | None) -> dict[str, int]:
         self.index.clear()

@@ -103,7 +103,7 @@ def test_a_rebuild_waits_for_the_one_running(index_live: LiveStack, pushed: Push
     """Two rebuilds at once would clear each other's entries: the reindex job waits for
     the rebuild lock (here held by the test, standing for another process's rebuild)."""
     client, index = RegistryClient(index_live.url), index_live.registry.index
-    with index.lock("rebuild-index", timeout=120, blocking_timeout=5):
+    with index.lock("rebuild-index", blocking_timeout=5):
         job_id = json.loads(client.request("POST", "/api/v1/jobs/reindex", b"{}").data)["id"]
         wait_until(lambda: job_state(client, job_id) == "started", "reindex job started")
         time.sleep(2)
@@ -142,7 +142,7 @@ def test_while_a_rebuild_runs_lookups_answer_503_and_ask_for_no_other(
 ) -> None:
     client, index = RegistryClient(index_live.url), index_live.registry.index
     before = {job["id"] for job in reindex_jobs(index)}
-    with index.lock("rebuild-index", timeout=120, blocking_timeout=5):
+    with index.lock("rebuild-index", blocking_timeout=5):
         index.clear()  # as a rebuild running elsewhere does first
         assert_unavailable(client, pushed.lookups() * 5)
         assert {job["id"] for job in reindex_jobs(index)} == before

@@ -20,6 +20,7 @@ from kombu import Queue
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from pipelines.config import Settings
+from workers import unacked
 
 QUEUES = ("ingest", "restore", "predict", "maintenance")
 
@@ -60,8 +61,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A held message is kept fresh by its worker (workers/unacked.py): the timeout
+        # bounds how long a dead worker's messages wait, swept for every 10 s.
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_seconds,
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 2,
+            "unacked_mutex_expire": 30,  # a sweep takes milliseconds; its holder may die
             # Message priorities on Redis: one list per step, the lowest number first.
             "priority_steps": list(range(10)),
             "sep": ":",
@@ -99,6 +105,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             },
         },
     )
+    unacked.install(celery)
     return celery
 
 

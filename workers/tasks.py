@@ -3,7 +3,13 @@
 Tasks are acknowledged late and safe to run again from the start. A transient failure of
 Redis or S3 (`pipelines.errors.is_transient`) is retried in the worker, with backoff, for
 up to DUPHUNTER_RETRY_SECONDS: retrying in place needs no broker, which may be the very
-Redis that is restarting. Work that outlives that is picked up by `resume_ingests`.
+Redis that is restarting. Work that outlives that is picked up by `resume_ingests`. A lock
+held by another (`LockError`: a live holder, a dead one's lease runs out within seconds)
+is waited for the same way, LOCK_ATTEMPTS times at most.
+
+Per-layer maintenance jobs that schedules ask for again and again (retirements and
+demotions, promotions) are queued at most once at a time, and given up after repeated
+failures (pipelines.jobmarks).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +28,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 from celery import Task, signals
+from redis.exceptions import LockError
 
 from pipelines.canaries import check_at_start
 from pipelines.encoders import prepare_encoders
@@ -32,6 +41,7 @@ from workers.app import celery_app
 
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
+LOCK_ATTEMPTS = 5
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
 
@@ -45,11 +55,14 @@ def retrying(work: Callable[[], Result]) -> Result:
     """Run `work`, again after each transient failure, until DUPHUNTER_RETRY_SECONDS."""
     deadline = time.monotonic() + registry().settings.retry_seconds
     delay = FIRST_RETRY_DELAY
+    lock_attempts = 0
     while True:
         try:
             return work()
         except Exception as error:
-            if not is_transient(error) or time.monotonic() + delay > deadline:
+            lock_attempts += isinstance(error, LockError)
+            retry = is_transient(error) or 0 < lock_attempts < LOCK_ATTEMPTS
+            if not retry or time.monotonic() + delay > deadline:
                 raise
             logger.warning("transient failure, retrying in %.1fs: %r", delay, error)
             time.sleep(delay)
@@ -93,8 +106,36 @@ def ingest_layer(repository: str, digest: str) -> dict[str, str]:
     INGEST_SECONDS.labels(result.record.state).observe(time.perf_counter() - started)
     if result.retire_after_grace:
         grace = registry().settings.retire_grace_seconds
+        registry().jobmarks.claim(RETIRE, digest)  # queued even if a schedule gave up on it
         retire_intact_copy.apply_async(args=(digest, None, repository), countdown=grace)
     return result.record.as_fields()
+
+
+RETIRE, PROMOTE = "retire", "promote"  # the per-layer jobs of pipelines.jobmarks
+
+
+def queue_retirement(digest: str, keep: bool | None) -> bool:
+    """Queue a layer's retirement (or demotion) for a schedule: not when one is queued or
+    running already, nor when it failed repeatedly lately; whether it was queued."""
+    marks = registry().jobmarks
+    if digest in marks.given_up(RETIRE) or not marks.claim(RETIRE, digest):
+        return False
+    retire_intact_copy.apply_async(args=(digest, keep, ""))
+    return True
+
+
+def _settling(kind: str, digest: str, work: Callable[[], Result | None]) -> Result | None:
+    """Run a per-layer job, recording how it ended (pipelines.jobmarks); None from `work`
+    says it queued a follow-up of itself: not ended."""
+    try:
+        result = work()
+    except Exception as error:
+        failures = registry().jobmarks.failed(kind, digest, error)
+        logger.warning("%s of %s failed (%d in a row): %r", kind, digest, failures, error)
+        raise
+    if result is not None:
+        registry().jobmarks.succeeded(kind, digest)
+    return result
 
 
 @celery_app.task(name="workers.tasks.retire_intact_copy")
@@ -102,11 +143,16 @@ def retire_intact_copy(digest: str, keep: bool | None = None, repository: str = 
     """Settle a deduplicated layer's intact copy once in-flight GETs had time to finish:
     keep it as a replica if the layer is hot (`keep` None: decide now), else delete it,
     first copying it into the buffer if clients of its repository will likely pull it."""
+    return _settling(RETIRE, digest, lambda: _retire(digest, keep, repository)) or 0
+
+
+def _retire(digest: str, keep: bool | None, repository: str) -> int | None:
     keep_replica = registry().keeps_replica(digest) if keep is None else keep
     if not keep_replica and retrying(lambda: registry().ingestor.withdraw_replica(digest)):
         grace = registry().settings.retire_grace_seconds  # presigned URLs for it run out first
         retire_intact_copy.apply_async(args=(digest, False, repository), countdown=grace)
-        return 0
+        registry().jobmarks.keep_claim(RETIRE, digest)
+        return None
     pullers = registry().expected_pullers(repository) if repository else 0
     if not keep_replica and pullers:
         retrying(lambda: registry().server.preconstruct(digest, "retired", pullers))
@@ -117,9 +163,7 @@ def retire_unblocked(of: Registry | None = None) -> list[str]:
     """Queue the retirements that canaries blocked and that may go ahead now."""
     ingestor = (of or registry()).ingestor
     digests = retrying(ingestor.unblocked_retirements)
-    for digest in digests:
-        retire_intact_copy.apply_async(args=(digest, None, ""))
-    return digests
+    return [digest for digest in digests if queue_retirement(digest, None)]
 
 
 @celery_app.task(name="workers.tasks.manifest_fetched", ignore_result=True)
@@ -171,7 +215,8 @@ def preconstruct_layer(
 
 @celery_app.task(name="workers.tasks.materialize_intact")
 def materialize_intact(digest: str) -> int:
-    return retrying(lambda: registry().server.materialize_intact(digest))
+    work = lambda: retrying(lambda: registry().server.materialize_intact(digest))  # noqa: E731
+    return _settling(PROMOTE, digest, work) or 0
 
 
 @celery_app.task(name="workers.tasks.apply_popularity")
@@ -179,11 +224,13 @@ def apply_popularity() -> dict[str, list[str]]:
     """Give hot layers an intact replica and take it from those that cooled (S-mode; in
     b0 mode every replica goes). Runs in the background: a GET never waits for it."""
     plan = registry().replica_plan()
-    for digest in plan.to_promote:
+    marks = registry().jobmarks
+    given_up = marks.given_up(PROMOTE)
+    promote = [d for d in plan.to_promote if d not in given_up and marks.claim(PROMOTE, d)]
+    for digest in promote:
         materialize_intact.apply_async(args=(digest,), priority=PRIORITY_REPLICA)
-    for digest in plan.to_demote:
-        retire_intact_copy.apply_async(args=(digest, False))
-    return {"promote": plan.to_promote, "demote": plan.to_demote}
+    demote = [digest for digest in plan.to_demote if queue_retirement(digest, False)]
+    return {"promote": promote, "demote": demote}
 
 
 @celery_app.task(name="workers.tasks.verify_blob")
@@ -222,14 +269,16 @@ def verify_sample() -> list[str]:
 @celery_app.task(name="workers.tasks.resume_ingests")
 def resume_ingests() -> list[str]:
     """Queue again the ingests, and the retirements of intact copies, that a long outage
-    or a lost job left unfinished."""
+    or a lost job left unfinished. Not while ingests wait in their queue: a backlog
+    older than the threshold is not lost, and queued twice it would only grow."""
     older_than = time.time() - 2 * registry().settings.visibility_timeout_seconds
-    stale = registry().unfinished_ingests(older_than)
+    waiting = registry().index.queue_length("ingest")
+    stale = [] if waiting else registry().unfinished_ingests(older_than)
     for digest in stale:
         job = ingest_layer.apply_async(args=("", digest))
         registry().index.put_layer(digest, {"job": job.id, "updated": str(time.time())})
     for digest in registry().overdue_retirements(older_than):
-        retire_intact_copy.apply_async(args=(digest, None, ""))
+        queue_retirement(digest, None)
     return stale
 
 
@@ -239,11 +288,16 @@ def audit_packs() -> dict[str, int]:
     return retrying(lambda: registry().audit_packs())
 
 
-@celery_app.task(name="workers.tasks.collect_garbage")
-def collect_garbage(dry_run: bool = False) -> dict[str, Any]:
+@celery_app.task(name="workers.tasks.collect_garbage", bind=True)
+def collect_garbage(task: Task[[bool], dict[str, Any]], dry_run: bool = False) -> dict[str, Any]:
     """Online garbage collection (pipelines/gc.py): what it freed, or would free. A run
-    that refused (the index is incomplete) asks for the index to be rebuilt."""
-    report = retrying(lambda: registry().collector().run(dry_run))
+    that refused (the index is incomplete) asks for the index to be rebuilt. The job's
+    id and this process are its lock's token: a retry here (after a Redis blip) takes
+    back the lock its failed attempt could not release, at once. (The job run again by
+    another worker after this one died waits for the lease to run out, a few seconds:
+    were this worker only frozen, the two must not both hold it.)"""
+    token = f"{task.request.id}/{socket.gethostname()}/{os.getpid()}"
+    report = retrying(lambda: registry().collector().run(dry_run, token))
     if report.refused:
         request_index_rebuild(registry())
     return asdict(report)
