@@ -289,10 +289,9 @@ def test_a_start_after_a_dead_stack_stops_what_it_left(workdir: Path) -> None:
     in_the_workdir = _sleeper(workdir / "logs", {})
     of_another_stack = _sleeper(REPO_ROOT, {"DUPHUNTER_LOCAL_WORKDIR": "/elsewhere"})
     bystanders = [in_the_workdir, of_another_stack]
-
-    second = start(workdir, ports)
-    drain(second)
     try:
+        second = start(workdir, ports)
+        drain(second)
         text = "\n".join(second.banner)
         assert f"a previous run from {workdir} left" in text, text
         assert not any(_exists(pid) for pid in left)
