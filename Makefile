@@ -4,10 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-auth clean
+.PHONY: run stop test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-auth clean
 
-run: system-deps venv helpers
-	$(BIN)/python -m deploy.local
+# The first build of the encoder helpers compiles for minutes: its output goes to a file,
+# whose end is shown if it fails. Stopping: Ctrl-C, or `make stop` from another terminal.
+BUILD_LOG := var/build.log
+run: system-deps venv
+	@mkdir -p var
+	@echo "building the encoder helpers if needed (minutes the first time; output in $(BUILD_LOG))"
+	@$(BUILD_HELPERS) >$(BUILD_LOG) 2>&1 || { tail -n 30 $(BUILD_LOG); \
+		echo "building the encoder helpers failed: the whole output is in $(BUILD_LOG)"; exit 1; }
+	@grep -E '^(WARNING|skipping)' $(BUILD_LOG) || true
+	@$(BIN)/python -m deploy.local
+
+stop: venv
+	@$(BIN)/python -m deploy.local --stop
 
 test: test-deps venv helpers lint
 	$(BIN)/pytest -q
@@ -30,8 +41,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+BUILD_HELPERS := bash pipelines/gohelpers/build.sh build/helpers
 helpers: venv
-	@bash pipelines/gohelpers/build.sh build/helpers
+	@$(BUILD_HELPERS)
 
 bench-core: test-deps venv helpers
 	$(BIN)/python -m bench.core

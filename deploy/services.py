@@ -65,9 +65,11 @@ def flower_command(bin_dir: Path | None, address: str, port: int) -> list[str]:
 
 
 def redis_command(server: str, port: int, data_dir: Path) -> list[str]:
-    """A Redis for the index and the queues, on loopback, keeping an append-only file."""
+    """A Redis for the index and the queues, on loopback, keeping an append-only file. Its
+    process title stays its command: retitling overwrites the environment the kernel shows,
+    by which deploy/leftovers.py knows the programs of a stack."""
     return [
-        server, "--port", str(port), "--bind", "127.0.0.1",
+        server, "--port", str(port), "--bind", "127.0.0.1", "--set-proc-title", "no",
         "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
         "--dir", str(data_dir),
     ]  # fmt: skip

@@ -11,15 +11,20 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from deploy.stack import REPO_ROOT, VENV_BIN, free_port, port_is_free, wait_until
+from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.test_dedup import make_tar, wait_for_layers
+from tests.test_run_lifecycle import (
+    LocalStack,
+    assert_nothing_left,
+    drain,
+    start,
+    temporary_workdir,
+)
 
 RECOVERY_SECONDS = 30
 
@@ -115,67 +120,17 @@ def test_cli_json_anywhere_numbers_and_one_line_errors(
 # `make run` under supervisord
 
 
-@dataclass
-class LocalStack:
-    url: str
-    workdir: Path
-    process: subprocess.Popen[str]
-    env: dict[str, str]
-    ports: list[int]
-
-    def pid_of(self, program: str) -> int:
-        done = subprocess.run(
-            [str(VENV_BIN / "supervisorctl"), "-c", str(self.workdir / "supervisord.conf"),
-             "pid", program],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
-        return int(done.stdout.strip())
-
-    def all_running(self) -> bool:
-        done = subprocess.run(
-            [str(VENV_BIN / "supervisorctl"), "-c", str(self.workdir / "supervisord.conf"),
-             "status"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        lines = [line for line in done.stdout.splitlines() if line.strip()]
-        return bool(lines) and all(" RUNNING " in line for line in lines)
-
-
 @pytest.fixture
-def local_stack(tmp_path: Path) -> Iterator[LocalStack]:
+def local_stack() -> Iterator[LocalStack]:
     """`python -m deploy.local` (what `make run` runs) on free ports in a temporary folder."""
-    ports = [free_port(), free_port(), free_port(10000), free_port()]
-    api, redis_port, s3, flower = ports
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("DUPHUNTER_")},
-        "DUPHUNTER_LISTEN": f"127.0.0.1:{api}",
-        "DUPHUNTER_LOCAL_REDIS_PORT": str(redis_port),
-        "DUPHUNTER_LOCAL_S3_PORT": str(s3),
-        "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
-        "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "10",
-    }
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"dh-run-{api}"
-    command = [str(VENV_BIN / "python"), "-m", "deploy.local", "--workdir", str(workdir),
-               "--flower-port", str(flower)]  # fmt: skip
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    stack = LocalStack(f"http://127.0.0.1:{api}", workdir, process, env, ports)
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "DupHunter is up" in line:
-                break
-        else:
-            pytest.fail("make run exited before it was up")
-        threading.Thread(
-            target=lambda: process.stdout and process.stdout.read(), daemon=True
-        ).start()
-        yield stack
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    with temporary_workdir() as workdir:
+        stack = start(workdir)
+        drain(stack)
+        try:
+            yield stack
+        finally:
+            if stack.process.poll() is None:
+                os.killpg(stack.process.pid, signal.SIGKILL)
 
 
 def test_make_run_recovers_from_crashes_and_stops_cleanly(local_stack: LocalStack) -> None:
@@ -205,10 +160,7 @@ def test_make_run_recovers_from_crashes_and_stops_cleanly(local_stack: LocalStac
         _pull_while_killing(client, local_stack, repo, layer)
         _pull_while_killing_an_api_process(client, local_stack, repo, layer)
     local_stack.process.send_signal(signal.SIGTERM)
-    assert local_stack.process.wait(timeout=90) == 0
-    leftovers = subprocess.run(["pgrep", "-f", str(local_stack.workdir)], capture_output=True)
-    assert leftovers.stdout == b"", leftovers.stdout
-    assert all(port_is_free(port) for port in local_stack.ports)
+    assert_nothing_left(local_stack)
 
 
 def _push_while_killing(
