@@ -58,7 +58,7 @@ class Notice:
 
     @property
     def kind(self) -> str:
-        """"files" for a notice naming files only, else "registry" (blobs, manifests): a
+        """ "files" for a notice naming files only, else "registry" (blobs, manifests): a
         relier that asks about one kind does not read the other's notices."""
         return "registry" if self.blobs or self.manifests else "files"
 

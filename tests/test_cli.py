@@ -126,7 +126,7 @@ def test_gc_rides_out_an_api_restart(live: LiveStack) -> None:
     """The API is killed while `duphunter gc` polls its job and comes back on the same
     address seconds later: the CLI asks again and ends with the job's result."""
     listen = f"127.0.0.1:{free_port()}"
-    gc_lock = live.registry.index.lock("gc", timeout=30, blocking_timeout=5)
+    gc_lock = live.registry.index.lock("gc", blocking_timeout=5)
     assert gc_lock.acquire()  # the GC waits for it (up to 5 s): the job is still running
     try:
         with extra_api(live, {}, listen=listen):

@@ -217,9 +217,7 @@ def _retired_deduplicated(live: LiveStack, digest: str) -> bool:
 # 3. An upload is committed while GC runs.
 
 
-def test_an_upload_committed_during_gc_keeps_its_data(
-    live: LiveStack, points: PausePoints
-) -> None:
+def test_an_upload_committed_during_gc_keeps_its_data(live: LiveStack, points: PausePoints) -> None:
     client = RegistryClient(live.url)
     image = make_image("upload-race/app", {}, own_files=12)
     started = client.request("POST", f"/v2/{image.repo}/blobs/uploads/")
@@ -285,9 +283,7 @@ def test_a_compacted_pack_outlives_the_restores_that_planned_on_it(
     _garbage, kept = garbage_and_kept(live, "compaction")
     points.hold("restore.planned")
     client = RegistryClient(live.url)
-    get = in_background(
-        lambda: client.request("GET", f"/v2/{kept.repo}/blobs/{kept.digest}")
-    )
+    get = in_background(lambda: client.request("GET", f"/v2/{kept.repo}/blobs/{kept.digest}"))
     points.wait_reached("restore.planned")  # it located the kept files in the shared pack
     first = live.registry.collector().run()
     assert first.packs_compacted >= 1, first
