@@ -23,7 +23,7 @@ FLOWER_PORT = 5555
 WORKER_METRICS_PORT = 9808  # each Celery worker's Prometheus exporter
 CELERY_APP = "workers.app:celery_app"
 # glibc raises its mmap threshold as large buffers are freed, after which freed 1 MiB
-# buffers stay resident: the memory bounds (README) hold with the threshold fixed.
+# buffers stay resident: the memory bounds (docs/architecture.md) hold with the threshold fixed.
 PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 

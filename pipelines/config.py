@@ -136,7 +136,7 @@ def _flag(name: str, default: str) -> bool:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """Authentication and TLS (README: "Authentication and TLS"); checked by
+    """Authentication and TLS (docs/operations.md: "Authentication and TLS"); checked by
     `pipelines.auth.authority_from_settings` when the API starts."""
 
     auth: str = field(default_factory=lambda: _env("AUTH", "none"))

@@ -110,7 +110,7 @@ class IngestResult:
 
 
 def ingest_memory_bound(zstd_window: int) -> int:
-    """The most an ingest holds beyond its process's baseline (README, Memory bounds):
+    """The most an ingest holds beyond its process's baseline (docs/architecture.md, Memory bounds):
     the screened prefix and the blob's head, a payload in memory and the packs being
     filled, the trial restore, and for a zstd layer its frames' window (at most
     DUPHUNTER_ZSTD_MAX_WINDOW)."""
