@@ -20,8 +20,11 @@ run: system-deps venv
 stop: venv
 	@$(BIN)/python -m deploy.local --stop
 
+# Two test processes (pytest-xdist), each with its own stack on free ports; a module
+# stays in one process (its module-scoped stacks start once). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: test-deps venv helpers lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: venv
 	$(BIN)/ruff check .

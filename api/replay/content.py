@@ -159,5 +159,7 @@ class LayerCache:
         with open(partial, "wb") as out:
             digest, size, diff_id = write_layer(spec, out)
         partial.rename(blob)
-        meta.write_text(json.dumps({"digest": digest, "size": size, "diff_id": diff_id}))
+        # renamed into place: another process building the same layer never reads half
+        partial.write_text(json.dumps({"digest": digest, "size": size, "diff_id": diff_id}))
+        partial.rename(meta)
         return BuiltLayer(spec.key, digest, size, diff_id, blob)
