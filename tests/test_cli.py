@@ -25,7 +25,7 @@ from minio import Minio
 from api.presentation import TIME_KEYS
 from api.replay.report import render
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
-from pipelines.buffer import LayerBuffer
+from pipelines.buffer import RANK_KEY, LayerBuffer, part_key
 from pipelines.ingest import RETIRE_BLOCKED_KEY
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api, start_live_stack
@@ -231,30 +231,37 @@ def test_stats_bucket_total_is_what_s3_holds(live: LiveStack, repo: str) -> None
     )
 
 
-def buffer_bytes_in_s3(live: LiveStack) -> int:
-    return sum(size for key, size in bucket_listing(live).items() if key.startswith("buffer/"))
+def buffer_bytes_in_s3(live: LiveStack, filled: list[str]) -> int:
+    """The bytes in S3 of the live buffer's entries and of those `filled` (other tests
+    keep buffers of their own, in other Redis databases, in the same bucket)."""
+    ranked = live.registry.index.redis.zrange(RANK_KEY, 0, -1)
+    entries = {member.decode() for member in ranked} | set(filled)
+    prefixes = tuple(part_key(digest, 0)[:-6] for digest in entries)
+    return sum(size for key, size in bucket_listing(live).items() if key.startswith(prefixes))
 
 
-def fill_random_entries(buffer: LayerBuffer, count: int, size: int) -> None:
-    for _ in range(count):
-        fill_whole(buffer, f"sha256:{os.urandom(32).hex()}", os.urandom(size))
+def fill_random_entries(buffer: LayerBuffer, count: int, size: int) -> list[str]:
+    digests = [f"sha256:{os.urandom(32).hex()}" for _ in range(count)]
+    for digest in digests:
+        fill_whole(buffer, digest, os.urandom(size))
+    return digests
 
 
 def test_a_lowered_buffer_bound_is_enforced_without_a_reindex(live: LiveStack) -> None:
     """Entries filled under a larger bound are evicted down to a lowered one: by an API
     started with it, and by the next fill of a process that has it."""
     bound = 3 * MiB // 2
-    fill_random_entries(live.registry.buffer, 3, MiB)
-    assert buffer_bytes_in_s3(live) >= 3 * MiB
+    filled = fill_random_entries(live.registry.buffer, 3, MiB)
+    assert buffer_bytes_in_s3(live, filled) >= 3 * MiB
     with extra_api(live, {"DUPHUNTER_BUFFER_BYTES": str(bound)}):
         pass  # started: the bound is enforced before it serves
-    assert buffer_bytes_in_s3(live) <= bound
+    assert buffer_bytes_in_s3(live, filled) <= bound
     assert live.registry.buffer.used_bytes() <= bound
 
-    fill_random_entries(live.registry.buffer, 3, MiB)
+    filled = fill_random_entries(live.registry.buffer, 3, MiB)
     lowered = LayerBuffer(live.registry.store, live.registry.index.redis, bound, 10, 10)
-    fill_random_entries(lowered, 1, MiB // 4)
-    assert buffer_bytes_in_s3(live) <= bound
+    filled += fill_random_entries(lowered, 1, MiB // 4)
+    assert buffer_bytes_in_s3(live, filled) <= bound
     assert lowered.stats()["evicted_to_lowered_bound"] >= 3
 
 

@@ -221,7 +221,11 @@ def settle(world: World, live: LiveStack) -> None:
     layers = {pushed.layer_digest for pushed in world.alive.values()}
     deadline = time.monotonic() + 300
     while not all(_settled(live, digest) for digest in layers):
-        assert time.monotonic() < deadline, [d for d in layers if not _settled(live, d)]
+        assert time.monotonic() < deadline, {
+            digest: (live.registry.index.layer(digest), live.registry.blobs.stored_info(digest))
+            for digest in layers
+            if not _settled(live, digest)
+        }
         celery.send_task("workers.tasks.resume_ingests")  # what Redis lost, asked for again
         time.sleep(10)
     completed = 0
