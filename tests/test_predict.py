@@ -10,10 +10,15 @@ import gzip
 import json
 import os
 import time
+from collections.abc import Iterator
 
+import pytest
+
+from deploy.stack import Stack, wait_until
 from pipelines.config import Settings
 from pipelines.predict import (
     PAPER_THRESHOLD,
+    PERIOD,
     PERIOD_MARGIN_SECONDS,
     PERIOD_MAX_PER_SCAN,
     PERIOD_MIN_INTERVALS,
@@ -40,7 +45,7 @@ from pipelines.predict import (
 )
 from pipelines.registry import Registry
 from tests.client import OCI_MANIFEST, RegistryClient, sha256
-from tests.conftest import LiveStack
+from tests.conftest import LiveStack, start_live_stack
 from tests.test_buffer import deduplicated_layer, empty_redis_db
 from tests.test_dedup import make_tar, wait_for_layers, wait_until_retired
 from workers.app import make_celery
@@ -295,3 +300,40 @@ def test_a_regular_pull_of_a_moved_tag_rebuilds_its_new_layer_ahead(
     assert registry.server.preconstruct(top_digest, "warm", 1) == "filled"
     ((_plan, predictions),) = registry.on_periods_due(start + 5 * minute)
     assert predictions == []
+
+
+@pytest.fixture(scope="module")
+def periodic_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """A stack of its own with the `period` predictor, its scan every second."""
+    workdir = tmp_path_factory.mktemp("periodic-stack")
+    extra = {"DUPHUNTER_PREDICTOR": "period", "DUPHUNTER_PERIOD_SCAN_SECONDS": "1"}
+    with Stack(workdir) as stack:
+        yield start_live_stack(stack, workdir, extra)
+
+
+def test_the_scan_rebuilds_ahead_of_a_regular_pull(periodic_stack: LiveStack) -> None:
+    """The workers' beat-driven scan acts on a due plan by itself: the new layer of the
+    tag a node pulls every 10 s is rebuilt into the buffer (origin `period`) before its
+    next pull, the base it holds is not."""
+    live, repo = periodic_stack, f"test/{os.urandom(6).hex()}"
+    client = RegistryClient(live.url)
+    base, top = (
+        gzip.compress(make_tar({name: os.urandom(1 << 20)}), mtime=0) for name in ("b", "t")
+    )
+    base_digest = deduplicated_layer(client, repo, live, base)
+    _digest, moved = client.push_image(repo, "next", [base, top])
+    top_digest = sha256(top)
+    assert wait_for_layers(live, [top_digest])[top_digest]["state"] == "deduplicated"
+    wait_until_retired(live, top_digest)
+    old_digest = live.registry.manifests.resolve(repo, "latest")
+    live.registry.manifests.put(repo, "latest", json.dumps(moved).encode(), OCI_MANIFEST)
+    node, now = "10.20.30.40", time.time()
+    for n in range(4):  # pulls 10 s apart, the last one now: the next is due in 10 s
+        live.registry.on_manifest_get(node, repo, old_digest, now - 30 + 10 * n, "latest")
+        if n == 0:
+            live.registry.on_blob_get(node, repo, base_digest, now - 29)
+    filled = lambda: (e := live.registry.buffer.entry(top_digest)) is not None and e.complete  # noqa: E731
+    wait_until(filled, "the rebuild of the moved tag's new layer", timeout=60)
+    entry = live.registry.buffer.entry(top_digest)
+    assert entry is not None and entry.origin == PERIOD
+    assert live.registry.buffer.entry(base_digest) is None
