@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -266,20 +267,29 @@ def period_registry(live: LiveStack) -> Registry:
     return Registry.connect(dataclasses.replace(live.settings, predictor="period"))
 
 
+def base_and_next(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> tuple[str, str, str, dict[str, Any]]:
+    """`repo:latest`, an image of one base layer, and `repo:next`, that base and a new top
+    layer, both deduplicated: the base's and the top's digests, next's digest and manifest."""
+    base, top = (
+        gzip.compress(make_tar({name: os.urandom(1 << 20)}), mtime=0) for name in ("b", "t")
+    )
+    base_digest = deduplicated_layer(client, repo, live, base)
+    next_digest, manifest = client.push_image(repo, "next", [base, top])
+    top_digest = sha256(top)
+    assert wait_for_layers(live, [top_digest])[top_digest]["state"] == "deduplicated"
+    wait_until_retired(live, top_digest)
+    return base_digest, top_digest, next_digest, manifest
+
+
 def test_a_regular_pull_of_a_moved_tag_rebuilds_its_new_layer_ahead(
     client: RegistryClient, repo: str, live: LiveStack
 ) -> None:
     """A node pulls repo:latest every minute; the tag then moves to an image with a new
     top layer: the plan for its next pull rebuilds that layer (which it lacks), not the
     base it holds and never GETs again; a layer already buffered is not rebuilt."""
-    base, top = (
-        gzip.compress(make_tar({name: os.urandom(2 << 20)}), mtime=0) for name in ("b", "t")
-    )
-    base_digest = deduplicated_layer(client, repo, live, base)
-    new_digest, new_manifest = client.push_image(repo, "next", [base, top])
-    top_digest = sha256(top)
-    assert wait_for_layers(live, [top_digest])[top_digest]["state"] == "deduplicated"
-    wait_until_retired(live, top_digest)
+    base_digest, top_digest, new_digest, new_manifest = base_and_next(client, repo, live)
     registry = period_registry(live)
     node, minute, start = f"node-{os.urandom(3).hex()}", 60.0, time.time() - 180
     old_digest = registry.manifests.resolve(repo, "latest")
@@ -291,7 +301,7 @@ def test_a_regular_pull_of_a_moved_tag_rebuilds_its_new_layer_ahead(
     content = json.dumps(new_manifest).encode()
     registry.manifests.put(repo, "latest", content, OCI_MANIFEST)  # no event: no worker acts
     assert registry.manifests.resolve(repo, "latest") == new_digest
-    lead = lead_seconds(0, registry.settings.period_scan_seconds)  # 2 MiB: ~0.1 s more
+    lead = lead_seconds(0, registry.settings.period_scan_seconds)  # 1 MiB: ~0.05 s more
     assert registry.on_periods_due(start + 4 * minute - lead - 1) == []
     ((plan, predictions),) = registry.on_periods_due(start + 4 * minute - lead)
     assert plan.ready_by == start + 4 * minute
@@ -317,14 +327,7 @@ def test_the_scan_rebuilds_ahead_of_a_regular_pull(periodic_stack: LiveStack) ->
     next pull, the base it holds is not."""
     live, repo = periodic_stack, f"test/{os.urandom(6).hex()}"
     client = RegistryClient(live.url)
-    base, top = (
-        gzip.compress(make_tar({name: os.urandom(1 << 20)}), mtime=0) for name in ("b", "t")
-    )
-    base_digest = deduplicated_layer(client, repo, live, base)
-    _digest, moved = client.push_image(repo, "next", [base, top])
-    top_digest = sha256(top)
-    assert wait_for_layers(live, [top_digest])[top_digest]["state"] == "deduplicated"
-    wait_until_retired(live, top_digest)
+    base_digest, top_digest, _digest, moved = base_and_next(client, repo, live)
     old_digest = live.registry.manifests.resolve(repo, "latest")
     live.registry.manifests.put(repo, "latest", json.dumps(moved).encode(), OCI_MANIFEST)
     node, now = "10.20.30.40", time.time()
