@@ -379,7 +379,7 @@ class RegistryApp:
         }
         if request.method == "HEAD":
             return Response(status=200, headers=headers)
-        jobs.enqueue_manifest_event(self._client(request), name, manifest.digest)
+        jobs.enqueue_manifest_event(self._client(request), name, manifest.digest, reference)
         return Response(manifest.content, status=200, headers=headers)
 
     def put_manifest(self, request: Request, name: str, reference: str) -> Response:

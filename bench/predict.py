@@ -1,10 +1,25 @@
-"""bench-predict: one synthetic pull workload replayed at real time against DupHunter with
+"""bench-predict: synthetic pull workloads replayed at real time against DupHunter with
 each predictor, an oracle, and Distribution 2.8.2, side by side on the same S3.
 
 Usage::
 
     python -m bench.predict [--duration-s 120] [--clients 24] [--seed 11]
+                            [--workloads present,periodic] [--layer-mb 20]
                             [--configs distribution,s/none,...] [--ingest-each] [--no-docs]
+    python -m bench.predict --offline        # the simulation only: seconds, no stack
+
+Workloads: `present`, the random clients below; `periodic`, the same over 240 s
+(`--periodic-duration-s`) with clients that pull on a schedule added (4 CI runners pulling
+one tag from an empty store every 40-80 s, 6 fleet nodes pulling the newest tag every
+60 s; bench.predict_offline.with_periodic_clients): the periods of CI runners (5-15 min)
+and nodes (10 min) scaled to the replay. The periodic workload runs every configuration
+but `s/oracle` and `b0/history`. Layers are of real size by default (`--layer-mb`, the
+median compressed size: 20 MB, lognormal, at most 4x that; `--layer-mb 2` gives the
+~6.5 MB tars of the runs before).
+
+`--offline` runs bench.predict_offline's simulation of every predictor on the two
+workloads, on a periodic workload at real time scale (6 hours, CI runners every 5-15
+min, nodes every 10 min) and on the IBM trace samples, and writes its section.
 
 One Redis and one SeaweedFS S3 server serve every registry (a Redis database and a bucket
 each). The workload's layers (real gzip tars, zlib level 6, which DupHunter reproduces) are
@@ -17,8 +32,8 @@ for every run instead). Distribution gets the same images pushed by the same cod
 Runs, one after the other (never two at once: they share 2 cores):
 
 - `distribution`: Distribution 2.8.2, S3 driver, redirects off (it proxies blob bytes);
-- `s/none`, `s/paper`, `s/history`: DUPHUNTER_MODE=s with DUPHUNTER_PREDICTOR none, paper,
-  history (the default);
+- `s/none`, `s/paper`, `s/history`, `s/period`: DUPHUNTER_MODE=s with DUPHUNTER_PREDICTOR
+  none, paper, history (the default), period;
 - `s/oracle`: predictor none, and the replayer posts to `/api/v1/jobs/preconstruct`, at
   each manifest GET, exactly the layers the client is about to GET;
 - `b0/history`: DUPHUNTER_MODE=b0, for the storage comparison.
@@ -39,6 +54,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import shutil
 import subprocess
@@ -50,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from minio import Minio
 from minio.commonconfig import CopySource
 
@@ -59,10 +76,19 @@ from api.replay.progress import Status
 from api.replay.push import build_layers, push_workload, wait_for_quiet
 from api.replay.report import latency_series, plot_cdf
 from api.replay.runner import ReplayOptions
-from api.replay.synthetic import SyntheticSpec, generate
+from api.replay.synthetic import MB, SyntheticSpec, generate
+from api.replay.trace import TraceOptions, load_trace
 from api.replay.transport import Connection
 from api.replay.workload import Workload
 from bench.core import ACCESS, PEER_BUCKET, SECRET, stack_cpu_seconds, start_distribution, versions
+from bench.predict_offline import (
+    PeriodicSpec,
+    SimParams,
+    offline_table,
+    periods_found,
+    simulate,
+    with_periodic_clients,
+)
 from bench.report import REPO_ROOT, git_state, machine, save_json, write_section
 from deploy.stack import Stack, free_port
 
@@ -93,6 +119,7 @@ CONFIGS = [
     Config("s/none", "s", "none"),
     Config("s/paper", "s", "paper"),
     Config("s/history", "s", "history"),
+    Config("s/period", "s", "period"),
     Config("s/oracle", "s", "none", oracle=True),
     Config("b0/history", "b0", "history"),
 ]
@@ -101,8 +128,8 @@ CONFIGS = [
 def workload_spec(args: argparse.Namespace) -> SyntheticSpec:
     """The default: 24 clients, 6 repositories of 3 layers (one base layer, shared by
     about half of them), a new tag per repository every ~60 s, ~130 pulls in 120 s;
-    29 layers, 56 MB; ~180 layer GETs. Sized so that the whole run (two ingests, six
-    real-time replays) stays under ~20 minutes on 2 cores."""
+    29 layers; ~180 layer GETs. `--layer-mb 2` gives the layers of the runs before
+    (56 MB, ~6.5 MB of tar each)."""
     return SyntheticSpec(
         seed=args.seed,
         duration_s=args.duration_s,
@@ -112,14 +139,29 @@ def workload_spec(args: argparse.Namespace) -> SyntheticSpec:
         base_layers=1,
         base_images=2,
         sharing=0.5,
-        layer_mb=2.0,
+        layer_mb=args.layer_mb,
         layer_sigma=0.6,
-        max_layer_bytes=12 << 20,
+        max_layer_bytes=int(args.layer_mb * 4 * MB),
         pull_once_share=0.5,
         repull=(0.0, 0.4),
         mean_interval_s=20.0,
         new_tag_interval_s=60.0,
     )
+
+
+BENCH_PERIODIC = PeriodicSpec(
+    ci_runners=4, ci_period_s=(40.0, 80.0), nodes=6, node_period_s=60.0, jitter=0.1
+)  # the periods of CI runners (5-15 min) and nodes (10 min), scaled to a 4-minute replay
+REAL_PERIODIC = PeriodicSpec()  # 5-15 min, 10 min
+WORKLOADS = ("present", "periodic")
+PERIODIC_SKIPS = ("s/oracle", "b0/history")  # their question is the present workload's
+
+
+def make_workload(name: str, args: argparse.Namespace) -> Workload:
+    if name == "present":
+        return generate(workload_spec(args))
+    spec = dataclasses.replace(workload_spec(args), duration_s=args.periodic_duration_s)
+    return with_periodic_clients(generate(spec), BENCH_PERIODIC)
 
 
 # --- services -----------------------------------------------------------------------------
@@ -137,7 +179,10 @@ class Shared:
     databases: int = 0
 
     def next_database(self) -> int:
-        self.databases += 1
+        """A Redis database of its own for the next registry (1-15 in turn: a run's is
+        no longer needed once it ended), emptied."""
+        self.databases = self.databases % 15 + 1
+        redis.Redis(port=self.redis_port, db=self.databases).flushdb()
         return self.databases
 
 
@@ -232,9 +277,17 @@ class Plan:
     options: ReplayOptions
 
 
-def make_template(shared: Shared, plan: Plan, mode: str) -> dict[str, Any]:
+def template_key(workload: Workload, mode: str) -> str:
+    """Workloads with the same images share their templates: `mode` and a digest of the
+    images' layer specifications."""
+    images = sorted((key, [workload.layers[layer] for layer in image.layers])
+                    for key, image in workload.images.items())  # fmt: skip
+    return f"{mode} {hashlib.sha256(repr(images).encode()).hexdigest()[:12]}"
+
+
+def make_template(shared: Shared, plan: Plan, mode: str, number: int) -> dict[str, Any]:
     """Push the workload into DupHunter in `mode` and let it ingest every layer."""
-    name = f"template-{mode}"
+    name = f"template{number}-{mode}"
     env = duphunter_env(shared, name, mode, "none", plan.buffer_bytes)
     status = Status()
     started = time.monotonic()
@@ -277,10 +330,10 @@ def run_duphunter(
     return summary
 
 
-def run_distribution(shared: Shared, plan: Plan) -> dict[str, Any]:
+def run_distribution(shared: Shared, plan: Plan, workload: str) -> dict[str, Any]:
     if not shared.minio.bucket_exists(PEER_BUCKET):
         shared.minio.make_bucket(PEER_BUCKET)
-    with Stack(shared.workdir / "distribution") as stack:
+    with Stack(shared.workdir / f"distribution-{workload}") as stack:
         peer = start_distribution(stack, shared.s3, "distribution", "/proxy", redirect=False)
         cpu = stack_cpu_seconds(stack)
         summary = replay(f"http://{peer.hostport}", plan.workload, plan.options, plan.cache)
@@ -289,31 +342,35 @@ def run_distribution(shared: Shared, plan: Plan) -> dict[str, Any]:
     return summary
 
 
-def run_all(args: argparse.Namespace, plan: Plan, configs: list[Config]) -> dict[str, Any]:
-    shared = start_shared(OUT_DIR / "stack")
+def run_configs(
+    args: argparse.Namespace,
+    plan: Plan,
+    configs: list[Config],
+    shared: Shared,
+    templates: dict[str, Any],
+    workload: str,
+) -> dict[str, Any]:
+    """Every configuration on one workload, one after the other; the templates (one per
+    mode) serve every workload: they hold the same images."""
     runs: dict[str, Any] = {}
-    templates: dict[str, Any] = {}
-    with shared.stack:
-        for config in configs:
-            print(f"\n=== {config.name}", flush=True)
-            started = time.monotonic()
-            if config.mode is None:
-                runs[config.name] = run_distribution(shared, plan)
-            else:
-                template = None
-                if not args.ingest_each:
-                    if config.mode not in templates:
-                        print(
-                            f"--- template: the workload pushed and ingested in mode {config.mode}"
-                        )
-                        templates[config.mode] = make_template(shared, plan, config.mode)
-                    template = templates[config.mode]
-                runs[config.name] = run_duphunter(shared, plan, config, template)
-            runs[config.name]["run_s"] = round(time.monotonic() - started, 1)
-            print(render_run(config.name, runs[config.name]), flush=True)
-    for bulky in ("shared/s3",):
-        shutil.rmtree(shared.workdir / bulky, ignore_errors=True)
-    return {"runs": runs, "templates": templates}
+    for config in configs:
+        print(f"\n=== {workload}: {config.name}", flush=True)
+        started = time.monotonic()
+        if config.mode is None:
+            runs[config.name] = run_distribution(shared, plan, workload)
+        else:
+            template = None
+            if not args.ingest_each:
+                key = template_key(plan.workload, config.mode)
+                if key not in templates:
+                    print(f"--- template: the workload pushed and ingested in mode {config.mode}")
+                    templates[key] = make_template(shared, plan, config.mode, len(templates))
+                template = templates[key]
+            named = dataclasses.replace(config, name=f"{workload}/{config.name}")
+            runs[config.name] = run_duphunter(shared, plan, named, template)
+        runs[config.name]["run_s"] = round(time.monotonic() - started, 1)
+        print(render_run(config.name, runs[config.name]), flush=True)
+    return runs
 
 
 # --- results ------------------------------------------------------------------------------
@@ -444,11 +501,11 @@ def render_run(name: str, run: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    work = result["workload"]
     templates = result["templates"]
     ingest = "; ".join(
-        f"{mode}: push {t['push_s']:.0f} s, ingest {t['ingest_s']:.0f} s, layers {t['layers']}"
-        for mode, t in templates.items()
+        f"{key.split()[0]}: push {t['push_s']:.0f} s, ingest {t['ingest_s']:.0f} s, "
+        f"layers {t['layers']}"
+        for key, t in templates.items()
     )
     lines = [
         f"Run {result['date']} by `make bench-predict` (`{result['command']}`, total "
@@ -460,24 +517,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Tools: {result['versions']}.",
         "",
-        f"Workload (synthetic, seed {work['parameters']['seed']}): {work['clients']} clients "
-        f"(half pull each tag once, half pull again and again with a repull probability drawn "
-        f"in [0, 0.4]), {work['repositories']} repositories, {work['images']} images, "
-        f"{work['layers']} layers, {work['unique_layer_bytes'] / 1e6:.1f} MB of unique layers "
-        f"(gzip, zlib level 6), {work['pulls']} pulls ({work['fresh_pulls']} from an empty "
-        f"store) over {work['parameters']['duration_s']:.0f} s, replayed at real time, each "
-        f"client from its own loopback address, 3 layer GETs at a time. "
-        f"Buffer: {result['buffer_bytes'] / 1e6:.1f} MB (10% of the unique layer bytes); "
-        f"intact replicas of hot layers (s): at most {HOT_SHARE:.0%} of them.",
-        "",
         "Setup: " + SETUP_TEXT + (f" Templates: {ingest}." if templates else ""),
         "",
-        runs_table(result["runs"]),
-        "",
-        targets_table(result["targets"]),
-        "",
-        *bound_notes(result),
-        *run_notes(result["runs"]),
+    ]
+    for name, part in result["workloads"].items():
+        lines += workload_markdown(name, part)
+    lines += [
         "Latency = from sending a layer GET to its last byte, every byte hashed and checked. "
         'ratio = DupHunter / Distribution. "served by" = the `X-DupHunter-Source` header '
         "(`unknown`: none sent). hit ratio = layer GETs not served by an on-demand restore "
@@ -491,6 +536,46 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def workload_markdown(name: str, part: dict[str, Any]) -> list[str]:
+    work = part["workload"]
+    periodic = work["parameters"].get("periodic")
+    added = ""
+    if periodic:
+        added = (
+            f" Added: {periodic['ci_runners']} CI runners, each pulling one tag from an empty "
+            f"store every {periodic['ci_period_s'][0]:.0f}-{periodic['ci_period_s'][1]:.0f} s "
+            f"(drawn per runner), and {periodic['nodes']} fleet nodes pulling the newest tag "
+            f"of their repository every {periodic['node_period_s']:.0f} s, both "
+            f"±{periodic['jitter']:.0%} per pull: the periods of CI runners (5-15 min) and "
+            "nodes (10 min), scaled to the replay."
+        )
+    plot = plot_path(name)
+    return [
+        f"### Workload `{name}`",
+        "",
+        f"![bench-predict latency CDF, {name}](img/{plot.name})",
+        "",
+        f"Synthetic, seed {work['parameters']['seed']}: {work['clients']} clients "
+        f"(of the random ones, half pull each tag once, half pull again and again with a "
+        f"repull probability drawn in [0, 0.4]), {work['repositories']} repositories, "
+        f"{work['images']} images, {work['layers']} layers, "
+        f"{work['unique_layer_bytes'] / 1e6:.1f} MB of unique layers (gzip, zlib level 6; "
+        f"median {work['parameters']['layer_mb']:.0f} MB), {work['pulls']} pulls "
+        f"({work['fresh_pulls']} from an empty store) over "
+        f"{work['parameters']['duration_s']:.0f} s, replayed at real time, each client from "
+        f"its own loopback address, 3 layer GETs at a time.{added} "
+        f"Buffer: {part['buffer_bytes'] / 1e6:.1f} MB (10% of the unique layer bytes); "
+        f"intact replicas of hot layers (s): at most {HOT_SHARE:.0%} of them.",
+        "",
+        runs_table(part["runs"]),
+        "",
+        targets_table(part["targets"]),
+        "",
+        *bound_notes(part),
+        *run_notes(part["runs"]),
+    ]
 
 
 def bound_notes(result: dict[str, Any]) -> list[str]:
@@ -596,11 +681,15 @@ def cache_bounds(
     return bounds
 
 
+def plot_path(workload: str) -> Path:
+    return PLOT if workload == "present" else PLOT.with_name(f"{PLOT.stem}-{workload}.png")
+
+
 def write_docs(result: dict[str, Any]) -> None:
-    series = {name: run_latencies(run) for name, run in result["runs"].items()}
-    plot_cdf(PLOT, series, "layer GET latency, one workload, by registry and predictor")
-    body = f"![bench-predict latency CDF](img/{PLOT.name})\n\n" + markdown(result)
-    write_section(SECTION, body, result["machine"])
+    for name, part in result["workloads"].items():
+        series = {config: run_latencies(run) for config, run in part["runs"].items()}
+        plot_cdf(plot_path(name), series, f"layer GET latency, workload {name}, by registry")
+    write_section(SECTION, markdown(result), result["machine"])
 
 
 def run_latencies(run: dict[str, Any]) -> list[float]:
@@ -615,34 +704,155 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     names = args.configs.split(",")
     unknown = set(names) - {config.name for config in CONFIGS}
-    if unknown:
-        raise SystemExit(f"unknown configurations: {', '.join(sorted(unknown))}")
+    unknown_workloads = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown or unknown_workloads:
+        raise SystemExit(f"unknown: {', '.join(sorted(unknown | unknown_workloads))}")
     configs = [config for config in CONFIGS if config.name in names]
-    workload = generate(workload_spec(args))
-    cache = OUT_DIR / "layers"
-    layers = build_layers(workload, LayerCache(cache), Status())
-    unique = sum(layer.size for layer in {b.digest: b for b in layers.values()}.values())
-    buffer_bytes = int(unique * BUFFER_SHARE)
-    plan = Plan(workload, layers, cache, buffer_bytes, ReplayOptions(max_clients=16, downloads=3))
-    done = run_all(args, plan, configs)
-    for run in done["runs"].values():
-        compact_gets(run)
-    result = {
+    shared = start_shared(OUT_DIR / "stack")
+    templates: dict[str, Any] = {}
+    workloads = {}
+    with shared.stack:
+        for name in args.workloads.split(","):
+            workloads[name] = bench_workload(args, name, configs, shared, templates)
+    shutil.rmtree(shared.workdir / "shared" / "s3", ignore_errors=True)
+    return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m bench.predict", *sys.argv[1:]]),
         "machine": machine(),
         "versions": versions(),
         "git": git_state(),
-        "workload": workload.summary() | {"unique_layer_bytes": unique},
-        "buffer_bytes": buffer_bytes,
-        "templates": done["templates"],
-        "runs": done["runs"],
-        "targets": targets(done["runs"]),
-        "cache_bounds": cache_bounds(done["runs"], buffer_bytes, layers_tagged_at_start(plan)),
+        "templates": templates,
+        "workloads": workloads,
         "get_columns": GET_COLUMNS,
         "total_s": round(time.perf_counter() - started, 1),
     }
+
+
+def bench_workload(
+    args: argparse.Namespace,
+    name: str,
+    configs: list[Config],
+    shared: Shared,
+    templates: dict[str, Any],
+) -> dict[str, Any]:
+    workload = make_workload(name, args)
+    cache = OUT_DIR / "layers"
+    layers = build_layers(workload, LayerCache(cache), Status())
+    unique = sum(layer.size for layer in {b.digest: b for b in layers.values()}.values())
+    buffer_bytes = int(unique * BUFFER_SHARE)
+    plan = Plan(workload, layers, cache, buffer_bytes, ReplayOptions(max_clients=16, downloads=3))
+    if name != "present":
+        configs = [config for config in configs if config.name not in PERIODIC_SKIPS]
+    runs = run_configs(args, plan, configs, shared, templates, name)
+    for run in runs.values():
+        compact_gets(run)
+    return {
+        "workload": workload.summary() | {"unique_layer_bytes": unique},
+        "buffer_bytes": buffer_bytes,
+        "runs": runs,
+        "targets": targets(runs),
+        "cache_bounds": cache_bounds(runs, buffer_bytes, layers_tagged_at_start(plan)),
+    }
+
+
+OFFLINE_SECTION = "## bench-predict offline: lead time of the predictions, simulated"
+IBM_SAMPLES = Path("/work/shared/data/ibm-registry-trace-samples.json")
+
+
+def real_scale_spec(args: argparse.Namespace) -> SyntheticSpec:
+    """The random clients of `workload_spec` at a real time scale: six hours, a pull every
+    ~10 min per always-pull client, a new tag per repository every ~hour."""
+    return dataclasses.replace(
+        workload_spec(args), duration_s=6 * 3600.0, mean_interval_s=600.0,
+        new_tag_interval_s=3600.0,
+    )  # fmt: skip
+
+
+def offline_workloads(args: argparse.Namespace) -> dict[str, Workload]:
+    workloads = {name: make_workload(name, args) for name in WORKLOADS}
+    workloads["periodic, real time scale"] = with_periodic_clients(
+        generate(real_scale_spec(args)), REAL_PERIODIC
+    )
+    if IBM_SAMPLES.exists():
+        workloads["IBM trace samples"] = load_trace([IBM_SAMPLES], TraceOptions())
+    return workloads
+
+
+def offline(args: argparse.Namespace) -> dict[str, Any]:
+    """bench.predict_offline's simulation of every predictor on the offline workloads."""
+    started = time.perf_counter()
+    params = SimParams()
+    workloads = offline_workloads(args)
+    results = {name: simulate(workload, params) for name, workload in workloads.items()}
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python -m bench.predict", *sys.argv[1:]]),
+        "git": git_state(),
+        "params": dataclasses.asdict(params),
+        "workloads": {name: workload.summary() for name, workload in workloads.items()},
+        "periods": {name: periods_found(workload) for name, workload in workloads.items()},
+        "results": results,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    print(offline_table(results))
+    if not args.no_docs:
+        save_json("predict-offline", result)
+        write_section(OFFLINE_SECTION, offline_markdown(result), machine())
     return result
+
+
+def offline_markdown(result: dict[str, Any]) -> str:
+    params, periods = result["params"], result["periods"]
+    found = "; ".join(
+        f"{name}: {counts['with_a_period']} of {counts['pulled_twice_or_more']}"
+        for name, counts in periods.items()
+    )
+    ibm = result["workloads"].get("IBM trace samples")
+    ibm_note = []
+    if ibm is not None:
+        ibm_note = [
+            f"The IBM trace samples (`{IBM_SAMPLES}`) hold {ibm['events']} usable requests "
+            f"({ibm['pulls']} manifest GETs, {ibm['fetches']} lone blob GETs; "
+            f"{'; '.join(ibm['notes']) or 'nothing skipped'}): their fields are a timestamp, "
+            "the method, the URI (repository, manifest or blob, reference; hashed), the "
+            "client address (hashed), the status and the bytes written. No client pulls "
+            "one reference twice in them, so no period can be derived: every predictor "
+            "predicts nearly nothing there. A period estimate needs at least "
+            "PERIOD_MIN_INTERVALS + 1 pulls of one reference by one client; the full "
+            "traces (days of requests per client) would show whether such clients exist.",
+            "",
+        ]
+    return "\n".join(
+        [
+            f"Run {result['date']} by `python -m bench.predict --offline` "
+            f"({result['total_s']:.1f} s, no stack), code at {result['git']}.",
+            "",
+            "Each predictor replayed in simulated time (`bench/predict_offline.py`, whose "
+            "docstring states the model): a restore queue with one worker restoring "
+            f"{params['restore_bytes_per_s'] / 1e6:.0f} MB/s, predictions queued "
+            f"{params['event_delay_s']:.2f} s after their manifest GET, layer GETs "
+            f"{params['get_delay_s']:.2f} s after it, the `period` plans fired by a scan every "
+            f"{params['scan_s']:.0f} s, an LRU buffer of {params['buffer_share']:.0%} of the "
+            f"unique layer bytes and a {params['spool_s']:.0f} s restore spool. Workloads: "
+            "`present` and `periodic` are those `make bench-predict` replays (2 and 4 "
+            "minutes, periods scaled to them); `periodic, real time scale` is six hours of the "
+            "random clients (a pull every ~10 min, a new tag every ~hour) with 6 CI runners "
+            "(every 5-15 min, from an empty store) and 8 fleet nodes (every 10 min), "
+            "±10% per pull.",
+            "",
+            offline_table(result["results"]),
+            "",
+            "hits = rebuilt before the GET they were for (lead p50: how long before); late = "
+            "the GET came first (the prediction reached the queue after it, or its rebuild "
+            "ended after it); wasted = rebuilt and never used before eviction or the end; "
+            "skipped = buffered already. hit ratio = layer GETs served from buffer or "
+            f"spool. (client, repository, tag) with a period: {found}.",
+            "",
+            *ibm_note,
+            "Raw data: `docs/bench/predict-offline.json`.",
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -650,22 +860,31 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--duration-s", type=float, default=120.0, help="of the replay")
     parser.add_argument("--clients", type=int, default=24)
+    parser.add_argument("--layer-mb", type=float, default=20.0, help="median layer size, MB")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--periodic-duration-s", type=float, default=240.0)
     parser.add_argument("--configs", default=",".join(config.name for config in CONFIGS))
     parser.add_argument("--ingest-each", action="store_true", help="push and ingest every run")
+    parser.add_argument("--offline", action="store_true", help="the simulation only, no stack")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
     args = parser.parse_args()
+    if args.offline:
+        offline(args)
+        return
     result = bench(args)
-    print()
-    print(runs_table(result["runs"]))
-    print()
-    print(targets_table(result["targets"]))
+    for name, part in result["workloads"].items():
+        print(f"\n--- {name}\n")
+        print(runs_table(part["runs"]))
+        print()
+        print(targets_table(part["targets"]))
     if args.no_docs:
         path = OUT_DIR / "predict.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result) + "\n")
     else:
         path = save_json("predict", result)
         write_docs(result)
-    print(f"\nwrote {path}" + ("" if args.no_docs else ", docs/benchmarks.md and " + str(PLOT)))
+    print(f"\nwrote {path}" + ("" if args.no_docs else ", docs/benchmarks.md and plots"))
 
 
 if __name__ == "__main__":

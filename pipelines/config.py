@@ -79,6 +79,9 @@ class Settings:
     history_half_life_seconds: float = field(
         default_factory=lambda: float(_env("HISTORY_HALF_LIFE_SECONDS", str(7 * 86400)))
     )
+    period_scan_seconds: float = field(  # how often the `period` predictor's plans are fired
+        default_factory=lambda: float(_env("PERIOD_SCAN_SECONDS", "5"))
+    )
     preconstruct_deadline_seconds: float = field(
         default_factory=lambda: float(_env("PRECONSTRUCT_DEADLINE_SECONDS", "300"))
     )
@@ -108,7 +111,7 @@ class Settings:
     def __post_init__(self) -> None:
         choices = {
             "MODE": (self.mode, ("intact", "b0", "s")),
-            "PREDICTOR": (self.predictor, ("none", "paper", "history")),
+            "PREDICTOR": (self.predictor, ("none", "paper", "history", "period")),
             "REDIRECT": (self.redirect, ("off", "presigned")),
         }
         for name, (value, allowed) in choices.items():

@@ -27,6 +27,10 @@ Predictions for layers already intact or buffered only pin the buffer entry.
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
+import statistics
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -35,7 +39,21 @@ import redis
 
 PAPER_THRESHOLD = 6
 PREDICT_MIN_PROBABILITY = 0.3
-PREDICTORS = ("none", "paper", "history")
+PREDICTORS = ("none", "paper", "history", "period")
+PERIOD = "period"  # the predictor, and the origin of its rebuilds in the buffer
+
+PERIOD_HISTORY = 8  # pull times kept per (client, repository, reference)
+PERIOD_MIN_INTERVALS = 3  # regular intervals needed before a period is trusted
+PERIOD_JITTER = 0.25  # an interval within this share of the period is regular
+PERIOD_REGULAR_SHARE = 0.75  # of the intervals kept, at least this share regular
+SAME_PULL_SECONDS = 5.0  # manifest GETs closer than this are one pull (an index, a retry)
+PERIOD_MIN_SECONDS = 10.0  # shorter: the client pulls back to back, as others do
+PERIOD_MAX_SECONDS = 86400.0  # longer: a weekly job, rare; its pull times would be kept for weeks
+PERIOD_MISSED = 2  # periods predicted after the last pull; a client silent longer stopped
+PERIOD_MARGIN_SECONDS = 10.0  # added to the expected restore time
+RESTORE_BYTES_PER_SECOND = 20e6  # of layer bytes, one restore on one core (conservative)
+PERIOD_MAX_PER_SCAN = 16  # pulls planned per scan; the rest wait for the next scan
+PERIOD_KEEP_SECONDS = PERIOD_MAX_SECONDS * (PERIOD_MISSED + 1)  # a silent key expires
 
 
 @dataclass
@@ -114,18 +132,201 @@ def predict(
 ) -> list[Prediction]:
     if name == "paper":
         return paper_rule(layers, history)
-    if name == "history":
+    if name in ("history", PERIOD):  # `period` acts at manifest GETs as `history` does
         return history_rule(layers, history, sizes)
     return []
+
+
+@dataclass(frozen=True)
+class PullPeriod:
+    """A client's regular pulls: every `period` seconds, each within `spread` of it (the
+    largest deviation of a regular interval), the last at `last`."""
+
+    period: float
+    spread: float
+    last: float
+
+    def window(self, n: int) -> tuple[float, float]:
+        """When the n-th pull after the last is expected: from .. to (the spread adds up)."""
+        expected = self.last + n * self.period
+        return expected - n * self.spread, expected + n * self.spread
+
+
+def distinct_pulls(times: list[float]) -> list[float]:
+    """Pull times, in order, with the manifest GETs of one pull (within SAME_PULL_SECONDS
+    of the pull's first) taken as one."""
+    pulls: list[float] = []
+    for at in sorted(times):
+        if not pulls or at - pulls[-1] >= SAME_PULL_SECONDS:
+            pulls.append(at)
+    return pulls
+
+
+def estimate_period(times: list[float]) -> PullPeriod | None:
+    """The period of a client's pulls from their times: the median of the last intervals,
+    if at least PERIOD_MIN_INTERVALS of them, and PERIOD_REGULAR_SHARE of those kept, lie
+    within PERIOD_JITTER of it, and the latest does too (a client that changed its habit
+    is not predicted on the old one). None for a client that does not pull regularly."""
+    pulls = distinct_pulls(times)[-PERIOD_HISTORY:]
+    intervals = [later - earlier for earlier, later in itertools.pairwise(pulls)]
+    if len(intervals) < PERIOD_MIN_INTERVALS:
+        return None
+    period = statistics.median(intervals)
+    if not PERIOD_MIN_SECONDS <= period <= PERIOD_MAX_SECONDS:
+        return None
+    deviations = [abs(interval - period) for interval in intervals]
+    regular = [deviation for deviation in deviations if deviation <= PERIOD_JITTER * period]
+    needed = max(PERIOD_MIN_INTERVALS, math.ceil(PERIOD_REGULAR_SHARE * len(intervals)))
+    if len(regular) < needed or deviations[-1] > PERIOD_JITTER * period:
+        return None
+    return PullPeriod(period, max(regular), pulls[-1])
+
+
+@dataclass(frozen=True)
+class PeriodPlan:
+    """When to queue the rebuilds for a client's next regular pull: at `fire_at`, so that
+    they are done by `ready_by` (the pull's window opens); useless after `expires` (the
+    window closed, PERIOD_MARGIN_SECONDS ago). `n`: which pull after the last one it is for."""
+
+    fire_at: float
+    ready_by: float
+    expires: float
+    n: int
+
+
+def lead_seconds(restore_bytes: int, scan_seconds: float) -> float:
+    """How long before a pull its rebuilds start: their expected restore time, a margin,
+    and the scan's interval (a plan waits for the next scan)."""
+    return restore_bytes / RESTORE_BYTES_PER_SECOND + PERIOD_MARGIN_SECONDS + scan_seconds
+
+
+def plan_next(
+    period: PullPeriod, restore_bytes: int, not_before: float, scan_seconds: float
+) -> PeriodPlan | None:
+    """The plan for the first expected pull whose window closes after `not_before` (the
+    time of planning, or the end of the window a plan fired for), among the PERIOD_MISSED
+    pulls after the last one; None when they are all past (the client stopped)."""
+    lead = lead_seconds(restore_bytes, scan_seconds)
+    for n in range(1, PERIOD_MISSED + 1):
+        opens, closes = period.window(n)
+        expires = closes + PERIOD_MARGIN_SECONDS
+        if expires > not_before:
+            return PeriodPlan(max(not_before, opens - lead), opens, expires, n)
+    return None
+
+
+def restore_bytes_ahead(predicted: list[Prediction], sizes: dict[str, int]) -> int:
+    """The bytes a client's next pull will likely need rebuilt, for its lead time: those
+    of the layers predicted now, at least its largest layer (a tag that moves brings new
+    layers, usually the top one)."""
+    chosen = sum(sizes.get(prediction.digest, 0) for prediction in predicted)
+    return max(chosen, max(sizes.values(), default=0))
+
+
+@dataclass(frozen=True)
+class DuePull:
+    client: str
+    repository: str
+    reference: str
+    plan: PeriodPlan
+
+
+class PullPeriods:
+    """Per (client, repository, reference), the times of its last pulls (`dh:pp:t:`, a
+    list trimmed to PERIOD_HISTORY) and its lead bytes and last plan (`dh:pp:k:`); the
+    plans to fire, by time (`dh:pp:due`)."""
+
+    DUE = "dh:pp:due"
+
+    def __init__(self, client: redis.Redis[bytes], scan_seconds: float) -> None:
+        self.redis = client
+        self.scan_seconds = scan_seconds
+
+    @staticmethod
+    def member(client: str, repository: str, reference: str) -> str:
+        return json.dumps([client, repository, reference])
+
+    def record_pull(
+        self, client: str, repository: str, reference: str, when: float, restore_bytes: int
+    ) -> PeriodPlan | None:
+        """A manifest GET of `repository:reference` by the client at `when`: remember it,
+        and plan its next pull if it pulls regularly (replacing any plan made before)."""
+        member = self.member(client, repository, reference)
+        pipe = self.redis.pipeline()
+        pipe.rpush(f"dh:pp:t:{member}", when)
+        pipe.ltrim(f"dh:pp:t:{member}", -PERIOD_HISTORY * 2, -1)  # GETs of one pull count once
+        pipe.expire(f"dh:pp:t:{member}", int(PERIOD_KEEP_SECONDS))
+        pipe.hset(f"dh:pp:k:{member}", mapping={"bytes": restore_bytes, "after": when})
+        pipe.expire(f"dh:pp:k:{member}", int(PERIOD_KEEP_SECONDS))
+        pipe.lrange(f"dh:pp:t:{member}", 0, -1)
+        times = [float(at) for at in pipe.execute()[-1]]
+        return self._schedule(member, times, restore_bytes, when)
+
+    def _schedule(
+        self, member: str, times: list[float], restore_bytes: int, not_before: float
+    ) -> PeriodPlan | None:
+        period = estimate_period(times)
+        plan = (
+            None
+            if period is None
+            else plan_next(period, restore_bytes, not_before, self.scan_seconds)
+        )
+        if plan is None:
+            self.redis.zrem(self.DUE, member)
+        else:
+            self.redis.zadd(self.DUE, {member: plan.fire_at})
+        return plan
+
+    def claim_due(self, now: float, limit: int = PERIOD_MAX_PER_SCAN) -> list[DuePull]:
+        """The plans due by `now`, at most `limit`, each claimed by this caller alone
+        (removed from the due set), and the next pull of each planned in their place."""
+        due = self.redis.zrangebyscore(self.DUE, "-inf", now, start=0, num=limit)
+        claimed = []
+        for raw in due:
+            member = raw.decode()
+            if not self.redis.zrem(self.DUE, member):
+                continue  # another scan took it
+            plan = self._fire(member, now)
+            if plan is not None:
+                client, repository, reference = json.loads(member)
+                claimed.append(DuePull(client, repository, reference, plan))
+        return claimed
+
+    def _fire(self, member: str, now: float) -> PeriodPlan | None:
+        """The plan to fire now for a claimed member (None: the client stopped, or its
+        pulls stopped being regular), the one after it put in the due set."""
+        pipe = self.redis.pipeline()
+        pipe.lrange(f"dh:pp:t:{member}", 0, -1)
+        pipe.hgetall(f"dh:pp:k:{member}")
+        raw_times, state = pipe.execute()
+        times = [float(at) for at in raw_times]
+        restore_bytes = int(state.get(b"bytes", 0) or 0)
+        period = estimate_period(times)
+        after = float(state.get(b"after", 0) or 0)
+        plan = (
+            None
+            if period is None
+            else plan_next(period, restore_bytes, max(after, now), self.scan_seconds)
+        )
+        if plan is None or plan.fire_at > now:
+            if plan is not None:  # its pull came and moved the plan later
+                self.redis.zadd(self.DUE, {member: plan.fire_at})
+            return None
+        self.redis.hset(f"dh:pp:k:{member}", "after", plan.expires)
+        self._schedule(member, times, restore_bytes, plan.expires)
+        return plan
 
 
 class AccessHistory:
     """ULmap, RLmap and the per-client statistics, in Redis."""
 
-    def __init__(self, client: redis.Redis[bytes], half_life_seconds: float) -> None:
+    def __init__(
+        self, client: redis.Redis[bytes], half_life_seconds: float, scan_seconds: float = 5.0
+    ) -> None:
         self.redis = client
         self.half_life = half_life_seconds
         self._add = client.register_script(_DECAYED_ADD_LUA)
+        self.periods = PullPeriods(client, scan_seconds)
 
     def client(self, name: str) -> ClientHistory:
         pipe = self.redis.pipeline()
@@ -168,6 +369,11 @@ class AccessHistory:
         pipe.hset(f"dh:idx:{client}", mapping=children)  # type: ignore[arg-type]
         pipe.expire(f"dh:idx:{client}", 600)
         pipe.execute()
+
+    def fetched_from_index(self, client: str, manifest_digest: str) -> bool:
+        """Whether the client fetched this manifest as a platform of the index it just
+        fetched (one pull, not a pull of its own)."""
+        return bool(self.redis.hexists(f"dh:idx:{client}", manifest_digest))
 
     def record_platform_choice(self, client: str, manifest_digest: str) -> None:
         """If the client fetched an index just before, count the platform it took."""

@@ -33,12 +33,17 @@ from pipelines.manifests import ManifestStore, is_digest_reference
 from pipelines.pauses import pause
 from pipelines.popularity import Popularity
 from pipelines.predict import (
+    PERIOD,
+    PERIOD_MAX_PER_SCAN,
     AccessHistory,
     ClientHistory,
+    PeriodPlan,
     Prediction,
     choose_platform,
     fleet_rule,
+    history_rule,
     predict,
+    restore_bytes_ahead,
 )
 from pipelines.recipe import Recipe
 from pipelines.restore import RestoreError, RestoreHub
@@ -153,7 +158,9 @@ class Registry:
             buffer,
             BlobServer(store, index, blobs, files, hub, buffer),
             Popularity(index.redis, settings.popularity_tau_seconds),
-            AccessHistory(index.redis, settings.history_half_life_seconds),
+            AccessHistory(
+                index.redis, settings.history_half_life_seconds, settings.period_scan_seconds
+            ),
             JobMarks(index.redis),
         )
 
@@ -273,12 +280,12 @@ class Registry:
 
     # what the registry learns from GETs, and what it rebuilds or keeps because of it
     def on_manifest_get(
-        self, client: str, repo: str, digest: str, when: float | None = None
+        self, client: str, repo: str, digest: str, when: float | None = None, reference: str = ""
     ) -> list[Prediction]:
-        """Learn from a manifest GET (at `when`, by default now); the layers worth
-        rebuilding before the client asks. For an index, the platform the client will take
-        is predicted and its layers returned at once (the client's next request is that
-        manifest)."""
+        """Learn from a manifest GET (at `when`, by default now; of `reference`, the tag or
+        digest asked for, by default `digest`); the layers worth rebuilding before the
+        client asks. For an index, the platform the client will take is predicted and its
+        layers returned at once (the client's next request is that manifest)."""
         when = time.time() if when is None else when
         manifest = self.manifests.get(repo, digest, [])
         history = self.history.client(client)
@@ -288,12 +295,61 @@ class Registry:
             self.history.remember_index(client, dict(children))
             chosen = choose_platform([platform for _child, platform in children], history)
             child = self.manifests.get(repo, children[chosen][0], [])
-            return self._worth_rebuilding(child.layer_digests(), history, when)
-        self.history.record_platform_choice(client, digest)
+            layers = child.layer_digests()
+            self._record_pull(client, repo, reference or digest, when, layers, history)
+            return self._worth_rebuilding(layers, history, when)
         layers = manifest.layer_digests()
+        if not self.history.fetched_from_index(client, digest):
+            self._record_pull(client, repo, reference or digest, when, layers, history)
+        self.history.record_platform_choice(client, digest)
         predictions = self._worth_rebuilding(layers, history, when)
         self.history.record_manifest_get(client, layers, history)
         return predictions
+
+    def _record_pull(
+        self,
+        client: str,
+        repo: str,
+        reference: str,
+        when: float,
+        layers: list[str],
+        history: ClientHistory,
+    ) -> None:
+        """For the `period` predictor: one more pull of `repo:reference` by the client."""
+        if self.settings.predictor != PERIOD:
+            return
+        infos = self._infos(layers)
+        sizes = {
+            d: info.size for d, info in infos.items() if info is not None and info.deduplicated
+        }
+        ahead = restore_bytes_ahead(history_rule(layers, history, sizes), sizes)
+        self.history.periods.record_pull(client, repo, reference, when, ahead)
+
+    def on_periods_due(
+        self, now: float, limit: int = PERIOD_MAX_PER_SCAN
+    ) -> list[tuple[PeriodPlan, list[Prediction]]]:
+        """The `period` predictor's plans due by `now` (at most `limit`), each with the
+        layers to rebuild for its pull: those the client's history expects it to GET, of
+        the manifest its reference names now (a tag may have moved), not already served
+        intact or buffered (a buffered one is pinned for the pull instead)."""
+        planned = []
+        for due in self.history.periods.claim_due(now, limit):
+            try:
+                manifest = self.manifests.get(due.repository, due.reference, [])
+                history = self.history.client(due.client)
+                children = manifest.platforms()
+                if children:
+                    chosen = choose_platform([platform for _c, platform in children], history)
+                    manifest = self.manifests.get(due.repository, children[chosen][0], [])
+            except RegistryError:
+                continue  # the tag or manifest is gone: nothing to pull
+            layers = manifest.layer_digests()
+            infos = self._infos(layers)
+            sizes = {digest: info.size for digest, info in infos.items() if info is not None}
+            predicted = history_rule(layers, history, sizes)
+            worth = self._needing_rebuild(predicted, infos, PERIOD, 1, due.plan.ready_by)
+            planned.append((due.plan, worth))
+        return planned
 
     def on_tag_put(
         self, repo: str, reference: str, digest: str, when: float
@@ -301,7 +357,7 @@ class Registry:
         """Act on a manifest put as `repo:reference` at `when`, before any client asks: with
         the history predictor, a new tag's layers that the repository's pullers lack.
         Returns how many GETs each layer expects (the pullers) and the layers to rebuild."""
-        if self.settings.predictor != "history" or is_digest_reference(reference):
+        if self.settings.predictor not in ("history", PERIOD) or is_digest_reference(reference):
             return 0, []
         pullers = self.expected_pullers(repo)
         if not pullers:

@@ -42,6 +42,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.manifest_fetched": {"queue": "predict"},
             "workers.tasks.blob_fetched": {"queue": "predict"},
             "workers.tasks.tag_put": {"queue": "predict"},
+            "workers.tasks.predict_periodic_pulls": {"queue": "predict"},
             "workers.tasks.preconstruct_layer": {"queue": "restore"},
             "workers.tasks.materialize_intact": {"queue": "restore"},
             "workers.tasks.apply_popularity": {"queue": "maintenance"},
@@ -105,6 +106,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
             },
         },
     )
+    if settings.predictor == "period":  # its plans wait in Redis for this scan
+        celery.conf.beat_schedule["predict-periodic-pulls"] = {
+            "task": "workers.tasks.predict_periodic_pulls",
+            "schedule": settings.period_scan_seconds,
+            "options": {"expires": settings.period_scan_seconds},  # the next scan does it
+        }
     unacked.install(celery)
     return celery
 

@@ -73,8 +73,8 @@ def enqueue_ingest(registry: Registry, repository: str, digest: str, force: bool
     return str(result.id)
 
 
-def enqueue_manifest_event(client: str, repository: str, digest: str) -> None:
-    manifest_fetched.apply_async(args=(client, repository, digest, time.time()))
+def enqueue_manifest_event(client: str, repository: str, digest: str, reference: str) -> None:
+    manifest_fetched.apply_async(args=(client, repository, digest, time.time(), reference))
 
 
 def enqueue_manifest_put(repository: str, reference: str, digest: str) -> None:

@@ -34,7 +34,7 @@ from pipelines.canaries import check_at_start
 from pipelines.encoders import prepare_encoders
 from pipelines.errors import is_transient
 from pipelines.metrics import INGEST_SECONDS
-from pipelines.predict import Prediction
+from pipelines.predict import PERIOD, Prediction
 from pipelines.registry import Registry
 from pipelines.restore import RestoreError, encode_layer_segment
 from workers.app import celery_app
@@ -167,11 +167,26 @@ def retire_unblocked(of: Registry | None = None) -> list[str]:
 
 
 @celery_app.task(name="workers.tasks.manifest_fetched", ignore_result=True)
-def manifest_fetched(client: str, repository: str, digest: str, when: float) -> list[str]:
+def manifest_fetched(
+    client: str, repository: str, digest: str, when: float, reference: str = ""
+) -> list[str]:
     """Learn from a manifest GET; queue the rebuilds the predictor asks for, each useless
     after the deadline (the client has pulled by then)."""
-    predictions = retrying(lambda: registry().on_manifest_get(client, repository, digest, when))
+    predictions = retrying(
+        lambda: registry().on_manifest_get(client, repository, digest, when, reference)
+    )
     return _queue_preconstructions(predictions, "predicted", 1, when)
+
+
+@celery_app.task(name="workers.tasks.predict_periodic_pulls", ignore_result=True)
+def predict_periodic_pulls() -> list[str]:
+    """The `period` predictor's scan (beat): queue the rebuilds for the regular pulls due
+    soon, each for its pull's window (pinned from when it opens, useless once it closed)."""
+    queued = []
+    for plan, predictions in retrying(lambda: registry().on_periods_due(time.time())):
+        expires = datetime.fromtimestamp(plan.expires, tz=UTC)
+        queued += _queue_preconstructions(predictions, PERIOD, 1, plan.ready_by, expires)
+    return queued
 
 
 @celery_app.task(name="workers.tasks.tag_put", ignore_result=True)
@@ -184,12 +199,17 @@ def tag_put(repository: str, reference: str, digest: str, when: float) -> list[s
 
 
 def _queue_preconstructions(
-    predictions: list[Prediction], origin: str, gets: int, when: float
+    predictions: list[Prediction],
+    origin: str,
+    gets: int,
+    when: float,
+    expires: datetime | None = None,
 ) -> list[str]:
-    """Queue the rebuilds, each useless after the deadline (the clients have pulled)."""
-    expires = datetime.fromtimestamp(
-        when + registry().settings.preconstruct_deadline_seconds, tz=UTC
-    )
+    """Queue the rebuilds for GETs expected from `when`, each useless after `expires`
+    (by default the deadline after `when`: the clients have pulled)."""
+    if expires is None:
+        deadline = when + registry().settings.preconstruct_deadline_seconds
+        expires = datetime.fromtimestamp(deadline, tz=UTC)
     for prediction in predictions:
         preconstruct_layer.apply_async(
             args=(prediction.digest, origin, gets, when),
