@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run stop test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-auth clean
+.PHONY: run stop test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-pull bench-auth clean
 
 # The first build of the encoder helpers compiles for minutes: its output goes to a file,
 # whose end is shown if it fails. Stopping: Ctrl-C, or `make stop` from another terminal.
@@ -79,6 +79,10 @@ bench-auth: test-deps venv
 
 bench-restore: test-deps venv helpers
 	$(BIN)/python -m bench.restore
+
+# cold pulls of multi-layer images with skopeo and podman, against Distribution (~10 min)
+bench-pull: test-deps venv helpers
+	$(BIN)/python -m bench.pull
 
 clean:
 	rm -rf build var .mypy_cache .ruff_cache .pytest_cache

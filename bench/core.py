@@ -298,8 +298,9 @@ def http_json(url: str) -> Any:
         return json.loads(response.read() or b"null")
 
 
-def stack_cpu_seconds(stack: Stack) -> float:
-    """CPU seconds used so far by the live processes of every service of the stack."""
+def stack_cpu_seconds(stack: Stack, children: bool = False) -> float:
+    """CPU seconds used so far by the live processes of every service of the stack, and
+    with `children` by the processes they started and waited for (encoder helpers)."""
     groups = {process.pid for _name, process in stack.processes}
     ticks = 0
     for entry in Path("/proc").iterdir():
@@ -311,6 +312,7 @@ def stack_cpu_seconds(stack: Stack) -> float:
             continue
         if int(fields[2]) in groups:  # pgrp; utime and stime follow at 11 and 12
             ticks += int(fields[11]) + int(fields[12])
+            ticks += int(fields[13]) + int(fields[14]) if children else 0
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
