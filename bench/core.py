@@ -582,11 +582,10 @@ def ours(run: dict[str, Any]) -> bool:
     return bool(run["registry"] == "duphunter")
 
 
-def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        SECTION,
-        "",
-        f"Run {result['date']} by `make bench-core` (`{result['command']}`: "
+def run_header(result: dict[str, Any], target: str) -> list[str]:
+    """When, how and at which commit a run was made, on which machine, with which tools."""
+    return [
+        f"Run {result['date']} by `make {target}` (`{result['command']}`: "
         f"{result['reps']} repetitions, total {result['total_s']:.0f} s), code at "
         f"{result['git']}.",
         "",
@@ -596,6 +595,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Tools: {result['versions']}.",
         "",
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        SECTION,
+        "",
+        *run_header(result, "bench-core"),
         SETUP,
         table(result["rows"]),
         "",

@@ -55,7 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import core
 from bench.report import REPO_ROOT, git_state, machine, save_json, sh, write_section
-from bench.restore import SOURCES, drain, helper_gzip, write_layout
+from bench.restore import SOURCES, cpu_seconds, drain, helper_gzip, write_layout
 from deploy.stack import wait_until
 from pipelines.encoders import (
     klauspost_zstd_helper,
@@ -234,16 +234,17 @@ def one_thread() -> Iterator[None]:
         del os.environ["GOMAXPROCS"]
 
 
-def encoding_seconds(recipes: list[Recipe], tars: list[bytes]) -> float:
-    """Each layer re-encoded by its encoder on one thread from its tar in memory, summed."""
-    total = 0.0
+def encoding_seconds(recipes: list[Recipe], tars: list[bytes]) -> tuple[float, float]:
+    """Each layer re-encoded by its encoder on one thread from its tar in memory, summed:
+    wall seconds (the bound's) and CPU seconds (the same on an idle machine)."""
+    wall = cpu = 0.0
     with one_thread():
         for recipe, tar in zip(recipes, tars, strict=True):
             encoder = lookup_encoder(recipe.encoder_id)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds()
             drain(encoder.body([tar], recipe.encoder_params))
-            total += time.perf_counter() - started
-    return total
+            wall, cpu = wall + time.perf_counter() - started, cpu + cpu_seconds() - cpu_started
+    return wall, cpu
 
 
 # --- DupHunter's state --------------------------------------------------------------------
@@ -485,7 +486,7 @@ def measure(
     core.wait_for_quiet(services)
     bench = Bench(services, registry)
     pulls: list[Pull] = []
-    encoding: dict[str, list[float]] = {item.image.name: [] for item in built}
+    encoding: dict[str, list[tuple[float, float]]] = {item.image.name: [] for item in built}
     for rep in range(reps):
         for item in built:
             name = item.image.name
@@ -537,11 +538,12 @@ def client_summary(pulls: list[Pull], bound: float, ours: str, peer: str) -> dic
 
 
 def image_summary(
-    item: BuiltImage, recipes: list[Recipe], encoding: list[float], pulls: list[Pull],
+    item: BuiltImage, recipes: list[Recipe], encoding: list[tuple[float, float]],
+    pulls: list[Pull],
     services: core.Services,
 ) -> dict[str, Any]:  # fmt: skip
     name = item.image.name
-    one_thread = statistics.median(encoding)
+    one_thread = statistics.median(wall for wall, _cpu in encoding)
     bound = one_thread / CORES
     return {
         "image": name,
@@ -551,7 +553,8 @@ def image_summary(
         "tar_bytes": [len(tar) for tar in item.tars],
         "pushed_bytes": item.image.size,
         "encoding_one_thread_s": one_thread,
-        "encoding_runs_s": encoding,
+        "encoding_one_thread_cpu_s": statistics.median(cpu for _wall, cpu in encoding),
+        "encoding_runs_s": [wall for wall, _cpu in encoding],
         "bound_s": bound,
         "clients": {
             client: client_summary(
@@ -596,15 +599,18 @@ def where_the_time_goes(images: list[dict[str, Any]]) -> str:
     lines = []
     for image in images:
         for client, found in image["clients"].items():
+            extra = found["duphunter_s"]["median"] - found["distribution_s"]["median"]
             lines.append(
                 f"  - {image['image']}, {client}: DupHunter {found['duphunter_s']['median']:.2f} s "
                 f"= Distribution's {found['distribution_s']['median']:.2f} s "
-                f"({found['distribution_bound_ratio']:.2f}x the bound) + "
-                f"{found['duphunter_s']['median'] - found['distribution_s']['median']:+.2f} s; "
+                f"({found['distribution_bound_ratio']:.2f}x the bound) "
+                f"{extra:+.2f} s ({extra / image['bound_s']:.2f}x the bound); "
                 f"CPU of the services {found['services_cpu_s']:.2f} s (Distribution's run "
                 f"{found['distribution_services_cpu_s']:.2f} s), of which the API's restores "
                 f"{found['restore_cpu_s']:.2f} s against {image['encoding_one_thread_s']:.2f} s "
-                f"of one-thread encoding; the client's CPU {found['client_cpu_s']:.2f} s "
+                f"of one-thread encoding ({image['encoding_one_thread_cpu_s']:.2f} CPU-s); "
+                f"restores' wall time summed over the layers {found['restore_wall_sum_s']:.2f} s; "
+                f"the client's CPU {found['client_cpu_s']:.2f} s "
                 f"({found['distribution_client_cpu_s']:.2f} s from Distribution)."
             )
     return "\n".join(lines)
@@ -638,15 +644,7 @@ def markdown(result: dict[str, Any]) -> str:
     worst = max(client["bound_ratio"] for image in result["images"]
                 for client in image["clients"].values())  # fmt: skip
     lines = [
-        f"Run {result['date']} by `make bench-pull` (`{result['command']}`: "
-        f"{result['reps']} repetitions, total {result['total_s']:.0f} s), code at {result['git']}.",
-        "",
-        "```",
-        result["machine"],
-        "```",
-        "",
-        f"Tools: {result['versions']}.",
-        "",
+        *core.run_header(result, "bench-pull"),
         SETUP,
         table(result["images"]),
         "",
