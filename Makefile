@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run stop test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-auth bench-fleet clean
+.PHONY: run stop test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-pull bench-auth bench-fleet clean
 
 # The first build of the encoder helpers compiles for minutes: its output goes to a file,
 # whose end is shown if it fails. Stopping: Ctrl-C, or `make stop` from another terminal.
@@ -83,6 +83,10 @@ bench-restore: test-deps venv helpers
 # a simulation of the restore fleet from docs/bench/{predict,restore,dedup}.json (seconds)
 bench-fleet: venv
 	$(BIN)/python -m bench.fleet
+
+# cold pulls of multi-layer images with skopeo and podman, against Distribution (~10 min)
+bench-pull: test-deps venv helpers
+	$(BIN)/python -m bench.pull
 
 clean:
 	rm -rf build var .mypy_cache .ruff_cache .pytest_cache

@@ -298,8 +298,9 @@ def http_json(url: str) -> Any:
         return json.loads(response.read() or b"null")
 
 
-def stack_cpu_seconds(stack: Stack) -> float:
-    """CPU seconds used so far by the live processes of every service of the stack."""
+def stack_cpu_seconds(stack: Stack, children: bool = False) -> float:
+    """CPU seconds used so far by the live processes of every service of the stack, and
+    with `children` by the processes they started and waited for (encoder helpers)."""
     groups = {process.pid for _name, process in stack.processes}
     ticks = 0
     for entry in Path("/proc").iterdir():
@@ -311,6 +312,7 @@ def stack_cpu_seconds(stack: Stack) -> float:
             continue
         if int(fields[2]) in groups:  # pgrp; utime and stime follow at 11 and 12
             ticks += int(fields[11]) + int(fields[12])
+            ticks += int(fields[13]) + int(fields[14]) if children else 0
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -580,11 +582,10 @@ def ours(run: dict[str, Any]) -> bool:
     return bool(run["registry"] == "duphunter")
 
 
-def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        SECTION,
-        "",
-        f"Run {result['date']} by `make bench-core` (`{result['command']}`: "
+def run_header(result: dict[str, Any], target: str) -> list[str]:
+    """When, how and at which commit a run was made, on which machine, with which tools."""
+    return [
+        f"Run {result['date']} by `make {target}` (`{result['command']}`: "
         f"{result['reps']} repetitions, total {result['total_s']:.0f} s), code at "
         f"{result['git']}.",
         "",
@@ -594,6 +595,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Tools: {result['versions']}.",
         "",
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        SECTION,
+        "",
+        *run_header(result, "bench-core"),
         SETUP,
         table(result["rows"]),
         "",

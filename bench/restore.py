@@ -141,8 +141,15 @@ def encoders() -> dict[str, tuple[str, Callable[[bytes], bytes]]]:
     return chosen
 
 
-def write_layout(root: Path, layers: list[bytes], tag: str = "t") -> None:
-    """An OCI image layout with these gzip layers."""
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def write_layout(
+    root: Path, layers: list[bytes], tag: str = "t", media_type: str = GZIP_LAYER,
+    diff_ids: list[str] | None = None,
+) -> None:  # fmt: skip
+    """An OCI image layout with these layers (gzip unless `media_type` says otherwise;
+    then their tars' `diff_ids` are needed)."""
     shutil.rmtree(root, ignore_errors=True)
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -152,7 +159,10 @@ def write_layout(root: Path, layers: list[bytes], tag: str = "t") -> None:
         (blobs / digest).write_bytes(data)
         return {"digest": f"sha256:{digest}", "size": len(data)}
 
-    diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest() for layer in layers]
+    if diff_ids is None:
+        diff_ids = [
+            f"sha256:{hashlib.sha256(gzip.decompress(layer)).hexdigest()}" for layer in layers
+        ]
     config = {"architecture": "amd64", "os": "linux", "config": {},
               "rootfs": {"type": "layers", "diff_ids": diff_ids}}  # fmt: skip
     manifest = {
@@ -162,10 +172,7 @@ def write_layout(root: Path, layers: list[bytes], tag: str = "t") -> None:
             "mediaType": "application/vnd.oci.image.config.v1+json",
             **put(json.dumps(config).encode()),
         },
-        "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **put(layer)}
-            for layer in layers
-        ],
+        "layers": [{"mediaType": media_type, **put(layer)} for layer in layers],
     }
     reference = put(json.dumps(manifest).encode())
     index = {"schemaVersion": 2, "manifests": [{

@@ -1,0 +1,102 @@
+"""bench-pull's pieces: the layers' files, the cold-pull check, and both clients pulling
+from the live registry into throwaway places (the bench itself: `make bench-pull`)."""
+
+from __future__ import annotations
+
+import gzip
+import tarfile
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+
+from bench import core
+from bench.pull import (
+    PULLERS,
+    ImageSpec,
+    check_cold,
+    make_tar,
+    metric_samples,
+    plan_layers,
+    take_files,
+)
+from bench.restore import write_layout
+from pipelines import metrics
+from tests.conftest import LiveStack
+
+
+def test_layers_take_disjoint_files_near_their_size() -> None:
+    pool = [(f"/f{number}", size) for number, size in enumerate([300, 5000, 40, 900] * 50)]
+    specs = (ImageSpec("a", "docker", (0.02, 0.005)), ImageSpec("b", "pgzip", (0.01, 0.001)))
+    sizes = dict(pool)
+    plan = plan_layers(pool, specs, scale=1.0)
+    layers = [files for image in plan.values() for files in image]
+    names = [name for files in layers for name in files]
+    assert len(names) == len(set(names)), "a file in two layers"
+    for files, mb in zip(layers, (0.02, 0.005, 0.01, 0.001), strict=True):
+        target = mb * 1_000_000
+        assert target * 0.9 <= sum(sizes[name] for name in files) <= target * 1.1 + 4096
+    assert not set(names) & {name for name, _size in pool}, "chosen files left in the pool"
+    with pytest.raises(RuntimeError, match="no files left"):
+        take_files([(name, 10**9) for name, _size in pool], 1000)
+
+
+def test_a_layer_tar_names_its_files_relative_to_the_root(tmp_path: Path) -> None:
+    files = []
+    for number in range(3):
+        file = tmp_path / "tree" / f"file-{number}"
+        file.parent.mkdir(exist_ok=True)
+        file.write_bytes(bytes([number]) * 1000)
+        files.append(str(file))
+    data = make_tar(files, tmp_path / "layer.tar")
+    with tarfile.open(tmp_path / "layer.tar") as tar:
+        assert tar.getnames() == [name.lstrip("/") for name in files]
+    assert len(data) == (tmp_path / "layer.tar").stat().st_size
+
+
+def test_the_api_metrics_say_what_served_the_gets() -> None:
+    before = metric_samples(generate_latest(REGISTRY).decode())
+    metrics.BLOB_GETS.labels("restore").inc(3)
+    metrics.BLOB_GETS.labels("spool").inc()
+    metrics.RESTORE_SECONDS.labels("on-demand").observe(1.5)
+    metrics.RESTORE_SECONDS.labels("warm").observe(0.5)
+    after = metric_samples(generate_latest(REGISTRY).decode())
+    assert after["gets_restore"] - before.get("gets_restore", 0) == 3
+    assert after["gets_spool"] - before.get("gets_spool", 0) == 1
+    assert after["restore_wall_sum"] - before.get("restore_wall_sum", 0) == 2.0
+    assert after["restore_wall_count"] - before.get("restore_wall_count", 0) == 2
+
+
+def test_a_pull_is_cold_only_if_every_layer_restored() -> None:
+    image = core.Image("i", Path("."), "t", "sha256:m", "sha256:c", ["sha256:1", "sha256:2"], 0)
+    check_cold(image, {"gets_restore": 2, "gets_intact": 1, "gets_spool": 0})
+    with pytest.raises(RuntimeError, match="not a cold pull"):
+        check_cold(image, {"gets_restore": 1, "gets_spool": 1})
+    with pytest.raises(RuntimeError, match="not a cold pull"):
+        check_cold(image, {"gets_restore": 2, "gets_buffer": 1})
+
+
+@pytest.mark.parametrize("client", sorted(PULLERS))
+def test_each_client_pulls_the_pushed_image_and_leaves_nothing(
+    live: LiveStack, tmp_path: Path, client: str
+) -> None:
+    files = []
+    for number in range(2):
+        file = tmp_path / "tree" / f"layer-{number}.txt"
+        file.parent.mkdir(exist_ok=True)
+        file.write_text(f"layer {number}\n" * 1000)
+        files.append(str(file))
+    tars = [make_tar([name], tmp_path / f"layer-{n}.tar") for n, name in enumerate(files)]
+    write_layout(tmp_path / "layout", [gzip.compress(tar, mtime=0) for tar in tars])
+    image = core.load_image("smoke", tmp_path / "layout")
+    ours = core.Registry("duphunter", live.url.removeprefix("http://"))
+    repo = f"bench/pull-smoke-{client}"
+    core.push(image, ours, repo, tmp_path)
+    homes_before = set(Path("/tmp").glob("dh-pull-*"))
+
+    pulled = PULLERS[client](image, ours, repo)
+    assert pulled.seconds > 0 and pulled.cpu_seconds > 0
+    other = core.Image(**{**image.__dict__, "manifest": "sha256:" + "0" * 64})
+    with pytest.raises(RuntimeError, match=r"pulled|returned"):
+        PULLERS[client](other, ours, repo)
+    assert set(Path("/tmp").glob("dh-pull-*")) == homes_before, "a podman home was left"
