@@ -20,6 +20,14 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+# gunicorn closes a connection idle for 2 s; a GET sent on it as it closes gets no answer
+# at all, and is sent again once, as docker's and skopeo's HTTP clients do
+IDLE_CLOSE_RETRY = urllib3.Retry(
+    total=1, connect=0, read=1, redirect=0, status=0, other=0,
+    allowed_methods=frozenset({"GET", "HEAD"}), raise_on_redirect=False, raise_on_status=False,
+)  # fmt: skip
+
+
 class RegistryClient:
     """A protocol client; with `authorization`, it sends that header with every request,
     and with `source_address`, it connects from that loopback address (a client of its own
@@ -31,7 +39,7 @@ class RegistryClient:
         self.url = url.rstrip("/")
         source = None if source_address is None else (source_address, 0)
         self.http = urllib3.PoolManager(
-            retries=False, timeout=urllib3.Timeout(total=120), source_address=source
+            retries=IDLE_CLOSE_RETRY, timeout=urllib3.Timeout(total=120), source_address=source
         )
         self.authorization = authorization
 
