@@ -71,7 +71,7 @@ PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
 PREFETCH_BYTES = 64 << 20
 PREFETCH_THREADS = 4
 POLL_SECONDS = 0.005
-RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once on this host
+RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once in this process
 SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)
@@ -444,20 +444,27 @@ def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
 
 
 def encode_stored_segment(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
-    """The bits of segment `index` of a layer, from the tar rebuilt around it."""
-
-    def read_tar(start: int, end: int) -> bytes:
-        return b"".join(rebuild_tar_range(recipe, files, start, end))
-
+    """The bits of segment `index` of a layer, from the tar rebuilt around it (before the
+    encoding takes one of the process's cores: the rebuild waits on S3)."""
     encoder = lookup_encoder(recipe.encoder_id)
-    return _encoded(encoder, plan.segments()[index], read_tar, recipe.tar_size)
+    segment = plan.segments()[index]
+    start, end = segment_input(encoder, segment, recipe.tar_size)
+    window = b"".join(rebuild_tar_range(recipe, files, start, end))
+    return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size)
+
+
+# One slot per core, shared by every restore of this process: however many layers restore
+# at once, at most RESTORE_THREADS segments are encoded at a time, and a slot one restore
+# frees goes to whichever restore has a segment waiting (its threads queue for it).
+_segment_cores = threading.BoundedSemaphore(RESTORE_THREADS)
 
 
 def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
-    try:
-        return encode_segment(encoder, segment, read_tar, tar_size)
-    except SegmentError as error:
-        raise RestoreError(str(error)) from error
+    with _segment_cores:
+        try:
+            return encode_segment(encoder, segment, read_tar, tar_size)
+        except SegmentError as error:
+            raise RestoreError(str(error)) from error
 
 
 def encode_layer_segment(
@@ -495,7 +502,8 @@ SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], bytes]
 
 def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
-    helper processes), each cut from one streamed rebuild of the tar: a rebuild per
+    helper processes; at most RESTORE_THREADS at a time for all the restores of this
+    process), each cut from one streamed rebuild of the tar: a rebuild per
     segment would walk the recipe, and fetch the files at its edges, once per segment.
     Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
     one segment may be many times longer than the others (checkpoints keep away from
