@@ -70,7 +70,7 @@ def file_error(digest: bytes, pack: str, problem: str) -> FileStoreError:
     return FileStoreError(f"file sha256:{digest.hex()}{where} {problem}", digest, pack, problem)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a restore makes one per file it fetches
 class Location:
     """Where a file's stored form is: a byte range of a pack (codec byte first)."""
 

@@ -229,18 +229,19 @@ def _planned_ahead(
 ) -> Iterator[_Item]:
     """The items in tar order, each once the ones after it are planned (their spans
     submitted) up to PREFETCH_WINDOW entries or PREFETCH_BYTES of tar."""
-    pending: deque[tuple[_Item, int]] = deque()
+    pending: deque[_Item] = deque()
+    sizes: deque[int] = deque()  # apart from the items: a pair per entry would cost a GC pass
     ahead = 0  # bytes planned but not yet written: bounds the memory a restore holds
     for batch in _batched(entries, LOCATE_BATCH):
-        for item, size in _plan(batch, files, pool):
-            pending.append((item, size))
+        items, item_sizes = _plan(batch, files, pool)
+        for item, size in zip(items, item_sizes, strict=True):
+            pending.append(item)
+            sizes.append(size)
             ahead += size
             while len(pending) > PREFETCH_WINDOW or ahead > PREFETCH_BYTES:
-                item, size = pending.popleft()
-                ahead -= size
-                yield item
-    for item, _size in pending:
-        yield item
+                ahead -= sizes.popleft()
+                yield pending.popleft()
+    yield from pending
 
 
 def _batched(entries: Iterator[Raw | FileRef], count: int) -> Iterator[list[Raw | FileRef]]:
@@ -295,8 +296,9 @@ _Item = bytes | tuple["Future[dict[int, bytes | FileStoreError]]", int] | FileRe
 
 def _plan(
     batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
-) -> list[tuple[_Item, int]]:
-    """The batch's items in tar order; its files grouped into spans by pack and offset
+) -> tuple[list[_Item], list[int]]:
+    """The batch's items in tar order, and the bytes each holds ahead until written; its
+    files grouped into spans by pack and offset
     (a tar lists the files of one pack out of order, and the same content more than
     once), each span submitted to `pool` in the order the tar first needs it."""
     refs = [entry for entry in batch if isinstance(entry, FileRef)]
@@ -315,18 +317,22 @@ def _plan(
         _spans(small.values()), key=lambda span: min(need[(span.pack, o)] for o in span.members)
     )
     futures = _submit_spans(spans, files, pool)
-    items: list[tuple[_Item, int]] = []
+    items: list[_Item] = []
+    sizes: list[int] = []
     for entry in batch:
         if isinstance(entry, Raw):
-            items.append((entry.data, len(entry.data)))
+            items.append(entry.data)
+            sizes.append(len(entry.data))
             continue
         location = found[entry.digest]
         assert location is not None
         if _streams_alone(entry, location):
-            items.append((entry, 0))  # streamed when its turn comes, not held ahead
+            items.append(entry)
+            sizes.append(0)  # streamed when its turn comes, not held ahead
         else:
-            items.append(((futures[(location.pack, location.offset)], location.offset), entry.size))
-    return items
+            items.append((futures[(location.pack, location.offset)], location.offset))
+            sizes.append(entry.size)
+    return items, sizes
 
 
 def _spans(members: Iterable[tuple[FileRef, Location]]) -> list[_Span]:
