@@ -70,7 +70,7 @@ def file_error(digest: bytes, pack: str, problem: str) -> FileStoreError:
     return FileStoreError(f"file sha256:{digest.hex()}{where} {problem}", digest, pack, problem)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a restore makes one per file it fetches
 class Location:
     """Where a file's stored form is: a byte range of a pack (codec byte first)."""
 
@@ -114,26 +114,48 @@ def read_pack_table(store: ObjectStore, key: str, size: int) -> list[tuple[bytes
     ]
 
 
-def decode_stored(stored: bytes, digest: bytes, size: int, pack: str = "") -> bytes:
+_SHA256 = hashlib.sha256()
+_per_thread = threading.local()
+
+
+def new_sha256() -> hashlib._Hash:
+    """A fresh sha256 hasher, copied: making one by name looks the algorithm up in
+    OpenSSL 3 each time, which costs more than hashing a small file."""
+    return _SHA256.copy()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor, for one-shot decompression (a new one allocates
+    its context and probes the CPU, which costs more than a small file's bytes)."""
+    decompressor: zstandard.ZstdDecompressor | None = getattr(_per_thread, "zstd", None)
+    if decompressor is None:
+        decompressor = _per_thread.zstd = zstandard.ZstdDecompressor()
+    return decompressor
+
+
+def decode_stored(stored: bytes | memoryview, digest: bytes, size: int, pack: str = "") -> bytes:
     """A file's bytes from its stored form (codec byte, then raw or zstd bytes), checked
     against its size and sha256: a damaged pack never passes on a wrong file. `pack`,
     where the stored form was read, is named in the error."""
+    body = memoryview(stored)[1:]
     if stored[:1] == bytes((CODEC_RAW,)):
-        content = stored[1:]
+        content = bytes(body)
     elif stored[:1] == bytes((CODEC_ZSTD,)):
         try:
-            content = zstandard.ZstdDecompressor().decompress(stored[1:], max_output_size=size)
+            content = _decompressor().decompress(body, max_output_size=size)
         except zstandard.ZstdError as error:
             raise file_error(digest, pack, f"does not decompress: {error}") from error
     else:
         raise file_error(digest, pack, "has an unknown stored form")
-    _check_file(digest, pack, size, len(content), hashlib.sha256(content).digest())
-    return bytes(content)
+    hasher = new_sha256()
+    hasher.update(content)
+    _check_file(digest, pack, size, len(content), hasher.digest())
+    return content
 
 
 def check_stored(stored: bytes, digest: bytes, pack: str = "") -> None:
     """Check a file's stored form against its sha256, whatever its size."""
-    hasher = hashlib.sha256()
+    hasher = new_sha256()
     size = 0
     for chunk in _decoded(iter([stored]), digest, pack):
         hasher.update(chunk)
@@ -237,15 +259,13 @@ class FileStore:
         They are decompressed as they stream in, spooled, and passed on only once the whole
         file has the right size and sha256; a file that grows past `size` stops at once."""
         pack, chunks = self._stored(digest)
-        with tempfile.SpooledTemporaryFile(IN_MEMORY_LIMIT) as spool:
-            hasher, length = hashlib.sha256(), 0
-            for data in _decoded(chunks, digest, pack):
-                length += len(data)
-                if length > size:
-                    raise file_error(digest, pack, f"is longer than {size} bytes")
-                hasher.update(data)
+        if size <= IN_MEMORY_LIMIT:  # its size is known: held as it came, or on disk at once
+            held = list(_checked(_decoded(chunks, digest, pack), digest, size, pack))
+            yield from held
+            return
+        with tempfile.TemporaryFile() as spool:
+            for data in _checked(_decoded(chunks, digest, pack), digest, size, pack):
                 spool.write(data)
-            _check_file(digest, pack, size, length, hasher.digest())
             spool.seek(0)
             while data := spool.read(CHUNK):
                 yield data
@@ -299,6 +319,20 @@ class FileStore:
         if garbage:
             self.index.count("pack_garbage_bytes", garbage)
         return sum(added)
+
+
+def _checked(chunks: Iterator[bytes], digest: bytes, size: int, pack: str) -> Iterator[bytes]:
+    """The chunks of a file, hashed on the way; the iteration ends with the check of its
+    size and sha256, so a caller holds every chunk back until it ends. A file that grows
+    past `size` stops at once."""
+    hasher, length = new_sha256(), 0
+    for data in chunks:
+        length += len(data)
+        if length > size:
+            raise file_error(digest, pack, f"is longer than {size} bytes")
+        hasher.update(data)
+        yield data
+    _check_file(digest, pack, size, length, hasher.digest())
 
 
 def _decoded(chunks: Iterator[bytes], digest: bytes, pack: str) -> Iterator[bytes]:

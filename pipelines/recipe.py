@@ -328,56 +328,72 @@ def _verify_body(recipe: Recipe) -> None:
         raise RecipeError(f"entries add up to {total} bytes, recipe says {recipe.tar_size}")
 
 
-class _StreamCursor:
-    """Exact reads over a decompressing stream, buffered in big chunks."""
-
-    def __init__(self, read: Callable[[int], bytes]) -> None:
-        self._read = read
-        self._buf = b""
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        end = self._pos + n
-        if end <= len(self._buf):
-            out = self._buf[self._pos : end]
-            self._pos = end
-            return out
-        parts = [self._buf[self._pos :]]
-        have = len(parts[0])
-        while have < n:
-            chunk = self._read(max(_BATCH_SIZE, n - have))
-            if not chunk:
-                raise RecipeError("recipe body truncated")
-            parts.append(chunk)
-            have += len(chunk)
-        joined = b"".join(parts)
-        self._buf, self._pos = joined, n
-        return joined[:n]
-
-    def at_end(self) -> bool:
-        return self._pos == len(self._buf) and not self._read(1)
+_ENTRY_HEAD_MAX = 1 + DIGEST_SIZE + _MAX_VARINT_BYTES  # a tag, a digest, a varint
 
 
 def _iter_body(body: bytes, entry_count: int) -> Iterator[Raw | FileRef]:
+    """The entries, parsed by index from big decompressed chunks: a restore walks the
+    whole recipe, and a call per field costs more than the rest of it."""
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=False)
-        cursor = _StreamCursor(reader.read)
+        read = reader.read
+        buf, pos, ended = b"", 0, False
         for _ in range(entry_count):
-            yield _read_entry(cursor)
-        if not cursor.at_end():
+            if len(buf) - pos < _ENTRY_HEAD_MAX and not ended:
+                buf, pos, ended = _refilled(read, buf, pos, _ENTRY_HEAD_MAX)
+            if pos >= len(buf):
+                raise RecipeError("recipe body truncated")
+            tag = buf[pos]
+            if tag == _TAG_FILE:
+                digest = buf[pos + 1 : pos + 1 + DIGEST_SIZE]
+                if len(digest) != DIGEST_SIZE:
+                    raise RecipeError("recipe body truncated")
+                size, pos = _varint_at(buf, pos + 1 + DIGEST_SIZE)
+                yield FileRef(digest, size)
+            elif tag == _TAG_RAW:
+                length, pos = _varint_at(buf, pos + 1)
+                if length == 0:
+                    raise RecipeError("empty raw entry")
+                if len(buf) - pos < length and not ended:
+                    buf, pos, ended = _refilled(read, buf, pos, length)
+                if len(buf) - pos < length:
+                    raise RecipeError("recipe body truncated")
+                yield Raw(buf[pos : pos + length])
+                pos += length
+            else:
+                raise RecipeError(f"unknown recipe entry tag {tag}")
+        if pos != len(buf) or (not ended and read(1)):
             raise RecipeError("unexpected bytes after the last recipe entry")
     except zstandard.ZstdError as exc:
         raise RecipeError(f"recipe body is not valid zstd: {exc}") from exc
 
 
-def _read_entry(cursor: _StreamCursor) -> Raw | FileRef:
-    tag = cursor.take(1)[0]
-    if tag == _TAG_RAW:
-        length = decode_varint(cursor.take)
-        if length == 0:
-            raise RecipeError("empty raw entry")
-        return Raw(cursor.take(length))
-    if tag == _TAG_FILE:
-        digest = cursor.take(DIGEST_SIZE)
-        return FileRef(digest, decode_varint(cursor.take))
-    raise RecipeError(f"unknown recipe entry tag {tag}")
+def _refilled(
+    read: Callable[[int], bytes], buf: bytes, pos: int, need: int
+) -> tuple[bytes, int, bool]:
+    """The unread rest of `buf` with at least `need` bytes more read after it (fewer only
+    at the end of the body), from position 0; and whether the body ended."""
+    parts = [buf[pos:]]
+    have = len(parts[0])
+    while have < need:
+        chunk = read(max(_BATCH_SIZE, need - have))
+        if not chunk:
+            return b"".join(parts), 0, True
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts), 0, False
+
+
+def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned LEB128 integer at `pos` of `buf`, and the position after it."""
+    value = shift = 0
+    for _ in range(_MAX_VARINT_BYTES):
+        if pos >= len(buf):
+            raise RecipeError("recipe body truncated")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise RecipeError("varint too long")

@@ -61,16 +61,17 @@ from pipelines.storage import ObjectNotFound, ObjectStore
 from pipelines.tarsplit import FileRef, Raw
 from pipelines.verify import SPOOL_IN_MEMORY, release_verified
 
-LOCATE_BATCH = 512  # recipe entries whose files are looked up in one round trip
+LOCATE_BATCH = 2048  # recipe entries whose files are looked up in one round trip
 BATCH_BYTES = 16 << 20  # and at most this much of their tar (files and raw) planned at once
 SPAN_LIMIT = 4 << 20  # a ranged GET covers at most this much of a pack; a file larger than
 # this (stored, or once decompressed) streams on its own
-SPAN_GAP = 64 << 10  # files this close in a pack are fetched together
+SPAN_GAP = 256 << 10  # files this close in a pack are fetched together: a GET costs the
+# client as much CPU as receiving ~1.5 MB (measured with bench.rebuild_cpu), and S3 a request
 PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
 PREFETCH_BYTES = 64 << 20
 PREFETCH_THREADS = 4
 POLL_SECONDS = 0.005
-RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once on this host
+RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once in this process
 SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)
@@ -214,18 +215,33 @@ def large_file_spans(recipe: Recipe) -> list[tuple[int, int]]:
 
 def _rebuild(entries: Iterator[Raw | FileRef], files: FileStore) -> Iterator[bytes]:
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
-        pending: deque[tuple[_Item, int]] = deque()
-        ahead = 0  # bytes planned but not yet written: bounds the memory a restore holds
-        for batch in _batched(entries, LOCATE_BATCH):
-            for item, size in _plan(batch, files, pool):
-                pending.append((item, size))
-                ahead += size
-                while len(pending) > PREFETCH_WINDOW or ahead > PREFETCH_BYTES:
-                    item, size = pending.popleft()
-                    ahead -= size
-                    yield from _emit(item, files)
-        for item, _size in pending:
-            yield from _emit(item, files)
+        for item in _planned_ahead(entries, files, pool):
+            if isinstance(item, bytes):
+                yield item
+            elif isinstance(item, tuple):
+                yield _fetched(*item)
+            else:
+                yield from files.open(item.digest, item.size)
+
+
+def _planned_ahead(
+    entries: Iterator[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
+) -> Iterator[_Item]:
+    """The items in tar order, each once the ones after it are planned (their spans
+    submitted) up to PREFETCH_WINDOW entries or PREFETCH_BYTES of tar."""
+    pending: deque[_Item] = deque()
+    sizes: deque[int] = deque()  # apart from the items: a pair per entry would cost a GC pass
+    ahead = 0  # bytes planned but not yet written: bounds the memory a restore holds
+    for batch in _batched(entries, LOCATE_BATCH):
+        items, item_sizes = _plan(batch, files, pool)
+        for item, size in zip(items, item_sizes, strict=True):
+            pending.append(item)
+            sizes.append(size)
+            ahead += size
+            while len(pending) > PREFETCH_WINDOW or ahead > PREFETCH_BYTES:
+                ahead -= sizes.popleft()
+                yield pending.popleft()
+    yield from pending
 
 
 def _batched(entries: Iterator[Raw | FileRef], count: int) -> Iterator[list[Raw | FileRef]]:
@@ -280,12 +296,14 @@ _Item = bytes | tuple["Future[dict[int, bytes | FileStoreError]]", int] | FileRe
 
 def _plan(
     batch: list[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
-) -> list[tuple[_Item, int]]:
-    """The batch's items in tar order; its files grouped into spans by pack and offset
+) -> tuple[list[_Item], list[int]]:
+    """The batch's items in tar order, and the bytes each holds ahead until written; its
+    files grouped into spans by pack and offset
     (a tar lists the files of one pack out of order, and the same content more than
     once), each span submitted to `pool` in the order the tar first needs it."""
     refs = [entry for entry in batch if isinstance(entry, FileRef)]
-    found = dict(zip((r.digest for r in refs), files.locate([r.digest for r in refs]), strict=True))
+    digests = list(dict.fromkeys(ref.digest for ref in refs))  # each looked up once
+    found = dict(zip(digests, files.locate(digests), strict=True))
     small: dict[tuple[str, int], tuple[FileRef, Location]] = {}
     for ref in refs:
         location = found[ref.digest]
@@ -299,18 +317,22 @@ def _plan(
         _spans(small.values()), key=lambda span: min(need[(span.pack, o)] for o in span.members)
     )
     futures = _submit_spans(spans, files, pool)
-    items: list[tuple[_Item, int]] = []
+    items: list[_Item] = []
+    sizes: list[int] = []
     for entry in batch:
         if isinstance(entry, Raw):
-            items.append((entry.data, len(entry.data)))
+            items.append(entry.data)
+            sizes.append(len(entry.data))
             continue
         location = found[entry.digest]
         assert location is not None
         if _streams_alone(entry, location):
-            items.append((entry, 0))  # streamed when its turn comes, not held ahead
+            items.append(entry)
+            sizes.append(0)  # streamed when its turn comes, not held ahead
         else:
-            items.append(((futures[(location.pack, location.offset)], location.offset), entry.size))
-    return items
+            items.append((futures[(location.pack, location.offset)], location.offset))
+            sizes.append(entry.size)
+    return items, sizes
 
 
 def _spans(members: Iterable[tuple[FileRef, Location]]) -> list[_Span]:
@@ -347,8 +369,9 @@ def _fetch_span(files: FileStore, span: _Span) -> dict[int, bytes | FileStoreErr
     except ObjectNotFound:  # the pack went away (compacted by GC): look the files up again
         return {offset: _refetched(files, ref) for offset, (ref, _l) in span.members.items()}
     contents: dict[int, bytes | FileStoreError] = {}
+    view = memoryview(data)
     for offset, (ref, location) in span.members.items():
-        stored = data[offset - span.start : offset - span.start + location.length]
+        stored = view[offset - span.start : offset - span.start + location.length]
         try:
             contents[offset] = decode_stored(stored, ref.digest, ref.size, span.pack)
         except FileStoreError as error:
@@ -366,17 +389,12 @@ def _refetched(files: FileStore, ref: FileRef) -> bytes | FileStoreError:
         return error
 
 
-def _emit(item: _Item, files: FileStore) -> Iterator[bytes]:
-    if isinstance(item, bytes):
-        yield item
-    elif isinstance(item, tuple):
-        future, offset = item
-        content = future.result()[offset]
-        if isinstance(content, FileStoreError):
-            raise content
-        yield content
-    else:
-        yield from files.open(item.digest, item.size)
+def _fetched(future: Future[dict[int, bytes | FileStoreError]], offset: int) -> bytes:
+    """The checked bytes of the file at `offset` of a span, once the span is fetched."""
+    content = future.result()[offset]
+    if isinstance(content, FileStoreError):
+        raise content
+    return content
 
 
 def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
@@ -432,20 +450,27 @@ def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
 
 
 def encode_stored_segment(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
-    """The bits of segment `index` of a layer, from the tar rebuilt around it."""
-
-    def read_tar(start: int, end: int) -> bytes:
-        return b"".join(rebuild_tar_range(recipe, files, start, end))
-
+    """The bits of segment `index` of a layer, from the tar rebuilt around it (before the
+    encoding takes one of the process's cores: the rebuild waits on S3)."""
     encoder = lookup_encoder(recipe.encoder_id)
-    return _encoded(encoder, plan.segments()[index], read_tar, recipe.tar_size)
+    segment = plan.segments()[index]
+    start, end = segment_input(encoder, segment, recipe.tar_size)
+    window = b"".join(rebuild_tar_range(recipe, files, start, end))
+    return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size)
+
+
+# One slot per core, shared by every restore of this process: however many layers restore
+# at once, at most RESTORE_THREADS segments are encoded at a time, and a slot one restore
+# frees goes to whichever restore has a segment waiting (its threads queue for it).
+_segment_cores = threading.BoundedSemaphore(RESTORE_THREADS)
 
 
 def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
-    try:
-        return encode_segment(encoder, segment, read_tar, tar_size)
-    except SegmentError as error:
-        raise RestoreError(str(error)) from error
+    with _segment_cores:
+        try:
+            return encode_segment(encoder, segment, read_tar, tar_size)
+        except SegmentError as error:
+            raise RestoreError(str(error)) from error
 
 
 def encode_layer_segment(
@@ -483,7 +508,8 @@ SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], bytes]
 
 def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
-    helper processes), each cut from one streamed rebuild of the tar: a rebuild per
+    helper processes; at most RESTORE_THREADS at a time for all the restores of this
+    process), each cut from one streamed rebuild of the tar: a rebuild per
     segment would walk the recipe, and fetch the files at its edges, once per segment.
     Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
     one segment may be many times longer than the others (checkpoints keep away from

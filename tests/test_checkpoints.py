@@ -15,6 +15,7 @@ import itertools
 import random
 import subprocess
 import sysconfig
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -477,6 +478,50 @@ def test_a_parallel_restore_counts_its_segment_threads_cpu_as_its_own(
     counted = thread_cpu_seconds() - thread_started
     spent = time.process_time() - process_started
     assert counted >= 0.8 * spent, f"counted {counted:.3f} s of the {spent:.3f} s spent"
+
+
+@pytest.mark.parametrize("runner", ["local", "pooled"])
+def test_concurrent_restores_share_the_processs_cores(
+    live: LiveStack, client: RegistryClient, repo: str, runner: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Three layers restoring at once in one process, each on more threads than there
+    are cores, encode at most RESTORE_THREADS segments at a time between them (the cores
+    are not oversubscribed), and that many do run at once (they are not left idle); each
+    restore stays exact."""
+    blob = python_gzip(6)(layer_tar(4))
+    _, recipe = deduplicated_recipe(live, client, repo, blob)
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None and len(plan.segments()) >= 3
+    files = live.registry.files
+    expected = list(local_runner(1)(recipe, files, plan))
+    running, most, lock = 0, 0, threading.Lock()
+
+    def counted(*args: Any) -> bytes:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.05)  # long enough for the other restores' segments to pile up
+            return encode_segment(*args)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(restore, "encode_segment", counted)
+    threads = 2 * restore.RESTORE_THREADS
+    runners = {
+        "local": local_runner(threads),
+        "pooled": restore.pooled_runner([restore.encode_stored_segment] * threads),
+    }
+
+    def restored(_: int) -> list[bytes]:
+        return list(runners[runner](recipe, files, plan))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(restored, range(3))) == [expected] * 3
+    assert most == restore.RESTORE_THREADS
 
 
 def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(

@@ -1,0 +1,147 @@
+"""bench-rebuild-cpu: the CPU time of the tar rebuild alone (issue 20), and its profile.
+
+Usage::
+
+    python -m bench.rebuild_cpu [--tar-mb 96] [--reps 5] [--profile 25]
+
+The tar of real files bench-restore uses (build/bench/restore/layer-<N>mb.tar) is split
+and stored as an ingest would (its files in zstd packs on a local S3, the recipe in
+memory), with Redis and S3 only: no workers, no API. Then `rebuild_tar` is drained --reps
+times and its process CPU time (every thread of this process: user + system, from
+getrusage; not the S3 server's) is printed per run and as CPU seconds per 100 MB of tar.
+The machine is shared: wall time is printed only for reference. --profile N prints the
+top N entries of a cProfile of one more rebuild, sorted by own time (cProfile sees this
+thread only: for the prefetch threads, run it under `py-spy record --native`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import os
+import pstats
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.restore import real_tar
+from deploy.stack import Stack, free_port
+from pipelines.config import Settings
+from pipelines.filestore import FileStore, Packer, SpooledPayload
+from pipelines.index import Index
+from pipelines.recipe import Recipe, RecipeBuilder
+from pipelines.restore import rebuild_tar
+from pipelines.storage import S3Store
+from pipelines.tarsplit import Payload, split_tar
+
+BUCKET, ACCESS, SECRET = "duphunter", "duphunter", "duphunter-secret-key"
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def store_layer(tar: bytes, files: FileStore) -> Recipe:
+    """Split the tar and store its files, as an ingest's split-and-store step does."""
+    builder = RecipeBuilder()
+    with Packer(files) as packer:
+        for entry in split_tar(io.BytesIO(tar)):
+            if isinstance(entry, Payload):
+                spooled = SpooledPayload(entry.chunks())
+                builder.add_file(spooled.digest, spooled.size)
+                packer.add(spooled)
+            else:
+                builder.add_raw(entry.data)
+    return builder.finish(
+        blob_digest="sha256:" + "0" * 64,
+        blob_size=0,
+        tar_sha256=hashlib.sha256(tar).digest(),
+        encoder_id="gzip/zlib-1.2.13/6",
+        encoder_params=b"",
+    )
+
+
+def drained(recipe: Recipe, files: FileStore) -> bytes:
+    digest = hashlib.sha256()
+    for chunk in rebuild_tar(recipe, files):
+        digest.update(chunk)
+    return digest.digest()
+
+
+def counting_gets(files: FileStore) -> list[int]:
+    """A counter of the S3 GETs this FileStore's store makes (ranged or not, every one
+    goes through `iter_range`)."""
+    count = [0]
+    iter_range = files.store.iter_range
+
+    def counted(key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        count[0] += 1
+        return iter_range(key, offset, length)
+
+    files.store.iter_range = counted  # type: ignore[method-assign]
+    return count
+
+
+def measure(recipe: Recipe, files: FileStore, reps: int) -> list[float]:
+    runs = []
+    gets = counting_gets(files)
+    for rep in range(reps):
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        # the check of the whole tar is the bench's, not the rebuild's: left out of the figure
+        digest = hashlib.sha256()
+        spent = 0.0
+        for chunk in rebuild_tar(recipe, files):
+            before = time.thread_time()  # this thread's alone: the others go on meanwhile
+            digest.update(chunk)
+            spent += time.thread_time() - before
+        cpu = cpu_seconds() - cpu - spent
+        if digest.digest() != recipe.tar_sha256:
+            raise RuntimeError("the rebuilt tar differs from the stored one")
+        per_100mb = cpu * 1e8 / recipe.tar_size
+        wall = time.perf_counter() - wall
+        print(f"  run {rep}: {cpu:.3f} CPU-s ({per_100mb:.3f} per 100 MB), "
+              f"wall {wall:.2f} s, {gets[0]} S3 GETs", flush=True)  # fmt: skip
+        gets[0] = 0
+        runs.append(per_100mb)
+    return runs
+
+
+def profile(recipe: Recipe, files: FileStore, top: int) -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    drained(recipe, files)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tar-mb", type=int, default=96)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--profile", type=int, default=0, help="top N of a cProfile run")
+    args = parser.parse_args()
+    tar = real_tar(args.tar_mb)
+    with tempfile.TemporaryDirectory(prefix="rebuild-cpu-") as work, Stack(Path(work)) as stack:
+        redis_url = stack.start_redis(free_port())
+        endpoint = stack.start_s3(free_port(10000), ACCESS, SECRET, BUCKET)
+        os.environ.update(DUPHUNTER_REDIS_URL=redis_url, DUPHUNTER_S3_ENDPOINT=endpoint)
+        settings = Settings()
+        files = FileStore(S3Store(settings), Index.from_url(settings.redis_url))
+        recipe = store_layer(tar, files)
+        print(f"tar {recipe.tar_size / 1e6:.1f} MB, {recipe.entry_count} entries", flush=True)
+        runs = measure(recipe, files, args.reps)
+        print(f"median {statistics.median(runs):.3f} CPU-s per 100 MB of tar rebuilt "
+              f"(min {min(runs):.3f}, load {os.getloadavg()[0]:.1f})")  # fmt: skip
+        if args.profile:
+            profile(recipe, files, args.profile)
+
+
+if __name__ == "__main__":
+    main()
