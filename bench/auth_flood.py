@@ -1,6 +1,6 @@
 """`make bench-auth`: an honest user's latency while 64 clients flood wrong logins.
 
-    python -m bench.auth_flood [--rounds 20] [--no-docs]
+    python -m bench.auth_flood [--rounds 20] [--arrangements ...] [--no-docs]
 
 A fresh Redis, SeaweedFS S3 and the API as deployed (gunicorn, 2 processes x 16 threads)
 with DUPHUNTER_AUTH=htpasswd and cost-10 bcrypt entries (`htpasswd -B -C 10`). The honest
@@ -12,6 +12,12 @@ process of 64 threads, each request a new connection from a new loopback address
 that do not exist, so that both the per-user throttle and the bounded bcrypt slots are at
 work. Reported: medians and p90 of each operation with and without the flood, their ratio
 (target: within 2x), and what the flood got (statuses, requests per second).
+
+Two arrangements, one after the other: the flood on the same 2 cores as the registry (its
+64 Python threads take about a core the registry then lacks), and the flood on a core of
+its own (the registry, its backends and the honest user pinned to core 0, the flood to
+core 1), standing for an attacker on other machines, as a real one is: what the registry
+then pays is only what it does with the flood's requests.
 """
 
 from __future__ import annotations
@@ -130,9 +136,11 @@ def login_from(url: str, address: str, headers: dict[str, str], timeout: float =
         http.clear()
 
 
-def flood(url: str, stop_file: Path, kind: str) -> None:
+def flood(url: str, stop_file: Path, kind: str, core: int | None) -> None:
     """`kind` "login": wrong passwords; "anonymous": no credentials at all (a control: the
-    same request rate without any password path)."""
+    same request rate without any password path). On `core` alone, if given."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     seen: Counter[int] = Counter()
     lock = threading.Lock()
     started = time.monotonic()
@@ -167,7 +175,24 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def run(rounds: int) -> dict[str, Any]:
+# (the registry's cores, the flood's core): None for the flood on every core
+ARRANGEMENTS: dict[str, tuple[set[int], int] | None] = {
+    "same_cores": None,
+    "attacker_own_core": ({0}, 1),
+}
+
+
+def run(rounds: int, arrangement: tuple[set[int], int] | None) -> dict[str, Any]:
+    everywhere = os.sched_getaffinity(0)
+    if arrangement is not None:  # inherited by every process the stack starts
+        os.sched_setaffinity(0, arrangement[0])
+    try:
+        return _run(rounds, None if arrangement is None else arrangement[1])
+    finally:
+        os.sched_setaffinity(0, everywhere)
+
+
+def _run(rounds: int, flood_core: int | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir, Stack(Path(workdir)) as stack:
         users = Path(workdir) / "htpasswd"
         subprocess.run(["htpasswd", "-B", "-C", "10", "-c", "-b", str(users), USER, PASSWORD],
@@ -189,9 +214,9 @@ def run(rounds: int) -> dict[str, Any]:
         blob = honest.push_blob("bench/auth", os.urandom(BLOB_BYTES))
         honest_rounds(honest, blob, 2, "warmup")
         before = honest_rounds(honest, blob, rounds, "before")
-        during, flood_result = flooded_rounds(url, honest, blob, rounds, "login")
+        during, flood_result = flooded_rounds(url, honest, blob, rounds, "login", flood_core)
         after = honest_rounds(honest, blob, rounds, "after")
-        control, control_flood = flooded_rounds(url, honest, blob, rounds, "anonymous")
+        control, control_flood = flooded_rounds(url, honest, blob, rounds, "anonymous", flood_core)
     result = _result(before, during, after, flood_result)
     result["control"] = {
         "flood": control_flood,
@@ -201,13 +226,14 @@ def run(rounds: int) -> dict[str, Any]:
 
 
 def flooded_rounds(
-    url: str, honest: Honest, blob: str, rounds: int, kind: str
+    url: str, honest: Honest, blob: str, rounds: int, kind: str, core: int | None
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """The honest rounds while a flood of `kind` runs; its samples and what the flood got."""
     stop_file = Path(tempfile.gettempdir()) / f"duphunter-bench-auth-stop-{os.getpid()}-{kind}"
     stop_file.unlink(missing_ok=True)
     flooder = subprocess.Popen(
-        [sys.executable, "-m", "bench.auth_flood", "--flood", url, str(stop_file), kind],
+        [sys.executable, "-m", "bench.auth_flood", "--flood", url, str(stop_file), kind,
+         "--flood-core", "" if core is None else str(core)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     honest.retries.clear()
@@ -273,49 +299,58 @@ def _result(
     }
 
 
-def report(result: dict[str, Any]) -> str:
-    rows = []
-    for name, label in (("cached_get", "GET of a 1 MiB blob"), ("push_pull", "push + pull")):
-        op = result["operations"][name]
-        quiet, flooded = op["no_flood"], op["flood"]
-        rows.append(
-            f"| {label} | {quiet['median_ms']:.1f} / {quiet['p90_ms']:.1f} | "
-            f"{flooded['median_ms']:.1f} / {flooded['p90_ms']:.1f} | "
-            f"{op['ratio_median']:.2f}x / {op['ratio_p90']:.2f}x | {quiet['n']} / {flooded['n']} |"
-        )
-    control = result["control"]
-    control_rows = [
-        f"| {label} | {control[name]['median_ms']:.1f} / {control[name]['p90_ms']:.1f} | "
-        f"{control[name]['median_ms'] / result['operations'][name]['no_flood']['median_ms']:.2f}x |"
-        for name, label in (("cached_get", "GET of a 1 MiB blob"), ("push_pull", "push + pull"))
-    ]
-    flood_ = result["flood"]
-    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(flood_["statuses"].items()))
+OPERATIONS = (("cached_get", "GET of a 1 MiB blob"), ("push_pull", "push + pull"))
+WHERE = {
+    "same_cores": "The flood on the same 2 cores as the registry",
+    "attacker_own_core": "The flood on a core of its own (core 1); the registry, its "
+    "backends and the honest user on core 0, with and without the flood",
+}
+
+
+def report(results: dict[str, dict[str, Any]]) -> str:
+    first = next(iter(results.values()))
     return (
-        f"Run {result['date']} by `make bench-auth`, code at {result['git']}: Redis, "
+        f"Run {first['date']} by `make bench-auth`, code at {first['git']}: Redis, "
         "SeaweedFS S3 and the API (gunicorn, 2 processes x 16 threads) with "
         "`DUPHUNTER_AUTH=htpasswd`, bcrypt cost 10, default throttle settings. The honest "
         "user (remembered credentials, its own address) repeats a GET of a 1 MiB blob and "
         "a push of a small image (config, 1 MiB layer, manifest) pulled back and checked; "
         "rounds without the flood before and after, and with it, in one run. The flood: "
-        f"{result['flooders']} threads in another process on the same 2 cores, each "
-        "request a new connection from a new loopback address with a wrong password, half "
-        "at the honest user's name, half at names that do not exist.\n\n"
+        f"{first['flooders']} threads in another process, each request a new connection "
+        "from a new loopback address with a wrong password, half at the honest user's "
+        "name, half at names that do not exist. A control flood sends no credentials at "
+        "all (each request a 401 challenge: no password path, no bcrypt, no throttle).\n\n"
+        + "\n".join(_arrangement(name, result) for name, result in results.items())
+        + "\nRaw data: `docs/bench/auth.json`. The machine:\n\n"
+        f"```\n{first['machine']}\n```\n"
+    )
+
+
+def _arrangement(name: str, result: dict[str, Any]) -> str:
+    rows = []
+    for key, label in OPERATIONS:
+        op = result["operations"][key]
+        quiet, flooded = op["no_flood"], op["flood"]
+        control = result["control"][key]
+        rows.append(
+            f"| {label} | {quiet['median_ms']:.1f} / {quiet['p90_ms']:.1f} | "
+            f"{flooded['median_ms']:.1f} / {flooded['p90_ms']:.1f} | "
+            f"**{op['ratio_median']:.2f}x** / {op['ratio_p90']:.2f}x | "
+            f"{control['median_ms'] / quiet['median_ms']:.2f}x | {quiet['n']} / {flooded['n']} |"
+        )
+    flood_ = result["flood"]
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(flood_["statuses"].items()))
+    return (
+        f"### {WHERE[name]}\n\n"
         "| operation | no flood: median / p90 ms | flood: median / p90 ms "
-        "| ratio median / p90 | samples |\n|---|--:|--:|--:|--:|\n" + "\n".join(rows) + "\n\n"
+        "| ratio median / p90 (target 2x) | control flood: ratio median | samples |\n"
+        "|---|--:|--:|--:|--:|--:|\n" + "\n".join(rows) + "\n\n"
         f"The flood: {flood_['requests_per_s']:.0f} requests/s over {flood_['seconds']:.0f} s; "
         f"answers {statuses} (401: checked by bcrypt and wrong; 429: refused unchecked, "
-        "backing off or every bcrypt slot taken; never a 200 or a 500). The honest user's "
+        "backing off or every bcrypt slot taken; never a 200 or a 500). The control: "
+        f"{result['control']['flood']['requests_per_s']:.0f} requests/s. The honest user's "
         f"429s during the flood, each retried after its Retry-After: "
-        f"{flood_['honest_retries'] or 'none'}.\n\n"
-        "Control, in the same run: the same 64-thread flood sending no credentials at all "
-        "(each request a 401 challenge: no password path, no bcrypt, no throttle), at "
-        f"{control['flood']['requests_per_s']:.0f} requests/s:\n\n"
-        "| operation | control flood: median / p90 ms | ratio median |\n|---|--:|--:|\n"
-        + "\n".join(control_rows)
-        + "\n\n"
-        "Raw data: `docs/bench/auth.json`. The machine:\n\n"
-        f"```\n{result['machine']}\n```\n"
+        f"{flood_['honest_retries'] or 'none'}.\n"
     )
 
 
@@ -325,15 +360,19 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--flood", nargs=3, metavar=("URL", "STOP_FILE", "KIND"),
                         help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--flood-core", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--arrangements", nargs="+", choices=list(ARRANGEMENTS),
+                        default=list(ARRANGEMENTS))  # fmt: skip
     args = parser.parse_args()
     if args.flood:
-        flood(args.flood[0], Path(args.flood[1]), args.flood[2])
+        core = int(args.flood_core) if args.flood_core else None
+        flood(args.flood[0], Path(args.flood[1]), args.flood[2], core)
         return
-    result = run(args.rounds)
-    text = report(result)
+    results = {name: run(args.rounds, ARRANGEMENTS[name]) for name in args.arrangements}
+    text = report(results)
     print(text)
     if not args.no_docs:
-        save_json("auth", result)
+        save_json("auth", results)
         write_section(HEADING, text, machine())
 
 
