@@ -595,6 +595,23 @@ def test_live_segments_on_restore_workers(
     assert b"".join(release_through(recipe, live, runner)) == blob
 
 
+def test_live_segments_are_encoded_here_while_no_restore_worker_runs(
+    live: LiveStack, client: RegistryClient, repo: str, go_layer: tuple[bytes, bytes]
+) -> None:
+    """With the restore workers stopped, the remote slots encode their segments here at
+    once: nothing is queued for nobody to take (each would wait 20 s)."""
+    blob = go_layer[1]
+    _digest, recipe = deduplicated_recipe(live, client, repo, blob)
+    app = make_celery(live.settings)
+    live.stack.stop_service("worker-restore")
+    try:
+        runner = restore_workers_runner(app, remote_slots=2)
+        assert b"".join(release_through(recipe, live, runner)) == blob
+        assert live.registry.index.queue_length("restore") == 0
+    finally:
+        live.stack.respawn("worker-restore")
+
+
 def test_live_unreadable_checkpoints_fall_back_to_serial(
     live: LiveStack, client: RegistryClient, repo: str, go_layer: tuple[bytes, bytes]
 ) -> None:

@@ -347,12 +347,36 @@ def _s3_problem(registry: Registry) -> str:
 
 
 def _queues_without_consumer() -> str:
-    with celery_app.connection() as connection:  # a fresh one: a pooled one may be stale
-        replies = celery_app.control.inspect(timeout=1.0, connection=connection).active_queues()
-    replies = replies or {}
-    served = {queue["name"] for queues in replies.values() for queue in queues}
+    served = consumed_queues(celery_app)
     missing = [queue for queue in QUEUES if queue not in served]
     return f"no worker consumes {', '.join(missing)}" if missing else ""
+
+
+def consumed_queues(app: Celery) -> set[str]:
+    """The queues some worker consumes now (a broadcast: up to a second)."""
+    with app.connection() as connection:  # a fresh one: a pooled one may be stale
+        replies = app.control.inspect(timeout=1.0, connection=connection).active_queues()
+    return {queue["name"] for queues in (replies or {}).values() for queue in queues}
+
+
+class ConsumerWatch:
+    """Whether a worker consumes `queue`, asked again at most every `seconds`."""
+
+    def __init__(self, app: Celery, queue: str, seconds: float = 10.0) -> None:
+        self.app, self.queue, self.seconds = app, queue, seconds
+        self.lock = threading.Lock()
+        self.asked = -seconds
+        self.answer = False
+
+    def present(self) -> bool:
+        with self.lock:
+            if time.monotonic() - self.asked >= self.seconds:
+                try:
+                    self.answer = self.queue in consumed_queues(self.app)
+                except Exception:  # the broker unreachable: no remote work either
+                    self.answer = False
+                self.asked = time.monotonic()
+            return self.answer
 
 
 def _failing_canaries(registry: Registry) -> str:
@@ -374,10 +398,15 @@ def restore_workers_runner(app: Celery = celery_app, remote_slots: int = 0) -> S
     """Segments shared between this host's threads and `remote_slots` restore workers
     (default DUPHUNTER_RESTORE_WORKER_SLOTS, else 2): each remote slot queues a segment
     and waits for it; a segment a worker fails or is late with is encoded here (every
-    restore is verified before its bytes leave, whoever encoded it)."""
+    restore is verified before its bytes leave, whoever encoded it). While no worker
+    consumes the restore queue, a remote slot encodes here at once instead of waiting out
+    SEGMENT_TIMEOUT_SECONDS for nobody."""
     slots = remote_slots or int(os.environ.get("DUPHUNTER_RESTORE_WORKER_SLOTS", "2"))
+    workers = ConsumerWatch(app, "restore")
 
     def remote(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
+        if not workers.present():
+            return encode_stored_segment(recipe, files, plan, index)
         result = app.send_task(encode_segment.name, args=(recipe.blob_digest, index))
         try:
             return base64.b64decode(result.get(timeout=SEGMENT_TIMEOUT_SECONDS))
