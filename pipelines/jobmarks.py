@@ -39,6 +39,11 @@ class JobMarks:
         """The job queued a follow-up of itself: it is still queued."""
         self.redis.set(_queued_key(kind, digest), str(time.time()), ex=QUEUED_MARK_SECONDS)
 
+    def released(self, kind: str, digest: str) -> None:
+        """The job ended without an answer (its lock was busy, a backend away): it may be
+        queued again, and this does not count as a failure."""
+        self.redis.delete(_queued_key(kind, digest))
+
     def succeeded(self, kind: str, digest: str) -> None:
         pipe = self.redis.pipeline()
         pipe.delete(_queued_key(kind, digest))

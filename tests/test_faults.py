@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from redis.exceptions import LockError
 
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, wait_until
 from pipelines.gc import GcStopped
@@ -28,7 +29,7 @@ from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api, start_live_stack
 from tests.test_dedup import make_tar, wait_for_layers, wait_until_retired
 from workers.app import make_celery
-from workers.tasks import RETIRE, queue_retirement
+from workers.tasks import RETIRE, _settling, queue_retirement
 
 MiB = 1 << 20
 
@@ -83,6 +84,25 @@ def test_a_gc_retried_takes_back_its_own_lock_at_once(live: LiveStack) -> None:
             live.registry.collector().run(dry_run=True, token="job-4/host/1")
     finally:
         blocker.release()
+
+
+def test_a_retirement_meeting_a_busy_lock_is_never_given_up(live: LiveStack) -> None:
+    """Torture seed 0 found it: retirements that met a killed holder's lock 3 times were
+    given up for a day, and their intact copies never retired. A busy lock or a backend
+    away counts no failure; any other error does."""
+    marks = live.registry.jobmarks
+    for error, given_up in ((LockError("busy"), False), (ValueError("broken"), True)):
+        digest = "sha256:" + os.urandom(32).hex()
+        for _run in range(GIVE_UP_AFTER):
+            assert marks.claim(RETIRE, digest)
+            with pytest.raises(type(error)):
+                _settling(RETIRE, digest, functools.partial(_raise, error))
+        assert (digest in marks.given_up(RETIRE)) is given_up
+        marks.succeeded(RETIRE, digest)
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 def test_a_retirement_failing_again_and_again_is_given_up_with_why(live: LiveStack) -> None:

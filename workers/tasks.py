@@ -130,6 +130,10 @@ def _settling(kind: str, digest: str, work: Callable[[], Result | None]) -> Resu
     try:
         result = work()
     except Exception as error:
+        if isinstance(error, LockError) or is_transient(error):
+            # a busy lock or a backend away: asked for again later, never given up on
+            registry().jobmarks.released(kind, digest)
+            raise
         failures = registry().jobmarks.failed(kind, digest, error)
         logger.warning("%s of %s failed (%d in a row): %r", kind, digest, failures, error)
         raise
