@@ -4,8 +4,9 @@ canaries): each is queued at most once at a time, and one that keeps failing on 
 is given up, with why, rather than queued every interval for ever.
 
 - queued: a mark per (kind, layer) set when the job is queued and dropped when it ends
-  (either way); a schedule that finds it does not queue the job again. It expires after
-  QUEUED_MARK_SECONDS, so a job that Redis lost (emptied) is asked for again then.
+  (either way); a schedule that finds it does not queue the job again, unless the mark
+  is older than the job could take (lost with a worker killed at the wrong moment). It
+  expires after QUEUED_MARK_SECONDS.
 - failures: each run that fails (after its own bounded retries) counts one, with its
   error. After GIVE_UP_AFTER failures in a row the schedules stop asking, until the job
   succeeds when asked for otherwise (the retirement an ingest queues, an operator's
@@ -30,10 +31,19 @@ class JobMarks:
     def __init__(self, client: redis.Redis[bytes]) -> None:
         self.redis = client
 
-    def claim(self, kind: str, digest: str) -> bool:
-        """Whether the caller is the one to queue this job (none is queued or running)."""
-        key = _queued_key(kind, digest)
-        return bool(self.redis.set(key, str(time.time()), nx=True, ex=QUEUED_MARK_SECONDS))
+    def claim(self, kind: str, digest: str, stale_after: float = QUEUED_MARK_SECONDS) -> bool:
+        """Whether the caller is the one to queue this job: none is queued or running, or
+        the one marked is older than `stale_after` (lost with a killed worker: taken over,
+        by one caller only)."""
+        key, now = _queued_key(kind, digest), time.time()
+        if self.redis.set(key, str(now), nx=True, ex=QUEUED_MARK_SECONDS):
+            return True
+        marked = self.redis.get(key)
+        if marked is None or now - float(marked) < stale_after:
+            return False
+        previous = self.redis.getset(key, str(now))
+        self.redis.expire(key, QUEUED_MARK_SECONDS)
+        return previous == marked  # another caller that took it over first got `marked`
 
     def keep_claim(self, kind: str, digest: str) -> None:
         """The job queued a follow-up of itself: it is still queued."""

@@ -111,6 +111,9 @@ def test_a_retirement_failing_again_and_again_is_given_up_with_why(live: LiveSta
     marks = live.registry.jobmarks
     digest = "sha256:" + os.urandom(32).hex()
     assert marks.claim(RETIRE, digest) and not marks.claim(RETIRE, digest)
+    time.sleep(0.2)  # a mark older than the job could take: its job was lost, taken over once
+    assert marks.claim(RETIRE, digest, stale_after=0.1)
+    assert not marks.claim(RETIRE, digest, stale_after=0.1)
     for _run in range(GIVE_UP_AFTER):
         marks.failed(RETIRE, digest, TimeoutError("S3 said no"))
     assert digest in marks.given_up(RETIRE)

@@ -117,8 +117,10 @@ RETIRE, PROMOTE = "retire", "promote"  # the per-layer jobs of pipelines.jobmark
 def queue_retirement(digest: str, keep: bool | None) -> bool:
     """Queue a layer's retirement (or demotion) for a schedule: not when one is queued or
     running already, nor when it failed repeatedly lately; whether it was queued."""
-    marks = registry().jobmarks
-    if digest in marks.given_up(RETIRE) or not marks.claim(RETIRE, digest):
+    marks, settings = registry().jobmarks, registry().settings
+    # a retirement waits its grace, then its turn in the queue: older, it was lost
+    stale_after = 2 * settings.visibility_timeout_seconds + settings.retire_grace_seconds
+    if digest in marks.given_up(RETIRE) or not marks.claim(RETIRE, digest, stale_after):
         return False
     retire_intact_copy.apply_async(args=(digest, keep, ""))
     return True
