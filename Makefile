@@ -20,9 +20,11 @@ run: system-deps venv
 stop: venv
 	@$(BIN)/python -m deploy.local --stop
 
-# Two test processes (pytest-xdist), each with its own stack on free ports; a module
-# stays in one process (its module-scoped stacks start once). TEST_WORKERS=0: serial.
-TEST_WORKERS ?= 2
+# Serial by default. TEST_WORKERS=2 runs two test processes (pytest-xdist), each with its
+# own stack on free ports, a module in one process: about 23 minutes instead of 35 here,
+# but on 2 cores the doubled load still flakes (a zstd CLI layer left intact by its
+# screening, a torture seed slow to settle), so CI stays serial until those hold.
+TEST_WORKERS ?= 0
 test: test-deps venv helpers lint
 	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
