@@ -105,7 +105,7 @@ def authentication_note(listen: str) -> str:
         return (
             f"authentication OFF: anyone who reaches {listen} may push, pull and delete; "
             "turn it on with DUPHUNTER_AUTH=htpasswd DUPHUNTER_HTPASSWD=<file> "
-            '(README: Authentication)'
+            "(README: Authentication)"
         )
     users = f", users in {settings.htpasswd}" if settings.auth == "htpasswd" else ""
     anonymous = ", anonymous pulls allowed" if settings.anonymous_pull else ""

@@ -32,6 +32,7 @@ from typing import IO
 import zstandard
 
 from pipelines.codecs import ChunkReader
+from pipelines.errors import IndexIncomplete
 from pipelines.index import Index
 from pipelines.storage import ObjectNotFound, ObjectStore, sizes
 
@@ -251,6 +252,14 @@ class FileStore:
         found = self.index.file_locations([digest.hex() for digest in digests])
         return [None if text is None else Location.decode(text) for text in found]
 
+    def unlocated(self, digest: bytes) -> Exception:
+        """What a read of a file the index does not name raises: while the index is
+        incomplete the file may be in a pack all the same (come back: a 503), once it is
+        complete the file is not stored."""
+        if not self.index.is_ready():
+            return IndexIncomplete({"file": f"sha256:{digest.hex()}"})
+        return file_error(digest, "", "is not stored (not in the index)")
+
     def read_range(self, pack: str, offset: int, length: int) -> bytes:
         return self.store.get_bytes_range(pack, offset, length)
 
@@ -277,7 +286,7 @@ class FileStore:
         while True:
             (location,) = self.locate([digest])
             if location is None:
-                raise file_error(digest, "", "is not stored (not in the index)")
+                raise self.unlocated(digest)
             try:
                 pack = location.pack
                 return pack, self.store.iter_range(pack, location.offset, location.length)

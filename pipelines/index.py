@@ -35,6 +35,7 @@ import redis
 from pipelines.leases import Lease
 
 PREFIX = "dh:"
+FILES_KEY = PREFIX + "files"  # file digest (hex) -> its location in a pack
 READY_KEY = PREFIX + "index:ready"
 REBUILDING_KEY = PREFIX + "index:rebuilding"
 # The index is complete only if the rebuild that filled it saw no loss of keys on the way.
@@ -258,19 +259,19 @@ class Index:
         """Where each file is stored (`<pack> <offset> <length>`), None if not stored."""
         if not hex_digests:
             return []
-        values = self.redis.hmget(f"{PREFIX}files", hex_digests)
+        values = self.redis.hmget(FILES_KEY, hex_digests)
         return [None if value is None else value.decode() for value in values]
 
     def add_file(self, hex_digest: str, location: str) -> bool:
         """Record where a file is stored; False if it was recorded already."""
-        return bool(self.redis.hsetnx(f"{PREFIX}files", hex_digest, location))
+        return bool(self.redis.hsetnx(FILES_KEY, hex_digest, location))
 
     def add_files(self, locations: dict[str, str]) -> list[bool]:
         """Record where files are stored, in one round trip; per file, False if it was
         recorded already (then the new copy is garbage)."""
         pipe = self.redis.pipeline()
         for hex_digest, location in locations.items():
-            pipe.hsetnx(f"{PREFIX}files", hex_digest, location)
+            pipe.hsetnx(FILES_KEY, hex_digest, location)
         return [bool(added) for added in pipe.execute()]
 
     # claims: a worker about to store a new file claims it, so that no other stores it too
@@ -326,14 +327,14 @@ class Index:
         if not changes:
             return 0
         args = [part for hexdigest, (old, new) in changes.items() for part in (hexdigest, old, new)]
-        return int(self._compare_and_set_script(keys=[f"{PREFIX}files"], args=args))
+        return int(self._compare_and_set_script(keys=[FILES_KEY], args=args))
 
     @property
     def _compare_and_set_script(self) -> Any:
         return self.redis.register_script(_COMPARE_AND_SET_FILES_LUA)
 
     def file_count(self) -> int:
-        return int(self.redis.hlen(f"{PREFIX}files"))
+        return int(self.redis.hlen(FILES_KEY))
 
     def referenced_file_count(self) -> int:
         return int(self.redis.hlen(f"{PREFIX}filerefs"))

@@ -45,7 +45,13 @@ from pipelines.codecs import (
     sniff,
 )
 from pipelines.digests import digest_key
-from pipelines.errors import BeingCollected, RegistryError, is_transient
+from pipelines.errors import (
+    BeingCollected,
+    IndexIncomplete,
+    IndexNotReady,
+    RegistryError,
+    is_transient,
+)
 from pipelines.filestore import (
     IN_MEMORY_LIMIT,
     PACK_TARGET,
@@ -450,7 +456,12 @@ class Ingestor:
 
     def _unproven(self, info: BlobInfo) -> str | None:
         """Why the packs alone do not restore the layer (None when they do)."""
-        proof = check_from_packs(self.store, self.files, info)
+        try:
+            proof = check_from_packs(self.store, self.files, info)
+        except IndexIncomplete as error:
+            raise IndexNotReady(f"{info.digest}: its proof waits for the index") from error
+        if not proof.ok and not self.index.is_ready():  # files missed in an emptied index
+            raise IndexNotReady(f"{info.digest}: its proof waits for the index")
         return None if proof.ok else f"{UNPROVEN}: {proof.reason}"
 
     def withdraw_replica(self, digest: str) -> bool:

@@ -587,8 +587,9 @@ class Registry:
 
     def overdue_retirements(self, older_than: float) -> list[str]:
         """Deduplicated layers, settled before `older_than`, whose intact copy still awaits
-        deletion although no canary or failed proof keeps it: their retirement job was
-        lost (a worker killed with it, Redis emptied)."""
+        deletion, or is kept though no canary, failed proof or heat keeps it: their
+        retirement job was lost (a worker killed with it), or the reason it was kept was
+        (Redis emptied)."""
         kept = {key.decode() for key in self.index.redis.hkeys(RETIRE_BLOCKED_KEY)}
         records = self.index.layer_summaries(("state", "updated"))
         overdue = []
@@ -596,7 +597,8 @@ class Registry:
             settled = fields["state"] == DEDUPLICATED and float(fields["updated"] or 0) < older_than
             if settled and digest not in kept:
                 info = self.blobs.info(digest)
-                if info is not None and info.retired:
+                unwanted = info is not None and info.segments and not self.keeps_replica(digest)
+                if info is not None and (info.retired or unwanted):
                     overdue.append(digest)
         return overdue
 

@@ -47,6 +47,7 @@ from pipelines.encoders import (
     lookup_encoder,
     thread_cpu_seconds,
 )
+from pipelines.errors import RegistryError, is_transient
 from pipelines.filestore import (
     IN_MEMORY_LIMIT,
     FileStore,
@@ -308,7 +309,7 @@ def _plan(
     for ref in refs:
         location = found[ref.digest]
         if location is None:
-            raise file_error(ref.digest, "", "is not stored (not in the index)")
+            raise files.unlocated(ref.digest)
         if not _streams_alone(ref, location):
             small.setdefault((location.pack, location.offset), (ref, location))
     pause("restore.planned")
@@ -710,7 +711,7 @@ class RestoreHub:
         self.keep_seconds = keep_seconds
         # why this process's last restore of a layer failed: for its readers' errors (a
         # reader in another process learns only that it failed; the reason is logged)
-        self._failures: dict[str, str] = {}
+        self._failures: dict[str, Exception] = {}
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.sweep()
 
@@ -754,10 +755,12 @@ class RestoreHub:
             try:
                 yield from _stream(handle, size, offset, end)
             except RestoreError as error:
-                reason = self._failures.get(digest)
-                if str(error) != RESTORE_FAILED or reason is None:
+                failure = self._failures.get(digest)
+                if str(error) != RESTORE_FAILED or failure is None:
                     raise
-                raise RestoreError(f"{error}: {reason}") from error
+                if isinstance(failure, RegistryError) or is_transient(failure):
+                    raise failure from error  # not the layer's fault: come back (a 503)
+                raise RestoreError(f"{error}: {failure}") from error
             return
 
     def _claim_or_open(
@@ -801,7 +804,7 @@ class RestoreHub:
             self._failures.pop(digest, None)
         except Exception as error:
             logger.exception("restore of %s failed", digest)
-            self._failures[digest] = str(error)
+            self._failures[digest] = error
             while len(self._failures) > FAILURES_KEPT:
                 del self._failures[next(iter(self._failures))]
         os.fchmod(descriptor, outcome)

@@ -78,6 +78,11 @@ def push_and_wait(client: RegistryClient, live: LiveStack, image: Image) -> None
     wait_until(lambda: _retired(live, image.digest), "retire", timeout=60)
 
 
+def _ingested(live: LiveStack, digest: str) -> bool:
+    info = live.registry.blobs.stored_info(digest)
+    return info is not None and info.deduplicated and not info.segments and not info.retired
+
+
 def _retired(live: LiveStack, digest: str) -> bool:
     info = live.registry.blobs.stored_info(digest)
     return info is not None and not info.retired
@@ -284,8 +289,11 @@ def test_untagged_gc_keeps_what_tags_lead_to_and_frees_the_rest(gc_live: LiveSta
         assert response.status == 201, response.data
         return str(response.headers["Docker-Content-Digest"])
 
+    layers: list[str] = []
+
     def image(n: int) -> dict[str, Any]:
         layer = gzip.compress(make_tar({f"f{n}": os.urandom(4 * KiB)}), mtime=0)
+        layers.append(sha256(layer))
         config = json.dumps({"architecture": "amd64", "os": "linux", "n": n}).encode()
         return image_manifest(client.push_blob(repo, config), len(config),
                               [(client.push_blob(repo, layer), len(layer))])  # fmt: skip
@@ -301,6 +309,8 @@ def test_untagged_gc_keeps_what_tags_lead_to_and_frees_the_rest(gc_live: LiveSta
     referrer_digest = pushed(sha256(json.dumps(referrer).encode()), referrer)
     loose = image(4)
     loose_digest = pushed(sha256(json.dumps(loose).encode()), loose)
+    # a recipe committed within the grace keeps its layer: let every ingest commit first
+    wait_until(lambda: all(_ingested(live, layer) for layer in layers), "ingests", timeout=180)
     time.sleep(live.settings.gc_grace_seconds + 1)
     run_gc(live)
     for digest in (tagged, child_digest, referrer_digest):

@@ -21,6 +21,7 @@ import pytest
 from deploy.stack import Stack, wait_until
 from pipelines.blobs import BlobInfo, Segment
 from pipelines.gc import GcReport
+from pipelines.index import FILES_KEY, READY_KEY
 from pipelines.ingest import RETIRE_BLOCKED_KEY
 from pipelines.pauses import PAUSE_DIR_VARIABLE
 from pipelines.recipe import Recipe
@@ -29,6 +30,7 @@ from pipelines.restore import restore_blob
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, PausePoints, start_live_stack
 from tests.test_gc import Image, delete_image, make_image, push_and_wait, run_gc
+from workers.app import make_celery
 
 KiB = 1 << 10
 GRACE = 2.0
@@ -311,13 +313,83 @@ def test_an_intact_copy_is_kept_when_the_packs_cannot_restore_its_layer(
     assert location is not None
     live.registry.store.delete([location.pack])  # storage lost under the registry
     points.release("retire.start")
-    time.sleep(3)
+    redis = live.registry.index.redis
+    wait_until(lambda: redis.hget(RETIRE_BLOCKED_KEY, image.digest) is not None, "kept")
     response = client.request("GET", f"/v2/{image.repo}/blobs/{image.digest}")
     assert response.status == 200 and response.data == image.layer
     kept = live.registry.blobs.stored_info(image.digest)
     assert kept is not None and kept.segments, "the last copy was deleted, or is not served"
-    blocked = live.registry.index.redis.hget(RETIRE_BLOCKED_KEY, image.digest) or b""
+    blocked = redis.hget(RETIRE_BLOCKED_KEY, image.digest) or b""
     assert b"does not restore from its packs" in blocked, blocked
+
+
+def _kept_while_a_pack_was_away(live: LiveStack, points: PausePoints, repo: str) -> Image:
+    """A layer whose retirement found a pack missing (its intact copy kept, the failed
+    proof recorded), and the pack back in place since (an S3 replica had lagged)."""
+    image = make_image(repo, {}, own_files=6)
+    points.hold("retire.start")
+    RegistryClient(live.url).push_image(image.repo, "v1", [image.layer])
+    points.wait_reached("retire.start")
+    info = live.registry.blobs.stored_info(image.digest)
+    assert info is not None and info.deduplicated
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe or ""))
+    (location,) = live.registry.files.locate([next(iter(recipe.file_refs()))])
+    assert location is not None
+    pack = live.registry.store.get_bytes(location.pack)
+    live.registry.store.delete([location.pack])
+    points.release("retire.start")
+    redis = live.registry.index.redis
+    wait_until(lambda: redis.hget(RETIRE_BLOCKED_KEY, image.digest) is not None, "kept")
+    live.registry.store.put_bytes(location.pack, pack)
+    return image
+
+
+def _withdrawn(live: LiveStack, digest: str) -> bool:
+    """Its retirement went ahead: the intact copy awaits deletion, or is deleted."""
+    info = live.registry.blobs.stored_info(digest)
+    return info is not None and not info.segments
+
+
+def _deleted(live: LiveStack, digest: str) -> bool:
+    info = live.registry.blobs.stored_info(digest)
+    return info is not None and not info.segments and not info.retired
+
+
+def test_an_intact_copy_kept_for_a_failed_proof_is_proved_again_later(
+    live: LiveStack, points: PausePoints
+) -> None:
+    image = _kept_while_a_pack_was_away(live, points, "last-copy/back")
+    make_celery(live.settings).send_task("workers.tasks.resume_ingests").get(timeout=120)
+    wait_until(lambda: _withdrawn(live, image.digest), "retired once proved", timeout=120)
+
+
+def test_an_intact_copy_whose_reason_redis_lost_is_retired_again(
+    live: LiveStack, points: PausePoints
+) -> None:
+    image = _kept_while_a_pack_was_away(live, points, "last-copy/reason-lost")
+    live.registry.index.redis.hdel(RETIRE_BLOCKED_KEY, image.digest)  # as Redis emptied does
+    assert image.digest in live.registry.overdue_retirements(time.time() + 1)
+
+
+def test_a_proof_made_while_the_index_is_incomplete_keeps_nothing_for_good(
+    live: LiveStack, points: PausePoints
+) -> None:
+    """A file missed in an emptied index is no evidence that a pack lost it: the proof is
+    put off until the index is rebuilt, not recorded as failed."""
+    client = RegistryClient(live.url)
+    image = make_image("last-copy/emptied", {}, own_files=6)
+    points.hold("retire.start")
+    client.push_image(image.repo, "v1", [image.layer])
+    points.wait_reached("retire.start")
+    redis = live.registry.index.redis
+    redis.delete(READY_KEY, FILES_KEY)  # every file entry gone, as after a flush
+    early = client.request("GET", f"/v2/{image.repo}/blobs/{image.digest}")
+    assert (early.status, early.data) in ((200, image.layer), (503, early.data)), early.data
+    points.release("retire.start")
+    wait_until(lambda: _deleted(live, image.digest), "retired after the rebuild", timeout=240)
+    assert redis.hget(RETIRE_BLOCKED_KEY, image.digest) is None
+    response = client.request("GET", f"/v2/{image.repo}/blobs/{image.digest}")
+    assert response.status == 200 and response.data == image.layer
 
 
 # 7. Presigned URLs never outlive the object they point to.

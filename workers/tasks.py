@@ -32,7 +32,7 @@ from redis.exceptions import LockError
 
 from pipelines.canaries import check_at_start
 from pipelines.encoders import prepare_encoders
-from pipelines.errors import is_transient
+from pipelines.errors import IndexNotReady, is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.predict import PERIOD, Prediction
 from pipelines.registry import Registry
@@ -42,6 +42,7 @@ from workers.app import celery_app
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 LOCK_ATTEMPTS = 5
+INDEX_WAIT = 30  # seconds a job that needs the complete index waits for its rebuild
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,12 @@ def _retire(digest: str, keep: bool | None, repository: str) -> int | None:
     pullers = registry().expected_pullers(repository) if repository else 0
     if not keep_replica and pullers:
         retrying(lambda: registry().server.preconstruct(digest, "retired", pullers))
-    return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
+    try:
+        return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
+    except IndexNotReady:  # asked again once the rebuild (queued behind us) may have run
+        retire_intact_copy.apply_async(args=(digest, keep, repository), countdown=INDEX_WAIT)
+        registry().jobmarks.keep_claim(RETIRE, digest)
+        return None
 
 
 def retire_unblocked(of: Registry | None = None) -> list[str]:
@@ -305,6 +311,7 @@ def resume_ingests() -> list[str]:
         registry().index.put_layer(digest, {"job": job.id, "updated": str(time.time())})
     for digest in registry().overdue_retirements(older_than):
         queue_retirement(digest, None)
+    retire_unblocked()  # a failed proof may have been passing trouble: proved again
     return stale
 
 
