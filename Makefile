@@ -20,11 +20,10 @@ run: system-deps venv
 stop: venv
 	@$(BIN)/python -m deploy.local --stop
 
-# Serial by default. TEST_WORKERS=2 runs two test processes (pytest-xdist), each with its
-# own stack on free ports, a module in one process: about 23 minutes instead of 35 here,
-# but on 2 cores the doubled load still flakes (a zstd CLI layer left intact by its
-# screening, a torture seed slow to settle), so CI stays serial until those hold.
-TEST_WORKERS ?= 0
+# Two test processes (pytest-xdist), each with its own stacks on free ports, a module in
+# one process, the long modules first (tests/conftest.py): about 24 minutes here against
+# 37 serial. TEST_WORKERS=0 runs them in this process, one after the other.
+TEST_WORKERS ?= 2
 test: test-deps venv helpers lint
 	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
