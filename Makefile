@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-BUILD_HELPERS := bash pipelines/gohelpers/build.sh build/helpers
+BUILD_HELPERS := bash pipelines/encoders/gohelpers/build.sh build/helpers
 helpers: venv
 	@$(BUILD_HELPERS)
 

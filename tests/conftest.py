@@ -18,7 +18,7 @@ import pytest
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
 from pipelines.config import Settings
 from pipelines.pauses import PAUSE_DIR_VARIABLE
-from pipelines.registry import Registry
+from pipelines.registry.facade import Registry
 from tests.client import RegistryClient
 
 

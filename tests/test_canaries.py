@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from deploy.stack import REPO_ROOT, wait_until
-from pipelines import canaries
-from pipelines.canaries import (
+from pipelines.encoders import canaries
+from pipelines.encoders.canaries import (
     CANARY_FILE,
     CANARY_KEY,
     STARTS_KEY,
@@ -32,8 +32,8 @@ from pipelines.canaries import (
     registered_ids,
     retirement_blocker,
 )
-from pipelines.encoders import GZIP_TRAILER_LEN
-from pipelines.ingest import RETIRE_BLOCKED_KEY
+from pipelines.encoders.detect import GZIP_TRAILER_LEN
+from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired

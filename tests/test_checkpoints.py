@@ -26,8 +26,17 @@ from typing import Any
 import pytest
 import zstandard
 
-from pipelines import restore
-from pipelines.checkpoints import (
+from pipelines.encoders.detect import (
+    Encoder,
+    GoStdlibEncoder,
+    PgzipEncoder,
+    encode_gzip_params,
+    lookup_encoder,
+    thread_cpu_seconds,
+)
+from pipelines.formats.recipe import Recipe
+from pipelines.serve import restore
+from pipelines.serve.checkpoints import (
     AVOID_MARGIN,
     CHECKPOINT_SPACING,
     MIN_CHECKPOINT_SPACING,
@@ -50,16 +59,7 @@ from pipelines.checkpoints import (
     prove,
     segment_input,
 )
-from pipelines.encoders import (
-    Encoder,
-    GoStdlibEncoder,
-    PgzipEncoder,
-    encode_gzip_params,
-    lookup_encoder,
-    thread_cpu_seconds,
-)
-from pipelines.recipe import Recipe
-from pipelines.restore import (
+from pipelines.serve.restore import (
     RestoreError,
     SegmentRunner,
     load_checkpoints,

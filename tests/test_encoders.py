@@ -23,8 +23,7 @@ from typing import BinaryIO
 import pytest
 import zstandard
 
-from pipelines.codecs import open_decompressed, sniff
-from pipelines.encoders import (
+from pipelines.encoders.detect import (
     SCREEN_STAGES,
     EncoderUnavailableError,
     GzipProgramEncoder,
@@ -44,7 +43,8 @@ from pipelines.encoders import (
     stock_zlib_problem,
     tar_entries_end,
 )
-from pipelines.zstd_cli import ZstdCliEncoder
+from pipelines.encoders.zstd_cli import ZstdCliEncoder
+from pipelines.formats.codecs import open_decompressed, sniff
 from tests.test_codecs import real_files_tar
 
 PGZIP_LIBRARY = "pgzip-deb-"

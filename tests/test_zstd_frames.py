@@ -19,16 +19,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pipelines import encoders
-from pipelines.codecs import (
-    CorruptBlobError,
-    UnsupportedBlobError,
-    open_decompressed,
-    scan_zstd_frames,
-    sniff,
-)
-from pipelines.encoders import Match, NoMatch
-from pipelines.zstd_frames import (
+from pipelines.encoders import detect as encoders
+from pipelines.encoders.detect import Match, NoMatch
+from pipelines.encoders.zstd_frames import (
     FRAMES_PREFIX,
     MAX_SKIPPABLE_BYTES,
     DataFrame,
@@ -37,6 +30,13 @@ from pipelines.zstd_frames import (
     encode_params,
     frames_shortlist,
     frames_to_rebuild,
+)
+from pipelines.formats.codecs import (
+    CorruptBlobError,
+    UnsupportedBlobError,
+    open_decompressed,
+    scan_zstd_frames,
+    sniff,
 )
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup

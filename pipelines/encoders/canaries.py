@@ -12,7 +12,7 @@ Results go to the Redis hash `dh:canaries` (encoder id -> "ok" / "failed"; the r
 retired while the canary of its layer's encoder is failed or missing (`retirement_blocker`).
 Checked at worker start and by `duphunter verify --encoders` (POST /api/v1/encoders/verify).
 
-`python -m pipelines.canaries --write` records the canaries of the encoders this host runs
+`python -m pipelines.encoders.canaries --write` records the canaries of the encoders this host runs
 (for a new encoder id, once its output is known to be the producer's).
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from pipelines.encoders import (
+from pipelines.encoders.detect import (
     GZIP_TRAILER_LEN,
     EncoderUnavailableError,
     KlauspostOptions,
@@ -148,7 +148,8 @@ def check_all(canaries: dict[str, Canary] | None = None) -> dict[str, str]:
     """Every encoder id (recorded or registered here): "" if it passed, else why not."""
     canaries = load_canaries() if canaries is None else canaries
     results = {
-        encoder_id: "no canary recorded for this encoder id (pipelines/encoder_canaries.json)"
+        encoder_id: "no canary recorded for this encoder id "
+        "(pipelines/encoders/encoder_canaries.json)"
         for encoder_id in registered_ids()
         if encoder_id not in canaries
     }

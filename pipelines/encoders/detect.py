@@ -6,7 +6,7 @@ store forever; an id always names one exact output for a given input and params.
 
 Gzip: the header and the 8-byte trailer are kept verbatim in `encoder_params`;
 the encoder regenerates the deflate body between them. Go encoders run as small
-helper binaries (pipelines/gohelpers) found in $DUPHUNTER_HELPER_DIR.
+helper binaries (pipelines/encoders/gohelpers) found in $DUPHUNTER_HELPER_DIR.
 Zstd: python-zstandard regenerates the whole frame; the params hold the frame
 options (checksum, content size) that the header reveals.
 
@@ -33,7 +33,8 @@ from typing import BinaryIO, cast
 
 import zstandard
 
-from pipelines.codecs import (
+from pipelines.encoders.libz import deflate_boundaries, zlib_segment
+from pipelines.formats.codecs import (
     GZIP_MAGIC,
     GZIP_OS_UNIX,
     Sniff,
@@ -41,7 +42,6 @@ from pipelines.codecs import (
     iter_chunks,
     parse_zstd_frame_header,
 )
-from pipelines.libz import deflate_boundaries, zlib_segment
 
 IDENTITY_ID = "identity"
 GZIP_TRAILER_LEN = 8
@@ -94,7 +94,7 @@ def helper_dir() -> Path:
     configured = os.environ.get("DUPHUNTER_HELPER_DIR")
     if configured:
         return Path(configured)
-    return Path(__file__).resolve().parent.parent / "build" / "helpers"
+    return Path(__file__).resolve().parents[2] / "build" / "helpers"
 
 
 _described: dict[Path, str] = {}
@@ -243,7 +243,7 @@ class Encoder(ABC):
         can only reject; agreeing on them proves nothing. None: no opinion."""
         return None
 
-    # Resuming at a deflate block boundary (pipelines.checkpoints proves every use).
+    # Resuming at a deflate block boundary (pipelines.serve.checkpoints proves every use).
     uses_every_core = False  # its whole-stream encoding is parallel already
     history_bytes = 0  # input before a boundary that a segment needs
     lookahead_bytes = 0  # input after a segment's end that finishing it needs
@@ -318,7 +318,8 @@ class GoStdlibEncoder(Encoder):
     def unavailable_reason(self) -> str | None:
         version = describe_helper(self.helper)
         if version is None:
-            return f"helper {self.helper} is missing or broken (run pipelines/gohelpers/build.sh)"
+            build = "pipelines/encoders/gohelpers/build.sh"
+            return f"helper {self.helper} is missing or broken (run {build})"
         if not version.startswith(f"go{self.generation}"):
             return f"helper {self.helper} was built with {version}, not go{self.generation}"
         return None
@@ -451,11 +452,12 @@ def program_version(path: Path) -> str | None:
 
 
 class GzipProgramEncoder(Encoder):
-    """A real gzip program: GNU gzip or pigz, pinned and built by pipelines/programs/build.sh
-    (`gzip -n -LEVEL`, `pigz -n -LEVEL`: pigz compresses 128 KiB blocks in parallel, each
-    primed with the previous 32 KiB, its output independent of the thread count). The
-    program writes a whole gzip member; the body is what lies between its header and its
-    trailer, which the recipe keeps verbatim as for every gzip encoder."""
+    """A real gzip program: GNU gzip or pigz, pinned and built by
+    pipelines/encoders/programs/build.sh (`gzip -n -LEVEL`, `pigz -n -LEVEL`: pigz
+    compresses 128 KiB blocks in parallel, each primed with the previous 32 KiB, its
+    output independent of the thread count). The program writes a whole gzip member; the
+    body is what lies between its header and its trailer, which the recipe keeps verbatim
+    as for every gzip encoder."""
 
     def __init__(self, program: str, level: int, single_thread: bool = False) -> None:
         if program not in ("gnu", "pigz") or (single_thread and program != "pigz"):
@@ -478,7 +480,8 @@ class GzipProgramEncoder(Encoder):
         expected = GNU_GZIP_VERSION if self.program == "gnu" else PIGZ_VERSION
         version = program_version(self.helper)
         if version is None:
-            return f"program {self.helper} is missing or broken (run pipelines/programs/build.sh)"
+            build = "pipelines/encoders/programs/build.sh"
+            return f"program {self.helper} is missing or broken (run {build})"
         if version.split()[-1] != expected:
             return f"program {self.helper} is {version!r}, not version {expected}"
         return None
@@ -922,7 +925,7 @@ def zstd_encoders() -> list[Encoder]:
     """Streaming encoders (screenable) first, then workers and one-shot level by level."""
     encoders: list[Encoder] = [ZstdEncoder("stream", level) for level in ZSTD_LEVELS]
     encoders += [ZstdEncoder(mode, level) for level in ZSTD_LEVELS for mode in ("mt", "oneshot")]
-    from pipelines.zstd_cli import zstd_cli_encoders  # the pinned zstd program
+    from pipelines.encoders.zstd_cli import zstd_cli_encoders  # the pinned zstd program
 
     encoders += zstd_cli_encoders()
     library = klauspost_zstd_library()
@@ -949,15 +952,15 @@ def prepare_encoders() -> None:
 
 def vouching_encoder_id(encoder_id: str) -> str:
     """The id whose canary vouches for an encoder: a multi-frame zstd layer's frames
-    encoder is as safe as the encoder of its frames (pipelines.zstd_frames)."""
-    from pipelines.zstd_frames import FRAMES_PREFIX
+    encoder is as safe as the encoder of its frames (pipelines.encoders.zstd_frames)."""
+    from pipelines.encoders.zstd_frames import FRAMES_PREFIX
 
     return encoder_id.removeprefix(FRAMES_PREFIX)
 
 
 def lookup_encoder(encoder_id: str) -> Encoder:
     """The encoder for a stored id; raises EncoderUnavailableError if it cannot run here."""
-    from pipelines.zstd_frames import FRAMES_PREFIX, ZstdFramesEncoder
+    from pipelines.encoders.zstd_frames import FRAMES_PREFIX, ZstdFramesEncoder
 
     if encoder_id.startswith(FRAMES_PREFIX):
         return ZstdFramesEncoder(lookup_encoder(encoder_id.removeprefix(FRAMES_PREFIX)))
@@ -1302,7 +1305,7 @@ def _zstd_window_fits(
 ) -> bool:
     """Whether the encoder at its level writes this window for a source of `size` bytes
     (0: unknown to the compressor)."""
-    from pipelines.zstd_cli import ZstdCliEncoder
+    from pipelines.encoders.zstd_cli import ZstdCliEncoder
 
     if isinstance(encoder, ZstdCliEncoder) and not (single_segment or window is None):
         return window == 1 << encoder.window_log(size or None)

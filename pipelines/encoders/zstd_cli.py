@@ -1,5 +1,5 @@
 """The zstd command line program as an encoder: `zstd` 1.5.4, pinned and built from
-Debian's libzstd source by pipelines/programs/build.sh.
+Debian's libzstd source by pipelines/encoders/programs/build.sh.
 
 The CLI compresses with one worker thread by default (`-T1`), and a job-based frame
 from workers does not depend on their number: `-T0` writes the same bytes. A file's
@@ -7,7 +7,7 @@ size is pledged (and written in the frame header); `--stream-size=N` makes a pip
 as a file of N bytes. Ids: `zstd/cli-1.5.4/level{3,19}[-long|-single]` (the default,
 `-19`, `--long`, that is `--long=27`; `--single-thread`, which compresses in the calling
 thread with libzstd's plain streaming and writes other bytes than `-T1`: what pzstd
-writes for each of its frames, see pipelines.zstd_frames).
+writes for each of its frames, see pipelines.encoders.zstd_frames).
 
 Screening: the frame made of a prefix agrees with the whole one except in its last
 block, so the output is compared up to the start of its last block.
@@ -23,14 +23,14 @@ import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipelines.codecs import parse_zstd_frame_header
-from pipelines.encoders import (
+from pipelines.encoders.detect import (
     Encoder,
     ZstdOptions,
     helper_dir,
     program_version,
     run_filter,
 )
+from pipelines.formats.codecs import parse_zstd_frame_header
 
 ZSTD_CLI_VERSION = "1.5.4"
 ZSTD_CLI_LEVELS = (3, 19)  # the CLI's default and -19
@@ -59,7 +59,8 @@ class ZstdCliEncoder(Encoder):
     def unavailable_reason(self) -> str | None:
         version = program_version(self.helper)
         if version is None:
-            return f"program {self.helper} is missing or broken (run pipelines/programs/build.sh)"
+            build = "pipelines/encoders/programs/build.sh"
+            return f"program {self.helper} is missing or broken (run {build})"
         if f" v{ZSTD_CLI_VERSION}," not in version:
             return f"program {self.helper} is {version!r}, not zstd {ZSTD_CLI_VERSION}"
         return None

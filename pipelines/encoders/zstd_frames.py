@@ -16,7 +16,7 @@ recompression of that frame), and screened in full only if that fails; when anot
 encoder makes it, the earlier frames are tried with that one (small frames often come
 out the same from several encoders).
 
-Params (integers unsigned LEB128 varints, as in pipelines.recipe):
+Params (integers unsigned LEB128 varints, as in pipelines.formats.recipe):
 
     magic     2 bytes  b"ZF"
     version   1 byte   1
@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from pipelines import encoders
-from pipelines.codecs import (
+from pipelines.encoders import detect as encoders
+from pipelines.encoders.detect import Encoder, Match, NoMatch, Shortlist
+from pipelines.formats.codecs import (
     SNIFF_BYTES,
     ChunkReader,
     ZstdFrame,
@@ -44,8 +45,7 @@ from pipelines.codecs import (
     scan_zstd_frames,
     sniff,
 )
-from pipelines.encoders import Encoder, Match, NoMatch, Shortlist
-from pipelines.recipe import decode_varint, encode_varint
+from pipelines.formats.recipe import decode_varint, encode_varint
 
 FRAMES_PREFIX = "zstd/frames-1/"
 PARAMS_MAGIC = b"ZF"

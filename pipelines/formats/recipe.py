@@ -11,7 +11,7 @@ On-disk layout (version 2), integers are unsigned LEB128 varints:
     encoder_id      varint length + UTF-8   codec identity, e.g. "gzip/go1.26/level6"
     encoder_params  varint length + bytes   opaque, owned by the codec module
     segment_count   varint    (version 2 only) segments of the pushed blob, then each:
-                      varint length, 32-byte sha256   (see pipelines.verify)
+                      varint length, 32-byte sha256   (see pipelines.formats.verify)
     entry_count     varint
     body_length     varint
     body            one zstd frame holding entry_count entries:
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from pipelines.tarsplit import FileRef, Raw
-from pipelines.verify import SegmentDigests
+from pipelines.formats.tarsplit import FileRef, Raw
+from pipelines.formats.verify import SegmentDigests
 
 __all__ = ["FileRef", "Raw", "Recipe", "RecipeBuilder", "RecipeError", "build_recipe"]
 

@@ -8,10 +8,10 @@ A layer is deduplicated in five steps, each safe to repeat after a crash:
    bytes into the recipe;
 3. prove the encoder on the tar rebuilt from the stored files (the trial restore: the
    sha256 of the recompressed rebuild must equal the blob digest); for gzip layers this
-   is done segment by segment from checkpoints, which are kept (pipelines.checkpoints);
+   is done segment by segment from checkpoints, which are kept (pipelines.serve.checkpoints);
 4. write the recipe durably (garbage collection marks files from recipes), check that no
    GC run is deleting the blob or a file it names and that each file's pack is still
-   there (pipelines.deletion), then switch the blob's descriptor to it (the commit point);
+   there (pipelines.store.deletion), then switch the blob's descriptor to it (the commit point);
 5. count the file references and mark the layer, at once and once; the intact copy is
    deleted afterwards by `retire_intact_copy`, after a grace period for in-flight GETs
    and once the layer restored from its packs alone to its digest.
@@ -30,11 +30,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
-from pipelines import encoders
-from pipelines.blobs import BlobInfo, BlobStore, blob_key
-from pipelines.canaries import retirement_blocker
-from pipelines.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
-from pipelines.codecs import (
+from pipelines.encoders import detect as encoders
+from pipelines.encoders.canaries import retirement_blocker
+from pipelines.encoders.zstd_frames import frames_shortlist, frames_to_rebuild
+from pipelines.errors import (
+    BeingCollected,
+    IndexIncomplete,
+    IndexNotReady,
+    RegistryError,
+    is_transient,
+)
+from pipelines.formats.codecs import (
     DECODE_ERRORS,
     DEFAULT_ZSTD_MAX_WINDOW,
     SNIFF_BYTES,
@@ -44,15 +50,21 @@ from pipelines.codecs import (
     open_decompressed,
     sniff,
 )
-from pipelines.digests import digest_key
-from pipelines.errors import (
-    BeingCollected,
-    IndexIncomplete,
-    IndexNotReady,
-    RegistryError,
-    is_transient,
+from pipelines.formats.digests import digest_key
+from pipelines.formats.recipe import Recipe, RecipeBuilder, RecipeError
+from pipelines.formats.tarsplit import HashingReader, Payload, TarSplitError, split_tar
+from pipelines.formats.verify import SegmentHasher, VerificationError
+from pipelines.pauses import pause
+from pipelines.serve.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
+from pipelines.serve.layercheck import check_from_packs
+from pipelines.serve.restore import (
+    large_file_spans,
+    rebuild_tar,
+    rebuild_tar_range,
+    restore_memory_bound,
 )
-from pipelines.filestore import (
+from pipelines.store.blobs import BlobInfo, BlobStore, blob_key
+from pipelines.store.filestore import (
     IN_MEMORY_LIMIT,
     PACK_TARGET,
     PACKS_IN_FLIGHT,
@@ -60,21 +72,9 @@ from pipelines.filestore import (
     Packer,
     SpooledPayload,
 )
-from pipelines.index import Index
-from pipelines.layercheck import check_from_packs
-from pipelines.leases import Lease
-from pipelines.pauses import pause
-from pipelines.recipe import Recipe, RecipeBuilder, RecipeError
-from pipelines.restore import (
-    large_file_spans,
-    rebuild_tar,
-    rebuild_tar_range,
-    restore_memory_bound,
-)
-from pipelines.storage import ObjectNotFound, ObjectStore
-from pipelines.tarsplit import HashingReader, Payload, TarSplitError, split_tar
-from pipelines.verify import SegmentHasher, VerificationError
-from pipelines.zstd_frames import frames_shortlist, frames_to_rebuild
+from pipelines.store.index import Index
+from pipelines.store.leases import Lease
+from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 QUEUED, INTACT, DEDUPLICATED = "queued", "intact", "deduplicated"
 ORPHAN_PASSES = 3  # reads of a layer to store files whose claimants died
@@ -266,7 +266,8 @@ class Ingestor:
         open_tar: encoders.OpenStream,
     ) -> encoders.Shortlist | encoders.NoMatch:
         """Step 1. A zstd layer's frames are scanned first (their windows checked against
-        the cap): one of several frames is rebuilt frame by frame (pipelines.zstd_frames)."""
+        the cap): one of several frames is rebuilt frame by frame
+        (pipelines.encoders.zstd_frames)."""
         if kind.kind != "zstd":
             return encoders.shortlist(open_blob, open_tar, kind)
 
@@ -341,7 +342,7 @@ class Ingestor:
     def _prove(
         self, shortlist: encoders.Shortlist, recipe: Recipe, info: BlobInfo
     ) -> tuple[encoders.Match | encoders.NoMatch, Checkpoints | None]:
-        """Step 3, finding and proving checkpoints on the way (pipelines.checkpoints)."""
+        """Step 3, finding and proving checkpoints on the way (pipelines.serve.checkpoints)."""
         return prove_shortlisted(
             shortlist,
             info.digest,
@@ -428,7 +429,7 @@ class Ingestor:
 
     def retirement_blocker(self, info: BlobInfo) -> str | None:
         """Why a deduplicated layer's intact copy must not be deleted now: the encoder that
-        rebuilds it failed its canary or has none that passed (pipelines.canaries)."""
+        rebuilds it failed its canary or has none that passed (pipelines.encoders.canaries)."""
         if info.encoder in (None, "", encoders.IDENTITY_ID):
             return None
         return retirement_blocker(self.index.redis, info.encoder)

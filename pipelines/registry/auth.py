@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from pipelines.config import AuthSettings
-from pipelines.globs import glob_regex
-from pipelines.registry import MAX_NAME_LENGTH, NAME_PATTERN
-from pipelines.throttle import Backoff, LoginThrottle, TooManyAttempts
+from pipelines.registry.facade import MAX_NAME_LENGTH, NAME_PATTERN
+from pipelines.registry.globs import glob_regex
+from pipelines.registry.throttle import Backoff, LoginThrottle, TooManyAttempts
 
 MODES = ("none", "htpasswd", "token")
 REPOSITORY_ACTIONS = ("pull", "push", "delete")

@@ -14,25 +14,26 @@ from typing import Any
 
 from redis.exceptions import LockError
 
-from pipelines import canaries, metrics
-from pipelines.blobs import BlobInfo, BlobStore
-from pipelines.buffer import LayerBuffer
-from pipelines.canaries import CANARY_KEY
+from pipelines import metrics
 from pipelines.config import Settings
-from pipelines.digests import Digest
-from pipelines.encoders import prepare_encoders
+from pipelines.encoders import canaries
+from pipelines.encoders.canaries import CANARY_KEY
+from pipelines.encoders.detect import prepare_encoders
 from pipelines.errors import RegistryError, is_transient
-from pipelines.filestore import FileStore, read_pack_table
-from pipelines.gc import REPORT_KEY as GC_REPORT_KEY
-from pipelines.gc import GarbageCollector
-from pipelines.index import Index
-from pipelines.ingest import DEDUPLICATED, INTACT, QUEUED, RETIRE_BLOCKED_KEY, Ingestor
-from pipelines.jobmarks import JobMarks
-from pipelines.layercheck import check_from_packs
-from pipelines.manifests import ManifestStore, is_digest_reference
+from pipelines.formats.digests import Digest
+from pipelines.formats.recipe import Recipe
+from pipelines.ingest.ingestor import DEDUPLICATED, INTACT, QUEUED, RETIRE_BLOCKED_KEY, Ingestor
 from pipelines.pauses import pause
-from pipelines.popularity import Popularity
-from pipelines.predict import (
+from pipelines.registry.gc import REPORT_KEY as GC_REPORT_KEY
+from pipelines.registry.gc import GarbageCollector
+from pipelines.registry.jobmarks import JobMarks
+from pipelines.registry.manifests import ManifestStore, is_digest_reference
+from pipelines.registry.retention import load_policy, rule_for
+from pipelines.registry.retention import plan as retention_plan
+from pipelines.serve.buffer import LayerBuffer
+from pipelines.serve.layercheck import check_from_packs
+from pipelines.serve.popularity import Popularity
+from pipelines.serve.predict import (
     PERIOD,
     PERIOD_MAX_PER_SCAN,
     AccessHistory,
@@ -45,12 +46,12 @@ from pipelines.predict import (
     predict,
     restore_bytes_ahead,
 )
-from pipelines.recipe import Recipe
-from pipelines.restore import RestoreError, RestoreHub
-from pipelines.retention import load_policy, rule_for
-from pipelines.retention import plan as retention_plan
-from pipelines.serving import BlobRead, BlobServer
-from pipelines.storage import ObjectNotFound, ObjectStore, S3Store
+from pipelines.serve.restore import RestoreError, RestoreHub
+from pipelines.serve.serving import BlobRead, BlobServer
+from pipelines.store.blobs import BlobInfo, BlobStore
+from pipelines.store.filestore import FileStore, read_pack_table
+from pipelines.store.index import Index
+from pipelines.store.storage import ObjectNotFound, ObjectStore, S3Store
 
 NAME_PATTERN = re.compile(
     r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"

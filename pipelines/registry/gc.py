@@ -1,6 +1,6 @@
 """Online garbage collection down to packed files. Nothing is deleted on the word of Redis:
 what is live is read from S3, and relying on an object and deleting it exclude each other
-through notices (pipelines.deletion; the argument is in docs/deletion.md).
+through notices (pipelines.store.deletion; the argument is in docs/deletion.md).
 
 A run, while pushes and pulls go on, under a lock and a lease in S3:
 
@@ -41,11 +41,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipelines.blobs import BlobInfo, BlobStore, blob_key, layer_link_key
-from pipelines.buffer import LayerBuffer
-from pipelines.checkpoints import checkpoints_key
-from pipelines.deletion import Notice, RunLease
-from pipelines.filestore import (
+from pipelines.formats.recipe import Recipe, RecipeError
+from pipelines.ingest.ingestor import layer_record_key, recipe_key
+from pipelines.pauses import pause
+from pipelines.registry.manifests import ManifestStore, manifest_key, revision_key
+from pipelines.serve.buffer import LayerBuffer
+from pipelines.serve.checkpoints import checkpoints_key
+from pipelines.store.blobs import BlobInfo, BlobStore, blob_key, layer_link_key
+from pipelines.store.deletion import Notice, RunLease
+from pipelines.store.filestore import (
     FileStore,
     Location,
     check_stored,
@@ -53,16 +57,13 @@ from pipelines.filestore import (
     pack_table,
     read_pack_table,
 )
-from pipelines.index import Index
-from pipelines.ingest import layer_record_key, recipe_key
-from pipelines.manifests import ManifestStore, manifest_key, revision_key
-from pipelines.pauses import pause
-from pipelines.recipe import Recipe, RecipeError
-from pipelines.storage import Listed, ObjectNotFound, ObjectStore
+from pipelines.store.index import Index
+from pipelines.store.storage import Listed, ObjectNotFound, ObjectStore
 
 REPORT_KEY = "gc/last-report.json"
 DEFERRED_PREFIX = "gc/deferred/"
-LEASE_SECONDS = 60  # of the run's lease in S3, renewed every 10 s (the lock: pipelines.leases)
+# of the run's lease in S3, renewed every 10 s (the lock: pipelines.store.leases)
+LEASE_SECONDS = 60
 COUNTED_PREFIXES = ("data/", "recipes/", "checkpoints/")  # counted in stored bytes
 DELETE_BATCH = 500  # keys per S3 delete request, each after a check that the run may
 LOOKUP_BATCH = 1000  # files asked of the index in one round trip (each blocks Redis briefly)

@@ -6,7 +6,7 @@ referrer descriptor) and tag links (`.../_manifests/tags/<tag>`, the digest).
 
 A manifest PUT relies on the blobs and manifests it names only after its revision is in
 S3 (garbage collection marks from revisions) and no notice says GC is deleting them
-(pipelines.deletion); the tag is written last.
+(pipelines.store.deletion); the tag is written last.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.blobs import NOTICE_WAIT_SECONDS, BlobStore, blob_key
-from pipelines.digests import Digest, digest_key
 from pipelines.errors import IndexIncomplete, RegistryError, unknown
-from pipelines.index import Index
-from pipelines.storage import ObjectStore, sizes
+from pipelines.formats.digests import Digest, digest_key
+from pipelines.store.blobs import NOTICE_WAIT_SECONDS, BlobStore, blob_key
+from pipelines.store.index import Index
+from pipelines.store.storage import ObjectStore, sizes
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -8,7 +8,7 @@ rule whose pattern matches a repository applies to it, other repositories keep a
         {"repositories": "ci/**", "keep_last": 3}
     ]}
 
-Patterns follow the auth policy's rules (`pipelines.globs`): `*` and `?` stay within one
+Patterns follow the auth policy's rules (`pipelines.registry.globs`): `*` and `?` stay within one
 path component, `**` crosses them (`team/*` matches `team/app`, not `team/app/sub`;
 `ci/**` matches both `ci/app` and `ci/app/sub`).
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.globs import glob_regex
+from pipelines.registry.globs import glob_regex
 
 
 class PolicyError(ValueError):

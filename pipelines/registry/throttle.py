@@ -8,7 +8,7 @@ bcrypt before the backoff starts. Then each failure blocks both for 4 s, doublin
 every further one up to `max_seconds`; a count is forgotten after `4 * max_seconds`
 without a failure. While blocked, attempts are refused unchecked and not counted.
 
-Credentials already verified (the success cache of `pipelines.auth.Htpasswd`) and bearer
+Credentials already verified (the success cache of `pipelines.registry.auth.Htpasswd`) and bearer
 tokens never come here: a throttled user keeps working with what they logged in with. A
 user's count does not block them at an address they logged in from within a day (only
 that address's own count does): a flood of guesses at their name, which blocks new logins

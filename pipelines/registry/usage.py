@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from pipelines.storage import ObjectStore
+from pipelines.store.storage import ObjectStore
 
 MAX_AGE_SECONDS = 60.0
 CACHE_KEY = "dh:usage:bucket"

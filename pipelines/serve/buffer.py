@@ -40,9 +40,9 @@ from typing import Any
 
 import redis
 
-from pipelines.digests import digest_key
-from pipelines.storage import ObjectNotFound, ObjectStore
-from pipelines.verify import SEGMENT_BYTES
+from pipelines.formats.digests import digest_key
+from pipelines.formats.verify import SEGMENT_BYTES
+from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 PART_BYTES = SEGMENT_BYTES
 LEASE_MS = 60_000  # a filler that writes no part for this long is taken for dead

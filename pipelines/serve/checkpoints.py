@@ -4,7 +4,7 @@ that a restore re-encodes segments in parallel and joins them.
 A deflate stream is a sequence of blocks. At a block boundary (a bit offset in the
 deflate body, a byte offset in the tar) the encoder's state is, for most encoders, a
 function of the input just before it (the 32 KiB window, or a few 64 KiB chunks for
-table-based encoders). `pipelines.encoders` knows how each encoder resumes
+table-based encoders). `pipelines.encoders.detect` knows how each encoder resumes
 (`Encoder.encode_segment`); this module finds candidate boundaries in the pushed blob,
 proves them, stores the proven ones and joins segments bit by bit.
 
@@ -32,7 +32,7 @@ The object (`checkpoints/<alg>/<hex>`), integers unsigned LEB128 varints:
     checksum      32 bytes  sha256 of every preceding byte
 
 Checkpoints are optional: a missing, unreadable or mismatched object means a serial
-restore, never a wrong one (and every restore is verified by `pipelines.verify`).
+restore, never a wrong one (and every restore is verified by `pipelines.formats.verify`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from pipelines.digests import digest_key
-from pipelines.encoders import Encoder, Match, NoMatch, Shortlist, decode_gzip_params
-from pipelines.libz import deflate_boundaries
-from pipelines.recipe import decode_varint, encode_varint
+from pipelines.encoders.detect import Encoder, Match, NoMatch, Shortlist, decode_gzip_params
+from pipelines.encoders.libz import deflate_boundaries
+from pipelines.formats.digests import digest_key
+from pipelines.formats.recipe import decode_varint, encode_varint
 
 MAGIC = b"DHCk"
 VERSION = 1
@@ -253,7 +253,7 @@ def join_segments(parts: Iterable[tuple[bytes, Segment]]) -> Iterator[bytes]:
 
 
 def boundaries(body: Iterable[bytes]) -> Iterator[Checkpoint]:
-    """The block boundaries of a raw deflate body (see pipelines.libz)."""
+    """The block boundaries of a raw deflate body (see pipelines.encoders.libz)."""
     for tar_offset, bit_offset in deflate_boundaries(body):
         yield Checkpoint(tar_offset, bit_offset)
 

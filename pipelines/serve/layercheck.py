@@ -14,19 +14,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.blobs import BlobInfo
-from pipelines.encoders import EncoderUnavailableError, HelperFailedError
+from pipelines.encoders.detect import EncoderUnavailableError, HelperFailedError
 from pipelines.errors import is_transient
-from pipelines.filestore import (
+from pipelines.formats.recipe import Recipe, RecipeError
+from pipelines.serve.restore import file_paths, restore_blob
+from pipelines.store.blobs import BlobInfo
+from pipelines.store.filestore import (
     FileStore,
     FileStoreError,
     Location,
     check_stored,
     decode_stored,
 )
-from pipelines.recipe import Recipe, RecipeError
-from pipelines.restore import file_paths, restore_blob
-from pipelines.storage import ObjectNotFound, ObjectStore
+from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 PROBLEMS_LISTED = 20  # files (or data objects) a check reports in detail; the rest counted
 LOCATE_BATCH = 512  # files looked up in the index in one round trip

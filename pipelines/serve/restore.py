@@ -1,6 +1,6 @@
 """Restoring deduplicated layers: the recipe's tar rebuilt from stored files (each checked
 against its sha256), recompressed by the recorded encoder, and released segment by
-segment only once verified (`pipelines.verify`), so wrong bytes are never served as good.
+segment only once verified (`pipelines.formats.verify`), so wrong bytes are never served as good.
 
 `RestoreHub` makes concurrent GETs of one layer share a single restore, also across the
 API processes of one host: the first request restores into a spool file, the others
@@ -28,7 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipelines.checkpoints import (
+from pipelines.encoders.detect import (
+    Encoder,
+    charge_cpu,
+    decode_gzip_params,
+    encode,
+    lookup_encoder,
+    thread_cpu_seconds,
+)
+from pipelines.errors import RegistryError, is_transient
+from pipelines.formats.recipe import Recipe
+from pipelines.formats.tarsplit import FileRef, Raw
+from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
+from pipelines.pauses import pause
+from pipelines.serve.checkpoints import (
     Checkpoints,
     ReadTar,
     Segment,
@@ -39,16 +52,7 @@ from pipelines.checkpoints import (
     join_segments,
     segment_input,
 )
-from pipelines.encoders import (
-    Encoder,
-    charge_cpu,
-    decode_gzip_params,
-    encode,
-    lookup_encoder,
-    thread_cpu_seconds,
-)
-from pipelines.errors import RegistryError, is_transient
-from pipelines.filestore import (
+from pipelines.store.filestore import (
     IN_MEMORY_LIMIT,
     FileStore,
     FileStoreError,
@@ -56,11 +60,7 @@ from pipelines.filestore import (
     decode_stored,
     file_error,
 )
-from pipelines.pauses import pause
-from pipelines.recipe import Recipe
-from pipelines.storage import ObjectNotFound, ObjectStore
-from pipelines.tarsplit import FileRef, Raw
-from pipelines.verify import SPOOL_IN_MEMORY, release_verified
+from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 LOCATE_BATCH = 2048  # recipe entries whose files are looked up in one round trip
 BATCH_BYTES = 16 << 20  # and at most this much of their tar (files and raw) planned at once
@@ -204,7 +204,7 @@ def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) ->
 def large_file_spans(recipe: Recipe) -> list[tuple[int, int]]:
     """Tar offsets [start, end) of the files a rebuild fetches whole and on their own
     (larger than SPAN_LIMIT): a segment touching one fetches all of it, so checkpoints
-    are kept away from them (pipelines.checkpoints.choose_candidates)."""
+    are kept away from them (pipelines.serve.checkpoints.choose_candidates)."""
     spans, offset = [], 0
     for entry in recipe.entries():
         size = len(entry.data) if isinstance(entry, Raw) else entry.size

@@ -27,15 +27,15 @@ import urllib3
 from minio.error import S3Error
 
 from pipelines import metrics
-from pipelines.blobs import BlobInfo, BlobStore, Segment
-from pipelines.buffer import BufferMiss, Filler, LayerBuffer
-from pipelines.codecs import ChunkReader
-from pipelines.encoders import thread_cpu_seconds
-from pipelines.filestore import FileStore
-from pipelines.index import Index
-from pipelines.recipe import Recipe
-from pipelines.restore import RestoreError, RestoreHub, restore_blob
-from pipelines.storage import ObjectNotFound, ObjectStore
+from pipelines.encoders.detect import thread_cpu_seconds
+from pipelines.formats.codecs import ChunkReader
+from pipelines.formats.recipe import Recipe
+from pipelines.serve.buffer import BufferMiss, Filler, LayerBuffer
+from pipelines.serve.restore import RestoreError, RestoreHub, restore_blob
+from pipelines.store.blobs import BlobInfo, BlobStore, Segment
+from pipelines.store.filestore import FileStore
+from pipelines.store.index import Index
+from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 SOURCES = ("intact", "buffer", "inflight", "spool", "restore")
 logger = logging.getLogger(__name__)

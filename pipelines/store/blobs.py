@@ -6,12 +6,12 @@ hold its bytes in order. An upload writes each chunk straight into a data object
 copied at commit time. Upload state (offset, data objects, saved SHA-256 state) is kept
 in S3 and cached in Redis, so any API process can take the next chunk.
 
-Garbage collection reads these objects (pipelines/gc.py): a data object is named by its
+Garbage collection reads these objects (pipelines/registry/gc.py): a data object is named by its
 upload's state until its descriptor names it (the descriptor is written first, the state
 deleted after), and one nothing names is left alone for an upload's longest life
 (DUPHUNTER_UPLOAD_TTL_SECONDS) plus the grace; a link written within the grace window
 keeps a blob alive. An upload or a mount of a blob that exists relies on it only after
-linking it and finding no notice that GC is deleting it (pipelines.deletion).
+linking it and finding no notice that GC is deleting it (pipelines.store.deletion).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from pipelines.deletion import Notices
-from pipelines.digests import Digest, ResumableSha256, digest_key
 from pipelines.errors import RegistryError, unknown
-from pipelines.index import Index
-from pipelines.storage import ObjectNotFound, ObjectStore
+from pipelines.formats.digests import Digest, ResumableSha256, digest_key
+from pipelines.store.deletion import Notices
+from pipelines.store.index import Index
+from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 DESCRIPTOR_FORMAT = 1
 NOTICE_WAIT_SECONDS = 30.0  # how long a relier waits for GC to finish with a blob

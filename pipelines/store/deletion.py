@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pipelines.storage import ObjectNotFound, ObjectStore
+from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 NOTICE_PREFIX = "gc/notices/"
 LEASE_PREFIX = "gc/runs/"

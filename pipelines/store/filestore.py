@@ -31,10 +31,10 @@ from typing import IO
 
 import zstandard
 
-from pipelines.codecs import ChunkReader
 from pipelines.errors import IndexIncomplete
-from pipelines.index import Index
-from pipelines.storage import ObjectNotFound, ObjectStore, sizes
+from pipelines.formats.codecs import ChunkReader
+from pipelines.store.index import Index
+from pipelines.store.storage import ObjectNotFound, ObjectStore, sizes
 
 FORMAT_VERSION = 1
 PACK_MAGIC = b"DHP" + bytes((FORMAT_VERSION,))

@@ -20,7 +20,7 @@ repaired by `rebuild`, never the other way round. Key schema (prefix `dh:`):
     index:rebuild-requested    a lookup found the index incomplete and asked for a rebuild
     job:<id>                   a job's record (kept through a rebuild)
 
-Garbage collection never deletes on this index's word (pipelines/gc.py, docs/deletion.md).
+Garbage collection never deletes on this index's word (pipelines/registry/gc.py, docs/deletion.md).
 The buffer, the access history and popularity keep their own keys (see their modules).
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from pipelines.leases import Lease
+from pipelines.store.leases import Lease
 
 PREFIX = "dh:"
 FILES_KEY = PREFIX + "files"  # file digest (hex) -> its location in a pack
@@ -211,7 +211,7 @@ class Index:
         return {key.decode(): value.decode() for key, value in raw.items()}
 
     def lock(self, name: str, blocking_timeout: float = 30) -> Lease:
-        """A lock on a short lease its holder renews while it works (pipelines.leases):
+        """A lock on a short lease its holder renews while it works (pipelines.store.leases):
         one whose holder died is free again within seconds."""
         return Lease(self.redis, f"{PREFIX}lock:{name}", blocking_timeout)
 

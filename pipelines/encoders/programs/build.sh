@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build DupHunter's pinned compression programs (the producers' own code, not the host's).
 #
-#   pipelines/programs/build.sh [outdir]      (default: <repo>/build/helpers)
+#   pipelines/encoders/programs/build.sh [outdir]      (default: <repo>/build/helpers)
 #
 # gzip-gnu-1.12   GNU gzip 1.12 from Debian's source package gzip 1.12-1 (patches applied)
 # pigz-2.6        pigz 2.6: Debian's binary of pigz 2.6-1 (its source tarballs are not
@@ -15,7 +15,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
+repo="$(cd "$here/../../.." && pwd)"
 outdir="$(mkdir -p "${1:-$repo/build/helpers}" && cd "${1:-$repo/build/helpers}" && pwd)"
 sources="${DUPHUNTER_SOURCES_DIR:-$repo/build/sources}"
 work="$repo/build/programs-work"
