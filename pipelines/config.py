@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.formats.codecs import DEFAULT_ZSTD_MAX_WINDOW
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# libzstd's own default limit (window log 27); here so that config imports no format code
+DEFAULT_ZSTD_MAX_WINDOW = 128 << 20
 
 
 def _env(name: str, default: str) -> str:

@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from pipelines.config import DEFAULT_ZSTD_MAX_WINDOW
+
 SNIFF_BYTES = 64 * 1024
 READ_CHUNK = 256 * 1024
 
@@ -29,7 +31,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_SKIPPABLE_MAGICS = range(0x184D2A50, 0x184D2A60)  # RFC 8878 3.1.2, low 4 bits free
 ZSTD_MAX_BLOCK = 128 * 1024
-DEFAULT_ZSTD_MAX_WINDOW = 128 << 20  # libzstd's own default limit (window log 27)
 DEFAULT_ZSTD_MAX_FRAMES = 4096  # a layer of more frames is kept intact
 TAR_BLOCK = 512
 

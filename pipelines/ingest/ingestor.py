@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
+from pipelines.config import DEFAULT_ZSTD_MAX_WINDOW
 from pipelines.encoders import detect as encoders
 from pipelines.encoders.canaries import retirement_blocker
 from pipelines.encoders.zstd_frames import frames_shortlist, frames_to_rebuild
@@ -42,7 +43,6 @@ from pipelines.errors import (
 )
 from pipelines.formats.codecs import (
     DECODE_ERRORS,
-    DEFAULT_ZSTD_MAX_WINDOW,
     SNIFF_BYTES,
     ChunkReader,
     Sniff,
