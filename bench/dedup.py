@@ -26,7 +26,7 @@ from typing import Any
 from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
 from deploy.stack import Stack, free_port
 from pipelines.config import Settings
-from pipelines.encoders.detect import encode
+from pipelines.encoders.table import encode
 from pipelines.formats.codecs import open_decompressed, sniff
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.tarsplit import HashingReader, Payload, split_tar

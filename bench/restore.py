@@ -49,7 +49,9 @@ from typing import Any
 
 from bench import core
 from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
-from pipelines.encoders.detect import encode, helper_dir, lookup_encoder, pgzip_library
+from pipelines.encoders.base import helper_dir
+from pipelines.encoders.gzip_families import pgzip_library
+from pipelines.encoders.table import encode, lookup_encoder
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import release_verified
 from pipelines.registry.facade import Registry

@@ -32,7 +32,7 @@ from pipelines.encoders.canaries import (
     registered_ids,
     retirement_blocker,
 )
-from pipelines.encoders.detect import GZIP_TRAILER_LEN
+from pipelines.encoders.gzip_families import GZIP_TRAILER_LEN
 from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api
@@ -55,7 +55,7 @@ def test_canary_file_covers_every_encoder_id(helper_dir: Path) -> None:
 def test_canary_file_is_package_data() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     assert CANARY_FILE.name in project["tool"]["setuptools"]["package-data"]["pipelines"]
-    assert CANARY_FILE.parent == REPO_ROOT / "pipelines"
+    assert CANARY_FILE.parent == REPO_ROOT / "pipelines" / "encoders"
 
 
 def test_every_encoder_passes_its_canary(helper_dir: Path) -> None:

@@ -26,14 +26,9 @@ from typing import Any
 import pytest
 import zstandard
 
-from pipelines.encoders.detect import (
-    Encoder,
-    GoStdlibEncoder,
-    PgzipEncoder,
-    encode_gzip_params,
-    lookup_encoder,
-    thread_cpu_seconds,
-)
+from pipelines.encoders.base import Encoder, thread_cpu_seconds
+from pipelines.encoders.gzip_families import GoStdlibEncoder, PgzipEncoder, encode_gzip_params
+from pipelines.encoders.table import lookup_encoder
 from pipelines.formats.recipe import Recipe
 from pipelines.serve import restore
 from pipelines.serve.checkpoints import (

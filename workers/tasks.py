@@ -31,7 +31,7 @@ from celery import Task, signals
 from redis.exceptions import LockError
 
 from pipelines.encoders.canaries import check_at_start
-from pipelines.encoders.detect import prepare_encoders
+from pipelines.encoders.table import prepare_encoders
 from pipelines.errors import IndexNotReady, is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry.facade import Registry

@@ -32,18 +32,10 @@ from typing import Any
 
 import redis
 
-from pipelines.encoders.detect import (
-    GZIP_TRAILER_LEN,
-    EncoderUnavailableError,
-    KlauspostOptions,
-    ZstdOptions,
-    all_encoders,
-    encode,
-    encode_gzip_params,
-    golden_input,
-    lookup_encoder,
-    vouching_encoder_id,
-)
+from pipelines.encoders.base import EncoderUnavailableError
+from pipelines.encoders.gzip_families import GZIP_TRAILER_LEN, encode_gzip_params, golden_input
+from pipelines.encoders.table import all_encoders, encode, lookup_encoder, vouching_encoder_id
+from pipelines.encoders.zstd_families import KlauspostOptions, ZstdOptions
 
 CANARY_KEY = "dh:canaries"
 REASONS_KEY = "dh:canaries:reasons"

@@ -1,7 +1,7 @@
 """The system zlib through ctypes, for what Python's zlib module does not offer: inflate
 stopping at block boundaries (Z_BLOCK), and deflate primed with a dictionary and with
 bits (deflatePrime). It is the runtime Python's zlib module uses (`stock_zlib_problem`
-in pipelines.encoders.detect checks that it writes what stock zlib writes)."""
+in pipelines.encoders.gzip_families checks that it writes what stock zlib writes)."""
 
 from __future__ import annotations
 

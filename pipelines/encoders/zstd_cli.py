@@ -23,13 +23,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipelines.encoders.detect import (
-    Encoder,
-    ZstdOptions,
-    helper_dir,
-    program_version,
-    run_filter,
-)
+from pipelines.encoders.base import Encoder, helper_dir, program_version, run_filter
+from pipelines.encoders.zstd_families import ZstdOptions
 from pipelines.formats.codecs import parse_zstd_frame_header
 
 ZSTD_CLI_VERSION = "1.5.4"

@@ -3,7 +3,7 @@
 `sniff` tells what a blob is from its first bytes (gzip with parsed header and a
 producer hint, zstd with the parsed frame header, plain tar, other), and
 `open_decompressed` streams the tar out of it with bounded memory. Exact
-recompression lives in `pipelines.encoders.detect`.
+recompression lives in `pipelines.encoders`.
 
 Every legal zstd stream decodes: several frames, skippable frames (before, between and
 after them), windows up to a cap (`DUPHUNTER_ZSTD_MAX_WINDOW`, 128 MiB by default: a

@@ -31,9 +31,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
 from pipelines.config import DEFAULT_ZSTD_MAX_WINDOW
-from pipelines.encoders import detect as encoders
+from pipelines.encoders import detect
+from pipelines.encoders.base import Match, NoMatch, OpenStream
 from pipelines.encoders.canaries import retirement_blocker
-from pipelines.encoders.zstd_frames import frames_shortlist, frames_to_rebuild
+from pipelines.encoders.detect import SCREEN_STAGES, Shortlist
+from pipelines.encoders.detect_frames import frames_shortlist, frames_to_rebuild
+from pipelines.encoders.table import IDENTITY_ID
 from pipelines.errors import (
     BeingCollected,
     IndexIncomplete,
@@ -120,7 +123,7 @@ def ingest_memory_bound(zstd_window: int) -> int:
     the screened prefix and the blob's head, a payload in memory and the packs being
     filled, the trial restore, and for a zstd layer its frames' window (at most
     DUPHUNTER_ZSTD_MAX_WINDOW)."""
-    screening = 2 * (encoders.SCREEN_STAGES[-1] + SNIFF_BYTES)
+    screening = 2 * (SCREEN_STAGES[-1] + SNIFF_BYTES)
     # payloads waiting, the pack being filled, the packs uploading: each at most a pack
     # and the in-memory payload that overflowed it
     packing = (2 + PACKS_IN_FLIGHT) * (PACK_TARGET + IN_MEMORY_LIMIT)
@@ -223,11 +226,11 @@ class Ingestor:
             return open_decompressed(kind.kind, open_blob(), self.zstd_max_window)
 
         shortlist = self._shortlist(info, kind, open_blob, open_tar)
-        if isinstance(shortlist, encoders.NoMatch):
+        if isinstance(shortlist, NoMatch):
             return self._intact(record, shortlist.reason)
         if not shortlist.screened:  # unscreenable candidates: settle them on the pushed tar
-            found = encoders.prove(shortlist, open_tar, info.digest)  # before storing a file
-            if isinstance(found, encoders.NoMatch):
+            found = detect.prove(shortlist, open_tar, info.digest)  # before storing a file
+            if isinstance(found, NoMatch):
                 return self._intact(record, found.reason)
             shortlist = shortlist.narrowed(found.encoder_id)
         started = time.perf_counter()
@@ -235,7 +238,7 @@ class Ingestor:
         record.split_seconds = round(time.perf_counter() - started, 3)
         match, checkpoints = self._prove(shortlist, recipe, info)
         record.prove_seconds = round(time.perf_counter() - started - record.split_seconds, 3)
-        if isinstance(match, encoders.NoMatch):
+        if isinstance(match, NoMatch):
             return self._intact(record, match.reason)
         recipe = replace(recipe, encoder_id=match.encoder_id, encoder_params=match.encoder_params)
         record.encoder = match.encoder_id
@@ -262,14 +265,14 @@ class Ingestor:
         self,
         info: BlobInfo,
         kind: Sniff,
-        open_blob: encoders.OpenStream,
-        open_tar: encoders.OpenStream,
-    ) -> encoders.Shortlist | encoders.NoMatch:
+        open_blob: OpenStream,
+        open_tar: OpenStream,
+    ) -> Shortlist | NoMatch:
         """Step 1. A zstd layer's frames are scanned first (their windows checked against
         the cap): one of several frames is rebuilt frame by frame
         (pipelines.encoders.zstd_frames)."""
         if kind.kind != "zstd":
-            return encoders.shortlist(open_blob, open_tar, kind)
+            return detect.shortlist(open_blob, open_tar, kind)
 
         def read_blob(offset: int, length: int) -> Iterable[bytes]:
             return self.blobs.read(info, offset, length)
@@ -277,7 +280,7 @@ class Ingestor:
         frames = frames_to_rebuild(read_blob, info.size, self.zstd_max_window)
         if frames is not None:
             return frames_shortlist(frames, read_blob, self.zstd_max_window)
-        return encoders.shortlist(open_blob, open_tar, kind)
+        return detect.shortlist(open_blob, open_tar, kind)
 
     def _split_and_store(self, kind: Sniff, info: BlobInfo, record: LayerRecord) -> Recipe:
         """Read the pushed blob once: store its new files, build its recipe, and record the
@@ -340,8 +343,8 @@ class Ingestor:
             raise ConnectionError(f"{len(orphaned)} files stay claimed by dead workers")
 
     def _prove(
-        self, shortlist: encoders.Shortlist, recipe: Recipe, info: BlobInfo
-    ) -> tuple[encoders.Match | encoders.NoMatch, Checkpoints | None]:
+        self, shortlist: Shortlist, recipe: Recipe, info: BlobInfo
+    ) -> tuple[Match | NoMatch, Checkpoints | None]:
         """Step 3, finding and proving checkpoints on the way (pipelines.serve.checkpoints)."""
         return prove_shortlisted(
             shortlist,
@@ -350,7 +353,7 @@ class Ingestor:
             lambda offset, length: self.blobs.read(info, offset, length),
             info.size,
             lambda start, end: b"".join(rebuild_tar_range(recipe, self.files, start, end)),
-            lambda: encoders.prove(shortlist, self._opener(recipe), info.digest),
+            lambda: detect.prove(shortlist, self._opener(recipe), info.digest),
             avoid=large_file_spans(recipe),
         )
 
@@ -430,7 +433,7 @@ class Ingestor:
     def retirement_blocker(self, info: BlobInfo) -> str | None:
         """Why a deduplicated layer's intact copy must not be deleted now: the encoder that
         rebuilds it failed its canary or has none that passed (pipelines.encoders.canaries)."""
-        if info.encoder in (None, "", encoders.IDENTITY_ID):
+        if info.encoder in (None, "", IDENTITY_ID):
             return None
         return retirement_blocker(self.index.redis, info.encoder)
 

@@ -18,7 +18,7 @@ from pipelines import metrics
 from pipelines.config import Settings
 from pipelines.encoders import canaries
 from pipelines.encoders.canaries import CANARY_KEY
-from pipelines.encoders.detect import prepare_encoders
+from pipelines.encoders.table import prepare_encoders
 from pipelines.errors import RegistryError, is_transient
 from pipelines.formats.digests import Digest
 from pipelines.formats.recipe import Recipe

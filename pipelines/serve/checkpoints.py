@@ -4,9 +4,9 @@ that a restore re-encodes segments in parallel and joins them.
 A deflate stream is a sequence of blocks. At a block boundary (a bit offset in the
 deflate body, a byte offset in the tar) the encoder's state is, for most encoders, a
 function of the input just before it (the 32 KiB window, or a few 64 KiB chunks for
-table-based encoders). `pipelines.encoders.detect` knows how each encoder resumes
-(`Encoder.encode_segment`); this module finds candidate boundaries in the pushed blob,
-proves them, stores the proven ones and joins segments bit by bit.
+table-based encoders). The gzip families (`pipelines.encoders.gzip_families`) know how
+each encoder resumes (`Encoder.encode_segment`); this module finds candidate boundaries in
+the pushed blob, proves them, stores the proven ones and joins segments bit by bit.
 
 Found and proven at ingest: the boundaries of the pushed deflate body are found with
 zlib's own `inflate(Z_BLOCK)` (as zlib's example zran.c does), about every
@@ -46,7 +46,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from pipelines.encoders.detect import Encoder, Match, NoMatch, Shortlist, decode_gzip_params
+from pipelines.encoders.base import Encoder, Match, NoMatch
+from pipelines.encoders.detect import Shortlist
+from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.libz import deflate_boundaries
 from pipelines.formats.digests import digest_key
 from pipelines.formats.recipe import decode_varint, encode_varint

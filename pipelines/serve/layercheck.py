@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.encoders.detect import EncoderUnavailableError, HelperFailedError
+from pipelines.encoders.base import EncoderUnavailableError, HelperFailedError
 from pipelines.errors import is_transient
 from pipelines.formats.recipe import Recipe, RecipeError
 from pipelines.serve.restore import file_paths, restore_blob

@@ -28,14 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipelines.encoders.detect import (
-    Encoder,
-    charge_cpu,
-    decode_gzip_params,
-    encode,
-    lookup_encoder,
-    thread_cpu_seconds,
-)
+from pipelines.encoders.base import Encoder, charge_cpu, thread_cpu_seconds
+from pipelines.encoders.gzip_families import decode_gzip_params
+from pipelines.encoders.table import encode, lookup_encoder
 from pipelines.errors import RegistryError, is_transient
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.tarsplit import FileRef, Raw

@@ -27,7 +27,7 @@ import urllib3
 from minio.error import S3Error
 
 from pipelines import metrics
-from pipelines.encoders.detect import thread_cpu_seconds
+from pipelines.encoders.base import thread_cpu_seconds
 from pipelines.formats.codecs import ChunkReader
 from pipelines.formats.recipe import Recipe
 from pipelines.serve.buffer import BufferMiss, Filler, LayerBuffer
