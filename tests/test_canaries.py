@@ -54,7 +54,7 @@ def test_canary_file_covers_every_encoder_id(helper_dir: Path) -> None:
 
 def test_canary_file_is_package_data() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    assert CANARY_FILE.name in project["tool"]["setuptools"]["package-data"]["pipelines"]
+    assert CANARY_FILE.name in project["tool"]["setuptools"]["package-data"]["pipelines.encoders"]
     assert CANARY_FILE.parent == REPO_ROOT / "pipelines" / "encoders"
 
 
