@@ -3,5 +3,6 @@ pgzip, GNU gzip and pigz, libzstd, klauspost, zstd:chunked, the zstd program, fr
 the encoder table, detection and proof, and the canaries; with the Go helpers
 (gohelpers/) and the pinned programs (programs/) they run.
 
-May import formats and the shared modules; never registry, ingest, serve or store.
+May import store, formats and the shared modules (it needs only formats); never registry,
+ingest or serve. Inside: canaries > detect_frames > detect > table > the families > base.
 """
