@@ -23,8 +23,9 @@ from pipelines import metrics
 from pipelines.errors import IndexIncomplete, RegistryError, is_transient
 from pipelines.ingest.ingestor import check_is_layer
 from pipelines.registry import usage
-from pipelines.registry.facade import Registry, check_name, paginate, parse_count
+from pipelines.registry.facade import Registry, paginate, parse_count
 from pipelines.registry.manifests import OCI_INDEX
+from pipelines.registry.names import check_name
 from pipelines.store.blobs import BlobInfo
 from workers import jobs
 

@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from pipelines.config import AuthSettings
-from pipelines.registry.facade import MAX_NAME_LENGTH, NAME_PATTERN
 from pipelines.registry.globs import glob_regex
+from pipelines.registry.names import valid_name
 from pipelines.registry.throttle import Backoff, LoginThrottle, TooManyAttempts
 
 MODES = ("none", "htpasswd", "token")
@@ -473,7 +473,7 @@ class Permissions:
 
 
 def valid_repository(name: str) -> bool:
-    return len(name) <= MAX_NAME_LENGTH and bool(NAME_PATTERN.match(name))
+    return valid_name(name)
 
 
 # tokens

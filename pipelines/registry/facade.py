@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +27,7 @@ from pipelines.registry.gc import REPORT_KEY as GC_REPORT_KEY
 from pipelines.registry.gc import GarbageCollector
 from pipelines.registry.jobmarks import JobMarks
 from pipelines.registry.manifests import ManifestStore, is_digest_reference
+from pipelines.registry.names import valid_name
 from pipelines.registry.retention import load_policy, rule_for
 from pipelines.registry.retention import plan as retention_plan
 from pipelines.serve.buffer import LayerBuffer
@@ -53,10 +53,6 @@ from pipelines.store.filestore import FileStore, read_pack_table
 from pipelines.store.index import Index
 from pipelines.store.storage import ObjectNotFound, ObjectStore, S3Store
 
-NAME_PATTERN = re.compile(
-    r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
-)
-MAX_NAME_LENGTH = 255
 REDIRECT_URL_SECONDS = 1200
 PULLERS_WINDOW_SECONDS = 24 * 3600
 AUDIT_KEY = "dh:audit:packs"
@@ -77,11 +73,6 @@ def _blob_digest(key: str) -> str:
     """ "blobs/sha256/<hex>" -> "sha256:<hex>"."""
     _prefix, algorithm, hex_digest = key.split("/")
     return f"{algorithm}:{hex_digest}"
-
-
-def check_name(name: str) -> None:
-    if len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.match(name):
-        raise RegistryError("NAME_INVALID", "invalid repository name", {"name": name})
 
 
 def paginate(items: list[str], count: int | None, last: str | None) -> tuple[list[str], bool]:
@@ -459,7 +450,7 @@ class Registry:
     def mount(self, repo: str, digest: str, source_repo: str) -> bool:
         """Cross-repository mount; False (so the client uploads instead) when `source_repo`
         cannot lend the blob, including when its name or the digest is malformed."""
-        if len(source_repo) > MAX_NAME_LENGTH or not NAME_PATTERN.match(source_repo):
+        if not valid_name(source_repo):
             return False
         try:
             Digest.parse(digest)
