@@ -34,7 +34,7 @@ from deploy.stack import Stack, free_port
 from pipelines.config import Settings
 from pipelines.formats.recipe import Recipe, RecipeBuilder
 from pipelines.formats.tarsplit import Payload, split_tar
-from pipelines.serve.restore import rebuild_tar
+from pipelines.serve.rebuild import rebuild_tar
 from pipelines.store.filestore import FileStore, Packer, SpooledPayload
 from pipelines.store.index import Index
 from pipelines.store.storage import S3Store

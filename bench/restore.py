@@ -57,12 +57,12 @@ from pipelines.formats.verify import release_verified
 from pipelines.registry.facade import Registry
 from pipelines.serve import restore
 from pipelines.serve.checkpoints import Checkpoints, checkpoints_key
+from pipelines.serve.rebuild import rebuild_tar
 from pipelines.serve.restore import (
     SegmentEncoder,
     encode_layer_segment,
     load_checkpoints,
     pooled_runner,
-    rebuild_tar,
     restore_blob,
 )
 from pipelines.store.filestore import FileStore

@@ -54,8 +54,8 @@ from pipelines.serve.checkpoints import (
     prove,
     segment_input,
 )
+from pipelines.serve.rebuild import RestoreError
 from pipelines.serve.restore import (
-    RestoreError,
     SegmentRunner,
     load_checkpoints,
     local_runner,

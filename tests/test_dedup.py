@@ -20,7 +20,7 @@ import urllib3
 import zstandard
 
 from pipelines.formats.recipe import Recipe
-from pipelines.serve.restore import rebuild_tar
+from pipelines.serve.rebuild import rebuild_tar
 from pipelines.store.filestore import FileStore
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack

@@ -20,7 +20,8 @@ from pipelines.formats.verify import (
     VerificationError,
     release_verified,
 )
-from pipelines.serve.restore import MODE_FAILED, RestoreError, RestoreHub
+from pipelines.serve.rebuild import RestoreError
+from pipelines.serve.restore import MODE_FAILED, RestoreHub
 
 SEGMENT = 4096  # small segments, so that a few KiB of data span many of them
 BLOB = os.urandom(10 * SEGMENT + 123)

@@ -36,7 +36,8 @@ from pipelines.errors import IndexNotReady, is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry.facade import Registry
 from pipelines.serve.predict import PERIOD, Prediction
-from pipelines.serve.restore import RestoreError, encode_layer_segment
+from pipelines.serve.rebuild import RestoreError
+from pipelines.serve.restore import encode_layer_segment
 from workers.app import celery_app
 
 FIRST_RETRY_DELAY = 0.5

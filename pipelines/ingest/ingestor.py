@@ -60,12 +60,8 @@ from pipelines.formats.verify import SegmentHasher, VerificationError
 from pipelines.pauses import pause
 from pipelines.serve.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
 from pipelines.serve.layercheck import check_from_packs
-from pipelines.serve.restore import (
-    large_file_spans,
-    rebuild_tar,
-    rebuild_tar_range,
-    restore_memory_bound,
-)
+from pipelines.serve.rebuild import large_file_spans, rebuild_tar, rebuild_tar_range
+from pipelines.serve.restore import restore_memory_bound
 from pipelines.store.blobs import BlobInfo, BlobStore, blob_key
 from pipelines.store.filestore import (
     IN_MEMORY_LIMIT,

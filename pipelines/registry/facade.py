@@ -46,7 +46,8 @@ from pipelines.serve.predict import (
     predict,
     restore_bytes_ahead,
 )
-from pipelines.serve.restore import RestoreError, RestoreHub
+from pipelines.serve.rebuild import RestoreError
+from pipelines.serve.restore import RestoreHub
 from pipelines.serve.serving import BlobRead, BlobServer
 from pipelines.store.blobs import BlobInfo, BlobStore
 from pipelines.store.filestore import FileStore, read_pack_table

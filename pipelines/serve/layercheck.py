@@ -17,7 +17,8 @@ from typing import Any
 from pipelines.encoders.base import EncoderUnavailableError, HelperFailedError
 from pipelines.errors import is_transient
 from pipelines.formats.recipe import Recipe, RecipeError
-from pipelines.serve.restore import file_paths, restore_blob
+from pipelines.serve.rebuild import file_paths
+from pipelines.serve.restore import restore_blob
 from pipelines.store.blobs import BlobInfo
 from pipelines.store.filestore import (
     FileStore,

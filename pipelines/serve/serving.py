@@ -31,7 +31,8 @@ from pipelines.encoders.base import thread_cpu_seconds
 from pipelines.formats.codecs import ChunkReader
 from pipelines.formats.recipe import Recipe
 from pipelines.serve.buffer import BufferMiss, Filler, LayerBuffer
-from pipelines.serve.restore import RestoreError, RestoreHub, restore_blob
+from pipelines.serve.rebuild import RestoreError
+from pipelines.serve.restore import RestoreHub, restore_blob
 from pipelines.store.blobs import BlobInfo, BlobStore, Segment
 from pipelines.store.filestore import FileStore
 from pipelines.store.index import Index
