@@ -17,21 +17,17 @@ import redis
 from werkzeug.wrappers import Request, Response
 
 from pipelines.config import AuthSettings, Settings
-from pipelines.registry.auth import (
-    ADMIN,
+from pipelines.registry.auth import ADMIN, CATALOG, Authority, Verdict, authority_from_settings
+from pipelines.registry.facade import Registry
+from pipelines.registry.throttle import TooManyAttempts
+from pipelines.registry.tokens import (
     ANONYMOUS,
-    CATALOG,
     Access,
-    Authority,
     Identity,
     InvalidCredentials,
-    Verdict,
-    authority_from_settings,
     format_scope,
     parse_scope,
 )
-from pipelines.registry.facade import Registry
-from pipelines.registry.throttle import TooManyAttempts
 
 OPEN, LOGIN = "open", "login"
 # What each handler needs. A handler not listed needs an admin: routes added later are

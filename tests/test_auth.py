@@ -45,21 +45,23 @@ from cryptography.x509.oid import NameOID
 from deploy import services
 from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
 from pipelines.registry.auth import (
-    BUILTIN_ISSUER,
     Htpasswd,
-    InvalidCredentials,
     Permissions,
     Policy,
     ReloadingFile,
-    TokenIssuer,
-    TokenVerifier,
     load_policy,
-    load_private_key,
-    load_public_keys,
     parse_policy,
-    parse_scope,
 )
 from pipelines.registry.globs import glob_regex
+from pipelines.registry.tokens import (
+    BUILTIN_ISSUER,
+    InvalidCredentials,
+    TokenIssuer,
+    TokenVerifier,
+    load_private_key,
+    load_public_keys,
+    parse_scope,
+)
 from tests.client import OCI_CONFIG, OCI_MANIFEST, RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack
 from tests.test_conformance import build_data, run_discovery, run_management, run_pull, run_push
