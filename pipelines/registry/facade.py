@@ -1,4 +1,9 @@
-"""The registry as the API sees it: one object holding blobs, manifests and accounting."""
+"""The registry as the API sees it: one object holding blobs, manifests and accounting.
+
+One module of ~720 lines because `Registry` is the one surface the API and the workers
+call: each method is a few lines handing over to a subsystem (the name rules, the index
+rebuild's pieces and the subsystems themselves live in their own modules).
+"""
 
 from __future__ import annotations
 

@@ -25,6 +25,10 @@ A run, while pushes and pulls go on, under a lock and a lease in S3:
 Before every deletion the run checks it still holds its lock and its lease and that the
 index is complete; if not, it stops (GcStopped). Every step can be cut short by a crash
 and done again: the next run finishes the job.
+
+One module of ~790 lines: the steps above are one run's methods, sharing its lease, lock,
+pacer and report and re-checking them before each deletion; cut apart, every step would
+have to carry that state and the checks, which is where a deletion could slip past one.
 """
 
 from __future__ import annotations
