@@ -27,9 +27,11 @@ TEST_WORKERS ?= 2
 test: test-deps venv helpers lint
 	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
+# lint-imports: the layers of pipelines/ and its forbidden imports (pyproject.toml)
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 system-deps:
 	@bash deploy/system-deps.sh
@@ -45,7 +47,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-BUILD_HELPERS := bash pipelines/gohelpers/build.sh build/helpers
+BUILD_HELPERS := bash pipelines/encoders/gohelpers/build.sh build/helpers
 helpers: venv
 	@$(BUILD_HELPERS)
 

@@ -1,6 +1,6 @@
 """The HTTP face of DupHunter: OCI Distribution v1.1 plus a small jobs and stats API.
 
-Handlers translate HTTP to calls on `pipelines.registry.Registry` and back; the domain
+Handlers translate HTTP to calls on `pipelines.registry.facade.Registry` and back; the domain
 decides, the handlers only carry bytes and headers. Served by gunicorn (`api.app:app`).
 """
 
@@ -19,16 +19,18 @@ from werkzeug.wrappers import Request, Response
 from api.auth import AuthGate, client_identity
 from api.exposition import metrics_exposition
 from api.presentation import presentable
-from pipelines import metrics, usage
-from pipelines.blobs import BlobInfo
+from pipelines import metrics
 from pipelines.errors import IndexIncomplete, RegistryError, is_transient
-from pipelines.ingest import check_is_layer
-from pipelines.manifests import OCI_INDEX
-from pipelines.registry import Registry, check_name, paginate, parse_count
+from pipelines.ingest.ingestor import check_is_layer
+from pipelines.registry import usage
+from pipelines.registry.facade import Registry, paginate, parse_count
+from pipelines.registry.manifests import OCI_INDEX
+from pipelines.registry.names import check_name
+from pipelines.store.blobs import BlobInfo
 from workers import jobs
 
 Handler = Callable[..., Response]
-SOURCE_HEADER = "X-DupHunter-Source"  # what served a blob GET (pipelines.serving.SOURCES)
+SOURCE_HEADER = "X-DupHunter-Source"  # what served a blob GET (pipelines.serve.serving.SOURCES)
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 RETRY_AFTER_SECONDS = "5"  # with a 503: a backend unreachable, the index being rebuilt
 
@@ -425,7 +427,7 @@ class RegistryApp:
     # jobs and stats
     def stats(self, request: Request) -> Response:
         """The registry's figures; `storage` also holds what the bucket really holds
-        (pipelines.usage), measured at most a minute ago or, with `?fresh=1`, now."""
+        (pipelines.registry.usage), measured at most a minute ago or, with `?fresh=1`, now."""
         body = self.registry.stats()
         body["queues"] = jobs.queue_depths(self.registry)
         registry, fresh = self.registry, request.args.get("fresh") in ("1", "true")

@@ -1,7 +1,7 @@
 """The HTTP side of authentication: credentials from the Authorization header, the
 401 challenges clients expect (Basic, or Bearer with realm, service and scope), 403
 `DENIED`, the built-in token endpoint, and the catalog filtered to what one may pull.
-The rules themselves are `pipelines.auth`'s.
+The rules themselves are `pipelines.registry.auth`'s.
 """
 
 from __future__ import annotations
@@ -16,22 +16,18 @@ from typing import Any
 import redis
 from werkzeug.wrappers import Request, Response
 
-from pipelines.auth import (
-    ADMIN,
+from pipelines.config import AuthSettings, Settings
+from pipelines.registry.auth import ADMIN, CATALOG, Authority, Verdict, authority_from_settings
+from pipelines.registry.facade import Registry
+from pipelines.registry.throttle import TooManyAttempts
+from pipelines.registry.tokens import (
     ANONYMOUS,
-    CATALOG,
     Access,
-    Authority,
     Identity,
     InvalidCredentials,
-    Verdict,
-    authority_from_settings,
     format_scope,
     parse_scope,
 )
-from pipelines.config import AuthSettings, Settings
-from pipelines.registry import Registry
-from pipelines.throttle import TooManyAttempts
 
 OPEN, LOGIN = "open", "login"
 # What each handler needs. A handler not listed needs an admin: routes added later are

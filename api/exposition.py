@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipelines.metrics import RegistryCollector
-from pipelines.registry import Registry
+from pipelines.registry.facade import Registry
 from workers import jobs
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from prometheus_client import multiprocess
 
-from pipelines.auth import authority_from_settings
 from pipelines.config import AuthSettings
+from pipelines.registry.auth import authority_from_settings
 
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, protocol 3.x
 

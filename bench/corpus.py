@@ -38,9 +38,10 @@ pgzip header (mtime bytes ``00 09 6e 88``, OS 255) but their deflate streams dif
 are two producers. ``--dest-compress-format zstd`` gives klauspost's zstd encoder.
 
 Go standard library gzip (docker push, BuildKit, crane/kaniko at BestSpeed) comes from the
-helpers that ``pipelines/gohelpers/build.sh`` builds into ``build/helpers/`` (command template:
-``GO_GZIP_HELPER_CMD``). Note: Go's and Python's gzip headers are identical at the default
-level (mtime 0, XFL 0, OS 255), so the header alone does not tell these producers apart.
+helpers that ``pipelines/encoders/gohelpers/build.sh`` builds into ``build/helpers/``
+(command template: ``GO_GZIP_HELPER_CMD``). Note: Go's and Python's gzip headers are
+identical at the default level (mtime 0, XFL 0, OS 255), so the header alone does not tell
+these producers apart.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ SITE_PACKAGES = "usr/local/lib/python3.11/site-packages"
 NODE_MODULES = "usr/src/app/node_modules"
 CHUNK = 1 << 20
 
-# Go standard library gzip helpers (pipelines/gohelpers/build.sh; stdin tar -> stdout gzip).
+# Go standard library gzip helpers (pipelines/encoders/gohelpers/build.sh; stdin tar ->
+# stdout gzip).
 # One line to adjust: "{go}" is the Go generation (1.26, 1.27), "{level}" the gzip level.
 GO_GZIP_HELPER_CMD = "build/helpers/gzip-go{go} -mode=gzip -level={level}"
 

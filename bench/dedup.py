@@ -25,12 +25,12 @@ from typing import Any
 
 from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
 from deploy.stack import Stack, free_port
-from pipelines.codecs import open_decompressed, sniff
 from pipelines.config import Settings
-from pipelines.encoders import encode
-from pipelines.recipe import Recipe
-from pipelines.registry import Registry
-from pipelines.tarsplit import HashingReader, Payload, split_tar
+from pipelines.encoders.table import encode
+from pipelines.formats.codecs import open_decompressed, sniff
+from pipelines.formats.recipe import Recipe
+from pipelines.formats.tarsplit import HashingReader, Payload, split_tar
+from pipelines.registry.facade import Registry
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 HEADING = "## bench-dedup: deduplication on a realistic corpus ({size})"

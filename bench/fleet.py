@@ -36,7 +36,7 @@ from typing import Any
 from api.replay.content import RATIO as TAR_PER_BLOB
 from api.replay.report import latency
 from bench.report import REPO_ROOT, RESULTS, git_state, save_json, write_section
-from pipelines.checkpoints import checkpoint_spacing
+from pipelines.serve.checkpoints import checkpoint_spacing
 
 SECTION = "## bench-fleet: restore cores against Distribution's latency, and what they cost"
 PLOT = REPO_ROOT / "docs" / "img" / "bench-fleet.png"
@@ -97,7 +97,7 @@ class Costs:
 
 def segment_sizes(tar_bytes: int, spacing: int = 0) -> list[int]:
     """Tar bytes of each segment of a restore: `spacing` apart, or (0) at the checkpoint
-    spacing of the registry (pipelines.checkpoints), every candidate assumed proven."""
+    spacing of the registry (pipelines.serve.checkpoints), every candidate assumed proven."""
     spacing = spacing or checkpoint_spacing(tar_bytes)
     count = max(1, math.ceil(tar_bytes / spacing))
     sizes = [spacing] * (count - 1)

@@ -44,11 +44,11 @@ import urllib3
 from bench.report import git_state, machine, save_json, write_section
 from deploy.stack import VENV_BIN, Stack
 from pipelines.config import Settings
-from pipelines.filestore import CODEC_RAW, PACK_TARGET, pack_table
-from pipelines.recipe import RecipeBuilder
-from pipelines.registry import Registry
-from pipelines.storage import S3Store
-from pipelines.verify import SegmentDigests
+from pipelines.formats.recipe import RecipeBuilder
+from pipelines.formats.verify import SegmentDigests
+from pipelines.registry.facade import Registry
+from pipelines.store.filestore import CODEC_RAW, PACK_TARGET, pack_table
+from pipelines.store.storage import S3Store
 
 SECTION = "## bench-gc: online garbage collection of 10k layers and 1M files"
 FILE_BYTES = 48
@@ -216,7 +216,7 @@ def run_gc_process(env: dict[str, str], window: float) -> tuple[dict[str, Any], 
     code = (
         "import json, resource\n"
         "from dataclasses import asdict\n"
-        "from pipelines.registry import Registry\n"
+        "from pipelines.registry.facade import Registry\n"
         "report = asdict(Registry.connect().collector().run())\n"
         "report['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "print(json.dumps(report))\n"

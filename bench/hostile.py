@@ -16,7 +16,7 @@ from pathlib import Path
 import zstandard
 
 from deploy.stack import Stack
-from pipelines.encoders import FEED_CHUNK, rechunk
+from pipelines.encoders.base import FEED_CHUNK, rechunk
 
 MIB = 1 << 20
 ZEROS = bytes(MIB)

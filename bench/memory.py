@@ -32,9 +32,9 @@ from bench.hostile import LAYERS, HostileLayer, PeakGrowth, random_file, stack_p
 from bench.report import RESULTS, git_state, machine, save_json, write_section
 from deploy.stack import Stack, free_port, wait_until
 from pipelines.config import Settings
-from pipelines.ingest import ingest_memory_bound
-from pipelines.registry import Registry
-from pipelines.restore import restore_memory_bound
+from pipelines.ingest.ingestor import ingest_memory_bound
+from pipelines.registry.facade import Registry
+from pipelines.serve.restore import restore_memory_bound
 
 SIZE = 2 << 30
 HEADING = "## bench-memory: a 2 GiB blob streams through flat memory"

@@ -228,7 +228,9 @@ def duphunter(shared: Shared, name: str, env: dict[str, str], reindex: bool) -> 
     with Stack(shared.workdir / name.replace("/", "-")) as stack:
         stack.env.update(env)
         if reindex:  # the index of a copied bucket, rebuilt from S3 before anything starts
-            rebuild = "from pipelines.registry import Registry; Registry.connect().rebuild_index()"
+            rebuild = (
+                "from pipelines.registry.facade import Registry; Registry.connect().rebuild_index()"
+            )
             done = subprocess.run(
                 [sys.executable, "-c", rebuild],
                 cwd=REPO_ROOT,

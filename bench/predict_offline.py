@@ -5,7 +5,7 @@ they were for (lead time) rather than how fast a registry serves.
 The model, named so that its results can be judged:
 - a pull is a manifest GET at its time; the layers the client lacks (all of them for a
   pull from an empty store) are GET `get_delay_s` later; a lone Fetch is one layer GET;
-- the predictors are the registry's own functions (pipelines.predict) on a history kept
+- the predictors are the registry's own functions (pipelines.serve.predict) on a history kept
   as the registry keeps it (counts, follow-through and repull rates, without decay);
   `history` and `period` also rebuild a new tag's layers when it is put (fleet_rule);
   `period` also plans each regular pull (estimate_period, plan_next), its plans fired at
@@ -41,8 +41,8 @@ from functools import partial
 from typing import Any
 
 from api.replay.workload import Fetch, ImageSpec, Pull, Tag, Workload
-from pipelines.buffer import PIN_SHARE
-from pipelines.predict import (
+from pipelines.serve.buffer import PIN_SHARE
+from pipelines.serve.predict import (
     PERIOD,
     PREDICTORS,
     ClientHistory,

@@ -57,14 +57,11 @@ from bench import core
 from bench.report import REPO_ROOT, git_state, machine, save_json, sh, write_section
 from bench.restore import SOURCES, cpu_seconds, drain, helper_gzip, write_layout
 from deploy.stack import wait_until
-from pipelines.encoders import (
-    klauspost_zstd_helper,
-    klauspost_zstd_library,
-    lookup_encoder,
-    pgzip_library,
-)
-from pipelines.recipe import Recipe
-from pipelines.registry import Registry
+from pipelines.encoders.gzip_families import pgzip_library
+from pipelines.encoders.table import lookup_encoder
+from pipelines.encoders.zstd_families import klauspost_zstd_helper, klauspost_zstd_library
+from pipelines.formats.recipe import Recipe
+from pipelines.registry.facade import Registry
 
 WORK = REPO_ROOT / "build" / "bench" / "pull"
 HEADING = "## bench-pull: cold pulls of multi-layer images with skopeo and podman"

@@ -32,12 +32,12 @@ from pathlib import Path
 from bench.restore import real_tar
 from deploy.stack import Stack, free_port
 from pipelines.config import Settings
-from pipelines.filestore import FileStore, Packer, SpooledPayload
-from pipelines.index import Index
-from pipelines.recipe import Recipe, RecipeBuilder
-from pipelines.restore import rebuild_tar
-from pipelines.storage import S3Store
-from pipelines.tarsplit import Payload, split_tar
+from pipelines.formats.recipe import Recipe, RecipeBuilder
+from pipelines.formats.tarsplit import Payload, split_tar
+from pipelines.serve.rebuild import rebuild_tar
+from pipelines.store.filestore import FileStore, Packer, SpooledPayload
+from pipelines.store.index import Index
+from pipelines.store.storage import S3Store
 
 BUCKET, ACCESS, SECRET = "duphunter", "duphunter", "duphunter-secret-key"
 

@@ -49,21 +49,23 @@ from typing import Any
 
 from bench import core
 from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
-from pipelines import restore
-from pipelines.checkpoints import Checkpoints, checkpoints_key
-from pipelines.encoders import encode, helper_dir, lookup_encoder, pgzip_library
-from pipelines.filestore import FileStore
-from pipelines.recipe import Recipe
-from pipelines.registry import Registry
-from pipelines.restore import (
+from pipelines.encoders.base import helper_dir
+from pipelines.encoders.gzip_families import pgzip_library
+from pipelines.encoders.table import encode, lookup_encoder
+from pipelines.formats.recipe import Recipe
+from pipelines.formats.verify import release_verified
+from pipelines.registry.facade import Registry
+from pipelines.serve import restore
+from pipelines.serve.checkpoints import Checkpoints, checkpoints_key
+from pipelines.serve.rebuild import rebuild_tar
+from pipelines.serve.restore import (
     SegmentEncoder,
     encode_layer_segment,
     load_checkpoints,
     pooled_runner,
-    rebuild_tar,
     restore_blob,
 )
-from pipelines.verify import release_verified
+from pipelines.store.filestore import FileStore
 
 WORK = REPO_ROOT / "build" / "bench" / "restore"
 HEADING = "## bench-restore: parallel restore from checkpoints"

@@ -32,7 +32,7 @@ import urllib3
 from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
 from deploy.stack import Stack, wait_until
 from pipelines.config import Settings
-from pipelines.storage import S3Store
+from pipelines.store.storage import S3Store
 
 SECTION = "## bench-scale: ingest and restore with 1, 2 and 4 worker processes"
 CACHE = REPO_ROOT / "build" / "bench" / "scale"

@@ -5,7 +5,7 @@
 #   redis-server                        a Redis when none answers (make run) and for tests
 #   golang-go golang-github-klauspost-* the pgzip and zstd encoder helpers (Debian's skopeo encoders)
 #   golang-github-containers-storage-dev the zstd:chunked encoder helper (skopeo's chunked compressor)
-#   dpkg-dev gcc make curl xz-utils     pipelines/programs/build.sh: GNU gzip, zlib and the
+#   dpkg-dev gcc make curl xz-utils     pipelines/encoders/programs/build.sh: GNU gzip, zlib and the
 #                                       zstd CLI from pinned Debian sources, pigz's .deb
 #   skopeo umoci                        real OCI clients (tests, benchmarks)
 #   docker-registry                     the peer registry, CNCF Distribution (bench-core)

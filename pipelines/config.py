@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.codecs import DEFAULT_ZSTD_MAX_WINDOW
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# libzstd's own default limit (window log 27); here so that config imports no format code
+DEFAULT_ZSTD_MAX_WINDOW = 128 << 20
 
 
 def _env(name: str, default: str) -> str:
@@ -140,7 +140,7 @@ def _flag(name: str, default: str) -> bool:
 @dataclass(frozen=True)
 class AuthSettings:
     """Authentication and TLS (docs/operations.md: "Authentication and TLS"); checked by
-    `pipelines.auth.authority_from_settings` when the API starts."""
+    `pipelines.registry.auth.authority_from_settings` when the API starts."""
 
     auth: str = field(default_factory=lambda: _env("AUTH", "none"))
     htpasswd: Path | None = field(default_factory=lambda: _optional_path("HTPASSWD"))

@@ -18,7 +18,7 @@ import pytest
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
 from pipelines.config import Settings
 from pipelines.pauses import PAUSE_DIR_VARIABLE
-from pipelines.registry import Registry
+from pipelines.registry.facade import Registry
 from tests.client import RegistryClient
 
 
@@ -144,7 +144,7 @@ def repo() -> str:
 def ensure_helpers() -> Path | str:
     """Build the Go helpers once (idempotent): their directory, or why the build failed."""
     directory = Path(os.environ.get("DUPHUNTER_HELPER_DIR") or REPO_ROOT / "build" / "helpers")
-    build = REPO_ROOT / "pipelines" / "gohelpers" / "build.sh"
+    build = REPO_ROOT / "pipelines" / "encoders" / "gohelpers" / "build.sh"
     done = subprocess.run(["bash", str(build), str(directory)], capture_output=True)
     if done.returncode != 0:
         return f"build.sh failed: {done.stderr.decode(errors='replace')[-2000:]}"

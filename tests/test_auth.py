@@ -44,22 +44,24 @@ from cryptography.x509.oid import NameOID
 
 from deploy import services
 from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
-from pipelines.auth import (
-    BUILTIN_ISSUER,
+from pipelines.registry.auth import (
     Htpasswd,
-    InvalidCredentials,
     Permissions,
     Policy,
     ReloadingFile,
+    load_policy,
+    parse_policy,
+)
+from pipelines.registry.globs import glob_regex
+from pipelines.registry.tokens import (
+    BUILTIN_ISSUER,
+    InvalidCredentials,
     TokenIssuer,
     TokenVerifier,
-    load_policy,
     load_private_key,
     load_public_keys,
-    parse_policy,
     parse_scope,
 )
-from pipelines.globs import glob_regex
 from tests.client import OCI_CONFIG, OCI_MANIFEST, RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack
 from tests.test_conformance import build_data, run_discovery, run_management, run_pull, run_push

@@ -29,8 +29,8 @@ import urllib3
 
 from bench.auth_flood import login_from
 from deploy.stack import Stack, free_port
-from pipelines.auth import ChecksBusy, CheckSlots, Htpasswd, load_htpasswd
-from pipelines.throttle import Backoff, LoginThrottle, TooManyAttempts, client_key
+from pipelines.registry.auth import ChecksBusy, CheckSlots, Htpasswd, load_htpasswd
+from pipelines.registry.throttle import Backoff, LoginThrottle, TooManyAttempts, client_key
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.test_auth import (

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from deploy.stack import wait_until
-from pipelines.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key, fill_key
-from pipelines.storage import ObjectStore, S3Store
+from pipelines.serve.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key, fill_key
+from pipelines.store.storage import ObjectStore, S3Store
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired

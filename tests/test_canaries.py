@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from deploy.stack import REPO_ROOT, wait_until
-from pipelines import canaries
-from pipelines.canaries import (
+from pipelines.encoders import canaries
+from pipelines.encoders.canaries import (
     CANARY_FILE,
     CANARY_KEY,
     STARTS_KEY,
@@ -32,8 +32,8 @@ from pipelines.canaries import (
     registered_ids,
     retirement_blocker,
 )
-from pipelines.encoders import GZIP_TRAILER_LEN
-from pipelines.ingest import RETIRE_BLOCKED_KEY
+from pipelines.encoders.gzip_families import GZIP_TRAILER_LEN
+from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
@@ -54,8 +54,8 @@ def test_canary_file_covers_every_encoder_id(helper_dir: Path) -> None:
 
 def test_canary_file_is_package_data() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    assert CANARY_FILE.name in project["tool"]["setuptools"]["package-data"]["pipelines"]
-    assert CANARY_FILE.parent == REPO_ROOT / "pipelines"
+    assert CANARY_FILE.name in project["tool"]["setuptools"]["package-data"]["pipelines.encoders"]
+    assert CANARY_FILE.parent == REPO_ROOT / "pipelines" / "encoders"
 
 
 def test_every_encoder_passes_its_canary(helper_dir: Path) -> None:

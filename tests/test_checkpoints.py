@@ -26,8 +26,12 @@ from typing import Any
 import pytest
 import zstandard
 
-from pipelines import restore
-from pipelines.checkpoints import (
+from pipelines.encoders.base import Encoder, thread_cpu_seconds
+from pipelines.encoders.gzip_families import GoStdlibEncoder, PgzipEncoder, encode_gzip_params
+from pipelines.encoders.table import lookup_encoder
+from pipelines.formats.recipe import Recipe
+from pipelines.serve import restore
+from pipelines.serve.checkpoints import (
     AVOID_MARGIN,
     CHECKPOINT_SPACING,
     MIN_CHECKPOINT_SPACING,
@@ -50,17 +54,8 @@ from pipelines.checkpoints import (
     prove,
     segment_input,
 )
-from pipelines.encoders import (
-    Encoder,
-    GoStdlibEncoder,
-    PgzipEncoder,
-    encode_gzip_params,
-    lookup_encoder,
-    thread_cpu_seconds,
-)
-from pipelines.recipe import Recipe
-from pipelines.restore import (
-    RestoreError,
+from pipelines.serve.rebuild import RestoreError
+from pipelines.serve.restore import (
     SegmentRunner,
     load_checkpoints,
     local_runner,

@@ -25,8 +25,8 @@ from minio import Minio
 from api.presentation import TIME_KEYS
 from api.replay.report import render
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
-from pipelines.buffer import RANK_KEY, LayerBuffer, part_key
-from pipelines.ingest import RETIRE_BLOCKED_KEY
+from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
+from pipelines.serve.buffer import RANK_KEY, LayerBuffer, part_key
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api, start_live_stack
 from tests.test_buffer import deduplicated_layer, fill_whole, get

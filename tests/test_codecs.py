@@ -18,7 +18,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.codecs import (
+from pipelines.formats.codecs import (
     CorruptBlobError,
     Sniff,
     gzip_header_length,

@@ -19,9 +19,9 @@ import pytest
 import urllib3
 import zstandard
 
-from pipelines.filestore import FileStore
-from pipelines.recipe import Recipe
-from pipelines.restore import rebuild_tar
+from pipelines.formats.recipe import Recipe
+from pipelines.serve.rebuild import rebuild_tar
+from pipelines.store.filestore import FileStore
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.test_clients import build_image, layout_manifest, skopeo_copy

@@ -1,4 +1,4 @@
-"""The deletion protocol's notices and leases (pipelines.deletion) on a real S3: what a
+"""The deletion protocol's notices and leases (pipelines.store.deletion) on a real S3: what a
 relier reads, when a run's notices stop counting, and that a run stops deleting before
 its lease runs out."""
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipelines.config import Settings
-from pipelines.deletion import (
+from pipelines.store.deletion import (
     CLOCK_MARGIN_SECONDS,
     LEASE_PREFIX,
     NOTICE_PREFIX,
@@ -22,7 +22,7 @@ from pipelines.deletion import (
     Notices,
     RunLease,
 )
-from pipelines.storage import ObjectStore, S3Store
+from pipelines.store.storage import ObjectStore, S3Store
 from tests.conftest import LiveStack
 
 FILE = hashlib.sha256(b"a file").digest()

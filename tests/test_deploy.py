@@ -816,8 +816,8 @@ def stage_of(name: str) -> int:
 def test_dockerfile_builds_the_helpers_and_copies_them_where_the_setting_points() -> None:
     build = stage_of("build")
     runs = " ".join(rest for stage, word, rest in dockerfile() if stage == build and word == "RUN")
-    match = re.search(r"pipelines/gohelpers/build\.sh (\S+)", runs)
-    assert match, "the build stage must run pipelines/gohelpers/build.sh"
+    match = re.search(r"pipelines/encoders/gohelpers/build\.sh (\S+)", runs)
+    assert match, "the build stage must run pipelines/encoders/gohelpers/build.sh"
     helpers = match[1]
     copies = [rest.split() for _s, word, rest in dockerfile() if word == "COPY"]
     destinations = {c[-1] for c in copies if c[0] == "--from=build" and c[1] == helpers}

@@ -23,28 +23,18 @@ from typing import BinaryIO
 import pytest
 import zstandard
 
-from pipelines.codecs import open_decompressed, sniff
-from pipelines.encoders import (
-    SCREEN_STAGES,
-    EncoderUnavailableError,
+from pipelines.encoders.base import EncoderUnavailableError, Match, NoMatch, describe_helper
+from pipelines.encoders.detect import SCREEN_STAGES, Shortlist, find_encoder, shortlist
+from pipelines.encoders.gzip_families import (
     GzipProgramEncoder,
-    KlauspostOptions,
-    Match,
-    NoMatch,
-    Shortlist,
     ZlibEncoder,
     decode_gzip_params,
-    describe_helper,
-    encode,
-    find_encoder,
-    libzstd_version,
-    lookup_encoder,
-    prepare_encoders,
-    shortlist,
     stock_zlib_problem,
-    tar_entries_end,
 )
-from pipelines.zstd_cli import ZstdCliEncoder
+from pipelines.encoders.table import encode, lookup_encoder, prepare_encoders
+from pipelines.encoders.zstd_cli import ZstdCliEncoder
+from pipelines.encoders.zstd_families import KlauspostOptions, libzstd_version, tar_entries_end
+from pipelines.formats.codecs import open_decompressed, sniff
 from tests.test_codecs import real_files_tar
 
 PGZIP_LIBRARY = "pgzip-deb-"

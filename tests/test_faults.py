@@ -22,9 +22,9 @@ import pytest
 from redis.exceptions import LockError
 
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, wait_until
-from pipelines.gc import GcStopped
-from pipelines.jobmarks import GIVE_UP_AFTER
-from pipelines.leases import LEASE_SECONDS, Lease
+from pipelines.registry.gc import GcStopped
+from pipelines.registry.jobmarks import GIVE_UP_AFTER
+from pipelines.store.leases import LEASE_SECONDS, Lease
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api, start_live_stack
 from tests.test_dedup import make_tar, wait_for_layers, wait_until_retired
@@ -44,7 +44,7 @@ def test_a_killed_holders_lock_is_taken_over_within_seconds(live: LiveStack) -> 
     name = f"dh:lock:fault-test-{time.time_ns()}"
     holder = subprocess.Popen(
         [str(VENV_BIN / "python"), "-c",
-         "import sys, time, redis; from pipelines.leases import Lease\n"
+         "import sys, time, redis; from pipelines.store.leases import Lease\n"
          f"lease = Lease(redis.Redis.from_url({live.settings.redis_url!r}), {name!r})\n"
          "assert lease.acquire(); print('held', flush=True); time.sleep(600)"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from deploy.stack import VENV_BIN, Stack, wait_until
-from pipelines.filestore import read_pack_table
-from pipelines.leases import Lease
+from pipelines.store.filestore import read_pack_table
+from pipelines.store.leases import Lease
 from tests.client import (
     OCI_INDEX,
     OCI_MANIFEST,

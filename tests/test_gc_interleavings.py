@@ -19,14 +19,14 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from deploy.stack import Stack, wait_until
-from pipelines.blobs import BlobInfo, Segment
-from pipelines.gc import GcReport
-from pipelines.index import FILES_KEY, READY_KEY
-from pipelines.ingest import RETIRE_BLOCKED_KEY
+from pipelines.formats.recipe import Recipe
+from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from pipelines.pauses import PAUSE_DIR_VARIABLE
-from pipelines.recipe import Recipe
-from pipelines.registry import Registry
-from pipelines.restore import restore_blob
+from pipelines.registry.facade import Registry
+from pipelines.registry.gc import GcReport
+from pipelines.serve.restore import restore_blob
+from pipelines.store.blobs import BlobInfo, Segment
+from pipelines.store.index import FILES_KEY, READY_KEY
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, PausePoints, start_live_stack
 from tests.test_gc import Image, delete_image, make_image, push_and_wait, run_gc

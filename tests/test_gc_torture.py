@@ -24,7 +24,7 @@ import pytest
 import urllib3
 
 from deploy.stack import Stack, wait_until
-from pipelines.layercheck import check_from_packs
+from pipelines.serve.layercheck import check_from_packs
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, start_live_stack
 from tests.test_dedup import make_tar

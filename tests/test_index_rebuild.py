@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from deploy.stack import VENV_BIN, Stack, wait_until
-from pipelines.index import Index
 from pipelines.pauses import PAUSE_DIR_VARIABLE
+from pipelines.store.index import Index
 from tests.client import OCI_MANIFEST, RegistryClient, error_codes, sha256
 from tests.conftest import LiveStack, PausePoints, start_live_stack
 from tests.test_dedup import make_tar

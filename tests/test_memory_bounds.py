@@ -13,8 +13,8 @@ import hashlib
 import pytest
 
 from bench.hostile import LAYERS, PeakGrowth, stack_processes
-from pipelines.ingest import ingest_memory_bound
-from pipelines.restore import restore_memory_bound
+from pipelines.ingest.ingestor import ingest_memory_bound
+from pipelines.serve.restore import restore_memory_bound
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.test_dedup import wait_for_layers, wait_until_retired

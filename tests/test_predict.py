@@ -17,7 +17,8 @@ import pytest
 
 from deploy.stack import Stack, wait_until
 from pipelines.config import Settings
-from pipelines.predict import (
+from pipelines.registry.facade import Registry
+from pipelines.serve.predict import (
     PAPER_THRESHOLD,
     PERIOD,
     PERIOD_MARGIN_SECONDS,
@@ -44,7 +45,6 @@ from pipelines.predict import (
     predict,
     restore_bytes_ahead,
 )
-from pipelines.registry import Registry
 from tests.client import OCI_MANIFEST, RegistryClient, sha256
 from tests.conftest import LiveStack, start_live_stack
 from tests.test_buffer import deduplicated_layer, empty_redis_db

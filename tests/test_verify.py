@@ -14,8 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.restore import MODE_FAILED, RestoreError, RestoreHub
-from pipelines.verify import SegmentDigests, SegmentHasher, VerificationError, release_verified
+from pipelines.formats.verify import (
+    SegmentDigests,
+    SegmentHasher,
+    VerificationError,
+    release_verified,
+)
+from pipelines.serve.rebuild import RestoreError
+from pipelines.serve.restore import MODE_FAILED, RestoreHub
 
 SEGMENT = 4096  # small segments, so that a few KiB of data span many of them
 BLOB = os.urandom(10 * SEGMENT + 123)

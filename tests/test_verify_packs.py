@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from deploy.stack import VENV_BIN, Stack, wait_until
-from pipelines.layercheck import check_from_packs
-from pipelines.recipe import Recipe
+from pipelines.formats.recipe import Recipe
+from pipelines.serve.layercheck import check_from_packs
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, start_live_stack
 from tests.test_buffer import deduplicated_layer, get

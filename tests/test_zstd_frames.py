@@ -19,24 +19,27 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pipelines import encoders
-from pipelines.codecs import (
+from pipelines.encoders.base import Match, NoMatch
+from pipelines.encoders.detect import prove, shortlist
+from pipelines.encoders.detect_frames import (
+    MAX_SKIPPABLE_BYTES,
+    frames_shortlist,
+    frames_to_rebuild,
+)
+from pipelines.encoders.table import encode, vouching_encoder_id
+from pipelines.encoders.zstd_frames import (
+    FRAMES_PREFIX,
+    DataFrame,
+    FrameEntry,
+    decode_params,
+    encode_params,
+)
+from pipelines.formats.codecs import (
     CorruptBlobError,
     UnsupportedBlobError,
     open_decompressed,
     scan_zstd_frames,
     sniff,
-)
-from pipelines.encoders import Match, NoMatch
-from pipelines.zstd_frames import (
-    FRAMES_PREFIX,
-    MAX_SKIPPABLE_BYTES,
-    DataFrame,
-    FrameEntry,
-    decode_params,
-    encode_params,
-    frames_shortlist,
-    frames_to_rebuild,
 )
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup
@@ -98,16 +101,16 @@ def find(blob: bytes, max_window: int = 128 << 20) -> Match | NoMatch:
     if frames is not None:
         found = frames_shortlist(frames, reader_of(blob), max_window)
     else:
-        found = encoders.shortlist(lambda: io.BytesIO(blob), open_tar, sniff(blob[:65536]))
+        found = shortlist(lambda: io.BytesIO(blob), open_tar, sniff(blob[:65536]))
     if isinstance(found, NoMatch):
         return found
-    return encoders.prove(found, open_tar, hashlib.sha256(blob).hexdigest())
+    return prove(found, open_tar, hashlib.sha256(blob).hexdigest())
 
 
 def assert_rebuilt(blob: bytes, tar: bytes, match: Match | NoMatch) -> Match:
     assert isinstance(match, Match), match
     pieces = (tar[i : i + 100_000] for i in range(0, len(tar), 100_000))
-    assert b"".join(encoders.encode(match.encoder_id, match.encoder_params, pieces)) == blob
+    assert b"".join(encode(match.encoder_id, match.encoder_params, pieces)) == blob
     return match
 
 
@@ -195,7 +198,7 @@ def test_pzstd_layer_is_rebuilt_frame_by_frame(tmp_path: Path) -> None:
     assert [frame.skippable for frame in frames] == [True, False, True, False]
     match = assert_rebuilt(blob, tar, find(blob))
     assert match.encoder_id == FRAMES_PREFIX + "zstd/cli-1.5.4/level3-single"
-    assert encoders.vouching_encoder_id(match.encoder_id) == "zstd/cli-1.5.4/level3-single"
+    assert vouching_encoder_id(match.encoder_id) == "zstd/cli-1.5.4/level3-single"
     data = [e for e in decode_params(match.encoder_params) if isinstance(e, DataFrame)]
     assert [e.tar_length for e in data] == [PZSTD_FRAME_TAR, len(tar) - PZSTD_FRAME_TAR]
 

@@ -1,7 +1,7 @@
 """Enqueueing and tracking jobs: the only part of `workers` the API calls.
 
 Importing it also sends the segments of large parallel restores to the `restore` workers
-(`pipelines.restore.use_restore_workers`): the API's processes are the ones that can
+(`pipelines.serve.restore.use_restore_workers`): the API's processes are the ones that can
 reach them; the API's own threads encode segments too. DUPHUNTER_RESTORE_WORKERS_MIN_BYTES
 sets from what tar size (default 64 MiB; 0 keeps every restore on the API's host)."""
 
@@ -20,12 +20,11 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from pipelines.checkpoints import Checkpoints
-from pipelines.filestore import FileStore
-from pipelines.ingest import mark_queued
-from pipelines.recipe import Recipe
-from pipelines.registry import Registry
-from pipelines.restore import (
+from pipelines.formats.recipe import Recipe
+from pipelines.ingest.ingestor import mark_queued
+from pipelines.registry.facade import Registry
+from pipelines.serve.checkpoints import Checkpoints
+from pipelines.serve.restore import (
     RESTORE_THREADS,
     SegmentEncoder,
     SegmentRunner,
@@ -33,6 +32,7 @@ from pipelines.restore import (
     pooled_runner,
     use_restore_workers,
 )
+from pipelines.store.filestore import FileStore
 from workers.app import QUEUES, celery_app
 from workers.tasks import (
     PRIORITY_WARM,

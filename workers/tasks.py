@@ -9,7 +9,7 @@ is waited for the same way, LOCK_ATTEMPTS times at most.
 
 Per-layer maintenance jobs that schedules ask for again and again (retirements and
 demotions, promotions) are queued at most once at a time, and given up after repeated
-failures (pipelines.jobmarks).
+failures (pipelines.registry.jobmarks).
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from typing import Any, TypeVar
 from celery import Task, signals
 from redis.exceptions import LockError
 
-from pipelines.canaries import check_at_start
-from pipelines.encoders import prepare_encoders
+from pipelines.encoders.canaries import check_at_start
+from pipelines.encoders.table import prepare_encoders
 from pipelines.errors import IndexNotReady, is_transient
 from pipelines.metrics import INGEST_SECONDS
-from pipelines.predict import PERIOD, Prediction
-from pipelines.registry import Registry
-from pipelines.restore import RestoreError, encode_layer_segment
+from pipelines.registry.facade import Registry
+from pipelines.serve.predict import PERIOD, Prediction
+from pipelines.serve.rebuild import RestoreError
+from pipelines.serve.restore import encode_layer_segment
 from workers.app import celery_app
 
 FIRST_RETRY_DELAY = 0.5
@@ -112,7 +113,7 @@ def ingest_layer(repository: str, digest: str) -> dict[str, str]:
     return result.record.as_fields()
 
 
-RETIRE, PROMOTE = "retire", "promote"  # the per-layer jobs of pipelines.jobmarks
+RETIRE, PROMOTE = "retire", "promote"  # the per-layer jobs of pipelines.registry.jobmarks
 
 
 def queue_retirement(digest: str, keep: bool | None) -> bool:
@@ -128,7 +129,7 @@ def queue_retirement(digest: str, keep: bool | None) -> bool:
 
 
 def _settling(kind: str, digest: str, work: Callable[[], Result | None]) -> Result | None:
-    """Run a per-layer job, recording how it ended (pipelines.jobmarks); None from `work`
+    """Run a per-layer job, recording how it ended (pipelines.registry.jobmarks); None from `work`
     says it queued a follow-up of itself: not ended."""
     try:
         result = work()
@@ -323,7 +324,7 @@ def audit_packs() -> dict[str, int]:
 
 @celery_app.task(name="workers.tasks.collect_garbage", bind=True)
 def collect_garbage(task: Task[[bool], dict[str, Any]], dry_run: bool = False) -> dict[str, Any]:
-    """Online garbage collection (pipelines/gc.py): what it freed, or would free. A run
+    """Online garbage collection (pipelines/registry/gc.py): what it freed, or would free. A run
     that refused (the index is incomplete) asks for the index to be rebuilt. The job's
     id and this process are its lock's token: a retry here (after a Redis blip) takes
     back the lock its failed attempt could not release, at once. (The job run again by

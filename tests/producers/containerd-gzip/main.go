@@ -1,6 +1,6 @@
 // Command containerd-gzip writes a container image layer of a directory the way
 // containerd and BuildKit write a new layer, as a producer for DupHunter's tests that
-// shares no code with DupHunter's encoder helpers (pipelines/gohelpers):
+// shares no code with DupHunter's encoder helpers (pipelines/encoders/gohelpers):
 //
 //   - the tar comes from archive/tar, one tar.FileInfoHeader per entry in
 //     filepath walk order, PAX format (records only where a name, link or size needs

@@ -1,0 +1,600 @@
+"""Restoring deduplicated layers: the recipe's tar rebuilt from stored files (each checked
+against its sha256; pipelines.serve.rebuild), recompressed by the recorded encoder, and
+released segment by segment only once verified (`pipelines.formats.verify`), so wrong
+bytes are never served as good.
+
+`RestoreHub` makes concurrent GETs of one layer share a single restore, also across the
+API processes of one host: the first request restores into a spool file, the others
+follow that file as it grows. Only verified bytes are ever written to the spool, so a
+reader may read whatever the file holds. This is the seam where a shared layer buffer
+will sit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+from pipelines.encoders.base import Encoder, charge_cpu, thread_cpu_seconds
+from pipelines.encoders.gzip_families import decode_gzip_params
+from pipelines.encoders.table import encode, lookup_encoder
+from pipelines.errors import RegistryError, is_transient
+from pipelines.formats.recipe import Recipe
+from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
+from pipelines.serve.checkpoints import (
+    Checkpoints,
+    ReadTar,
+    Segment,
+    SegmentError,
+    checkpoints_key,
+    encode_segment,
+    fits_in_memory,
+    join_segments,
+    segment_input,
+)
+from pipelines.serve.rebuild import (
+    BATCH_BYTES,
+    PREFETCH_BYTES,
+    SPAN_LIMIT,
+    RestoreError,
+    file_paths,
+    rebuild_tar,
+    rebuild_tar_range,
+)
+from pipelines.store.filestore import (
+    IN_MEMORY_LIMIT,
+    FileStore,
+    FileStoreError,
+)
+from pipelines.store.storage import ObjectNotFound, ObjectStore
+
+POLL_SECONDS = 0.005
+RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once in this process
+SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
+
+logger = logging.getLogger(__name__)
+
+# An in-process encoder's own state (zlib's, libzstd's at its usual levels: a few MiB of
+# window and tables) and the interpreter's buffers along the way.
+WORKING_BYTES = 16 << 20
+
+
+def restore_memory_bound() -> int:
+    """The most one serial restore holds, whatever the layer (docs/architecture.md,
+    Memory bounds): the tar planned ahead and the batch being planned (files decoded
+    whole only when both their stored and real sizes are within SPAN_LIMIT), a large
+    file's in-memory spool, the verified segment being checked, and the encoder's
+    working state. Parallel restores add their segments'."""
+    held = PREFETCH_BYTES + BATCH_BYTES + SPAN_LIMIT + IN_MEMORY_LIMIT + SPOOL_IN_MEMORY
+    return held + WORKING_BYTES
+
+
+class DamagedFileError(RestoreError):
+    """A file of the layer is missing or damaged in the content store. Names the layer,
+    the file by the sha256 it must hash to and its path in the layer's tar (where the
+    recipe shows it), and the pack it was read from: what the recovery from corruption
+    needs (docs/operations.md)."""
+
+    def __init__(
+        self, message: str, layer: str = "", file: str = "", path: str = "", pack: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.layer, self.file, self.path, self.pack = layer, file, path, pack
+
+
+def damaged_file(recipe: Recipe, error: FileStoreError) -> DamagedFileError:
+    """`error` (a file of this layer's recipe) with the layer and the file's path named."""
+    if error.digest is None:
+        return DamagedFileError(f"layer {recipe.blob_digest}: {error}", recipe.blob_digest)
+    file = f"sha256:{error.digest.hex()}"
+    path = file_paths(recipe, {error.digest}).get(error.digest, "")
+    named = f"{file} ({path})" if path else file
+    where = f" in pack {error.pack}" if error.pack else ""
+    message = f"layer {recipe.blob_digest}: file {named}{where} {error.problem}"
+    return DamagedFileError(message, recipe.blob_digest, file, path, error.pack)
+
+
+def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
+    """The pushed blob's bytes, each segment passed on only once it is verified. A layer
+    with proven checkpoints is re-encoded segment by segment in parallel and joined."""
+    rebuilt = _rebuilt_blob(recipe, files)
+    verified = release_verified(rebuilt, recipe.blob_digest, recipe.blob_size, recipe.segments)
+    return _naming_damage(verified, recipe)
+
+
+def _naming_damage(chunks: Iterator[bytes], recipe: Recipe) -> Iterator[bytes]:
+    """The chunks; a missing or damaged file's error names the layer and the file's path."""
+    try:
+        yield from chunks
+    except FileStoreError as error:
+        raise damaged_file(recipe, error) from error
+
+
+def _rebuilt_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
+    plan = load_checkpoints(recipe, files.store)
+    runner = None if plan is None else _runner_for(recipe)
+    if plan is None or runner is None:
+        yield from encode(recipe.encoder_id, recipe.encoder_params, rebuild_tar(recipe, files))
+        return
+    header, trailer = decode_gzip_params(recipe.encoder_params)
+    yield header
+    bits = runner(recipe, files, plan)
+    yield from join_segments(zip(bits, plan.segments(), strict=True))
+    yield trailer
+
+
+def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
+    """The layer's proven checkpoints, or None (then the restore is serial): none were
+    stored, the object cannot be read or decoded, or it is for another encoding."""
+    try:
+        plan = Checkpoints.decode(store.get_bytes(checkpoints_key(recipe.blob_digest)))
+    except ObjectNotFound:
+        return None
+    except Exception as error:  # optional by design: never worse than a serial restore
+        logger.warning("checkpoints of %s unusable, restoring serially: %s",
+                       recipe.blob_digest, error)  # fmt: skip
+        return None
+    same = (plan.blob_digest, plan.encoder_id, plan.tar_size) == (
+        recipe.blob_digest, recipe.encoder_id, recipe.tar_size)  # fmt: skip
+    if not same or not plan.points or not recipe.encoder_id.startswith("gzip/"):
+        return None
+    if not all(fits_in_memory(segment) for segment in plan.segments()):
+        return None  # proven before segments were bounded: a serial restore streams
+    return plan
+
+
+def encode_stored_segment(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
+    """The bits of segment `index` of a layer, from the tar rebuilt around it (before the
+    encoding takes one of the process's cores: the rebuild waits on S3)."""
+    encoder = lookup_encoder(recipe.encoder_id)
+    segment = plan.segments()[index]
+    start, end = segment_input(encoder, segment, recipe.tar_size)
+    window = b"".join(rebuild_tar_range(recipe, files, start, end))
+    return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size)
+
+
+# One slot per core, shared by every restore of this process: however many layers restore
+# at once, at most RESTORE_THREADS segments are encoded at a time, and a slot one restore
+# frees goes to whichever restore has a segment waiting (its threads queue for it).
+_segment_cores = threading.BoundedSemaphore(RESTORE_THREADS)
+
+
+def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
+    with _segment_cores:
+        try:
+            return encode_segment(encoder, segment, read_tar, tar_size)
+        except SegmentError as error:
+            raise RestoreError(str(error)) from error
+
+
+def encode_layer_segment(
+    store: ObjectStore, files: FileStore, recipe_key: str, index: int
+) -> bytes:
+    """What a restore worker does for a parallel restore elsewhere: segment `index` of
+    the layer whose recipe is at `recipe_key`."""
+    recipe, plan = _layer_plan(store, recipe_key)
+    if plan is None or index >= len(plan.segments()):
+        raise RestoreError(f"{recipe.blob_digest} has no segment {index}")
+    return encode_stored_segment(recipe, files, plan, index)
+
+
+_plans: dict[tuple[int, str], tuple[Recipe, Checkpoints | None]] = {}
+_PLANS_KEPT = 8  # a worker asked for one segment is likely asked for the next ones
+
+
+def _layer_plan(store: ObjectStore, recipe_key: str) -> tuple[Recipe, Checkpoints | None]:
+    """A layer's recipe and checkpoints, kept for the next segments (both are written
+    once, before the layer's commit point, and never changed under the same key)."""
+    key = (id(store), recipe_key)
+    if key not in _plans:
+        recipe = Recipe.decode(store.get_bytes(recipe_key))
+        _plans[key] = (recipe, load_checkpoints(recipe, store))
+        while len(_plans) > _PLANS_KEPT:
+            del _plans[next(iter(_plans))]
+    return _plans[key]
+
+
+# Runs the segments of a plan, yielding their bits in order.
+SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[bytes]]
+# Encodes segment `index` of a plan: here, or by asking another process or host.
+SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], bytes]
+
+
+def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
+    """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
+    helper processes; at most RESTORE_THREADS at a time for all the restores of this
+    process), each cut from one streamed rebuild of the tar: a rebuild per
+    segment would walk the recipe, and fetch the files at its edges, once per segment.
+    Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
+    one segment may be many times longer than the others (checkpoints keep away from
+    large files), and the other threads go on meanwhile."""
+
+    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
+        encoder = lookup_encoder(recipe.encoder_id)
+        cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
+        pending: deque[tuple[Future[tuple[bytes, float]], int]] = deque()
+        ahead = 0
+        broken: list[Exception] = []
+        try:
+            for segment, start, window in _until_broken(cuts, broken):
+                read_tar = _window_reader(start, window)
+                job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size)
+                pending.append((pool.submit(_metered, job), len(window)))
+                ahead += len(window)
+                while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
+                    future, size = pending.popleft()
+                    ahead -= size
+                    yield _charged(future.result())
+            for future, _size in pending:
+                yield _charged(future.result())
+            if broken:  # a damaged file: raised once the segments cut before it went out
+                raise broken[0]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    return run
+
+
+def _metered(work: Callable[[], bytes]) -> tuple[bytes, float]:
+    """The bits `work` returns, with the CPU seconds it took on this (segment) thread."""
+    started = thread_cpu_seconds()
+    bits = work()
+    return bits, thread_cpu_seconds() - started
+
+
+def _charged(result: tuple[bytes, float]) -> bytes:
+    """A segment's bits; its CPU counted as the restoring thread's, whose restore it is."""
+    bits, seconds = result
+    charge_cpu(seconds)
+    return bits
+
+
+def segment_cuts(
+    encoder: Encoder, segments: list[Segment], tar: Iterator[bytes], tar_size: int
+) -> Iterator[tuple[Segment, int, bytes]]:
+    """Each segment with the tar offset and bytes of its encoder's input, cut in one pass
+    over the tar (inputs overlap by the history and lookahead)."""
+    held, base = bytearray(), 0
+    for segment in segments:
+        start, end = segment_input(encoder, segment, tar_size)
+        del held[: start - base]
+        base = start
+        while base + len(held) < end:
+            chunk = next(tar, None)
+            if chunk is None:
+                raise RestoreError(f"the tar ends before byte {end}")
+            held += chunk
+        yield segment, start, bytes(held[: end - base])
+
+
+def _until_broken(
+    cuts: Iterator[tuple[Segment, int, bytes]], broken: list[Exception]
+) -> Iterator[tuple[Segment, int, bytes]]:
+    """The cuts, until the tar fails: its error goes to `broken`, not up through the
+    loop that is still sending the segments before it (a segment's own encoding error
+    is not caught here, so no later segment can take its place)."""
+    try:
+        yield from cuts
+    except Exception as error:
+        broken.append(error)
+
+
+def _window_reader(window_start: int, window: bytes) -> ReadTar:
+    def read_tar(start: int, end: int) -> bytes:
+        return window[start - window_start : end - window_start]
+
+    return read_tar
+
+
+def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRunner:
+    """Segments shared among `slots` (each a thread calling its encoder: a local one, or
+    one that waits for a restore worker), each slot taking the next segment when free, at
+    most `ahead` (default: four per slot) past the one being joined: a segment many times
+    longer than the others must not leave the other slots idle."""
+    window = ahead or 4 * len(slots)
+
+    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
+        shared = _Shared(len(plan.segments()), window)
+        threads = [
+            threading.Thread(
+                target=shared.work,
+                args=(encode, recipe, files, plan),
+                daemon=True,
+                name=f"segment-{number}",
+            )
+            for number, encode in enumerate(slots)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            yield from shared.in_order()
+        finally:
+            shared.stop()
+
+    return run
+
+
+class _Shared:
+    """Segment indexes handed out to slots, and their results handed back in order."""
+
+    def __init__(self, count: int, window: int) -> None:
+        self.count, self.window = count, window
+        self.next = self.consumed = 0
+        self.results: dict[int, tuple[bytes, float] | BaseException] = {}
+        self.stopped = False
+        self.changed = threading.Condition()
+
+    def work(
+        self, encode: SegmentEncoder, recipe: Recipe, files: FileStore, plan: Checkpoints
+    ) -> None:
+        while (index := self._take()) is not None:
+            try:
+                value: tuple[bytes, float] | BaseException = _metered(
+                    functools.partial(encode, recipe, files, plan, index)
+                )
+            except BaseException as error:  # handed to the consumer
+                value = error
+            with self.changed:
+                self.results[index] = value
+                self.changed.notify_all()
+
+    def _take(self) -> int | None:
+        with self.changed:
+            while (
+                not self.stopped
+                and self.next < self.count
+                and (self.next - self.consumed >= self.window)
+            ):
+                self.changed.wait()
+            if self.stopped or self.next >= self.count:
+                return None
+            self.next += 1
+            return self.next - 1
+
+    def in_order(self) -> Iterator[bytes]:
+        for index in range(self.count):
+            with self.changed:
+                while index not in self.results:
+                    self.changed.wait()
+                value = self.results.pop(index)
+                self.consumed = index + 1
+                self.changed.notify_all()
+            if isinstance(value, BaseException):
+                raise value
+            yield _charged(value)
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+
+
+_remote_runner: SegmentRunner | None = None
+_remote_min_tar_bytes = 0
+
+
+def use_restore_workers(runner: SegmentRunner | None, min_tar_bytes: int = 64 << 20) -> None:
+    """Send the segments of layers of at least `min_tar_bytes` of tar to `runner` (the
+    `restore` workers, set by the process that can reach them); None: this host only."""
+    global _remote_runner, _remote_min_tar_bytes
+    _remote_runner, _remote_min_tar_bytes = runner, min_tar_bytes
+
+
+def _runner_for(recipe: Recipe) -> SegmentRunner | None:
+    """Who encodes the segments; None: one stream here, for an encoder that runs on
+    every core by itself (segments on this host's threads only add their overhead)."""
+    if _remote_runner is not None and recipe.tar_size >= _remote_min_tar_bytes:
+        return _remote_runner
+    return None if lookup_encoder(recipe.encoder_id).uses_every_core else local_runner()
+
+
+class RestoreHub:
+    """One restore per layer at a time per host; every reader follows its spool file.
+
+    The producer writes only verified bytes to the spool file, each write checked to be
+    whole. The file's mode bits carry the restore's outcome, so that a reader holding the
+    file open learns it even after the file was unlinked: 0o600 while restoring, 0o640
+    once complete, 0o604 when the restore failed. The producer holds an exclusive flock
+    while restoring, so readers can tell a crashed producer from a slow one.
+    """
+
+    def __init__(self, spool_dir: Path, keep_seconds: float = 30.0) -> None:
+        self.spool_dir = spool_dir
+        self.keep_seconds = keep_seconds
+        # why this process's last restore of a layer failed: for its readers' errors (a
+        # reader in another process learns only that it failed; the reason is logged)
+        self._failures: dict[str, Exception] = {}
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Remove spool files nobody is producing that outlived their keep time (their
+        producer's timer died with its process)."""
+        deadline = time.time() - self.keep_seconds
+        for path in self.spool_dir.glob("*.data*"):
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_mtime < deadline and not _producer_alive(handle):
+                    path.unlink()
+
+    def state(self, digest: str) -> str | None:
+        """ "restoring" or "complete" if this host has a spool file for the layer."""
+        handle = _open_existing(self._path(digest))
+        if handle is None:
+            return None
+        with handle:
+            mode = _mode(handle)
+        return {MODE_RESTORING: "restoring", MODE_VERIFIED: "complete"}.get(mode)
+
+    def _path(self, digest: str) -> Path:
+        return self.spool_dir / (digest.replace(":", "-") + ".data")
+
+    def read(
+        self,
+        digest: str,
+        size: int,
+        produce: Callable[[], Iterable[bytes]],
+        offset: int = 0,
+        length: int | None = None,
+    ) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of the restored layer, each passed on as soon as
+        the segment holding it is verified. `produce` yields verified bytes only."""
+        end = size if length is None else offset + length
+        path = self._path(digest)
+        while True:
+            handle = self._claim_or_open(path, digest, size, produce)
+            if handle is None:
+                continue  # the previous producer died or its file went away: try again
+            try:
+                yield from _stream(handle, size, offset, end)
+            except RestoreError as error:
+                failure = self._failures.get(digest)
+                if str(error) != RESTORE_FAILED or failure is None:
+                    raise
+                if isinstance(failure, RegistryError) or is_transient(failure):
+                    raise failure from error  # not the layer's fault: come back (a 503)
+                raise RestoreError(f"{error}: {failure}") from error
+            return
+
+    def _claim_or_open(
+        self, path: Path, digest: str, size: int, produce: Callable[[], Iterable[bytes]]
+    ) -> BinaryIO | None:
+        scratch = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+        descriptor = os.open(scratch, os.O_CREAT | os.O_TRUNC | os.O_RDWR, MODE_RESTORING)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            os.link(scratch, path)  # atomic: exactly one claimant wins
+        except FileExistsError:
+            os.close(descriptor)
+            return _open_existing(path)
+        finally:
+            scratch.unlink()
+        handle = open(path, "rb")  # noqa: SIM115 - the caller's generator closes it
+        thread = threading.Thread(
+            target=self._produce,
+            name=f"restore-{digest[7:19]}",
+            args=(descriptor, path, digest, size, produce),
+            daemon=True,
+        )
+        thread.start()
+        return handle
+
+    def _produce(
+        self,
+        descriptor: int,
+        path: Path,
+        digest: str,
+        size: int,
+        produce: Callable[[], Iterable[bytes]],
+    ) -> None:
+        outcome = MODE_FAILED
+        try:
+            for chunk in produce():
+                _write_all(descriptor, chunk)
+            if os.fstat(descriptor).st_size != size:
+                raise RestoreError(f"the spool holds {os.fstat(descriptor).st_size} bytes")
+            outcome = MODE_VERIFIED
+            self._failures.pop(digest, None)
+        except Exception as error:
+            logger.exception("restore of %s failed", digest)
+            self._failures[digest] = error
+            while len(self._failures) > FAILURES_KEPT:
+                del self._failures[next(iter(self._failures))]
+        os.fchmod(descriptor, outcome)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+        if outcome == MODE_FAILED:  # the next GET tries again; readers still see the mode
+            _unlink_quietly(path)
+            return
+        timer = threading.Timer(self.keep_seconds, _unlink_quietly, args=(path,))
+        timer.daemon = True
+        timer.start()
+
+
+MODE_RESTORING, MODE_VERIFIED, MODE_FAILED = 0o600, 0o640, 0o604
+RESTORE_FAILED = "the layer could not be restored to its digest"
+FAILURES_KEPT = 64
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Write every byte: os.write may write fewer than it was given."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view) :]
+
+
+def _open_existing(path: Path) -> BinaryIO | None:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - the caller's generator closes it
+    except FileNotFoundError:
+        return None
+    mode = _mode(handle)
+    if mode == MODE_VERIFIED:
+        return handle
+    alive = _producer_alive(handle)
+    if mode == MODE_RESTORING and alive:
+        return handle
+    handle.close()
+    if alive:  # a failed restore: its producer removes the file right after marking it
+        time.sleep(POLL_SECONDS)
+    else:  # a crashed producer's file, or a failed one left behind: restore again
+        _unlink_quietly(path)
+    return None
+
+
+def _stream(handle: BinaryIO, size: int, offset: int, end: int) -> Iterator[bytes]:
+    """Bytes [offset, end) of a spool file, read as the producer appends them. Whatever
+    the file holds is verified; the mode says whether more will come."""
+    with handle:
+        handle.seek(offset)
+        position = offset
+        while position < end:
+            mode = _mode(handle)  # before the size: a final mode means a final size
+            available = min(end, _size(handle))
+            if position < available:
+                data = handle.read(min(available - position, 1 << 20))
+                if not data:
+                    raise RestoreError("the spool file shrank under its reader")
+                position += len(data)
+                yield data
+            elif mode == MODE_VERIFIED:
+                raise RestoreError(f"the restored layer ends before byte {end} of {size}")
+            elif mode == MODE_FAILED:
+                raise RestoreError(RESTORE_FAILED)
+            elif not _producer_alive(handle) and _mode(handle) == MODE_RESTORING:
+                raise RestoreError("the restoring process died")
+            else:
+                time.sleep(POLL_SECONDS)
+
+
+def _mode(handle: BinaryIO) -> int:
+    return stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+
+
+def _size(handle: BinaryIO) -> int:
+    return os.fstat(handle.fileno()).st_size
+
+
+def _producer_alive(handle: BinaryIO) -> bool:
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
