@@ -12,7 +12,11 @@ writes for each of its frames, see pipelines.encoders.zstd_frames).
 Screening: the frame made of a prefix agrees with the whole one except in its last
 block, so the output is compared up to the start of its last block.
 With a pledged size longer than the prefix the CLI stops with "Src size is incorrect"
-after writing the blocks before the prefix's end: exactly what the screen compares.
+after writing the blocks before the prefix's end: exactly what the screen compares. How many
+of them it wrote depends on timing (the workers' progress), never which bytes: the screen
+turns off its asynchronous writer thread (`--no-asyncio`), as exit() on that error flushed
+stdout concurrently with the thread's fwrite and wrote 4 KiB twice when the thread was
+slow (a loaded host, a reader that lags).
 """
 
 from __future__ import annotations
@@ -74,11 +78,16 @@ class ZstdCliEncoder(Encoder):
     def body(self, tar_chunks: Iterable[bytes], params: bytes) -> Iterator[bytes]:
         return run_filter(self._argv(ZstdOptions.decode(params)), tar_chunks)
 
+    def screen_argv(self, params: bytes) -> list[str]:
+        """What `screen` runs on a prefix: one worker, and writes from the main thread
+        (`--no-asyncio`: what it wrote before the error is then a prefix of the frame)."""
+        return [*self._argv(ZstdOptions.decode(params), threads=1), "--no-asyncio"]
+
     def screen(self, tar_prefix: bytes, params: bytes) -> bytes | None:
         options = ZstdOptions.decode(params)
         out = bytearray()
         try:
-            for chunk in run_filter(self._argv(options, threads=1), [tar_prefix]):
+            for chunk in run_filter(self.screen_argv(params), [tar_prefix]):
                 out += chunk
         except RuntimeError:
             if options.pledged_size <= len(tar_prefix):
