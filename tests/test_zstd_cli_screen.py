@@ -1,5 +1,5 @@
 """The pinned zstd CLI's screen: what it writes before stopping on a prefix is a prefix of
-the frame of the whole input, however its output is read (pipelines.zstd_cli)."""
+the frame of the whole input, however its output is read (pipelines.encoders.zstd_cli)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import cast
 
 import pytest
 
-from pipelines.encoders import ZstdOptions
-from pipelines.zstd_cli import ZstdCliEncoder
+from pipelines.encoders.zstd_cli import ZstdCliEncoder
+from pipelines.encoders.zstd_families import ZstdOptions
 
 RUNS = 5
 LAGGING_READ = 16 * 1024  # bytes read at a time, with a pause after each
