@@ -170,9 +170,12 @@ class PausePoints:
     def environment(self) -> dict[str, str]:
         return {PAUSE_DIR_VARIABLE: str(self.directory)}
 
-    def hold(self, name: str) -> None:
+    def hold(self, name: str, key: str = "") -> None:
+        """Hold point `name` for every process, or only for the one that passes `key`."""
         (self.directory / f"{name}.reached").unlink(missing_ok=True)
-        (self.directory / name).touch()
+        staged = self.directory / f".{name}.staged"  # renamed: never seen half written
+        staged.write_text(key)
+        staged.rename(self.directory / name)
 
     def wait_reached(self, name: str, timeout: float = 120) -> None:
         wait_until(lambda: (self.directory / f"{name}.reached").exists(), f"pause point {name}",

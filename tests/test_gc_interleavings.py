@@ -303,7 +303,7 @@ def test_an_intact_copy_is_kept_when_the_packs_cannot_restore_its_layer(
 ) -> None:
     client = RegistryClient(live.url)
     image = make_image("last-copy/app", {}, own_files=6)
-    points.hold("retire.start")
+    points.hold("retire.start", image.digest)
     client.push_image(image.repo, "v1", [image.layer])
     points.wait_reached("retire.start")  # deduplicated; the intact copy is about to go
     info = live.registry.blobs.stored_info(image.digest)
@@ -327,7 +327,7 @@ def _kept_while_a_pack_was_away(live: LiveStack, points: PausePoints, repo: str)
     """A layer whose retirement found a pack missing (its intact copy kept, the failed
     proof recorded), and the pack back in place since (an S3 replica had lagged)."""
     image = make_image(repo, {}, own_files=6)
-    points.hold("retire.start")
+    points.hold("retire.start", image.digest)
     RegistryClient(live.url).push_image(image.repo, "v1", [image.layer])
     points.wait_reached("retire.start")
     info = live.registry.blobs.stored_info(image.digest)
@@ -378,7 +378,7 @@ def test_a_proof_made_while_the_index_is_incomplete_keeps_nothing_for_good(
     put off until the index is rebuilt, not recorded as failed."""
     client = RegistryClient(live.url)
     image = make_image("last-copy/emptied", {}, own_files=6)
-    points.hold("retire.start")
+    points.hold("retire.start", image.digest)
     client.push_image(image.repo, "v1", [image.layer])
     points.wait_reached("retire.start")
     redis = live.registry.index.redis
@@ -388,6 +388,7 @@ def test_a_proof_made_while_the_index_is_incomplete_keeps_nothing_for_good(
     points.release("retire.start")
     wait_until(lambda: _deleted(live, image.digest), "retired after the rebuild", timeout=240)
     assert redis.hget(RETIRE_BLOCKED_KEY, image.digest) is None
+    wait_until(live.registry.index.is_ready, "the rebuild finished", timeout=120)
     response = client.request("GET", f"/v2/{image.repo}/blobs/{image.digest}")
     assert response.status == 200 and response.data == image.layer
 

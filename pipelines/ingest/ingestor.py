@@ -487,7 +487,7 @@ class Ingestor:
         last full copy. The restore runs outside the lock, which guards only the short
         read and rewrite of the descriptor (a worker killed holding it blocks no one for
         long)."""
-        pause("retire.start")
+        pause("retire.start", digest)
         info = self.blobs.stored_info(digest)
         if info is None or not info.deduplicated or not (info.retired or info.segments):
             return 0
