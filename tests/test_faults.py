@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def test_a_retirement_failing_again_and_again_is_given_up_with_why(live: LiveSta
     time.sleep(0.2)  # a mark older than the job could take: its job was lost, taken over once
     assert marks.claim(RETIRE, digest, stale_after=0.1)
     assert not marks.claim(RETIRE, digest, stale_after=0.1)
+    time.sleep(0.2)  # stale again: of many schedules taking it over at once, one gets it
+    with ThreadPoolExecutor(8) as pool:
+        takers = list(pool.map(lambda _n: marks.claim(RETIRE, digest, stale_after=0.1), range(8)))
+    assert takers.count(True) == 1, takers
+    assert live.registry.index.redis.ttl(f"dh:job-queued:{RETIRE}:{digest}") > 0
     for _run in range(GIVE_UP_AFTER):
         marks.failed(RETIRE, digest, TimeoutError("S3 said no"))
     assert digest in marks.given_up(RETIRE)

@@ -41,8 +41,8 @@ class JobMarks:
         marked = self.redis.get(key)
         if marked is None or now - float(marked) < stale_after:
             return False
-        previous = self.redis.getset(key, str(now))
-        self.redis.expire(key, QUEUED_MARK_SECONDS)
+        # one command: the mark renewed with its expiry, and the value it replaced
+        previous: object = self.redis.set(key, str(now), ex=QUEUED_MARK_SECONDS, get=True)
         return previous == marked  # another caller that took it over first got `marked`
 
     def keep_claim(self, kind: str, digest: str) -> None:
