@@ -5,64 +5,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
-
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("skopeo") and shutil.which("umoci")),
-    reason="skopeo and umoci are installed by `make test` (deploy/system-deps.sh)",
+from tests.real_clients import (
+    build_image,
+    layout_manifest,
+    needs_umoci_and_skopeo,
+    run,
+    skopeo_copy,
 )
 
-
-def run(*args: str | Path) -> str:
-    return subprocess.run(
-        [str(arg) for arg in args], check=True, capture_output=True, text=True
-    ).stdout
-
-
-def build_image(layout: Path, tag: str, layers: list[dict[str, bytes]]) -> None:
-    """An OCI image made by umoci, one layer per dict of path -> content."""
-    run("umoci", "init", "--layout", layout)
-    run("umoci", "new", "--image", f"{layout}:{tag}")
-    for number, files in enumerate(layers):
-        bundle = layout.parent / f"bundle-{tag}-{number}"
-        run("umoci", "unpack", "--rootless", "--image", f"{layout}:{tag}", bundle)
-        for path, content in files.items():
-            target = bundle / "rootfs" / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-        run("umoci", "repack", "--image", f"{layout}:{tag}", bundle)
-        shutil.rmtree(bundle)
-
-
-def layout_manifest(layout: Path) -> tuple[str, dict[str, object]]:
-    index = json.loads((layout / "index.json").read_text())
-    digest = index["manifests"][0]["digest"]
-    return digest, json.loads((layout / "blobs" / digest.replace(":", "/")).read_bytes())
+pytestmark = needs_umoci_and_skopeo
 
 
 def blob_digests(layout: Path, manifest: dict[str, object]) -> list[str]:
     layers = manifest["layers"]
     assert isinstance(layers, list)
     return [layer["digest"] for layer in layers]
-
-
-def skopeo_copy(source: str, destination: str, *extra: str) -> None:
-    run(
-        "skopeo",
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-tls-verify=false",
-        *extra,
-        source,
-        destination,
-    )
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import pytest
 
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup
-from tests.test_dedup import wait_for_layers, wait_until_retired
+from tests.layers import wait_for_layers, wait_until_retired
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -116,7 +116,7 @@ def cannot_start(what_happened: str, engine: Docker) -> str:
     return (
         f"dockerd cannot start on this machine{cgroups}: {what_happened}. "
         "Go's stdlib compress/gzip, which dockerd pushes layers with, is still covered end "
-        "to end by the independent producer in tests/test_producers.py "
+        "to end by the independent producer in tests/clients/test_producers.py "
         "(tests/producers/containerd-gzip, Go 1.26 and 1.27).\n"
         f"--- dockerd log (tail) ---\n{engine.log_tail(30)}"
     )

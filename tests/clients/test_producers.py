@@ -10,7 +10,7 @@ pushed to the live registry, deduplicated, and pulled back byte-exact:
   containers/image compresses layers with klauspost/compress zstd (containers/storage's
   chunked compressor).
 
-Docker's own push (Go's compress/gzip inside dockerd) is tests/test_docker.py."""
+Docker's own push (Go's compress/gzip inside dockerd) is tests/clients/test_docker.py."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +32,17 @@ import pytest
 from deploy.stack import REPO_ROOT
 from tests.client import OCI_MANIFEST, RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup
-from tests.test_dedup import wait_for_layers, wait_until_retired
-from tests.test_encoders import write_oci_layout
+from tests.layers import (
+    assert_pulled_exactly,
+    oci_config,
+    wait_for_layers,
+    wait_until_restorable,
+)
+from tests.real_clients import PODMAN_TIMEOUT, private_podman, write_oci_layout
 
-PRODUCER_SOURCE = Path(__file__).parent / "producers" / "containerd-gzip"
+PRODUCER_SOURCE = REPO_ROOT / "tests" / "producers" / "containerd-gzip"
 GO_GENERATIONS = ("go1.26", "go1.27")
 GO_BUILD_TIMEOUT = 600.0
-PODMAN_TIMEOUT = 180.0
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 # Longer than the 100 bytes of a ustar name field, and not ASCII: archive/tar needs PAX.
 LONG_NAME = "opt/" + "a-directory-with-a-rather-long-name/" * 3 + "résumé-notes.txt"
@@ -69,37 +71,6 @@ def run(*args: str | Path, timeout: float = 120.0) -> str:
     return subprocess.run(
         [str(arg) for arg in args], check=True, capture_output=True, text=True, timeout=timeout
     ).stdout
-
-
-def oci_config(layer_tars: list[bytes]) -> bytes:
-    return json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [sha256(tar) for tar in layer_tars]},
-        }
-    ).encode()
-
-
-def assert_pulled_exactly(client: RegistryClient, repo: str, digest: str, blob: bytes) -> None:
-    full = client.request("GET", f"/v2/{repo}/blobs/{digest}")
-    assert full.status == 200, (digest, full.status)
-    assert sha256(full.data) == digest and full.data == blob
-    start = len(blob) // 3
-    end = start + 100_000
-    part = client.request(
-        "GET", f"/v2/{repo}/blobs/{digest}", headers={"Range": f"bytes={start}-{end}"}
-    )
-    assert part.status == 206, (digest, part.status)
-    assert part.data == blob[start : end + 1]
-
-
-def wait_until_restorable(live: LiveStack, digests: list[str]) -> int:
-    """Wait until the layers are served only from recipes; the restore count so far."""
-    for digest in digests:
-        wait_until_retired(live, digest, timeout=90)
-    time.sleep(live.settings.restore_keep_seconds + 0.5)  # no spool copy left from ingest
-    return served_from_dedup(live)
 
 
 # --------------------------------------------------------------------------- Go stdlib
@@ -217,93 +188,6 @@ def test_go_generations_compress_the_same_tar_differently(
 # --------------------------------------------------------------------------- podman
 
 
-@dataclass(frozen=True)
-class Podman:
-    """The podman CLI with a storage and configuration of its own: it reads none of the
-    host's containers.conf, registries, storage, signature policy or credentials."""
-
-    home: Path
-
-    @property
-    def policy(self) -> Path:
-        return self.home / "policy.json"
-
-    def env(self) -> dict[str, str]:
-        return dict(
-            os.environ,
-            CONTAINERS_CONF=str(self.home / "containers.conf"),
-            CONTAINERS_REGISTRIES_CONF=str(self.home / "registries.conf"),
-            CONTAINERS_STORAGE_CONF=str(self.home / "storage.conf"),
-            REGISTRY_AUTH_FILE=str(self.home / "auth.json"),
-            TMPDIR=str(self.home / "tmp"),
-            XDG_RUNTIME_DIR=str(self.home / "xdg-runtime"),
-            XDG_CONFIG_HOME=str(self.home / "xdg-config"),
-            XDG_DATA_HOME=str(self.home / "xdg-data"),
-        )
-
-    def argv(self, *args: str | Path) -> list[str]:
-        storage = self.home / "storage"
-        return [
-            "podman",
-            "--root", str(storage / "root"),
-            "--runroot", str(storage / "run"),
-            "--tmpdir", str(storage / "libpod"),
-            "--storage-driver", "vfs",
-            "--cgroup-manager", "cgroupfs",
-            "--events-backend", "file",
-            *(str(arg) for arg in args),
-        ]  # fmt: skip
-
-    def attempt(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args), env=self.env(), capture_output=True, text=True,
-            timeout=PODMAN_TIMEOUT, check=False,
-        )  # fmt: skip
-
-    def run(self, *args: str | Path) -> str:
-        done = self.attempt(*args)
-        assert done.returncode == 0, (
-            f"{' '.join(done.args)} failed ({done.returncode})\n"
-            f"stdout: {done.stdout}\nstderr: {done.stderr}"
-        )
-        return done.stdout
-
-    def inspect(self, image: str) -> dict[str, Any]:
-        (info,) = json.loads(self.run("image", "inspect", image))
-        assert isinstance(info, dict)
-        return info
-
-
-def write_podman_config(home: Path) -> None:
-    storage = home / "storage"
-    for directory in ("tmp", "xdg-runtime", "xdg-config", "xdg-data"):
-        (home / directory).mkdir(parents=True)
-    (home / "containers.conf").write_text(
-        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-        f'events_logfile_path = "{home / "events.log"}"\n'
-    )
-    (home / "registries.conf").write_text("unqualified-search-registries = []\n")
-    (home / "storage.conf").write_text(
-        f'[storage]\ndriver = "vfs"\ngraphroot = "{storage / "root"}"\n'
-        f'runroot = "{storage / "run"}"\n'
-    )
-    (home / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
-    (home / "auth.json").write_text('{"auths": {}}')
-
-
-def private_podman(home: Path) -> Podman:
-    """A podman of its own under home, or a skip that says why podman cannot run here."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is installed by `make test` (deploy/system-deps.sh)")
-    write_podman_config(home)
-    podman = Podman(home)
-    probe = podman.attempt("info")
-    if probe.returncode != 0:
-        pytest.skip(f"podman cannot run here (`podman info` exited {probe.returncode}):\n"
-                    f"{probe.stderr}")  # fmt: skip
-    return podman
-
-
 def write_two_layer_context(context: Path) -> bytes:
     """Two COPY layers, the second holding the first's files too (elsewhere: a file
     written again unchanged at the same path would not be in the diff); returns one."""
@@ -325,14 +209,6 @@ def served_manifest(client: RegistryClient, repo: str, digest: str) -> dict[str,
     return manifest
 
 
-@pytest.fixture
-def podman_homes() -> Iterator[Path]:
-    """A short private folder: podman refuses a runroot longer than 50 characters."""
-    homes = Path(tempfile.mkdtemp(prefix="dh-podman-"))
-    yield homes
-    shutil.rmtree(homes, ignore_errors=True)
-
-
 @pytest.mark.parametrize(
     ("compression", "encoder"),
     [
@@ -347,11 +223,11 @@ def test_podman_push_dedup_pull(
     client: RegistryClient,
     repo: str,
     tmp_path: Path,
-    podman_homes: Path,
+    podman_home: Path,
     compression: str,
     encoder: str,
 ) -> None:
-    pusher = private_podman(podman_homes / "push")
+    pusher = private_podman(podman_home / "push")
     image = f"{live.url.removeprefix('http://')}/{repo}:v1"
     shared = write_two_layer_context(tmp_path / "context")
     pusher.run("build", "--pull=never", "--signature-policy", pusher.policy,
@@ -375,7 +251,7 @@ def test_podman_push_dedup_pull(
     assert refs == 2, f"a file both layers hold should be stored once, refcount {refs}"
     restores_before = wait_until_restorable(live, layers)
 
-    puller = private_podman(podman_homes / "pull")
+    puller = private_podman(podman_home / "pull")
     puller.run("pull", "--tls-verify=false", "--signature-policy", puller.policy, image)
     pulled = puller.inspect(image)
     assert pulled["Digest"] == pushed_digest

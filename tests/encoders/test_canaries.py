@@ -36,7 +36,7 @@ from pipelines.encoders.gzip_families import GZIP_TRAILER_LEN
 from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api
-from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
+from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
 
 GNU_LEVEL6 = "gzip/gnu-1.12/level6"
 

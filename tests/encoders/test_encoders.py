@@ -35,7 +35,9 @@ from pipelines.encoders.table import encode, lookup_encoder, prepare_encoders
 from pipelines.encoders.zstd_cli import ZstdCliEncoder
 from pipelines.encoders.zstd_families import KlauspostOptions, libzstd_version, tar_entries_end
 from pipelines.formats.codecs import open_decompressed, sniff
-from tests.test_codecs import real_files_tar
+from tests.layers import real_files_tar
+from tests.programs import need, run_tool
+from tests.real_clients import write_oci_layout
 
 PGZIP_LIBRARY = "pgzip-deb-"
 Producer = Callable[[bytes], bytes]
@@ -80,15 +82,6 @@ def assert_exact(blob: bytes, tar: bytes, expected_id: str | None = None) -> Mat
     rebuilt = b"".join(encode(result.encoder_id, result.encoder_params, chunked(tar)))
     assert sha256(rebuilt) == sha256(blob)
     return result
-
-
-def run_tool(argv: list[str], data: bytes) -> bytes:
-    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed")
 
 
 # --------------------------------------------------------------------------- Go stdlib
@@ -182,42 +175,6 @@ def skopeo_compressed_layer(tar: bytes, workdir: Path) -> bytes:
         capture_output=True,
     )
     return biggest_blob(dest)
-
-
-def write_oci_layout(root: Path, layer: bytes) -> None:
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> dict[str, object]:
-        digest = sha256(data)
-        (blobs / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
-    layer_ref = put(layer)
-    config = {"architecture": "amd64", "os": "linux", "config": {}}
-    config["rootfs"] = {"type": "layers", "diff_ids": [layer_ref["digest"]]}
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            **put(json.dumps(config).encode()),
-        },
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer_ref}],
-    }
-    manifest_ref = put(json.dumps(manifest).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **manifest_ref,
-                "annotations": {"org.opencontainers.image.ref.name": "t"},
-            }
-        ],
-    }
-    (root / "index.json").write_text(json.dumps(index))
-    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
 
 
 def biggest_blob(layout: Path) -> bytes:

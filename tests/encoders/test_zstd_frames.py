@@ -9,7 +9,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import struct
 import subprocess
 import tarfile
@@ -43,8 +42,8 @@ from pipelines.formats.codecs import (
 )
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup
-from tests.test_dedup import wait_for_layers
-from tests.test_producers import assert_pulled_exactly, oci_config, wait_until_restorable
+from tests.layers import assert_pulled_exactly, oci_config, wait_for_layers, wait_until_restorable
+from tests.programs import need, run_tool
 
 PZSTD_FRAME_TAR = 8 << 20  # pzstd -3 makes a frame of 4 windows (2 MiB each) of input
 
@@ -68,15 +67,6 @@ def text_tar(size: int, seed: int) -> bytes:
 
 def skippable(payload: bytes, nibble: int = 0) -> bytes:
     return struct.pack("<II", 0x184D2A50 + nibble, len(payload)) + payload
-
-
-def run(argv: list[str], data: bytes) -> bytes:
-    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed")
 
 
 def pzstd(tar: bytes, tmp_path: Path) -> bytes:
@@ -161,7 +151,7 @@ def test_frame_count_is_capped(tar: bytes) -> None:
 def test_a_1_gib_window_is_above_the_cap_and_below_a_raised_one(tar: bytes) -> None:
     """`zstd --long=30` from a pipe declares a 1 GiB window whatever the input's size."""
     need("zstd")
-    blob = run(["zstd", "-q", "-c", "--long=30", "-"], tar)
+    blob = run_tool(["zstd", "-q", "-c", "--long=30", "-"], tar)
     header = sniff(blob).zstd
     assert header is not None and header.window_size == 1 << 30
     with pytest.raises(UnsupportedBlobError, match="DUPHUNTER_ZSTD_MAX_WINDOW"):
@@ -209,7 +199,7 @@ def test_concatenated_cli_frames_with_skippable_frames(tar: bytes, tmp_path: Pat
     halves = tmp_path / "a", tmp_path / "b"
     halves[0].write_bytes(tar[:200_000])
     halves[1].write_bytes(tar[200_000:])
-    frames = [run(["zstd", "-q", "-c", str(path)], b"") for path in halves]
+    frames = [run_tool(["zstd", "-q", "-c", str(path)], b"") for path in halves]
     blob = frames[0] + skippable(b"metadata", 3) + frames[1]
     match = assert_rebuilt(blob, tar, find(blob))
     assert match.encoder_id == FRAMES_PREFIX + "zstd/cli-1.5.4/level3"
@@ -237,7 +227,7 @@ def test_large_skippable_frames_are_kept_intact(tar: bytes) -> None:
 
 def test_a_single_frame_takes_the_one_frame_path(tar: bytes) -> None:
     need("zstd")
-    blob = run(["zstd", "-q", "-c", "-"], tar)
+    blob = run_tool(["zstd", "-q", "-c", "-"], tar)
     assert frames_to_rebuild(reader_of(blob), len(blob), 128 << 20) is None
     assert assert_rebuilt(blob, tar, find(blob)).encoder_id == "zstd/cli-1.5.4/level3"
 
@@ -256,8 +246,8 @@ def test_legal_zstd_layers_through_the_registry(
         text_tar(400_000, seed) for seed in (4, 5, 6)
     ]
     cli_frames = [
-        run(["zstd", "-q", "-c", "-"], tars[1][:150_000]),
-        run(["zstd", "-q", "-c", "-"], tars[1][150_000:]),
+        run_tool(["zstd", "-q", "-c", "-"], tars[1][:150_000]),
+        run_tool(["zstd", "-q", "-c", "-"], tars[1][150_000:]),
     ]
     compressor = zstandard.ZstdCompressor(level=3)
     layers = {  # blob, expected encoder (None: kept intact, for the reason below)
@@ -274,7 +264,7 @@ def test_legal_zstd_layers_through_the_registry(
             compressor.compress(tars[2][:200_000]) + compressor.compress(tars[2][200_000:]),
             FRAMES_PREFIX,
         ),
-        "1 GiB window": (run(["zstd", "-q", "-c", "--long=30", "-"], tars[3]), None),
+        "1 GiB window": (run_tool(["zstd", "-q", "-c", "--long=30", "-"], tars[3]), None),
         "truncated frame": (cli_frames[0][:-7], None),
     }
     reasons = {"1 GiB window": "DUPHUNTER_ZSTD_MAX_WINDOW", "truncated frame": "unreadable"}

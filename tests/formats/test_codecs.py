@@ -5,10 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import shutil
 import struct
-import subprocess
-import sysconfig
 import tarfile
 import zlib
 from pathlib import Path
@@ -26,35 +23,13 @@ from pipelines.formats.codecs import (
     open_decompressed,
     sniff,
 )
-
-
-def real_files_tar(target_bytes: int) -> bytes:
-    """A GNU tar of real files from Python's standard library, about target_bytes long."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    picked: list[str] = []
-    total = 0
-    for path in sorted(stdlib.glob("*.py")):
-        picked.append(path.name)
-        total += path.stat().st_size
-        if total >= target_bytes:
-            break
-    return subprocess.run(
-        ["tar", "-cf", "-", "-C", str(stdlib), *picked], capture_output=True, check=True
-    ).stdout
+from tests.layers import real_files_tar
+from tests.programs import need, run_tool
 
 
 @pytest.fixture(scope="module")
 def small_tar() -> bytes:
     return real_files_tar(600_000)
-
-
-def run_tool(argv: list[str], data: bytes) -> bytes:
-    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed")
 
 
 def test_plain_tar_is_tar(small_tar: bytes) -> None:

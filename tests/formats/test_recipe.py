@@ -25,7 +25,7 @@ from pipelines.formats.recipe import (
 )
 from pipelines.formats.tarsplit import HashingReader, Payload, join_tar, split_tar
 from pipelines.formats.verify import SegmentDigests
-from tests.test_tarsplit import damaged_tars
+from tests.formats.test_tarsplit import damaged_tars
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None)
 

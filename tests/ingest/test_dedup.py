@@ -5,17 +5,13 @@ bytes. Also what must never happen: wrong bytes served, or a layer left half-don
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
-import shutil
 import subprocess
-import tarfile
 import threading
 import time
 from pathlib import Path
 
-import pytest
 import urllib3
 import zstandard
 
@@ -24,55 +20,11 @@ from pipelines.serve.rebuild import rebuild_tar
 from pipelines.store.filestore import FileStore
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
-from tests.test_clients import build_image, layout_manifest, skopeo_copy
-
-TERMINAL = ("intact", "deduplicated")
-
-
-def make_tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, content in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(content), 1_700_000_000, 0o644
-            archive.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
+from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
+from tests.real_clients import build_image, layout_manifest, needs_umoci_and_skopeo, skopeo_copy
 
 
-def wait_for_layers(
-    live: LiveStack, digests: list[str], timeout: float = 180
-) -> dict[str, dict[str, str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = {digest: live.registry.index.layer(digest) for digest in digests}
-        if all(record.get("state") in TERMINAL for record in records.values()):
-            return records
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"layers not ingested: {records}")
-        time.sleep(0.3)
-
-
-def wait_until_retired(live: LiveStack, digest: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = live.registry.blobs.stored_info(digest)
-        if info is not None and info.deduplicated and not info.retired:
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"intact copy of {digest} was not retired")
-
-
-def push_layers(client: RegistryClient, repo: str, layers: list[bytes]) -> list[str]:
-    client.push_image(repo, "latest", layers)
-    return [sha256(layer) for layer in layers]
-
-
-needs_clients = pytest.mark.skipif(
-    not (shutil.which("skopeo") and shutil.which("umoci")), reason="installed by make test"
-)
-
-
-@needs_clients
+@needs_umoci_and_skopeo
 def test_skopeo_images_sharing_files(live: LiveStack, tmp_path: Path) -> None:
     """Two images whose layers share most files: after ingest the intact blobs are gone,
     storage drops, each shared file is stored once, and skopeo pulls both back exactly."""

@@ -17,7 +17,7 @@ from pipelines.ingest.ingestor import ingest_memory_bound
 from pipelines.serve.restore import restore_memory_bound
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
-from tests.test_dedup import wait_for_layers, wait_until_retired
+from tests.layers import wait_for_layers, wait_until_retired
 
 MIB = 1 << 20
 TARGET = 256 * MIB  # issue 18: a 1 MB layer never costs more than this in any process

@@ -24,13 +24,13 @@ from minio import Minio
 
 from api.presentation import TIME_KEYS
 from api.replay.report import render
-from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
+from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
 from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from pipelines.serve.buffer import RANK_KEY, LayerBuffer, part_key
 from tests.client import RegistryClient, sha256
-from tests.conftest import LiveStack, extra_api, start_live_stack
-from tests.test_buffer import deduplicated_layer, fill_whole, get
-from tests.test_verify_packs import files_by_pack, hexes, layer_of, pack_changed, random_files
+from tests.conftest import LiveStack, extra_api, own_live_stack
+from tests.layers import deduplicated_layer, get, layer_of, random_files
+from tests.storage import files_by_pack, fill_whole, hexes, pack_changed
 
 MiB = 1 << 20
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -408,8 +408,8 @@ def policy_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]
     workdir = tmp_path_factory.mktemp("cli-policy-stack")
     policy = workdir / "retention.json"
     policy.write_text(json.dumps({"rules": [{"repositories": "cli-ret/*", "keep_last": 1}]}))
-    with Stack(workdir) as stack:
-        yield start_live_stack(stack, workdir, {"DUPHUNTER_RETENTION_POLICY": str(policy)})
+    with own_live_stack(workdir, {"DUPHUNTER_RETENTION_POLICY": str(policy)}) as live:
+        yield live
 
 
 def test_retention_says_what_it_would_delete_and_what_it_deleted(

@@ -38,7 +38,7 @@ from deploy import services
 from tests.client import RegistryClient, sha256
 from workers.app import QUEUES, celery_app
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 MONITORING = REPO / "monitoring"
@@ -953,7 +953,8 @@ WHY_NOT_HERE = (
     " The compose file needs the MinIO, Redis, Prometheus and Grafana images and the "
     "Debian base image from a container registry, which this machine cannot reach (only "
     "PyPI, Debian and npm), and the image build needs apt-get and pip from inside the "
-    "build. Run `pytest -m slow tests/test_deploy.py` where Docker Hub and quay.io answer."
+    "build. Run `pytest -m slow tests/operations/test_deploy.py` where Docker Hub and quay.io "
+    "answer."
 )
 
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from redis.exceptions import LockError
 
-from deploy.stack import REPO_ROOT, VENV_BIN, Stack, wait_until
+from deploy.stack import REPO_ROOT, VENV_BIN, wait_until
 from pipelines.registry.gc import GcStopped
 from pipelines.registry.jobmarks import GIVE_UP_AFTER
 from pipelines.store.leases import LEASE_SECONDS, Lease
 from tests.client import RegistryClient, sha256
-from tests.conftest import LiveStack, extra_api, start_live_stack
-from tests.test_dedup import make_tar, wait_for_layers, wait_until_retired
+from tests.conftest import LiveStack, extra_api, own_live_stack
+from tests.layers import make_tar, wait_for_layers, wait_until_retired
 from workers.app import make_celery
 from workers.tasks import RETIRE, _settling, queue_retirement
 
@@ -145,8 +145,8 @@ def long_visibility(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSt
     """A stack whose visibility timeout (an hour) outlasts the test: what comes back
     within it was handed back, not swept."""
     workdir = tmp_path_factory.mktemp("long-visibility")
-    with Stack(workdir) as stack:
-        yield start_live_stack(stack, workdir, {"DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "3600"})
+    with own_live_stack(workdir, {"DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "3600"}) as live:
+        yield live
 
 
 def test_a_worker_survives_redis_restarts_and_hands_its_messages_back(
@@ -305,8 +305,8 @@ def fault_stack(tmp_path: Path) -> Iterator[LiveStack]:
         "DUPHUNTER_MODE": "b0",
         "DUPHUNTER_RETRY_SECONDS": "60",
     }
-    with Stack(tmp_path / "stack") as stack:
-        yield start_live_stack(stack, tmp_path / "stack", settings)
+    with own_live_stack(tmp_path / "stack", settings) as live:
+        yield live
 
 
 def test_every_process_killed_and_backends_restarted_under_load(fault_stack: LiveStack) -> None:

@@ -17,8 +17,8 @@ import pytest
 from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
-from tests.test_dedup import make_tar, wait_for_layers
-from tests.test_run_lifecycle import (
+from tests.layers import make_tar, wait_for_layers
+from tests.operations.test_run_lifecycle import (
     LocalStack,
     assert_nothing_left,
     drain,

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -63,9 +62,15 @@ from pipelines.registry.tokens import (
     parse_scope,
 )
 from tests.client import OCI_CONFIG, OCI_MANIFEST, RegistryClient, image_manifest, sha256
+from tests.clients.test_conformance import (
+    build_data,
+    run_discovery,
+    run_management,
+    run_pull,
+    run_push,
+)
 from tests.conftest import LiveStack
-from tests.test_conformance import build_data, run_discovery, run_management, run_pull, run_push
-from tests.test_producers import Podman, private_podman
+from tests.real_clients import Podman, private_podman
 
 Response = urllib3.BaseHTTPResponse
 
@@ -148,8 +153,8 @@ TERMINAL = ("intact", "deduplicated")
 
 @pytest.fixture(scope="module", autouse=True)
 def settled(live: LiveStack) -> Iterator[None]:
-    """Leave no ingest or retirement of this module's layers running: the next module
-    (tests/test_bad_input.py) asserts that byte counters stand still."""
+    """Leave no ingest or retirement of this module's layers running: a module run after
+    it may assert that byte counters stand still (tests/ingest/test_bad_input.py)."""
     yield
     wait_until(lambda: quiet(live), "this module's ingests and retirements", timeout=300)
 
@@ -310,7 +315,7 @@ def basic_env(files: AuthFiles, anonymous_pull: bool = False) -> dict[str, str]:
         "DUPHUNTER_AUTH_POLICY": str(files.policy),
         "DUPHUNTER_ANONYMOUS_PULL": "true" if anonymous_pull else "false",
         # These tests send wrong credentials on purpose, all from 127.0.0.1; the throttle
-        # has tests of its own (tests/test_auth_hostile.py).
+        # has tests of its own (tests/registry/test_auth_hostile.py).
         "DUPHUNTER_AUTH_FREE_FAILURES": "1000000",
     }
 
@@ -1227,14 +1232,6 @@ def test_skopeo_login_push_pull(
     assert anonymous.returncode != 0 and "unauthorized" in anonymous.stderr.lower()
 
 
-@pytest.fixture
-def podman_home() -> Iterator[Path]:
-    """A short private folder: podman refuses a runroot longer than 50 characters."""
-    home = Path(tempfile.mkdtemp(prefix="dh-auth-"))
-    yield home
-    shutil.rmtree(home, ignore_errors=True)
-
-
 def podman_login(
     podman: Podman, api: Api, user: str, password: str
 ) -> subprocess.CompletedProcess[str]:
@@ -1374,7 +1371,7 @@ class TokenClient(RegistryClient):
 
 
 def run_suite(client: RegistryClient, repo: str) -> None:
-    """tests/test_conformance.py's whole run in one namespace, as its last test does."""
+    """tests/clients/test_conformance.py's whole run in one namespace, as its last test does."""
     data = build_data()
     run_pull(client, repo, data)
     run_push(client, repo, data)

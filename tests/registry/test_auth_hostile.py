@@ -33,7 +33,7 @@ from pipelines.registry.auth import ChecksBusy, CheckSlots, Htpasswd, load_htpas
 from pipelines.registry.throttle import Backoff, LoginThrottle, TooManyAttempts, client_key
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
-from tests.test_auth import (
+from tests.registry.test_auth import (
     SERVICE,
     Api,
     auth_api,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from deploy.stack import VENV_BIN, Stack, wait_until
+from deploy.stack import VENV_BIN, wait_until
 from pipelines.store.filestore import read_pack_table
 from pipelines.store.leases import Lease
 from tests.client import (
@@ -29,8 +29,9 @@ from tests.client import (
     image_manifest,
     sha256,
 )
-from tests.conftest import LiveStack, start_live_stack
-from tests.test_dedup import make_tar
+from tests.conftest import LiveStack, own_live_stack
+from tests.layers import make_tar
+from tests.registry.conftest import GC_STACK_SETTINGS
 from workers.app import make_celery
 
 KiB = 1 << 10
@@ -42,14 +43,13 @@ def gc_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     policy = workdir / "retention.json"
     policy.write_text(json.dumps({"rules": [{"repositories": "ret/*", "keep_last": 2}]}))
     settings = {
+        **GC_STACK_SETTINGS,
         "DUPHUNTER_GC_GRACE_SECONDS": "4",  # pushes finish well within it
-        "DUPHUNTER_GC_COMPACT_BELOW": "1.0",  # compact any pack with a dead byte
         "DUPHUNTER_GC_UNTAGGED": "1",
-        "DUPHUNTER_PREDICTOR": "none",
         "DUPHUNTER_RETENTION_POLICY": str(policy),
     }
-    with Stack(workdir) as stack:
-        yield start_live_stack(stack, workdir, settings)
+    with own_live_stack(workdir, settings) as live:
+        yield live
 
 
 @dataclass

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from deploy.stack import Stack, wait_until
+from deploy.stack import wait_until
 from pipelines.formats.recipe import Recipe
 from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from pipelines.pauses import PAUSE_DIR_VARIABLE
@@ -28,8 +28,9 @@ from pipelines.serve.restore import restore_blob
 from pipelines.store.blobs import BlobInfo, Segment
 from pipelines.store.index import FILES_KEY, READY_KEY
 from tests.client import RegistryClient, image_manifest, sha256
-from tests.conftest import LiveStack, PausePoints, start_live_stack
-from tests.test_gc import Image, delete_image, make_image, push_and_wait, run_gc
+from tests.conftest import LiveStack, PausePoints, own_live_stack
+from tests.registry.conftest import GC_STACK_SETTINGS
+from tests.registry.test_gc import Image, delete_image, make_image, push_and_wait, run_gc
 from workers.app import make_celery
 
 KiB = 1 << 10
@@ -41,15 +42,14 @@ def paused(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveStack
     workdir = tmp_path_factory.mktemp("gc-interleavings")
     points = PausePoints(workdir / "pauses")
     settings = {
+        **GC_STACK_SETTINGS,
         "DUPHUNTER_GC_GRACE_SECONDS": str(GRACE),
-        "DUPHUNTER_GC_COMPACT_BELOW": "1.0",  # compact any pack with a dead byte
-        "DUPHUNTER_PREDICTOR": "none",
         **points.environment(),
     }
     os.environ.update(points.environment())
     try:
-        with Stack(workdir) as stack:
-            yield start_live_stack(stack, workdir, settings), points
+        with own_live_stack(workdir, settings) as live:
+            yield live, points
     finally:
         os.environ.pop(PAUSE_DIR_VARIABLE, None)
 

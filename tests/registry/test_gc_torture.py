@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import urllib3
 
-from deploy.stack import Stack, wait_until
+from deploy.stack import wait_until
 from pipelines.serve.layercheck import check_from_packs
 from tests.client import RegistryClient, image_manifest, sha256
-from tests.conftest import LiveStack, start_live_stack
-from tests.test_dedup import make_tar
+from tests.conftest import LiveStack, own_live_stack
+from tests.layers import make_tar
+from tests.registry.conftest import GC_STACK_SETTINGS
 from workers.app import make_celery
 
 KiB = 1 << 10
@@ -70,10 +71,9 @@ def seeded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Liv
     policy = tmp_path / "retention.json"
     policy.write_text(json.dumps(RETENTION))
     settings = {
+        **GC_STACK_SETTINGS,
         "DUPHUNTER_GC_GRACE_SECONDS": "2",
-        "DUPHUNTER_GC_COMPACT_BELOW": "1.0",
         "DUPHUNTER_GC_UNTAGGED": "1",
-        "DUPHUNTER_PREDICTOR": "none",
         "DUPHUNTER_MODE": "b0",
         "DUPHUNTER_RETENTION_POLICY": str(policy),
         "DUPHUNTER_RETRY_SECONDS": "60",
@@ -81,8 +81,8 @@ def seeded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Liv
         # a layer still queued after twice this): the default hour outlasts the test
         "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "30",
     }
-    with Stack(tmp_path / "stack") as stack:
-        yield start_live_stack(stack, tmp_path / "stack", settings), seed
+    with own_live_stack(tmp_path / "stack", settings) as live:
+        yield live, seed
 
 
 def test_gc_torture(seeded: tuple[LiveStack, int]) -> None:

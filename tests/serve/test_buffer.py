@@ -18,31 +18,24 @@ from pipelines.serve.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, en
 from pipelines.store.storage import ObjectStore, S3Store
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
-from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
+from tests.layers import (
+    SOURCE,
+    deduplicated_layer,
+    get,
+    make_tar,
+    push_layers,
+    wait_for_layers,
+)
+from tests.storage import fill_whole
 from workers.app import make_celery
 
 MiB = 1 << 20
-SOURCE = "X-DupHunter-Source"
 
 
 def slow_layer(megabytes: int) -> bytes:
     """Compressible text at gzip -9: a restore that takes a while."""
     words = " ".join(f"{n}:{os.urandom(3).hex()}" for n in range(megabytes * MiB // 12))
     return gzip.compress(make_tar({"text": words.encode()}), compresslevel=9, mtime=0)
-
-
-def deduplicated_layer(client: RegistryClient, repo: str, live: LiveStack, layer: bytes) -> str:
-    (digest,) = push_layers(client, repo, [layer])
-    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
-    wait_until_retired(live, digest)
-    return digest
-
-
-def get(client: RegistryClient, repo: str, digest: str, byte_range: str = "") -> tuple[str, bytes]:
-    headers = {"Range": byte_range} if byte_range else {}
-    response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
-    assert response.status in (200, 206), response.data[:200]
-    return response.headers.get(SOURCE, ""), bytes(response.data)
 
 
 def warm(client: RegistryClient, repo: str, reference: str) -> dict[str, object]:
@@ -198,13 +191,6 @@ def test_an_entry_dropped_by_two_processes_at_once_gives_its_bytes_back_once(
     assert b"".join(other.read(digest, 0, len(data))) == data
     other.drop(digest)
     assert other.used_bytes() == 0
-
-
-def fill_whole(buffer: LayerBuffer, digest: str, data: bytes) -> None:
-    filler = buffer.start_fill(digest, len(data), "miss")
-    assert filler is not None
-    filler.write(data)
-    filler.finish()
 
 
 def test_an_entry_evicted_while_a_get_ranks_it_again_is_dropped_once(live: LiveStack) -> None:

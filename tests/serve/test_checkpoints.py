@@ -64,7 +64,7 @@ from pipelines.serve.restore import (
 )
 from tests.client import RegistryClient
 from tests.conftest import LiveStack
-from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
+from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
 from workers.app import make_celery
 from workers.jobs import restore_workers_runner
 from workers.tasks import encode_segment as encode_segment_task

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from deploy.stack import Stack, wait_until
+from deploy.stack import wait_until
 from pipelines.config import Settings
 from pipelines.registry.facade import Registry
 from pipelines.serve.predict import (
@@ -46,9 +46,9 @@ from pipelines.serve.predict import (
     restore_bytes_ahead,
 )
 from tests.client import OCI_MANIFEST, RegistryClient, sha256
-from tests.conftest import LiveStack, start_live_stack
-from tests.test_buffer import deduplicated_layer, empty_redis_db
-from tests.test_dedup import make_tar, wait_for_layers, wait_until_retired
+from tests.conftest import LiveStack, own_live_stack
+from tests.layers import deduplicated_layer, make_tar, wait_for_layers, wait_until_retired
+from tests.serve.test_buffer import empty_redis_db
 from workers.app import make_celery
 
 LAYERS = ["sha256:base", "sha256:libs", "sha256:app"]
@@ -317,8 +317,8 @@ def periodic_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSta
     """A stack of its own with the `period` predictor, its scan every second."""
     workdir = tmp_path_factory.mktemp("periodic-stack")
     extra = {"DUPHUNTER_PREDICTOR": "period", "DUPHUNTER_PERIOD_SCAN_SECONDS": "1"}
-    with Stack(workdir) as stack:
-        yield start_live_stack(stack, workdir, extra)
+    with own_live_stack(workdir, extra) as live:
+        yield live
 
 
 def test_the_scan_rebuilds_ahead_of_a_regular_pull(periodic_stack: LiveStack) -> None:

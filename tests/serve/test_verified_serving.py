@@ -26,7 +26,7 @@ from pipelines.ingest.ingestor import INTACT, LayerRecord, layer_record_key, sav
 from pipelines.store.blobs import BlobInfo
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
-from tests.test_dedup import make_tar, push_layers, wait_for_layers, wait_until_retired
+from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
 from workers.app import make_celery
 
 MiB = 1 << 20

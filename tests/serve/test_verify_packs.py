@@ -5,8 +5,6 @@ back what it broke, so the others find a healthy store."""
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import json
 import os
 import subprocess
@@ -15,31 +13,21 @@ from typing import Any
 
 import pytest
 
-from deploy.stack import VENV_BIN, Stack, wait_until
-from pipelines.formats.recipe import Recipe
+from deploy.stack import VENV_BIN, wait_until
 from pipelines.serve.layercheck import check_from_packs
 from tests.client import RegistryClient, sha256
-from tests.conftest import LiveStack, start_live_stack
-from tests.test_buffer import deduplicated_layer, get
-from tests.test_dedup import make_tar
+from tests.conftest import LiveStack, own_live_stack
+from tests.layers import KiB, deduplicated_layer, get, layer_of, random_files
+from tests.storage import files_by_pack, hexes, pack_changed
 
-KiB = 1 << 10
 CONFIG = b'{"architecture":"amd64","os":"linux"}'  # what push_image pushes as the config
 
 
 @pytest.fixture(scope="module")
 def verify_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     workdir = tmp_path_factory.mktemp("verify-stack")
-    with Stack(workdir) as stack:
-        yield start_live_stack(stack, workdir, {"DUPHUNTER_PREDICTOR": "none"})
-
-
-def layer_of(files: dict[str, bytes]) -> bytes:
-    return gzip.compress(make_tar(files), compresslevel=1, mtime=0)
-
-
-def random_files(prefix: str, count: int) -> dict[str, bytes]:
-    return {f"{prefix}/{n}": os.urandom(20 * KiB) for n in range(count)}
+    with own_live_stack(workdir, {"DUPHUNTER_PREDICTOR": "none"}) as live:
+        yield live
 
 
 def lost_with(pack: str, files: dict[str, bytes]) -> set[str]:
@@ -48,38 +36,6 @@ def lost_with(pack: str, files: dict[str, bytes]) -> set[str]:
         f"file {sha256(content)} ({path}) in pack {pack} missing: the pack is gone"
         for path, content in files.items()
     }
-
-
-def hexes(files: dict[str, bytes]) -> set[str]:
-    return {sha256(content).removeprefix("sha256:") for content in files.values()}
-
-
-def files_by_pack(live: LiveStack, digest: str) -> dict[str, set[str]]:
-    """The packs holding a deduplicated layer's files, and which of them each holds."""
-    info = live.registry.blobs.stored_info(digest)
-    assert info is not None and info.recipe is not None
-    refs = list(Recipe.decode(live.registry.store.get_bytes(info.recipe)).file_refs())
-    by_pack: dict[str, set[str]] = {}
-    for ref, location in zip(refs, live.registry.files.locate(refs), strict=True):
-        assert location is not None
-        by_pack.setdefault(location.pack, set()).add(ref.hex())
-    return by_pack
-
-
-@contextlib.contextmanager
-def pack_changed(live: LiveStack, pack: str, content: bytes | None) -> Iterator[bytes]:
-    """Behind the registry's back: the pack deleted (`content` None) or rewritten, and
-    put back as it was afterwards. Yields its original bytes."""
-    store = live.registry.store
-    original = store.get_bytes(pack)
-    if content is None:
-        store.delete([pack])
-    else:
-        store.put_bytes(pack, content)
-    try:
-        yield original
-    finally:
-        store.put_bytes(pack, original)
 
 
 def buffered(live: LiveStack, client: RegistryClient, repo: str, digest: str) -> None:

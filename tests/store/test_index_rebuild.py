@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack import VENV_BIN, Stack, wait_until
+from deploy.stack import VENV_BIN, wait_until
 from pipelines.pauses import PAUSE_DIR_VARIABLE
 from pipelines.store.index import Index
 from tests.client import OCI_MANIFEST, RegistryClient, error_codes, sha256
-from tests.conftest import LiveStack, PausePoints, start_live_stack
-from tests.test_dedup import make_tar
+from tests.conftest import LiveStack, PausePoints, own_live_stack
+from tests.layers import make_tar
 
 KiB = 1 << 10
 
@@ -30,8 +30,8 @@ KiB = 1 << 10
 @pytest.fixture(scope="module")
 def index_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     workdir = tmp_path_factory.mktemp("index-stack")
-    with Stack(workdir) as stack:
-        yield start_live_stack(stack, workdir, {"DUPHUNTER_PREDICTOR": "none"})
+    with own_live_stack(workdir, {"DUPHUNTER_PREDICTOR": "none"}) as live:
+        yield live
 
 
 @dataclass(frozen=True)

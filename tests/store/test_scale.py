@@ -17,7 +17,7 @@ from deploy.stack import wait_until
 from pipelines.store.filestore import read_pack_table
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
-from tests.test_dedup import make_tar, wait_for_layers
+from tests.layers import make_tar, wait_for_layers
 
 KiB = 1 << 10
 BROKER_POLL_SECONDS = 1  # kombu's BRPOP timeout on Redis (its default polling_interval)
