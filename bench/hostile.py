@@ -1,6 +1,6 @@
 """Adversarial layers (most of about 1 MB that decompress to much more, one of random
 bytes larger than any process may hold) and the peak memory of a stack's processes while
-they go through it (for tests/test_memory_bounds.py and `make bench-memory`)."""
+they go through it (for tests/ingest/test_memory_bounds.py and `make bench-memory`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The processes DupHunter runs, named once: the local stack (`make run`, the tests), the
-compose file and the Kubernetes manifests all run these commands, and tests/test_deploy.py
-checks that the deploy files agree with this module.
+compose file and the Kubernetes manifests all run these commands, and
+tests/operations/test_deploy.py checks that the deploy files agree with this module.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@
 #                                       zstd CLI from pinned Debian sources, pigz's .deb
 #   skopeo umoci                        real OCI clients (tests, benchmarks)
 #   docker-registry                     the peer registry, CNCF Distribution (bench-core)
-#   docker.io                           the Docker engine (Go stdlib gzip), tests/test_docker.py
-#   podman                              podman build and push (pgzip layers), tests/test_producers.py
+#   docker.io                           the Docker engine (Go stdlib gzip), tests/clients/test_docker.py
+#   podman                              podman build and push (pgzip layers), tests/clients/test_producers.py
 #   pigz zstd libarchive-tools          real producers of layers and tars (tests, corpus)
 #   mmdebstrap                          the realistic benchmark corpus
-#   prometheus                          promtool: checks monitoring/ (tests/test_deploy.py)
-#   apache2-utils                       htpasswd, to write bcrypt users (tests/test_auth.py)
+#   prometheus                          promtool: checks monitoring/ (tests/operations/test_deploy.py)
+#   apache2-utils                       htpasswd, to write bcrypt users (tests/registry/test_auth.py)
 set -euo pipefail
 packages=(redis-server golang-go golang-github-klauspost-pgzip-dev
           golang-github-klauspost-compress-dev golang-github-containers-storage-dev

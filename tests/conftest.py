@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -81,13 +83,19 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
+@contextlib.contextmanager
+def own_live_stack(workdir: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
+    """A stack of a test's own, in `workdir`, with the test settings and `extra`."""
+    with Stack(workdir) as stack:
+        yield start_live_stack(stack, workdir, extra)
+
+
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    workdir = tmp_path_factory.mktemp("stack")
-    with Stack(workdir) as stack:
-        stack_of_the_session = start_live_stack(stack, workdir, {})
+    with own_live_stack(tmp_path_factory.mktemp("stack"), {}) as stack_of_the_session:
         # code under test that reads settings from the environment uses this stack
-        os.environ.update({k: v for k, v in stack.env.items() if k.startswith("DUPHUNTER_")})
+        environment = stack_of_the_session.stack.env
+        os.environ.update({k: v for k, v in environment.items() if k.startswith("DUPHUNTER_")})
         yield stack_of_the_session
 
 
@@ -138,6 +146,14 @@ def client(live: LiveStack) -> RegistryClient:
 def repo() -> str:
     """A repository name no other test uses."""
     return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def podman_home() -> Iterator[Path]:
+    """A short private folder: podman refuses a runroot longer than 50 characters."""
+    home = Path(tempfile.mkdtemp(prefix="dh-podman-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @functools.cache

@@ -10,7 +10,7 @@
 // bytes it sniffed first (-first 8), which become a block of their own. Concurrency
 // (GOMAXPROCS by default) switches between synchronous (1) and asynchronous block
 // encoding (more); measured on this library version, both write the same bytes
-// (tests/test_encoders.py), so no id names it.
+// (tests/encoders/test_encoders.py), so no id names it.
 //
 //	-mode frame    the whole zstd frame, as the producer writes it
 //	-mode prefix   the frame header and the blocks of the whole input blocks of stdin
