@@ -67,12 +67,6 @@ def unknown(code: str, message: str, detail: Any, index_complete: bool) -> Regis
     return RegistryError(code, message, detail) if index_complete else IndexIncomplete(detail)
 
 
-class IndexNotReady(Exception):
-    """The Redis index is incomplete (emptied, or being rebuilt from S3): a judgement that
-    reads it, such as whether a layer restores from its packs, is put off, not made. Not
-    a transient failure to wait out in place: the rebuild may need the very worker."""
-
-
 class BeingCollected(ConnectionError):
     """An object this work relies on is being garbage-collected: try again later (it is
     a ConnectionError so that the retries for transient failures take it)."""

@@ -32,7 +32,7 @@ from redis.exceptions import LockError
 
 from pipelines.encoders.canaries import check_at_start
 from pipelines.encoders.table import prepare_encoders
-from pipelines.errors import IndexNotReady, is_transient
+from pipelines.errors import IndexIncomplete, is_transient
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry.facade import Registry
 from pipelines.serve.predict import PERIOD, Prediction
@@ -166,7 +166,8 @@ def _retire(digest: str, keep: bool | None, repository: str) -> int | None:
         retrying(lambda: registry().server.preconstruct(digest, "retired", pullers))
     try:
         return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
-    except IndexNotReady:  # asked again once the rebuild (queued behind us) may have run
+    except IndexIncomplete:  # not waited out here: the rebuild may need this very worker
+        # asked again once the rebuild (queued behind us) may have run
         retire_intact_copy.apply_async(args=(digest, keep, repository), countdown=INDEX_WAIT)
         registry().jobmarks.keep_claim(RETIRE, digest)
         return None

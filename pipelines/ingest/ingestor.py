@@ -37,13 +37,7 @@ from pipelines.encoders.canaries import retirement_blocker
 from pipelines.encoders.detect import SCREEN_STAGES, Shortlist
 from pipelines.encoders.detect_frames import frames_shortlist, frames_to_rebuild
 from pipelines.encoders.table import IDENTITY_ID
-from pipelines.errors import (
-    BeingCollected,
-    IndexIncomplete,
-    IndexNotReady,
-    RegistryError,
-    is_transient,
-)
+from pipelines.errors import BeingCollected, RegistryError, is_transient
 from pipelines.formats.codecs import (
     DECODE_ERRORS,
     SNIFF_BYTES,
@@ -455,13 +449,9 @@ class Ingestor:
             self.index.count("retiring_bytes", -retiring)
 
     def _unproven(self, info: BlobInfo) -> str | None:
-        """Why the packs alone do not restore the layer (None when they do)."""
-        try:
-            proof = check_from_packs(self.store, self.files, info)
-        except IndexIncomplete as error:
-            raise IndexNotReady(f"{info.digest}: its proof waits for the index") from error
-        if not proof.ok and not self.index.is_ready():  # files missed in an emptied index
-            raise IndexNotReady(f"{info.digest}: its proof waits for the index")
+        """Why the packs alone do not restore the layer (None when they do); raises
+        IndexIncomplete while the index misses files, which is no evidence either way."""
+        proof = check_from_packs(self.store, self.files, info)
         return None if proof.ok else f"{UNPROVEN}: {proof.reason}"
 
     def withdraw_replica(self, digest: str) -> bool:

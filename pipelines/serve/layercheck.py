@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.encoders.base import EncoderUnavailableError, HelperFailedError
-from pipelines.errors import is_transient
+from pipelines.errors import IndexIncomplete, is_transient
 from pipelines.formats.recipe import Recipe, RecipeError
 from pipelines.serve.rebuild import file_paths
 from pipelines.serve.restore import restore_blob
@@ -33,8 +33,9 @@ PROBLEMS_LISTED = 20  # files (or data objects) a check reports in detail; the r
 LOCATE_BATCH = 512  # files looked up in the index in one round trip
 READ_SPAN_BYTES = 4 << 20  # neighbouring files of a pack read with one ranged GET
 READ_SPAN_GAP = 64 << 10  # files this close in a pack are read together
-# Failures of this host, not of the layer: the check could not be made here.
-CANNOT_CHECK_HERE = (EncoderUnavailableError, HelperFailedError)
+# Failures of this host or of the moment, not of the layer: the check could not be made
+# (an incomplete index misses files that packs hold all the same).
+CANNOT_CHECK_HERE = (EncoderUnavailableError, HelperFailedError, IndexIncomplete)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class LayerCheck:
 def check_from_packs(store: ObjectStore, files: FileStore, info: BlobInfo) -> LayerCheck:
     """Rebuild a blob from durable objects only (never the buffer, a spool, a replica or
     an intact copy of a deduplicated layer) and compare it with its digest. A broken blob
-    is reported, never raised; a transient Redis or S3 failure, or an encoder this host
-    cannot run, is raised: the check could not be made, try again."""
+    is reported, never raised; a transient Redis or S3 failure, an encoder this host
+    cannot run, or a file an incomplete index does not name (IndexIncomplete) is raised:
+    the check could not be made, try again."""
     if info.recipe is None:
         return _check_intact(store, info)
     try:
