@@ -204,25 +204,3 @@ class PausePoints:
         for armed in self.directory.iterdir():
             if not armed.name.endswith(".reached"):
                 armed.unlink(missing_ok=True)
-
-
-# Modules that take minutes run first: with two test processes (`make test`) the long ones
-# start at once and the two processes end together instead of one waiting on the other.
-LONG_MODULES = (
-    "test_verified_serving",
-    "test_memory_bounds",
-    "test_faults",
-    "test_gc_torture",
-    "test_encoders",
-    "test_producers",
-    "test_gc",
-    "test_run_lifecycle",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        stem = item.path.stem
-        return LONG_MODULES.index(stem) if stem in LONG_MODULES else len(LONG_MODULES)
-
-    items.sort(key=rank)  # stable: a module's tests keep their order
