@@ -33,6 +33,7 @@ from redis.exceptions import LockError
 from pipelines.encoders.canaries import check_at_start
 from pipelines.encoders.table import prepare_encoders
 from pipelines.errors import IndexIncomplete, is_transient
+from pipelines.ingest.ingestor import QUEUED
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry.facade import Registry
 from pipelines.serve.predict import PERIOD, Prediction
@@ -104,7 +105,13 @@ PRIORITY_WARM, PRIORITY_PREDICTED, PRIORITY_REPLICA, PRIORITY_VERIFY = 0, 3, 6, 
 @celery_app.task(name="workers.tasks.ingest_layer")
 def ingest_layer(repository: str, digest: str) -> dict[str, str]:
     started = time.perf_counter()
-    result = retrying(lambda: registry().ingestor.ingest(digest))
+    try:
+        result = retrying(lambda: registry().ingestor.ingest(digest))
+    except IndexIncomplete:  # Redis lost its keys mid-ingest: not waited out here, where
+        # the ingests queued behind this one would wait as long
+        request_index_rebuild(registry())
+        ingest_layer.apply_async(args=(repository, digest), countdown=INDEX_WAIT)
+        return {"digest": digest, "state": QUEUED, "reason": "waits for the index rebuild"}
     INGEST_SECONDS.labels(result.record.state).observe(time.perf_counter() - started)
     if result.retire_after_grace:
         grace = registry().settings.retire_grace_seconds

@@ -37,7 +37,7 @@ from pipelines.encoders.canaries import retirement_blocker
 from pipelines.encoders.detect import SCREEN_STAGES, Shortlist
 from pipelines.encoders.detect_frames import frames_shortlist, frames_to_rebuild
 from pipelines.encoders.table import IDENTITY_ID
-from pipelines.errors import BeingCollected, RegistryError, is_transient
+from pipelines.errors import BeingCollected, IndexIncomplete, RegistryError, is_transient
 from pipelines.formats.codecs import (
     DECODE_ERRORS,
     SNIFF_BYTES,
@@ -197,9 +197,10 @@ class Ingestor:
             self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
             raise
         except Exception as error:
-            if not is_transient(error):  # the layer is still intact: say so, and fail the job
+            if not (is_transient(error) or isinstance(error, IndexIncomplete)):
+                # the layer is still intact: say so, and fail the job
                 self._intact(record, f"ingest failed: {type(error).__name__}: {error}")
-            raise  # a transient failure leaves the layer queued, for the job to run again
+            raise  # a passing cause leaves the layer queued, for the job to run again
         if isinstance(outcome, IngestResult):
             return outcome
         return self._complete(*outcome, record)
@@ -226,6 +227,7 @@ class Ingestor:
         started = time.perf_counter()
         recipe = self._split_and_store(kind, info, record)
         record.split_seconds = round(time.perf_counter() - started, 3)
+        pause("ingest.files_stored", info.digest)
         match, checkpoints = self._prove(shortlist, recipe, info)
         record.prove_seconds = round(time.perf_counter() - started - record.split_seconds, 3)
         if isinstance(match, NoMatch):

@@ -135,6 +135,15 @@ class PackVerdict:
         return self.kept_bytes < below * self.file_bytes
 
 
+@dataclass
+class Judging:
+    """What judging the packs of one run shares: the packs that exist, and the files
+    whose missing index entry a kept copy already answers."""
+
+    existing: set[str]
+    chosen: set[bytes] = field(default_factory=set)
+
+
 class Pacer:
     """Keeps a run's load on the services it shares with pushes and pulls (S3, Redis)
     to about `share` of the time: after each step it pauses so that steps take that
@@ -478,11 +487,12 @@ class GarbageCollector:
         verdicts = self._judge_packs(live, cutoff, report)
         dead = {digest for verdict in verdicts for digest in verdict.dead}
         if not report.dry_run and dead:
+            pause("gc.packs_judged")
             self.lease.publish(Notice(self.lease.run, files=frozenset(dead)))
             pause("gc.files_decided")
             rescued = live.read_recipes(dead)
             report.rescued += len(rescued)
-            verdicts = [v for v in verdicts if not rescued.intersection(v.dead)]
+            verdicts = self._judge_again(verdicts, rescued, live, report)
             dead -= rescued
         report.files += len(dead)
         self._forget_dead_files(dead, verdicts, report)
@@ -495,37 +505,47 @@ class GarbageCollector:
         files; the index only says which copy of a live file readers use, and where it
         says none (or a pack that is gone), the first copy found is kept and pointed at."""
         listing = list(self.store.listing("packs/"))
-        existing = {listed.key for listed in listing}
-        chosen: set[bytes] = set()
-        verdicts = []
-        for listed in listing:
-            if listed.modified >= cutoff:
-                continue
-            with self.pacer.step():
-                table = read_pack_table(self.store, listed.key, listed.size)
-                indexed = self._indexed(table)
-            kept, dead, dead_here, repairs = [], [], {}, {}
-            for (digest, location), where in zip(table, indexed, strict=True):
-                if not live.names(digest):
-                    dead.append(digest)
-                    if where == location.encode():
-                        dead_here[digest] = location
-                elif where == location.encode():
-                    kept.append((digest, location))
-                elif (where is None or where.split(" ", 1)[0] not in existing) and (
-                    digest not in chosen
-                ):
-                    chosen.add(digest)
-                    kept.append((digest, location))
-                    repairs[digest.hex()] = (where, location.encode())
-            if repairs and not report.dry_run:
-                report.index_entries_repaired += self.index.replace_files(repairs)
-            kept_bytes = sum(location.length for _digest, location in kept)
-            file_bytes = sum(location.length for _digest, location in table)
-            movable = kept if kept_bytes < self.compact_below * file_bytes else []
-            verdicts.append(PackVerdict(listed, len(kept), kept_bytes, file_bytes, dead,
-                                        dead_here, movable))  # fmt: skip
-        return verdicts
+        judging = Judging(existing={listed.key for listed in listing})
+        return [self._judge(listed, live, judging, report)
+                for listed in listing if listed.modified < cutoff]  # fmt: skip
+
+    def _judge(
+        self, listed: Listed, live: LiveFiles, judging: Judging, report: GcReport
+    ) -> PackVerdict:
+        with self.pacer.step():
+            table = read_pack_table(self.store, listed.key, listed.size)
+            indexed = self._indexed(table)
+        kept, dead, dead_here, repairs = [], [], {}, {}
+        for (digest, location), where in zip(table, indexed, strict=True):
+            if not live.names(digest):
+                dead.append(digest)
+                if where == location.encode():
+                    dead_here[digest] = location
+            elif where == location.encode():
+                kept.append((digest, location))
+            elif (where is None or where.split(" ", 1)[0] not in judging.existing) and (
+                digest not in judging.chosen
+            ):
+                judging.chosen.add(digest)
+                kept.append((digest, location))
+                repairs[digest.hex()] = (where, location.encode())
+        if repairs and not report.dry_run:
+            report.index_entries_repaired += self.index.replace_files(repairs)
+        kept_bytes = sum(location.length for _digest, location in kept)
+        file_bytes = sum(location.length for _digest, location in table)
+        movable = kept if kept_bytes < self.compact_below * file_bytes else []
+        return PackVerdict(listed, len(kept), kept_bytes, file_bytes, dead, dead_here, movable)
+
+    def _judge_again(
+        self, verdicts: list[PackVerdict], rescued: set[bytes], live: LiveFiles, report: GcReport
+    ) -> list[PackVerdict]:
+        """The packs holding a rescued file, judged again against the grown live set: their
+        dead files now are a subset of those the notice named, so they may still go."""
+        if not rescued:
+            return verdicts
+        judging = Judging(existing={listed.key for listed in self.store.listing("packs/")})
+        return [self._judge(v.listed, live, judging, report) if rescued.intersection(v.dead)
+                else v for v in verdicts]  # fmt: skip
 
     def _indexed(self, table: list[tuple[bytes, Location]]) -> list[str | None]:
         hexes = [digest.hex() for digest, _location in table]

@@ -30,7 +30,14 @@ from pipelines.store.index import FILES_KEY, READY_KEY
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, PausePoints, own_live_stack
 from tests.registry.conftest import GC_STACK_SETTINGS
-from tests.registry.test_gc import Image, delete_image, make_image, push_and_wait, run_gc
+from tests.registry.test_gc import (
+    Image,
+    delete_image,
+    make_image,
+    push_and_wait,
+    run_gc,
+    stored_state,
+)
 from workers.app import make_celery
 
 KiB = 1 << 10
@@ -173,22 +180,24 @@ def test_a_gc_that_loses_its_lock_or_its_index_stops_deleting(
 # 2. An ingest deduplicates against files that GC deletes.
 
 
-def newcomer_held_before_its_recipe(live: LiveStack, points: PausePoints, name: str) -> Image:
-    """An image pushed with the files of a deleted one, its ingest held after it found
-    them in the deleted image's packs and before it writes its recipe."""
+def newcomer_held_before_its_recipe(
+    live: LiveStack, points: PausePoints, name: str
+) -> tuple[Image, Image]:
+    """A deleted image, and an image pushed with its shared files whose ingest is held
+    after it found them in the deleted image's packs and before it writes its recipe."""
     garbage, _kept = garbage_and_kept(live, name)
     newcomer = make_image(f"{name}/new", {n: garbage.files[n] for n in garbage.files
                                           if "/lib/" in n}, own_files=3)  # fmt: skip
     points.hold("ingest.before_recipe")
     RegistryClient(live.url).push_image(newcomer.repo, "v1", [newcomer.layer])
     points.wait_reached("ingest.before_recipe")
-    return newcomer
+    return garbage, newcomer
 
 
 def test_an_ingest_cannot_commit_on_files_gc_deleted_meanwhile(
     live: LiveStack, points: PausePoints
 ) -> None:
-    newcomer = newcomer_held_before_its_recipe(live, points, "dedup-race")
+    _garbage, newcomer = newcomer_held_before_its_recipe(live, points, "dedup-race")
     report = live.registry.collector().run()
     assert report.blobs >= 1 and report.files >= 1, report
     points.release("ingest.before_recipe")
@@ -199,7 +208,7 @@ def test_an_ingest_cannot_commit_on_files_gc_deleted_meanwhile(
 def test_an_ingest_that_meets_a_gc_deleting_its_files_is_tried_again(
     live: LiveStack, points: PausePoints
 ) -> None:
-    newcomer = newcomer_held_before_its_recipe(live, points, "dedup-meets")
+    _garbage, newcomer = newcomer_held_before_its_recipe(live, points, "dedup-meets")
     points.hold("gc.files_decided")
     run = in_background(live.registry.collector().run)
     points.wait_reached("gc.files_decided")  # the garbage's files are condemned
@@ -208,6 +217,26 @@ def test_an_ingest_that_meets_a_gc_deleting_its_files_is_tried_again(
     points.release("gc.files_decided")
     run.result(timeout=120)
     wait_until(lambda: _retired_deduplicated(live, newcomer.digest), "ingest", timeout=180)
+    assert_intact(live, [newcomer])
+
+
+def test_files_an_ingest_relies_on_before_the_notice_are_rescued_and_the_rest_freed(
+    live: LiveStack, points: PausePoints
+) -> None:
+    garbage, newcomer = newcomer_held_before_its_recipe(live, points, "dedup-rescue")
+    garbage_own = garbage.file_hexes() - newcomer.file_hexes()
+    points.hold("gc.packs_judged")
+    run = in_background(live.registry.collector().run)
+    points.wait_reached("gc.packs_judged")  # the garbage's files are judged dead, no notice yet
+    points.release("ingest.before_recipe")
+    wait_until(lambda: _retired_deduplicated(live, newcomer.digest), "ingest", timeout=180)
+    points.release("gc.packs_judged")
+    report: GcReport = run.result(timeout=120)
+    assert report.rescued >= 1 and report.packs_compacted >= 1, report
+    _blobs, indexed, _packed = stored_state(live)
+    assert not garbage_own & indexed, "the rescue spared the garbage's other files"
+    settled(live)  # the compacted pack goes a grace later
+    assert not garbage_own & stored_state(live)[2]
     assert_intact(live, [newcomer])
 
 
@@ -391,6 +420,25 @@ def test_a_proof_made_while_the_index_is_incomplete_keeps_nothing_for_good(
     wait_until(live.registry.index.is_ready, "the rebuild finished", timeout=120)
     response = client.request("GET", f"/v2/{image.repo}/blobs/{image.digest}")
     assert response.status == 200 and response.data == image.layer
+
+
+def test_an_ingest_that_meets_an_emptied_index_is_asked_again_and_finishes(
+    live: LiveStack, points: PausePoints
+) -> None:
+    """Redis loses its keys after an ingest stored the layer's files and before its proof
+    reads them back: the proof cannot locate them, which says nothing about the layer. The
+    ingest is queued again (not failed, not recorded intact for good) and ends once the
+    index is rebuilt."""
+    client = RegistryClient(live.url)
+    image = make_image("ingest/emptied", {}, own_files=6)
+    points.hold("ingest.files_stored", image.digest)
+    client.push_image(image.repo, "v1", [image.layer])
+    points.wait_reached("ingest.files_stored")
+    live.registry.index.redis.delete(READY_KEY, FILES_KEY)  # as a flush, for the files
+    points.release("ingest.files_stored")
+    wait_until(lambda: _deleted(live, image.digest), "ingested and retired", timeout=300)
+    assert live.registry.index.layer(image.digest)["state"] == "deduplicated"
+    assert_intact(live, [image])
 
 
 # 7. Presigned URLs never outlive the object they point to.
