@@ -117,6 +117,7 @@ class Services:
 
 def skopeo(args: list[str]) -> float:
     """Run `skopeo` with an empty private blob-info cache; returns the wall time in seconds."""
+    Path(SKOPEO_CACHE).mkdir(parents=True, exist_ok=True)  # absent until skopeo first ran
     script = f'mount -t tmpfs tmpfs {SKOPEO_CACHE} && exec skopeo "$@"'
     command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *args]
     started = time.perf_counter()

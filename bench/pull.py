@@ -317,6 +317,7 @@ class Ran:
 def in_private_namespace(argv: list[str], env: dict[str, str] | None = None) -> Ran:
     """Run `argv` in a private mount namespace with an empty blob-info cache over
     core.SKOPEO_CACHE (nothing of an earlier pull is reused; mounts die with it)."""
+    Path(core.SKOPEO_CACHE).mkdir(parents=True, exist_ok=True)  # absent until skopeo first ran
     script = f'mount -t tmpfs tmpfs {core.SKOPEO_CACHE} && exec "$@"'
     command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
     started, cpu = time.perf_counter(), children_cpu_seconds()
