@@ -62,7 +62,7 @@ from pipelines.registry.tokens import (
     parse_scope,
 )
 from tests.client import OCI_CONFIG, OCI_MANIFEST, RegistryClient, image_manifest, sha256
-from tests.clients.test_conformance import (
+from tests.clients.conformance import (
     build_data,
     run_discovery,
     run_management,
