@@ -4,31 +4,21 @@ retired and served from recipes; then getting them back."""
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import subprocess
 import sysconfig
-import tarfile
 import time
 from pathlib import Path
 
+from bench.scale import tar_of
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, served_from_dedup
 
 TERMINAL = ("intact", "deduplicated")
 SOURCE = "X-DupHunter-Source"  # the response header that says where a GET was served from
 KiB = 1 << 10
-
-
-def make_tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, content in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(content), 1_700_000_000, 0o644
-            archive.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
+make_tar = tar_of  # a PAX tar of these files: one builder for the tests and the benches
 
 
 def real_files_tar(target_bytes: int) -> bytes:
