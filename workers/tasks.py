@@ -104,20 +104,29 @@ PRIORITY_WARM, PRIORITY_PREDICTED, PRIORITY_REPLICA, PRIORITY_VERIFY = 0, 3, 6, 
 
 @celery_app.task(name="workers.tasks.ingest_layer")
 def ingest_layer(repository: str, digest: str) -> dict[str, str]:
+    """Deduplicate a pushed layer. Not while the index is incomplete: it would find none of
+    the layer's files stored and store them all again, and its proof could not locate
+    them; the job asks for the rebuild and comes back after it."""
     started = time.perf_counter()
+    if not retrying(registry().index.is_ready):
+        return _ingest_after_the_rebuild(repository, digest)
     try:
         result = retrying(lambda: registry().ingestor.ingest(digest))
-    except IndexIncomplete:  # Redis lost its keys mid-ingest: not waited out here, where
-        # the ingests queued behind this one would wait as long
-        request_index_rebuild(registry())
-        ingest_layer.apply_async(args=(repository, digest), countdown=INDEX_WAIT)
-        return {"digest": digest, "state": QUEUED, "reason": "waits for the index rebuild"}
+    except IndexIncomplete:  # Redis lost its keys mid-ingest
+        return _ingest_after_the_rebuild(repository, digest)
     INGEST_SECONDS.labels(result.record.state).observe(time.perf_counter() - started)
     if result.retire_after_grace:
         grace = registry().settings.retire_grace_seconds
         registry().jobmarks.claim(RETIRE, digest)  # queued even if a schedule gave up on it
         retire_intact_copy.apply_async(args=(digest, None, repository), countdown=grace)
     return result.record.as_fields()
+
+
+def _ingest_after_the_rebuild(repository: str, digest: str) -> dict[str, str]:
+    """Not waited out here, where the ingests queued behind this one would wait as long."""
+    request_index_rebuild(registry())
+    ingest_layer.apply_async(args=(repository, digest), countdown=INDEX_WAIT)
+    return {"digest": digest, "state": QUEUED, "reason": "waits for the index rebuild"}
 
 
 RETIRE, PROMOTE = "retire", "promote"  # the per-layer jobs of pipelines.registry.jobmarks

@@ -30,6 +30,7 @@ from pipelines import metrics
 from pipelines.encoders.base import thread_cpu_seconds
 from pipelines.formats.codecs import ChunkReader
 from pipelines.formats.recipe import Recipe
+from pipelines.pauses import pause
 from pipelines.serve.buffer import BufferMiss, Filler, LayerBuffer
 from pipelines.serve.rebuild import RestoreError
 from pipelines.serve.restore import RestoreHub, restore_blob
@@ -79,6 +80,7 @@ class BlobServer:
 
     def _intact(self, info: BlobInfo, offset: int, end: int) -> Iterator[bytes]:
         position = offset
+        pause("serve.intact", info.digest)
         try:
             for chunk in self.blobs.read(info, offset, end - offset):
                 position += len(chunk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -26,6 +27,7 @@ from pipelines.registry.facade import Registry
 from pipelines.registry.gc import GcReport
 from pipelines.serve.restore import restore_blob
 from pipelines.store.blobs import BlobInfo, Segment
+from pipelines.store.filestore import read_pack_table
 from pipelines.store.index import FILES_KEY, READY_KEY
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, PausePoints, own_live_stack
@@ -400,6 +402,37 @@ def test_an_intact_copy_whose_reason_redis_lost_is_retired_again(
     assert image.digest in live.registry.overdue_retirements(time.time() + 1)
 
 
+def test_a_get_reading_an_intact_copy_outlives_its_overdue_retirement(
+    live: LiveStack, points: PausePoints
+) -> None:
+    """A GET chose the intact copy (kept for a failed proof); Redis lost the reason, so
+    the overdue route withdraws the copy and deletes it a grace later. The GET, held in
+    between, resumes from a restore when it finds the copy gone: the pushed bytes."""
+    image = _kept_while_a_pack_was_away(live, points, "last-copy/read-across")
+    live.registry.index.redis.hdel(RETIRE_BLOCKED_KEY, image.digest)
+    points.hold("serve.intact", image.digest)
+    client = RegistryClient(live.url)
+    get = in_background(lambda: client.request("GET", f"/v2/{image.repo}/blobs/{image.digest}"))
+    points.wait_reached("serve.intact")  # the GET answers from the intact copy
+    resumed = _counter(live, "intact_reads_resumed_from_restore")
+    celery = make_celery(live.settings)
+
+    def overdue_route_ran() -> bool:  # once the layer's record is old enough to be overdue
+        celery.send_task("workers.tasks.resume_ingests").get(timeout=120)
+        return _withdrawn(live, image.digest)
+
+    wait_until(overdue_route_ran, "withdrawn by the overdue route", timeout=120, interval=2)
+    wait_until(lambda: _deleted(live, image.digest), "the copy deleted", timeout=180)
+    points.release("serve.intact")
+    response = get.result(timeout=120)
+    assert response.status == 200 and response.data == image.layer
+    assert _counter(live, "intact_reads_resumed_from_restore") == resumed + 1
+
+
+def _counter(live: LiveStack, name: str) -> int:
+    return int(live.registry.index.counters().get(name, 0))
+
+
 def test_a_proof_made_while_the_index_is_incomplete_keeps_nothing_for_good(
     live: LiveStack, points: PausePoints
 ) -> None:
@@ -439,6 +472,30 @@ def test_an_ingest_that_meets_an_emptied_index_is_asked_again_and_finishes(
     wait_until(lambda: _deleted(live, image.digest), "ingested and retired", timeout=300)
     assert live.registry.index.layer(image.digest)["state"] == "deduplicated"
     assert_intact(live, [image])
+
+
+def test_an_ingest_waits_for_an_emptied_index_instead_of_storing_its_files_again(
+    live: LiveStack,
+) -> None:
+    """An ingest that starts while the index is incomplete would find none of the layer's
+    files stored and store them all again: it waits for the rebuild, then dedups."""
+    client = RegistryClient(live.url)
+    shared = {f"ingest/wait/lib/{n}": os.urandom(8 * KiB) for n in range(10)}
+    first = make_image("ingest/wait-first", shared, own_files=2)
+    push_and_wait(client, live, first)
+    second = make_image("ingest/wait-second", shared, own_files=2)
+    live.stack.stop_service("worker-ingest")
+    try:
+        client.push_image(second.repo, "v1", [second.layer])
+        live.registry.index.redis.delete(READY_KEY, FILES_KEY)  # as a flush, for the files
+    finally:
+        live.stack.respawn("worker-ingest")
+    wait_until(lambda: _deleted(live, second.digest), "ingested after the rebuild", timeout=300)
+    store = live.registry.store
+    copies = Counter(digest.hex() for key, size in store.list("packs/")
+                     for digest, _location in read_pack_table(store, key, size))  # fmt: skip
+    assert all(copies[hexdigest] == 1 for hexdigest in second.file_hexes()), copies
+    assert_intact(live, [first, second])
 
 
 # 7. Presigned URLs never outlive the object they point to.
