@@ -153,8 +153,18 @@ class S3Store:
             return
         errors = list(self.client.remove_objects(self.bucket, (DeleteObject(key) for key in keys)))
         real = [error for error in errors if error.code != "NoSuchKey"]
-        if real:
-            raise RuntimeError(f"S3 delete failed: {real[0].code} {real[0].message}")
+        if real:  # as an S3Error, so that a SlowDown or an InternalError is retried
+            first = real[0]
+            raise S3Error(
+                None,  # type: ignore[arg-type]  # a key's error in a 200 answer: no response
+                first.code,
+                f"{first.message} ({len(real)} of {len(keys)} keys not deleted)",
+                first.name,
+                None,
+                None,
+                self.bucket,
+                first.name,
+            )
 
     def presigned_get(self, key: str, seconds: int) -> str:
         """A URL that lets its holder GET the object for `seconds`, without credentials."""
