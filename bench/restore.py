@@ -3,6 +3,7 @@
 Usage::
 
     python -m bench.restore [--tar-mb 96] [--reps 3] [--no-docs]
+                            [--large-file-mb 40] [--encoders "Go <=1.26 level 6,zlib 6"]
 
 One tar of real files of this machine (about --tar-mb MB, cached under build/bench/restore/)
 is compressed by each producer's own code (Python's gzip for zlib, the Go helpers' gzip mode
@@ -24,8 +25,13 @@ three docker-style layers (Go <= 1.26, level 6) is pushed to DupHunter and to CN
 Distribution 2.8.2 (bench-core's set-up: both on the same local S3), and pulled cold with
 skopeo from each, alternating. Checkpoint objects are compared with the stored bytes.
 
+`--large-file-mb N` makes the tar's bytes three files, the middle one N MB: a file too large
+for one segment, whose checkpoints lie inside it. `--encoders` keeps the encoders whose
+labels contain one of these.
+
 Results: a table on stdout, `docs/bench/restore.json`, and the section
-`## bench-restore: parallel restore from checkpoints` in `docs/benchmarks.md`.
+`## bench-restore: parallel restore from checkpoints` in `docs/benchmarks.md`
+(`restore-large-file.json` and its own section with `--large-file-mb`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from typing import Any
 
 from bench import core
 from bench.report import REPO_ROOT, bar_chart, git_state, machine, save_json, write_section
+from bench.scale import tar_of
 from pipelines.encoders.base import helper_dir
 from pipelines.encoders.gzip_families import pgzip_library
 from pipelines.encoders.table import encode, lookup_encoder
@@ -69,6 +76,7 @@ from pipelines.store.filestore import FileStore
 
 WORK = REPO_ROOT / "build" / "bench" / "restore"
 HEADING = "## bench-restore: parallel restore from checkpoints"
+LARGE_FILE_HEADING = "## bench-restore --large-file-mb: a layer with a file too large for a segment"
 TARGET_RATIO = 0.6  # cold restore time / the original encoder's single-thread time
 PULL_TARGET = 3.0  # cold image pull / Distribution
 STORE_TARGET = 0.01  # checkpoints / stored bytes
@@ -107,6 +115,15 @@ def real_tar(megabytes: int) -> bytes:
         command = ["tar", "-cf", str(path), "--absolute-names", "-T", str(listing)]
         subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
     return path.read_bytes()
+
+
+def with_large_file(tar: bytes, megabytes: int) -> bytes:
+    """The same real bytes as a tar of three files, the middle one of `megabytes` MB: more
+    than one segment can hold, so its checkpoints lie inside it."""
+    head, size = 2_000_000, megabytes * 1_000_000
+    parts = {"lib/head": tar[:head], "big.bin": tar[head : head + size],
+             "lib/tail": tar[head + size :]}  # fmt: skip
+    return tar_of(parts)
 
 
 def python_gzip(level: int) -> Callable[[bytes], bytes]:
@@ -428,8 +445,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         table(layers),
         "",
-        "![restore ratios](bench/restore.png)",
-        "",
+        *([] if result.get("large_file_mb") else ["![restore ratios](bench/restore.png)", ""]),
         "- Best ratio per encoder: "
         + ", ".join(f"{label} {ratio:.2f}x" for label, ratio in best.items())
         + ".",
@@ -496,6 +512,11 @@ def chart(layers: list[dict[str, Any]]) -> Path:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     tar = real_tar(args.tar_mb)
+    if args.large_file_mb:
+        tar = with_large_file(tar, args.large_file_mb)
+    wanted = [name for name in args.encoders.split(",") if name]
+    chosen = {label: encoder for label, encoder in encoders().items()
+              if not wanted or any(name in label for name in wanted)}  # fmt: skip
     scratch = WORK / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     services = core.start_services(WORK / "stack", redirect=False)
@@ -504,7 +525,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         registry = Registry.connect()
         pushed: dict[str, tuple[str, str]] = {}
-        for number, (label, (encoder_id, produce)) in enumerate(encoders().items()):
+        for number, (label, (encoder_id, produce)) in enumerate(chosen.items()):
             blob = produce(tar)
             layout = WORK / f"layer-{number}"
             write_layout(layout, [blob])
@@ -551,11 +572,20 @@ def main() -> None:
     parser.add_argument("--tar-mb", type=int, default=96)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--large-file-mb", type=int, default=0, help="the tar as three files, the middle this big"
+    )
+    parser.add_argument("--encoders", default="", help="labels containing these, comma-separated")
     args = parser.parse_args()
     result = bench(args)
-    save_json("restore", result)
+    result["large_file_mb"] = args.large_file_mb
+    save_json("restore-large-file" if args.large_file_mb else "restore", result)
     print(markdown(result))
-    if not args.no_docs:
+    if args.no_docs:
+        return
+    if args.large_file_mb:
+        write_section(LARGE_FILE_HEADING, markdown(result), result["machine"])
+    else:
         chart(result["layers"])
         write_section(HEADING, markdown(result), result["machine"])
 

@@ -61,9 +61,19 @@ MIN_CHECKPOINT_SPACING = 1 << 20  # and at least this many in a small one
 SEGMENTS_WANTED = 8  # per layer, where the spacings allow it
 MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
 AVOID_MARGIN = 256 * 1024  # more than any encoder's history or lookahead
-# A segment's tar is held in memory while it is re-encoded: a longer one (around a large
-# file, or merged by the proof) is not proven, and a plan holding one restores serially.
+# A segment's tar is held in memory while it is re-encoded: a longer one (merged by the
+# proof) is not proven, and a plan holding one restores serially.
 MAX_SEGMENT_TAR_BYTES = 32 << 20
+# A large file up to this size is left whole to one segment (a segment touching a file
+# fetches all of it). A larger one is cut by checkpoints inside it, one every this many
+# bytes: kept whole, its segment would be too long to hold, and the layer, with no
+# checkpoint at all, would restore serially. A segment in a cut file fetches, decompresses
+# and checks all of it: free where one host restores the layer (its segments are cut from
+# one streamed rebuild), a few times the file for the proof at ingest and for restore
+# workers elsewhere; hence segments this long, and no cut in a file larger than
+# MAX_CUT_FILE_BYTES (its layer restores serially, as a gzip bomb's does).
+KEPT_WHOLE_BYTES = 16 << 20
+MAX_CUT_FILE_BYTES = 8 * KEPT_WHOLE_BYTES
 PROOF_THREADS = os.cpu_count() or 2
 
 logger = logging.getLogger(__name__)
@@ -287,25 +297,42 @@ def choose_candidates_avoiding(
     spacing: int = CHECKPOINT_SPACING,
 ) -> list[Checkpoint]:
     """choose_candidates, with no checkpoint in or near (AVOID_MARGIN) the tar spans
-    `avoid`: a segment that touches a large file fetches all of it, so each large file
-    is left to one segment."""
-    blocked = sorted((start - AVOID_MARGIN, end + AVOID_MARGIN) for start, end in avoid)
+    `avoid` (large files) that are kept whole, and one every KEPT_WHOLE_BYTES in the
+    others (`_cut`)."""
+    kept = [(start, end) for start, end in avoid if not _cut(end - start)]
+    cut = sorted((start, end) for start, end in avoid if _cut(end - start))
+    blocked = sorted((start - AVOID_MARGIN, end + AVOID_MARGIN) for start, end in kept)
 
     def allowed(offset: int) -> bool:
         index = bisect.bisect_right(blocked, (offset, tar_size)) - 1
         return resumable_at(offset) and not (index >= 0 and blocked[index][1] > offset)
+
+    def step_at(offset: int) -> int:
+        """The tar bytes wanted since the last checkpoint, for one at `offset`."""
+        index = bisect.bisect_right(cut, (offset, tar_size)) - 1
+        inside = index >= 0 and cut[index][1] > offset
+        return max(spacing, KEPT_WHOLE_BYTES) if inside else spacing
 
     last_at: dict[int, Checkpoint] = {}
     for point in boundaries:
         if 0 < point.tar_offset < tar_size:
             last_at[point.tar_offset] = point
     chosen: list[Checkpoint] = []
-    target = spacing
+    last = 0
     for offset in sorted(last_at):
-        if offset >= target and allowed(offset) and tar_size - offset >= spacing // 4:
+        if (
+            offset - last >= step_at(offset)
+            and allowed(offset)
+            and tar_size - offset >= spacing // 4
+        ):
             chosen.append(last_at[offset])
-            target = offset + spacing
+            last = offset
     return chosen
+
+
+def _cut(file_bytes: int) -> bool:
+    """Whether a large file gets checkpoints inside it (else it is kept whole)."""
+    return KEPT_WHOLE_BYTES < file_bytes <= MAX_CUT_FILE_BYTES
 
 
 # --------------------------------------------------------------------------- proving

@@ -123,7 +123,7 @@ def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) ->
 def large_file_spans(recipe: Recipe) -> list[tuple[int, int]]:
     """Tar offsets [start, end) of the files a rebuild fetches whole and on their own
     (larger than SPAN_LIMIT): a segment touching one fetches all of it, so checkpoints
-    are kept away from them (pipelines.serve.checkpoints.choose_candidates)."""
+    are kept away from those one segment can hold (pipelines.serve.checkpoints)."""
     spans, offset = [], 0
     for entry in recipe.entries():
         size = len(entry.data) if isinstance(entry, Raw) else entry.size

@@ -217,8 +217,8 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     process), each cut from one streamed rebuild of the tar: a rebuild per
     segment would walk the recipe, and fetch the files at its edges, once per segment.
     Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
-    one segment may be many times longer than the others (checkpoints keep away from
-    large files), and the other threads go on meanwhile."""
+    one segment may be a few times longer than the others (a large file is kept whole in
+    one, up to checkpoints.KEPT_WHOLE_BYTES), and the other threads go on meanwhile."""
 
     def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
         encoder = lookup_encoder(recipe.encoder_id)

@@ -34,6 +34,8 @@ from pipelines.serve import restore
 from pipelines.serve.checkpoints import (
     AVOID_MARGIN,
     CHECKPOINT_SPACING,
+    KEPT_WHOLE_BYTES,
+    MAX_CUT_FILE_BYTES,
     MIN_CHECKPOINT_SPACING,
     Checkpoint,
     CheckpointError,
@@ -456,6 +458,31 @@ def test_live_small_layer_gets_segments_too(
     assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
 
 
+def test_live_layer_with_a_file_too_large_for_one_segment_restores_in_parallel(
+    live: LiveStack, client: RegistryClient, repo: str
+) -> None:
+    """A 40 MB file between small ones: checkpoints inside it are proven at ingest, and the
+    layer restores in parallel (on this host's threads and on restore workers), exact."""
+    base = real_tar(2_000_000)
+    big = b"".join((b"%d" % n) + base for n in range(20))
+    files = {"small/a": base[:300_000], "big.bin": big, "small/b": base[300_000:900_000]}
+    data = make_tar(files)
+    blob = python_gzip(6)(data)
+    digest, recipe = deduplicated_recipe(live, client, repo, blob)
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None, "no checkpoint: the layer would restore serially"
+    start = data.index(big[:4096])
+    inside = [p for p in plan.points if start <= p.tar_offset < start + len(big)]
+    assert len(inside) == len(big) // KEPT_WHOLE_BYTES, plan.points  # cut every 16 MiB
+    assert b"".join(release_through(recipe, live, local_runner(2))) == blob
+    runner = restore_workers_runner(make_celery(live.settings), remote_slots=2)
+    assert b"".join(release_through(recipe, live, runner)) == blob
+    middle = len(blob) // 2
+    headers = {"Range": f"bytes={middle}-{middle + 99_999}"}
+    response = client.request("GET", f"/v2/{repo}/blobs/{digest}", headers=headers)
+    assert response.status == 206 and response.data == blob[middle : middle + 100_000]
+
+
 @pytest.mark.parametrize("runner", ["local", "pooled"])
 def test_a_parallel_restore_counts_its_segment_threads_cpu_as_its_own(
     live: LiveStack, client: RegistryClient, repo: str, runner: str
@@ -680,16 +707,31 @@ def test_zstd_blocks_cannot_be_resumed_through_the_api(threads: int) -> None:
     assert zstandard.ZstdDecompressor().decompress(frame) == data
 
 
-def test_checkpoints_keep_away_from_large_files() -> None:
-    """A segment touching a large file fetches all of it: each is left to one segment."""
-    found = [Checkpoint(offset, offset * 3) for offset in range(100_000, 60_000_000, 100_000)]
-    spans = [(10_000_000, 30_000_000)]
-    chosen = choose_candidates_avoiding(found, 60_000_000, lambda _: True, spans)
-    margin = AVOID_MARGIN
-    assert chosen and all(not 10_000_000 - margin <= c.tar_offset < 30_000_000 + margin
-                          for c in chosen)  # fmt: skip
-    assert any(c.tar_offset < 10_000_000 for c in chosen)
-    assert any(c.tar_offset > 30_000_000 for c in chosen)
-    everywhere = choose_candidates(found, 60_000_000, lambda _: True)
+def test_checkpoints_keep_away_from_large_files_one_segment_can_hold() -> None:
+    """A segment touching a large file fetches all of it: one up to KEPT_WHOLE_BYTES is left
+    to one segment; a larger one is cut every KEPT_WHOLE_BYTES, or no segment would be
+    short enough to hold and the layer would restore serially; one beyond
+    MAX_CUT_FILE_BYTES is kept whole (its segments would cost too many fetches of it)."""
+    size = 300_000_000
+    found = [Checkpoint(offset, offset * 3) for offset in range(100_000, size, 100_000)]
+    whole, cut, huge = (
+        (10_000_000, 22_000_000),
+        (30_000_000, 75_000_000),
+        (100_000_000, 240_000_000),
+    )
+    assert whole[1] - whole[0] <= KEPT_WHOLE_BYTES < cut[1] - cut[0] <= MAX_CUT_FILE_BYTES
+    assert huge[1] - huge[0] > MAX_CUT_FILE_BYTES
+    chosen = choose_candidates_avoiding(found, size, lambda _: True, [whole, cut, huge])
+    offsets = [c.tar_offset for c in chosen]
+
+    def within(span: tuple[int, int], margin: int = 0) -> list[int]:
+        return [o for o in offsets if span[0] - margin <= o < span[1] + margin]
+
+    assert not within(whole, AVOID_MARGIN) and not within(huge, AVOID_MARGIN)
+    assert len(within(cut)) == (cut[1] - cut[0]) // KEPT_WHOLE_BYTES  # 45 MB: cut twice
+    gaps = [b - a for a, b in zip([0, *offsets], [*offsets, size], strict=True)]
+    assert all(gap >= CHECKPOINT_SPACING for gap in gaps[:-1])
+    assert any(o < whole[0] for o in offsets) and any(o > huge[1] for o in offsets)
+    everywhere = choose_candidates(found, size, lambda _: True)
     assert len(everywhere) > len(chosen)
     assert all(c.tar_offset >= CHECKPOINT_SPACING for c in everywhere)
