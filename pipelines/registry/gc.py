@@ -484,7 +484,9 @@ class GarbageCollector:
     def _collect_files(self, cutoff: float, report: GcReport) -> None:
         live = LiveFiles(self.store, self.pacer)
         live.read_recipes()
-        verdicts = self._judge_packs(live, cutoff, report)
+        listing = list(self.store.listing("packs/"))
+        judging = Judging(existing={listed.key for listed in listing})
+        verdicts = self._judge_packs(listing, live, cutoff, judging, report)
         dead = {digest for verdict in verdicts for digest in verdict.dead}
         if not report.dry_run and dead:
             pause("gc.packs_judged")
@@ -492,7 +494,7 @@ class GarbageCollector:
             pause("gc.files_decided")
             rescued = live.read_recipes(dead)
             report.rescued += len(rescued)
-            verdicts = self._judge_again(verdicts, rescued, live, report)
+            verdicts = self._judge_again(verdicts, rescued, live, judging, report)
             dead -= rescued
         report.files += len(dead)
         self._forget_dead_files(dead, verdicts, report)
@@ -500,12 +502,17 @@ class GarbageCollector:
         if not report.dry_run:
             self.lease.withdraw()
 
-    def _judge_packs(self, live: LiveFiles, cutoff: float, report: GcReport) -> list[PackVerdict]:
+    def _judge_packs(
+        self,
+        listing: list[Listed],
+        live: LiveFiles,
+        cutoff: float,
+        judging: Judging,
+        report: GcReport,
+    ) -> list[PackVerdict]:
         """Each pack older than the grace, judged from its table (S3) against the live
         files; the index only says which copy of a live file readers use, and where it
         says none (or a pack that is gone), the first copy found is kept and pointed at."""
-        listing = list(self.store.listing("packs/"))
-        judging = Judging(existing={listed.key for listed in listing})
         return [self._judge(listed, live, judging, report)
                 for listed in listing if listed.modified < cutoff]  # fmt: skip
 
@@ -537,13 +544,16 @@ class GarbageCollector:
         return PackVerdict(listed, len(kept), kept_bytes, file_bytes, dead, dead_here, movable)
 
     def _judge_again(
-        self, verdicts: list[PackVerdict], rescued: set[bytes], live: LiveFiles, report: GcReport
+        self,
+        verdicts: list[PackVerdict],
+        rescued: set[bytes],
+        live: LiveFiles,
+        judging: Judging,
+        report: GcReport,
     ) -> list[PackVerdict]:
-        """The packs holding a rescued file, judged again against the grown live set: their
-        dead files now are a subset of those the notice named, so they may still go."""
-        if not rescued:
-            return verdicts
-        judging = Judging(existing={listed.key for listed in self.store.listing("packs/")})
+        """The packs holding a rescued file, judged again against the grown live set (with
+        the first judging's packs and choices): their dead files now are a subset of those
+        the notice named, so they may still go."""
         return [self._judge(v.listed, live, judging, report) if rescued.intersection(v.dead)
                 else v for v in verdicts]  # fmt: skip
 
