@@ -115,13 +115,18 @@ class Services:
 # --- commands -----------------------------------------------------------------------------
 
 
+def with_empty_cache(argv: list[str]) -> list[str]:
+    """`argv` run in a private mount namespace with an empty blob-info cache over
+    SKOPEO_CACHE (nothing of an earlier pull is reused; the mount dies with it)."""
+    Path(SKOPEO_CACHE).mkdir(parents=True, exist_ok=True)  # absent until skopeo first ran
+    script = f'mount -t tmpfs tmpfs {SKOPEO_CACHE} && exec "$@"'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+
+
 def skopeo(args: list[str]) -> float:
     """Run `skopeo` with an empty private blob-info cache; returns the wall time in seconds."""
-    Path(SKOPEO_CACHE).mkdir(parents=True, exist_ok=True)  # absent until skopeo first ran
-    script = f'mount -t tmpfs tmpfs {SKOPEO_CACHE} && exec skopeo "$@"'
-    command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *args]
     started = time.perf_counter()
-    sh(command)
+    sh(with_empty_cache(["skopeo", *args]))
     return time.perf_counter() - started
 
 

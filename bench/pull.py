@@ -315,11 +315,8 @@ class Ran:
 
 
 def in_private_namespace(argv: list[str], env: dict[str, str] | None = None) -> Ran:
-    """Run `argv` in a private mount namespace with an empty blob-info cache over
-    core.SKOPEO_CACHE (nothing of an earlier pull is reused; mounts die with it)."""
-    Path(core.SKOPEO_CACHE).mkdir(parents=True, exist_ok=True)  # absent until skopeo first ran
-    script = f'mount -t tmpfs tmpfs {core.SKOPEO_CACHE} && exec "$@"'
-    command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+    """Run `argv` with an empty private blob-info cache (core.with_empty_cache)."""
+    command = core.with_empty_cache(argv)
     started, cpu = time.perf_counter(), children_cpu_seconds()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     seconds, cpu = time.perf_counter() - started, children_cpu_seconds() - cpu
