@@ -21,7 +21,8 @@ stop: venv
 	@$(BIN)/python -m deploy.local --stop
 
 # Two test processes (pytest-xdist), each with its own stacks on free ports, a module in
-# one process: about 24 minutes here against 37 serial. TEST_WORKERS=0 runs them in this process, one after the other.
+# one process: about 21-24 minutes here against 37 serial. TEST_WORKERS=0 runs them in
+# this process, one after the other.
 TEST_WORKERS ?= 2
 test: test-deps venv helpers lint
 	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
