@@ -2,14 +2,17 @@
 
 Usage::
 
-    python -m bench.rebuild_cpu [--tar-mb 96] [--reps 5] [--profile 25]
+    python -m bench.rebuild_cpu [--tar-mb 96] [--reps 5] [--floor] [--profile 25]
 
 The tar of real files bench-restore uses (build/bench/restore/layer-<N>mb.tar) is split
 and stored as an ingest would (its files in zstd packs on a local S3, the recipe in
 memory), with Redis and S3 only: no workers, no API. Then `rebuild_tar` is drained --reps
 times and its process CPU time (every thread of this process: user + system, from
 getrusage; not the S3 server's) is printed per run and as CPU seconds per 100 MB of tar.
-The machine is shared: wall time is printed only for reference. --profile N prints the
+The machine is shared: wall time is printed only for reference. --floor times, on this
+thread alone, the work no rebuild can skip: receiving the packs' bytes, decompressing
+each distinct file and hashing it (its sha256 check), with the recipe walk and the file
+lookup; their sum is the least CPU a rebuild of this tar costs. --profile N prints the
 top N entries of a cProfile of one more rebuild, sorted by own time (cProfile sees this
 thread only: for the prefetch threads, run it under `py-spy record --native`).
 """
@@ -26,20 +29,32 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+import zstandard
 
 from bench.restore import real_tar
 from deploy.stack import Stack, free_port
 from pipelines.config import Settings
 from pipelines.formats.recipe import Recipe, RecipeBuilder
-from pipelines.formats.tarsplit import Payload, split_tar
+from pipelines.formats.tarsplit import FileRef, Payload, split_tar
 from pipelines.serve.rebuild import rebuild_tar
-from pipelines.store.filestore import FileStore, Packer, SpooledPayload
+from pipelines.store.filestore import (
+    CODEC_ZSTD,
+    FileStore,
+    Location,
+    Packer,
+    SpooledPayload,
+    new_sha256,
+)
 from pipelines.store.index import Index
 from pipelines.store.storage import S3Store
 
 BUCKET, ACCESS, SECRET = "duphunter", "duphunter", "duphunter-secret-key"
+T = TypeVar("T")
 
 
 def cpu_seconds() -> float:
@@ -112,6 +127,66 @@ def measure(recipe: Recipe, files: FileStore, reps: int) -> list[float]:
     return runs
 
 
+def floor_parts(recipe: Recipe, files: FileStore) -> dict[str, float]:
+    """This thread's CPU seconds for each part of a rebuild's unavoidable work, once."""
+    parts: dict[str, float] = {}
+
+    def timed(name: str, work: Callable[[], T]) -> T:
+        started = time.thread_time()
+        result = work()
+        parts[name] = time.thread_time() - started
+        return result
+
+    refs = timed("recipe walk", lambda: [e for e in recipe.entries() if isinstance(e, FileRef)])
+    sizes = {ref.digest: ref.size for ref in refs}
+    found = timed("file lookup", lambda: files.locate(list(sizes)))
+    located = [(digest, where) for digest, where in zip(sizes, found, strict=True) if where]
+    stored = timed("receive packs", lambda: stored_forms(files, located))
+    decompressor = zstandard.ZstdDecompressor()
+    contents = timed("decompress", lambda: [
+        decompressor.decompress(form[1:], max_output_size=sizes[digest])
+        if form[0] == CODEC_ZSTD else bytes(form[1:])
+        for digest, form in stored
+    ])  # fmt: skip
+    timed("sha256", lambda: [sha256_of(content) for content in contents])
+    return parts
+
+
+def sha256_of(content: bytes) -> bytes:
+    hasher = new_sha256()  # as the rebuild's check makes one
+    hasher.update(content)
+    return hasher.digest()
+
+
+def stored_forms(
+    files: FileStore, located: list[tuple[bytes, Location]]
+) -> list[tuple[bytes, memoryview]]:
+    """Each file's stored form, from one GET per pack of the range its files span."""
+    by_pack: defaultdict[str, list[tuple[bytes, Location]]] = defaultdict(list)
+    for digest, location in located:
+        by_pack[location.pack].append((digest, location))
+    forms = []
+    for pack, members in by_pack.items():
+        start = min(location.offset for _d, location in members)
+        end = max(location.offset + location.length for _d, location in members)
+        data = memoryview(files.read_range(pack, start, end - start))
+        forms += [(digest, data[loc.offset - start : loc.offset - start + loc.length])
+                  for digest, loc in members]  # fmt: skip
+    return forms
+
+
+def measure_floor(recipe: Recipe, files: FileStore, reps: int) -> float:
+    """The median of each part over `reps` runs, printed per 100 MB of tar; their sum."""
+    runs = [floor_parts(recipe, files) for _ in range(reps)]
+    per_100mb = 1e8 / recipe.tar_size
+    medians = {name: statistics.median(run[name] for run in runs) * per_100mb for name in runs[0]}
+    for name, seconds in medians.items():
+        print(f"  {name}: {seconds:.3f} CPU-s per 100 MB", flush=True)
+    total = sum(medians.values())
+    print(f"floor {total:.3f} CPU-s per 100 MB of tar (the sum of the medians)")
+    return total
+
+
 def profile(recipe: Recipe, files: FileStore, top: int) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -125,6 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tar-mb", type=int, default=96)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--floor", action="store_true", help="time the unavoidable work")
     parser.add_argument("--profile", type=int, default=0, help="top N of a cProfile run")
     args = parser.parse_args()
     tar = real_tar(args.tar_mb)
@@ -139,6 +215,9 @@ def main() -> None:
         runs = measure(recipe, files, args.reps)
         print(f"median {statistics.median(runs):.3f} CPU-s per 100 MB of tar rebuilt "
               f"(min {min(runs):.3f}, load {os.getloadavg()[0]:.1f})")  # fmt: skip
+        if args.floor:
+            floor = measure_floor(recipe, files, args.reps)
+            print(f"the rebuild costs {statistics.median(runs) / floor:.2f}x its floor")
         if args.profile:
             profile(recipe, files, args.profile)
 
