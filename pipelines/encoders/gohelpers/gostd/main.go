@@ -23,6 +23,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"compress/flate"
 	"compress/gzip"
 	"flag"
@@ -43,6 +44,7 @@ func main() {
 	align := flag.Int("align", 0, "segment: the boundary's bit position in its byte (0-7)")
 	offset := flag.Int("offset", 0, "segment: the boundary's offset in the input stream")
 	final := flag.Bool("final", false, "segment: the last one, close the stream")
+	size := flag.Int("size", 0, "segment: bytes of stdin, read into one buffer (grown if more come)")
 	describe := flag.Bool("describe", false, "print the Go version and exit")
 	flag.Parse()
 	if *describe {
@@ -51,7 +53,7 @@ func main() {
 	}
 	var err error
 	if *mode == "segment" {
-		err = segment(*level, *history, *align, *offset, *final)
+		err = segment(*level, *history, *align, *offset, *final, *size)
 	} else {
 		err = run(*level, *mode)
 	}
@@ -88,8 +90,8 @@ func run(level int, mode string) error {
 	return out.Flush()
 }
 
-func segment(level, historyLen, align, offset int, final bool) error {
-	input, err := io.ReadAll(bufio.NewReaderSize(os.Stdin, bufSize))
+func segment(level, historyLen, align, offset int, final bool, size int) error {
+	input, err := readInput(size)
 	if err != nil {
 		return err
 	}
@@ -114,4 +116,15 @@ func segment(level, historyLen, align, offset int, final bool) error {
 		return err
 	}
 	return out.Flush()
+}
+
+// readInput reads the whole of stdin into one buffer of the size announced. io.ReadAll
+// grows its buffer by copying as the input comes, and with the collector off (as
+// segment helpers run: they live for one segment) every copy's pages are new to the
+// process: about three times the input in page faults, measured as 20 ms of system
+// time per 5.5 MB segment.
+func readInput(size int) ([]byte, error) {
+	input := bytes.NewBuffer(make([]byte, 0, size+bytes.MinRead))
+	_, err := input.ReadFrom(os.Stdin)
+	return input.Bytes(), err
 }

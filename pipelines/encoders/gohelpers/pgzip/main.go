@@ -18,6 +18,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"flag"
 	"fmt"
 	"io"
@@ -47,6 +48,7 @@ func main() {
 	mode := flag.String("mode", "deflate", "deflate | gzip | segment")
 	history := flag.Int("history", 0, "segment: bytes of the previous block's tail")
 	final := flag.Bool("final", false, "segment: the last one, close the stream")
+	size := flag.Int("size", 0, "segment: bytes of stdin, read into one buffer (grown if more come)")
 	describe := flag.Bool("describe", false, "print library versions and exit")
 	flag.Parse()
 	if *describe {
@@ -55,7 +57,7 @@ func main() {
 	}
 	var err error
 	if *mode == "segment" {
-		err = segment(*level, *blockSize, *history, *final)
+		err = segment(*level, *blockSize, *history, *final, *size)
 	} else {
 		err = run(*level, *blockSize, *mode)
 	}
@@ -127,8 +129,8 @@ func min(a, b int) int {
 // segment compresses whole blocks the way pgzip's compressBlock does: one flate writer,
 // ResetDict with the previous block's tail (none for a block of at most tailSize
 // bytes), Write, Flush; the stream's last block (possibly empty) is also closed.
-func segment(level, blockSize, historyLen int, final bool) error {
-	input, err := io.ReadAll(bufio.NewReaderSize(os.Stdin, bufSize))
+func segment(level, blockSize, historyLen int, final bool, size int) error {
+	input, err := readInput(size)
 	if err != nil {
 		return err
 	}
@@ -172,4 +174,15 @@ func segment(level, blockSize, historyLen int, final bool) error {
 		}
 	}
 	return out.Flush()
+}
+
+// readInput reads the whole of stdin into one buffer of the size announced. io.ReadAll
+// grows its buffer by copying as the input comes, and with the collector off (as
+// segment helpers run: they live for one segment) every copy's pages are new to the
+// process: about three times the input in page faults, measured as 20 ms of system
+// time per 5.5 MB segment.
+func readInput(size int) ([]byte, error) {
+	input := bytes.NewBuffer(make([]byte, 0, size+bytes.MinRead))
+	_, err := input.ReadFrom(os.Stdin)
+	return input.Bytes(), err
 }
