@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
+# An encoder's input: bytes, or a slice of them taken without copying (a segment's
+# history, data and lookahead are views of one window: copies would cost page faults).
+Buffer = bytes | memoryview
+
 PIPE_CHUNK = 256 * 1024
 # Stock zlib's stored blocks (level 0) depend on how input is fed: always feed this much.
 FEED_CHUNK = 64 * 1024
@@ -83,7 +87,7 @@ def segment_helper_env() -> dict[str, str]:
 
 
 def run_filter(
-    argv: Sequence[str], chunks: Iterable[bytes], env: dict[str, str] | None = None
+    argv: Sequence[str], chunks: Iterable[Buffer], env: dict[str, str] | None = None
 ) -> Iterator[bytes]:
     """Stream `chunks` through a subprocess: a thread feeds stdin, we yield stdout.
     An error while producing `chunks` is re-raised here: a helper that saw a short
@@ -145,7 +149,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> int:
 
 def _feed(
     stdin: BinaryIO,
-    chunks: Iterable[bytes],
+    chunks: Iterable[Buffer],
     errors: list[BaseException],
     proc: subprocess.Popen[bytes],
 ) -> None:
@@ -209,8 +213,9 @@ class Encoder(ABC):
         return False
 
     def encode_segment(
-        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
-    ) -> bytes:
+        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        align: int,
+    ) -> bytes:  # fmt: skip
         """The payload's bits from a block boundary on, encoding `data` as the stream
         does after `history`: the whole rest of the stream if `final`, else at least up
         to the block boundary after `data` (seeing `lookahead`, the input past it).

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipelines.encoders.base import (
     FEED_CHUNK,
+    Buffer,
     Encoder,
     describe_helper,
     helper_dir,
@@ -72,8 +73,9 @@ class ZlibEncoder(Encoder):
         return self.level != 0
 
     def encode_segment(
-        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
-    ) -> bytes:
+        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        align: int,
+    ) -> bytes:  # fmt: skip
         return zlib_segment(self.level, history, data, lookahead, final, align, FEED_CHUNK)
 
 
@@ -137,10 +139,11 @@ class GoStdlibEncoder(Encoder):
         return chunk is None or tar_offset % chunk == 0
 
     def encode_segment(
-        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
-    ) -> bytes:
+        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        align: int,
+    ) -> bytes:  # fmt: skip
         argv = [*self._argv("segment"), "-history", str(len(history)), "-align", str(align)]
-        argv += ["-offset", str(offset)]
+        argv += ["-offset", str(offset), "-size", str(len(history) + len(data) + len(lookahead))]
         argv += ["-final"] if final else []
         return b"".join(run_filter(argv, [history, data, lookahead], segment_helper_env()))
 
@@ -188,11 +191,13 @@ class PgzipEncoder(Encoder):
         return tar_offset % self.block_size == 0
 
     def encode_segment(
-        self, history: bytes, data: bytes, lookahead: bytes, *, offset: int, final: bool, align: int
-    ) -> bytes:
+        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        align: int,
+    ) -> bytes:  # fmt: skip
         if align:
             raise ValueError("pgzip blocks start on a byte boundary")
         argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(len(history))]
+        argv += ["-size", str(len(history) + len(data))]
         argv += ["-final"] if final else []
         return b"".join(run_filter(argv, [history, data], segment_helper_env()))
 

@@ -10,6 +10,8 @@ import ctypes.util
 import functools
 from collections.abc import Iterable, Iterator
 
+from pipelines.encoders.base import Buffer
+
 
 class _ZStream(ctypes.Structure):
     _fields_ = [
@@ -61,7 +63,7 @@ Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH = 0, 2, 4
 
 
 def zlib_segment(
-    level: int, history: bytes, data: bytes, lookahead: bytes, final: bool, align: int, feed: int
+    level: int, history: Buffer, data: Buffer, lookahead: Buffer, final: bool, align: int, feed: int
 ) -> bytes:
     """Raw deflate of `data` + `lookahead` by the system zlib (the runtime that Python's
     zlib module uses), primed with `history` (deflateSetDictionary) and with `align`
@@ -76,11 +78,11 @@ def zlib_segment(
     if lib.deflateInit2_(ref, level, 8, -15, 8, 0, version, ctypes.sizeof(_ZStream)) != Z_OK:
         raise OSError("deflateInit2 failed")
     try:
-        if history and lib.deflateSetDictionary(ref, history, len(history)) != Z_OK:
+        if history and lib.deflateSetDictionary(ref, bytes(history), len(history)) != Z_OK:
             raise OSError("deflateSetDictionary failed")
         if align and lib.deflatePrime(ref, align, 0) != Z_OK:
             raise OSError("deflatePrime failed")
-        source = data + lookahead
+        source = b"".join((data, lookahead))
         capacity = lib.deflateBound(ref, len(source)) + 64
         out = ctypes.create_string_buffer(capacity)
         stream.next_out = ctypes.cast(out, ctypes.c_void_p)

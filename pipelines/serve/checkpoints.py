@@ -404,10 +404,11 @@ def encode_segment(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_si
     if len(tar) != end - history_start:
         raise SegmentError(f"the tar gave {len(tar)} bytes, not {end - history_start}")
     split, stop = segment.tar_start - history_start, segment.tar_end - history_start
+    view = memoryview(tar)
     encoded = encoder.encode_segment(
-        tar[:split],
-        tar[split:stop],
-        tar[stop:],
+        view[:split],
+        view[split:stop],
+        view[stop:],
         offset=segment.tar_start,
         final=segment.final,
         align=segment.align,

@@ -277,7 +277,9 @@ def segment_cuts(
             if chunk is None:
                 raise RestoreError(f"the tar ends before byte {end}")
             held += chunk
-        yield segment, start, bytes(held[: end - base])
+        with memoryview(held) as view:  # one copy: held[:n] would make a second
+            window = bytes(view[: end - base])
+        yield segment, start, window
 
 
 def _until_broken(
