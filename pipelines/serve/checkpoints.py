@@ -65,15 +65,18 @@ AVOID_MARGIN = 256 * 1024  # more than any encoder's history or lookahead
 # proof) is not proven, and a plan holding one restores serially.
 MAX_SEGMENT_TAR_BYTES = 32 << 20
 # A large file up to this size is left whole to one segment (a segment touching a file
-# fetches all of it). A larger one is cut by checkpoints inside it, one every this many
-# bytes: kept whole, its segment would be too long to hold, and the layer, with no
-# checkpoint at all, would restore serially. A segment in a cut file fetches, decompresses
-# and checks all of it: free where one host restores the layer (its segments are cut from
-# one streamed rebuild), a few times the file for the proof at ingest and for restore
-# workers elsewhere; hence segments this long, and no cut in a file larger than
-# MAX_CUT_FILE_BYTES (its layer restores serially, as a gzip bomb's does).
-KEPT_WHOLE_BYTES = 16 << 20
-MAX_CUT_FILE_BYTES = 8 * KEPT_WHOLE_BYTES
+# fetches all of it). A larger one is cut by checkpoints inside it, into at most
+# CUTS_PER_FILE + 1 segments of at least the layer's spacing: kept whole, its segment
+# would be many times longer than the others (the restore's critical path: measured, a
+# 25 MB segment of two adjacent 12-13 MB files took half of a 100 MB restore's wall time)
+# or too long to hold, and the layer would restore serially. A segment in a cut file
+# fetches, decompresses and checks all of it: free where one host restores the layer (its
+# segments are cut from one streamed rebuild), at most CUTS_PER_FILE + 1 times the file
+# for the proof at ingest and for restore workers elsewhere; hence no cut in a file
+# larger than MAX_CUT_FILE_BYTES (its layer restores serially, as a gzip bomb's does).
+KEPT_WHOLE_BYTES = 8 << 20
+CUTS_PER_FILE = 8
+MAX_CUT_FILE_BYTES = 128 << 20
 PROOF_THREADS = os.cpu_count() or 2
 
 logger = logging.getLogger(__name__)
@@ -297,7 +300,7 @@ def choose_candidates_avoiding(
     spacing: int = CHECKPOINT_SPACING,
 ) -> list[Checkpoint]:
     """choose_candidates, with no checkpoint in or near (AVOID_MARGIN) the tar spans
-    `avoid` (large files) that are kept whole, and one every KEPT_WHOLE_BYTES in the
+    `avoid` (large files) that are kept whole, and at most CUTS_PER_FILE in each of the
     others (`_cut`)."""
     kept = [(start, end) for start, end in avoid if not _cut(end - start)]
     cut = sorted((start, end) for start, end in avoid if _cut(end - start))
@@ -310,8 +313,10 @@ def choose_candidates_avoiding(
     def step_at(offset: int) -> int:
         """The tar bytes wanted since the last checkpoint, for one at `offset`."""
         index = bisect.bisect_right(cut, (offset, tar_size)) - 1
-        inside = index >= 0 and cut[index][1] > offset
-        return max(spacing, KEPT_WHOLE_BYTES) if inside else spacing
+        if index < 0 or cut[index][1] <= offset:
+            return spacing
+        start, end = cut[index]
+        return max(spacing, (end - start) // CUTS_PER_FILE)
 
     last_at: dict[int, Checkpoint] = {}
     for point in boundaries:

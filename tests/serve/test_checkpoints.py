@@ -34,6 +34,7 @@ from pipelines.serve import restore
 from pipelines.serve.checkpoints import (
     AVOID_MARGIN,
     CHECKPOINT_SPACING,
+    CUTS_PER_FILE,
     KEPT_WHOLE_BYTES,
     MAX_CUT_FILE_BYTES,
     MIN_CHECKPOINT_SPACING,
@@ -473,7 +474,7 @@ def test_live_layer_with_a_file_too_large_for_one_segment_restores_in_parallel(
     assert plan is not None, "no checkpoint: the layer would restore serially"
     start = data.index(big[:4096])
     inside = [p for p in plan.points if start <= p.tar_offset < start + len(big)]
-    assert len(inside) == len(big) // KEPT_WHOLE_BYTES, plan.points  # cut every 16 MiB
+    assert len(big) // (len(big) // CUTS_PER_FILE) - 1 <= len(inside) <= CUTS_PER_FILE, inside
     assert b"".join(release_through(recipe, live, local_runner(2))) == blob
     runner = restore_workers_runner(make_celery(live.settings), remote_slots=2)
     assert b"".join(release_through(recipe, live, runner)) == blob
@@ -709,13 +710,13 @@ def test_zstd_blocks_cannot_be_resumed_through_the_api(threads: int) -> None:
 
 def test_checkpoints_keep_away_from_large_files_one_segment_can_hold() -> None:
     """A segment touching a large file fetches all of it: one up to KEPT_WHOLE_BYTES is left
-    to one segment; a larger one is cut every KEPT_WHOLE_BYTES, or no segment would be
-    short enough to hold and the layer would restore serially; one beyond
+    to one segment; a larger one is cut into at most CUTS_PER_FILE + 1 segments, or its
+    segment would be the restore's critical path or too long to hold; one beyond
     MAX_CUT_FILE_BYTES is kept whole (its segments would cost too many fetches of it)."""
     size = 300_000_000
     found = [Checkpoint(offset, offset * 3) for offset in range(100_000, size, 100_000)]
     whole, cut, huge = (
-        (10_000_000, 22_000_000),
+        (10_000_000, 16_000_000),
         (30_000_000, 75_000_000),
         (100_000_000, 240_000_000),
     )
@@ -728,7 +729,11 @@ def test_checkpoints_keep_away_from_large_files_one_segment_can_hold() -> None:
         return [o for o in offsets if span[0] - margin <= o < span[1] + margin]
 
     assert not within(whole, AVOID_MARGIN) and not within(huge, AVOID_MARGIN)
-    assert len(within(cut)) == (cut[1] - cut[0]) // KEPT_WHOLE_BYTES  # 45 MB: cut twice
+    step = (cut[1] - cut[0]) // CUTS_PER_FILE  # 45 MB: a cut every 5.6 MB, 7 or 8 of them
+    assert step > CHECKPOINT_SPACING
+    inside = within(cut)
+    assert (cut[1] - cut[0]) // step - 1 <= len(inside) <= CUTS_PER_FILE, inside
+    assert all(step <= b - a < step + 100_000 for a, b in itertools.pairwise(inside))
     gaps = [b - a for a, b in zip([0, *offsets], [*offsets, size], strict=True)]
     assert all(gap >= CHECKPOINT_SPACING for gap in gaps[:-1])
     assert any(o < whole[0] for o in offsets) and any(o > huge[1] for o in offsets)
