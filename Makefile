@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run stop test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-pull bench-auth bench-fleet clean
+.PHONY: run stop test lint system-deps test-deps venv helpers bench-core bench-dedup bench-memory bench-scale bench-predict bench-buffer bench-gc bench-restore bench-pull bench-auth bench-fleet bench-rebuild-cpu clean
 
 # The first build of the encoder helpers compiles for minutes: its output goes to a file,
 # whose end is shown if it fails. Stopping: Ctrl-C, or `make stop` from another terminal.
@@ -86,6 +86,10 @@ bench-restore: test-deps venv helpers
 # a simulation of the restore fleet from docs/bench/{predict,restore,dedup}.json (seconds)
 bench-fleet: venv
 	$(BIN)/python -m bench.fleet
+
+# the tar rebuild's CPU per 100 MB, beside the work no rebuild can skip (a minute)
+bench-rebuild-cpu: test-deps venv
+	$(BIN)/python -m bench.rebuild_cpu --reps 9 --floor
 
 # cold pulls of multi-layer images with skopeo and podman, against Distribution (~10 min)
 bench-pull: test-deps venv helpers
