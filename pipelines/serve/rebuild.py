@@ -1,8 +1,7 @@
 """The tar of a deduplicated layer rebuilt from its recipe and the stored files, in order
 and with bounded memory: the files of a batch of recipe entries located in one round trip,
-fetched ahead by ranged GETs that cover neighbouring files of a pack at once (a large file
-alone), a file too large to hold streamed when its turn comes; each file checked against
-its sha256 (pipelines.store.filestore).
+fetched ahead by ranged GETs that cover neighbouring files of a pack at once, a large file
+streamed on its own; each file checked against its sha256 (pipelines.store.filestore).
 Recompressing and verifying the tar is pipelines.serve.restore's.
 """
 
@@ -29,10 +28,8 @@ from pipelines.store.storage import ObjectNotFound
 
 LOCATE_BATCH = 2048  # recipe entries whose files are looked up in one round trip
 BATCH_BYTES = 16 << 20  # and at most this much of their tar (files and raw) planned at once
-SPAN_LIMIT = 4 << 20  # a ranged GET of neighbouring files covers at most this much of a pack
-HELD_FILE_LIMIT = 16 << 20  # a file up to this size (stored and decompressed) is fetched
-# whole into memory ahead, on a prefetch thread (alone, if larger than SPAN_LIMIT); a larger
-# one streams through a spool when its turn comes (fetching it ahead would hold it whole)
+SPAN_LIMIT = 4 << 20  # a ranged GET covers at most this much of a pack; a file larger than
+# this (stored, or once decompressed) streams on its own
 SPAN_GAP = 256 << 10  # files this close in a pack are fetched together: a GET costs the
 # client as much CPU as receiving ~1.5 MB (measured with bench.rebuild_cpu), and S3 a request
 PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
@@ -84,7 +81,7 @@ def _member_path(raw_before: bytes) -> str:
 def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     """The layer's tar. Files are located in batches; neighbours in a pack are fetched
     together in one ranged GET (a span), spans run ahead on a few threads, large files
-    are fetched ahead on their own, the largest stream when their turn comes."""
+    stream on their own."""
     return _rebuild(recipe.entries(), files)
 
 
@@ -184,10 +181,10 @@ def _batched(entries: Iterator[Raw | FileRef], count: int) -> Iterator[list[Raw 
 
 
 def _streams_alone(ref: FileRef, location: Location) -> bool:
-    """Whether a file is streamed when its turn comes rather than fetched ahead into
-    memory: by its real size too, not its stored one alone (a GiB of zeros is stored in a
-    few KB)."""
-    return location.length > HELD_FILE_LIMIT or ref.size > HELD_FILE_LIMIT
+    """Whether a file is fetched and checked on its own, streaming, rather than with its
+    neighbours in memory: by its real size, not its stored one (a GiB of zeros is stored
+    in a few KB)."""
+    return location.length > SPAN_LIMIT or ref.size > SPAN_LIMIT
 
 
 @dataclass

@@ -45,8 +45,9 @@ from pipelines.serve.checkpoints import (
 )
 from pipelines.serve.rebuild import (
     BATCH_BYTES,
-    HELD_FILE_LIMIT,
     PREFETCH_BYTES,
+    PREFETCH_THREADS,
+    SPAN_LIMIT,
     RestoreError,
     file_paths,
     rebuild_tar,
@@ -73,11 +74,12 @@ WORKING_BYTES = 16 << 20
 def restore_memory_bound() -> int:
     """The most one serial restore holds, whatever the layer (docs/architecture.md,
     Memory bounds): the tar planned ahead and the batch being planned (files decoded
-    whole only when both their stored and real sizes are within HELD_FILE_LIMIT), the
-    stored form of one being decoded, a larger file's in-memory spool, the verified
-    segment being checked, and the encoder's working state. Parallel restores add their
-    segments'."""
-    held = PREFETCH_BYTES + BATCH_BYTES + HELD_FILE_LIMIT + IN_MEMORY_LIMIT + SPOOL_IN_MEMORY
+    whole only when both their stored and real sizes are within SPAN_LIMIT), the stored
+    bytes of the spans being decoded (one per prefetch thread), a large file's in-memory
+    spool, the verified segment being checked, and the encoder's working state. Parallel
+    restores add their segments'."""
+    spans = PREFETCH_THREADS * SPAN_LIMIT
+    held = PREFETCH_BYTES + BATCH_BYTES + spans + IN_MEMORY_LIMIT + SPOOL_IN_MEMORY
     return held + WORKING_BYTES
 
 

@@ -5,22 +5,19 @@ bytes. Also what must never happen: wrong bytes served, or a layer left half-don
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import urllib3
 import zstandard
 
 from pipelines.formats.recipe import Recipe
-from pipelines.serve.rebuild import HELD_FILE_LIMIT, SPAN_LIMIT, rebuild_tar
-from pipelines.store.filestore import FileStore, FileStoreError
+from pipelines.serve.rebuild import rebuild_tar
+from pipelines.store.filestore import FileStore
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
@@ -187,54 +184,6 @@ def test_a_rebuild_fetches_a_pack_region_once(
     store.read_range = counted  # type: ignore[method-assign]
     assert b"".join(rebuild_tar(recipe, store)) == make_tar(shuffled)
     assert len(ranges) == 1, ranges
-
-
-def test_a_rebuild_holds_a_file_it_can_hold_and_streams_a_larger_one(
-    client: RegistryClient, repo: str, live: LiveStack
-) -> None:
-    """A file over a span's size but within HELD_FILE_LIMIT is fetched ahead whole, with
-    one ranged GET and no spool; a larger one streams through `open` when its turn
-    comes. Each is still checked: a damaged held file stops the tar where it starts."""
-    files = {"head": os.urandom(30_000), "held": os.urandom(SPAN_LIMIT + (2 << 20))}
-    files |= {"large": os.urandom(HELD_FILE_LIMIT + (1 << 20)), "tail": os.urandom(30_000)}
-    tar = make_tar(files)
-    (layer,) = push_layers(client, repo, [gzip.compress(tar, compresslevel=1, mtime=0)])
-    assert wait_for_layers(live, [layer], timeout=300)[layer]["state"] == "deduplicated"
-    info = live.registry.blobs.stored_info(layer)
-    assert info is not None and info.recipe is not None
-    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
-    store = FileStore(live.registry.store, live.registry.index)
-    lengths: list[int] = []
-    opened: list[bytes] = []
-    read_range, open_file = store.read_range, store.open
-
-    def counted_range(pack: str, offset: int, length: int) -> bytes:
-        lengths.append(length)
-        return read_range(pack, offset, length)
-
-    def counted_open(digest: bytes, size: int) -> Iterator[bytes]:
-        opened.append(digest)
-        return open_file(digest, size)
-
-    store.read_range = counted_range  # type: ignore[method-assign]
-    store.open = counted_open  # type: ignore[method-assign]
-    assert b"".join(rebuild_tar(recipe, store)) == tar
-    assert opened == [hashlib.sha256(files["large"]).digest()]
-    assert any(length > len(files["held"]) for length in lengths), lengths
-
-    (where,) = store.locate([hashlib.sha256(files["held"]).digest()])
-    assert where is not None
-    pack = live.registry.store.get_bytes(where.pack)
-    middle = where.offset + where.length // 2
-    live.registry.store.put_bytes(where.pack, pack[:middle] + b"\0" + pack[middle + 1 :])
-    served = bytearray()
-    try:
-        with pytest.raises(FileStoreError, match="read back as"):
-            for chunk in rebuild_tar(recipe, store):
-                served += chunk
-    finally:
-        live.registry.store.put_bytes(where.pack, pack)
-    assert tar.startswith(served) and len(served) <= tar.index(files["held"])
 
 
 def test_corrupted_file_is_never_served(client: RegistryClient, repo: str, live: LiveStack) -> None:
