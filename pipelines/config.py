@@ -56,6 +56,9 @@ class Settings:
     verify_interval_seconds: float = field(
         default_factory=lambda: float(_env("VERIFY_INTERVAL_SECONDS", "3600"))
     )
+    resume_interval_seconds: float = field(
+        default_factory=lambda: float(_env("RESUME_INTERVAL_SECONDS", "600"))
+    )
     mode: str = field(default_factory=lambda: _env("MODE", "s"))
     predictor: str = field(default_factory=lambda: _env("PREDICTOR", "history"))
     buffer_bytes: int = field(default_factory=lambda: int(_env("BUFFER_BYTES", str(4 << 30))))

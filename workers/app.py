@@ -91,7 +91,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             },
             "resume-ingests": {
                 "task": "workers.tasks.resume_ingests",
-                "schedule": 600.0,
+                "schedule": settings.resume_interval_seconds,
             },
             "audit-packs": {"task": "workers.tasks.audit_packs", "schedule": 3600.0},
             "watch-index": {"task": "workers.tasks.watch_index", "schedule": 30.0},

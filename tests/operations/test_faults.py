@@ -310,6 +310,10 @@ def fault_stack(tmp_path: Path) -> Iterator[LiveStack]:
         "DUPHUNTER_GC_GRACE_SECONDS": "2",
         "DUPHUNTER_MODE": "b0",
         "DUPHUNTER_RETRY_SECONDS": "60",
+        # A Redis restarted loses its last second of writes (appendfsync everysec): an
+        # ingest queued then is lost, and resume_ingests queues it again; sooner than its
+        # 10 minutes in production, so that the check below waits for it.
+        "DUPHUNTER_RESUME_INTERVAL_SECONDS": "30",
     }
     with own_live_stack(tmp_path / "stack", settings) as live:
         yield live
