@@ -86,6 +86,13 @@ def segment_helper_env() -> dict[str, str]:
     return {**os.environ, "GOGC": "off", "GOMEMLIMIT": "1GiB"}
 
 
+def run_segment_helper(argv: Sequence[str], parts: Sequence[Buffer]) -> bytes:
+    """A Go segment helper's output for `parts` (history, data, ...), fed in order; told
+    their total size (`-size`) to read them into one buffer."""
+    size = sum(len(part) for part in parts)
+    return b"".join(run_filter([*argv, "-size", str(size)], parts, segment_helper_env()))
+
+
 def run_filter(
     argv: Sequence[str], chunks: Iterable[Buffer], env: dict[str, str] | None = None
 ) -> Iterator[bytes]:

@@ -25,7 +25,7 @@ from pipelines.encoders.base import (
     program_version,
     rechunk,
     run_filter,
-    segment_helper_env,
+    run_segment_helper,
 )
 from pipelines.encoders.libz import deflate_boundaries, zlib_segment
 from pipelines.formats.codecs import GZIP_MAGIC
@@ -143,9 +143,9 @@ class GoStdlibEncoder(Encoder):
         align: int,
     ) -> bytes:  # fmt: skip
         argv = [*self._argv("segment"), "-history", str(len(history)), "-align", str(align)]
-        argv += ["-offset", str(offset), "-size", str(len(history) + len(data) + len(lookahead))]
+        argv += ["-offset", str(offset)]
         argv += ["-final"] if final else []
-        return b"".join(run_filter(argv, [history, data, lookahead], segment_helper_env()))
+        return run_segment_helper(argv, [history, data, lookahead])
 
 
 class PgzipEncoder(Encoder):
@@ -197,9 +197,8 @@ class PgzipEncoder(Encoder):
         if align:
             raise ValueError("pgzip blocks start on a byte boundary")
         argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(len(history))]
-        argv += ["-size", str(len(history) + len(data))]
         argv += ["-final"] if final else []
-        return b"".join(run_filter(argv, [history, data], segment_helper_env()))
+        return run_segment_helper(argv, [history, data])
 
 
 def pgzip_helper() -> Path:
