@@ -307,8 +307,13 @@ def http_json(url: str) -> Any:
 def stack_cpu_seconds(stack: Stack, children: bool = False) -> float:
     """CPU seconds used so far by the live processes of every service of the stack, and
     with `children` by the processes they started and waited for (encoder helpers)."""
-    groups = {process.pid for _name, process in stack.processes}
-    ticks = 0
+    return sum(stack_cpu_by_service(stack, children).values())
+
+
+def stack_cpu_by_service(stack: Stack, children: bool = False) -> dict[str, float]:
+    """`stack_cpu_seconds`, per service of the stack (its name in `Stack.processes`)."""
+    names = {process.pid: name for name, process in stack.processes}
+    ticks: dict[str, int] = dict.fromkeys(names.values(), 0)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -316,10 +321,11 @@ def stack_cpu_seconds(stack: Stack, children: bool = False) -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) in groups:  # pgrp; utime and stime follow at 11 and 12
-            ticks += int(fields[11]) + int(fields[12])
-            ticks += int(fields[13]) + int(fields[14]) if children else 0
-    return ticks / os.sysconf("SC_CLK_TCK")
+        name = names.get(int(fields[2]))  # pgrp; utime and stime follow at 11 and 12
+        if name is not None:
+            ticks[name] += int(fields[11]) + int(fields[12])
+            ticks[name] += int(fields[13]) + int(fields[14]) if children else 0
+    return {name: count / os.sysconf("SC_CLK_TCK") for name, count in ticks.items()}
 
 
 def ingest_pending(ours: Registry) -> bool:

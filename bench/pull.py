@@ -422,6 +422,7 @@ class Pull:
     client_cpu_s: float  # the client's CPU (skopeo or podman)
     stack_cpu_s: float  # every service's CPU (API and its encoders, workers, S3, Redis,
     # Distribution) during the pull
+    service_cpu_s: dict[str, float]  # the same, per service (api, s3, redis, worker-...)
     load_average: float  # the 1-minute load when it started: how busy the machine was
     server: dict[str, float]  # DupHunter's counters' changes (its pulls only)
 
@@ -439,9 +440,9 @@ class Bench:
         if ours:  # the restore spool of its last pull is gone
             time.sleep(max(0.0, self.last_ours.get(image.name, 0) + KEEP_S + 1 - time.monotonic()))
             before = server_counters(target)
-        load, stack = os.getloadavg()[0], core.stack_cpu_seconds(self.services.stack, True)
+        load, stack = os.getloadavg()[0], core.stack_cpu_by_service(self.services.stack, True)
         pulled = PULLERS[client](image, target, REPO.format(name=image.name))
-        stack = core.stack_cpu_seconds(self.services.stack, True) - stack
+        used = difference(core.stack_cpu_by_service(self.services.stack, True), stack)
         seconds, cpu = pulled.seconds, pulled.cpu_seconds
         server = {}
         if ours:
@@ -450,10 +451,11 @@ class Bench:
             check_cold(image, server)
         print(
             f"  {image.name:<9} {client:<7} {target.name:<13} rep {rep}: {seconds:6.2f}s"
-            f"  (client CPU {cpu:5.2f}s, services {stack:5.2f}s, load {load:.1f})",
+            f"  (client CPU {cpu:5.2f}s, services {sum(used.values()):5.2f}s, load {load:.1f})",
             flush=True,
         )
-        return Pull(image.name, client, target.name, rep, seconds, cpu, stack, load, server)
+        total = sum(used.values())
+        return Pull(image.name, client, target.name, rep, seconds, cpu, total, used, load, server)
 
 
 def check_cold(image: core.Image, server: dict[str, float]) -> None:
@@ -526,10 +528,19 @@ def client_summary(pulls: list[Pull], bound: float, ours: str, peer: str) -> dic
         "restore_wall_sum_s": server("restore_wall_sum"),  # summed over the layers
         "services_cpu_s": statistics.median(pull.stack_cpu_s for pull in mine),
         "distribution_services_cpu_s": statistics.median(pull.stack_cpu_s for pull in theirs),
+        "service_cpu_s": median_per_service(mine),
+        "distribution_service_cpu_s": median_per_service(theirs),
         "client_cpu_s": statistics.median(pull.client_cpu_s for pull in mine),
         "distribution_client_cpu_s": statistics.median(pull.client_cpu_s for pull in theirs),
         "load_average": statistics.median(pull.load_average for pull in mine + theirs),
     }
+
+
+def median_per_service(pulls: list[Pull]) -> dict[str, float]:
+    names = sorted({name for pull in pulls for name in pull.service_cpu_s})
+    medians = {name: statistics.median(pull.service_cpu_s.get(name, 0.0) for pull in pulls)
+               for name in names}  # fmt: skip
+    return {name: round(seconds, 2) for name, seconds in medians.items() if seconds >= 0.01}
 
 
 def image_summary(
@@ -590,6 +601,10 @@ def table(images: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def by_service(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2f}" for name, value in seconds.items()) or "none"
+
+
 def where_the_time_goes(images: list[dict[str, Any]]) -> str:
     lines = []
     for image in images:
@@ -606,7 +621,9 @@ def where_the_time_goes(images: list[dict[str, Any]]) -> str:
                 f"of one-thread encoding ({image['encoding_one_thread_cpu_s']:.2f} CPU-s); "
                 f"restores' wall time summed over the layers {found['restore_wall_sum_s']:.2f} s; "
                 f"the client's CPU {found['client_cpu_s']:.2f} s "
-                f"({found['distribution_client_cpu_s']:.2f} s from Distribution)."
+                f"({found['distribution_client_cpu_s']:.2f} s from Distribution). "
+                f"Services' CPU s by process: {by_service(found['service_cpu_s'])} "
+                f"(Distribution's run: {by_service(found['distribution_service_cpu_s'])})."
             )
     return "\n".join(lines)
 
