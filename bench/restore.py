@@ -59,6 +59,7 @@ from bench.scale import tar_of
 from pipelines.encoders.base import helper_dir
 from pipelines.encoders.gzip_families import pgzip_library
 from pipelines.encoders.table import encode, lookup_encoder
+from pipelines.formats import Buffer
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import release_verified
 from pipelines.registry.facade import Registry
@@ -204,7 +205,7 @@ def write_layout(
 # --- restores -----------------------------------------------------------------------------
 
 
-def drain(chunks: Iterator[bytes]) -> str:
+def drain(chunks: Iterator[Buffer]) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
@@ -278,8 +279,8 @@ def _connect_host() -> None:
 
 
 def _encode_on_host(recipe_key: str, index: int) -> bytes:
-    assert _host is not None
-    return encode_layer_segment(_host.store, _host.files, recipe_key, index)
+    assert _host is not None  # bytes: sent back to the restoring process
+    return bytes(encode_layer_segment(_host.store, _host.files, recipe_key, index))
 
 
 def hosts_runner(pool: ProcessPoolExecutor, hosts: int, recipe_key: str) -> restore.SegmentRunner:

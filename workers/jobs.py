@@ -20,6 +20,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from pipelines.formats import Buffer
 from pipelines.formats.recipe import Recipe
 from pipelines.ingest.ingestor import mark_queued
 from pipelines.registry.facade import Registry
@@ -404,7 +405,7 @@ def restore_workers_runner(app: Celery = celery_app, remote_slots: int = 0) -> S
     slots = remote_slots or int(os.environ.get("DUPHUNTER_RESTORE_WORKER_SLOTS", "2"))
     workers = ConsumerWatch(app, "restore")
 
-    def remote(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
+    def remote(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> Buffer:
         if not workers.present():
             return encode_stored_segment(recipe, files, plan, index)
         result = app.send_task(encode_segment.name, args=(recipe.blob_digest, index))

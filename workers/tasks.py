@@ -33,6 +33,7 @@ from redis.exceptions import LockError
 from pipelines.encoders.canaries import check_at_start
 from pipelines.encoders.table import prepare_encoders
 from pipelines.errors import IndexIncomplete, is_transient
+from pipelines.formats import Buffer
 from pipelines.ingest.ingestor import QUEUED
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry.facade import Registry
@@ -294,7 +295,7 @@ def encode_segment(digest: str, index: int) -> str:
     """Re-encode one segment of a deduplicated layer from its checkpoint (a parallel
     restore spread over restore workers); its bits, base64 (results travel as JSON)."""
 
-    def work() -> bytes:
+    def work() -> Buffer:
         info = registry().blobs.stored_info(digest)
         if info is None or info.recipe is None:
             raise RestoreError(f"{digest} is not a deduplicated layer")

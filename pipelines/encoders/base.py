@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-# An encoder's input: bytes, or a slice of them taken without copying (a segment's
-# history, data and lookahead are views of one window: copies would cost page faults).
-Buffer = bytes | memoryview
+from pipelines.formats import Buffer
 
 PIPE_CHUNK = 256 * 1024
 # Stock zlib's stored blocks (level 0) depend on how input is fed: always feed this much.
@@ -86,11 +84,12 @@ def segment_helper_env() -> dict[str, str]:
     return {**os.environ, "GOGC": "off", "GOMEMLIMIT": "1GiB"}
 
 
-def run_segment_helper(argv: Sequence[str], parts: Sequence[Buffer]) -> bytes:
+def run_segment_helper(argv: Sequence[str], parts: Sequence[Buffer]) -> bytearray:
     """A Go segment helper's output for `parts` (history, data, ...), fed in order; told
     their total size (`-size`) to read them into one buffer."""
     size = sum(len(part) for part in parts)
-    return b"".join(run_filter([*argv, "-size", str(size)], parts, segment_helper_env()))
+    output = run_filter([*argv, "-size", str(size)], parts, segment_helper_env())
+    return bytearray().join(output)
 
 
 def run_filter(
@@ -222,13 +221,14 @@ class Encoder(ABC):
     def encode_segment(
         self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
         align: int,
-    ) -> bytes:  # fmt: skip
+    ) -> bytearray:  # fmt: skip
         """The payload's bits from a block boundary on, encoding `data` as the stream
         does after `history`: the whole rest of the stream if `final`, else at least up
         to the block boundary after `data` (seeing `lookahead`, the input past it).
         `offset` is the boundary's offset in the tar. The output starts with `align`
         zero bits: the boundary's place in its byte (stored blocks pad to a byte
-        boundary of the whole stream)."""
+        boundary of the whole stream). The caller owns the buffer (and masks its edges
+        in place)."""
         raise EncoderUnavailableError(f"{self.encoder_id} cannot resume mid-stream")
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pipelines.encoders.base import (
     FEED_CHUNK,
-    Buffer,
     Encoder,
     describe_helper,
     helper_dir,
@@ -28,6 +27,7 @@ from pipelines.encoders.base import (
     run_segment_helper,
 )
 from pipelines.encoders.libz import deflate_boundaries, zlib_segment
+from pipelines.formats import Buffer
 from pipelines.formats.codecs import GZIP_MAGIC
 
 GZIP_TRAILER_LEN = 8
@@ -75,7 +75,7 @@ class ZlibEncoder(Encoder):
     def encode_segment(
         self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
         align: int,
-    ) -> bytes:  # fmt: skip
+    ) -> bytearray:  # fmt: skip
         return zlib_segment(self.level, history, data, lookahead, final, align, FEED_CHUNK)
 
 
@@ -141,7 +141,7 @@ class GoStdlibEncoder(Encoder):
     def encode_segment(
         self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
         align: int,
-    ) -> bytes:  # fmt: skip
+    ) -> bytearray:  # fmt: skip
         argv = [*self._argv("segment"), "-history", str(len(history)), "-align", str(align)]
         argv += ["-offset", str(offset)]
         argv += ["-final"] if final else []
@@ -193,7 +193,7 @@ class PgzipEncoder(Encoder):
     def encode_segment(
         self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
         align: int,
-    ) -> bytes:  # fmt: skip
+    ) -> bytearray:  # fmt: skip
         if align:
             raise ValueError("pgzip blocks start on a byte boundary")
         argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(len(history))]

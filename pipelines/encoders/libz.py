@@ -10,7 +10,7 @@ import ctypes.util
 import functools
 from collections.abc import Iterable, Iterator
 
-from pipelines.encoders.base import Buffer
+from pipelines.formats import Buffer
 
 
 class _ZStream(ctypes.Structure):
@@ -64,7 +64,7 @@ Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH = 0, 2, 4
 
 def zlib_segment(
     level: int, history: Buffer, data: Buffer, lookahead: Buffer, final: bool, align: int, feed: int
-) -> bytes:
+) -> bytearray:
     """Raw deflate of `data` + `lookahead` by the system zlib (the runtime that Python's
     zlib module uses), primed with `history` (deflateSetDictionary) and with `align`
     zero bits (deflatePrime): a stored block's padding depends on the bit position in
@@ -82,20 +82,28 @@ def zlib_segment(
             raise OSError("deflateSetDictionary failed")
         if align and lib.deflatePrime(ref, align, 0) != Z_OK:
             raise OSError("deflatePrime failed")
-        source = b"".join((data, lookahead))
-        capacity = lib.deflateBound(ref, len(source)) + 64
-        out = ctypes.create_string_buffer(capacity)
-        stream.next_out = ctypes.cast(out, ctypes.c_void_p)
-        stream.avail_out = capacity
-        for start in range(0, len(source), feed):
-            piece = source[start : start + feed]
-            stream.next_in = ctypes.cast(ctypes.c_char_p(piece), ctypes.c_void_p)
-            stream.avail_in = len(piece)
-            _deflate(lib, stream, Z_NO_FLUSH)
-        _deflate(lib, stream, Z_FINISH if final else Z_SYNC_FLUSH)
-        return out.raw[: capacity - stream.avail_out]
+        source = bytearray().join((data, lookahead))
+        out = bytearray(lib.deflateBound(ref, len(source)) + 64)
+        _deflate_into(lib, stream, source, out, feed, Z_FINISH if final else Z_SYNC_FLUSH)
+        del out[len(out) - stream.avail_out :]
+        return out
     finally:
         lib.deflateEnd(ref)
+
+
+def _deflate_into(
+    lib: ctypes.CDLL, stream: _ZStream, source: bytearray, out: bytearray, feed: int, flush: int
+) -> None:
+    """Deflate `source` into `out` in `feed`-byte pieces, then flush: zlib reads and
+    writes the two buffers in place (no copy of either)."""
+    source_view = (ctypes.c_char * len(source)).from_buffer(source)
+    out_view = (ctypes.c_char * len(out)).from_buffer(out)
+    stream.next_out, stream.avail_out = ctypes.addressof(out_view), len(out)
+    for start in range(0, len(source), feed):
+        stream.next_in = ctypes.addressof(source_view) + start
+        stream.avail_in = min(feed, len(source) - start)
+        _deflate(lib, stream, Z_NO_FLUSH)
+    _deflate(lib, stream, flush)
 
 
 def _deflate(lib: ctypes.CDLL, stream: _ZStream, flush: int) -> None:

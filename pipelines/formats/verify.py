@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from pipelines.formats import Buffer
+
 SEGMENT_BYTES = 4 << 20
 SPOOL_IN_MEMORY = 2 * SEGMENT_BYTES  # a segment buffer larger than this goes to disk
 READ_CHUNK = 1 << 20
@@ -102,10 +104,11 @@ class SegmentHasher:
 
 
 def release_verified(
-    chunks: Iterable[bytes], digest: str, size: int, segments: SegmentDigests | None
-) -> Iterator[bytes]:
+    chunks: Iterable[Buffer], digest: str, size: int, segments: SegmentDigests | None
+) -> Iterator[Buffer]:
     """The bytes of `chunks`, each segment handed on only once it is verified, the last
-    one only once the stream has ended and the whole blob hashes to `digest`.
+    one only once the stream has ended and the whole blob hashes to `digest`. The chunks
+    must not change once handed in: a segment's are held, not copied, while it is checked.
 
     Raises VerificationError the moment the stream runs past `size`, when a segment or
     the whole blob hashes wrong, or when the stream ends short. Without segment digests
@@ -142,30 +145,48 @@ def release_verified(
 
 
 class _SegmentBuffer:
-    """The bytes of one segment while it is checked: in memory, on disk if large."""
+    """The bytes of one segment while it is checked: the chunks themselves (views of the
+    objects they came in) while those objects take up to SPOOL_IN_MEMORY, on disk after."""
 
     def __init__(self) -> None:
-        self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY)  # noqa: SIM115
+        self.held: list[memoryview] = []
+        self.held_bytes = 0  # of the objects the held views keep alive
+        self.spool: IO[bytes] | None = None
         self.hasher = hashlib.sha256()
         self.index = 0  # of the segment being buffered
         self.start = 0
         self.length = 0
 
     def add(self, data: memoryview) -> None:
-        self.spool.write(data)
         self.hasher.update(data)
         self.length += len(data)
+        if self.spool is None:
+            kept = self.held and self.held[-1].obj is data.obj
+            self.held_bytes += 0 if kept else memoryview(data.obj).nbytes
+            self.held.append(data)
+            if self.held_bytes > SPOOL_IN_MEMORY:
+                self._to_disk()
+        else:
+            self.spool.write(data)
+
+    def _to_disk(self) -> None:
+        self.spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the buffer
+        for view in self.held:
+            self.spool.write(view)
+        self.held, self.held_bytes = [], 0
 
     def digest(self) -> bytes:
         return self.hasher.digest()
 
-    def release(self) -> Iterator[bytes]:
+    def release(self) -> Iterator[Buffer]:
         """The buffered bytes, then an empty buffer for the next segment."""
-        self.spool.seek(0)
-        while data := self.spool.read(READ_CHUNK):
-            yield data
-        self.spool.seek(0)
-        self.spool.truncate()
+        yield from self.held
+        if self.spool is not None:
+            self.spool.seek(0)
+            while data := self.spool.read(READ_CHUNK):
+                yield data
+            self.spool.close()
+        self.held, self.held_bytes, self.spool = [], 0, None
         self.hasher = hashlib.sha256()
         self.index += 1
         self.start += self.length

@@ -40,6 +40,7 @@ from typing import Any
 
 import redis
 
+from pipelines.formats import Buffer
 from pipelines.formats.digests import digest_key
 from pipelines.formats.verify import SEGMENT_BYTES
 from pipelines.store.storage import ObjectNotFound, ObjectStore
@@ -333,7 +334,7 @@ class Filler:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"fill-{digest[7:19]}")
         self.lost = False  # another process took the fill over: the rest is not written
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: Buffer) -> None:
         if self.lost:
             return
         self.pending += chunk

@@ -50,6 +50,7 @@ from pipelines.encoders.base import Encoder, Match, NoMatch
 from pipelines.encoders.detect import Shortlist
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.libz import deflate_boundaries
+from pipelines.formats import Buffer
 from pipelines.formats.digests import digest_key
 from pipelines.formats.recipe import decode_varint, encode_varint
 
@@ -228,24 +229,23 @@ class _Reader:
 # kept zero. Joining ORs the byte two segments share: the shift is done by the encoders.
 
 
-def edge_masked(data: bytes, segment: Segment) -> bytes | None:
+def edge_masked(data: bytearray, segment: Segment) -> memoryview | None:
     """The bytes of `segment` in `data` (which starts at the byte holding its first bit),
-    bits outside the segment zeroed; None if `data` is too short, or, for the stream's
-    last segment, goes on past its end."""
+    bits outside the segment zeroed in place; None if `data` is too short, or, for the
+    stream's last segment, goes on past its end."""
     end_bit = segment.align + segment.bits
     size = (end_bit + 7) // 8
-    if len(data) < size or (segment.final and any(data[size:])):
+    view = memoryview(data)
+    if len(view) < size or (segment.final and any(view[size:])):
         return None
-    first = data[0] & (0xFF << segment.align) & 0xFF
-    if size == 1:
-        return bytes([first & ((1 << (end_bit % 8 or 8)) - 1)])
-    last = data[size - 1] & ((1 << (end_bit % 8 or 8)) - 1)
-    return bytes([first]) + data[1 : size - 1] + bytes([last])
+    data[0] &= (0xFF << segment.align) & 0xFF
+    data[size - 1] &= (1 << (end_bit % 8 or 8)) - 1
+    return view[:size]
 
 
-def join_segments(parts: Iterable[tuple[bytes, Segment]]) -> Iterator[bytes]:
+def join_segments(parts: Iterable[tuple[Buffer, Segment]]) -> Iterator[Buffer]:
     """The stream from consecutive segments' edge-masked bytes: a segment's first byte is
-    ORed with the last, partial byte of the one before."""
+    ORed with the last, partial byte of the one before (the rest passed on uncopied)."""
     carry, pending, position = 0, False, 0
     for data, segment in parts:
         end_bit = segment.align + segment.bits
@@ -256,7 +256,7 @@ def join_segments(parts: Iterable[tuple[bytes, Segment]]) -> Iterator[bytes]:
         whole = end_bit // 8
         if whole:
             yield bytes([head])
-            yield data[1:whole]
+            yield memoryview(data)[1:whole]
             carry, pending = (data[whole] if end_bit % 8 else 0), bool(end_bit % 8)
         else:
             carry, pending = head, True
@@ -342,8 +342,8 @@ def _cut(file_bytes: int) -> bool:
 
 # --------------------------------------------------------------------------- proving
 
-EncodeSegment = Callable[[Segment], bytes | None]  # its bits, from its start alone
-ReadBits = Callable[[Segment], bytes | None]  # the pushed payload's bits of a segment
+EncodeSegment = Callable[[Segment], Buffer | None]  # its bits, from its start alone
+ReadBits = Callable[[Segment], Buffer | None]  # the pushed payload's bits of a segment
 
 
 @dataclass(frozen=True)
@@ -388,7 +388,7 @@ def prove(
 
 # --------------------------------------------------------------------------- segments
 
-ReadTar = Callable[[int, int], bytes]  # tar bytes [start, end)
+ReadTar = Callable[[int, int], Buffer]  # tar bytes [start, end)
 
 
 def segment_input(encoder: Encoder, segment: Segment, tar_size: int) -> tuple[int, int]:
@@ -399,7 +399,9 @@ def segment_input(encoder: Encoder, segment: Segment, tar_size: int) -> tuple[in
     return start, end
 
 
-def encode_segment(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
+def encode_segment(
+    encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int
+) -> memoryview:
     """The bits of `segment` (edge-masked bytes), re-encoded from its start alone from the
     tar bytes around it; raises SegmentError if the encoder's output cannot hold them."""
     if segment.tar_start and not encoder.resumable_at(segment.tar_start):
@@ -477,7 +479,7 @@ def fits_in_memory(segment: Segment) -> bool:
 def prove_plan(
     encoder: Encoder, plan: Checkpoints, payload: PushedPayload, read_tar: ReadTar, pool: Executor
 ) -> Proof:
-    def encoded(segment: Segment) -> bytes | None:
+    def encoded(segment: Segment) -> memoryview | None:
         if not fits_in_memory(segment):
             return None
         try:
@@ -485,9 +487,9 @@ def prove_plan(
         except SegmentError:
             return None
 
-    def pushed(segment: Segment) -> bytes | None:
+    def pushed(segment: Segment) -> memoryview | None:
         data = payload.read(segment.bit_start // 8, (segment.bit_end + 7) // 8)
-        return edge_masked(data, segment)
+        return edge_masked(bytearray(data), segment)
 
     return prove(plan, encoded, pushed, pool)
 

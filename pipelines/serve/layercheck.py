@@ -16,6 +16,7 @@ from typing import Any
 
 from pipelines.encoders.base import EncoderUnavailableError, HelperFailedError
 from pipelines.errors import IndexIncomplete, is_transient
+from pipelines.formats import Buffer
 from pipelines.formats.recipe import Recipe, RecipeError
 from pipelines.serve.rebuild import file_paths
 from pipelines.serve.restore import restore_blob
@@ -114,7 +115,7 @@ def _restore_failure(recipe: Recipe, files: FileStore) -> str:
     return "" if actual == recipe.blob_digest else f"restores to {actual}"
 
 
-def _digest_of(chunks: Iterable[bytes], like: str) -> str:
+def _digest_of(chunks: Iterable[Buffer], like: str) -> str:
     algorithm = like.split(":", 1)[0]
     hasher = hashlib.new(algorithm)
     for chunk in chunks:

@@ -30,6 +30,7 @@ from pipelines.encoders.base import Encoder, charge_cpu, thread_cpu_seconds
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.table import encode, lookup_encoder
 from pipelines.errors import RegistryError, is_transient
+from pipelines.formats import Buffer
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
 from pipelines.serve.checkpoints import (
@@ -108,7 +109,7 @@ def damaged_file(recipe: Recipe, error: FileStoreError) -> DamagedFileError:
     return DamagedFileError(message, recipe.blob_digest, file, path, error.pack)
 
 
-def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
+def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[Buffer]:
     """The pushed blob's bytes, each segment passed on only once it is verified. A layer
     with proven checkpoints is re-encoded segment by segment in parallel and joined."""
     rebuilt = _rebuilt_blob(recipe, files)
@@ -116,7 +117,7 @@ def restore_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     return _naming_damage(verified, recipe)
 
 
-def _naming_damage(chunks: Iterator[bytes], recipe: Recipe) -> Iterator[bytes]:
+def _naming_damage(chunks: Iterator[Buffer], recipe: Recipe) -> Iterator[Buffer]:
     """The chunks; a missing or damaged file's error names the layer and the file's path."""
     try:
         yield from chunks
@@ -124,7 +125,7 @@ def _naming_damage(chunks: Iterator[bytes], recipe: Recipe) -> Iterator[bytes]:
         raise damaged_file(recipe, error) from error
 
 
-def _rebuilt_blob(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
+def _rebuilt_blob(recipe: Recipe, files: FileStore) -> Iterator[Buffer]:
     plan = load_checkpoints(recipe, files.store)
     runner = None if plan is None else _runner_for(recipe)
     if plan is None or runner is None:
@@ -157,7 +158,9 @@ def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
     return plan
 
 
-def encode_stored_segment(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
+def encode_stored_segment(
+    recipe: Recipe, files: FileStore, plan: Checkpoints, index: int
+) -> memoryview:
     """The bits of segment `index` of a layer, from the tar rebuilt around it (before the
     encoding takes one of the process's cores: the rebuild waits on S3)."""
     encoder = lookup_encoder(recipe.encoder_id)
@@ -173,7 +176,7 @@ def encode_stored_segment(recipe: Recipe, files: FileStore, plan: Checkpoints, i
 _segment_cores = threading.BoundedSemaphore(RESTORE_THREADS)
 
 
-def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> bytes:
+def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> memoryview:
     with _segment_cores:
         try:
             return encode_segment(encoder, segment, read_tar, tar_size)
@@ -183,7 +186,7 @@ def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: in
 
 def encode_layer_segment(
     store: ObjectStore, files: FileStore, recipe_key: str, index: int
-) -> bytes:
+) -> memoryview:
     """What a restore worker does for a parallel restore elsewhere: segment `index` of
     the layer whose recipe is at `recipe_key`."""
     recipe, plan = _layer_plan(store, recipe_key)
@@ -209,9 +212,9 @@ def _layer_plan(store: ObjectStore, recipe_key: str) -> tuple[Recipe, Checkpoint
 
 
 # Runs the segments of a plan, yielding their bits in order.
-SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[bytes]]
+SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[Buffer]]
 # Encodes segment `index` of a plan: here, or by asking another process or host.
-SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], bytes]
+SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], Buffer]
 
 
 def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
@@ -223,11 +226,11 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     one segment may be a few times longer than the others (a large file is kept whole in
     one, up to checkpoints.KEPT_WHOLE_BYTES), and the other threads go on meanwhile."""
 
-    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
+    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[Buffer]:
         encoder = lookup_encoder(recipe.encoder_id)
         cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
-        pending: deque[tuple[Future[tuple[bytes, float]], int]] = deque()
+        pending: deque[tuple[Future[tuple[Buffer, float]], int]] = deque()
         ahead = 0
         broken: list[Exception] = []
         try:
@@ -250,14 +253,14 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     return run
 
 
-def _metered(work: Callable[[], bytes]) -> tuple[bytes, float]:
+def _metered(work: Callable[[], Buffer]) -> tuple[Buffer, float]:
     """The bits `work` returns, with the CPU seconds it took on this (segment) thread."""
     started = thread_cpu_seconds()
     bits = work()
     return bits, thread_cpu_seconds() - started
 
 
-def _charged(result: tuple[bytes, float]) -> bytes:
+def _charged(result: tuple[Buffer, float]) -> Buffer:
     """A segment's bits; its CPU counted as the restoring thread's, whose restore it is."""
     bits, seconds = result
     charge_cpu(seconds)
@@ -268,20 +271,33 @@ def segment_cuts(
     encoder: Encoder, segments: list[Segment], tar: Iterator[bytes], tar_size: int
 ) -> Iterator[tuple[Segment, int, bytes]]:
     """Each segment with the tar offset and bytes of its encoder's input, cut in one pass
-    over the tar (inputs overlap by the history and lookahead)."""
-    held, base = bytearray(), 0
+    over the tar (inputs overlap by the history and lookahead). The tar's chunks are held
+    as they come and each input is joined from them: one copy of every byte it holds."""
+    held: deque[bytes] = deque()
+    base = held_end = 0  # the tar offsets of the first held chunk and of the held bytes' end
     for segment in segments:
         start, end = segment_input(encoder, segment, tar_size)
-        del held[: start - base]
-        base = start
-        while base + len(held) < end:
+        while held and base + len(held[0]) <= start:
+            base += len(held.popleft())
+        while held_end < end:
             chunk = next(tar, None)
             if chunk is None:
                 raise RestoreError(f"the tar ends before byte {end}")
-            held += chunk
-        with memoryview(held) as view:  # one copy: held[:n] would make a second
-            window = bytes(view[: end - base])
-        yield segment, start, window
+            held.append(chunk)
+            held_end += len(chunk)
+        yield segment, start, _joined(held, start - base, end - base)
+
+
+def _joined(chunks: Iterable[bytes], start: int, end: int) -> bytes:
+    """Bytes [start, end) of the chunks laid end to end."""
+    pieces, offset = [], 0
+    for chunk in chunks:
+        if offset >= end:
+            break
+        if offset + len(chunk) > start:
+            pieces.append(memoryview(chunk)[max(0, start - offset) : end - offset])
+        offset += len(chunk)
+    return b"".join(pieces)
 
 
 def _until_broken(
@@ -297,8 +313,8 @@ def _until_broken(
 
 
 def _window_reader(window_start: int, window: bytes) -> ReadTar:
-    def read_tar(start: int, end: int) -> bytes:
-        return window[start - window_start : end - window_start]
+    def read_tar(start: int, end: int) -> Buffer:
+        return memoryview(window)[start - window_start : end - window_start]
 
     return read_tar
 
@@ -310,7 +326,7 @@ def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRun
     longer than the others must not leave the other slots idle."""
     window = ahead or 4 * len(slots)
 
-    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[bytes]:
+    def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[Buffer]:
         shared = _Shared(len(plan.segments()), window)
         threads = [
             threading.Thread(
@@ -337,7 +353,7 @@ class _Shared:
     def __init__(self, count: int, window: int) -> None:
         self.count, self.window = count, window
         self.next = self.consumed = 0
-        self.results: dict[int, tuple[bytes, float] | BaseException] = {}
+        self.results: dict[int, tuple[Buffer, float] | BaseException] = {}
         self.stopped = False
         self.changed = threading.Condition()
 
@@ -346,7 +362,7 @@ class _Shared:
     ) -> None:
         while (index := self._take()) is not None:
             try:
-                value: tuple[bytes, float] | BaseException = _metered(
+                value: tuple[Buffer, float] | BaseException = _metered(
                     functools.partial(encode, recipe, files, plan, index)
                 )
             except BaseException as error:  # handed to the consumer
@@ -368,7 +384,7 @@ class _Shared:
             self.next += 1
             return self.next - 1
 
-    def in_order(self) -> Iterator[bytes]:
+    def in_order(self) -> Iterator[Buffer]:
         for index in range(self.count):
             with self.changed:
                 while index not in self.results:
@@ -449,7 +465,7 @@ class RestoreHub:
         self,
         digest: str,
         size: int,
-        produce: Callable[[], Iterable[bytes]],
+        produce: Callable[[], Iterable[Buffer]],
         offset: int = 0,
         length: int | None = None,
     ) -> Iterator[bytes]:
@@ -473,7 +489,7 @@ class RestoreHub:
             return
 
     def _claim_or_open(
-        self, path: Path, digest: str, size: int, produce: Callable[[], Iterable[bytes]]
+        self, path: Path, digest: str, size: int, produce: Callable[[], Iterable[Buffer]]
     ) -> BinaryIO | None:
         scratch = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
         descriptor = os.open(scratch, os.O_CREAT | os.O_TRUNC | os.O_RDWR, MODE_RESTORING)
@@ -501,7 +517,7 @@ class RestoreHub:
         path: Path,
         digest: str,
         size: int,
-        produce: Callable[[], Iterable[bytes]],
+        produce: Callable[[], Iterable[Buffer]],
     ) -> None:
         outcome = MODE_FAILED
         try:
@@ -532,7 +548,7 @@ RESTORE_FAILED = "the layer could not be restored to its digest"
 FAILURES_KEPT = 64
 
 
-def _write_all(descriptor: int, data: bytes) -> None:
+def _write_all(descriptor: int, data: Buffer) -> None:
     """Write every byte: os.write may write fewer than it was given."""
     view = memoryview(data)
     while view:

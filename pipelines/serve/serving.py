@@ -28,6 +28,7 @@ from minio.error import S3Error
 
 from pipelines import metrics
 from pipelines.encoders.base import thread_cpu_seconds
+from pipelines.formats import Buffer
 from pipelines.formats.codecs import ChunkReader
 from pipelines.formats.recipe import Recipe
 from pipelines.pauses import pause
@@ -107,7 +108,7 @@ class BlobServer:
             info.digest, info.size, lambda: self._restore_and_fill(info), offset, end - offset
         )
 
-    def _restore_and_fill(self, info: BlobInfo) -> Iterator[bytes]:
+    def _restore_and_fill(self, info: BlobInfo) -> Iterator[Buffer]:
         """An on-demand restore; it fills the buffer too if the buffer admits the layer,
         so that GETs on other hosts and later ones find it there."""
         filler = self.buffer.start_fill(info.digest, info.size, "miss")
@@ -115,7 +116,7 @@ class BlobServer:
 
     def restore(
         self, info: BlobInfo, filler: Filler | None = None, origin: str = "on-demand"
-    ) -> Iterator[bytes]:
+    ) -> Iterator[Buffer]:
         """The verified bytes of a deduplicated layer, written to `filler` as they come."""
         self.index.count("restores")
         started = thread_cpu_seconds()

@@ -29,6 +29,7 @@ import zstandard
 from pipelines.encoders.base import Encoder, thread_cpu_seconds
 from pipelines.encoders.gzip_families import GoStdlibEncoder, PgzipEncoder, encode_gzip_params
 from pipelines.encoders.table import lookup_encoder
+from pipelines.formats import Buffer
 from pipelines.formats.recipe import Recipe
 from pipelines.serve import restore
 from pipelines.serve.checkpoints import (
@@ -171,7 +172,7 @@ def joined(encoder: Encoder, plan: Checkpoints, tar: bytes, threads: int) -> byt
     """A parallel re-encode of the body from `plan`, on `threads` threads."""
     segments = plan.segments()
 
-    def one(segment: Segment) -> bytes:
+    def one(segment: Segment) -> memoryview:
         return encode_segment(encoder, segment, lambda a, b: tar[a:b], len(tar))
 
     with ThreadPoolExecutor(threads) as pool:
@@ -249,11 +250,13 @@ def test_a_checkpoint_that_fails_its_proof_is_dropped(
     candidates[2] = bad
     plan = Checkpoints("sha256:x", encoder_id, len(tar), len(body) * 8, tuple(candidates))
 
-    def encoded(segment: Segment) -> bytes | None:
+    def encoded(segment: Segment) -> memoryview | None:
         return encode_segment(encoder, segment, slice_of(tar), len(tar))
 
     with ThreadPoolExecutor(2) as pool:
-        proof = prove(plan, encoded, lambda s: edge_masked(body[s.bit_start // 8 :], s), pool)
+        proof = prove(
+            plan, encoded, lambda s: edge_masked(bytearray(body[s.bit_start // 8 :]), s), pool
+        )
     assert proof.checkpoints is not None and proof.rounds == 2
     assert bad not in proof.checkpoints.points
     assert len(proof.checkpoints.points) == len(candidates) - 1
@@ -296,7 +299,7 @@ def test_a_wrong_encoder_is_refused() -> None:
 # --------------------------------------------------------------------------- bits and format
 
 
-def cut(stream: bytes, bit_offsets: list[int]) -> list[tuple[bytes, Segment]]:
+def cut(stream: bytes, bit_offsets: list[int]) -> list[tuple[memoryview, Segment]]:
     """Segments of `stream` at these bit offsets, each as its encoder would give it: the
     bytes it touches, starting `offset % 8` bits into the first (as after deflatePrime)."""
     edges = [0, *bit_offsets, len(stream) * 8]
@@ -304,7 +307,9 @@ def cut(stream: bytes, bit_offsets: list[int]) -> list[tuple[bytes, Segment]]:
     for index, (start, end) in enumerate(itertools.pairwise(edges)):
         segment = Segment(index, index, index + 1, start, end, end == edges[-1])
         junk = bytes([0xA5]) * 3  # what an encoder writes after the segment's end
-        data = edge_masked(stream[start // 8 :] + (b"" if segment.final else junk), segment)
+        data = edge_masked(
+            bytearray(stream[start // 8 :]) + (b"" if segment.final else junk), segment
+        )
         assert data is not None
         parts.append((data, segment))
     return parts
@@ -331,11 +336,11 @@ def test_join_refuses_a_gap() -> None:
 
 def test_edge_masking() -> None:
     segment = Segment(1, 0, 1, 13, 13 + 14, False)  # bits 5..18 of its bytes
-    assert edge_masked(bytes([0xFF] * 4), segment) == bytes([0xE0, 0xFF, 0x07])
-    assert edge_masked(bytes([0xFF] * 2), segment) is None
+    assert edge_masked(bytearray([0xFF] * 4), segment) == memoryview(bytes([0xE0, 0xFF, 0x07]))
+    assert edge_masked(bytearray([0xFF] * 2), segment) is None
     final = Segment(1, 0, 1, 13, 24, True)
-    assert edge_masked(bytes([0xFF, 0xFF, 0x00]), final) == bytes([0xE0, 0xFF])
-    assert edge_masked(bytes([0xFF, 0xFF, 0x01]), final) is None
+    assert edge_masked(bytearray([0xFF, 0xFF, 0x00]), final) == memoryview(bytes([0xE0, 0xFF]))
+    assert edge_masked(bytearray([0xFF, 0xFF, 0x01]), final) is None
 
 
 def plan_example() -> Checkpoints:
@@ -520,7 +525,7 @@ def test_concurrent_restores_share_the_processs_cores(
     expected = list(local_runner(1)(recipe, files, plan))
     running, most, lock = 0, 0, threading.Lock()
 
-    def counted(*args: Any) -> bytes:
+    def counted(*args: Any) -> memoryview:
         nonlocal running, most
         with lock:
             running += 1
@@ -539,7 +544,7 @@ def test_concurrent_restores_share_the_processs_cores(
         "pooled": restore.pooled_runner([restore.encode_stored_segment] * threads),
     }
 
-    def restored(_: int) -> list[bytes]:
+    def restored(_: int) -> list[Buffer]:
         return list(runners[runner](recipe, files, plan))
 
     with ThreadPoolExecutor(3) as pool:
@@ -560,7 +565,7 @@ def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(
     refused_at = plan.segments()[1].tar_start
     encode = GoStdlibEncoder.encode_segment
 
-    def refuse_second(self: GoStdlibEncoder, *args: bytes, **kwargs: Any) -> bytes:
+    def refuse_second(self: GoStdlibEncoder, *args: bytes, **kwargs: Any) -> bytearray:
         if kwargs["offset"] == refused_at:
             raise SegmentError("refused for the test")
         return encode(self, *args, **kwargs)
@@ -594,7 +599,7 @@ def test_live_pgzip_layer_restores_as_one_stream_here(
     assert b"".join(restore_blob(recipe, live.registry.files)) == blob
 
 
-def release_through(recipe: Recipe, live: LiveStack, runner: SegmentRunner) -> Iterator[bytes]:
+def release_through(recipe: Recipe, live: LiveStack, runner: SegmentRunner) -> Iterator[Buffer]:
     """restore_blob with `runner` standing in for the hosts that encode segments."""
     restore.use_restore_workers(runner, 0)
     try:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.formats import Buffer, verify
 from pipelines.formats.verify import (
     SegmentDigests,
     SegmentHasher,
@@ -39,7 +40,7 @@ def segments_of(data: bytes, digest: str = DIGEST) -> SegmentDigests:
     return hasher.finish(digest)
 
 
-def released(chunks: Iterator[bytes], segments: SegmentDigests | None) -> tuple[bytes, str]:
+def released(chunks: Iterator[Buffer], segments: SegmentDigests | None) -> tuple[bytes, str]:
     """What release_verified hands on before it stops, and why it stopped ("" if done)."""
     out = bytearray()
     try:
@@ -113,6 +114,25 @@ def test_without_segment_digests_nothing_leaves_before_the_whole_blob_matches() 
     assert released(pieces(BLOB, 777), None) == (BLOB, "")
 
 
+@pytest.mark.parametrize("in_memory", [1 << 20, 3000], ids=["held", "spilled-to-disk"])
+@pytest.mark.parametrize("segments", [True, False], ids=["segments", "whole-layer"])
+def test_a_segment_held_or_spilled_is_released_whole_and_only_if_it_matches(
+    monkeypatch: pytest.MonkeyPatch, in_memory: int, segments: bool
+) -> None:
+    """A segment being checked is held as views of the chunks it came in until those
+    chunks' objects pass SPOOL_IN_MEMORY, then on disk: either way, the same bytes leave
+    only once they match (chunks here are views of one object, as a restore's are)."""
+    monkeypatch.setattr(verify, "SPOOL_IN_MEMORY", in_memory)
+    digests = segments_of(BLOB) if segments else None
+    views = [memoryview(BLOB)[start : start + 777] for start in range(0, len(BLOB), 777)]
+    assert released(iter(views), digests) == (BLOB, "")
+    damaged = bytearray(BLOB)
+    damaged[-5] ^= 1
+    views = [memoryview(damaged)[start : start + 777] for start in range(0, len(BLOB), 777)]
+    out, error = released(iter(views), digests)
+    assert error and out == BLOB[: len(BLOB) // SEGMENT * SEGMENT if segments else 0]
+
+
 def test_segments_that_do_not_cover_the_blob_are_refused() -> None:
     segments = SegmentDigests((SEGMENT,), (bytes(32),))
     assert "cover" in released(pieces(BLOB, 999), segments)[1]
@@ -121,7 +141,7 @@ def test_segments_that_do_not_cover_the_blob_are_refused() -> None:
 # The spool: readers of a RestoreHub at any offset see verified bytes or an error.
 
 
-def hub_read(hub: RestoreHub, produce: Iterator[bytes], offset: int, length: int) -> bytes:
+def hub_read(hub: RestoreHub, produce: Iterator[Buffer], offset: int, length: int) -> bytes:
     return b"".join(hub.read(DIGEST, len(BLOB), lambda: produce, offset, length))
 
 
