@@ -27,12 +27,14 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import IO
 
 import zstandard
 
 from pipelines.errors import IndexIncomplete
 from pipelines.formats.codecs import ChunkReader
+from pipelines.store.filecache import VerifiedFiles
 from pipelines.store.index import Index
 from pipelines.store.storage import ObjectNotFound, ObjectStore, sizes
 
@@ -233,6 +235,7 @@ class FileStore:
         self.store = store
         self.index = index
         self.claim_lease_ms = claim_lease_ms
+        self.verified = VerifiedFiles()  # large files, fetched once for several segments
 
     def audit(self) -> PackAudit:
         """Read every pack's table and compare it with the index."""
@@ -267,17 +270,15 @@ class FileStore:
         """One file's bytes in chunks, for files too large to fetch with their neighbours.
         They are decompressed as they stream in, spooled, and passed on only once the whole
         file has the right size and sha256; a file that grows past `size` stops at once."""
-        pack, chunks = self._stored(digest)
-        if size <= IN_MEMORY_LIMIT:  # its size is known: held as it came, or on disk at once
-            held = list(_checked(_decoded(chunks, digest, pack), digest, size, pack))
-            yield from held
+        if size > IN_MEMORY_LIMIT:  # its size is known: on disk at once, kept a while
+            yield from self.verified.read(digest, size, partial(self._fetch_checked, digest, size))
             return
-        with tempfile.TemporaryFile() as spool:
-            for data in _checked(_decoded(chunks, digest, pack), digest, size, pack):
-                spool.write(data)
-            spool.seek(0)
-            while data := spool.read(CHUNK):
-                yield data
+        held = list(self._fetch_checked(digest, size))
+        yield from held
+
+    def _fetch_checked(self, digest: bytes, size: int) -> Iterator[bytes]:
+        pack, chunks = self._stored(digest)
+        return _checked(_decoded(chunks, digest, pack), digest, size, pack)
 
     def _stored(self, digest: bytes) -> tuple[str, Iterator[bytes]]:
         """A file's pack and its stored form as it streams in. A pack deleted since the file
