@@ -214,6 +214,9 @@ def all_images(big: bool, only: set[str]) -> list[Image]:
 
 
 def distribution_config(s3: str, bucket: str, root: str, listen: str, redirect: bool) -> str:
+    """Its upload purger is off: it starts at a random minute of the first hour, walks the
+    bucket, and 2.8.2's panics on a listing from SeaweedFS (index out of range in
+    purgeuploads.go), taking the peer down in the middle of a bench."""
     return f"""version: 0.1
 log:
   level: warn
@@ -235,6 +238,9 @@ storage:
     enabled: true
   cache:
     blobdescriptor: inmemory
+  maintenance:
+    uploadpurging:
+      enabled: false
 http:
   addr: {listen}
 """

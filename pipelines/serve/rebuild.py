@@ -87,7 +87,8 @@ def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
 
 def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) -> Iterator[bytes]:
     """Bytes [start, end) of the layer's tar: only the entries that overlap the range are
-    fetched (a file that straddles an edge is fetched whole)."""
+    fetched (a file that straddles an edge is fetched whole, and a large one is kept a
+    while: the range next to this one, cut by a checkpoint inside the file, reads it too)."""
     first_offset = -1
 
     def overlapping() -> Iterator[Raw | FileRef]:
@@ -104,7 +105,7 @@ def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) ->
                 return
 
     skip, left = -1, end - start
-    for chunk in _rebuild(overlapping(), files):
+    for chunk in _rebuild(overlapping(), files, keep_large=True):
         if skip < 0:
             skip = start - first_offset
         if skip >= len(chunk):
@@ -133,7 +134,9 @@ def large_file_spans(recipe: Recipe) -> list[tuple[int, int]]:
     return spans
 
 
-def _rebuild(entries: Iterator[Raw | FileRef], files: FileStore) -> Iterator[bytes]:
+def _rebuild(
+    entries: Iterator[Raw | FileRef], files: FileStore, keep_large: bool = False
+) -> Iterator[bytes]:
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
         for item in _planned_ahead(entries, files, pool):
             if isinstance(item, bytes):
@@ -141,7 +144,7 @@ def _rebuild(entries: Iterator[Raw | FileRef], files: FileStore) -> Iterator[byt
             elif isinstance(item, tuple):
                 yield _fetched(*item)
             else:
-                yield from files.open(item.digest, item.size)
+                yield from files.open(item.digest, item.size, keep_large)
 
 
 def _planned_ahead(

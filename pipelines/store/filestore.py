@@ -235,7 +235,7 @@ class FileStore:
         self.store = store
         self.index = index
         self.claim_lease_ms = claim_lease_ms
-        self.verified = VerifiedFiles()  # large files, fetched once for several segments
+        self.verified = VerifiedFiles()  # large files read with `keep`: one fetch, many reads
 
     def audit(self) -> PackAudit:
         """Read every pack's table and compare it with the index."""
@@ -266,15 +266,25 @@ class FileStore:
     def read_range(self, pack: str, offset: int, length: int) -> bytes:
         return self.store.get_bytes_range(pack, offset, length)
 
-    def open(self, digest: bytes, size: int) -> Iterator[bytes]:
+    def open(self, digest: bytes, size: int, keep: bool = False) -> Iterator[bytes]:
         """One file's bytes in chunks, for files too large to fetch with their neighbours.
         They are decompressed as they stream in, spooled, and passed on only once the whole
-        file has the right size and sha256; a file that grows past `size` stops at once."""
-        if size > IN_MEMORY_LIMIT:  # its size is known: on disk at once, kept a while
+        file has the right size and sha256; a file that grows past `size` stops at once.
+        With `keep`, a file spooled to disk is kept there a while for the next reader (a
+        file that segments are cut inside: each segment's encoder reads all of it)."""
+        if size <= IN_MEMORY_LIMIT:  # its size is known: held as it came, or on disk at once
+            held = list(self._fetch_checked(digest, size))
+            yield from held
+            return
+        if keep:
             yield from self.verified.read(digest, size, partial(self._fetch_checked, digest, size))
             return
-        held = list(self._fetch_checked(digest, size))
-        yield from held
+        with tempfile.TemporaryFile() as spool:
+            for data in self._fetch_checked(digest, size):
+                spool.write(data)
+            spool.seek(0)
+            while data := spool.read(CHUNK):
+                yield data
 
     def _fetch_checked(self, digest: bytes, size: int) -> Iterator[bytes]:
         pack, chunks = self._stored(digest)

@@ -128,24 +128,26 @@ def counting_gets(store: ObjectStore) -> list[int]:
 
 
 def test_a_large_stored_file_is_fetched_once_by_its_readers(live: LiveStack) -> None:
-    """The content store's large files go through the kept files: several segments cut
-    inside one file fetch, decompress and check it once; a damaged one is never kept."""
+    """A large file read with `keep` (by the segments cut inside it) is fetched,
+    decompressed and checked once; a damaged one is never kept; without `keep` (a
+    restore's single pass over the tar) every read fetches it."""
     data = os.urandom(IN_MEMORY_LIMIT + 12345)
     digest = hashlib.sha256(data).digest()
     files = FileStore(live.registry.store, live.registry.index)
     with Packer(files) as packer:
         packer.add(SpooledPayload(iter([data])))
     gets = counting_gets(files.store)
-    assert [b"".join(files.open(digest, len(data))) for _ in range(3)] == [data] * 3
+    assert [b"".join(files.open(digest, len(data), keep=True)) for _ in range(3)] == [data] * 3
     assert gets[0] == 1
+    assert b"".join(files.open(digest, len(data))) == data and gets[0] == 2  # without `keep`
     (location,) = files.locate([digest])
     assert location is not None
     damaged = hashlib.sha256(b"a file whose stored bytes are another's").digest()
     files.index.add_file(damaged.hex(), location.encode())  # its check must fail
     try:
-        for attempt in (2, 3):
+        for attempt in (2, 3):  # one fetch each: never kept
             with pytest.raises(FileStoreError, match="sha256"):
-                b"".join(files.open(damaged, len(data)))
-            assert gets[0] == attempt
+                b"".join(files.open(damaged, len(data), keep=True))
+            assert gets[0] == attempt + 1
     finally:
         files.index.redis.hdel(FILES_KEY, damaged.hex())
