@@ -316,6 +316,17 @@ def stack_cpu_seconds(stack: Stack, children: bool = False) -> float:
     return sum(stack_cpu_by_service(stack, children).values())
 
 
+def stack_cpu_split(stack: Stack) -> dict[str, float]:
+    """`stack_cpu_by_service`: each service's own processes, and apart ("<name> helpers")
+    the processes they started and waited for, where there were any."""
+    own = stack_cpu_by_service(stack)
+    split = dict(own)
+    for name, seconds in stack_cpu_by_service(stack, children=True).items():
+        if seconds > own[name]:
+            split[f"{name} helpers"] = seconds - own[name]
+    return split
+
+
 def stack_cpu_by_service(stack: Stack, children: bool = False) -> dict[str, float]:
     """`stack_cpu_seconds`, per service of the stack (its name in `Stack.processes`)."""
     names = {process.pid: name for name, process in stack.processes}

@@ -422,7 +422,8 @@ class Pull:
     client_cpu_s: float  # the client's CPU (skopeo or podman)
     stack_cpu_s: float  # every service's CPU (API and its encoders, workers, S3, Redis,
     # Distribution) during the pull
-    service_cpu_s: dict[str, float]  # the same, per service (api, s3, redis, worker-...)
+    service_cpu_s: dict[str, float]  # the same, per service (api, s3, redis, worker-...),
+    # and apart the helpers each one ran ("api helpers": the encoders)
     load_average: float  # the 1-minute load when it started: how busy the machine was
     server: dict[str, float]  # DupHunter's counters' changes (its pulls only)
 
@@ -440,9 +441,9 @@ class Bench:
         if ours:  # the restore spool of its last pull is gone
             time.sleep(max(0.0, self.last_ours.get(image.name, 0) + KEEP_S + 1 - time.monotonic()))
             before = server_counters(target)
-        load, stack = os.getloadavg()[0], core.stack_cpu_by_service(self.services.stack, True)
+        load, stack = os.getloadavg()[0], core.stack_cpu_split(self.services.stack)
         pulled = PULLERS[client](image, target, REPO.format(name=image.name))
-        used = difference(core.stack_cpu_by_service(self.services.stack, True), stack)
+        used = difference(core.stack_cpu_split(self.services.stack), stack)
         seconds, cpu = pulled.seconds, pulled.cpu_seconds
         server = {}
         if ours:

@@ -4,7 +4,9 @@ from the live registry into throwaway places (the bench itself: `make bench-pull
 from __future__ import annotations
 
 import gzip
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from bench.pull import (
     take_files,
 )
 from bench.restore import write_layout
+from deploy.stack import Stack
 from pipelines import metrics
 from tests.conftest import LiveStack
 
@@ -100,3 +103,29 @@ def test_each_client_pulls_the_pushed_image_and_leaves_nothing(
     with pytest.raises(RuntimeError, match=r"pulled|returned"):
         PULLERS[client](other, ours, repo)
     assert set(Path("/tmp").glob("dh-pull-*")) == homes_before, "a podman home was left"
+
+
+SPIN = """import time
+end = time.process_time() + 0.5
+while time.process_time() < end:
+    pass
+"""
+
+
+def test_the_stacks_cpu_is_split_by_service_and_by_the_helpers_they_ran(tmp_path: Path) -> None:
+    """What bench-pull reports of each service: a spinning service's CPU on its own name,
+    a sleeping one's near nothing, a helper it ran and waited for on "<name> helpers"."""
+    run_helper = f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {SPIN!r}])"
+    with Stack(tmp_path) as stack:
+        stack.spawn("spinner", [sys.executable, "-c", SPIN + "time.sleep(60)"])
+        stack.spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+        stack.spawn("parent", [sys.executable, "-c", run_helper + "\ntime.sleep(60)"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            split = core.stack_cpu_split(stack)
+            if split.get("parent helpers", 0) >= 0.5 and split["spinner"] >= 0.5:
+                break
+            time.sleep(0.1)
+    assert split["spinner"] >= 0.5 and split["parent helpers"] >= 0.5
+    assert split["sleeper"] < 0.3 and split["parent"] < 0.3
+    assert "spinner helpers" not in split and "sleeper helpers" not in split
