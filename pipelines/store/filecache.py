@@ -51,7 +51,7 @@ class VerifiedFiles:
         with self._filling_lock(digest):  # one fetch of a file at a time; the others wait
             kept = self._reader(digest) or self._fill(digest, size, fetch)
         try:
-            yield from _chunks(kept.spool, kept.size)
+            yield from spool_chunks(kept.spool, kept.size)
         finally:
             self._done(kept)
 
@@ -71,18 +71,11 @@ class VerifiedFiles:
             return kept
 
     def _fill(self, digest: bytes, size: int, fetch: Callable[[], Iterator[bytes]]) -> _Kept:
-        spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by its last reader
         try:
-            for data in fetch():
-                spool.write(data)
-            spool.flush()
-        except BaseException:
-            spool.close()
-            raise
+            kept = _Kept(spooled(fetch), size, readers=1)  # closed by its last reader
         finally:
             with self._lock:
                 self._filling.pop(digest, None)
-        kept = _Kept(spool, size, readers=1)
         with self._lock:
             if size > min(self.capacity, KEPT_FILE_LIMIT):
                 kept.evicted = True  # read once, never kept
@@ -113,7 +106,20 @@ class VerifiedFiles:
             kept.spool.close()
 
 
-def _chunks(spool: IO[bytes], size: int) -> Iterator[bytes]:
+def spooled(fetch: Callable[[], Iterator[bytes]]) -> IO[bytes]:
+    """An unnamed temporary file holding all that `fetch` gives; none if it raises."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - the caller's to close
+    try:
+        for data in fetch():
+            spool.write(data)
+        spool.flush()
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+def spool_chunks(spool: IO[bytes], size: int) -> Iterator[bytes]:
     """The spool's bytes [0, size), by positional reads: readers share the descriptor."""
     offset = 0
     while offset < size:

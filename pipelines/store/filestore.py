@@ -34,7 +34,7 @@ import zstandard
 
 from pipelines.errors import IndexIncomplete
 from pipelines.formats.codecs import ChunkReader
-from pipelines.store.filecache import VerifiedFiles
+from pipelines.store.filecache import VerifiedFiles, spool_chunks, spooled
 from pipelines.store.index import Index
 from pipelines.store.storage import ObjectNotFound, ObjectStore, sizes
 
@@ -276,15 +276,12 @@ class FileStore:
             held = list(self._fetch_checked(digest, size))
             yield from held
             return
+        fetch = partial(self._fetch_checked, digest, size)
         if keep:
-            yield from self.verified.read(digest, size, partial(self._fetch_checked, digest, size))
+            yield from self.verified.read(digest, size, fetch)
             return
-        with tempfile.TemporaryFile() as spool:
-            for data in self._fetch_checked(digest, size):
-                spool.write(data)
-            spool.seek(0)
-            while data := spool.read(CHUNK):
-                yield data
+        with spooled(fetch) as spool:
+            yield from spool_chunks(spool, size)
 
     def _fetch_checked(self, digest: bytes, size: int) -> Iterator[bytes]:
         pack, chunks = self._stored(digest)

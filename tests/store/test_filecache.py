@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.rebuild_cpu import counting_gets
 from pipelines.serve.checkpoints import MAX_CUT_FILE_BYTES
 from pipelines.store.filecache import KEPT_FILE_LIMIT, VerifiedFiles
 from pipelines.store.filestore import (
@@ -22,7 +23,6 @@ from pipelines.store.filestore import (
     SpooledPayload,
 )
 from pipelines.store.index import FILES_KEY
-from pipelines.store.storage import ObjectStore
 from tests.conftest import LiveStack
 
 FILE = os.urandom(3 << 20)
@@ -115,18 +115,6 @@ def test_every_file_checkpoints_may_cut_can_be_kept() -> None:
     assert MAX_CUT_FILE_BYTES <= KEPT_FILE_LIMIT
 
 
-def counting_gets(store: ObjectStore) -> list[int]:
-    count = [0]
-    iter_range = store.iter_range
-
-    def counted(key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
-        count[0] += 1
-        return iter_range(key, offset, length)
-
-    store.iter_range = counted  # type: ignore[method-assign]
-    return count
-
-
 def test_a_large_stored_file_is_fetched_once_by_its_readers(live: LiveStack) -> None:
     """A large file read with `keep` (by the segments cut inside it) is fetched,
     decompressed and checked once; a damaged one is never kept; without `keep` (a
@@ -136,7 +124,7 @@ def test_a_large_stored_file_is_fetched_once_by_its_readers(live: LiveStack) -> 
     files = FileStore(live.registry.store, live.registry.index)
     with Packer(files) as packer:
         packer.add(SpooledPayload(iter([data])))
-    gets = counting_gets(files.store)
+    gets = counting_gets(files)
     assert [b"".join(files.open(digest, len(data), keep=True)) for _ in range(3)] == [data] * 3
     assert gets[0] == 1
     assert b"".join(files.open(digest, len(data))) == data and gets[0] == 2  # without `keep`
