@@ -319,18 +319,24 @@ def stack_cpu_seconds(stack: Stack, children: bool = False) -> float:
 def stack_cpu_split(stack: Stack) -> dict[str, float]:
     """`stack_cpu_by_service`: each service's own processes, and apart ("<name> helpers")
     the processes they started and waited for, where there were any."""
-    own = stack_cpu_by_service(stack)
-    split = dict(own)
-    for name, seconds in stack_cpu_by_service(stack, children=True).items():
-        if seconds > own[name]:
-            split[f"{name} helpers"] = seconds - own[name]
+    split = {}
+    for name, (own, helpers) in _stack_cpu(stack).items():
+        split[name] = own
+        if helpers:
+            split[f"{name} helpers"] = helpers
     return split
 
 
 def stack_cpu_by_service(stack: Stack, children: bool = False) -> dict[str, float]:
     """`stack_cpu_seconds`, per service of the stack (its name in `Stack.processes`)."""
+    cpu = _stack_cpu(stack).items()
+    return {name: own + (helpers if children else 0) for name, (own, helpers) in cpu}
+
+
+def _stack_cpu(stack: Stack) -> dict[str, tuple[float, float]]:
+    """Per service, the CPU seconds of its live processes and of those they waited for."""
     names = {process.pid: name for name, process in stack.processes}
-    ticks: dict[str, int] = dict.fromkeys(names.values(), 0)
+    ticks = {name: [0, 0] for name in names.values()}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -338,11 +344,12 @@ def stack_cpu_by_service(stack: Stack, children: bool = False) -> dict[str, floa
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        name = names.get(int(fields[2]))  # pgrp; utime and stime follow at 11 and 12
+        name = names.get(int(fields[2]))  # pgrp; utime, stime, cutime, cstime at 11-14
         if name is not None:
-            ticks[name] += int(fields[11]) + int(fields[12])
-            ticks[name] += int(fields[13]) + int(fields[14]) if children else 0
-    return {name: count / os.sysconf("SC_CLK_TCK") for name, count in ticks.items()}
+            ticks[name][0] += int(fields[11]) + int(fields[12])
+            ticks[name][1] += int(fields[13]) + int(fields[14])
+    tick = os.sysconf("SC_CLK_TCK")
+    return {name: (own / tick, waited / tick) for name, (own, waited) in ticks.items()}
 
 
 def ingest_pending(ours: Registry) -> bool:

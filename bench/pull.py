@@ -444,6 +444,7 @@ class Bench:
         load, stack = os.getloadavg()[0], core.stack_cpu_split(self.services.stack)
         pulled = PULLERS[client](image, target, REPO.format(name=image.name))
         used = difference(core.stack_cpu_split(self.services.stack), stack)
+        total = sum(used.values())
         seconds, cpu = pulled.seconds, pulled.cpu_seconds
         server = {}
         if ours:
@@ -452,10 +453,9 @@ class Bench:
             check_cold(image, server)
         print(
             f"  {image.name:<9} {client:<7} {target.name:<13} rep {rep}: {seconds:6.2f}s"
-            f"  (client CPU {cpu:5.2f}s, services {sum(used.values()):5.2f}s, load {load:.1f})",
+            f"  (client CPU {cpu:5.2f}s, services {total:5.2f}s, load {load:.1f})",
             flush=True,
         )
-        total = sum(used.values())
         return Pull(image.name, client, target.name, rep, seconds, cpu, total, used, load, server)
 
 
