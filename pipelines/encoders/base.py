@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import mmap
 import os
 import subprocess
 import threading
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from pipelines.formats import Buffer
+from pipelines.formats import Buffer, Pieces
 
 PIPE_CHUNK = 256 * 1024
 # Stock zlib's stored blocks (level 0) depend on how input is fed: always feed this much.
@@ -84,12 +85,50 @@ def segment_helper_env() -> dict[str, str]:
     return {**os.environ, "GOGC": "off", "GOMEMLIMIT": "1GiB"}
 
 
-def run_segment_helper(argv: Sequence[str], parts: Sequence[Buffer]) -> bytearray:
+def run_segment_helper(argv: Sequence[str], parts: Pieces) -> memoryview:
     """A Go segment helper's output for `parts` (history, data, ...), fed in order; told
-    their total size (`-size`) to read them into one buffer."""
+    their total size (`-size`) to read them into one buffer. Input, output and errors go
+    through memory files, not pipes: no feeding or draining threads per segment, and
+    the output is mapped, not copied (the view is writable: its edges are masked in
+    place; the helper's file is not changed)."""
     size = sum(len(part) for part in parts)
-    output = run_filter([*argv, "-size", str(size)], parts, segment_helper_env())
-    return bytearray().join(output)
+    with (
+        _memory_file("input") as given,
+        _memory_file("output") as output,
+        _memory_file("errors") as errors,
+    ):
+        for part in parts:
+            given.write(part)
+        given.flush()
+        given.seek(0)
+        command = [*argv, "-size", str(size)]
+        proc = subprocess.Popen(
+            command, stdin=given, stdout=output, stderr=errors, env=segment_helper_env()
+        )
+        returncode = _reap(proc)
+        if returncode != 0:
+            message = _contents(errors).decode("utf-8", "replace").strip()
+            raise HelperFailedError(f"{argv[0]} exited with {returncode}: {message}")
+        return _mapped(output)
+
+
+def _memory_file(name: str) -> BinaryIO:
+    """An anonymous file in memory (memfd), open for reading and writing."""
+    return open(os.memfd_create(name, os.MFD_CLOEXEC), "w+b")
+
+
+def _contents(file: BinaryIO) -> bytes:
+    file.seek(0)
+    return file.read()
+
+
+def _mapped(file: BinaryIO) -> memoryview:
+    """All a file holds, mapped copy-on-write: reading it costs no copy and, pages being
+    mapped many at a time, few faults."""
+    size = os.fstat(file.fileno()).st_size
+    if not size:
+        return memoryview(bytearray())
+    return memoryview(mmap.mmap(file.fileno(), size, flags=mmap.MAP_PRIVATE))
 
 
 def run_filter(
@@ -219,16 +258,16 @@ class Encoder(ABC):
         return False
 
     def encode_segment(
-        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        self, history: Pieces, data: Pieces, lookahead: Pieces, *, offset: int, final: bool,
         align: int,
-    ) -> bytearray:  # fmt: skip
+    ) -> memoryview:  # fmt: skip
         """The payload's bits from a block boundary on, encoding `data` as the stream
         does after `history`: the whole rest of the stream if `final`, else at least up
         to the block boundary after `data` (seeing `lookahead`, the input past it).
         `offset` is the boundary's offset in the tar. The output starts with `align`
         zero bits: the boundary's place in its byte (stored blocks pad to a byte
-        boundary of the whole stream). The caller owns the buffer (and masks its edges
-        in place)."""
+        boundary of the whole stream). The view is writable and the caller's: it masks
+        the edges in place."""
         raise EncoderUnavailableError(f"{self.encoder_id} cannot resume mid-stream")
 
 

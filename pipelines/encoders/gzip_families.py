@@ -27,7 +27,7 @@ from pipelines.encoders.base import (
     run_segment_helper,
 )
 from pipelines.encoders.libz import deflate_boundaries, zlib_segment
-from pipelines.formats import Buffer
+from pipelines.formats import Pieces
 from pipelines.formats.codecs import GZIP_MAGIC
 
 GZIP_TRAILER_LEN = 8
@@ -73,9 +73,9 @@ class ZlibEncoder(Encoder):
         return self.level != 0
 
     def encode_segment(
-        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        self, history: Pieces, data: Pieces, lookahead: Pieces, *, offset: int, final: bool,
         align: int,
-    ) -> bytearray:  # fmt: skip
+    ) -> memoryview:  # fmt: skip
         return zlib_segment(self.level, history, data, lookahead, final, align, FEED_CHUNK)
 
 
@@ -139,13 +139,13 @@ class GoStdlibEncoder(Encoder):
         return chunk is None or tar_offset % chunk == 0
 
     def encode_segment(
-        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        self, history: Pieces, data: Pieces, lookahead: Pieces, *, offset: int, final: bool,
         align: int,
-    ) -> bytearray:  # fmt: skip
-        argv = [*self._argv("segment"), "-history", str(len(history)), "-align", str(align)]
+    ) -> memoryview:  # fmt: skip
+        argv = [*self._argv("segment"), "-history", str(_length(history)), "-align", str(align)]
         argv += ["-offset", str(offset)]
         argv += ["-final"] if final else []
-        return run_segment_helper(argv, [history, data, lookahead])
+        return run_segment_helper(argv, [*history, *data, *lookahead])
 
 
 class PgzipEncoder(Encoder):
@@ -191,14 +191,18 @@ class PgzipEncoder(Encoder):
         return tar_offset % self.block_size == 0
 
     def encode_segment(
-        self, history: Buffer, data: Buffer, lookahead: Buffer, *, offset: int, final: bool,
+        self, history: Pieces, data: Pieces, lookahead: Pieces, *, offset: int, final: bool,
         align: int,
-    ) -> bytearray:  # fmt: skip
+    ) -> memoryview:  # fmt: skip
         if align:
             raise ValueError("pgzip blocks start on a byte boundary")
-        argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(len(history))]
+        argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(_length(history))]
         argv += ["-final"] if final else []
-        return run_segment_helper(argv, [history, data])
+        return run_segment_helper(argv, [*history, *data])
+
+
+def _length(pieces: Pieces) -> int:
+    return sum(len(piece) for piece in pieces)
 
 
 def pgzip_helper() -> Path:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 from collections.abc import Iterable, Iterator
 
-from pipelines.formats import Buffer
+from pipelines.formats import Pieces
 
 
 class _ZStream(ctypes.Structure):
@@ -63,8 +64,8 @@ Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH = 0, 2, 4
 
 
 def zlib_segment(
-    level: int, history: Buffer, data: Buffer, lookahead: Buffer, final: bool, align: int, feed: int
-) -> bytearray:
+    level: int, history: Pieces, data: Pieces, lookahead: Pieces, final: bool, align: int, feed: int
+) -> memoryview:
     """Raw deflate of `data` + `lookahead` by the system zlib (the runtime that Python's
     zlib module uses), primed with `history` (deflateSetDictionary) and with `align`
     zero bits (deflatePrime): a stored block's padding depends on the bit position in
@@ -78,21 +79,21 @@ def zlib_segment(
     if lib.deflateInit2_(ref, level, 8, -15, 8, 0, version, ctypes.sizeof(_ZStream)) != Z_OK:
         raise OSError("deflateInit2 failed")
     try:
-        if history and lib.deflateSetDictionary(ref, bytes(history), len(history)) != Z_OK:
+        dictionary = b"".join(history)
+        if dictionary and lib.deflateSetDictionary(ref, dictionary, len(dictionary)) != Z_OK:
             raise OSError("deflateSetDictionary failed")
         if align and lib.deflatePrime(ref, align, 0) != Z_OK:
             raise OSError("deflatePrime failed")
-        source = bytearray().join((data, lookahead))
-        out = bytearray(lib.deflateBound(ref, len(source)) + 64)
+        source = bytearray().join([*data, *lookahead])
+        out = mmap.mmap(-1, lib.deflateBound(ref, len(source)) + 64)  # only used pages touched
         _deflate_into(lib, stream, source, out, feed, Z_FINISH if final else Z_SYNC_FLUSH)
-        del out[len(out) - stream.avail_out :]
-        return out
+        return memoryview(out)[: len(out) - stream.avail_out]
     finally:
         lib.deflateEnd(ref)
 
 
 def _deflate_into(
-    lib: ctypes.CDLL, stream: _ZStream, source: bytearray, out: bytearray, feed: int, flush: int
+    lib: ctypes.CDLL, stream: _ZStream, source: bytearray, out: mmap.mmap, feed: int, flush: int
 ) -> None:
     """Deflate `source` into `out` in `feed`-byte pieces, then flush: zlib reads and
     writes the two buffers in place (no copy of either)."""

@@ -344,7 +344,7 @@ class Ingestor:
             recipe.tar_size,
             lambda offset, length: self.blobs.read(info, offset, length),
             info.size,
-            lambda start, end: b"".join(rebuild_tar_range(recipe, self.files, start, end)),
+            lambda start, end: list(rebuild_tar_range(recipe, self.files, start, end)),
             lambda: detect.prove(shortlist, self._opener(recipe), info.digest),
             avoid=large_file_spans(recipe),
         )

@@ -50,7 +50,7 @@ from pipelines.encoders.base import Encoder, Match, NoMatch
 from pipelines.encoders.detect import Shortlist
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.libz import deflate_boundaries
-from pipelines.formats import Buffer
+from pipelines.formats import Buffer, Pieces
 from pipelines.formats.digests import digest_key
 from pipelines.formats.recipe import decode_varint, encode_varint
 
@@ -229,7 +229,7 @@ class _Reader:
 # kept zero. Joining ORs the byte two segments share: the shift is done by the encoders.
 
 
-def edge_masked(data: bytearray, segment: Segment) -> memoryview | None:
+def edge_masked(data: bytearray | memoryview, segment: Segment) -> memoryview | None:
     """The bytes of `segment` in `data` (which starts at the byte holding its first bit),
     bits outside the segment zeroed in place; None if `data` is too short, or, for the
     stream's last segment, goes on past its end."""
@@ -388,7 +388,19 @@ def prove(
 
 # --------------------------------------------------------------------------- segments
 
-ReadTar = Callable[[int, int], Buffer]  # tar bytes [start, end)
+ReadTar = Callable[[int, int], Pieces]  # tar bytes [start, end)
+
+
+def cut(pieces: Iterable[Buffer], start: int, end: int) -> list[memoryview]:
+    """Bytes [start, end) of the pieces laid end to end, as views of them."""
+    views, offset = [], 0
+    for piece in pieces:
+        if offset >= end:
+            break
+        if offset + len(piece) > start:
+            views.append(memoryview(piece)[max(0, start - offset) : end - offset])
+        offset += len(piece)
+    return views
 
 
 def segment_input(encoder: Encoder, segment: Segment, tar_size: int) -> tuple[int, int]:
@@ -408,14 +420,14 @@ def encode_segment(
         raise SegmentError(f"{encoder.encoder_id} cannot resume at {segment.tar_start}")
     history_start, end = segment_input(encoder, segment, tar_size)
     tar = read_tar(history_start, end)
-    if len(tar) != end - history_start:
-        raise SegmentError(f"the tar gave {len(tar)} bytes, not {end - history_start}")
+    given = sum(len(piece) for piece in tar)
+    if given != end - history_start:
+        raise SegmentError(f"the tar gave {given} bytes, not {end - history_start}")
     split, stop = segment.tar_start - history_start, segment.tar_end - history_start
-    view = memoryview(tar)
     encoded = encoder.encode_segment(
-        view[:split],
-        view[split:stop],
-        view[stop:],
+        cut(tar, 0, split),
+        cut(tar, split, stop),
+        cut(tar, stop, given),
         offset=segment.tar_start,
         final=segment.final,
         align=segment.align,

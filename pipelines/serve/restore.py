@@ -30,7 +30,7 @@ from pipelines.encoders.base import Encoder, charge_cpu, thread_cpu_seconds
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.table import encode, lookup_encoder
 from pipelines.errors import RegistryError, is_transient
-from pipelines.formats import Buffer
+from pipelines.formats import Buffer, Pieces
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
 from pipelines.serve.checkpoints import (
@@ -39,6 +39,7 @@ from pipelines.serve.checkpoints import (
     Segment,
     SegmentError,
     checkpoints_key,
+    cut,
     encode_segment,
     fits_in_memory,
     join_segments,
@@ -166,7 +167,7 @@ def encode_stored_segment(
     encoder = lookup_encoder(recipe.encoder_id)
     segment = plan.segments()[index]
     start, end = segment_input(encoder, segment, recipe.tar_size)
-    window = b"".join(rebuild_tar_range(recipe, files, start, end))
+    window = list(rebuild_tar_range(recipe, files, start, end))
     return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size)
 
 
@@ -237,8 +238,9 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
             for segment, start, window in _until_broken(cuts, broken):
                 read_tar = _window_reader(start, window)
                 job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size)
-                pending.append((pool.submit(_metered, job), len(window)))
-                ahead += len(window)
+                size = sum(len(piece) for piece in window)
+                pending.append((pool.submit(_metered, job), size))
+                ahead += size
                 while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
                     future, size = pending.popleft()
                     ahead -= size
@@ -269,10 +271,11 @@ def _charged(result: tuple[Buffer, float]) -> Buffer:
 
 def segment_cuts(
     encoder: Encoder, segments: list[Segment], tar: Iterator[bytes], tar_size: int
-) -> Iterator[tuple[Segment, int, bytes]]:
+) -> Iterator[tuple[Segment, int, list[memoryview]]]:
     """Each segment with the tar offset and bytes of its encoder's input, cut in one pass
     over the tar (inputs overlap by the history and lookahead). The tar's chunks are held
-    as they come and each input is joined from them: one copy of every byte it holds."""
+    as they come and each input is views of them: no copy (the encoder copies its input
+    once, into its helper's or its own buffer)."""
     held: deque[bytes] = deque()
     base = held_end = 0  # the tar offsets of the first held chunk and of the held bytes' end
     for segment in segments:
@@ -285,24 +288,12 @@ def segment_cuts(
                 raise RestoreError(f"the tar ends before byte {end}")
             held.append(chunk)
             held_end += len(chunk)
-        yield segment, start, _joined(held, start - base, end - base)
-
-
-def _joined(chunks: Iterable[bytes], start: int, end: int) -> bytes:
-    """Bytes [start, end) of the chunks laid end to end."""
-    pieces, offset = [], 0
-    for chunk in chunks:
-        if offset >= end:
-            break
-        if offset + len(chunk) > start:
-            pieces.append(memoryview(chunk)[max(0, start - offset) : end - offset])
-        offset += len(chunk)
-    return b"".join(pieces)
+        yield segment, start, cut(held, start - base, end - base)
 
 
 def _until_broken(
-    cuts: Iterator[tuple[Segment, int, bytes]], broken: list[Exception]
-) -> Iterator[tuple[Segment, int, bytes]]:
+    cuts: Iterator[tuple[Segment, int, list[memoryview]]], broken: list[Exception]
+) -> Iterator[tuple[Segment, int, list[memoryview]]]:
     """The cuts, until the tar fails: its error goes to `broken`, not up through the
     loop that is still sending the segments before it (a segment's own encoding error
     is not caught here, so no later segment can take its place)."""
@@ -312,9 +303,9 @@ def _until_broken(
         broken.append(error)
 
 
-def _window_reader(window_start: int, window: bytes) -> ReadTar:
-    def read_tar(start: int, end: int) -> Buffer:
-        return memoryview(window)[start - window_start : end - window_start]
+def _window_reader(window_start: int, window: Pieces) -> ReadTar:
+    def read_tar(start: int, end: int) -> list[memoryview]:
+        return cut(window, start - window_start, end - window_start)
 
     return read_tar
 

@@ -29,7 +29,7 @@ import zstandard
 from pipelines.encoders.base import Encoder, thread_cpu_seconds
 from pipelines.encoders.gzip_families import GoStdlibEncoder, PgzipEncoder, encode_gzip_params
 from pipelines.encoders.table import lookup_encoder
-from pipelines.formats import Buffer
+from pipelines.formats import Buffer, Pieces
 from pipelines.formats.recipe import Recipe
 from pipelines.serve import restore
 from pipelines.serve.checkpoints import (
@@ -173,7 +173,7 @@ def joined(encoder: Encoder, plan: Checkpoints, tar: bytes, threads: int) -> byt
     segments = plan.segments()
 
     def one(segment: Segment) -> memoryview:
-        return encode_segment(encoder, segment, lambda a, b: tar[a:b], len(tar))
+        return encode_segment(encoder, segment, slice_of(tar), len(tar))
 
     with ThreadPoolExecutor(threads) as pool:
         bits = list(pool.map(one, segments))
@@ -227,8 +227,15 @@ def test_checkpoints_are_proven_and_the_parallel_restore_is_exact(
     assert serial == body
 
 
-def slice_of(tar: bytes) -> Callable[[int, int], bytes]:
-    return lambda start, end: tar[start:end]
+def slice_of(tar: bytes, piece: int = 100_003) -> Callable[[int, int], list[bytes]]:
+    """Tar bytes [start, end) in pieces as a rebuild yields them: cut at every multiple
+    of `piece` (an odd size, so no piece's edge falls on a segment's)."""
+
+    def read(start: int, end: int) -> list[bytes]:
+        edges = [start, *range((start // piece + 1) * piece, end, piece), end]
+        return [tar[a:b] for a, b in itertools.pairwise(edges)]
+
+    return read
 
 
 def sha256(data: bytes) -> str:
@@ -363,7 +370,7 @@ def test_segments_are_cut_from_one_pass_over_the_tar(encoder_id: str) -> None:
     assert [segment for segment, _, _ in got] == segments
     for segment, start, window in got:
         expected_start, end = segment_input(encoder, segment, len(tar))
-        assert start == expected_start and window == tar[start:end]
+        assert start == expected_start and b"".join(window) == tar[start:end]
     with pytest.raises(RestoreError, match="ends before"):
         list(segment_cuts(encoder, segments, iter([tar[:9_500_000]]), len(tar)))
 
@@ -565,7 +572,7 @@ def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(
     refused_at = plan.segments()[1].tar_start
     encode = GoStdlibEncoder.encode_segment
 
-    def refuse_second(self: GoStdlibEncoder, *args: bytes, **kwargs: Any) -> bytearray:
+    def refuse_second(self: GoStdlibEncoder, *args: Pieces, **kwargs: Any) -> memoryview:
         if kwargs["offset"] == refused_at:
             raise SegmentError("refused for the test")
         return encode(self, *args, **kwargs)

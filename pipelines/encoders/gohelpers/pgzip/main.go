@@ -24,6 +24,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"syscall"
 
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/pgzip"
@@ -176,13 +177,18 @@ func segment(level, blockSize, historyLen int, final bool, size int) error {
 	return out.Flush()
 }
 
-// readInput reads the whole of stdin into one buffer of the size announced. io.ReadAll
-// grows its buffer by copying as the input comes, and with the collector off (as
-// segment helpers run: they live for one segment) every copy's pages are new to the
-// process: about three times the input in page faults, measured as 20 ms of system
-// time per 5.5 MB segment.
+// readInput returns the whole of stdin, announced as `size` bytes. A regular file (the
+// memory file a restore writes the segment's input to) is mapped, not copied. A pipe is
+// read into one buffer of that size: io.ReadAll grows its buffer by copying as the input
+// comes, and with the collector off (as segment helpers run: they live for one segment)
+// every copy's pages are new to the process: about three times the input in page
+// faults, measured as 20 ms of system time per 5.5 MB segment.
 func readInput(size int) ([]byte, error) {
+	info, err := os.Stdin.Stat()
+	if err == nil && info.Mode().IsRegular() && size > 0 && info.Size() == int64(size) {
+		return syscall.Mmap(int(os.Stdin.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_PRIVATE)
+	}
 	input := bytes.NewBuffer(make([]byte, 0, size+bytes.MinRead))
-	_, err := input.ReadFrom(os.Stdin)
+	_, err = input.ReadFrom(os.Stdin)
 	return input.Bytes(), err
 }
