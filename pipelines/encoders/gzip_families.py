@@ -76,7 +76,7 @@ class ZlibEncoder(Encoder):
         self, history: Pieces, data: Pieces, lookahead: Pieces, *, offset: int, final: bool,
         align: int,
     ) -> memoryview:  # fmt: skip
-        return zlib_segment(self.level, history, data, lookahead, final, align, FEED_CHUNK)
+        return zlib_segment(self.level, history, data, lookahead, final, align)
 
 
 class GoStdlibEncoder(Encoder):

@@ -64,14 +64,21 @@ Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH = 0, 2, 4
 
 
 def zlib_segment(
-    level: int, history: Pieces, data: Pieces, lookahead: Pieces, final: bool, align: int, feed: int
+    level: int, history: Pieces, data: Pieces, lookahead: Pieces, final: bool, align: int
 ) -> memoryview:
     """Raw deflate of `data` + `lookahead` by the system zlib (the runtime that Python's
     zlib module uses), primed with `history` (deflateSetDictionary) and with `align`
     zero bits (deflatePrime): a stored block's padding depends on the bit position in
     the stream, so the segment starts at the same bit in its byte as in the pushed one.
-    Fed in `feed`-byte pieces as the whole-stream encoder is; sync-flushed, or finished
-    if `final`."""
+    Sync-flushed, or finished if `final`.
+
+    Fed in one call, which releases the GIL once for the whole segment (in 64 KiB pieces
+    a segment thread waited for the GIL after each piece, its core idle meanwhile). The
+    output is the same as the whole-stream encoder's, fed 64 KiB at a time: at levels
+    1-9 deflate's output does not depend on how its input comes (tested); only level 0's
+    stored blocks do, and it has no segments."""
+    if level == 0:
+        raise ValueError("zlib level 0 has no segments: its stored blocks follow the feeding")
     lib = _libz()
     stream = _ZStream()
     ref = ctypes.byref(stream)
@@ -86,24 +93,22 @@ def zlib_segment(
             raise OSError("deflatePrime failed")
         source = bytearray().join([*data, *lookahead])
         out = mmap.mmap(-1, lib.deflateBound(ref, len(source)) + 64)  # only used pages touched
-        _deflate_into(lib, stream, source, out, feed, Z_FINISH if final else Z_SYNC_FLUSH)
+        _deflate_into(lib, stream, source, out, Z_FINISH if final else Z_SYNC_FLUSH)
         return memoryview(out)[: len(out) - stream.avail_out]
     finally:
         lib.deflateEnd(ref)
 
 
 def _deflate_into(
-    lib: ctypes.CDLL, stream: _ZStream, source: bytearray, out: mmap.mmap, feed: int, flush: int
+    lib: ctypes.CDLL, stream: _ZStream, source: bytearray, out: mmap.mmap, flush: int
 ) -> None:
-    """Deflate `source` into `out` in `feed`-byte pieces, then flush: zlib reads and
-    writes the two buffers in place (no copy of either)."""
+    """Deflate `source` into `out`, then flush: zlib reads and writes the two buffers in
+    place (no copy of either)."""
     source_view = (ctypes.c_char * len(source)).from_buffer(source)
     out_view = (ctypes.c_char * len(out)).from_buffer(out)
     stream.next_out, stream.avail_out = ctypes.addressof(out_view), len(out)
-    for start in range(0, len(source), feed):
-        stream.next_in = ctypes.addressof(source_view) + start
-        stream.avail_in = min(feed, len(source) - start)
-        _deflate(lib, stream, Z_NO_FLUSH)
+    stream.next_in, stream.avail_in = ctypes.addressof(source_view), len(source)
+    _deflate(lib, stream, Z_NO_FLUSH)
     _deflate(lib, stream, flush)
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sysconfig
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -26,8 +27,9 @@ from typing import Any
 import pytest
 import zstandard
 
-from pipelines.encoders.base import Encoder, thread_cpu_seconds
+from pipelines.encoders.base import FEED_CHUNK, Encoder, thread_cpu_seconds
 from pipelines.encoders.gzip_families import GoStdlibEncoder, PgzipEncoder, encode_gzip_params
+from pipelines.encoders.libz import zlib_segment
 from pipelines.encoders.table import lookup_encoder
 from pipelines.formats import Buffer, Pieces
 from pipelines.formats.recipe import Recipe
@@ -339,6 +341,29 @@ def test_join_refuses_a_gap() -> None:
     parts = cut(bytes(range(40)), [13, 77])
     with pytest.raises(SegmentError):
         b"".join(join_segments([parts[0], parts[2]]))
+
+
+@pytest.mark.parametrize("level", range(1, 10))
+def test_a_zlib_segment_deflated_in_one_call_is_the_stream_fed_in_pieces(
+    tar: bytes, level: int
+) -> None:
+    """A zlib segment is deflated in one call; the whole-stream encoder, and the producers
+    it stands for, feed 64 KiB at a time (or 10,000 bytes: python_gzip). At levels 1-9 the
+    output is the same: on this tar, on random, zero and repetitive bytes, with and
+    without a dictionary, sync-flushed and finished."""
+    rng = random.Random(level)
+    inputs = [tar[:3_000_000], rng.randbytes(300_000), bytes(300_000), b"layer" * 60_000]
+    for data in inputs:
+        for history, final in ((b"", True), (data[:32_768], False), (data[:32_768], True)):
+            rest = data[len(history) :]
+            for feed in (FEED_CHUNK, 10_000):
+                compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 8, 0, zdict=history)
+                pieces = [
+                    compressor.compress(rest[a : a + feed]) for a in range(0, len(rest), feed)
+                ]
+                pieces.append(compressor.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH))
+                whole = zlib_segment(level, [history], [rest[:-4096]], [rest[-4096:]], final, 0)
+                assert bytes(whole) == b"".join(pieces)
 
 
 def test_edge_masking() -> None:
