@@ -83,7 +83,11 @@ func run(level, blockSize int, mode string) error {
 	if err != nil {
 		return err
 	}
-	if err := zw.SetConcurrency(blockSize, runtime.GOMAXPROCS(0)); err != nil {
+	// Two blocks per core in flight, not pgzip's default of one: with one, a core waits
+	// whenever the oldest block is being written out or the input comes slowly (a
+	// restore's rebuild feeds it). The output is the same: each block is compressed
+	// alone, primed with the input before it.
+	if err := zw.SetConcurrency(blockSize, 2*runtime.GOMAXPROCS(0)); err != nil {
 		return err
 	}
 	if _, err := io.Copy(zw, bufio.NewReaderSize(os.Stdin, bufSize)); err != nil {
