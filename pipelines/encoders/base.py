@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from pipelines.formats import Buffer, Pieces
+from pipelines.formats import Buffer, Pieces, total_length
 
 PIPE_CHUNK = 256 * 1024
 # Stock zlib's stored blocks (level 0) depend on how input is fed: always feed this much.
@@ -91,7 +91,7 @@ def run_segment_helper(argv: Sequence[str], parts: Pieces) -> memoryview:
     through memory files, not pipes: no feeding or draining threads per segment, and
     the output is mapped, not copied (the view is writable: its edges are masked in
     place; the helper's file is not changed)."""
-    size = sum(len(part) for part in parts)
+    size = total_length(parts)
     with (
         _memory_file("input") as given,
         _memory_file("output") as output,

@@ -27,7 +27,7 @@ from pipelines.encoders.base import (
     run_segment_helper,
 )
 from pipelines.encoders.libz import deflate_boundaries, zlib_segment
-from pipelines.formats import Pieces
+from pipelines.formats import Pieces, total_length
 from pipelines.formats.codecs import GZIP_MAGIC
 
 GZIP_TRAILER_LEN = 8
@@ -142,8 +142,8 @@ class GoStdlibEncoder(Encoder):
         self, history: Pieces, data: Pieces, lookahead: Pieces, *, offset: int, final: bool,
         align: int,
     ) -> memoryview:  # fmt: skip
-        argv = [*self._argv("segment"), "-history", str(_length(history)), "-align", str(align)]
-        argv += ["-offset", str(offset)]
+        argv = [*self._argv("segment"), "-history", str(total_length(history))]
+        argv += ["-align", str(align), "-offset", str(offset)]
         argv += ["-final"] if final else []
         return run_segment_helper(argv, [*history, *data, *lookahead])
 
@@ -196,13 +196,9 @@ class PgzipEncoder(Encoder):
     ) -> memoryview:  # fmt: skip
         if align:
             raise ValueError("pgzip blocks start on a byte boundary")
-        argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(_length(history))]
+        argv = [*self._argv()[:-2], "-mode", "segment", "-history", str(total_length(history))]
         argv += ["-final"] if final else []
         return run_segment_helper(argv, [*history, *data])
-
-
-def _length(pieces: Pieces) -> int:
-    return sum(len(piece) for piece in pieces)
 
 
 def pgzip_helper() -> Path:

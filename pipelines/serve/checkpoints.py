@@ -50,7 +50,7 @@ from pipelines.encoders.base import Encoder, Match, NoMatch
 from pipelines.encoders.detect import Shortlist
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.libz import deflate_boundaries
-from pipelines.formats import Buffer, Pieces
+from pipelines.formats import Buffer, Pieces, total_length
 from pipelines.formats.digests import digest_key
 from pipelines.formats.recipe import decode_varint, encode_varint
 
@@ -420,7 +420,7 @@ def encode_segment(
         raise SegmentError(f"{encoder.encoder_id} cannot resume at {segment.tar_start}")
     history_start, end = segment_input(encoder, segment, tar_size)
     tar = read_tar(history_start, end)
-    given = sum(len(piece) for piece in tar)
+    given = total_length(tar)
     if given != end - history_start:
         raise SegmentError(f"the tar gave {given} bytes, not {end - history_start}")
     split, stop = segment.tar_start - history_start, segment.tar_end - history_start

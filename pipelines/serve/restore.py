@@ -30,7 +30,7 @@ from pipelines.encoders.base import Encoder, charge_cpu, thread_cpu_seconds
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.table import encode, lookup_encoder
 from pipelines.errors import RegistryError, is_transient
-from pipelines.formats import Buffer, Pieces
+from pipelines.formats import Buffer, Pieces, total_length
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
 from pipelines.serve.checkpoints import (
@@ -238,7 +238,7 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
             for segment, start, window in _until_broken(cuts, broken):
                 read_tar = _window_reader(start, window)
                 job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size)
-                size = sum(len(piece) for piece in window)
+                size = total_length(window)
                 pending.append((pool.submit(_metered, job), size))
                 ahead += size
                 while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
