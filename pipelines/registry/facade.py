@@ -52,7 +52,7 @@ from pipelines.serve.predict import (
     restore_bytes_ahead,
 )
 from pipelines.serve.rebuild import RestoreError
-from pipelines.serve.restore import RestoreHub
+from pipelines.serve.restore import RestoreHub, share_host_cores
 from pipelines.serve.serving import BlobRead, BlobServer
 from pipelines.store.blobs import BlobInfo, BlobStore
 from pipelines.store.filestore import FileStore, read_pack_table
@@ -145,6 +145,7 @@ class Registry:
             settings.prediction_pin_seconds,
         )
         hub = RestoreHub(settings.spool_dir, settings.restore_keep_seconds)
+        share_host_cores(settings.spool_dir / "cores")  # the host's, as the spool is
         return cls(
             settings,
             store,

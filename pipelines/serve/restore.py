@@ -45,6 +45,7 @@ from pipelines.serve.checkpoints import (
     join_segments,
     segment_input,
 )
+from pipelines.serve.cores import CORES, HostCores
 from pipelines.serve.rebuild import (
     BATCH_BYTES,
     PREFETCH_BYTES,
@@ -63,7 +64,7 @@ from pipelines.store.filestore import (
 from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 POLL_SECONDS = 0.005
-RESTORE_THREADS = os.cpu_count() or 2  # segments re-encoded at once in this process
+RESTORE_THREADS = CORES  # segments re-encoded at once on this host
 SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)
@@ -171,14 +172,23 @@ def encode_stored_segment(
     return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size)
 
 
-# One slot per core, shared by every restore of this process: however many layers restore
-# at once, at most RESTORE_THREADS segments are encoded at a time, and a slot one restore
-# frees goes to whichever restore has a segment waiting (its threads queue for it).
-_segment_cores = threading.BoundedSemaphore(RESTORE_THREADS)
+# One core per segment, shared by every restore of this process, and once
+# `share_host_cores` named the host's directory, by every process of the host: however
+# many layers restore at once, at most RESTORE_THREADS segments are encoded at a time,
+# and a core one restore frees goes to whichever restore has a segment waiting.
+_segment_cores = HostCores(count=RESTORE_THREADS)
+
+
+def share_host_cores(directory: Path) -> None:
+    """Encode segments on cores shared with the other processes of this host that name
+    `directory` (the API's processes and a restore worker beside them)."""
+    global _segment_cores
+    if _segment_cores.directory != directory:
+        _segment_cores = HostCores(directory, RESTORE_THREADS)
 
 
 def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> memoryview:
-    with _segment_cores:
+    with _segment_cores.held():
         try:
             return encode_segment(encoder, segment, read_tar, tar_size)
         except SegmentError as error:
@@ -221,7 +231,7 @@ SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], Buffer]
 def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
     helper processes; at most RESTORE_THREADS at a time for all the restores of this
-    process), each cut from one streamed rebuild of the tar: a rebuild per
+    host, see `share_host_cores`), each cut from one streamed rebuild of the tar: a rebuild per
     segment would walk the recipe, and fetch the files at its edges, once per segment.
     Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
     one segment may be a few times longer than the others (a large file is kept whole in

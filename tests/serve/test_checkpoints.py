@@ -71,6 +71,7 @@ from pipelines.serve.restore import (
 from tests.client import RegistryClient
 from tests.conftest import LiveStack
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
+from tests.serve.test_cores import hold_every_core_elsewhere
 from workers.app import make_celery
 from workers.jobs import restore_workers_runner
 from workers.tasks import encode_segment as encode_segment_task
@@ -582,6 +583,31 @@ def test_concurrent_restores_share_the_processs_cores(
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(restored, range(3))) == [expected] * 3
     assert most == restore.RESTORE_THREADS
+
+
+def test_the_apis_processes_encode_segments_on_the_hosts_cores(
+    live: LiveStack, client: RegistryClient, repo: str
+) -> None:
+    """The API's processes take a core of the host for each segment, shared with every
+    other process of the host (its spool directory's `cores`): while another process
+    holds them all, a cold GET waits; once that process is killed -9, its cores are free
+    and the GET is served exact."""
+    blob = python_gzip(6)(layer_tar(4))
+    digest, recipe = deduplicated_recipe(live, client, repo, blob)
+    assert load_checkpoints(recipe, live.registry.store) is not None
+    holder = hold_every_core_elsewhere(live.settings.spool_dir / "cores")
+    served: list[bytes] = []
+    getter = threading.Thread(
+        target=lambda: served.append(client.request("GET", f"/v2/{repo}/blobs/{digest}").data)
+    )
+    getter.start()
+    try:
+        getter.join(1.5)
+        assert not served, "a segment was encoded on a core another process holds"
+    finally:
+        holder.kill()
+    getter.join(60)
+    assert served == [blob]
 
 
 def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(
