@@ -92,6 +92,8 @@ class ZstdCliEncoder(Encoder):
         except RuntimeError:
             if options.pledged_size <= len(tar_prefix):
                 raise  # a whole input must compress without an error
+        if parse_zstd_frame_header(bytes(out)) is None:
+            return None  # it stopped before writing its frame's header: nothing to judge
         return bytes(out[: _last_block_start(bytes(out))])
 
     def window_log(self, source_size: int | None) -> int:

@@ -66,3 +66,22 @@ def test_zstd_cli_screen_writes_a_prefix_of_the_frame_to_a_lagging_reader(
     for _ in range(RUNS):
         written = read_lagging(encoder.screen_argv(params), prefix)
         assert frame.startswith(written), (len(written), first_difference(written, frame))
+
+
+def test_zstd_cli_screen_that_wrote_no_frame_judges_nothing(helper_dir: Path) -> None:
+    """A prefix shorter than the CLI's first block, of a longer pledged input: the CLI stops
+    before it writes anything, and the screen says it cannot judge the candidate (None)
+    rather than passing it on an empty output, which is a prefix of any payload. A longer
+    prefix gives a frame's beginning, or, when the worker had not written yet, None too:
+    never an empty pass."""
+    encoder = ZstdCliEncoder(3, long=False)
+    if reason := encoder.unavailable_reason():
+        pytest.skip(reason)
+    data = random.Random(8).randbytes(1_000_000)
+    params = ZstdOptions(True, True, len(data)).encode()
+    assert read_lagging(encoder.screen_argv(params), data[:1000]) == b""
+    assert encoder.screen(data[:1000], params) is None
+    frame = b"".join(encoder.body([data], params))
+    for _ in range(RUNS):  # how much it writes before stopping depends on its worker's timing
+        screened = encoder.screen(data[:900_000], params)
+        assert screened is None or (len(screened) > 4 and frame.startswith(screened))
