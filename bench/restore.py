@@ -280,6 +280,8 @@ _runs = itertools.count()
 def _connect_host() -> None:
     global _host
     _host = Registry.connect()
+    # a stand-in for another host: its cores are its own, not this host's
+    restore.share_host_cores(WORK / "hosts" / str(os.getpid()) / "cores")
 
 
 _host_run = -1  # the timed run this host process last encoded a segment for
