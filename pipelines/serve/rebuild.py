@@ -27,6 +27,8 @@ from pipelines.store.filestore import (
 from pipelines.store.storage import ObjectNotFound
 
 LOCATE_BATCH = 2048  # recipe entries whose files are looked up in one round trip
+FIRST_BATCH = 128  # and in the first one: the batches double from this, so the tar's first
+# bytes wait for a few hundred entries to be planned, not thousands
 BATCH_BYTES = 16 << 20  # and at most this much of their tar (files and raw) planned at once
 SPAN_LIMIT = 4 << 20  # a ranged GET covers at most this much of a pack; a file larger than
 # this (stored, or once decompressed) streams on its own
@@ -151,34 +153,40 @@ def _planned_ahead(
     entries: Iterator[Raw | FileRef], files: FileStore, pool: ThreadPoolExecutor
 ) -> Iterator[_Item]:
     """The items in tar order, each once the ones after it are planned (their spans
-    submitted) up to PREFETCH_WINDOW entries or PREFETCH_BYTES of tar."""
+    submitted) up to PREFETCH_WINDOW entries or PREFETCH_BYTES of tar. The window grows
+    with the batches, from FIRST_BATCH: the first bytes go out early."""
     pending: deque[_Item] = deque()
     sizes: deque[int] = deque()  # apart from the items: a pair per entry would cost a GC pass
     ahead = 0  # bytes planned but not yet written: bounds the memory a restore holds
-    for batch in _batched(entries, LOCATE_BATCH):
+    window = FIRST_BATCH
+    for batch in _batched(entries):
         items, item_sizes = _plan(batch, files, pool)
         for item, size in zip(items, item_sizes, strict=True):
             pending.append(item)
             sizes.append(size)
             ahead += size
-            while len(pending) > PREFETCH_WINDOW or ahead > PREFETCH_BYTES:
+            while len(pending) > window or ahead > PREFETCH_BYTES:
                 ahead -= sizes.popleft()
                 yield pending.popleft()
+        window = min(PREFETCH_WINDOW, 2 * window)
     yield from pending
 
 
-def _batched(entries: Iterator[Raw | FileRef], count: int) -> Iterator[list[Raw | FileRef]]:
-    """Entries in batches of at most `count`, and of at most BATCH_BYTES of tar: raw
-    bytes count as much as files (a layer may be mostly raw, e.g. zero blocks after its
-    end of archive). A batch's files are the span members planned and fetched at once."""
+def _batched(entries: Iterator[Raw | FileRef]) -> Iterator[list[Raw | FileRef]]:
+    """Entries in batches of FIRST_BATCH, twice as many in each next one up to
+    LOCATE_BATCH, and of at most BATCH_BYTES of tar: raw bytes count as much as files (a
+    layer may be mostly raw, e.g. zero blocks after its end of archive). A batch's files
+    are the span members planned and fetched at once."""
     batch: list[Raw | FileRef] = []
     tar_bytes = 0
+    count = FIRST_BATCH
     for entry in entries:
         batch.append(entry)
         tar_bytes += entry.size if isinstance(entry, FileRef) else len(entry.data)
         if len(batch) >= count or tar_bytes >= BATCH_BYTES:
             yield batch
             batch, tar_bytes = [], 0
+            count = min(LOCATE_BATCH, 2 * count)
     if batch:
         yield batch
 

@@ -10,14 +10,15 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import urllib3
 import zstandard
 
 from pipelines.formats.recipe import Recipe
-from pipelines.serve.rebuild import rebuild_tar
-from pipelines.store.filestore import FileStore
+from pipelines.serve.rebuild import FIRST_BATCH, LOCATE_BATCH, rebuild_tar
+from pipelines.store.filestore import FileStore, Location
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
@@ -184,6 +185,36 @@ def test_a_rebuild_fetches_a_pack_region_once(
     store.read_range = counted  # type: ignore[method-assign]
     assert b"".join(rebuild_tar(recipe, store)) == make_tar(shuffled)
     assert len(ranges) == 1, ranges
+
+
+def test_a_rebuilds_first_bytes_wait_for_a_few_hundred_entries_not_thousands(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """The rebuild plans its batches from FIRST_BATCH entries up, doubling: its first
+    bytes go out once a few hundred of the recipe's entries are located (a restore's first
+    segment starts on them), not a window of thousands. The tar is the same."""
+    files = {f"d/f{n:04}": os.urandom(200) for n in range(1500)}
+    layer = gzip.compress(make_tar(files), mtime=0)
+    (digest,) = push_layers(client, repo, [layer])
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    assert recipe.entry_count > LOCATE_BATCH
+    store = FileStore(live.registry.store, live.registry.index)
+    located: list[int] = []
+    locate = store.locate
+
+    def counted(digests: Sequence[bytes]) -> list[Location | None]:
+        located.append(len(digests))
+        return locate(digests)
+
+    store.locate = counted  # type: ignore[method-assign]
+    chunks = rebuild_tar(recipe, store)
+    first = next(chunks)
+    assert sum(located) <= 3 * FIRST_BATCH, located
+    assert first + b"".join(chunks) == make_tar(files)
+    assert located[:3] == [FIRST_BATCH // 2, FIRST_BATCH, 2 * FIRST_BATCH], located
 
 
 def test_corrupted_file_is_never_served(client: RegistryClient, repo: str, live: LiveStack) -> None:
