@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import urllib3
 
 from deploy.stack import wait_until
 from pipelines.serve.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key, fill_key
@@ -70,6 +71,36 @@ def test_warm_fills_the_buffer_and_both_hosts_serve_from_it(
         source, part = get(other_host, repo, digest, "bytes=1000-1999")
         assert (source, part) == ("buffer", blob[1000:2000])
     assert warm(client, repo, "latest")["layers"] == {digest: "buffered"}
+
+
+def test_a_get_reading_an_entry_the_lowered_bound_evicts_goes_on_from_a_restore(
+    client: RegistryClient, repo: str, live: LiveStack
+) -> None:
+    """A slow GET streams a buffered layer of several parts. Meanwhile the bound is
+    lowered and `enforce_bound` evicts the entry, deleting its parts under the reader: the
+    GET goes on from a restore at the offset it had reached and ends with the pushed
+    bytes (never other bytes, never short)."""
+    blob = gzip.compress(make_tar({"a.bin": os.urandom(24 * MiB)}), compresslevel=1, mtime=0)
+    digest = deduplicated_layer(client, repo, live, blob)
+    assert get(client, repo, digest) == ("restore", blob)  # and fills the buffer
+    buffer = live.registry.buffer
+    wait_until(lambda: (entry := buffer.entry(digest)) is not None and entry.complete, "fill")
+    resumed = live.registry.index.counters().get("buffer_reads_resumed_from_restore", 0)
+    slow_reader = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=60))
+    response = slow_reader.request(
+        "GET", f"{client.url}/v2/{repo}/blobs/{digest}", preload_content=False
+    )
+    assert response.status == 200 and response.headers[SOURCE] == "buffer"
+    received = bytearray(response.read(256 << 10))
+    lowered = LayerBuffer(live.registry.store, buffer.redis, 0, buffer.tau, buffer.pin_seconds)
+    assert lowered.enforce_bound() >= 1
+    assert buffer.entry(digest) is None
+    while piece := response.read(MiB):
+        received += piece
+        time.sleep(0.01)
+    assert len(received) == len(blob) and sha256(bytes(received)) == digest
+    after = live.registry.index.counters().get("buffer_reads_resumed_from_restore", 0)
+    assert after > resumed, "the GET read all of the entry before it was evicted"
 
 
 def test_a_get_racing_a_preconstruction_gets_exact_bytes(
