@@ -1,10 +1,9 @@
 """The memory files a Go segment helper reads its input from are kept for the next
-segments (`pipelines.encoders.base`): a kept file must hand the next helper exactly its
-own input, however large the file was, and none is kept beyond the bounds."""
+segments (`pipelines.encoders.base.SpareFiles`): a kept file must hand the next helper
+exactly its own input, however large the file was, and none is kept beyond the bounds."""
 
 from __future__ import annotations
 
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,10 +24,7 @@ def encoded(data: bytes, history: bytes = b"") -> bytes:
 
 
 def forget_spare_inputs() -> None:
-    with base._spare_lock:
-        for descriptor in base._spare_inputs:
-            os.close(descriptor)
-        base._spare_inputs.clear()
+    base.SPARE_INPUTS.forget()
 
 
 @pytest.fixture
@@ -46,7 +42,7 @@ def test_a_kept_input_file_gives_the_next_helper_exactly_its_input(tar: bytes) -
     fresh = encoded(small, history=tar[2_000_000:2_032_768])
     forget_spare_inputs()
     encoded(large)
-    assert len(base._spare_inputs) == 1  # the large input's file, kept
+    assert base.SPARE_INPUTS.sizes() == [len(large)]  # the large input's file, kept
     assert encoded(small, history=tar[2_000_000:2_032_768]) == fresh
     forget_spare_inputs()
 
@@ -63,8 +59,9 @@ def test_inputs_kept_stay_within_their_bounds(tar: bytes) -> None:
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda cut: encoded(tar[cut[0] : cut[1]]), cuts * 3))
     assert together == alone * 3
-    assert 0 < len(base._spare_inputs) <= base.SPARE_INPUTS
-    assert all(os.fstat(d).st_size <= base.SPARE_INPUT_BYTES for d in base._spare_inputs)
-    encoded(tar[: base.SPARE_INPUT_BYTES + 1])
-    assert all(os.fstat(d).st_size <= base.SPARE_INPUT_BYTES for d in base._spare_inputs)
+    kept = base.SPARE_INPUTS.sizes()
+    assert 0 < len(kept) <= base.SPARE_INPUTS.count
+    assert all(size <= base.SPARE_FILE_BYTES for size in kept)
+    encoded(tar[: base.SPARE_FILE_BYTES + 1])
+    assert all(size <= base.SPARE_FILE_BYTES for size in base.SPARE_INPUTS.sizes())
     forget_spare_inputs()
