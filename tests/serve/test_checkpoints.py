@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import itertools
+import os
 import random
 import subprocess
 import sysconfig
@@ -434,11 +435,12 @@ def test_checkpoints_must_lie_inside_the_stream() -> None:
 # --------------------------------------------------------------------------- live
 
 
-def layer_tar(megabytes: int) -> bytes:
+def layer_tar(megabytes: int, unique: bool = False) -> bytes:
     """Real files of several kinds, repeated with a varying prefix so that the layer is
-    large but its files are few."""
+    large but its files are few; `unique`: prefixes no other layer has."""
     base = real_tar(2_000_000)
-    files = {f"copy{n}/stdlib.tar": (b"%d" % n) + base for n in range(megabytes // 2)}
+    salt = os.urandom(16) if unique else b""
+    files = {f"copy{n}/stdlib.tar": salt + (b"%d" % n) + base for n in range(megabytes // 2)}
     return make_tar(files)
 
 
@@ -591,10 +593,11 @@ def test_the_apis_processes_encode_segments_on_the_hosts_cores(
     """The API's processes take a core of the host for each segment, shared with every
     other process of the host (its spool directory's `cores`): while another process
     holds them all, a cold GET waits; once that process is killed -9, its cores are free
-    and the GET is served exact."""
-    blob = python_gzip(6)(layer_tar(4))
+    and the GET is served exact (a layer no other test pushed: none is in the buffer)."""
+    blob = python_gzip(6)(layer_tar(4, unique=True))
     digest, recipe = deduplicated_recipe(live, client, repo, blob)
     assert load_checkpoints(recipe, live.registry.store) is not None
+    restores = live.registry.index.counters().get("restores", 0)
     holder = hold_every_core_elsewhere(live.settings.spool_dir / "cores")
     served: list[bytes] = []
     getter = threading.Thread(
@@ -608,6 +611,7 @@ def test_the_apis_processes_encode_segments_on_the_hosts_cores(
         holder.kill()
     getter.join(60)
     assert served == [blob]
+    assert live.registry.index.counters().get("restores", 0) > restores
 
 
 def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(
