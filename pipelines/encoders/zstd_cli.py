@@ -92,9 +92,10 @@ class ZstdCliEncoder(Encoder):
         except RuntimeError:
             if options.pledged_size <= len(tar_prefix):
                 raise  # a whole input must compress without an error
-        if parse_zstd_frame_header(bytes(out)) is None:
+        frame = bytes(out)
+        if parse_zstd_frame_header(frame) is None:
             return None  # it stopped before writing its frame's header: nothing to judge
-        return bytes(out[: _last_block_start(bytes(out))])
+        return frame[: _last_block_start(frame)]
 
     def window_log(self, source_size: int | None) -> int:
         """The window log the CLI writes in the frame header for this input size (None:

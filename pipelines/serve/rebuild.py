@@ -158,9 +158,9 @@ def _planned_ahead(
     pending: deque[_Item] = deque()
     sizes: deque[int] = deque()  # apart from the items: a pair per entry would cost a GC pass
     ahead = 0  # bytes planned but not yet written: bounds the memory a restore holds
-    window = FIRST_BATCH
-    for batch in _batched(entries):
+    for batch, count in _batched(entries):
         items, item_sizes = _plan(batch, files, pool)
+        window = min(PREFETCH_WINDOW, count)
         for item, size in zip(items, item_sizes, strict=True):
             pending.append(item)
             sizes.append(size)
@@ -168,15 +168,14 @@ def _planned_ahead(
             while len(pending) > window or ahead > PREFETCH_BYTES:
                 ahead -= sizes.popleft()
                 yield pending.popleft()
-        window = min(PREFETCH_WINDOW, 2 * window)
     yield from pending
 
 
-def _batched(entries: Iterator[Raw | FileRef]) -> Iterator[list[Raw | FileRef]]:
-    """Entries in batches of FIRST_BATCH, twice as many in each next one up to
-    LOCATE_BATCH, and of at most BATCH_BYTES of tar: raw bytes count as much as files (a
-    layer may be mostly raw, e.g. zero blocks after its end of archive). A batch's files
-    are the span members planned and fetched at once."""
+def _batched(entries: Iterator[Raw | FileRef]) -> Iterator[tuple[list[Raw | FileRef], int]]:
+    """Entries in batches, each with the count it may hold: FIRST_BATCH, twice as many in
+    each next one up to LOCATE_BATCH; and at most BATCH_BYTES of tar: raw bytes count as
+    much as files (a layer may be mostly raw, e.g. zero blocks after its end of archive).
+    A batch's files are the span members planned and fetched at once."""
     batch: list[Raw | FileRef] = []
     tar_bytes = 0
     count = FIRST_BATCH
@@ -184,11 +183,11 @@ def _batched(entries: Iterator[Raw | FileRef]) -> Iterator[list[Raw | FileRef]]:
         batch.append(entry)
         tar_bytes += entry.size if isinstance(entry, FileRef) else len(entry.data)
         if len(batch) >= count or tar_bytes >= BATCH_BYTES:
-            yield batch
+            yield batch, count
             batch, tar_bytes = [], 0
             count = min(LOCATE_BATCH, 2 * count)
     if batch:
-        yield batch
+        yield batch, count
 
 
 def _streams_alone(ref: FileRef, location: Location) -> bool:
