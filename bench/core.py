@@ -42,6 +42,7 @@ from minio import Minio
 from bench.report import RESULTS, bar_chart, git_state, machine, sh, write_section
 from deploy.services import api_command
 from deploy.stack import REPO_ROOT, VENV_BIN, Stack, free_port, wait_until
+from pipelines.encoders.base import helper_dir
 
 OUT_DIR = REPO_ROOT / "build" / "bench"
 IMAGE_DIR = OUT_DIR / "images"
@@ -334,8 +335,10 @@ def stack_cpu_by_service(stack: Stack, children: bool = False) -> dict[str, floa
 
 
 def _stack_cpu(stack: Stack) -> dict[str, tuple[float, float]]:
-    """Per service, the CPU seconds of its live processes and of those they waited for."""
+    """Per service, the CPU seconds of its live processes and of its helpers: those it
+    waited for, and the served segment helpers it keeps up (live, in its process group)."""
     names = {process.pid: name for name, process in stack.processes}
+    helpers = helper_dir().resolve()
     ticks = {name: [0, 0] for name in names.values()}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -345,11 +348,20 @@ def _stack_cpu(stack: Stack) -> dict[str, tuple[float, float]]:
         except OSError:
             continue
         name = names.get(int(fields[2]))  # pgrp; utime, stime, cutime, cstime at 11-14
-        if name is not None:
-            ticks[name][0] += int(fields[11]) + int(fields[12])
-            ticks[name][1] += int(fields[13]) + int(fields[14])
+        if name is None:
+            continue
+        own, waited = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+        ticks[name][_is_helper(entry, helpers)] += own
+        ticks[name][1] += waited
     tick = os.sysconf("SC_CLK_TCK")
     return {name: (own / tick, waited / tick) for name, (own, waited) in ticks.items()}
+
+
+def _is_helper(process: Path, helpers: Path) -> bool:
+    try:
+        return Path(os.readlink(process / "exe")).parent == helpers
+    except OSError:
+        return False
 
 
 def ingest_pending(ours: Registry) -> bool:

@@ -9,10 +9,8 @@ id always names one exact output for a given input and params.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-import mmap
 import os
 import subprocess
 import threading
@@ -23,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from pipelines.formats import Buffer, Pieces, total_length
+from pipelines.formats import Buffer, Pieces
 
 PIPE_CHUNK = 256 * 1024
 # Stock zlib's stored blocks (level 0) depend on how input is fed: always feed this much.
@@ -76,117 +74,6 @@ def describe_helper(path: Path) -> str | None:
         return None
     _described[path] = words[0]
     return words[0]
-
-
-def segment_helper_env() -> dict[str, str]:
-    """The environment of a Go helper that encodes one segment: it holds its whole input
-    (a few MiB) and exits, and its collector, run again and again as the input grows,
-    cost 40-70 ms of CPU per 5.5 MB segment against ~120 ms of encoding (measured with
-    GODEBUG=gctrace=1). So it is off, with a ceiling should an input be huge."""
-    return {**os.environ, "GOGC": "off", "GOMEMLIMIT": "1GiB"}
-
-
-def run_segment_helper(argv: Sequence[str], parts: Pieces) -> memoryview:
-    """A Go segment helper's output for `parts` (history, data, ...), fed in order; told
-    their total size (`-size`) to read them into one buffer. Input, output and errors go
-    through memory files, not pipes: no feeding or draining threads per segment, and
-    the output is mapped, not copied (the view is writable: its edges are masked in
-    place; the helper's file is not changed)."""
-    size = total_length(parts)
-    with (
-        _input_file(parts, size) as given,
-        _memory_file("output") as output,
-        _memory_file("errors") as errors,
-    ):
-        command = [*argv, "-size", str(size)]
-        proc = subprocess.Popen(
-            command, stdin=given, stdout=output, stderr=errors, env=segment_helper_env()
-        )
-        returncode = _reap(proc)
-        if returncode != 0:
-            message = _contents(errors).decode("utf-8", "replace").strip()
-            raise HelperFailedError(f"{argv[0]} exited with {returncode}: {message}")
-        return _mapped(output)
-
-
-def _memory_file(name: str) -> BinaryIO:
-    """An anonymous file in memory (memfd), open for reading and writing."""
-    return open(os.memfd_create(name, os.MFD_CLOEXEC), "w+b")
-
-
-class SpareFiles:
-    """Memory files kept for the next segments' inputs. A segment's input written into a
-    new memory file costs the kernel a fresh page per 4 KiB, zeroed, then freed: 2.8 ms
-    per 4 MiB against 0.6 into a file whose pages are there. At most `count` are kept
-    (idle, what a process holds), each only while it is at most SPARE_FILE_BYTES. (The
-    output's file is not kept: it is mapped and read until the segment is sent, and
-    kept for that long, it was seldom free for the next one; no gain was measured.)"""
-
-    def __init__(self, name: str, count: int) -> None:
-        self.name, self.count = name, count
-        self._kept: list[int] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> int:
-        with self._lock:
-            if self._kept:
-                return self._kept.pop()
-        return os.memfd_create(self.name, os.MFD_CLOEXEC)
-
-    def give_back(self, descriptor: int, size: int) -> None:
-        """Keep the file for another segment, or close it."""
-        with self._lock:
-            if size <= SPARE_FILE_BYTES and len(self._kept) < self.count:
-                self._kept.append(descriptor)
-                return
-        os.close(descriptor)
-
-    def sizes(self) -> list[int]:
-        with self._lock:
-            return [os.fstat(descriptor).st_size for descriptor in self._kept]
-
-    def forget(self) -> None:
-        with self._lock:
-            for descriptor in self._kept:
-                os.close(descriptor)
-            self._kept.clear()
-
-
-SPARE_FILE_BYTES = 12 << 20
-SPARE_INPUTS = SpareFiles("input", os.cpu_count() or 2)
-
-
-@contextlib.contextmanager
-def _input_file(parts: Pieces, size: int) -> Iterator[BinaryIO]:
-    """A memory file holding exactly `parts`, at offset 0: a kept one if there is one."""
-    descriptor = SPARE_INPUTS.take()
-    try:
-        os.ftruncate(descriptor, size)
-        with open(descriptor, "w+b", closefd=False) as given:
-            given.seek(0)  # where the last helper's reads left the shared offset
-            for part in parts:
-                given.write(part)
-            given.flush()
-            given.seek(0)
-            yield given
-    except BaseException:
-        os.close(descriptor)
-        raise
-    SPARE_INPUTS.give_back(descriptor, size)
-
-
-def _contents(file: BinaryIO) -> bytes:
-    file.seek(0)
-    return file.read()
-
-
-def _mapped(file: BinaryIO) -> memoryview:
-    """All a file holds, mapped copy-on-write: reading it costs no copy and, pages being
-    mapped many at a time, few faults."""
-    size = os.fstat(file.fileno()).st_size
-    if not size:
-        return memoryview(bytearray())
-    return memoryview(mmap.mmap(file.fileno(), size, flags=mmap.MAP_PRIVATE))
 
 
 def run_filter(

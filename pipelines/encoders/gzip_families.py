@@ -24,9 +24,9 @@ from pipelines.encoders.base import (
     program_version,
     rechunk,
     run_filter,
-    run_segment_helper,
 )
 from pipelines.encoders.libz import deflate_boundaries, zlib_segment
+from pipelines.encoders.segment_helpers import run_segment_helper
 from pipelines.formats import Pieces, total_length
 from pipelines.formats.codecs import GZIP_MAGIC
 

@@ -129,3 +129,28 @@ def test_the_stacks_cpu_is_split_by_service_and_by_the_helpers_they_ran(tmp_path
     assert split["spinner"] >= 0.5 and split["parent helpers"] >= 0.5
     assert split["sleeper"] < 0.3 and split["parent"] < 0.3
     assert "spinner helpers" not in split and "sleeper helpers" not in split
+
+
+def test_a_services_served_helpers_count_as_its_helpers(tmp_path: Path, helper_dir: Path) -> None:
+    """A served segment helper stays up (it is not waited for): its CPU is still the
+    service's helpers', not the service's own."""
+    serve = (
+        "import os, time\n"
+        "from pipelines.encoders.segment_helpers import run_segment_helper\n"
+        f"argv = [{str(helper_dir / 'gzip-go1.26')!r}, '-mode', 'segment', '-level', '9']\n"
+        "data = os.urandom(1 << 20) * 8\n"
+        "end = time.monotonic() + 2\n"
+        "while time.monotonic() < end:\n"
+        "    run_segment_helper(argv, [data])\n"
+        "time.sleep(60)\n"
+    )  # fmt: skip
+    with Stack(tmp_path) as stack:
+        stack.spawn("server", [sys.executable, "-c", serve])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            split = core.stack_cpu_split(stack)
+            if split.get("server helpers", 0) >= 1.0:
+                break
+            time.sleep(0.1)
+    assert split["server helpers"] >= 1.0
+    assert split["server"] < 0.5 * split["server helpers"]

@@ -1,5 +1,5 @@
 """The memory files a Go segment helper reads its input from are kept for the next
-segments (`pipelines.encoders.base.SpareFiles`): a kept file must hand the next helper
+segments (`pipelines.encoders.segment_helpers.SpareFiles`): a kept file must hand the next helper
 exactly its own input, however large the file was, and none is kept beyond the bounds."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.encoders import base
+from pipelines.encoders import segment_helpers as base
 from pipelines.encoders.table import lookup_encoder
 from tests.serve.test_checkpoints import layer_tar
 

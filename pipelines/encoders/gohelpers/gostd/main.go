@@ -15,6 +15,8 @@
 //	               closed (-final) or sync-flushed (the caller keeps the bits it needs),
 //	               after -align zero bits (where the boundary is in its byte); -offset
 //	               is the boundary's place in the input
+//	-mode serve    segments, one after another, requested over stdin (a Unix socket;
+//	               package segserve): the process stays up for many
 //	-describe      print the Go version the helper was built with
 //
 // Segments use resumeflate, a copy of the toolchain's own compress/flate made by
@@ -34,34 +36,68 @@ import (
 	"syscall"
 
 	resumeflate "duphunter/gzipgo/resumeflate"
+	"duphunter/gzipgo/segserve"
 )
 
 const bufSize = 256 << 10
 
+type options struct {
+	level, history, align, offset, size int
+	mode                                string
+	final, describe                     bool
+}
+
+func parse(args []string, onError flag.ErrorHandling) (options, error) {
+	var o options
+	flags := flag.NewFlagSet("gzip-go", onError)
+	if onError == flag.ContinueOnError {
+		flags.SetOutput(io.Discard) // a served request's error goes back in its reply
+	}
+	flags.IntVar(&o.level, "level", flate.DefaultCompression, "compression level (-2..9)")
+	flags.StringVar(&o.mode, "mode", "deflate", "deflate | prefix | gzip | segment | serve")
+	flags.IntVar(&o.history, "history", 0, "segment: bytes of input before the boundary")
+	flags.IntVar(&o.align, "align", 0, "segment: the boundary's bit position in its byte (0-7)")
+	flags.IntVar(&o.offset, "offset", 0, "segment: the boundary's offset in the input stream")
+	flags.BoolVar(&o.final, "final", false, "segment: the last one, close the stream")
+	flags.IntVar(&o.size, "size", 0, "segment: bytes of stdin, read into one buffer (grown if more come)")
+	flags.BoolVar(&o.describe, "describe", false, "print the Go version and exit")
+	return o, flags.Parse(args)
+}
+
 func main() {
-	level := flag.Int("level", flate.DefaultCompression, "compression level (-2..9)")
-	mode := flag.String("mode", "deflate", "deflate | prefix | gzip | segment")
-	history := flag.Int("history", 0, "segment: bytes of input before the boundary")
-	align := flag.Int("align", 0, "segment: the boundary's bit position in its byte (0-7)")
-	offset := flag.Int("offset", 0, "segment: the boundary's offset in the input stream")
-	final := flag.Bool("final", false, "segment: the last one, close the stream")
-	size := flag.Int("size", 0, "segment: bytes of stdin, read into one buffer (grown if more come)")
-	describe := flag.Bool("describe", false, "print the Go version and exit")
-	flag.Parse()
-	if *describe {
+	o, _ := parse(os.Args[1:], flag.ExitOnError)
+	if o.describe {
 		fmt.Println(runtime.Version())
 		return
 	}
 	var err error
-	if *mode == "segment" {
-		err = segment(*level, *history, *align, *offset, *final, *size)
-	} else {
-		err = run(*level, *mode)
+	switch o.mode {
+	case "segment":
+		var input []byte
+		if input, err = readInput(o.size); err == nil {
+			err = segment(o, input, os.Stdout)
+		}
+	case "serve":
+		err = segserve.Serve(served)
+	default:
+		err = run(o.level, o.mode)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gzip-go:", err)
 		os.Exit(1)
 	}
+}
+
+// served encodes one segment a served request asks for.
+func served(args []string, input []byte, output io.Writer) error {
+	o, err := parse(args, flag.ContinueOnError)
+	if err != nil {
+		return err
+	}
+	if o.mode != "segment" {
+		return fmt.Errorf("a served request is a segment, not -mode %s", o.mode)
+	}
+	return segment(o, input, output)
 }
 
 func run(level int, mode string) error {
@@ -91,24 +127,20 @@ func run(level int, mode string) error {
 	return out.Flush()
 }
 
-func segment(level, historyLen, align, offset int, final bool, size int) error {
-	input, err := readInput(size)
-	if err != nil {
-		return err
+func segment(o options, input []byte, output io.Writer) error {
+	if o.history > len(input) {
+		return fmt.Errorf("history of %d bytes, input of %d", o.history, len(input))
 	}
-	if historyLen > len(input) {
-		return fmt.Errorf("history of %d bytes, input of %d", historyLen, len(input))
-	}
-	history, rest := input[:historyLen], input[historyLen:]
-	out := bufio.NewWriterSize(os.Stdout, bufSize)
-	w, err := resumeflate.NewResumeWriter(out, level, align, offset, history, rest)
+	history, rest := input[:o.history], input[o.history:]
+	out := bufio.NewWriterSize(output, bufSize)
+	w, err := resumeflate.NewResumeWriter(out, o.level, o.align, o.offset, history, rest)
 	if err != nil {
 		return err
 	}
 	if _, err := w.Write(rest); err != nil {
 		return err
 	}
-	if final {
+	if o.final {
 		err = w.Close()
 	} else {
 		err = w.Flush()

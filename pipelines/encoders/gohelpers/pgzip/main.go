@@ -13,6 +13,8 @@
 //	               the stream), then the blocks; each block is compressed as pgzip
 //	               compresses it (klauspost flate primed with that tail, sync-flushed),
 //	               and -final closes the stream after the last one
+//	-mode serve    segments, one after another, requested over stdin (a Unix socket;
+//	               package segserve): the process stays up for many
 //	-describe      print the library versions baked in at build time
 package main
 
@@ -28,6 +30,8 @@ import (
 
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/pgzip"
+
+	"duphunter/gzipgo/segserve"
 )
 
 const (
@@ -43,29 +47,62 @@ var (
 	compressVersion = "unknown"
 )
 
+type options struct {
+	level, blockSize, history, size int
+	mode                            string
+	final, describe                 bool
+}
+
+func parse(args []string, onError flag.ErrorHandling) (options, error) {
+	var o options
+	flags := flag.NewFlagSet("gzip-pgzip", onError)
+	if onError == flag.ContinueOnError {
+		flags.SetOutput(io.Discard) // a served request's error goes back in its reply
+	}
+	flags.IntVar(&o.level, "level", pgzip.DefaultCompression, "compression level (-2..9)")
+	flags.IntVar(&o.blockSize, "blocksize", 1<<20, "pgzip block size in bytes")
+	flags.StringVar(&o.mode, "mode", "deflate", "deflate | gzip | segment | serve")
+	flags.IntVar(&o.history, "history", 0, "segment: bytes of the previous block's tail")
+	flags.BoolVar(&o.final, "final", false, "segment: the last one, close the stream")
+	flags.IntVar(&o.size, "size", 0, "segment: bytes of stdin, read into one buffer (grown if more come)")
+	flags.BoolVar(&o.describe, "describe", false, "print library versions and exit")
+	return o, flags.Parse(args)
+}
+
 func main() {
-	level := flag.Int("level", pgzip.DefaultCompression, "compression level (-2..9)")
-	blockSize := flag.Int("blocksize", 1<<20, "pgzip block size in bytes")
-	mode := flag.String("mode", "deflate", "deflate | gzip | segment")
-	history := flag.Int("history", 0, "segment: bytes of the previous block's tail")
-	final := flag.Bool("final", false, "segment: the last one, close the stream")
-	size := flag.Int("size", 0, "segment: bytes of stdin, read into one buffer (grown if more come)")
-	describe := flag.Bool("describe", false, "print library versions and exit")
-	flag.Parse()
-	if *describe {
+	o, _ := parse(os.Args[1:], flag.ExitOnError)
+	if o.describe {
 		fmt.Printf("pgzip-deb-%s+compress-deb-%s %s\n", pgzipVersion, compressVersion, runtime.Version())
 		return
 	}
 	var err error
-	if *mode == "segment" {
-		err = segment(*level, *blockSize, *history, *final, *size)
-	} else {
-		err = run(*level, *blockSize, *mode)
+	switch o.mode {
+	case "segment":
+		var input []byte
+		if input, err = readInput(o.size); err == nil {
+			err = segment(o, input, os.Stdout)
+		}
+	case "serve":
+		err = segserve.Serve(served)
+	default:
+		err = run(o.level, o.blockSize, o.mode)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gzip-pgzip:", err)
 		os.Exit(1)
 	}
+}
+
+// served encodes one segment a served request asks for.
+func served(args []string, input []byte, output io.Writer) error {
+	o, err := parse(args, flag.ContinueOnError)
+	if err != nil {
+		return err
+	}
+	if o.mode != "segment" {
+		return fmt.Errorf("a served request is a segment, not -mode %s", o.mode)
+	}
+	return segment(o, input, output)
 }
 
 func run(level, blockSize int, mode string) error {
@@ -134,27 +171,23 @@ func min(a, b int) int {
 // segment compresses whole blocks the way pgzip's compressBlock does: one flate writer,
 // ResetDict with the previous block's tail (none for a block of at most tailSize
 // bytes), Write, Flush; the stream's last block (possibly empty) is also closed.
-func segment(level, blockSize, historyLen int, final bool, size int) error {
-	input, err := readInput(size)
-	if err != nil {
-		return err
-	}
-	if historyLen > len(input) {
-		return fmt.Errorf("history of %d bytes, input of %d", historyLen, len(input))
+func segment(o options, input []byte, output io.Writer) error {
+	if o.history > len(input) {
+		return fmt.Errorf("history of %d bytes, input of %d", o.history, len(input))
 	}
 	var tail []byte
-	if historyLen > 0 {
-		tail = input[:historyLen]
+	if o.history > 0 {
+		tail = input[:o.history]
 	}
-	data := input[historyLen:]
-	out := bufio.NewWriterSize(os.Stdout, bufSize)
-	fw, err := flate.NewWriterDict(out, level, nil)
+	data := input[o.history:]
+	out := bufio.NewWriterSize(output, bufSize)
+	fw, err := flate.NewWriterDict(out, o.level, nil)
 	if err != nil {
 		return err
 	}
 	for {
-		n := min(blockSize, len(data))
-		last := final && n < blockSize
+		n := min(o.blockSize, len(data))
+		last := o.final && n < o.blockSize
 		if n == 0 && !last {
 			break
 		}
