@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,28 +339,43 @@ def _stack_cpu(stack: Stack) -> dict[str, tuple[float, float]]:
     """Per service, the CPU seconds of its live processes and of its helpers: those it
     waited for, and the served segment helpers it keeps up (live, in its process group)."""
     names = {process.pid: name for name, process in stack.processes}
-    helpers = helper_dir().resolve()
     ticks = {name: [0, 0] for name in names.values()}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+    for entry, fields in _processes():
         name = names.get(int(fields[2]))  # pgrp; utime, stime, cutime, cstime at 11-14
         if name is None:
             continue
         own, waited = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-        ticks[name][_is_helper(entry, helpers)] += own
+        ticks[name][is_helper_process(entry)] += own
         ticks[name][1] += waited
     tick = os.sysconf("SC_CLK_TCK")
     return {name: (own / tick, waited / tick) for name, (own, waited) in ticks.items()}
 
 
-def _is_helper(process: Path, helpers: Path) -> bool:
+def live_helpers_cpu_seconds() -> float:
+    """CPU seconds of this process's live encoder helpers (the served segment helpers it
+    keeps up: not waited for, so not in RUSAGE_CHILDREN yet)."""
+    me, ticks = os.getpid(), 0
+    for entry, fields in _processes():
+        if int(fields[1]) == me and is_helper_process(entry):
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> Iterator[tuple[Path, list[str]]]:
+    """Each live process's /proc directory and the fields of its stat after the name."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            yield entry, (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+
+
+def is_helper_process(process: Path) -> bool:
+    """Whether /proc/<pid> is a program of the encoder helpers' directory."""
     try:
-        return Path(os.readlink(process / "exe")).parent == helpers
+        return Path(os.readlink(process / "exe")).parent == helper_dir().resolve()
     except OSError:
         return False
 

@@ -216,13 +216,14 @@ def drain(chunks: Iterator[Buffer]) -> str:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the Go helpers); not of
-    the S3 server, nor of the stand-in hosts' processes."""
+    """CPU time of this process and of its Go helpers, finished or kept up (served);
+    not of the S3 server, nor of the stand-in hosts' processes."""
     own, children = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    finished = children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + finished + core.live_helpers_cpu_seconds()
 
 
 CPU: dict[str, list[float]] = {}  # label/run -> CPU seconds, beside the wall times
