@@ -17,8 +17,7 @@ finds and proves checkpoints. Then, for each encoder, median of --reps runs:
 - `hosts N`: a cold restore from checkpoints, its segments shared among N processes standing
   in for hosts (each rebuilds its tar range from S3 and encodes), joined and verified here;
 - `threads`: what the API does on its own (for layers under 64 MiB): the segments on this
-  host's threads, cut from one streamed rebuild of the tar; one stream for pgzip, whose
-  encoder runs on every core by itself.
+  host's threads, cut from one streamed rebuild of the tar.
 
 "Cold" means nothing of the layer was restored before: no spool, no buffer. Then an image of
 three docker-style layers (Go <= 1.26, level 6) is pushed to DupHunter and to CNCF
@@ -456,8 +455,8 @@ def markdown(result: dict[str, Any]) -> str:
         "Cold restore of one deduplicated layer: wall time, and in brackets the ratio to the",
         "original encoder alone on the same tar (one stream, one thread). `hosts N`: segments",
         "shared among N processes standing in for restore hosts; `threads`: the API's own",
-        "path, segments on this host's threads (one stream for pgzip, which uses every core",
-        f"by itself). Target: <= {TARGET_RATIO}x for layers of 64 MB or more.",
+        "path, segments on this host's threads.",
+        f"Target: <= {TARGET_RATIO}x for layers of 64 MB or more.",
         "",
         table(layers),
         "",

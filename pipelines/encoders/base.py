@@ -194,7 +194,6 @@ class Encoder(ABC):
         return None
 
     # Resuming at a deflate block boundary (pipelines.serve.checkpoints proves every use).
-    uses_every_core = False  # its whole-stream encoding is parallel already
     history_bytes = 0  # input before a boundary that a segment needs
     lookahead_bytes = 0  # input after a segment's end that finishing it needs
 

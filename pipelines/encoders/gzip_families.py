@@ -183,7 +183,6 @@ class PgzipEncoder(Encoder):
         out = b"".join(run_filter(self._argv(), [tar_prefix[:whole_blocks]]))
         return out[:-PGZIP_CLOSE_MARGIN]
 
-    uses_every_core = True  # one goroutine per block
     # Blocks are independent by design: each is primed with the previous one's tail.
     history_bytes = PGZIP_TAIL
 
