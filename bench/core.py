@@ -340,12 +340,13 @@ def _stack_cpu(stack: Stack) -> dict[str, tuple[float, float]]:
     waited for, and the served segment helpers it keeps up (live, in its process group)."""
     names = {process.pid: name for name, process in stack.processes}
     ticks = {name: [0, 0] for name in names.values()}
+    helpers = helper_dir().resolve()
     for entry, fields in _processes():
         name = names.get(int(fields[2]))  # pgrp; utime, stime, cutime, cstime at 11-14
         if name is None:
             continue
         own, waited = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-        ticks[name][is_helper_process(entry)] += own
+        ticks[name][is_helper_process(entry, helpers)] += own
         ticks[name][1] += waited
     tick = os.sysconf("SC_CLK_TCK")
     return {name: (own / tick, waited / tick) for name, (own, waited) in ticks.items()}
@@ -354,9 +355,9 @@ def _stack_cpu(stack: Stack) -> dict[str, tuple[float, float]]:
 def live_helpers_cpu_seconds() -> float:
     """CPU seconds of this process's live encoder helpers (the served segment helpers it
     keeps up: not waited for, so not in RUSAGE_CHILDREN yet)."""
-    me, ticks = os.getpid(), 0
+    me, ticks, helpers = os.getpid(), 0, helper_dir().resolve()
     for entry, fields in _processes():
-        if int(fields[1]) == me and is_helper_process(entry):
+        if int(fields[1]) == me and is_helper_process(entry, helpers):
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
@@ -372,10 +373,10 @@ def _processes() -> Iterator[tuple[Path, list[str]]]:
             continue
 
 
-def is_helper_process(process: Path) -> bool:
-    """Whether /proc/<pid> is a program of the encoder helpers' directory."""
+def is_helper_process(process: Path, helpers: Path) -> bool:
+    """Whether /proc/<pid> runs a program of `helpers`, the encoder helpers' directory."""
     try:
-        return Path(os.readlink(process / "exe")).parent == helper_dir().resolve()
+        return Path(os.readlink(process / "exe")).parent == helpers
     except OSError:
         return False
 
