@@ -119,8 +119,8 @@ class ServedHelpers:
     (or starts one), runs its segment, and gives it back. At most `keep` idle ones are
     kept per program; one idle for IDLE_SECONDS is let go. A helper that dies before
     it answers is replaced and the request asked once more; a second death fails the
-    segment (HelperFailedError). A forked child
-    starts its own: the parent's sockets are closed in it."""
+    segment (HelperFailedError). A forked child starts its own: the parent's sockets
+    are closed in it."""
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
@@ -133,12 +133,14 @@ class ServedHelpers:
         helper that dies before it answers (killed while idle, maybe a moment before the
         request: the kernel may still take it) is replaced and the request asked once
         more, of a new one; if that one dies too, the segment fails."""
-        helper, answer = self._asked(self._take(program), args, given, output)
+        helper = self._take(program)
+        answer = self._asked(helper, args, given, output)
         if not answer:
             helper.death()
             output.seek(0)  # what it wrote is dropped; the file's offset is shared
             output.truncate()
-            helper, answer = self._asked(_Helper.start(program), args, given, output)
+            helper = _Helper.start(program)
+            answer = self._asked(helper, args, given, output)
             if not answer:
                 raise helper.death()
         self._give_back(helper)
@@ -148,16 +150,14 @@ class ServedHelpers:
         charge_cpu(int(detail) / 1e9)
 
     @staticmethod
-    def _asked(
-        helper: _Helper, args: Sequence[str], given: BinaryIO, output: BinaryIO
-    ) -> tuple[_Helper, bytes]:
+    def _asked(helper: _Helper, args: Sequence[str], given: BinaryIO, output: BinaryIO) -> bytes:
         """The helper's reply to the request; b"" if it died before answering."""
         try:
             helper.send(args, given, output)
             pause("segment-helper-asked")
-            return helper, helper.reply()
+            return helper.reply()
         except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
-            return helper, b""
+            return b""
         except BaseException:
             helper.stop()
             raise
