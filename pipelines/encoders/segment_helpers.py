@@ -4,7 +4,7 @@ mapped, never copied, and the helper itself kept up for many segments (`ServedHe
 
 A helper started per segment cost 3-4 ms of CPU (the Go runtime's start, the binary's page
 faults) against 10-120 ms of encoding per segment. A served helper (`-mode serve`, Go
-package gohelpers/segserve) takes segment after segment over a Unix socket: the request
+package gohelpers/segmentio) takes segment after segment over a Unix socket: the request
 carries the segment's flags and, attached, its two memory files; the reply says it is
 done and what CPU it took.
 """

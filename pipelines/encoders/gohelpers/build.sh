@@ -58,14 +58,14 @@ build_stdlib() {  # build_stdlib GO_BINARY OUTPUT_NAME
     if [[ "$(printf '%s\n' "$version" go1.27 | sort -V | head -1)" == go1.27 ]]; then
         generation=go1.27
     fi
-    src="$(cat "$here/gostd/main.go" "$here/flateresume/$generation/resume.go" "$here/segserve/serve.go" \
+    src="$(cat "$here/gostd/main.go" "$here/flateresume/$generation/resume.go" "$here/segmentio/segmentio.go" \
         | sha256sum | cut -d' ' -f1)"
     key="$version $src"
     if up_to_date "$outdir/$name" "$key"; then return; fi
     dir="$work/$name"
-    rm -rf "$dir" && mkdir -p "$dir/resumeflate" "$dir/segserve"
+    rm -rf "$dir" && mkdir -p "$dir/resumeflate" "$dir/segmentio"
     cp "$here/gostd/main.go" "$dir/"
-    cp "$here/segserve/serve.go" "$dir/segserve/"
+    cp "$here/segmentio/segmentio.go" "$dir/segmentio/"
     # Segments resume the toolchain's own deflate: a copy of its compress/flate (tests
     # left out) plus one file of ours that reaches the compressor's state.
     find "$goroot/src/compress/flate" -maxdepth 1 -name '*.go' ! -name '*_test.go' \
@@ -101,14 +101,14 @@ build_library_helper() {
         echo "skipping $name: Debian $package is not installed" >&2
         return
     fi
-    src="$(cat "$here/$source/main.go" "$here/segserve/serve.go" | sha256sum | cut -d' ' -f1)"
+    src="$(cat "$here/$source/main.go" "$here/segmentio/segmentio.go" | sha256sum | cut -d' ' -f1)"
     key="$("$gobin" env GOVERSION)$versions $src"
     if up_to_date "$outdir/$name" "$key"; then return; fi
     gopath="$work/$source-gopath"
-    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/$name" "$gopath/src/duphunter/gzipgo/segserve"
+    rm -rf "$gopath" && mkdir -p "$gopath/src/duphunter/$name" "$gopath/src/duphunter/gzipgo/segmentio"
     cp "$here/$source/main.go" "$gopath/src/duphunter/$name/"
     # Segment helpers serve many segments through one shared package (see gostd's build).
-    cp "$here/segserve/serve.go" "$gopath/src/duphunter/gzipgo/segserve/"
+    cp "$here/segmentio/segmentio.go" "$gopath/src/duphunter/gzipgo/segmentio/"
     (cd "$gopath/src/duphunter/$name" && GO111MODULE=off GOPATH="$gopath:$gocode" \
         "$gobin" build -trimpath -ldflags "$ldflags" -o "$outdir/$name.tmp" .)
     mv "$outdir/$name.tmp" "$outdir/$name"

@@ -16,7 +16,7 @@
 //	               after -align zero bits (where the boundary is in its byte); -offset
 //	               is the boundary's place in the input
 //	-mode serve    segments, one after another, requested over stdin (a Unix socket;
-//	               package segserve): the process stays up for many
+//	               package segmentio): the process stays up for many
 //	-describe      print the Go version the helper was built with
 //
 // Segments use resumeflate, a copy of the toolchain's own compress/flate made by
@@ -25,7 +25,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"compress/flate"
 	"compress/gzip"
 	"flag"
@@ -33,10 +32,9 @@ import (
 	"io"
 	"os"
 	"runtime"
-	"syscall"
 
 	resumeflate "duphunter/gzipgo/resumeflate"
-	"duphunter/gzipgo/segserve"
+	"duphunter/gzipgo/segmentio"
 )
 
 const bufSize = 256 << 10
@@ -72,13 +70,8 @@ func main() {
 	}
 	var err error
 	switch o.mode {
-	case "segment":
-		var input []byte
-		if input, err = readInput(o.size); err == nil {
-			err = segment(o, input, os.Stdout)
-		}
-	case "serve":
-		err = segserve.Serve(served)
+	case "segment", "serve":
+		err = segmentio.Run(o.mode, o.size, os.Args[1:], encodeSegment)
 	default:
 		err = run(o.level, o.mode)
 	}
@@ -88,14 +81,12 @@ func main() {
 	}
 }
 
-// served encodes one segment a served request asks for.
-func served(args []string, input []byte, output io.Writer) error {
+// encodeSegment encodes one segment as its flags say (the command line's, or a served
+// request's).
+func encodeSegment(args []string, input []byte, output io.Writer) error {
 	o, err := parse(args, flag.ContinueOnError)
 	if err != nil {
 		return err
-	}
-	if o.mode != "segment" {
-		return fmt.Errorf("a served request is a segment, not -mode %s", o.mode)
 	}
 	return segment(o, input, output)
 }
@@ -149,20 +140,4 @@ func segment(o options, input []byte, output io.Writer) error {
 		return err
 	}
 	return out.Flush()
-}
-
-// readInput returns the whole of stdin, announced as `size` bytes. A regular file (the
-// memory file a restore writes the segment's input to) is mapped, not copied. A pipe is
-// read into one buffer of that size: io.ReadAll grows its buffer by copying as the input
-// comes, and with the collector off (as segment helpers run: they live for one segment)
-// every copy's pages are new to the process: about three times the input in page
-// faults, measured as 20 ms of system time per 5.5 MB segment.
-func readInput(size int) ([]byte, error) {
-	info, err := os.Stdin.Stat()
-	if err == nil && info.Mode().IsRegular() && size > 0 && info.Size() == int64(size) {
-		return syscall.Mmap(int(os.Stdin.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_PRIVATE)
-	}
-	input := bytes.NewBuffer(make([]byte, 0, size+bytes.MinRead))
-	_, err = input.ReadFrom(os.Stdin)
-	return input.Bytes(), err
 }
