@@ -248,8 +248,9 @@ class SpareFiles:
 
 
 SPARE_FILE_BYTES = 12 << 20
-SPARE_INPUTS = SpareFiles("input", os.cpu_count() or 2)
-SERVED = ServedHelpers(keep=os.cpu_count() or 2)
+_CORES = os.cpu_count() or 2  # a process runs at most one segment per core
+SPARE_INPUTS = SpareFiles("input", _CORES)
+SERVED = ServedHelpers(keep=_CORES)
 
 
 @contextlib.contextmanager

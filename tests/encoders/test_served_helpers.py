@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.core import is_helper_process
 from deploy.stack import REPO_ROOT, wait_until
 from pipelines.encoders import segment_helpers
 from pipelines.encoders.base import HelperFailedError, thread_cpu_seconds
@@ -163,10 +164,10 @@ def helpers_at_work(helper_dir: Path) -> list[int]:
         if entry.name.isdigit() and int(entry.name) not in SERVED.processes():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                exe = Path(os.readlink(entry / "exe"))
             except OSError:
                 continue
-            if int(fields[1]) == os.getpid() and exe.parent == helper_dir and fields[0] != "Z":
+            mine = int(fields[1]) == os.getpid() and fields[0] != "Z"
+            if mine and is_helper_process(entry, helper_dir.resolve()):
                 pids.append(int(entry.name))
     return pids
 

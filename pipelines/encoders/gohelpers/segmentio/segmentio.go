@@ -54,7 +54,7 @@ func Run(mode string, size int, args []string, encode Encode) error {
 func ReadInput(size int) ([]byte, error) {
 	info, err := os.Stdin.Stat()
 	if err == nil && info.Mode().IsRegular() && size > 0 && info.Size() == int64(size) {
-		return syscall.Mmap(int(os.Stdin.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_PRIVATE)
+		return mapped(os.Stdin, size)
 	}
 	input := bytes.NewBuffer(make([]byte, 0, size+bytes.MinRead))
 	_, err = input.ReadFrom(os.Stdin)
@@ -99,7 +99,7 @@ func answer(encode Encode, args []byte, rights []byte) string {
 	before := cpuNanoseconds()
 	files, err := attachedFiles(rights)
 	if err == nil {
-		err = run(encode, splitArgs(args), files[0], files[1])
+		err = encodeFiles(encode, splitArgs(args), files[0], files[1])
 	}
 	for _, file := range files {
 		file.Close()
@@ -113,20 +113,26 @@ func answer(encode Encode, args []byte, rights []byte) string {
 	return fmt.Sprintf("ok %d", cpuNanoseconds()-before)
 }
 
-func run(encode Encode, args []string, inputFile, outputFile *os.File) error {
+// encodeFiles encodes a served request's input file into its output file.
+func encodeFiles(encode Encode, args []string, inputFile, outputFile *os.File) error {
 	info, err := inputFile.Stat()
 	if err != nil {
 		return err
 	}
 	input := []byte{}
 	if size := int(info.Size()); size > 0 {
-		input, err = syscall.Mmap(int(inputFile.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_PRIVATE)
+		input, err = mapped(inputFile, size)
 		if err != nil {
 			return err
 		}
 		defer syscall.Munmap(input)
 	}
 	return encode(args, input, outputFile)
+}
+
+// mapped is a file's first `size` bytes, mapped read-only: never copied.
+func mapped(file *os.File, size int) ([]byte, error) {
+	return syscall.Mmap(int(file.Fd()), 0, size, syscall.PROT_READ, syscall.MAP_PRIVATE)
 }
 
 func attachedFiles(rights []byte) ([]*os.File, error) {
