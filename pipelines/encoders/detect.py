@@ -360,8 +360,7 @@ def _screen(candidates: list[Encoder], target: _Target, tar_prefix: bytes) -> _T
     whole = len(tar_prefix) < SCREEN_STAGES[-1] and target.prefix_is_whole
     for encoder in available:
         if whole:  # a small blob: compare all of it, which no prefix screen can match
-            rejected = _prescreen_rejects(encoder, tar_prefix, target)
-            verdict = "reject" if rejected else _whole_verdict(encoder, tar_prefix, target)
+            verdict = _small_blob_verdict(encoder, tar_prefix, target)
         else:
             verdict = _screen_verdict(encoder, tar_prefix, target)
             if verdict == "unscreened" and _prescreen_rejects(encoder, tar_prefix, target):
@@ -380,6 +379,18 @@ def _prescreen_rejects(encoder: Encoder, tar_prefix: bytes, target: _Target) -> 
     return produced is not None and not _is_prefix_of_payload(produced, target)
 
 
+def _small_blob_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:
+    """A blob whose whole tar is at hand: the screen's stages shorter than the tar reject
+    most candidates for a fraction of a full compression each; the rest are compared
+    whole."""
+    if _prescreen_rejects(encoder, tar, target):
+        return "reject"
+    stages = tuple(stage for stage in SCREEN_STAGES if stage < len(tar))
+    if _screen_verdict(encoder, tar, target, stages) == "reject":
+        return "reject"
+    return _whole_verdict(encoder, tar, target)
+
+
 def _whole_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:
     """Small blobs: the whole tar and blob are at hand, so compare them outright."""
     try:
@@ -389,11 +400,13 @@ def _whole_verdict(encoder: Encoder, tar: bytes, target: _Target) -> str:
     return "pass" if produced == target.payload_prefix else "reject"
 
 
-def _screen_verdict(encoder: Encoder, tar_prefix: bytes, target: _Target) -> str:
+def _screen_verdict(
+    encoder: Encoder, tar_prefix: bytes, target: _Target, stages: Sequence[int] = SCREEN_STAGES
+) -> str:
     """ "reject" if a produced prefix contradicts the blob, "pass" if one agreed,
     "unscreened" if the encoder cannot be judged on a prefix."""
     verdict = "unscreened"
-    for stage in SCREEN_STAGES:
+    for stage in stages:
         produced = encoder.screen(tar_prefix[:stage], target.params)
         if produced is None:
             continue

@@ -18,12 +18,19 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 import zstandard
 
-from pipelines.encoders.base import EncoderUnavailableError, Match, NoMatch, describe_helper
+from pipelines.encoders import detect
+from pipelines.encoders.base import (
+    Encoder,
+    EncoderUnavailableError,
+    Match,
+    NoMatch,
+    describe_helper,
+)
 from pipelines.encoders.detect import SCREEN_STAGES, Shortlist, find_encoder, shortlist
 from pipelines.encoders.gzip_families import (
     GzipProgramEncoder,
@@ -577,6 +584,26 @@ def test_gnu_gzip_and_pigz_layers_are_reproduced(
     path.write_bytes(layer_tar)
     blob = run_tool([*tool, "-c", str(path)], b"")
     assert_exact(blob, layer_tar, expected_id)
+
+
+def test_small_blob_is_compared_whole_only_by_the_candidates_its_prefix_leaves(
+    helper_dir: Path, layer_tar: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob under the last screen stage is compared whole, but only after the shorter
+    stages: compressing the whole tar with every candidate cost 4x the detection time."""
+    assert SCREEN_STAGES[0] < len(layer_tar) < SCREEN_STAGES[-1]
+    compared_whole: list[str] = []
+    real_whole_verdict = detect._whole_verdict
+
+    def counted(encoder: Encoder, tar: bytes, target: Any) -> str:
+        compared_whole.append(encoder.encoder_id)
+        return real_whole_verdict(encoder, tar, target)
+
+    monkeypatch.setattr(detect, "_whole_verdict", counted)
+    blob = gzip.compress(layer_tar, compresslevel=6, mtime=0)
+    result = assert_exact(blob, layer_tar)
+    assert result.encoder_id in compared_whole
+    assert 1 <= len(compared_whole) <= 3, compared_whole
 
 
 @pytest.mark.parametrize("tool", [["pigz", "-n", "-b", "256"], ["pigz", "-n", "-9", "-b", "64"]])
