@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The cores this host runs on (2 where the system does not say): one segment, one proof
+# thread and one kept helper per core.
+HOST_CORES = os.cpu_count() or 2
 # libzstd's own default limit (window log 27); here so that config imports no format code
 DEFAULT_ZSTD_MAX_WINDOW = 128 << 20
 

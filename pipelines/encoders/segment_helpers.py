@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from pipelines.config import HOST_CORES
 from pipelines.encoders.base import HelperFailedError, charge_cpu
 from pipelines.formats import Pieces, total_length
 from pipelines.pauses import pause
@@ -43,12 +44,13 @@ def segment_helper_env() -> dict[str, str]:
 
 def run_segment_helper(argv: Sequence[str], parts: Pieces) -> memoryview:
     """A Go segment helper's output for `parts` (history, data, ...), fed in order;
-    `argv` is the helper's one-segment command line (`-mode segment` and its flags),
-    run by a served helper of the same program. The view is writable: its edges are
+    `argv` is the helper's one-segment command line (`-mode segment` and its flags but
+    `-size`: a served helper's input is a file of exactly the parts), run by a served
+    helper of the same program. The view is writable: its edges are
     masked in place; the helper's file is not changed."""
     size = total_length(parts)
     with _input_file(parts, size) as given, _memory_file("output") as output:
-        SERVED.encode(argv[0], [*argv[1:], "-size", str(size)], given, output)
+        SERVED.encode(argv[0], argv[1:], given, output)
         return _mapped(output)
 
 
@@ -248,9 +250,9 @@ class SpareFiles:
 
 
 SPARE_FILE_BYTES = 12 << 20
-_CORES = os.cpu_count() or 2  # a process runs at most one segment per core
-SPARE_INPUTS = SpareFiles("input", _CORES)
-SERVED = ServedHelpers(keep=_CORES)
+# a process runs at most one segment per core
+SPARE_INPUTS = SpareFiles("input", HOST_CORES)
+SERVED = ServedHelpers(keep=HOST_CORES)
 
 
 @contextlib.contextmanager

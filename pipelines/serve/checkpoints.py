@@ -41,11 +41,11 @@ import bisect
 import hashlib
 import itertools
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from pipelines.config import HOST_CORES
 from pipelines.encoders.base import Encoder, Match, NoMatch
 from pipelines.encoders.detect import Shortlist
 from pipelines.encoders.gzip_families import decode_gzip_params
@@ -78,7 +78,7 @@ MAX_SEGMENT_TAR_BYTES = 32 << 20
 KEPT_WHOLE_BYTES = 8 << 20
 CUTS_PER_FILE = 8
 MAX_CUT_FILE_BYTES = 128 << 20
-PROOF_THREADS = os.cpu_count() or 2
+PROOF_THREADS = HOST_CORES
 
 logger = logging.getLogger(__name__)
 

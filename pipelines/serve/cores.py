@@ -26,15 +26,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipelines.config import HOST_CORES
+
 POLL_SECONDS = 0.002
-CORES = os.cpu_count() or 2
 
 
 class HostCores:
     """At most `count` holders at a time: among this process's threads, and, given a
     `directory`, among every process of the host that uses it."""
 
-    def __init__(self, directory: Path | None = None, count: int = CORES) -> None:
+    def __init__(self, directory: Path | None = None, count: int = HOST_CORES) -> None:
         self.directory = directory
         self.count = count
         self._local = threading.BoundedSemaphore(count)

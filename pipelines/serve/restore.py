@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+from pipelines.config import HOST_CORES
 from pipelines.encoders.base import Encoder, charge_cpu, thread_cpu_seconds
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.table import encode, lookup_encoder
@@ -45,7 +46,7 @@ from pipelines.serve.checkpoints import (
     join_segments,
     segment_input,
 )
-from pipelines.serve.cores import CORES, HostCores
+from pipelines.serve.cores import HostCores
 from pipelines.serve.rebuild import (
     BATCH_BYTES,
     PREFETCH_BYTES,
@@ -64,7 +65,7 @@ from pipelines.store.filestore import (
 from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 POLL_SECONDS = 0.005
-RESTORE_THREADS = CORES  # segments re-encoded at once on this host
+RESTORE_THREADS = HOST_CORES  # segments re-encoded at once on this host
 SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)

@@ -5,9 +5,9 @@
 // Served, the helper answers requests on its stdin, a Unix SOCK_SEQPACKET socket, until
 // the other end closes it (the Python process that started it exits or lets it go).
 // A request is one message: the segment's arguments (the command-line flags of
-// `-mode segment`, separated by NUL bytes) with two file descriptors attached
-// (SCM_RIGHTS): the input file (mapped, never changed) and the output file (written
-// from offset 0). The reply is one message: "ok <cpu nanoseconds>" once the output is
+// `-mode segment` but -size, separated by NUL bytes) with two file descriptors attached
+// (SCM_RIGHTS): the input file (all of it is the segment's input: mapped, never changed)
+// and the output file (written from offset 0). The reply is one message: "ok <cpu nanoseconds>" once the output is
 // written and both files are closed here, or "error <message>". A crash closes the
 // socket: the other end reads nothing and knows.
 //
