@@ -92,7 +92,9 @@ def own_live_stack(workdir: Path, extra: dict[str, str]) -> Iterator[LiveStack]:
 
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    with own_live_stack(tmp_path_factory.mktemp("stack"), {}) as stack_of_the_session:
+    workdir = tmp_path_factory.mktemp("stack")
+    pauses = PausePoints(workdir / "pauses").environment()  # armed by `live_points` only
+    with own_live_stack(workdir, pauses) as stack_of_the_session:
         # code under test that reads settings from the environment uses this stack
         environment = stack_of_the_session.stack.env
         os.environ.update({k: v for k, v in environment.items() if k.startswith("DUPHUNTER_")})
@@ -204,3 +206,11 @@ class PausePoints:
         for armed in self.directory.iterdir():
             if not armed.name.endswith(".reached"):
                 armed.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def live_points(live: LiveStack) -> Iterator[PausePoints]:
+    """The pause points of the session's stack, each released when the test ends."""
+    points = PausePoints(Path(live.stack.env[PAUSE_DIR_VARIABLE]))
+    yield points
+    points.release_all()

@@ -55,12 +55,15 @@ def paused(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveStack
         "DUPHUNTER_GC_GRACE_SECONDS": str(GRACE),
         **points.environment(),
     }
+    before = os.environ.get(PAUSE_DIR_VARIABLE)
     os.environ.update(points.environment())
     try:
         with own_live_stack(workdir, settings) as live:
             yield live, points
-    finally:
+    finally:  # the session's stack's, if it set one
         os.environ.pop(PAUSE_DIR_VARIABLE, None)
+        if before is not None:
+            os.environ[PAUSE_DIR_VARIABLE] = before
 
 
 @pytest.fixture

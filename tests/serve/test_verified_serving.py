@@ -13,6 +13,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -25,7 +26,7 @@ from pipelines.formats.verify import SEGMENT_BYTES
 from pipelines.ingest.ingestor import INTACT, LayerRecord, layer_record_key, save_record
 from pipelines.store.blobs import BlobInfo
 from tests.client import RegistryClient, image_manifest, sha256
-from tests.conftest import LiveStack, extra_api
+from tests.conftest import LiveStack, PausePoints, extra_api
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
 from workers.app import make_celery
 
@@ -223,22 +224,10 @@ def test_a_short_spool_write_is_an_error_never_a_hang(
 # Redis and S3 restarting under an ingest.
 
 
-def job_started(live: LiveStack, digest: str) -> bool:
-    job = live.registry.index.layer(digest).get("job", "")
-    meta = live.registry.index.redis.get(f"celery-task-meta-{job}")
-    return meta is not None and json.loads(meta)["status"] in ("STARTED", "SUCCESS")
-
-
 def many_files_layer() -> bytes:
-    """Thousands of small files: the split asks Redis which are new every 128 files."""
-    files = {f"pkg/{n // 100}/{n}.py": os.urandom(1500) for n in range(8000)}
+    """Two thousand small files of random bytes: files to store and references to count."""
+    files = {f"pkg/{n // 100}/{n}.py": os.urandom(1500) for n in range(2000)}
     return gzip.compress(make_tar(files), compresslevel=6, mtime=0)
-
-
-def restart(live: LiveStack, service: str, down_seconds: float) -> None:
-    live.stack.stop_service(service)
-    time.sleep(down_seconds)
-    live.stack.respawn(service)
 
 
 def assert_consistent(live: LiveStack, client: RegistryClient, repo: str, layer: bytes) -> None:
@@ -255,29 +244,38 @@ def assert_consistent(live: LiveStack, client: RegistryClient, repo: str, layer:
     assert fetch(client, repo, digest) == layer
 
 
-@pytest.mark.parametrize(("service", "wait_ready"), [("redis", "redis"), ("s3", "s3")])
+@pytest.mark.parametrize("service", ["redis", "s3"])
 def test_backend_restart_during_ingest(
-    client: RegistryClient, repo: str, live: LiveStack, service: str, wait_ready: str
+    client: RegistryClient, repo: str, live: LiveStack, live_points: PausePoints, service: str
 ) -> None:
-    """Redis or S3 goes away for two seconds while the ingest worker splits a layer: the
-    worker retries, and the layer ends deduplicated, consistent in S3 and Redis."""
+    """Redis or S3 goes away while the ingest worker has stored a layer's files and not
+    yet committed it (held there by a pause point, so the outage cannot miss the ingest):
+    the worker retries until the backend is back, and the layer ends deduplicated,
+    consistent in S3 and Redis."""
     log = live.workdir / "worker-ingest.log"
     log_start = log.stat().st_size
     layer = many_files_layer()
+    live_points.hold("ingest.files_stored", sha256(layer))
     (digest,) = push_layers(client, repo, [layer])
-    wait_until(lambda: job_started(live, digest), "ingest job start", timeout=120)
-    time.sleep(0.3)
-    restart(live, service, down_seconds=2.0)
-    if wait_ready == "redis":
+    live_points.wait_reached("ingest.files_stored")
+    live.stack.stop_service(service)
+    live_points.release("ingest.files_stored")
+    wait_until(lambda: b"transient failure, retrying" in log_since(log, log_start),
+               "the ingest meeting the outage", timeout=120)  # fmt: skip
+    live.stack.respawn(service)
+    if service == "redis":
         wait_until(lambda: bool(live.registry.index.redis.ping()), "redis back")
     else:
         wait_until(lambda: live.registry.store.size("probe") is None, "S3 back", timeout=120)
     record = wait_for_layers(live, [digest], timeout=300)[digest]
     assert record["state"] == "deduplicated", record
-    with open(log, "rb") as handle:
-        handle.seek(log_start)
-        assert b"transient failure, retrying" in handle.read(), "the outage missed the ingest"
     assert_consistent(live, client, repo, layer)
+
+
+def log_since(log: Path, offset: int) -> bytes:
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        return handle.read()
 
 
 def test_a_half_done_commit_is_repaired(client: RegistryClient, repo: str, live: LiveStack) -> None:
