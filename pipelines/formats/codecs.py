@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import zlib
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -476,6 +477,25 @@ class ChunkReader(io.RawIOBase):
         buffer[:n] = self._current[self._offset : self._offset + n]
         self._offset += n
         return n
+
+    def read(self, size: int = -1, /) -> bytes:
+        """`size` bytes (fewer only at the end; all that is left if negative), gathered
+        across chunks: a raw read would answer with one chunk's rest, in a new buffer
+        of `size` bytes each time."""
+        pieces: list[bytes] = []
+        wanted = size if size >= 0 else sys.maxsize
+        while wanted > 0:
+            if self._offset >= len(self._current):
+                nxt = next(self._chunks, None)
+                if nxt is None:
+                    break
+                self._current, self._offset = nxt, 0
+                continue
+            piece = self._current[self._offset : self._offset + wanted]
+            self._offset += len(piece)
+            wanted -= len(piece)
+            pieces.append(piece)
+        return b"".join(pieces)
 
 
 def iter_chunks(stream: BinaryIO, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:

@@ -32,6 +32,25 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
+class WholeReads:
+    """`stream`, each read answered in full (short only at the end). The minio SDK
+    appends each read to its part with `bytes +=`, so a stream that answers in small
+    pieces cost time quadratic in the pieces of a part: 2.2 s of CPU for a pack of
+    4,000 files of 2 kB, against 0.02 s read whole."""
+
+    def __init__(self, stream: Readable) -> None:
+        self.stream = stream
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            return b"".join(iter(self.stream.read, b""))
+        pieces: list[bytes] = []
+        while size > 0 and (piece := self.stream.read(size)):
+            pieces.append(piece)
+            size -= len(piece)
+        return b"".join(pieces)
+
+
 class ObjectNotFound(KeyError):
     """The key names no object."""
 
@@ -112,12 +131,11 @@ class S3Store:
 
     @counted("put_stream")
     def put_stream(self, key: str, stream: Readable, length: int | None) -> None:
+        whole = cast(BinaryIO, WholeReads(stream))
         if length is None:
-            self.client.put_object(
-                self.bucket, key, cast(BinaryIO, stream), -1, part_size=STREAM_PART_SIZE
-            )
+            self.client.put_object(self.bucket, key, whole, -1, part_size=STREAM_PART_SIZE)
         else:
-            self.client.put_object(self.bucket, key, cast(BinaryIO, stream), length)
+            self.client.put_object(self.bucket, key, whole, length)
 
     @counted("put_bytes")
     def put_bytes(self, key: str, data: bytes) -> None:

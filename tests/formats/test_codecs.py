@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.formats.codecs import (
+    ChunkReader,
     CorruptBlobError,
     Sniff,
     gzip_header_length,
@@ -191,3 +192,17 @@ def test_gzip_members_roundtrip(data: bytes, members: int) -> None:
     blob = b"".join(gzip.compress(data[i : i + size]) for i in range(0, len(data), size))
     blob = blob or gzip.compress(b"")
     assert open_decompressed("gzip", io.BytesIO(blob)).read() == data
+
+
+@given(
+    st.lists(st.binary(max_size=40), max_size=30),
+    st.lists(st.integers(min_value=-1, max_value=100), max_size=20),
+)
+def test_chunk_reader_answers_each_read_in_full(chunks: list[bytes], sizes: list[int]) -> None:
+    """A read gathers across chunks (empty ones too): short only at the end of them."""
+    data, position = b"".join(chunks), 0
+    reader = ChunkReader(iter(chunks))
+    for size in sizes:
+        expected = data[position:] if size < 0 else data[position : position + size]
+        assert reader.read(size) == expected
+        position += len(expected)
