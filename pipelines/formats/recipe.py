@@ -25,6 +25,7 @@ so a recipe that decodes is the one that was encoded.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ _CHECKSUM_SIZE = 32
 _ZSTD_LEVEL = 6  # ~300 MB/s of raw bytes; level 9 saves ~5% at half the speed
 _BATCH_SIZE = 1 << 20
 _MAX_VARINT_BYTES = 10
+RESUME_EVERY = 4096  # entries between the points a walk from a tar offset starts at
 
 
 class RecipeError(Exception):
@@ -81,10 +83,30 @@ class Recipe:
     entry_count: int
     body: bytes = field(repr=False)  # the zstd-compressed entries
     segments: SegmentDigests | None = None  # None in version-1 recipes
+    # found by the first walk from an offset: (entries before, their body bytes, tar bytes)
+    _resumes: list[tuple[int, int, int]] = field(
+        init=False, default_factory=list, compare=False, repr=False
+    )
 
     def entries(self) -> Iterator[Raw | FileRef]:
         """The entries in tar order, decompressed as they are iterated."""
         return _iter_body(self.body, self.entry_count)
+
+    def entries_from(self, tar_offset: int) -> Iterator[tuple[int, Raw | FileRef]]:
+        """The entries from the one holding byte `tar_offset` of the tar on, each with the
+        tar offset it starts at. The parse starts at the last resume point before it
+        (every RESUME_EVERY entries, found by one walk of the recipe, then kept): the
+        segments of a layer would each walk the recipe from its start, a time
+        quadratic in its files for a layer of many."""
+        if not self._resumes:
+            self._resumes[:] = _resume_points(self.entries())
+        at = bisect.bisect_right(self._resumes, tar_offset, key=lambda point: point[2]) - 1
+        done, body_bytes, offset = self._resumes[at]
+        for entry in _iter_body(self.body, self.entry_count - done, body_bytes):
+            size = len(entry.data) if isinstance(entry, Raw) else entry.size
+            if offset + size > tar_offset:
+                yield offset, entry
+            offset += size
 
     def file_refs(self) -> dict[bytes, int]:
         """Unique file digests -> size, for reference counting."""
@@ -331,12 +353,36 @@ def _verify_body(recipe: Recipe) -> None:
 _ENTRY_HEAD_MAX = 1 + DIGEST_SIZE + _MAX_VARINT_BYTES  # a tag, a digest, a varint
 
 
-def _iter_body(body: bytes, entry_count: int) -> Iterator[Raw | FileRef]:
-    """The entries, parsed by index from big decompressed chunks: a restore walks the
-    whole recipe, and a call per field costs more than the rest of it."""
+def _resume_points(entries: Iterator[Raw | FileRef]) -> list[tuple[int, int, int]]:
+    """(entries before, their bytes in the decompressed body, their tar bytes) at the
+    start and after every RESUME_EVERY entries. An entry's body bytes follow from its
+    fields, since the parser accepts only minimal varints."""
+    points, body_bytes, offset = [(0, 0, 0)], 0, 0
+    for number, entry in enumerate(entries, start=1):
+        if isinstance(entry, Raw):
+            size = len(entry.data)
+            body_bytes += 1 + len(encode_varint(size)) + size
+        else:
+            size = entry.size
+            body_bytes += 1 + DIGEST_SIZE + len(encode_varint(size))
+        offset += size
+        if number % RESUME_EVERY == 0:
+            points.append((number, body_bytes, offset))
+    return points
+
+
+def _iter_body(body: bytes, entry_count: int, skip: int = 0) -> Iterator[Raw | FileRef]:
+    """The entries (`entry_count` of them, after `skip` bytes of the decompressed body),
+    parsed by index from big decompressed chunks: a restore walks the whole recipe, and
+    a call per field costs more than the rest of it."""
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=False)
         read = reader.read
+        while skip > 0:
+            skipped = len(read(min(skip, _BATCH_SIZE)))
+            if not skipped:
+                raise RecipeError("recipe body truncated")
+            skip -= skipped
         buf, pos, ended = b"", 0, False
         for _ in range(entry_count):
             if len(buf) - pos < _ENTRY_HEAD_MAX and not ended:
@@ -394,6 +440,8 @@ def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if byte == 0 and shift:  # one encoding per value: entries' sizes are exact
+                raise RecipeError("varint not in its shortest form")
             return value, pos
         shift += 7
     raise RecipeError("varint too long")

@@ -95,16 +95,12 @@ def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) ->
 
     def overlapping() -> Iterator[Raw | FileRef]:
         nonlocal first_offset
-        offset = 0
-        for entry in recipe.entries():
-            size = len(entry.data) if isinstance(entry, Raw) else entry.size
-            if offset + size > start and offset < end:
-                if first_offset < 0:
-                    first_offset = offset
-                yield entry
-            offset += size
+        for offset, entry in recipe.entries_from(start):
             if offset >= end:
                 return
+            if first_offset < 0:
+                first_offset = offset
+            yield entry
 
     skip, left = -1, end - start
     for chunk in _rebuild(overlapping(), files, keep_large=True):

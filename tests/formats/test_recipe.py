@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from pipelines.formats.recipe import (
     MAGIC,
+    RESUME_EVERY,
     VERSION,
     FileRef,
     Raw,
@@ -164,6 +165,7 @@ def test_wrong_magic_and_unknown_version_are_rejected() -> None:
         (b"\x00\x03abc\x00", 1, 3, "after the last"),
         (b"\x00\x03abc", 1, 4, "add up"),
         (b"\x01" + b"d" * 32 + b"\xff" * 11, 1, 0, "varint"),
+        (b"\x00\x83\x00abc", 1, 3, "shortest form"),  # 3 written in two bytes
     ],
 )
 def test_inconsistent_body_is_rejected_even_with_a_valid_checksum(
@@ -182,6 +184,34 @@ def test_inconsistent_body_is_rejected_even_with_a_valid_checksum(
     )
     with pytest.raises(RecipeError, match=message):
         Recipe.decode(recipe.encode())
+
+
+def test_entries_from_any_offset_are_those_a_whole_walk_finds() -> None:
+    """Across resume points (a recipe of 2.5 of their spans), with entries of every
+    encoded length, empty files and raw entries that straddle the offset."""
+    sizes = [0, 1, 127, 128, 16_383, 16_384, 2_000_000]
+    entries: list[Raw | FileRef] = []
+    for number in range(RESUME_EVERY * 5 // 2):
+        if number % 3:
+            entries.append(FileRef(hashlib.sha256(b"%d" % number).digest(), sizes[number % 7]))
+        else:
+            entries.append(Raw(b"r" * (1 + number % 700)))
+    recipe = Recipe.decode(build_recipe(entries, **EXAMPLE_METADATA).encode())  # type: ignore[arg-type]
+    starts, offset = [], 0
+    for entry in entries:
+        starts.append(offset)
+        offset += len(entry.data) if isinstance(entry, Raw) else entry.size
+    probes = {0, 1, offset - 1, offset}
+    for resume in (RESUME_EVERY, 2 * RESUME_EVERY):
+        for at in range(resume - 3, resume + 3):
+            probes |= {starts[at] - 1, starts[at], starts[at] + 1}
+    for tar_offset in sorted(probes):
+        expected = [
+            (start, entry)
+            for start, entry in zip(starts, entries, strict=True)
+            if start + (len(entry.data) if isinstance(entry, Raw) else entry.size) > tar_offset
+        ]
+        assert list(recipe.entries_from(tar_offset)) == expected, tar_offset
 
 
 def test_trailing_bytes_after_body_are_rejected() -> None:
