@@ -233,10 +233,12 @@ def adversarial_report(results: dict[str, Any]) -> str:
         "per queue, SeaweedFS S3, Redis) on loopback. Each layer pushed, ingested, its intact "
         "copy retired after a restore from its packs alone (maintenance worker), then pulled "
         "and re-hashed. Figures: the most any process of a service grew its peak resident "
-        "memory (VmHWM, reset before each phase) above what it held then, in MiB.\n",
+        "memory (VmHWM, reset before each phase) above what it held then, in MiB; and the "
+        "seconds from the push to the retirement, and of the pull.\n",
         "| layer | blob | tar | outcome | ingest: ingest worker / maintenance / API | "
-        "pull: API | bounds: ingest / restore | before the bounds (62f38eb) |",
-        "|---|---|---|---|---|---|---|---|",
+        "pull: API | bounds: ingest / restore | before the bounds (62f38eb) | "
+        "push to retired s | pull s |",
+        "|---|---|---|---|---|---|---|---|--:|--:|",
     ]
     for name, row in results.items():
         ingest, pull = row["ingest_growth_mib"], row["pull_growth_mib"]
@@ -247,7 +249,7 @@ def adversarial_report(results: dict[str, Any]) -> str:
             f"{ingest.get('api', 0):.0f} | {pull.get('api', 0):.0f} | "
             f"{row['ingest_bound_mib']:.0f} / {row['restore_bound_mib']:.0f} | "
             + " / ".join(str(v) for v in BEFORE_BOUNDS.get(name, ()))
-            + " |"
+            + f" | {row['ingest_and_retire_s']:.1f} | {row['pull_s']:.1f} |"
         )
     lines.append("\nRaw data: `docs/bench/memory.json` (`adversarial`).")
     return "\n".join(lines)
