@@ -99,7 +99,7 @@ class Recipe:
         segments of a layer would each walk the recipe from its start, a time
         quadratic in its files for a layer of many."""
         if not self._resumes:
-            self._resumes[:] = _resume_points(self.entries())
+            self._resumes[:] = _resume_points(self.entries())[0]
         at = bisect.bisect_right(self._resumes, tar_offset, key=lambda point: point[2]) - 1
         done, body_bytes, offset = self._resumes[at]
         for entry in _iter_body(self.body, self.entry_count - done, body_bytes):
@@ -343,32 +343,32 @@ def _parse_head(cursor: _Cursor, version: int) -> Recipe:
 
 
 def _verify_body(recipe: Recipe) -> None:
-    total = 0
-    for entry in recipe.entries():
-        total += len(entry.data) if isinstance(entry, Raw) else entry.size
+    """Walk every entry (its resume points found on the way, for `entries_from`)."""
+    points, total = _resume_points(recipe.entries())
     if total != recipe.tar_size:
         raise RecipeError(f"entries add up to {total} bytes, recipe says {recipe.tar_size}")
+    recipe._resumes[:] = points
 
 
 _ENTRY_HEAD_MAX = 1 + DIGEST_SIZE + _MAX_VARINT_BYTES  # a tag, a digest, a varint
 
 
-def _resume_points(entries: Iterator[Raw | FileRef]) -> list[tuple[int, int, int]]:
+def _resume_points(entries: Iterator[Raw | FileRef]) -> tuple[list[tuple[int, int, int]], int]:
     """(entries before, their bytes in the decompressed body, their tar bytes) at the
-    start and after every RESUME_EVERY entries. An entry's body bytes follow from its
-    fields, since the parser accepts only minimal varints."""
+    start and after every RESUME_EVERY entries; and the tar's size. An entry's body
+    bytes follow from its fields, since the parser accepts only minimal varints."""
     points, body_bytes, offset = [(0, 0, 0)], 0, 0
     for number, entry in enumerate(entries, start=1):
         if isinstance(entry, Raw):
             size = len(entry.data)
-            body_bytes += 1 + len(encode_varint(size)) + size
+            body_bytes += 1 + (size.bit_length() + 6) // 7 + size
         else:
             size = entry.size
-            body_bytes += 1 + DIGEST_SIZE + len(encode_varint(size))
+            body_bytes += 1 + DIGEST_SIZE + ((size.bit_length() + 6) // 7 or 1)
         offset += size
         if number % RESUME_EVERY == 0:
             points.append((number, body_bytes, offset))
-    return points
+    return points, offset
 
 
 def _iter_body(body: bytes, entry_count: int, skip: int = 0) -> Iterator[Raw | FileRef]:
