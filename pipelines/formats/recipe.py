@@ -361,14 +361,19 @@ def _resume_points(entries: Iterator[Raw | FileRef]) -> tuple[list[tuple[int, in
     for number, entry in enumerate(entries, start=1):
         if isinstance(entry, Raw):
             size = len(entry.data)
-            body_bytes += 1 + (size.bit_length() + 6) // 7 + size
+            body_bytes += 1 + _varint_length(size) + size
         else:
             size = entry.size
-            body_bytes += 1 + DIGEST_SIZE + ((size.bit_length() + 6) // 7 or 1)
+            body_bytes += 1 + DIGEST_SIZE + _varint_length(size)
         offset += size
         if number % RESUME_EVERY == 0:
             points.append((number, body_bytes, offset))
     return points, offset
+
+
+def _varint_length(value: int) -> int:
+    """The bytes `encode_varint(value)` takes (its shortest form), without encoding it."""
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def _iter_body(body: bytes, entry_count: int, skip: int = 0) -> Iterator[Raw | FileRef]:

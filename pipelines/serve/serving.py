@@ -16,7 +16,6 @@ entry evicted, a filler that died), the read goes on from a restore at the same 
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import uuid
@@ -190,7 +189,7 @@ class BlobServer:
             return 0
         key = f"data/{uuid.uuid4().hex}/000000"  # GC leaves it an upload's life to be named
         read = self.read(info, 0, info.size)
-        self.store.put_stream(key, io.BufferedReader(ChunkReader(read.chunks)), info.size)
+        self.store.put_stream(key, ChunkReader(read.chunks), info.size)
         self.blobs.replace_descriptor(replace(info, segments=[Segment(key, info.size)]))
         self.index.add_bytes(stored=info.size)
         self.index.count("replica_bytes", info.size)
