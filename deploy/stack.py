@@ -155,6 +155,13 @@ class Stack:
                 entry[1].wait()
             self.processes.remove(entry)
 
+    def wait_service(self, name: str, timeout: float) -> int:
+        """Wait for a service told to stop (signal_service) to end; its exit status."""
+        (entry,) = [entry for entry in self.processes if entry[0] == name]
+        status = entry[1].wait(timeout=timeout)
+        self.processes.remove(entry)
+        return status
+
     def stop(self) -> None:
         for _name, process in reversed(self.processes):
             if process.poll() is None:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from celery import Task, signals
 from redis.exceptions import LockError
 
-from pipelines.encoders.canaries import check_at_start
+from pipelines.encoders.canaries import CheckAbandoned, check_at_start
 from pipelines.encoders.table import prepare_encoders
 from pipelines.errors import IndexIncomplete, is_transient
 from pipelines.formats import Buffer
@@ -80,6 +80,9 @@ def _prepare_encoders(**_kwargs: object) -> None:
     prepare_encoders()
 
 
+_canaries_stop = threading.Event()
+
+
 @signals.worker_ready.connect
 def _check_encoder_canaries(**_kwargs: object) -> None:
     """At start, check every encoder against its canary (once per host when the workers
@@ -87,7 +90,10 @@ def _check_encoder_canaries(**_kwargs: object) -> None:
 
     def check() -> None:
         try:
-            results = check_at_start(registry().index.redis)
+            results = check_at_start(registry().index.redis, _canaries_stop)
+        except CheckAbandoned:
+            logger.info("encoder canary check abandoned: the worker stops (the next start checks)")
+            return
         except Exception:
             logger.exception("encoder canary check failed to run")
             return
@@ -97,6 +103,14 @@ def _check_encoder_canaries(**_kwargs: object) -> None:
             retire_unblocked()
 
     threading.Thread(target=check, name="encoder-canaries", daemon=True).start()
+
+
+@signals.worker_shutting_down.connect
+def _abandon_encoder_canaries(**_kwargs: object) -> None:
+    """A worker stopped during its start check (~5 s, far longer on a loaded host) stops
+    within its stop timeout instead of finishing every encoder first."""
+    _canaries_stop.set()
+    logger.info("worker stopping: encoder canary checks not yet begun are skipped")
 
 
 # Priorities on the restore queue (Redis transport: 0 is served first).

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from pipelines.encoders.base import EncoderUnavailableError
 from pipelines.encoders.gzip_families import GZIP_TRAILER_LEN, encode_gzip_params, golden_input
 from pipelines.encoders.table import all_encoders, encode, lookup_encoder, vouching_encoder_id
 from pipelines.encoders.zstd_families import KlauspostOptions, ZstdOptions
+from pipelines.pauses import pause
 
 CANARY_KEY = "dh:canaries"
 REASONS_KEY = "dh:canaries:reasons"
@@ -46,6 +48,10 @@ START_LOCK_SECONDS = 120  # one check per host when its workers start together
 CHECK_THREADS = 4
 OK, FAILED = "ok", "failed"
 logger = logging.getLogger(__name__)
+
+
+class CheckAbandoned(Exception):
+    """The check stopped before every encoder ran (its worker is shutting down)."""
 
 
 @dataclass(frozen=True)
@@ -136,9 +142,21 @@ def check_one(canary: Canary) -> str:
     return ""
 
 
-def check_all(canaries: dict[str, Canary] | None = None) -> dict[str, str]:
-    """Every encoder id (recorded or registered here): "" if it passed, else why not."""
+def check_all(
+    canaries: dict[str, Canary] | None = None, stop: threading.Event | None = None
+) -> dict[str, str]:
+    """Every encoder id (recorded or registered here): "" if it passed, else why not.
+    Once `stop` is set, the encoders not yet begun are skipped and CheckAbandoned is
+    raised: a stopping worker waits for its in-flight checks only (its interpreter joins
+    the pool's threads, which would otherwise run all ~160 checks first)."""
     canaries = load_canaries() if canaries is None else canaries
+
+    def check_unless_stopped(canary: Canary) -> str:
+        pause("canaries.check")
+        if stop is not None and stop.is_set():
+            raise CheckAbandoned(f"stopped before {canary.encoder_id} was checked")
+        return check_one(canary)
+
     results = {
         encoder_id: "no canary recorded for this encoder id "
         "(pipelines/encoders/encoder_canaries.json)"
@@ -146,7 +164,8 @@ def check_all(canaries: dict[str, Canary] | None = None) -> dict[str, str]:
         if encoder_id not in canaries
     }
     with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="canary") as pool:
-        checked = dict(zip(canaries, pool.map(check_one, canaries.values()), strict=True))
+        outcomes = pool.map(check_unless_stopped, canaries.values())
+        checked = dict(zip(canaries, outcomes, strict=True))
     return {**checked, **results}
 
 
@@ -164,19 +183,28 @@ def record(client: redis.Redis[bytes], results: dict[str, str]) -> None:
         logger.error("encoder canary failed: %s: %s", encoder_id, reason)
 
 
-def check_and_record(client: redis.Redis[bytes]) -> dict[str, str]:
-    results = check_all()
+def check_and_record(
+    client: redis.Redis[bytes], stop: threading.Event | None = None
+) -> dict[str, str]:
+    results = check_all(stop=stop)
     record(client, results)
     return results
 
 
-def check_at_start(client: redis.Redis[bytes]) -> dict[str, str] | None:
-    """The check when a worker starts; None if another worker of this host just ran it."""
-    host = socket.gethostname()
-    if not client.set(f"{CANARY_KEY}:started:{host}", "1", nx=True, ex=START_LOCK_SECONDS):
+def check_at_start(
+    client: redis.Redis[bytes], stop: threading.Event | None = None
+) -> dict[str, str] | None:
+    """The check when a worker starts; None if another worker of this host just ran it.
+    One abandoned (CheckAbandoned) records nothing and leaves the next start to check."""
+    lock = f"{CANARY_KEY}:started:{socket.gethostname()}"
+    if not client.set(lock, "1", nx=True, ex=START_LOCK_SECONDS):
         return None
-    results = check_and_record(client)
-    client.hset(STARTS_KEY, host, str(time.time()))
+    try:
+        results = check_and_record(client, stop)
+    except CheckAbandoned:
+        client.delete(lock)
+        raise
+    client.hset(STARTS_KEY, socket.gethostname(), str(time.time()))
     return results
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -35,10 +36,11 @@ from pipelines.encoders.canaries import (
 from pipelines.encoders.gzip_families import GZIP_TRAILER_LEN
 from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
 from tests.client import RegistryClient, sha256
-from tests.conftest import LiveStack, extra_api
+from tests.conftest import LiveStack, PausePoints, extra_api
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
 
 GNU_LEVEL6 = "gzip/gnu-1.12/level6"
+ABANDONING = "encoder canary checks not yet begun are skipped"
 
 
 def test_canary_file_covers_every_encoder_id(helper_dir: Path) -> None:
@@ -158,6 +160,34 @@ def test_workers_check_the_canaries_at_start(live: LiveStack) -> None:
     redis.delete(STARTS_KEY, CANARY_KEY, f"{CANARY_KEY}:started:{socket.gethostname()}")
     live.stack.respawn("worker-predict")
     wait_until(lambda: bool(redis.hlen(STARTS_KEY)), "a check at worker start", 180)
+    assert redis.hlen(CANARY_KEY) >= len(registered_ids())
+
+
+def test_a_worker_stopped_during_its_start_check_abandons_it(
+    live: LiveStack, live_points: PausePoints
+) -> None:
+    """SIGTERM while the check at start runs: the worker ends (status 0) once its checks
+    in flight end, without running the others; nothing is recorded, and the next start
+    checks every encoder. Before, it ran all ~160 first: longer than supervisord's stop
+    timeout on a loaded host, which then killed it."""
+    redis = live.registry.index.redis
+    lock = f"{CANARY_KEY}:started:{socket.gethostname()}"
+    log = live.stack.workdir / "worker-predict.log"
+    live.stack.stop_service("worker-predict")
+    redis.delete(STARTS_KEY, CANARY_KEY, lock)
+    live_points.hold("canaries.check")
+    logged_before = log.read_text(errors="replace").count(ABANDONING)
+    live.stack.respawn("worker-predict")
+    live_points.wait_reached("canaries.check", timeout=180)
+    live.stack.signal_service("worker-predict", signal.SIGTERM)
+    wait_until(lambda: log.read_text(errors="replace").count(ABANDONING) > logged_before,
+               "the worker's shutdown to begin", 60)  # fmt: skip
+    live_points.release("canaries.check")
+    assert live.stack.wait_service("worker-predict", timeout=60) == 0
+    assert "encoder canary check abandoned" in log.read_text(errors="replace")
+    assert not redis.exists(CANARY_KEY, STARTS_KEY, lock)
+    live.stack.respawn("worker-predict")
+    wait_until(lambda: bool(redis.hlen(STARTS_KEY)), "a check at the next start", 180)
     assert redis.hlen(CANARY_KEY) >= len(registered_ids())
 
 
