@@ -30,6 +30,7 @@ docs/benchmarks.md compares this policy with LRU and ARC on replayed workloads.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections import deque
@@ -46,7 +47,10 @@ from pipelines.formats.verify import SEGMENT_BYTES
 from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 PART_BYTES = SEGMENT_BYTES
-LEASE_MS = 60_000  # a filler that writes no part for this long is taken for dead
+LEASE_MS = 10_000  # a filler's claim, renewed by a thread of its process every quarter
+STALL_SECONDS = 60.0  # of it while its restore writes: one that wrote nothing this long
+# is taken for stuck, one whose process died is taken for dead within a lease
+DROP_MS = 60_000  # a dropper that died by then is replaced
 POLL_SECONDS = 0.02
 PIN_BONUS = 1e12  # added to the rank of a pinned entry: above any unpinned one
 PIN_SHARE = 0.5  # of the bound, at most, held by pinned entries
@@ -228,7 +232,7 @@ class LayerBuffer:
         back: given back twice, S3 would hold more than the bound."""
         token, now = uuid.uuid4().hex, time.time()
         size = int(self._begin_drop(keys=[entry_key(digest), RANK_KEY],
-                                    args=[digest, token, now, now + LEASE_MS / 1000]))  # fmt: skip
+                                    args=[digest, token, now, now + DROP_MS / 1000]))  # fmt: skip
         if size < 0:
             return  # gone already, or another process is dropping it
         self.store.delete([part_key(digest, n) for n in range(-(-size // PART_BYTES))])
@@ -333,33 +337,54 @@ class Filler:
         self.uploads: deque[Future[None]] = deque()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"fill-{digest[7:19]}")
         self.lost = False  # another process took the fill over: the rest is not written
+        self.last_write = time.monotonic()
+        self.ended = threading.Event()
+        threading.Thread(target=self._renew, name=f"fill-lease-{digest[7:19]}", daemon=True).start()
+
+    def _renew(self) -> None:
+        """Keep the claim while this process lives and its restore writes: the GETs that
+        follow a filler killed with its host take the layer over within LEASE_MS, not
+        after the STALL_SECONDS that a slow restore is allowed between two writes."""
+        while not self.ended.wait(LEASE_MS / 4000):
+            if self.lost or time.monotonic() - self.last_write > STALL_SECONDS:
+                return
+            with contextlib.suppress(redis.RedisError):  # tried again at the next beat
+                if not self._owned("lease"):
+                    self.lost = True
 
     def write(self, chunk: Buffer) -> None:
         if self.lost:
             return
+        self.last_write = time.monotonic()
         self.pending += chunk
         while len(self.pending) >= PART_BYTES:
             self._put(bytes(self.pending[:PART_BYTES]))
             del self.pending[:PART_BYTES]
 
     def finish(self) -> None:
-        if self.pending and not self.lost:
-            self._put(bytes(self.pending))
-            self.pending.clear()
-        self._wait(0)
-        self.pool.shutdown()
-        if not self.lost and self.written != self.size:
-            raise ValueError(f"filled {self.written} of {self.size} bytes")
-        if self.lost or not self._owned("finish"):
-            self.buffer.redis.hincrby(STATS_KEY, "fills_lost", 1)
+        try:
+            if self.pending and not self.lost:
+                self._put(bytes(self.pending))
+                self.pending.clear()
+            self._wait(0)
+            self.pool.shutdown()
+            if not self.lost and self.written != self.size:
+                raise ValueError(f"filled {self.written} of {self.size} bytes")
+            if self.lost or not self._owned("finish"):
+                self.buffer.redis.hincrby(STATS_KEY, "fills_lost", 1)
+        finally:
+            self.ended.set()
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._wait(0)
-        self.pool.shutdown(cancel_futures=True)
-        self.buffer.redis.hincrby(STATS_KEY, "fills_failed", 1)
-        if not self.lost and self._owned("abort"):
-            self.buffer.drop(self.digest)  # else the entry is another filler's now
+        try:
+            with contextlib.suppress(Exception):
+                self._wait(0)
+            self.pool.shutdown(cancel_futures=True)
+            self.buffer.redis.hincrby(STATS_KEY, "fills_failed", 1)
+            if not self.lost and self._owned("abort"):
+                self.buffer.drop(self.digest)  # else the entry is another filler's now
+        finally:
+            self.ended.set()
 
     def _owned(self, step: str, parts: int = 0) -> bool:
         """Do `step` if this filler still holds the layer's fill claim; False if its lease

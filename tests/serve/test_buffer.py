@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,8 +16,17 @@ import pytest
 import redis
 import urllib3
 
-from deploy.stack import wait_until
-from pipelines.serve.buffer import PART_BYTES, RANK_KEY, Filler, LayerBuffer, entry_key, fill_key
+from deploy.stack import REPO_ROOT, VENV_BIN, wait_until
+from pipelines.serve.buffer import (
+    LEASE_MS,
+    PART_BYTES,
+    RANK_KEY,
+    BufferMiss,
+    Filler,
+    LayerBuffer,
+    entry_key,
+    fill_key,
+)
 from pipelines.store.storage import ObjectStore, S3Store
 from tests.client import RegistryClient, image_manifest, sha256
 from tests.conftest import LiveStack, extra_api
@@ -101,6 +112,51 @@ def test_a_get_reading_an_entry_the_lowered_bound_evicts_goes_on_from_a_restore(
     assert len(received) == len(blob) and sha256(bytes(received)) == digest
     after = live.registry.index.counters().get("buffer_reads_resumed_from_restore", 0)
     assert after > resumed, "the GET read all of the entry before it was evicted"
+
+
+def test_a_filler_killed_with_its_process_is_taken_over_within_a_lease(
+    live: LiveStack,
+) -> None:
+    """A process claims a layer's fill, writes some of it and lives on: its claim stays
+    well past a lease (a thread renews it). Killed (-9, as a lost API host), its claim is
+    gone within a lease: a GET following the fill stops waiting for parts that will never
+    come (BufferMiss, then restores) and another process can fill the layer. Before, the
+    claim lived until 60 s after the last part written."""
+    client = empty_redis_db(live, 9)
+    url = live.settings.redis_url.rsplit("/", 1)[0] + "/9"
+    data = os.urandom(PART_BYTES + 1000)
+    digest = sha256(data)
+    filler = subprocess.Popen(
+        [str(VENV_BIN / "python"), "-c",
+         "import sys, time, redis\n"
+         "from pipelines.config import Settings\n"
+         "from pipelines.serve.buffer import LayerBuffer\n"
+         "from pipelines.store.storage import S3Store\n"
+         f"buffer = LayerBuffer(S3Store(Settings()), redis.Redis.from_url({url!r}), "
+         f"{4 * PART_BYTES}, 60, 60)\n"
+         f"fill = buffer.start_fill({digest!r}, {len(data)}, 'miss')\n"
+         "fill.write(b'x' * 1000); print('filling', flush=True); time.sleep(600)"],
+        cwd=REPO_ROOT, env=live.stack.env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    try:
+        assert filler.stdout is not None and filler.stdout.readline().strip() == "filling"
+        time.sleep(LEASE_MS / 1000 * 1.5)
+        assert buffer.filling_alive(digest)  # renewed while its process lives
+        filler.send_signal(signal.SIGKILL)
+        filler.wait()
+        killed = time.monotonic()
+        with pytest.raises(BufferMiss):
+            b"".join(buffer.read(digest, 0, len(data)))
+        assert time.monotonic() - killed <= LEASE_MS / 1000 + 1
+    finally:
+        filler.kill()
+        filler.wait()
+    taking_over = buffer.start_fill(digest, len(data), "miss")
+    assert taking_over is not None
+    taking_over.write(data)
+    taking_over.finish()
+    assert b"".join(buffer.read(digest, 0, len(data))) == data
 
 
 def test_a_get_racing_a_preconstruction_gets_exact_bytes(
