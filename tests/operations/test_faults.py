@@ -25,7 +25,7 @@ from redis.exceptions import LockError
 from deploy.stack import REPO_ROOT, VENV_BIN, wait_until
 from pipelines.registry.gc import GcStopped
 from pipelines.registry.jobmarks import GIVE_UP_AFTER
-from pipelines.store.leases import LEASE_SECONDS, Lease
+from pipelines.store.leases import Lease
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api, own_live_stack
 from tests.layers import make_tar, wait_for_layers, wait_until_retired
@@ -38,29 +38,36 @@ MiB = 1 << 20
 # locks
 
 
+TEST_LEASE_SECONDS = 6
+
+
 def test_a_killed_holders_lock_is_taken_over_within_seconds(live: LiveStack) -> None:
     """A process takes a lock and is killed (-9) holding it: another takes it within a
     lease, not after the minutes the work it guarded may take; a live holder keeps it
-    well past its lease."""
+    well past its lease. (A lease of TEST_LEASE_SECONDS, not the 20 s of production: the
+    same code, and the test waits a third as long.)"""
     name = f"dh:lock:fault-test-{time.time_ns()}"
     holder = subprocess.Popen(
         [str(VENV_BIN / "python"), "-c",
          "import sys, time, redis; from pipelines.store.leases import Lease\n"
-         f"lease = Lease(redis.Redis.from_url({live.settings.redis_url!r}), {name!r})\n"
+         f"lease = Lease(redis.Redis.from_url({live.settings.redis_url!r}), {name!r}, "
+         f"seconds={TEST_LEASE_SECONDS})\n"
          "assert lease.acquire(); print('held', flush=True); time.sleep(600)"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        other = Lease(live.registry.index.redis, name, blocking_timeout=1)
-        time.sleep(LEASE_SECONDS * 1.5)  # a live holder renews its lease
+        other = Lease(live.registry.index.redis, name, blocking_timeout=1,
+                      seconds=TEST_LEASE_SECONDS)  # fmt: skip
+        time.sleep(TEST_LEASE_SECONDS * 1.5)  # a live holder renews its lease
         assert not other.acquire()
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         killed = time.monotonic()
-        other = Lease(live.registry.index.redis, name, blocking_timeout=LEASE_SECONDS + 10)
+        other = Lease(live.registry.index.redis, name, blocking_timeout=TEST_LEASE_SECONDS + 10,
+                      seconds=TEST_LEASE_SECONDS)  # fmt: skip
         assert other.acquire()
-        assert time.monotonic() - killed <= LEASE_SECONDS + 1
+        assert time.monotonic() - killed <= TEST_LEASE_SECONDS + 1
         other.release()
     finally:
         holder.kill()
