@@ -62,6 +62,9 @@ class Settings:
     resume_interval_seconds: float = field(
         default_factory=lambda: float(_env("RESUME_INTERVAL_SECONDS", "600"))
     )
+    index_wait_seconds: float = field(  # a job that needs the whole index comes back after
+        default_factory=lambda: float(_env("INDEX_WAIT_SECONDS", "30"))  # its rebuild
+    )
     mode: str = field(default_factory=lambda: _env("MODE", "s"))
     predictor: str = field(default_factory=lambda: _env("PREDICTOR", "history"))
     buffer_bytes: int = field(default_factory=lambda: int(_env("BUFFER_BYTES", str(4 << 30))))

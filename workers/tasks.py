@@ -45,7 +45,6 @@ from workers.app import celery_app
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 LOCK_ATTEMPTS = 5
-INDEX_WAIT = 30  # seconds a job that needs the complete index waits for its rebuild
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
 
@@ -140,7 +139,8 @@ def ingest_layer(repository: str, digest: str) -> dict[str, str]:
 def _ingest_after_the_rebuild(repository: str, digest: str) -> dict[str, str]:
     """Not waited out here, where the ingests queued behind this one would wait as long."""
     request_index_rebuild(registry())
-    ingest_layer.apply_async(args=(repository, digest), countdown=INDEX_WAIT)
+    wait = registry().settings.index_wait_seconds
+    ingest_layer.apply_async(args=(repository, digest), countdown=wait)
     return {"digest": digest, "state": QUEUED, "reason": "waits for the index rebuild"}
 
 
@@ -199,7 +199,8 @@ def _retire(digest: str, keep: bool | None, repository: str) -> int | None:
         return retrying(lambda: registry().ingestor.retire_intact_copy(digest, keep_replica))
     except IndexIncomplete:  # not waited out here: the rebuild may need this very worker
         # asked again once the rebuild (queued behind us) may have run
-        retire_intact_copy.apply_async(args=(digest, keep, repository), countdown=INDEX_WAIT)
+        wait = registry().settings.index_wait_seconds
+        retire_intact_copy.apply_async(args=(digest, keep, repository), countdown=wait)
         registry().jobmarks.keep_claim(RETIRE, digest)
         return None
 
