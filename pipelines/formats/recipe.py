@@ -3,24 +3,31 @@
 On-disk layout (version 2), integers are unsigned LEB128 varints:
 
     magic           4 bytes   b"DHRc"
-    version         1 byte    2 (version 1 is read too: it has no segment digests)
+    version         1 byte    3 (versions 1 and 2 are read too: version 1 has no segment
+                              digests, neither has a frame table: their body is one frame)
     blob_digest     varint length + UTF-8   e.g. "sha256:<hex>" of the pushed blob
     blob_size       varint
     tar_size        varint    uncompressed tar length (= sum of entry lengths)
     tar_sha256      32 bytes
     encoder_id      varint length + UTF-8   codec identity, e.g. "gzip/go1.26/level6"
     encoder_params  varint length + bytes   opaque, owned by the codec module
-    segment_count   varint    (version 2 only) segments of the pushed blob, then each:
+    segment_count   varint    (version 2 on) segments of the pushed blob, then each:
                       varint length, 32-byte sha256   (see pipelines.formats.verify)
     entry_count     varint
-    body_length     varint
-    body            one zstd frame holding entry_count entries:
+    frame_entries   varint    (version 3) entries per zstd frame of the body (the last
+                              frame holds the rest), then
+    frame_count     varint    max(1, ceil(entry_count / frame_entries)), then each frame's
+                      compressed length, varint
+    body_length     varint    (the frames' lengths add up to it)
+    body            zstd frames, one after the other, holding entry_count entries:
                       0x00 varint length, raw bytes      (Raw)
                       0x01 32-byte sha256, varint size   (FileRef)
     checksum        32 bytes  sha256 of every preceding byte
 
-Decoding verifies everything (checksum, structure, counts, tar_size) before returning,
-so a recipe that decodes is the one that was encoded.
+Decoding verifies everything (checksum, structure, counts, tar_size, each frame holding
+exactly its entries) before returning, so a recipe that decodes is the one that was
+encoded. The frames let a walk from a tar offset (a segment's rebuild) decompress from
+the frame holding it instead of from the body's start.
 """
 
 from __future__ import annotations
@@ -32,14 +39,15 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from pipelines.formats import Buffer
 from pipelines.formats.tarsplit import FileRef, Raw
 from pipelines.formats.verify import SegmentDigests
 
 __all__ = ["FileRef", "Raw", "Recipe", "RecipeBuilder", "RecipeError", "build_recipe"]
 
 MAGIC = b"DHRc"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 DIGEST_SIZE = 32
 _TAG_RAW = 0
 _TAG_FILE = 1
@@ -47,7 +55,8 @@ _CHECKSUM_SIZE = 32
 _ZSTD_LEVEL = 6  # ~300 MB/s of raw bytes; level 9 saves ~5% at half the speed
 _BATCH_SIZE = 1 << 20
 _MAX_VARINT_BYTES = 10
-RESUME_EVERY = 4096  # entries between the points a walk from a tar offset starts at
+RESUME_EVERY = 4096  # entries between the points a walk from a tar offset starts at, and
+# in a version-3 recipe the entries per frame of its body
 
 
 class RecipeError(Exception):
@@ -83,6 +92,8 @@ class Recipe:
     entry_count: int
     body: bytes = field(repr=False)  # the zstd-compressed entries
     segments: SegmentDigests | None = None  # None in version-1 recipes
+    frame_entries: int = 0  # entries per frame of the body; 0: the body is one frame
+    frames: tuple[int, ...] = ()  # each frame's compressed length (version 3)
     # found by the first walk from an offset: (entries before, their body bytes, tar bytes)
     _resumes: list[tuple[int, int, int]] = field(
         init=False, default_factory=list, compare=False, repr=False
@@ -90,7 +101,24 @@ class Recipe:
 
     def entries(self) -> Iterator[Raw | FileRef]:
         """The entries in tar order, decompressed as they are iterated."""
+        if self.frames:
+            return self._entries_of_frames(0)
         return _iter_body(self.body, self.entry_count)
+
+    @property
+    def resume_every(self) -> int:
+        return self.frame_entries or RESUME_EVERY
+
+    def _entries_of_frames(self, first: int) -> Iterator[Raw | FileRef]:
+        """The entries from frame `first` on, each frame decompressed on its own (and
+        checked to hold exactly its entries)."""
+        view = memoryview(self.body)
+        start = sum(self.frames[:first])
+        for number in range(first, len(self.frames)):
+            count = min(self.frame_entries, self.entry_count - number * self.frame_entries)
+            end = start + self.frames[number]
+            yield from _iter_body(view[start:end], count)
+            start = end
 
     def entries_from(self, tar_offset: int) -> Iterator[tuple[int, Raw | FileRef]]:
         """The entries from the one holding byte `tar_offset` of the tar on, each with the
@@ -99,10 +127,14 @@ class Recipe:
         segments of a layer would each walk the recipe from its start, a time
         quadratic in its files for a layer of many."""
         if not self._resumes:
-            self._resumes[:] = _resume_points(self.entries())[0]
+            self._resumes[:] = _resume_points(self.entries(), self.resume_every)[0]
         at = bisect.bisect_right(self._resumes, tar_offset, key=lambda point: point[2]) - 1
         done, body_bytes, offset = self._resumes[at]
-        for entry in _iter_body(self.body, self.entry_count - done, body_bytes):
+        if self.frames:  # a resume point starts a frame
+            entries = self._entries_of_frames(done // self.frame_entries)
+        else:  # the body decompressed from its start, the bytes before the point skipped
+            entries = _iter_body(self.body, self.entry_count - done, body_bytes)
+        for entry in entries:
             size = len(entry.data) if isinstance(entry, Raw) else entry.size
             if offset + size > tar_offset:
                 yield offset, entry
@@ -116,7 +148,7 @@ class Recipe:
         head = b"".join(
             [
                 MAGIC,
-                bytes([VERSION]),
+                bytes([VERSION if self.frames else 2]),
                 _length_prefixed(self.blob_digest.encode()),
                 encode_varint(self.blob_size),
                 encode_varint(self.tar_size),
@@ -125,6 +157,7 @@ class Recipe:
                 _length_prefixed(self.encoder_params),
                 _encode_segments(self.segments),
                 encode_varint(self.entry_count),
+                _encode_frames(self.frame_entries, self.frames),
                 encode_varint(len(self.body)),
             ]
         )
@@ -151,8 +184,12 @@ class RecipeBuilder:
     """Builds a recipe entry by entry while the tar is read once; memory stays small
     because entries are compressed as they arrive."""
 
-    def __init__(self, level: int = _ZSTD_LEVEL) -> None:
-        self._compressor = zstandard.ZstdCompressor(level=level).compressobj()
+    def __init__(self, level: int = _ZSTD_LEVEL, frame_entries: int = RESUME_EVERY) -> None:
+        self._zstd = zstandard.ZstdCompressor(level=level)
+        self._compressor = self._zstd.compressobj()
+        self._frame_entries = frame_entries
+        self._frames: list[int] = []  # compressed lengths of the frames ended
+        self._frame_bytes = 0  # compressed bytes of the frame being written
         self._compressed: list[bytes] = []
         self._batch = bytearray()
         self._entry_count = 0
@@ -196,8 +233,8 @@ class RecipeBuilder:
         if blob_size < 0:
             raise ValueError("blob_size must not be negative")
         self._finished = True
-        self._compress_batch()
-        self._compressed.append(self._compressor.flush())
+        if self._entry_count == 0 or self._entry_count % self._frame_entries:
+            self._end_frame()
         return Recipe(
             blob_digest=blob_digest,
             blob_size=blob_size,
@@ -208,6 +245,8 @@ class RecipeBuilder:
             entry_count=self._entry_count,
             body=b"".join(self._compressed),
             segments=segments,
+            frame_entries=self._frame_entries,
+            frames=tuple(self._frames),
         )
 
     def _append(self, *parts: bytes) -> None:
@@ -216,13 +255,26 @@ class RecipeBuilder:
         for part in parts:
             self._batch += part
         self._entry_count += 1
-        if len(self._batch) >= _BATCH_SIZE:
+        if self._entry_count % self._frame_entries == 0:
+            self._end_frame()
+        elif len(self._batch) >= _BATCH_SIZE:
             self._compress_batch()
 
     def _compress_batch(self) -> None:
         if self._batch:
-            self._compressed.append(self._compressor.compress(bytes(self._batch)))
+            self._keep(self._compressor.compress(bytes(self._batch)))
             self._batch.clear()
+
+    def _end_frame(self) -> None:
+        self._compress_batch()
+        self._keep(self._compressor.flush())
+        self._frames.append(self._frame_bytes)
+        self._frame_bytes = 0
+        self._compressor = self._zstd.compressobj()
+
+    def _keep(self, compressed: bytes) -> None:
+        self._compressed.append(compressed)
+        self._frame_bytes += len(compressed)
 
 
 def build_recipe(
@@ -234,9 +286,10 @@ def build_recipe(
     encoder_id: str,
     encoder_params: bytes,
     segments: SegmentDigests | None = None,
+    frame_entries: int = RESUME_EVERY,
 ) -> Recipe:
     """A recipe from a whole entry sequence (convenience over RecipeBuilder)."""
-    builder = RecipeBuilder()
+    builder = RecipeBuilder(frame_entries=frame_entries)
     for entry in entries:
         builder.add(entry)
     return builder.finish(
@@ -317,6 +370,23 @@ def _parse_segments(cursor: _Cursor, blob_size: int) -> SegmentDigests | None:
     return segments
 
 
+def _encode_frames(frame_entries: int, frames: tuple[int, ...]) -> bytes:
+    if not frames:
+        return b""
+    counts = [encode_varint(frame_entries), encode_varint(len(frames))]
+    return b"".join(counts + [encode_varint(length) for length in frames])
+
+
+def _parse_frames(cursor: _Cursor, entry_count: int) -> tuple[int, tuple[int, ...]]:
+    frame_entries = cursor.varint()
+    if frame_entries < 1:
+        raise RecipeError("a frame must hold at least one entry")
+    count = cursor.varint()
+    if count != max(1, -(-entry_count // frame_entries)):
+        raise RecipeError(f"{count} frames of {frame_entries} entries cannot hold {entry_count}")
+    return frame_entries, tuple(cursor.varint() for _ in range(count))
+
+
 def _parse_head(cursor: _Cursor, version: int) -> Recipe:
     blob_digest = cursor.text()
     blob_size = cursor.varint()
@@ -326,9 +396,12 @@ def _parse_head(cursor: _Cursor, version: int) -> Recipe:
     encoder_params = cursor.take(cursor.varint())
     segments = _parse_segments(cursor, blob_size) if version >= 2 else None
     entry_count = cursor.varint()
+    frame_entries, frames = _parse_frames(cursor, entry_count) if version >= 3 else (0, ())
     body = cursor.take(cursor.varint())
     if not cursor.at_end():
         raise RecipeError("unexpected bytes after the recipe body")
+    if frames and sum(frames) != len(body):
+        raise RecipeError(f"frames of {sum(frames)} bytes in all, the body has {len(body)}")
     return Recipe(
         blob_digest,
         blob_size,
@@ -339,12 +412,14 @@ def _parse_head(cursor: _Cursor, version: int) -> Recipe:
         entry_count,
         body,
         segments,
+        frame_entries,
+        frames,
     )
 
 
 def _verify_body(recipe: Recipe) -> None:
     """Walk every entry (its resume points found on the way, for `entries_from`)."""
-    points, total = _resume_points(recipe.entries())
+    points, total = _resume_points(recipe.entries(), recipe.resume_every)
     if total != recipe.tar_size:
         raise RecipeError(f"entries add up to {total} bytes, recipe says {recipe.tar_size}")
     recipe._resumes[:] = points
@@ -353,9 +428,11 @@ def _verify_body(recipe: Recipe) -> None:
 _ENTRY_HEAD_MAX = 1 + DIGEST_SIZE + _MAX_VARINT_BYTES  # a tag, a digest, a varint
 
 
-def _resume_points(entries: Iterator[Raw | FileRef]) -> tuple[list[tuple[int, int, int]], int]:
+def _resume_points(
+    entries: Iterator[Raw | FileRef], every: int
+) -> tuple[list[tuple[int, int, int]], int]:
     """(entries before, their bytes in the decompressed body, their tar bytes) at the
-    start and after every RESUME_EVERY entries; and the tar's size. An entry's body
+    start and after every `every` entries; and the tar's size. An entry's body
     bytes follow from its fields, since the parser accepts only minimal varints."""
     points, body_bytes, offset = [(0, 0, 0)], 0, 0
     for number, entry in enumerate(entries, start=1):
@@ -366,7 +443,7 @@ def _resume_points(entries: Iterator[Raw | FileRef]) -> tuple[list[tuple[int, in
             size = entry.size
             body_bytes += 1 + DIGEST_SIZE + _varint_length(size)
         offset += size
-        if number % RESUME_EVERY == 0:
+        if number % every == 0:
             points.append((number, body_bytes, offset))
     return points, offset
 
@@ -376,7 +453,7 @@ def _varint_length(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def _iter_body(body: bytes, entry_count: int, skip: int = 0) -> Iterator[Raw | FileRef]:
+def _iter_body(body: Buffer, entry_count: int, skip: int = 0) -> Iterator[Raw | FileRef]:
     """The entries (`entry_count` of them, after `skip` bytes of the decompressed body),
     parsed by index from big decompressed chunks: a restore walks the whole recipe, and
     a call per field costs more than the rest of it."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import itertools
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from pipelines.formats.recipe import (
     RecipeBuilder,
     RecipeError,
     build_recipe,
+    encode_varint,
 )
 from pipelines.formats.tarsplit import HashingReader, Payload, join_tar, split_tar
 from pipelines.formats.verify import SegmentDigests
@@ -86,7 +90,7 @@ def test_round_trip(entries: list[Raw | FileRef], metadata: dict[str, object]) -
 def test_layout_starts_with_magic_and_version() -> None:
     encoded = example_recipe().encode()
     assert encoded[:4] == MAGIC == b"DHRc"
-    assert encoded[4] == VERSION == 2
+    assert encoded[4] == VERSION == 3
 
 
 @PROPERTY_SETTINGS
@@ -110,10 +114,30 @@ def test_segments_must_cover_the_blob() -> None:
         Recipe.decode(recipe.encode())
 
 
+def one_frame(recipe: Recipe) -> Recipe:
+    """The same recipe as version 2 wrote it: its body one zstd frame, no frame table."""
+    body = b"".join(
+        bytes([0]) + encode_varint(len(e.data)) + e.data
+        if isinstance(e, Raw)
+        else bytes([1]) + e.digest + encode_varint(e.size)
+        for e in recipe.entries()
+    )
+    compressed = zstandard.ZstdCompressor().compress(body)
+    return dataclasses.replace(recipe, body=compressed, frame_entries=0, frames=())
+
+
+def test_version_2_recipes_still_decode() -> None:
+    recipe = one_frame(example_recipe())
+    encoded = recipe.encode()
+    assert encoded[4] == 2
+    decoded = Recipe.decode(encoded)
+    assert decoded == recipe and list(decoded.entries()) == list(example_recipe().entries())
+
+
 def test_version_1_recipes_still_decode_without_segments() -> None:
-    """Recipes written before segment digests existed: the same layout minus the segment
-    count, which a recipe without segments encodes as one zero byte."""
-    recipe = example_recipe()
+    """Recipes written before segment digests existed: the version-2 layout minus the
+    segment count, which a recipe without segments encodes as one zero byte."""
+    recipe = one_frame(example_recipe())
     encoded = recipe.encode()[:-32]
     params_end = encoded.index(EXAMPLE_METADATA["encoder_params"]) + len(  # type: ignore[arg-type]
         EXAMPLE_METADATA["encoder_params"]  # type: ignore[arg-type]
@@ -150,8 +174,8 @@ def test_wrong_magic_and_unknown_version_are_rejected() -> None:
     encoded = example_recipe().encode()
     with pytest.raises(RecipeError, match="magic"):
         Recipe.decode(b"XXXX" + encoded[4:])
-    with pytest.raises(RecipeError, match="version 3"):
-        Recipe.decode(resigned(encoded[:4] + bytes([3]) + encoded[5:-32]))
+    with pytest.raises(RecipeError, match="version 4"):
+        Recipe.decode(resigned(encoded[:4] + bytes([4]) + encoded[5:-32]))
 
 
 @pytest.mark.parametrize(
@@ -198,6 +222,8 @@ def test_entries_from_any_offset_are_those_a_whole_walk_finds() -> None:
             entries.append(Raw(b"r" * (1 + number % 700)))
     built = build_recipe(entries, **EXAMPLE_METADATA)  # type: ignore[arg-type]
     decoded = Recipe.decode(built.encode())  # its resume points found by the decode's walk
+    version_2 = Recipe.decode(one_frame(built).encode())  # one frame: resumes by skipping
+    assert len(built.frames) == 3 and version_2.frames == ()
     starts, offset = [], 0
     for entry in entries:
         starts.append(offset)
@@ -212,8 +238,60 @@ def test_entries_from_any_offset_are_those_a_whole_walk_finds() -> None:
             for start, entry in zip(starts, entries, strict=True)
             if start + (len(entry.data) if isinstance(entry, Raw) else entry.size) > tar_offset
         ]
-        for recipe in (built, decoded):
+        for recipe in (built, decoded, version_2):
             assert list(recipe.entries_from(tar_offset)) == expected, tar_offset
+
+
+def many_entries(count: int) -> list[Raw | FileRef]:
+    return [
+        FileRef(hashlib.sha256(b"%d" % n).digest(), n % 9) if n % 2 else Raw(b"h" * (1 + n % 5))
+        for n in range(count)
+    ]
+
+
+def in_frames_of_4(count: int) -> Recipe:
+    """A recipe of `count` entries whose body has a frame per 4 of them."""
+    return build_recipe(many_entries(count), frame_entries=4, **EXAMPLE_METADATA)  # type: ignore[arg-type]
+
+
+def test_a_walk_from_an_offset_decompresses_only_the_frames_from_its_own() -> None:
+    """Frame 0 of the body zeroed after the decode: a whole walk fails on it, a walk
+    from an offset in a later frame never reads it."""
+    recipe = Recipe.decode(in_frames_of_4(10).encode())
+    assert recipe.frames and len(recipe.frames) == 3
+    offsets = list(itertools.accumulate(
+        len(e.data) if isinstance(e, Raw) else e.size for e in recipe.entries()))  # fmt: skip
+    damaged = bytes(recipe.frames[0]) + recipe.body[recipe.frames[0] :]
+    broken = dataclasses.replace(recipe, body=damaged)
+    broken._resumes[:] = recipe._resumes
+    with pytest.raises(RecipeError):
+        list(broken.entries())
+    tail = list(broken.entries_from(offsets[4]))
+    assert [entry for _offset, entry in tail] == list(recipe.entries())[5:]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: {"frames": r.frames[:-1]}, "cannot hold"),
+        (lambda r: {"frames": (*r.frames[:-1], r.frames[-1] + 1)}, "the body has"),
+        (lambda r: {"frames": (r.frames[1], r.frames[0], *r.frames[2:])}, "not valid zstd"),
+        (lambda r: {"frame_entries": 3}, "cannot hold"),
+        (  # two frames of 4 entries read as one of 5: it holds 3 more
+            lambda r: {"frame_entries": 5, "frames": (r.frames[0] + r.frames[1], r.frames[2])},
+            "after the last recipe entry",
+        ),
+    ],
+)
+def test_a_frame_table_that_does_not_fit_the_body_is_rejected(
+    change: Callable[[Recipe], dict[str, object]], message: str
+) -> None:
+    """Frames that cannot hold the entries, lengths that do not add up to the body, and
+    frames that do not end where their entries do, each with a valid checksum."""
+    recipe = in_frames_of_4(10)
+    assert len(recipe.frames) == 3 and recipe.frames[0] != recipe.frames[1]
+    with pytest.raises(RecipeError, match=message):
+        Recipe.decode(dataclasses.replace(recipe, **change(recipe)).encode())  # type: ignore[arg-type]
 
 
 def test_trailing_bytes_after_body_are_rejected() -> None:
