@@ -1,6 +1,6 @@
 """The durable binary recipe of one layer: how to rebuild its tar from raw bytes and files.
 
-On-disk layout (version 2), integers are unsigned LEB128 varints:
+On-disk layout (version 3), integers are unsigned LEB128 varints:
 
     magic           4 bytes   b"DHRc"
     version         1 byte    3 (versions 1 and 2 are read too: version 1 has no segment
