@@ -72,6 +72,9 @@ def local_env(ports: list[int]) -> dict[str, str]:
         "DUPHUNTER_LOCAL_FLOWER_PORT": str(flower),
         "DUPHUNTER_RETIRE_GRACE_SECONDS": "1",
         "DUPHUNTER_VISIBILITY_TIMEOUT_SECONDS": "10",
+        # an ingest message lost with a killed worker is queued again by resume_ingests:
+        # every 30 s here, not 600 s, within the 300 s the crash test waits
+        "DUPHUNTER_RESUME_INTERVAL_SECONDS": "30",
     }
 
 
