@@ -196,7 +196,8 @@ def check_at_start(
 ) -> dict[str, str] | None:
     """The check when a worker starts; None if another worker of this host just ran it.
     One abandoned (CheckAbandoned) records nothing and leaves the next start to check."""
-    lock = f"{CANARY_KEY}:started:{socket.gethostname()}"
+    host = socket.gethostname()
+    lock = f"{CANARY_KEY}:started:{host}"
     if not client.set(lock, "1", nx=True, ex=START_LOCK_SECONDS):
         return None
     try:
@@ -204,7 +205,7 @@ def check_at_start(
     except CheckAbandoned:
         client.delete(lock)
         raise
-    client.hset(STARTS_KEY, socket.gethostname(), str(time.time()))
+    client.hset(STARTS_KEY, host, str(time.time()))
     return results
 
 

@@ -44,12 +44,13 @@ import redis
 from pipelines.formats import Buffer
 from pipelines.formats.digests import digest_key
 from pipelines.formats.verify import SEGMENT_BYTES
+from pipelines.store.leases import RENEWALS_PER_LEASE
 from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 PART_BYTES = SEGMENT_BYTES
-LEASE_MS = 10_000  # a filler's claim, renewed by a thread of its process every quarter
-STALL_SECONDS = 60.0  # of it while its restore writes: one that wrote nothing this long
-# is taken for stuck, one whose process died is taken for dead within a lease
+LEASE_MS = 10_000  # a filler's claim, renewed RENEWALS_PER_LEASE times a lease (as a
+# store.leases.Lease is) by a thread of its process while its restore writes
+STALL_SECONDS = 60.0  # a filler that wrote nothing this long is taken for stuck
 DROP_MS = 60_000  # a dropper that died by then is replaced
 POLL_SECONDS = 0.02
 PIN_BONUS = 1e12  # added to the rank of a pinned entry: above any unpinned one
@@ -345,7 +346,7 @@ class Filler:
         """Keep the claim while this process lives and its restore writes: the GETs that
         follow a filler killed with its host take the layer over within LEASE_MS, not
         after the STALL_SECONDS that a slow restore is allowed between two writes."""
-        while not self.ended.wait(LEASE_MS / 4000):
+        while not self.ended.wait(LEASE_MS / 1000 / RENEWALS_PER_LEASE):
             if self.lost or time.monotonic() - self.last_write > STALL_SECONDS:
                 return
             with contextlib.suppress(redis.RedisError):  # tried again at the next beat
