@@ -30,7 +30,8 @@ labels contain one of these.
 
 Results: a table on stdout, `docs/bench/restore.json`, and the section
 `## bench-restore: parallel restore from checkpoints` in `docs/benchmarks.md`
-(`restore-large-file.json` and its own section with `--large-file-mb`).
+(`restore-large-file.json` and its own section with `--large-file-mb`); with --no-docs
+(trial runs) only the JSON, in build/bench/restore/.
 """
 
 from __future__ import annotations
@@ -611,10 +612,13 @@ def main() -> None:
     args = parser.parse_args()
     result = bench(args)
     result["large_file_mb"] = args.large_file_mb
-    save_json("restore-large-file" if args.large_file_mb else "restore", result)
+    name = "restore-large-file" if args.large_file_mb else "restore"
     print(markdown(result))
-    if args.no_docs:
+    if args.no_docs:  # a trial: nothing in docs/
+        WORK.mkdir(parents=True, exist_ok=True)
+        (WORK / f"{name}.json").write_text(json.dumps(result, indent=2))
         return
+    save_json(name, result)
     if args.large_file_mb:
         write_section(LARGE_FILE_HEADING, markdown(result), result["machine"])
     else:
