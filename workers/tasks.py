@@ -37,6 +37,7 @@ from pipelines.formats import Buffer
 from pipelines.ingest.ingestor import QUEUED
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry.facade import Registry
+from pipelines.registry.jobmarks import DEATHS_GIVEN_UP_AFTER
 from pipelines.serve.predict import PERIOD, Prediction
 from pipelines.serve.rebuild import RestoreError
 from pipelines.serve.restore import encode_layer_segment
@@ -45,6 +46,7 @@ from workers.app import celery_app
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 LOCK_ATTEMPTS = 5
+RETIRE, PROMOTE, INGEST = "retire", "promote", "ingest"  # pipelines.registry.jobmarks' kinds
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,23 @@ PRIORITY_WARM, PRIORITY_PREDICTED, PRIORITY_REPLICA, PRIORITY_VERIFY = 0, 3, 6, 
 def ingest_layer(repository: str, digest: str) -> dict[str, str]:
     """Deduplicate a pushed layer. Not while the index is incomplete: it would find none of
     the layer's files stored and store them all again, and its proof could not locate
-    them; the job asks for the rebuild and comes back after it."""
+    them; the job asks for the rebuild and comes back after it. An ingest that killed
+    its worker DEATHS_GIVEN_UP_AFTER times in a row is not run again: the layer stays
+    intact (pipelines.registry.jobmarks)."""
+    marks = registry().jobmarks
+    deaths = retrying(lambda: marks.started(INGEST, digest))
+    try:
+        if deaths >= DEATHS_GIVEN_UP_AFTER:
+            given_up = retrying(lambda: registry().ingestor.give_up(digest, deaths))
+            if given_up is not None:
+                logger.error("ingest of %s given up: %s", digest, given_up.record.reason)
+                return given_up.record.as_fields()
+        return _ingest(repository, digest)
+    finally:
+        retrying(lambda: marks.ended(INGEST, digest))
+
+
+def _ingest(repository: str, digest: str) -> dict[str, str]:
     started = time.perf_counter()
     if not retrying(registry().index.is_ready):
         return _ingest_after_the_rebuild(repository, digest)
@@ -142,9 +160,6 @@ def _ingest_after_the_rebuild(repository: str, digest: str) -> dict[str, str]:
     wait = registry().settings.index_wait_seconds
     ingest_layer.apply_async(args=(repository, digest), countdown=wait)
     return {"digest": digest, "state": QUEUED, "reason": "waits for the index rebuild"}
-
-
-RETIRE, PROMOTE = "retire", "promote"  # the per-layer jobs of pipelines.registry.jobmarks
 
 
 def queue_retirement(digest: str, keep: bool | None) -> bool:

@@ -205,6 +205,23 @@ class Ingestor:
             return outcome
         return self._complete(*outcome, record)
 
+    def give_up(self, digest: str, deaths: int) -> IngestResult | None:
+        """Keep the layer intact, un-ingested: its last `deaths` ingests died with their
+        worker. None when the layer is past its commit point (what is left is short, and
+        must finish: ingest it). The reason starts as a failed ingest's does: should a
+        duplicate run commit meanwhile, `unfinished_ingests` finds the layer and finishes it."""
+        info = self.blobs.stored_info(digest)
+        if info is None:
+            return self._gone(digest, "blob not found")
+        if info.deduplicated:
+            return None
+        pause("ingest.give_up", digest)
+        reason = (
+            f"ingest failed: its worker died during {deaths} ingests in a row (killed, or "
+            "out of memory); given up, the layer is served from its intact copy"
+        )
+        return self._intact(LayerRecord(digest, INTACT, size=info.size), reason)
+
     def _deduplicate(
         self, info: BlobInfo, kind: Sniff, record: LayerRecord
     ) -> IngestResult | tuple[BlobInfo, Recipe]:

@@ -24,7 +24,9 @@ import redis
 QUEUED_MARK_SECONDS = 3600
 GIVE_UP_AFTER = 3
 FAILURE_MEMORY_SECONDS = 24 * 3600
+DEATHS_GIVEN_UP_AFTER = 3
 FAILURES_KEY = "dh:job-failures:{kind}"  # layer digest -> {"count", "error", "at"}
+STARTS_KEY = "dh:job-starts:{kind}"  # layer digest -> runs started and not ended
 
 
 class JobMarks:
@@ -77,6 +79,15 @@ class JobMarks:
         records = {key.decode(): json.loads(value) for key, value in raw.items()}
         fresh = time.time() - FAILURE_MEMORY_SECONDS
         return {digest: record for digest, record in records.items() if record["at"] >= fresh}
+
+    def started(self, kind: str, digest: str) -> int:
+        """Count a run's start; how many runs before it started and never ended (each
+        died with its worker)."""
+        return int(self.redis.hincrby(STARTS_KEY.format(kind=kind), digest, 1)) - 1
+
+    def ended(self, kind: str, digest: str) -> None:
+        """The run ended, however: the runs that died before it no longer count."""
+        self.redis.hdel(STARTS_KEY.format(kind=kind), digest)
 
     def given_up(self, kind: str) -> set[str]:
         """The layers the schedules no longer queue this job for."""

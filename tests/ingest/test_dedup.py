@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -16,13 +17,17 @@ from pathlib import Path
 import urllib3
 import zstandard
 
+from deploy.stack import wait_until
 from pipelines.formats.recipe import Recipe
+from pipelines.registry.jobmarks import DEATHS_GIVEN_UP_AFTER
 from pipelines.serve.rebuild import FIRST_BATCH, LOCATE_BATCH, rebuild_tar
 from pipelines.store.filestore import FileStore, Location
 from tests.client import RegistryClient, sha256
-from tests.conftest import LiveStack
+from tests.conftest import LiveStack, PausePoints
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
 from tests.real_clients import build_image, layout_manifest, needs_umoci_and_skopeo, skopeo_copy
+from workers.app import make_celery
+from workers.tasks import INGEST, ingest_layer
 
 
 @needs_umoci_and_skopeo
@@ -259,6 +264,73 @@ def test_ingest_survives_a_killed_worker(
     for file_digest in recipe.file_refs():
         assert live.registry.index.file_refcount(file_digest.hex()) == 1
     assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
+
+
+def test_an_ingest_that_kills_its_worker_each_time_is_given_up(
+    client: RegistryClient, repo: str, live: LiveStack, live_points: PausePoints
+) -> None:
+    """A layer whose ingest kills the worker process running it (out of memory, say) each
+    time: Celery hands the job to the next process, for ever. After DEATHS_GIVEN_UP_AFTER
+    deaths in a row the next run gives up: the layer stays intact, says why, pulls
+    byte-exact and is not queued again; the worker goes on with other layers."""
+    layer = gzip.compress(make_tar({"doomed.bin": os.urandom(300_000)}), mtime=0)
+    digest = sha256(layer)
+    live_points.hold("ingest.files_stored", digest)
+    push_layers(client, repo, [layer])
+    for _death in range(DEATHS_GIVEN_UP_AFTER):
+        live_points.wait_reached("ingest.files_stored")
+        live_points.hold("ingest.files_stored", digest)  # to see the next run reach it
+        kill_the_process_running_the_job(live, "worker-ingest")
+    record = wait_for_layers(live, [digest], timeout=120)[digest]
+    assert record["state"] == "intact", record
+    assert f"died during {DEATHS_GIVEN_UP_AFTER} ingests in a row" in record["reason"], record
+    assert not (live_points.directory / "ingest.files_stored.reached").exists()
+    assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
+    assert digest not in live.registry.unfinished_ingests(older_than=time.time() + 3600)
+    live_points.release("ingest.files_stored")
+    other = gzip.compress(make_tar({"fine.bin": os.urandom(200_000)}), mtime=0)
+    (other_digest,) = push_layers(client, repo, [other])
+    assert wait_for_layers(live, [other_digest])[other_digest]["state"] == "deduplicated"
+
+
+def test_a_give_up_racing_a_run_that_commits_ends_deduplicated(
+    client: RegistryClient, repo: str, live: LiveStack, live_points: PausePoints
+) -> None:
+    """Runs of one ingest at once (a redelivery beside a resumed job): one gives up, having
+    counted the others as dead, while one of them is alive and commits between the
+    give-up's check and its record. The layer is deduplicated, its record says intact
+    ("ingest failed"): `resume_ingests` finds it and finishes it. Nothing is lost."""
+    layer = gzip.compress(make_tar({"raced.bin": os.urandom(300_000)}), mtime=0)
+    digest = sha256(layer)
+    live_points.hold("ingest.files_stored", digest)
+    push_layers(client, repo, [layer])
+    live_points.wait_reached("ingest.files_stored")  # the live run, in the worker
+    for _dead in range(DEATHS_GIVEN_UP_AFTER - 1):
+        live.registry.jobmarks.started(INGEST, digest)
+    live_points.hold("ingest.give_up", digest)
+    # here, not in the worker (busy with the live run): it queues nothing on this path
+    giving_up = threading.Thread(target=ingest_layer, args=(repo, digest))
+    giving_up.start()
+    live_points.wait_reached("ingest.give_up")
+    live_points.release("ingest.files_stored")
+    wait_until_retired(live, digest)  # committed, its intact copy deleted
+    live_points.release("ingest.give_up")
+    giving_up.join(timeout=60)
+    assert live.registry.index.layer(digest)["state"] == "intact"
+    assert digest in live.registry.unfinished_ingests(older_than=time.time())
+    make_celery(live.settings).send_task("workers.tasks.resume_ingests")
+    wait_until(lambda: live.registry.index.layer(digest)["state"] == "deduplicated",
+               "the resumed ingest finished the layer", timeout=60)  # fmt: skip
+    assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == layer
+
+
+def kill_the_process_running_the_job(live: LiveStack, worker: str) -> None:
+    """SIGKILL the pool process of a Celery worker (its only one: concurrency 1), as the
+    kernel's out-of-memory killer would; the worker starts another."""
+    (main,) = [process.pid for name, process in live.stack.processes if name == worker]
+    children = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True)
+    (pool_process,) = [int(pid) for pid in children.stdout.split()]
+    os.kill(pool_process, signal.SIGKILL)
 
 
 def test_stats_report_dedup(client: RegistryClient, live: LiveStack) -> None:
