@@ -51,6 +51,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "workers.tasks.apply_retention": {"queue": "maintenance"},
             "workers.tasks.encode_segment": {"queue": "restore"},
             "workers.tasks.purge_stale_uploads": {"queue": "maintenance"},
+            "workers.tasks.sweep_buffer": {"queue": "maintenance"},
             "workers.tasks.rebuild_index": {"queue": "maintenance"},
             "workers.tasks.complete_index": {"queue": "maintenance"},
             "workers.tasks.watch_index": {"queue": "maintenance"},
@@ -94,6 +95,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "schedule": settings.resume_interval_seconds,
             },
             "audit-packs": {"task": "workers.tasks.audit_packs", "schedule": 3600.0},
+            "sweep-buffer": {"task": "workers.tasks.sweep_buffer", "schedule": 3600.0},
             "watch-index": {"task": "workers.tasks.watch_index", "schedule": 30.0},
             "apply-retention": {"task": "workers.tasks.apply_retention", "schedule": 86400.0},
             "collect-garbage": {

@@ -46,6 +46,7 @@ from workers.app import celery_app
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 LOCK_ATTEMPTS = 5
+SWEEP_AFTER_SECONDS = 600  # a buffer part this old is past any fill that could count it
 RETIRE, PROMOTE, INGEST = "retire", "promote", "ingest"  # pipelines.registry.jobmarks' kinds
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
@@ -410,6 +411,14 @@ def apply_retention(dry_run: bool = False) -> dict[str, list[str]]:
 def purge_stale_uploads() -> int:
     settings = registry().settings
     return registry().blobs.purge_stale_uploads(time.time() - settings.upload_ttl_seconds)
+
+
+@celery_app.task(name="workers.tasks.sweep_buffer")
+def sweep_buffer() -> int:
+    """Delete the layer buffer's parts that no entry counts (pipelines.serve.buffer's
+    `sweep`), written at least a lease-stall ago: how many."""
+    written_before = time.time() - SWEEP_AFTER_SECONDS
+    return retrying(lambda: registry().buffer.sweep(written_before))
 
 
 @celery_app.task(name="workers.tasks.watch_index")

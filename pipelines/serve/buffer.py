@@ -12,9 +12,13 @@ stops with BufferMiss and restores on its own), the bytes reserved and the evict
 Byte bound: a filler reserves the layer's whole size before writing its first part, and
 the reservation succeeds only while reserved bytes, entries being deleted included, stay
 within the bound; so S3 never holds more buffer bytes than the bound, even with many
-concurrent fills. Eviction (only complete entries) deletes the lowest-ranked entry first.
-The rank is exponentially decayed access frequency (LRFU): every fill and every GET
-served adds one access, older accesses count exp(-age/tau); the rank key
+concurrent fills, but for one case: a filler that lost its claim (frozen past its lease,
+or dropped under it) between checking the claim and uploading a part lands that part
+after its entry's parts were deleted. Nothing counts it; `sweep` deletes such parts
+(maintenance, `sweep_buffer`, hourly). Eviction (only complete entries) deletes the
+lowest-ranked entry first. The rank is exponentially decayed access frequency (LRFU):
+every fill and every GET served adds one access, older accesses count exp(-age/tau); the
+rank key
 K = log(sum exp(t_i/tau)) orders entries by that decayed frequency at any time without
 rewriting them. An entry that predictions expect GETs for is pinned (ranked above every
 unpinned one) until those GETs came or its pin expired. A prediction made from a manifest
@@ -44,6 +48,7 @@ import redis
 from pipelines.formats import Buffer
 from pipelines.formats.digests import digest_key
 from pipelines.formats.verify import SEGMENT_BYTES
+from pipelines.pauses import pause
 from pipelines.store.leases import RENEWALS_PER_LEASE
 from pipelines.store.storage import ObjectNotFound, ObjectStore
 
@@ -260,6 +265,31 @@ class LayerBuffer:
             self.redis.hincrby(STATS_KEY, "evicted_to_lowered_bound", evicted)
         return evicted
 
+    def sweep(self, written_before: float, digests: list[str] | None = None) -> int:
+        """Delete the parts written before `written_before` that no entry counts (of these
+        layers; default every layer): parts that fillers uploaded after losing their
+        claim, which no drop will delete. A part is kept while an entry, being filled,
+        complete or being dropped, holds it, or a claim on its layer lives. How many were
+        deleted. A part deleted just as a new fill of its layer wrote it again costs that
+        fill's readers a miss (they restore), never wrong bytes."""
+        prefixes = [digest_key("buffer", d) + "/" for d in digests] if digests else ["buffer/"]
+        written = [item.key for prefix in prefixes for item in self.store.listing(prefix)
+                   if item.modified < written_before]  # fmt: skip
+        orphans = [key for key in written if not self._counted(key)]
+        self.store.delete(orphans)
+        if orphans:
+            self.redis.hincrby(STATS_KEY, "orphan_parts_swept", len(orphans))
+        return len(orphans)
+
+    def _counted(self, key: str) -> bool:
+        """Whether an entry, or a live claim, accounts for the part under `key`."""
+        _buffer, algorithm, hex_part, number = key.split("/")
+        digest = f"{algorithm}:{hex_part}"
+        size = self.redis.hget(entry_key(digest), "size")
+        if size is not None:
+            return int(number) < -(-int(size) // PART_BYTES)
+        return self.filling_alive(digest)
+
     def _is_complete(self, digest: str) -> bool:
         entry = self.entry(digest)
         return entry is not None and entry.complete
@@ -406,6 +436,7 @@ class Filler:
         if self.lost or not self._owned("lease"):
             self.lost = True
             return
+        pause("buffer.upload", self.digest)  # the claim may lapse here: see `sweep`
         self.buffer.store.put_bytes(part_key(self.digest, number), data)
         if not self._owned("part", number + 1):
             self.lost = True
@@ -517,9 +548,16 @@ return {'granted'}
 )
 
 # KEYS: entry, fill claim, stats. ARGV: filler's owner token, step, parts written, lease
-# ms. A filler's step, done only while it holds the claim; returns 1 if done, else 0.
+# ms. A filler's step, done only while it holds the claim and its entry is still being
+# filled; returns 1 if done, else 0.
 _FILL_STEP_LUA = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'filling' then
+  -- dropped under its filler (GC's drop of a deleted blob): a step would make a remnant
+  -- without size, complete at its finish, that no fill of the layer could replace
+  redis.call('DEL', KEYS[2])
+  return 0
+end
 if ARGV[2] == 'lease' then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 elseif ARGV[2] == 'part' then

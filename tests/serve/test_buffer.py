@@ -29,7 +29,7 @@ from pipelines.serve.buffer import (
 )
 from pipelines.store.storage import ObjectStore, S3Store
 from tests.client import RegistryClient, image_manifest, sha256
-from tests.conftest import LiveStack, extra_api
+from tests.conftest import LiveStack, PausePoints, extra_api
 from tests.layers import (
     SOURCE,
     deduplicated_layer,
@@ -348,6 +348,63 @@ def test_a_filler_whose_layer_was_taken_over_leaves_the_new_fill_alone(
     assert b"".join(other.read(digest, 0, len(data))) == data
     in_s3 = buffer_bytes_in_s3(other.store, {digest: data})
     assert other.used_bytes() == in_s3 == len(data)
+
+
+def test_a_drop_under_a_live_filler_leaves_no_remnant(live: LiveStack) -> None:
+    """GC drops the entry of a layer it deleted while a live filler writes it: the filler's
+    next step finds its entry gone and stops (its claim freed). Before, the step wrote
+    `parts` into the deleted key: an entry with no size, marked complete at the finish,
+    that every later fill of the layer was refused for (the torture test's seed 0)."""
+    client = empty_redis_db(live, 10)
+    buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    data = os.urandom(2 * PART_BYTES + 1000)
+    digest = sha256(data)
+    filler = buffer.start_fill(digest, len(data), "miss")
+    assert filler is not None
+    filler.write(data[:PART_BYTES])
+    wait_until(lambda: parts_written(buffer, digest) == 1, "a part written")
+    buffer.drop(digest)  # GC's, of a deleted blob
+    filler.write(data[PART_BYTES:])
+    filler.finish()
+    assert filler.lost and not client.exists(entry_key(digest), fill_key(digest))
+    assert buffer.used_bytes() == buffer_bytes_in_s3(buffer.store, {digest: data}) == 0
+    again = buffer.start_fill(digest, len(data), "miss")  # the layer can be buffered again
+    assert again is not None
+    again.write(data)
+    again.finish()
+    assert b"".join(buffer.read(digest, 0, len(data))) == data
+
+
+def parts_written(buffer: LayerBuffer, digest: str) -> int:
+    entry = buffer.entry(digest)
+    return 0 if entry is None else entry.parts
+
+
+def test_a_part_uploaded_after_its_layer_was_dropped_is_swept(
+    live: LiveStack, live_points: PausePoints
+) -> None:
+    """A filler checks its claim, then stalls before the upload (frozen past its lease, or
+    a drop begins): its part lands after the drop deleted the entry's parts, counted by
+    nothing (the torture test's seed 8). The sweep deletes it and keeps the parts an
+    entry counts; S3 then holds exactly what the buffer counts."""
+    client = empty_redis_db(live, 11)
+    buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    late, kept = os.urandom(PART_BYTES + 1000), os.urandom(PART_BYTES + 1000)
+    fill_whole(buffer, sha256(kept), kept)
+    live_points.hold("buffer.upload", sha256(late))
+    filler = buffer.start_fill(sha256(late), len(late), "miss")
+    assert filler is not None
+    filler.write(late[:PART_BYTES])  # its upload checks the claim, then waits
+    live_points.wait_reached("buffer.upload")
+    buffer.drop(sha256(late))
+    live_points.release("buffer.upload")
+    filler.finish()
+    layers = {sha256(late): late, sha256(kept): kept}
+    assert buffer_bytes_in_s3(buffer.store, layers) == len(kept) + PART_BYTES  # the orphan
+    assert buffer.sweep(time.time() - 3600, list(layers)) == 0  # written too lately
+    assert buffer.sweep(time.time() + 1, list(layers)) == 1
+    assert buffer_bytes_in_s3(buffer.store, layers) == buffer.used_bytes() == len(kept)
+    assert b"".join(buffer.read(sha256(kept), 0, len(kept))) == kept
 
 
 def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:
