@@ -82,7 +82,7 @@ def _prepare_encoders(**_kwargs: object) -> None:
     prepare_encoders()
 
 
-_canaries_stop = threading.Event()
+_canaries_stop, _canaries_running = threading.Event(), threading.Event()
 
 
 @signals.worker_ready.connect
@@ -91,6 +91,7 @@ def _check_encoder_canaries(**_kwargs: object) -> None:
     start together), in the background: until it is recorded, retirement waits."""
 
     def check() -> None:
+        _canaries_running.set()
         try:
             results = check_at_start(registry().index.redis, _canaries_stop)
         except CheckAbandoned:
@@ -99,6 +100,8 @@ def _check_encoder_canaries(**_kwargs: object) -> None:
         except Exception:
             logger.exception("encoder canary check failed to run")
             return
+        finally:
+            _canaries_running.clear()
         if results is not None:
             failed = sum(bool(reason) for reason in results.values())
             logger.info("encoder canaries: %d checked, %d failed", len(results), failed)
@@ -112,7 +115,8 @@ def _abandon_encoder_canaries(**_kwargs: object) -> None:
     """A worker stopped during its start check (~5 s, far longer on a loaded host) stops
     within its stop timeout instead of finishing every encoder first."""
     _canaries_stop.set()
-    logger.info("worker stopping: encoder canary checks not yet begun are skipped")
+    if _canaries_running.is_set():
+        logger.info("worker stopping: encoder canary checks not yet begun are skipped")
 
 
 # Priorities on the restore queue (Redis transport: 0 is served first).
