@@ -449,8 +449,9 @@ class RestoreHub:
         deadline = time.time() - self.keep_seconds
         for path in self.spool_dir.glob("*.data*"):
             with contextlib.suppress(FileNotFoundError), open(path, "rb") as handle:
-                if os.fstat(handle.fileno()).st_mtime < deadline and not _producer_alive(handle):
-                    path.unlink()
+                status = os.fstat(handle.fileno())
+                if status.st_mtime < deadline and not _producer_alive(handle):
+                    _unlink_if_same(path, _identity(status))
 
     def state(self, digest: str) -> str | None:
         """ "restoring" or "complete" if this host has a spool file for the layer."""
@@ -497,14 +498,18 @@ class RestoreHub:
         scratch = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
         descriptor = os.open(scratch, os.O_CREAT | os.O_TRUNC | os.O_RDWR, MODE_RESTORING)
         fcntl.flock(descriptor, fcntl.LOCK_EX)
+        # opened by its own name: whatever later happens to `path`, this reads this file
+        handle = open(scratch, "rb")  # noqa: SIM115 - the caller's generator closes it
         try:
             os.link(scratch, path)  # atomic: exactly one claimant wins
-        except FileExistsError:
+        except BaseException as error:
+            handle.close()
             os.close(descriptor)
-            return _open_existing(path)
+            if isinstance(error, FileExistsError):
+                return _open_existing(path)
+            raise
         finally:
             scratch.unlink()
-        handle = open(path, "rb")  # noqa: SIM115 - the caller's generator closes it
         thread = threading.Thread(
             target=self._produce,
             name=f"restore-{digest[7:19]}",
@@ -535,15 +540,23 @@ class RestoreHub:
             self._failures[digest] = error
             while len(self._failures) > FAILURES_KEPT:
                 del self._failures[next(iter(self._failures))]
+        finally:  # whatever ended it: a file left restoring by a live process is waited on
+            self._settle(descriptor, path, outcome)
+
+    def _settle(self, descriptor: int, path: Path, outcome: int) -> None:
+        """Mark the spool file with the restore's outcome and let it go. A failed one is
+        removed while its flock is held, when `path` can only be this file: the next GET
+        restores again, its readers still see the mode."""
         os.fchmod(descriptor, outcome)
+        if outcome == MODE_FAILED:
+            _unlink_quietly(path)
+        judged = _identity(os.fstat(descriptor))
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
-        if outcome == MODE_FAILED:  # the next GET tries again; readers still see the mode
-            _unlink_quietly(path)
-            return
-        timer = threading.Timer(self.keep_seconds, _unlink_quietly, args=(path,))
-        timer.daemon = True
-        timer.start()
+        if outcome == MODE_VERIFIED:
+            timer = threading.Timer(self.keep_seconds, _unlink_if_same, args=(path, judged))
+            timer.daemon = True
+            timer.start()
 
 
 MODE_RESTORING, MODE_VERIFIED, MODE_FAILED = 0o600, 0o640, 0o604
@@ -569,11 +582,12 @@ def _open_existing(path: Path) -> BinaryIO | None:
     alive = _producer_alive(handle)
     if mode == MODE_RESTORING and alive:
         return handle
+    judged = _identity(os.fstat(handle.fileno()))
     handle.close()
     if alive:  # a failed restore: its producer removes the file right after marking it
         time.sleep(POLL_SECONDS)
     else:  # a crashed producer's file, or a failed one left behind: restore again
-        _unlink_quietly(path)
+        _unlink_if_same(path, judged)
     return None
 
 
@@ -622,3 +636,18 @@ def _producer_alive(handle: BinaryIO) -> bool:
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int]:
+    """A spool file apart from the next one under its name: an inode number is reused as
+    soon as it is freed, its change time is not (the last change of a judged file is its
+    mode)."""
+    return status.st_dev, status.st_ino, status.st_ctime_ns
+
+
+def _unlink_if_same(path: Path, judged: tuple[int, int, int]) -> None:
+    """Remove `path` if it is still the file judged removable: another restore may have
+    claimed the name since (then removing it would only start a third restore)."""
+    with contextlib.suppress(FileNotFoundError):
+        if _identity(path.stat()) == judged:
+            path.unlink()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +195,61 @@ def test_a_reader_never_spins_when_the_producer_fails_midway(tmp_path: Path) -> 
     assert not reader.is_alive(), "the reader is still waiting"
     assert isinstance(result[0], RestoreError)
     assert hub_read(hub, iter([BLOB]), SEGMENT, 10) == BLOB[SEGMENT : SEGMENT + 10]  # retried
+
+
+def test_a_kept_files_timer_leaves_the_next_restore_of_its_name_alone(tmp_path: Path) -> None:
+    """A verified spool file is removed by name a keep time after its restore. If a sweep
+    of another process removed it first and a new restore claimed the name, the timer
+    must leave that file alone: removed, the next GET would start a third restore."""
+    keeping = RestoreHub(tmp_path, keep_seconds=0.3)
+    assert hub_read(keeping, iter([BLOB]), 0, 10) == BLOB[:10]
+    other = RestoreHub(tmp_path, keep_seconds=0)  # its start sweeps the verified file
+    assert other.state(DIGEST) is None
+    started, go_on = threading.Event(), threading.Event()
+
+    def slow() -> Iterator[bytes]:
+        yield BLOB[:SEGMENT]
+        started.set()
+        go_on.wait(10)
+        yield BLOB[SEGMENT:]
+
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(hub_read(other, slow(), 0, len(BLOB))))
+    reader.start()
+    assert started.wait(10)
+    time.sleep(0.6)  # the first file's timer has run
+    assert other.state(DIGEST) == "restoring"
+    go_on.set()
+    reader.join(10)
+    assert result == [BLOB]
+
+
+class Interrupted(BaseException):
+    """Not an Exception: what a restore is stopped by from outside (KeyboardInterrupt,
+    GeneratorExit), which `except Exception` lets through."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # Interrupted
+def test_a_restore_ended_by_a_base_exception_is_settled_as_failed(tmp_path: Path) -> None:
+    """Its spool file is marked failed and unlocked, not left restoring by a live process:
+    its readers would wait for ever. The next GET restores again."""
+
+    def interrupted() -> Iterator[bytes]:
+        yield BLOB[:SEGMENT]
+        raise Interrupted
+
+    hub = RestoreHub(tmp_path, keep_seconds=0)
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(hub_read(hub, interrupted(), 0, len(BLOB)))
+        except RestoreError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)  # may wait for ever: the failure
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the reader waits for a restore nobody runs"
+    assert isinstance(outcome[0], RestoreError)
+    assert hub_read(hub, iter([BLOB]), SEGMENT, 10) == BLOB[SEGMENT : SEGMENT + 10]
