@@ -29,13 +29,11 @@ action comes when, which filler is killed or frozen at which step.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -43,7 +41,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -62,6 +60,7 @@ from pipelines.serve.buffer import (
     part_key,
 )
 from pipelines.store.storage import S3Store
+from tests import agents
 
 if TYPE_CHECKING:
     from tests.conftest import LiveStack, PausePoints
@@ -312,48 +311,31 @@ class Agent:
     """One agent process; `pending` counts the commands it has not answered yet."""
 
     def __init__(self, env: dict[str, str], answers: list[dict[str, Any]]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", AGENT_ENTRY], cwd=Path(__file__).parents[2], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
         self.pending = 1  # its "ready"
         self.lock = threading.Lock()
         self.answers = answers
-        threading.Thread(target=self._read_answers, daemon=True).start()
+        self.process = agents.Agent(AGENT_ENTRY, env, self._answered)
 
-    def _read_answers(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self.lock:
-                self.pending -= 1
-            self.answers.append(json.loads(line))
+    def _answered(self, answer: dict[str, Any]) -> None:
+        with self.lock:
+            self.pending -= 1
+        self.answers.append(answer)
 
     @property
     def idle(self) -> bool:
         with self.lock:
-            return self.pending == 0 and self.process.poll() is None
+            return self.pending == 0 and self.process.alive
 
     def send(self, command: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
         with self.lock:
             self.pending += 1
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
+        self.process.send(command)
 
     def signal(self, number: int) -> None:
-        os.kill(self.process.pid, number)
+        self.process.signal(number)
 
     def stop(self) -> None:
         self.process.kill()
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            _close(stream)
-
-
-def _close(stream: IO[str] | None) -> None:
-    if stream is not None:
-        with contextlib.suppress(OSError):  # a pipe to a killed process
-            stream.close()
 
 
 @dataclass

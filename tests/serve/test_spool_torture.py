@@ -29,13 +29,11 @@ which producer, stopped where and for how long, which process dies when.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -50,6 +48,7 @@ import pytest
 from pipelines.pauses import pause
 from pipelines.serve.rebuild import RestoreError
 from pipelines.serve.restore import MODE_VERIFIED, RESTORE_FAILED, DamagedFileError, RestoreHub
+from tests import agents
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
@@ -333,36 +332,26 @@ class Agent:
     def __init__(
         self, env: dict[str, str], on_message: Callable[[dict[str, Any]], None], log: IO[str]
     ) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", AGENT_ENTRY], cwd=Path(__file__).parents[2], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-        )  # fmt: skip
         self.pending: set[int] = set()
         self.producing: set[int] = set()  # reads whose producer runs here
         self.lock = threading.Lock()
         self.on_message = on_message
-        self.listener = threading.Thread(target=self._listen, daemon=True)
-        self.listener.start()
+        self.process = agents.Agent(AGENT_ENTRY, env, self._received, stderr=log)
 
-    def _listen(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            message = json.loads(line)
-            with self.lock:
-                if message.get("event") == "producing":
-                    self.producing.add(message["id"])
-                elif message.get("event") == "marked":
-                    self.producing.discard(message["id"])
-                elif "outcome" in message:
-                    self.pending.discard(message["id"])
-            self.on_message(message)
+    def _received(self, message: dict[str, Any]) -> None:
+        with self.lock:
+            if message.get("event") == "producing":
+                self.producing.add(message["id"])
+            elif message.get("event") == "marked":
+                self.producing.discard(message["id"])
+            elif "outcome" in message:
+                self.pending.discard(message["id"])
+        self.on_message(message)
 
     def send(self, command: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
         with self.lock:
             self.pending.add(command["id"])
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
+        self.process.send(command)
 
     def busy_with(self) -> set[int]:
         with self.lock:
@@ -371,17 +360,7 @@ class Agent:
     def kill(self) -> set[int]:
         """SIGKILL: the reads it had not answered and the productions it ran are lost."""
         self.process.kill()
-        self.process.wait()
-        self.listener.join(5)  # the answers written before it died are still read
-        for stream in (self.process.stdin, self.process.stdout):
-            _close(stream)
         return self.busy_with()
-
-
-def _close(stream: IO[str] | None) -> None:
-    if stream is not None:
-        with contextlib.suppress(OSError):  # a pipe to a killed process
-            stream.close()
 
 
 @dataclass
