@@ -330,12 +330,7 @@ def test_a_filler_whose_layer_was_taken_over_leaves_the_new_fill_alone(
     stalled = stalling.start_fill(digest, len(data), "miss")
     assert stalled is not None
     stalled.write(data[:PART_BYTES])
-
-    def first_part_written() -> bool:
-        entry = stalling.entry(digest)
-        return entry is not None and entry.parts == 1
-
-    wait_until(first_part_written, "the first part written")
+    wait_until(lambda: parts_written(stalling, digest) == 1, "the first part written")
     client.delete(fill_key(digest))  # its lease ran out
     taking_over = other.start_fill(digest, len(data), "miss")
     assert taking_over is not None
