@@ -38,6 +38,7 @@ from pipelines.ingest.ingestor import QUEUED
 from pipelines.metrics import INGEST_SECONDS
 from pipelines.registry.facade import Registry
 from pipelines.registry.jobmarks import DEATHS_GIVEN_UP_AFTER
+from pipelines.serve.buffer import SWEEP_AFTER_SECONDS
 from pipelines.serve.predict import PERIOD, Prediction
 from pipelines.serve.rebuild import RestoreError
 from pipelines.serve.restore import encode_layer_segment
@@ -46,7 +47,6 @@ from workers.app import celery_app
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 LOCK_ATTEMPTS = 5
-SWEEP_AFTER_SECONDS = 600  # a buffer part this old is past any fill that could count it
 RETIRE, PROMOTE, INGEST = "retire", "promote", "ingest"  # pipelines.registry.jobmarks' kinds
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
@@ -420,7 +420,7 @@ def purge_stale_uploads() -> int:
 @celery_app.task(name="workers.tasks.sweep_buffer")
 def sweep_buffer() -> int:
     """Delete the layer buffer's parts that no entry counts (pipelines.serve.buffer's
-    `sweep`), written at least a lease-stall ago: how many."""
+    `sweep`), written SWEEP_AFTER_SECONDS ago or more: how many."""
     written_before = time.time() - SWEEP_AFTER_SECONDS
     return retrying(lambda: registry().buffer.sweep(written_before))
 

@@ -34,6 +34,7 @@ docs/benchmarks.md compares this policy with LRU and ARC on replayed workloads.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import uuid
@@ -57,6 +58,7 @@ LEASE_MS = 10_000  # a filler's claim, renewed RENEWALS_PER_LEASE times a lease 
 # store.leases.Lease is) by a thread of its process while its restore writes
 STALL_SECONDS = 60.0  # a filler that wrote nothing this long is taken for stuck
 DROP_MS = 60_000  # a dropper that died by then is replaced
+SWEEP_AFTER_SECONDS = 600  # a part this old that nothing counts is past any fill's upload
 POLL_SECONDS = 0.02
 PIN_BONUS = 1e12  # added to the rank of a pinned entry: above any unpinned one
 PIN_SHARE = 0.5  # of the bound, at most, held by pinned entries
@@ -93,6 +95,11 @@ class Entry:
 
 def part_key(digest: str, number: int) -> str:
     return f"{digest_key('buffer', digest)}/{number:06d}"
+
+
+def part_count(size: int) -> int:
+    """How many parts hold a layer of `size` bytes."""
+    return -(-size // PART_BYTES)
 
 
 def entry_key(digest: str) -> str:
@@ -241,7 +248,7 @@ class LayerBuffer:
                                     args=[digest, token, now, now + DROP_MS / 1000]))  # fmt: skip
         if size < 0:
             return  # gone already, or another process is dropping it
-        self.store.delete([part_key(digest, n) for n in range(-(-size // PART_BYTES))])
+        self.store.delete([part_key(digest, n) for n in range(part_count(size))])
         self._end_drop(keys=[entry_key(digest), USED_KEY, RANK_KEY], args=[token, size, digest])
 
     def enforce_bound(self) -> int:
@@ -273,22 +280,30 @@ class LayerBuffer:
         deleted. A part deleted just as a new fill of its layer wrote it again costs that
         fill's readers a miss (they restore), never wrong bytes."""
         prefixes = [digest_key("buffer", d) + "/" for d in digests] if digests else ["buffer/"]
-        written = [item.key for prefix in prefixes for item in self.store.listing(prefix)
-                   if item.modified < written_before]  # fmt: skip
-        orphans = [key for key in written if not self._counted(key)]
+        counted: dict[str, float] = {}  # parts each layer's entry or claim accounts for
+        orphans = []
+        for prefix in prefixes:
+            for item in self.store.listing(prefix):
+                if item.modified >= written_before:
+                    continue
+                _buffer, algorithm, hex_part, number = item.key.split("/")
+                digest = f"{algorithm}:{hex_part}"
+                if digest not in counted:  # one lookup per layer, not per part
+                    counted[digest] = self._parts_counted(digest)
+                if int(number) >= counted[digest]:
+                    orphans.append(item.key)
         self.store.delete(orphans)
         if orphans:
             self.redis.hincrby(STATS_KEY, "orphan_parts_swept", len(orphans))
         return len(orphans)
 
-    def _counted(self, key: str) -> bool:
-        """Whether an entry, or a live claim, accounts for the part under `key`."""
-        _buffer, algorithm, hex_part, number = key.split("/")
-        digest = f"{algorithm}:{hex_part}"
+    def _parts_counted(self, digest: str) -> float:
+        """How many of a layer's parts its entry (being filled, complete or being dropped)
+        accounts for; all of them while a claim on it lives, none without either."""
         size = self.redis.hget(entry_key(digest), "size")
         if size is not None:
-            return int(number) < -(-int(size) // PART_BYTES)
-        return self.filling_alive(digest)
+            return part_count(int(size))
+        return math.inf if self.filling_alive(digest) else 0
 
     def _is_complete(self, digest: str) -> bool:
         entry = self.entry(digest)
