@@ -381,11 +381,17 @@ def test_a_part_uploaded_after_its_layer_was_dropped_is_swept(
     """A filler checks its claim, then stalls before the upload (frozen past its lease, or
     a drop begins): its part lands after the drop deleted the entry's parts, counted by
     nothing (the torture test's seed 8). The sweep deletes it and keeps the parts an
-    entry counts; S3 then holds exactly what the buffer counts."""
+    entry counts, a complete one's and those of a fill still writing beside it; S3 then
+    holds exactly what the buffer counts."""
     client = empty_redis_db(live, 11)
-    buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    buffer = LayerBuffer(S3Store(live.settings), client, 6 * PART_BYTES, 60, 60)
     late, kept = os.urandom(PART_BYTES + 1000), os.urandom(PART_BYTES + 1000)
+    filling = os.urandom(2 * PART_BYTES)
     fill_whole(buffer, sha256(kept), kept)
+    live_fill = buffer.start_fill(sha256(filling), len(filling), "miss")
+    assert live_fill is not None
+    live_fill.write(filling[:PART_BYTES])
+    wait_until(lambda: parts_written(buffer, sha256(filling)) == 1, "the live fill's first part")
     live_points.hold("buffer.upload", sha256(late))
     filler = buffer.start_fill(sha256(late), len(late), "miss")
     assert filler is not None
@@ -394,12 +400,17 @@ def test_a_part_uploaded_after_its_layer_was_dropped_is_swept(
     buffer.drop(sha256(late))
     live_points.release("buffer.upload")
     filler.finish()
-    layers = {sha256(late): late, sha256(kept): kept}
-    assert buffer_bytes_in_s3(buffer.store, layers) == len(kept) + PART_BYTES  # the orphan
+    layers = {sha256(late): late, sha256(kept): kept, sha256(filling): filling}
+    orphan = PART_BYTES
+    assert buffer_bytes_in_s3(buffer.store, layers) == len(kept) + PART_BYTES + orphan
     assert buffer.sweep(time.time() - 3600, list(layers)) == 0  # written too lately
     assert buffer.sweep(time.time() + 1, list(layers)) == 1
-    assert buffer_bytes_in_s3(buffer.store, layers) == buffer.used_bytes() == len(kept)
-    assert b"".join(buffer.read(sha256(kept), 0, len(kept))) == kept
+    live_fill.write(filling[PART_BYTES:])
+    live_fill.finish()
+    in_s3 = buffer_bytes_in_s3(buffer.store, layers)
+    assert in_s3 == buffer.used_bytes() == len(kept) + len(filling)
+    for data in (kept, filling):
+        assert b"".join(buffer.read(sha256(data), 0, len(data))) == data
 
 
 def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:
