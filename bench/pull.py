@@ -43,11 +43,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -312,17 +313,53 @@ class Ran:
     seconds: float
     cpu_seconds: float  # of the command and every process it waited for
     stdout: str
+    idle_core_s: float = 0.0  # the machine's cores left idle while it ran (/proc/stat)
+    idle_by_tenth: list[float] = field(default_factory=list)  # the same, per 0.1 s
+
+
+class IdleCores:
+    """The machine's idle core-seconds while a command runs, sampled from /proc/stat: a
+    pull on 2 cores is at the bound only if they are never idle."""
+
+    TICK_S = 0.1
+
+    def __init__(self) -> None:
+        self.by_tick: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> IdleCores:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        last = _idle_jiffies()
+        while not self._stop.wait(self.TICK_S):
+            now = _idle_jiffies()
+            self.by_tick.append((now - last) / os.sysconf("SC_CLK_TCK"))
+            last = now
+        self.by_tick.append((_idle_jiffies() - last) / os.sysconf("SC_CLK_TCK"))
+
+
+def _idle_jiffies() -> int:
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[4]) + int(fields[5])  # idle + iowait
 
 
 def in_private_namespace(argv: list[str], env: dict[str, str] | None = None) -> Ran:
     """Run `argv` with an empty private blob-info cache (core.with_empty_cache)."""
     command = core.with_empty_cache(argv)
     started, cpu = time.perf_counter(), children_cpu_seconds()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    with IdleCores() as idle:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     seconds, cpu = time.perf_counter() - started, children_cpu_seconds() - cpu
     if done.returncode != 0:
         raise RuntimeError(f"failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
-    return Ran(seconds, cpu, done.stdout)
+    return Ran(seconds, cpu, done.stdout, sum(idle.by_tick), idle.by_tick)
 
 
 def children_cpu_seconds() -> float:
@@ -426,6 +463,8 @@ class Pull:
     # and apart the helpers each one ran ("api helpers": the encoders)
     load_average: float  # the 1-minute load when it started: how busy the machine was
     server: dict[str, float]  # DupHunter's counters' changes (its pulls only)
+    idle_core_s: float  # the machine's cores left idle during the pull
+    idle_by_tenth: list[float]  # the same, per 0.1 s of the pull
 
 
 class Bench:
@@ -453,10 +492,12 @@ class Bench:
             check_cold(image, server)
         print(
             f"  {image.name:<9} {client:<7} {target.name:<13} rep {rep}: {seconds:6.2f}s"
-            f"  (client CPU {cpu:5.2f}s, services {total:5.2f}s, load {load:.1f})",
+            f"  (client CPU {cpu:5.2f}s, services {total:5.2f}s, idle cores"
+            f" {pulled.idle_core_s:5.2f}s, load {load:.1f})",
             flush=True,
         )
-        return Pull(image.name, client, target.name, rep, seconds, cpu, total, used, load, server)
+        return Pull(image.name, client, target.name, rep, seconds, cpu, total, used, load, server,
+                    pulled.idle_core_s, pulled.idle_by_tenth)  # fmt: skip
 
 
 def check_cold(image: core.Image, server: dict[str, float]) -> None:
@@ -534,6 +575,8 @@ def client_summary(pulls: list[Pull], bound: float, ours: str, peer: str) -> dic
         "client_cpu_s": statistics.median(pull.client_cpu_s for pull in mine),
         "distribution_client_cpu_s": statistics.median(pull.client_cpu_s for pull in theirs),
         "load_average": statistics.median(pull.load_average for pull in mine + theirs),
+        "idle_core_s": statistics.median(pull.idle_core_s for pull in mine),
+        "distribution_idle_core_s": statistics.median(pull.idle_core_s for pull in theirs),
     }
 
 
@@ -622,7 +665,10 @@ def where_the_time_goes(images: list[dict[str, Any]]) -> str:
                 f"of one-thread encoding ({image['encoding_one_thread_cpu_s']:.2f} CPU-s); "
                 f"restores' wall time summed over the layers {found['restore_wall_sum_s']:.2f} s; "
                 f"the client's CPU {found['client_cpu_s']:.2f} s "
-                f"({found['distribution_client_cpu_s']:.2f} s from Distribution). "
+                f"({found['distribution_client_cpu_s']:.2f} s from Distribution); "
+                f"the machine's cores idle {found['idle_core_s']:.2f} core-s of "
+                f"{(os.cpu_count() or 1) * found['duphunter_s']['median']:.2f} "
+                f"({found['distribution_idle_core_s']:.2f} during Distribution's pull). "
                 f"Services' CPU s by process: {by_service(found['service_cpu_s'])} "
                 f"(Distribution's run: {by_service(found['distribution_service_cpu_s'])})."
             )
@@ -650,6 +696,8 @@ SETUP = f"""\
 - Seconds: median (min-max) of the repetitions, each registry pulled once per repetition,
   the order alternating. "restores CPU / wall": the API's restore CPU (encoders, tar
   rebuild, verification; not S3's) and the restores' wall time summed over the layers.
+- Idle cores: the machine's idle and iowait time (`/proc/stat`) while the client ran, in
+  core-seconds: a pull on the bound's 2 cores leaves them idle only where it waits.
 """
 
 
