@@ -1,7 +1,10 @@
 """Segment digests, and the verified release of restored bytes.
 
-At ingest, the pushed blob is cut into segments of SEGMENT_BYTES (the last one shorter)
-and the sha256 of each is recorded in the recipe. They are computed from the pushed
+At ingest, the pushed blob is cut into segments and the sha256 of each is recorded in
+the recipe: the first of FIRST_SEGMENT_BYTES, each next one twice as long up to
+SEGMENT_BYTES (the last one shorter), so the first verified bytes of a restore leave once
+a little of the layer is rebuilt, not 4 MiB of it. Any ends are valid: the recipe records
+them (layers ingested before this kept 4 MiB from the start). They are computed from the pushed
 bytes in the same pass that checks the whole blob digest once more, never from a
 restore. On pull, `release_verified` hands on a segment only once its bytes hash to the
 recorded digest, and the last one only once the whole blob also hashes to its digest:
@@ -23,6 +26,7 @@ from typing import IO
 from pipelines.formats import Buffer
 
 SEGMENT_BYTES = 4 << 20
+FIRST_SEGMENT_BYTES = 256 << 10
 SPOOL_IN_MEMORY = 2 * SEGMENT_BYTES  # a segment buffer larger than this goes to disk
 READ_CHUNK = 1 << 20
 
@@ -55,9 +59,15 @@ class SegmentHasher:
     """Passes on the chunks of the pushed blob (to the tar split, at ingest), computing
     the segment digests and the whole-blob sha256 on the way."""
 
-    def __init__(self, chunks: Iterable[bytes], segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(
+        self,
+        chunks: Iterable[bytes],
+        segment_bytes: int = SEGMENT_BYTES,
+        first_bytes: int = FIRST_SEGMENT_BYTES,
+    ) -> None:
         self.chunks = iter(chunks)
         self.segment_bytes = segment_bytes
+        self.first_bytes = first_bytes
         self.whole = hashlib.sha256()
         self.current = hashlib.sha256()
         self.in_segment = 0
@@ -77,13 +87,19 @@ class SegmentHasher:
         self.whole.update(data)
         view = memoryview(data)
         while view:
-            take = min(len(view), self.segment_bytes - self.in_segment)
+            wanted = self._wanted()
+            take = min(len(view), wanted - self.in_segment)
             self.current.update(view[:take])
             self.in_segment += take
             self.size += take
             view = view[take:]
-            if self.in_segment == self.segment_bytes:
+            if self.in_segment == wanted:
                 self._close_segment()
+
+    def _wanted(self) -> int:
+        """The length of the segment being hashed: doubling from first_bytes."""
+        doublings = min(len(self.ends), 32)
+        return min(self.segment_bytes, self.first_bytes << doublings)
 
     def _close_segment(self) -> None:
         self.ends.append(self.size)

@@ -59,6 +59,10 @@ VERSION = 1
 CHECKSUM_SIZE = 32
 CHECKPOINT_SPACING = 4 << 20  # tar bytes between candidates in a large layer
 MIN_CHECKPOINT_SPACING = 1 << 20  # and at least this many in a small one
+# The first segment is short: a restore can verify and send the blob's first bytes
+# (pipelines.formats.verify.FIRST_SEGMENT_BYTES of it, which this much tar compresses to
+# unless it compresses more than 4:1) once it alone is encoded, not 4 MiB of tar.
+FIRST_SEGMENT_TAR_BYTES = MIN_CHECKPOINT_SPACING
 SEGMENTS_WANTED = 8  # per layer, where the spacings allow it
 MAX_PROOF_ROUNDS = 3  # rounds of merging before the proof gives up on checkpoints
 AVOID_MARGIN = 256 * 1024  # more than any encoder's history or lookahead
@@ -314,7 +318,7 @@ def choose_candidates_avoiding(
         """The tar bytes wanted since the last checkpoint, for one at `offset`."""
         index = bisect.bisect_right(cut, (offset, tar_size)) - 1
         if index < 0 or cut[index][1] <= offset:
-            return spacing
+            return spacing if chosen else min(spacing, FIRST_SEGMENT_TAR_BYTES)
         start, end = cut[index]
         return max(spacing, (end - start) // CUTS_PER_FILE)
 

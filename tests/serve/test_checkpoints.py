@@ -34,11 +34,13 @@ from pipelines.encoders.libz import zlib_segment
 from pipelines.encoders.table import lookup_encoder
 from pipelines.formats import Buffer, Pieces
 from pipelines.formats.recipe import Recipe
+from pipelines.formats.verify import FIRST_SEGMENT_BYTES
 from pipelines.serve import restore
 from pipelines.serve.checkpoints import (
     AVOID_MARGIN,
     CHECKPOINT_SPACING,
     CUTS_PER_FILE,
+    FIRST_SEGMENT_TAR_BYTES,
     KEPT_WHOLE_BYTES,
     MAX_CUT_FILE_BYTES,
     MIN_CHECKPOINT_SPACING,
@@ -469,6 +471,9 @@ def test_live_layer_restores_in_parallel_byte_exact(
     digest, recipe = deduplicated_recipe(live, client, repo, blob)
     plan = load_checkpoints(recipe, live.registry.store)
     assert plan is not None and len(plan.points) >= 2, "a layer of a few segments has checkpoints"
+    first = plan.points[0].tar_offset  # a short first segment: the first bytes leave early
+    assert FIRST_SEGMENT_TAR_BYTES <= first < checkpoint_spacing(len(go_layer[0]))
+    assert recipe.segments is not None and recipe.segments.ends[0] == FIRST_SEGMENT_BYTES
     stored = live.registry.store.size(checkpoints_key(digest))
     assert stored is not None and stored < len(blob) // 100
     for threads in (1, 2, 4):
@@ -808,8 +813,24 @@ def test_checkpoints_keep_away_from_large_files_one_segment_can_hold() -> None:
     assert CUTS_PER_FILE - 1 <= len(inside) <= CUTS_PER_FILE, inside
     assert all(step <= b - a < step + 100_000 for a, b in itertools.pairwise(inside))
     gaps = [b - a for a, b in zip([0, *offsets], [*offsets, size], strict=True)]
-    assert all(gap >= CHECKPOINT_SPACING for gap in gaps[:-1])
+    assert FIRST_SEGMENT_TAR_BYTES <= gaps[0] < FIRST_SEGMENT_TAR_BYTES + 100_000
+    assert all(gap >= CHECKPOINT_SPACING for gap in gaps[1:-1])
     assert any(o < whole[0] for o in offsets) and any(o > huge[1] for o in offsets)
     everywhere = choose_candidates(found, size, lambda _: True)
     assert len(everywhere) > len(chosen)
-    assert all(c.tar_offset >= CHECKPOINT_SPACING for c in everywhere)
+    first, *rest = [c.tar_offset for c in everywhere]
+    assert FIRST_SEGMENT_TAR_BYTES <= first < FIRST_SEGMENT_TAR_BYTES + 100_000
+    assert all(b - a >= CHECKPOINT_SPACING for a, b in itertools.pairwise([first, *rest]))
+
+
+def test_the_first_segment_is_short_so_the_first_bytes_leave_early() -> None:
+    """A restore sends the blob's first bytes once its first segment is encoded and
+    verified: the first checkpoint comes after FIRST_SEGMENT_TAR_BYTES of tar, the next
+    ones at the layer's spacing; a small layer's spacing is already no longer."""
+    found = [Checkpoint(offset, offset * 3) for offset in range(50_000, 60_000_000, 50_000)]
+    offsets = [c.tar_offset for c in choose_candidates(found, 60_000_000, lambda _: True)]
+    assert FIRST_SEGMENT_TAR_BYTES < CHECKPOINT_SPACING
+    assert FIRST_SEGMENT_TAR_BYTES <= offsets[0] < FIRST_SEGMENT_TAR_BYTES + 50_000
+    assert CHECKPOINT_SPACING <= offsets[1] - offsets[0] < CHECKPOINT_SPACING + 50_000
+    small = choose_candidates(found, 5_000_000, lambda _: True, MIN_CHECKPOINT_SPACING)
+    assert MIN_CHECKPOINT_SPACING <= small[0].tar_offset < MIN_CHECKPOINT_SPACING + 50_000

@@ -22,7 +22,6 @@ import urllib3
 from deploy.stack import free_port, wait_until
 from pipelines.formats.recipe import Raw, Recipe, RecipeBuilder
 from pipelines.formats.tarsplit import FileRef
-from pipelines.formats.verify import SEGMENT_BYTES
 from pipelines.ingest.ingestor import INTACT, LayerRecord, layer_record_key, save_record
 from pipelines.store.blobs import BlobInfo
 from tests.client import RegistryClient, image_manifest, sha256
@@ -35,7 +34,8 @@ MiB = 1 << 20
 
 def random_layer(files: int, file_bytes: int = MiB, level: int = 1) -> bytes:
     """A gzip layer of random files: its compressed bytes are about its tar bytes, so a
-    layer of n MiB of files spans n / 4 segments."""
+    layer of n MiB of files spans about 5 + (n - 4) / 4 segments (256 KiB doubling to
+    4 MiB, then 4 MiB each)."""
     tar = make_tar({f"data/{n:04d}.bin": os.urandom(file_bytes) for n in range(files)})
     return gzip.compress(tar, compresslevel=level, mtime=0)
 
@@ -47,6 +47,14 @@ def deduplicated(client: RegistryClient, repo: str, live: LiveStack, layer: byte
     info = live.registry.blobs.stored_info(digest)
     assert info is not None and info.recipe is not None
     return info
+
+
+def segment_ends(live: LiveStack, info: BlobInfo) -> tuple[int, ...]:
+    """Where the layer's verified segments end, as its recipe records them."""
+    assert info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    assert recipe.segments is not None
+    return recipe.segments.ends
 
 
 def fetch(client: RegistryClient, repo: str, digest: str, byte_range: str = "") -> bytes | None:
@@ -152,10 +160,10 @@ def test_damaged_layer_gives_exact_bytes_or_an_error(
     """Range GETs at the start, middle and end of a damaged deduplicated layer, and a full
     GET: each gets the pushed bytes or an error. Segments verified before the damage are
     still served, so a resumed pull of the start of a layer is not held up."""
-    layer = random_layer(13)  # four segments: 4 + 4 + 4 + 1 MiB
+    layer = random_layer(13)  # seven segments: 0.25 + 0.5 + 1 + 2 + 4 + 4 + 1.25 MiB
     info = deduplicated(client, repo, live, layer)
     start, middle = (0, 4095), (len(layer) // 2, len(layer) // 2 + 4095)
-    assert middle[0] // SEGMENT_BYTES < len(layer) // SEGMENT_BYTES  # not the last segment
+    assert middle[1] < segment_ends(live, info)[-2]  # not in the last segment
     damage_of, early_segments_served = DAMAGES[damage]
     with damage_of(live, info):
         at_start = fetch(client, repo, info.digest, f"bytes={start[0]}-{start[1]}")
@@ -177,9 +185,11 @@ def test_range_gets_at_every_kind_of_position(
 ) -> None:
     """Ranges around each segment boundary, at the first and last byte, suffixes and open
     ends, of one deduplicated layer: each is exactly its slice."""
-    layer = random_layer(9)  # three segments
+    layer = random_layer(9)  # six segments: 0.25 + 0.5 + 1 + 2 + 4 + 1.25 MiB
     info = deduplicated(client, repo, live, layer)
     size = len(layer)
+    ends = segment_ends(live, info)
+    assert ends[:5] == tuple(quarters * MiB // 4 for quarters in (1, 3, 7, 15, 31))
     ranges: list[tuple[str, int, int]] = [
         ("bytes=0-0", 0, 1),
         (f"bytes={size - 1}-{size - 1}", size - 1, size),
@@ -188,7 +198,7 @@ def test_range_gets_at_every_kind_of_position(
         (f"bytes={size - 10}-", size - 10, size),
         (f"bytes=0-{size + 100}", 0, size),
     ]
-    for boundary in range(SEGMENT_BYTES, size, SEGMENT_BYTES):
+    for boundary in ends[:-1]:
         for first in (boundary - 1, boundary, boundary + 1):
             ranges.append((f"bytes={first}-{first}", first, first + 1))
         ranges.append((f"bytes={boundary - 100}-{boundary + 99}", boundary - 100, boundary + 100))

@@ -52,6 +52,21 @@ def released(chunks: Iterator[Buffer], segments: SegmentDigests | None) -> tuple
     return bytes(out), ""
 
 
+def test_the_first_segments_are_short_and_double_up_to_the_steady_size() -> None:
+    """A restore releases the first segment once it alone is verified: it is short, and
+    the next ones double up to the steady size, so a large blob still has few."""
+    blob = os.urandom(100_000)
+    hasher = SegmentHasher(pieces(blob, 777), segment_bytes=16_000, first_bytes=2_000)
+    segments = hasher.finish("sha256:" + hashlib.sha256(blob).hexdigest())
+    sizes = [b - a for a, b in zip((0, *segments.ends), segments.ends, strict=False)]
+    assert sizes == [2_000, 4_000, 8_000, 16_000, 16_000, 16_000, 16_000, 16_000, 6_000]
+    starts = (0, *segments.ends[:-1])
+    for start, end, digest in zip(starts, segments.ends, segments.digests, strict=True):
+        assert hashlib.sha256(blob[start:end]).digest() == digest
+    default = SegmentHasher(pieces(BLOB, 1000))
+    assert default.first_bytes == 256 << 10 and default.segment_bytes == 4 << 20
+
+
 def test_segment_digests_are_those_of_the_pushed_bytes() -> None:
     segments = segments_of(BLOB)
     assert segments.ends == (*range(SEGMENT, 11 * SEGMENT, SEGMENT), len(BLOB))
