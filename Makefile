@@ -25,7 +25,7 @@ stop: venv
 # this process, one after the other.
 TEST_WORKERS ?= 2
 test: test-deps venv helpers lint
-	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/pytest -q --durations=20 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # lint-imports: the layers of pipelines/ and its forbidden imports (pyproject.toml)
 lint: venv
