@@ -3,13 +3,13 @@
 At ingest, the pushed blob is cut into segments and the sha256 of each is recorded in
 the recipe: the first of FIRST_SEGMENT_BYTES, each next one twice as long up to
 SEGMENT_BYTES (the last one shorter), so the first verified bytes of a restore leave once
-a little of the layer is rebuilt, not 4 MiB of it. Any ends are valid: the recipe records
-them (layers ingested before this kept 4 MiB from the start). They are computed from the pushed
-bytes in the same pass that checks the whole blob digest once more, never from a
-restore. On pull, `release_verified` hands on a segment only once its bytes hash to the
-recorded digest, and the last one only once the whole blob also hashes to its digest:
-a Range GET near the start of a layer is served after the first few MiB are rebuilt,
-and no byte that was not checked ever leaves.
+a little of the layer is rebuilt, not 4 MiB of it. The recipe records the ends, so any
+are valid (layers ingested before had 4 MiB segments from the start). The digests are
+computed from the pushed bytes in the same pass that checks the whole blob digest once
+more, never from a restore. On pull, `release_verified` hands on a segment only once its
+bytes hash to the recorded digest, and the last one only once the whole blob also hashes
+to its digest: a Range GET near the start of a layer is served once its first segment is
+rebuilt, and no byte that was not checked ever leaves.
 
 A recipe without segment digests (written before they existed) is one segment whose
 digest is the blob digest: its bytes are released when the whole blob is verified.
