@@ -95,6 +95,28 @@ def test_a_wrong_byte_anywhere_stops_the_release_before_its_segment(
     assert out == BLOB[:first_bad]  # every segment before the damaged one, nothing after
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    first=st.sampled_from([1, 100, 512, 1000, SEGMENT]),
+    chunk=st.integers(1, 3 * SEGMENT),
+    position=st.integers(0, len(BLOB) - 1),
+)
+def test_with_short_first_segments_a_wrong_byte_stops_the_release_before_its_segment(
+    first: int, chunk: int, position: int
+) -> None:
+    """Segments that double from `first`: good bytes all leave, whatever the chunking;
+    a wrong byte stops the release at the start of its segment, however short."""
+    hasher = SegmentHasher(pieces(BLOB, 1000), segment_bytes=SEGMENT, first_bytes=first)
+    segments = hasher.finish(DIGEST)
+    assert segments.ends[0] == first and segments.ends[-1] == len(BLOB)
+    assert released(pieces(BLOB, chunk), segments) == (BLOB, "")
+    damaged = bytearray(BLOB)
+    damaged[position] ^= 0x01
+    out, error = released(pieces(bytes(damaged), chunk), segments)
+    segment_start = max(end for end in (0, *segments.ends) if end <= position)
+    assert error and out == BLOB[:segment_start]
+
+
 @settings(max_examples=50, deadline=None)
 @given(chunk=st.integers(1, 3 * SEGMENT))
 def test_good_bytes_are_all_released_however_they_are_chunked(chunk: int) -> None:
