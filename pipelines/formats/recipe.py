@@ -98,6 +98,8 @@ class Recipe:
     _resumes: list[tuple[int, int, int]] = field(
         init=False, default_factory=list, compare=False, repr=False
     )
+    # found by the same walk: the files the tar holds more than once -> how many times
+    _repeats: dict[bytes, int] = field(init=False, default_factory=dict, compare=False, repr=False)
 
     def entries(self) -> Iterator[Raw | FileRef]:
         """The entries in tar order, decompressed as they are iterated."""
@@ -126,8 +128,7 @@ class Recipe:
         (every RESUME_EVERY entries, found by one walk of the recipe, then kept): the
         segments of a layer would each walk the recipe from its start, a time
         quadratic in its files for a layer of many."""
-        if not self._resumes:
-            self._resumes[:] = _resume_points(self.entries(), self.resume_every)[0]
+        self._walk_once()
         at = bisect.bisect_right(self._resumes, tar_offset, key=lambda point: point[2]) - 1
         done, body_bytes, offset = self._resumes[at]
         if self.frames:  # a resume point starts a frame
@@ -139,6 +140,19 @@ class Recipe:
             if offset + size > tar_offset:
                 yield offset, entry
             offset += size
+
+    def repeated_files(self) -> dict[bytes, int]:
+        """Files whose content the tar holds more than once (under several names) -> how
+        many times: a rebuild fetches each once, and keeps it for the others."""
+        self._walk_once()
+        return self._repeats
+
+    def _walk_once(self) -> None:
+        """The resume points and the repeated files, from one walk (decoding makes it)."""
+        if not self._resumes:
+            points, _total, repeats = _resume_points(self.entries(), self.resume_every)
+            self._resumes[:] = points
+            self._repeats.update(repeats)
 
     def file_refs(self) -> dict[bytes, int]:
         """Unique file digests -> size, for reference counting."""
@@ -419,10 +433,11 @@ def _parse_head(cursor: _Cursor, version: int) -> Recipe:
 
 def _verify_body(recipe: Recipe) -> None:
     """Walk every entry (its resume points found on the way, for `entries_from`)."""
-    points, total = _resume_points(recipe.entries(), recipe.resume_every)
+    points, total, repeats = _resume_points(recipe.entries(), recipe.resume_every)
     if total != recipe.tar_size:
         raise RecipeError(f"entries add up to {total} bytes, recipe says {recipe.tar_size}")
     recipe._resumes[:] = points
+    recipe._repeats.update(repeats)
 
 
 _ENTRY_HEAD_MAX = 1 + DIGEST_SIZE + _MAX_VARINT_BYTES  # a tag, a digest, a varint
@@ -430,11 +445,13 @@ _ENTRY_HEAD_MAX = 1 + DIGEST_SIZE + _MAX_VARINT_BYTES  # a tag, a digest, a vari
 
 def _resume_points(
     entries: Iterator[Raw | FileRef], every: int
-) -> tuple[list[tuple[int, int, int]], int]:
+) -> tuple[list[tuple[int, int, int]], int, dict[bytes, int]]:
     """(entries before, their bytes in the decompressed body, their tar bytes) at the
-    start and after every `every` entries; and the tar's size. An entry's body
-    bytes follow from its fields, since the parser accepts only minimal varints."""
+    start and after every `every` entries; the tar's size; and the files it holds more
+    than once, with how many times. An entry's body bytes follow from its fields, since
+    the parser accepts only minimal varints."""
     points, body_bytes, offset = [(0, 0, 0)], 0, 0
+    seen: dict[bytes, int] = {}
     for number, entry in enumerate(entries, start=1):
         if isinstance(entry, Raw):
             size = len(entry.data)
@@ -442,10 +459,11 @@ def _resume_points(
         else:
             size = entry.size
             body_bytes += 1 + DIGEST_SIZE + _varint_length(size)
+            seen[entry.digest] = seen.get(entry.digest, 0) + 1
         offset += size
         if number % every == 0:
             points.append((number, body_bytes, offset))
-    return points, offset
+    return points, offset, {digest: count for digest, count in seen.items() if count > 1}
 
 
 def _varint_length(value: int) -> int:

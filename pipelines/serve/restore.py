@@ -51,6 +51,7 @@ from pipelines.serve.rebuild import (
     BATCH_BYTES,
     PREFETCH_BYTES,
     PREFETCH_THREADS,
+    REPEATS_KEPT_BYTES,
     SPAN_LIMIT,
     RestoreError,
     file_paths,
@@ -79,11 +80,13 @@ def restore_memory_bound() -> int:
     """The most one serial restore holds, whatever the layer (docs/architecture.md,
     Memory bounds): the tar planned ahead and the batch being planned (files decoded
     whole only when both their stored and real sizes are within SPAN_LIMIT), the stored
-    bytes of the spans being decoded (one per prefetch thread), a large file's in-memory
-    spool, the verified segment being checked, and the encoder's working state. Parallel
-    restores add their segments'."""
+    bytes of the spans being decoded (one per prefetch thread), the files kept for their
+    next occurrence in the tar, a large file's in-memory spool, the verified segment
+    being checked, and the encoder's working state. Parallel restores add their
+    segments'."""
     spans = PREFETCH_THREADS * SPAN_LIMIT
-    held = PREFETCH_BYTES + BATCH_BYTES + spans + IN_MEMORY_LIMIT + SPOOL_IN_MEMORY
+    planned = PREFETCH_BYTES + BATCH_BYTES + spans + REPEATS_KEPT_BYTES
+    held = planned + IN_MEMORY_LIMIT + SPOOL_IN_MEMORY
     return held + WORKING_BYTES
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -83,6 +84,10 @@ def test_round_trip(entries: list[Raw | FileRef], metadata: dict[str, object]) -
         e.size if isinstance(e, FileRef) else len(e.data) for e in entries
     )
     assert decoded.file_refs() == {e.digest: e.size for e in entries if isinstance(e, FileRef)}
+    counts = collections.Counter(e.digest for e in entries if isinstance(e, FileRef))
+    repeated = {digest: count for digest, count in counts.items() if count > 1}
+    assert decoded.repeated_files() == repeated  # found by the decoding walk
+    assert recipe.repeated_files() == repeated  # and by a walk of its own, once, if built
     for name, value in metadata.items():
         assert getattr(decoded, name) == value
 

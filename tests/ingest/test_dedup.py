@@ -5,6 +5,7 @@ bytes. Also what must never happen: wrong bytes served, or a layer left half-don
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import signal
@@ -14,12 +15,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import urllib3
 import zstandard
 
 from deploy.stack import wait_until
 from pipelines.formats.recipe import Recipe
 from pipelines.registry.jobmarks import DEATHS_GIVEN_UP_AFTER
+from pipelines.serve import rebuild
 from pipelines.serve.rebuild import FIRST_BATCH, LOCATE_BATCH, rebuild_tar
 from pipelines.store.filestore import FileStore, Location
 from tests.client import RegistryClient, sha256
@@ -190,6 +193,45 @@ def test_a_rebuild_fetches_a_pack_region_once(
     store.read_range = counted  # type: ignore[method-assign]
     assert b"".join(rebuild_tar(recipe, store)) == make_tar(shuffled)
     assert len(ranges) == 1, ranges
+
+
+def test_a_file_the_tar_holds_again_in_later_batches_is_fetched_once(
+    client: RegistryClient, repo: str, live: LiveStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same content under three names, in the first, second and third batch of the
+    rebuild, far in its pack from the files around its later names: it is fetched and
+    checked once and kept for the others, not fetched by each batch. With nothing kept
+    (REPEATS_KEPT_BYTES 0) each batch fetches it again; the tar is the same either way."""
+    again = os.urandom(100_000)
+    names = {0: "first", 150: "second", 299: "third"}
+    files = {f"d/{names.get(n, 'f')}{n:04}": again if n in names else os.urandom(8_000)
+             for n in range(300)}  # fmt: skip
+    layer = gzip.compress(make_tar(files), mtime=0)
+    (digest,) = push_layers(client, repo, [layer])
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    file_digest = hashlib.sha256(again).digest()
+    assert recipe.repeated_files() == {file_digest: 3}
+    store = FileStore(live.registry.store, live.registry.index)
+    (where,) = store.locate([file_digest])
+    assert where is not None
+    fetches: list[tuple[str, int, int]] = []
+    read_range = store.read_range
+
+    def counted(pack: str, offset: int, length: int) -> bytes:
+        if pack == where.pack and offset <= where.offset < offset + length:
+            fetches.append((pack, offset, length))
+        return read_range(pack, offset, length)
+
+    store.read_range = counted  # type: ignore[method-assign]
+    assert b"".join(rebuild_tar(recipe, store)) == make_tar(files)
+    assert len(fetches) == 1, fetches
+    fetches.clear()
+    monkeypatch.setattr(rebuild, "REPEATS_KEPT_BYTES", 0)
+    assert b"".join(rebuild_tar(recipe, store)) == make_tar(files)
+    assert len(fetches) == 3, fetches
 
 
 def test_a_rebuilds_first_bytes_wait_for_a_few_hundred_entries_not_thousands(
