@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from deploy.stack import wait_until
 from pipelines.formats.recipe import Recipe
 from pipelines.registry.jobmarks import DEATHS_GIVEN_UP_AFTER
 from pipelines.serve import rebuild
-from pipelines.serve.rebuild import FIRST_BATCH, LOCATE_BATCH, rebuild_tar
+from pipelines.serve.rebuild import FIRST_BATCH, LOCATE_BATCH, rebuild_tar, rebuild_tar_range
 from pipelines.store.filestore import FileStore, Location
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, PausePoints
@@ -232,6 +233,50 @@ def test_a_file_the_tar_holds_again_in_later_batches_is_fetched_once(
     monkeypatch.setattr(rebuild, "REPEATS_KEPT_BYTES", 0)
     assert b"".join(rebuild_tar(recipe, store)) == make_tar(files)
     assert len(fetches) == 3, fetches
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rebuilds_of_tars_holding_files_again_are_exact_whatever_is_kept(
+    client: RegistryClient, repo: str, live: LiveStack, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Random tars whose files recur near and far, empty, small, and one larger than a
+    span (it streams alone, never kept), rebuilt in batches of a few entries (repeats
+    cross many) with nothing, a little or plenty kept: every rebuild is the tar, whole
+    and in ranges, and keeping more never fetches more."""
+    rng = random.Random(seed)
+    contents = [os.urandom(rng.choice([0, 1, 700, 9_000, 70_000])) for _ in range(12)]
+    contents.append(os.urandom(rebuild.SPAN_LIMIT + 5_000))
+    picks = [rng.randrange(len(contents) - 1) for _ in range(80)]
+    picks[rng.randrange(80)] = picks[rng.randrange(80)] = len(contents) - 1
+    files = {f"d/{n:03}": contents[pick] for n, pick in enumerate(picks)}
+    tar = make_tar(files)
+    (digest,) = push_layers(client, repo, [gzip.compress(tar, compresslevel=1, mtime=0)])
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    store = FileStore(live.registry.store, live.registry.index)
+    gets = [0]
+    read_range = store.read_range
+
+    def counted(pack: str, offset: int, length: int) -> bytes:
+        gets[0] += 1
+        return read_range(pack, offset, length)
+
+    store.read_range = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(rebuild, "FIRST_BATCH", rng.choice([2, 4]))
+    monkeypatch.setattr(rebuild, "LOCATE_BATCH", rng.choice([8, 16]))
+    fetched = []
+    for kept in (0, 10_000, 8 << 20):
+        monkeypatch.setattr(rebuild, "REPEATS_KEPT_BYTES", kept)
+        gets[0] = 0
+        assert b"".join(rebuild_tar(recipe, store)) == tar, f"seed {seed}, kept {kept}"
+        fetched.append(gets[0])
+        for _ in range(3):
+            start = rng.randrange(len(tar))
+            end = rng.randrange(start, len(tar)) + 1
+            assert b"".join(rebuild_tar_range(recipe, store, start, end)) == tar[start:end]
+    assert fetched == sorted(fetched, reverse=True), fetched
 
 
 def test_a_rebuilds_first_bytes_wait_for_a_few_hundred_entries_not_thousands(
