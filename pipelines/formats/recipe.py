@@ -57,6 +57,8 @@ _BATCH_SIZE = 1 << 20
 _MAX_VARINT_BYTES = 10
 RESUME_EVERY = 4096  # entries between the points a walk from a tar offset starts at, and
 # in a version-3 recipe the entries per frame of its body
+COUNTED_FILES = 1 << 15  # distinct files whose repeats the decoding walk counts: about
+# 4 MiB of counts at most, whatever the layer (files first seen beyond are not counted)
 
 
 class RecipeError(Exception):
@@ -143,7 +145,8 @@ class Recipe:
 
     def repeated_files(self) -> dict[bytes, int]:
         """Files whose content the tar holds more than once (under several names) -> how
-        many times: a rebuild fetches each once, and keeps it for the others."""
+        many times, among its first COUNTED_FILES distinct files: a rebuild fetches each
+        once, and keeps it for the others."""
         self._walk_once()
         return self._repeats
 
@@ -448,8 +451,8 @@ def _resume_points(
 ) -> tuple[list[tuple[int, int, int]], int, dict[bytes, int]]:
     """(entries before, their bytes in the decompressed body, their tar bytes) at the
     start and after every `every` entries; the tar's size; and the files it holds more
-    than once, with how many times. An entry's body bytes follow from its fields, since
-    the parser accepts only minimal varints."""
+    than once, with how many times (of the first COUNTED_FILES distinct ones). An entry's
+    body bytes follow from its fields, since the parser accepts only minimal varints."""
     points, body_bytes, offset = [(0, 0, 0)], 0, 0
     seen: dict[bytes, int] = {}
     for number, entry in enumerate(entries, start=1):
@@ -459,7 +462,11 @@ def _resume_points(
         else:
             size = entry.size
             body_bytes += 1 + DIGEST_SIZE + _varint_length(size)
-            seen[entry.digest] = seen.get(entry.digest, 0) + 1
+            count = seen.get(entry.digest)
+            if count is not None:
+                seen[entry.digest] = count + 1
+            elif len(seen) < COUNTED_FILES:
+                seen[entry.digest] = 1
         offset += size
         if number % every == 0:
             points.append((number, body_bytes, offset))

@@ -38,6 +38,7 @@ PREFETCH_WINDOW = 2048  # recipe entries planned ahead of the one being written
 PREFETCH_BYTES = 64 << 20
 PREFETCH_THREADS = 4
 REPEATS_KEPT_BYTES = 8 << 20  # of files the tar holds again later, kept checked till then
+KEPT_ENTRY_BYTES = 200  # what keeping one costs beyond its bytes (its entries, its object)
 
 
 class RestoreError(Exception):
@@ -236,15 +237,27 @@ class _Repeats:
     def __init__(self, counts: dict[bytes, int]) -> None:
         self.left = dict(counts)  # occurrences not yet planned
         self.kept: dict[bytes, _Item] = {}
-        self.kept_bytes = 0
+        self.kept_bytes = 0  # their sizes, and KEPT_ENTRY_BYTES each: a tar of many tiny
+        # repeated files must not keep more than the bound in Python objects either
+        self.fetching: list[bytes] = []  # the kept files still held as their span's fetch
 
     def settle(self) -> None:
-        """Each kept file whose span is fetched as its own bytes: the span's others go."""
-        for digest, item in self.kept.items():
-            if isinstance(item, tuple) and item[0].done() and item[0].exception() is None:
-                content = item[0].result()[item[1]]
-                if isinstance(content, bytes):  # an error stays with its fetch: raised in turn
-                    self.kept[digest] = content
+        """Each kept file whose span is fetched as its own bytes: the span's others go.
+        (Only those not settled yet are looked at: each once it is done.)"""
+        waiting = []
+        for digest in self.fetching:
+            item = self.kept.get(digest)
+            if not isinstance(item, tuple):
+                continue  # let go meanwhile
+            if not item[0].done() or item[0].exception() is not None:
+                waiting.append(digest)  # an error stays with its fetch: raised in turn
+                continue
+            content = item[0].result()[item[1]]
+            if isinstance(content, bytes):
+                self.kept[digest] = content
+            else:
+                waiting.append(digest)
+        self.fetching = waiting
 
     def planned(self, ref: FileRef, item: _Item) -> None:
         """One occurrence of `ref` planned as `item`: kept for the next ones, if any and
@@ -254,14 +267,17 @@ class _Repeats:
             return
         self.left[ref.digest] = left
         kept = ref.digest in self.kept
+        cost = ref.size + KEPT_ENTRY_BYTES
         if left == 0 and kept:
             del self.kept[ref.digest]
-            self.kept_bytes -= ref.size
+            self.kept_bytes -= cost
         elif isinstance(item, FileRef):  # a large file streams again: nothing held
             return
-        elif left and not kept and self.kept_bytes + ref.size <= REPEATS_KEPT_BYTES:
+        elif left and not kept and self.kept_bytes + cost <= REPEATS_KEPT_BYTES:
             self.kept[ref.digest] = item
-            self.kept_bytes += ref.size
+            self.kept_bytes += cost
+            if isinstance(item, tuple):
+                self.fetching.append(ref.digest)
 
 
 def _plan(

@@ -17,6 +17,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.formats import recipe as recipe_module
 from pipelines.formats.recipe import (
     MAGIC,
     RESUME_EVERY,
@@ -90,6 +91,19 @@ def test_round_trip(entries: list[Raw | FileRef], metadata: dict[str, object]) -
     assert recipe.repeated_files() == repeated  # and by a walk of its own, once, if built
     for name, value in metadata.items():
         assert getattr(decoded, name) == value
+
+
+def test_repeats_are_counted_for_a_bounded_number_of_distinct_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decoding walk's counts take bounded memory whatever the layer: a file first
+    seen once COUNTED_FILES others were is not counted (its repeats are fetched again)."""
+    a, b, c = (bytes([n]) * 32 for n in (1, 2, 3))
+    entries: list[Raw | FileRef] = [FileRef(d, 5) for d in (a, b, c, a, c, b, a)]
+    encoded = build_recipe(entries, **EXAMPLE_METADATA).encode()  # type: ignore[arg-type]
+    assert Recipe.decode(encoded).repeated_files() == {a: 3, b: 2, c: 2}
+    monkeypatch.setattr(recipe_module, "COUNTED_FILES", 2)
+    assert Recipe.decode(encoded).repeated_files() == {a: 3, b: 2}
 
 
 def test_layout_starts_with_magic_and_version() -> None:
