@@ -167,6 +167,15 @@ def test_concurrent_gets_share_one_restore(
     assert live.registry.index.counters().get("restores", 0) - restores_before == 1
 
 
+def deduplicated_recipe(client: RegistryClient, repo: str, live: LiveStack, layer: bytes) -> Recipe:
+    """The recipe of `layer`, pushed and deduplicated."""
+    (digest,) = push_layers(client, repo, [layer])
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    return Recipe.decode(live.registry.store.get_bytes(info.recipe))
+
+
 def test_a_rebuild_fetches_a_pack_region_once(
     client: RegistryClient, repo: str, live: LiveStack
 ) -> None:
@@ -208,11 +217,7 @@ def test_a_file_the_tar_holds_again_in_later_batches_is_fetched_once(
     files = {f"d/{names.get(n, 'f')}{n:04}": again if n in names else os.urandom(8_000)
              for n in range(300)}  # fmt: skip
     layer = gzip.compress(make_tar(files), mtime=0)
-    (digest,) = push_layers(client, repo, [layer])
-    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
-    info = live.registry.blobs.stored_info(digest)
-    assert info is not None and info.recipe is not None
-    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    recipe = deduplicated_recipe(client, repo, live, layer)
     file_digest = hashlib.sha256(again).digest()
     assert recipe.repeated_files() == {file_digest: 3}
     store = FileStore(live.registry.store, live.registry.index)
@@ -250,11 +255,7 @@ def test_rebuilds_of_tars_holding_files_again_are_exact_whatever_is_kept(
     picks[rng.randrange(80)] = picks[rng.randrange(80)] = len(contents) - 1
     files = {f"d/{n:03}": contents[pick] for n, pick in enumerate(picks)}
     tar = make_tar(files)
-    (digest,) = push_layers(client, repo, [gzip.compress(tar, compresslevel=1, mtime=0)])
-    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
-    info = live.registry.blobs.stored_info(digest)
-    assert info is not None and info.recipe is not None
-    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    recipe = deduplicated_recipe(client, repo, live, gzip.compress(tar, compresslevel=1, mtime=0))
     store = FileStore(live.registry.store, live.registry.index)
     gets = [0]
     read_range = store.read_range
@@ -287,11 +288,7 @@ def test_a_rebuilds_first_bytes_wait_for_a_few_hundred_entries_not_thousands(
     segment starts on them), not a window of thousands. The tar is the same."""
     files = {f"d/f{n:04}": os.urandom(200) for n in range(1500)}
     layer = gzip.compress(make_tar(files), mtime=0)
-    (digest,) = push_layers(client, repo, [layer])
-    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
-    info = live.registry.blobs.stored_info(digest)
-    assert info is not None and info.recipe is not None
-    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    recipe = deduplicated_recipe(client, repo, live, layer)
     assert recipe.entry_count > LOCATE_BATCH
     store = FileStore(live.registry.store, live.registry.index)
     located: list[int] = []
