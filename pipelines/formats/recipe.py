@@ -151,11 +151,17 @@ class Recipe:
         return self._repeats
 
     def _walk_once(self) -> None:
-        """The resume points and the repeated files, from one walk (decoding makes it)."""
+        """The resume points and the repeated files, unless decoding found them."""
         if not self._resumes:
-            points, _total, repeats = _resume_points(self.entries(), self.resume_every)
-            self._resumes[:] = points
-            self._repeats.update(repeats)
+            self._walk()
+
+    def _walk(self) -> int:
+        """Walk every entry, keeping the resume points and the repeated files found on the
+        way; the tar's size."""
+        points, total, repeats = _resume_points(self.entries(), self.resume_every)
+        self._resumes[:] = points
+        self._repeats.update(repeats)
+        return total
 
     def file_refs(self) -> dict[bytes, int]:
         """Unique file digests -> size, for reference counting."""
@@ -435,12 +441,11 @@ def _parse_head(cursor: _Cursor, version: int) -> Recipe:
 
 
 def _verify_body(recipe: Recipe) -> None:
-    """Walk every entry (its resume points found on the way, for `entries_from`)."""
-    points, total, repeats = _resume_points(recipe.entries(), recipe.resume_every)
+    """Walk every entry (its resume points and repeated files found on the way, for
+    `entries_from` and `repeated_files`)."""
+    total = recipe._walk()
     if total != recipe.tar_size:
         raise RecipeError(f"entries add up to {total} bytes, recipe says {recipe.tar_size}")
-    recipe._resumes[:] = points
-    recipe._repeats.update(repeats)
 
 
 _ENTRY_HEAD_MAX = 1 + DIGEST_SIZE + _MAX_VARINT_BYTES  # a tag, a digest, a varint

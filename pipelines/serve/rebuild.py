@@ -86,7 +86,7 @@ def rebuild_tar(recipe: Recipe, files: FileStore) -> Iterator[bytes]:
     """The layer's tar. Files are located in batches; neighbours in a pack are fetched
     together in one ranged GET (a span), spans run ahead on a few threads, large files
     stream on their own, and a file the tar holds again later is kept for then."""
-    return _rebuild(recipe.entries(), files, repeats=_Repeats(recipe.repeated_files()))
+    return _rebuild(recipe.entries(), files, _Repeats(recipe.repeated_files()))
 
 
 def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) -> Iterator[bytes]:
@@ -105,7 +105,8 @@ def rebuild_tar_range(recipe: Recipe, files: FileStore, start: int, end: int) ->
             yield entry
 
     skip, left = -1, end - start
-    for chunk in _rebuild(overlapping(), files, keep_large=True):
+    # no repeats kept: the recipe counts them over the whole tar, not this range
+    for chunk in _rebuild(overlapping(), files, _Repeats({}), keep_large=True):
         if skip < 0:
             skip = start - first_offset
         if skip >= len(chunk):
@@ -135,12 +136,8 @@ def large_file_spans(recipe: Recipe) -> list[tuple[int, int]]:
 
 
 def _rebuild(
-    entries: Iterator[Raw | FileRef],
-    files: FileStore,
-    keep_large: bool = False,
-    repeats: _Repeats | None = None,
+    entries: Iterator[Raw | FileRef], files: FileStore, repeats: _Repeats, keep_large: bool = False
 ) -> Iterator[bytes]:
-    repeats = repeats or _Repeats({})
     with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch") as pool:
         for item in _planned_ahead(entries, files, pool, repeats):
             if isinstance(item, bytes):
@@ -289,14 +286,11 @@ def _plan(
     once), each span submitted to `pool` in the order the tar first needs it; the files
     kept from an earlier batch taken from `repeats`."""
     repeats.settle()
-    refs = [entry for entry in batch if isinstance(entry, FileRef)]
-    wanted = (ref.digest for ref in refs if ref.digest not in repeats.kept)
-    digests = list(dict.fromkeys(wanted))  # each looked up once
+    refs = [e for e in batch if isinstance(e, FileRef) and e.digest not in repeats.kept]
+    digests = list(dict.fromkeys(ref.digest for ref in refs))  # each looked up once
     found = dict(zip(digests, files.locate(digests), strict=True))
     small: dict[tuple[str, int], tuple[FileRef, Location]] = {}
     for ref in refs:
-        if ref.digest in repeats.kept:
-            continue
         location = found[ref.digest]
         if location is None:
             raise files.unlocated(ref.digest)
