@@ -183,6 +183,14 @@ def hub_read(hub: RestoreHub, produce: Iterator[Buffer], offset: int, length: in
     return b"".join(hub.read(DIGEST, len(BLOB), lambda: produce, offset, length))
 
 
+def join_producers() -> None:
+    """Wait for every restore's producer thread to settle its spool file. A reader's bytes
+    can all arrive before their producer unlocks the file and marks it."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("restore-"):
+            thread.join(10)
+
+
 @pytest.mark.parametrize("damage_at", [0, SEGMENT - 1, 5 * SEGMENT + 7, len(BLOB) - 1])
 def test_spool_readers_at_every_offset_get_exact_bytes_or_an_error(
     tmp_path: Path, damage_at: int
@@ -240,6 +248,7 @@ def test_a_kept_files_timer_leaves_the_next_restore_of_its_name_alone(tmp_path: 
     must leave that file alone: removed, the next GET would start a third restore."""
     keeping = RestoreHub(tmp_path, keep_seconds=0.3)
     assert hub_read(keeping, iter([BLOB]), 0, 10) == BLOB[:10]
+    join_producers()  # settled: a producer still holding its file keeps it from the sweep
     other = RestoreHub(tmp_path, keep_seconds=0)  # its start sweeps the verified file
     assert other.state(DIGEST) is None
     started, go_on = threading.Event(), threading.Event()
@@ -284,13 +293,11 @@ def test_a_restore_ended_by_a_base_exception_is_settled_as_failed(tmp_path: Path
         except RestoreError as error:
             outcome.append(error)
 
-    before = set(threading.enumerate())
     reader = threading.Thread(target=read, daemon=True)  # may wait for ever: the failure
     reader.start()
     reader.join(timeout=10)
     assert not reader.is_alive(), "the reader waits for a restore nobody runs"
     assert isinstance(outcome[0], RestoreError)
-    for producer in set(threading.enumerate()) - before:
-        producer.join(10)  # it ends with Interrupted here, in this test (its warning filtered),
-        # not in whichever test runs when it gets there
+    join_producers()  # it ends with Interrupted here, in this test (its warning filtered),
+    # not in whichever test runs when it gets there
     assert hub_read(hub, iter([BLOB]), SEGMENT, 10) == BLOB[SEGMENT : SEGMENT + 10]
