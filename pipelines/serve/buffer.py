@@ -2,9 +2,11 @@
 every host serves from it, bounded in bytes (DUPHUNTER_BUFFER_BYTES).
 
 An entry is the verified bytes of one layer, as parts of PART_BYTES under
-`buffer/<alg>/<hex>/<n>`, written in order by one filler (a preconstruction on a restore
-worker) while GETs already read the parts written so far: a GET that arrives while its
-layer is being rebuilt follows that rebuild ("inflight") instead of starting another.
+`buffer/<alg>/<hex>/<fill>/<n>`, written in order by one filler (a preconstruction on a
+restore worker) while GETs already read the parts written so far: a GET that arrives while
+its layer is being rebuilt follows that rebuild ("inflight") instead of starting another.
+`<fill>` is the filler's claim token, kept in its entry: the parts of two fills of a layer
+never share a key, so deleting one fill's parts (a drop, a sweep) cannot touch another's.
 Redis holds the entries (`dh:buf:e:<digest>`: size, state, parts written, hits), the
 filler's lease (`dh:buf:fill:<digest>`, renewed per part: a reader whose filler died
 stops with BufferMiss and restores on its own), the bytes reserved and the eviction rank.
@@ -34,7 +36,6 @@ docs/benchmarks.md compares this policy with LRU and ARC on replayed workloads.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 import uuid
@@ -87,14 +88,23 @@ class Entry:
     parts: int  # parts written so far
     hits: int
     origin: str  # why it was filled: "predicted", "pushed", "warm", "miss", "retired"
+    fill: str  # the claim token its parts are keyed by ("": an entry of an older release)
 
     @property
     def complete(self) -> bool:
         return self.state == "complete"
 
 
-def part_key(digest: str, number: int) -> str:
-    return f"{digest_key('buffer', digest)}/{number:06d}"
+def part_key(digest: str, fill: str, number: int) -> str:
+    """Part `number` of the fill `fill` of a layer; an older release's parts had no fill."""
+    folder = digest_key("buffer", digest)
+    return f"{folder}/{fill}/{number:06d}" if fill else f"{folder}/{number:06d}"
+
+
+def parse_part_key(key: str) -> tuple[str, str, int]:
+    """(digest, fill, number) of a part's key."""
+    _buffer, algorithm, hex_part, *fill, number = key.split("/")
+    return f"{algorithm}:{hex_part}", "".join(fill), int(number)
 
 
 def part_count(size: int) -> int:
@@ -166,19 +176,17 @@ class LayerBuffer:
                 raise BufferMiss(position)
             if number < entry.parts:
                 stop = min(end, (number + 1) * PART_BYTES)
-                yield from self._read_part(digest, number, position, stop)
+                yield from self._read_part(part_key(digest, entry.fill, number), position, stop)
                 position = stop
             elif entry.complete or not self.filling_alive(digest):
                 raise BufferMiss(position)
             else:
                 time.sleep(POLL_SECONDS)
 
-    def _read_part(self, digest: str, number: int, position: int, stop: int) -> Iterator[bytes]:
-        start_in_part = position - number * PART_BYTES
+    def _read_part(self, key: str, position: int, stop: int) -> Iterator[bytes]:
+        start_in_part = position % PART_BYTES
         try:
-            for chunk in self.store.iter_range(
-                part_key(digest, number), start_in_part, stop - position
-            ):
+            for chunk in self.store.iter_range(key, start_in_part, stop - position):
                 position += len(chunk)
                 yield chunk
         except ObjectNotFound:
@@ -244,11 +252,13 @@ class LayerBuffer:
         gone, or two evictions when a GET's hit ranked it again) only one gives its bytes
         back: given back twice, S3 would hold more than the bound."""
         token, now = uuid.uuid4().hex, time.time()
-        size = int(self._begin_drop(keys=[entry_key(digest), RANK_KEY],
-                                    args=[digest, token, now, now + DROP_MS / 1000]))  # fmt: skip
+        raw_size, raw_fill = self._begin_drop(
+            keys=[entry_key(digest), RANK_KEY], args=[digest, token, now, now + DROP_MS / 1000]
+        )
+        size, fill = int(raw_size), raw_fill.decode()
         if size < 0:
             return  # gone already, or another process is dropping it
-        self.store.delete([part_key(digest, n) for n in range(part_count(size))])
+        self.store.delete([part_key(digest, fill, n) for n in range(part_count(size))])
         self._end_drop(keys=[entry_key(digest), USED_KEY, RANK_KEY], args=[token, size, digest])
 
     def enforce_bound(self) -> int:
@@ -275,35 +285,38 @@ class LayerBuffer:
     def sweep(self, written_before: float, digests: list[str] | None = None) -> int:
         """Delete the parts written before `written_before` that no entry counts (of these
         layers; default every layer): parts that fillers uploaded after losing their
-        claim, which no drop will delete. A part is kept while an entry, being filled,
-        complete or being dropped, holds it, or a claim on its layer lives. How many were
-        deleted. A part deleted just as a new fill of its layer wrote it again costs that
-        fill's readers a miss (they restore), never wrong bytes."""
+        claim, which no drop will delete, and every part once Redis lost the entries. A
+        part is kept while its fill's entry (being filled, complete or being dropped) or
+        its fill's claim lives. How many were deleted. A fill that starts after the
+        listing writes keys of its own, which this sweep never deletes."""
         prefixes = [digest_key("buffer", d) + "/" for d in digests] if digests else ["buffer/"]
-        counted: dict[str, float] = {}  # parts each layer's entry or claim accounts for
+        kept: dict[str, set[str]] = {}  # the fills each layer's entry or claim holds
         orphans = []
         for prefix in prefixes:
             for item in self.store.listing(prefix):
                 if item.modified >= written_before:
                     continue
-                _buffer, algorithm, hex_part, number = item.key.split("/")
-                digest = f"{algorithm}:{hex_part}"
-                if digest not in counted:  # one lookup per layer, not per part
-                    counted[digest] = self._parts_counted(digest)
-                if int(number) >= counted[digest]:
+                digest, fill, _number = parse_part_key(item.key)
+                if digest not in kept:  # one lookup per layer, not per part
+                    kept[digest] = self._fills_held(digest)
+                if fill not in kept[digest]:
                     orphans.append(item.key)
+        pause("buffer.sweep")
         self.store.delete(orphans)
         if orphans:
             self.redis.hincrby(STATS_KEY, "orphan_parts_swept", len(orphans))
         return len(orphans)
 
-    def _parts_counted(self, digest: str) -> float:
-        """How many of a layer's parts its entry (being filled, complete or being dropped)
-        accounts for; all of them while a claim on it lives, none without either."""
-        size = self.redis.hget(entry_key(digest), "size")
+    def _fills_held(self, digest: str) -> set[str]:
+        """The fills whose parts a layer's entry or live claim holds."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(entry_key(digest), ["size", "fill"])
+        pipe.get(fill_key(digest))
+        (size, fill), claim = pipe.execute()
+        held = {claim.decode()} if claim is not None else set()
         if size is not None:
-            return part_count(int(size))
-        return math.inf if self.filling_alive(digest) else 0
+            held.add((fill or b"").decode())
+        return held
 
     def _is_complete(self, digest: str) -> bool:
         entry = self.entry(digest)
@@ -360,6 +373,7 @@ def _parse_entry(digest: str, raw: dict[bytes, bytes]) -> Entry | None:
         int(fields.get("parts", 0)),
         int(fields.get("hits", 0)),
         fields.get("origin", ""),
+        fields.get("fill", ""),
     )
 
 
@@ -452,7 +466,7 @@ class Filler:
             self.lost = True
             return
         pause("buffer.upload", self.digest)  # the claim may lapse here: see `sweep`
-        self.buffer.store.put_bytes(part_key(self.digest, number), data)
+        self.buffer.store.put_bytes(part_key(self.digest, self.owner, number), data)
         if not self._owned("part", number + 1):
             self.lost = True
 
@@ -556,7 +570,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'size', size, 'state', 'filling', 'parts', 0, 'hits', 0,
            'origin', ARGV[6], 'expected', expected, 'pinned_until', pinned_until,
-           'k', ARGV[8], 'at', ARGV[11])
+           'k', ARGV[8], 'at', ARGV[11], 'fill', ARGV[4])
 redis.call('ZADD', KEYS[4], rank, ARGV[1])
 return {'granted'}
 """
@@ -589,17 +603,18 @@ return 1
 """
 
 # KEYS: entry, rank. ARGV: digest, dropper's token, now, dropping until (a dropper that
-# died by then is replaced). Returns the entry's size, or -1: no entry, or another
+# died by then is replaced). Returns the entry's size and fill, or -1: no entry, or another
 # process is dropping it.
 _BEGIN_DROP_LUA = (
     _BEING_DROPPED_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 or being_dropped(KEYS[1], tonumber(ARGV[3])) then
-  return -1
+  return {-1, ''}
 end
 redis.call('HSET', KEYS[1], 'state', 'dropping', 'dropper', ARGV[2], 'dropping_until', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
-return tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+local size, fill = unpack(redis.call('HMGET', KEYS[1], 'size', 'fill'))
+return {tonumber(size or '0'), fill or ''}
 """
 )
 

@@ -25,8 +25,9 @@ from minio import Minio
 from api.presentation import TIME_KEYS
 from api.replay.report import render
 from deploy.stack import REPO_ROOT, VENV_BIN, free_port, wait_until
+from pipelines.formats.digests import digest_key
 from pipelines.ingest.ingestor import RETIRE_BLOCKED_KEY
-from pipelines.serve.buffer import RANK_KEY, LayerBuffer, part_key
+from pipelines.serve.buffer import RANK_KEY, LayerBuffer
 from tests.client import RegistryClient, sha256
 from tests.conftest import LiveStack, extra_api, own_live_stack
 from tests.layers import deduplicated_layer, get, layer_of, random_files
@@ -236,7 +237,7 @@ def buffer_bytes_in_s3(live: LiveStack, filled: list[str]) -> int:
     keep buffers of their own, in other Redis databases, in the same bucket)."""
     ranked = live.registry.index.redis.zrange(RANK_KEY, 0, -1)
     entries = {member.decode() for member in ranked} | set(filled)
-    prefixes = tuple(part_key(digest, 0)[:-6] for digest in entries)
+    prefixes = tuple(digest_key("buffer", digest) + "/" for digest in entries)
     return sum(size for key, size in bucket_listing(live).items() if key.startswith(prefixes))
 
 

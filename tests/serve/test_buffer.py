@@ -26,6 +26,7 @@ from pipelines.serve.buffer import (
     LayerBuffer,
     entry_key,
     fill_key,
+    part_key,
 )
 from pipelines.store.storage import ObjectStore, S3Store
 from tests.client import RegistryClient, image_manifest, sha256
@@ -411,6 +412,99 @@ def test_a_part_uploaded_after_its_layer_was_dropped_is_swept(
     assert in_s3 == buffer.used_bytes() == len(kept) + len(filling)
     for data in (kept, filling):
         assert b"".join(buffer.read(sha256(data), 0, len(data))) == data
+
+
+def test_a_sweep_leaves_alone_the_parts_a_new_fill_writes_under_it(
+    live: LiveStack, live_points: PausePoints
+) -> None:
+    """A sweep lists a dropped fill's late part and judges it an orphan; before it
+    deletes, a new fill of the same layer writes and completes. Before parts were keyed by
+    their fill, the new fill's first part had the orphan's key and the sweep deleted it:
+    a complete entry with a part missing. Now the sweep deletes only the orphan."""
+    client = empty_redis_db(live, 13)
+    buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    data = os.urandom(PART_BYTES + 1000)
+    digest = sha256(data)
+    live_points.hold("buffer.upload", digest)
+    late = buffer.start_fill(digest, len(data), "miss")
+    assert late is not None
+    late.write(data[:PART_BYTES])
+    live_points.wait_reached("buffer.upload")
+    buffer.drop(digest)
+    live_points.release("buffer.upload")
+    late.finish()
+    assert late.lost and buffer_bytes_in_s3(buffer.store, {digest: data}) == PART_BYTES
+    live_points.hold("buffer.sweep")
+    swept: list[int] = []
+
+    def sweep() -> None:
+        swept.append(buffer.sweep(time.time() + 1, [digest]))
+
+    sweeping = threading.Thread(target=sweep)
+    sweeping.start()
+    live_points.wait_reached("buffer.sweep")  # the orphan listed and judged
+    fill_whole(buffer, digest, data)
+    live_points.release("buffer.sweep")
+    sweeping.join(30)
+    assert swept == [1]
+    assert b"".join(buffer.read(digest, 0, len(data))) == data
+    assert buffer_bytes_in_s3(buffer.store, {digest: data}) == buffer.used_bytes() == len(data)
+
+
+def test_a_sweep_after_redis_lost_the_buffer_deletes_every_part_and_serves_nothing(
+    live: LiveStack,
+) -> None:
+    """Redis emptied (restarted without its data) under a buffer with entries complete
+    and being filled: no entry is left to read, so every GET misses and restores; the
+    live filler finds its claim gone and stops; the sweep deletes every part, which
+    nothing can reach any more; and the buffer fills and serves again."""
+    client = empty_redis_db(live, 14)
+    buffer = LayerBuffer(S3Store(live.settings), client, 8 * PART_BYTES, 60, 60)
+    layers = {sha256(data): data for data in (os.urandom(n) for n in (2 * PART_BYTES + 7, 999))}
+    filling = os.urandom(2 * PART_BYTES)
+    layers[sha256(filling)] = filling
+    for digest, data in layers.items():
+        if data is not filling:
+            fill_whole(buffer, digest, data)
+    filler = buffer.start_fill(sha256(filling), len(filling), "miss")
+    assert filler is not None
+    filler.write(filling[:PART_BYTES])
+    wait_until(lambda: parts_written(buffer, sha256(filling)) == 1, "the live fill's first part")
+    client.flushdb()
+    for digest in layers:
+        with pytest.raises(BufferMiss) as miss:
+            b"".join(buffer.read(digest, 0, len(layers[digest])))
+        assert miss.value.offset == 0
+    filler.write(filling[PART_BYTES:])
+    filler.finish()
+    assert filler.lost and buffer.entry(sha256(filling)) is None
+    assert buffer.sweep(time.time() + 1, list(layers)) == 3 + 1 + 1  # the live fill's first
+    assert buffer_bytes_in_s3(buffer.store, layers) == 0 == buffer.used_bytes()
+    fill_whole(buffer, sha256(filling), filling)
+    assert b"".join(buffer.read(sha256(filling), 0, len(filling))) == filling
+
+
+def test_an_entry_of_the_release_before_fill_tokens_is_read_swept_and_dropped(
+    live: LiveStack,
+) -> None:
+    """Entries filled before parts were keyed by their fill have no fill field, and their
+    parts no fill in the key: after an upgrade they still serve, a sweep keeps them, and a
+    drop deletes them and gives their bytes back."""
+    client = empty_redis_db(live, 15)
+    buffer = LayerBuffer(S3Store(live.settings), client, 4 * PART_BYTES, 60, 60)
+    data = os.urandom(PART_BYTES + 1000)
+    digest = sha256(data)
+    fill_whole(buffer, digest, data)
+    entry = buffer.entry(digest)
+    assert entry is not None and entry.fill
+    for number, start in enumerate(range(0, len(data), PART_BYTES)):  # as the release before
+        buffer.store.put_bytes(part_key(digest, "", number), data[start : start + PART_BYTES])
+        buffer.store.delete([part_key(digest, entry.fill, number)])
+    client.hdel(entry_key(digest), "fill")
+    assert buffer.sweep(time.time() + 1, [digest]) == 0
+    assert b"".join(buffer.read(digest, 1, len(data))) == data[1:]
+    buffer.drop(digest)
+    assert buffer_bytes_in_s3(buffer.store, {digest: data}) == 0 == buffer.used_bytes()
 
 
 def test_a_prediction_pins_only_an_entry_nobody_read_since(live: LiveStack) -> None:

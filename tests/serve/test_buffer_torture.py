@@ -2,7 +2,8 @@
 finish, some abort, some are killed with SIGKILL or frozen with SIGSTOP at a chosen step of
 their fill and continued after their claim lapsed), mixed with drops from other processes
 (an eviction's, GC's), `enforce_bound` (also after the bound was lowered), GETs and
-predictions that pin entries, and readers following entries at random ranges.
+predictions that pin entries, readers following entries at random ranges, and sweeps that
+take every part as old enough while fills write, drop and take over beside them.
 
 What must hold (pipelines/serve/buffer.py, docs/architecture.md, "Layer buffer"):
 1. a read yields exactly the layer's bytes for the range asked, or stops with BufferMiss
@@ -215,6 +216,11 @@ class Read:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    pass
+
+
+@dataclass(frozen=True)
 class Thaw:
     pass
 
@@ -224,7 +230,7 @@ class Wait:
     seconds: float
 
 
-Step = Fill | Drop | Enforce | Lower | Expect | Get | Read | Thaw | Wait
+Step = Fill | Drop | Enforce | Lower | Expect | Get | Read | Sweep | Thaw | Wait
 
 
 def draw_layers(rng: random.Random) -> list[Layer]:
@@ -246,8 +252,8 @@ def draw_schedule(rng: random.Random, layers: list[Layer]) -> list[Step]:
     for index in range(STEPS):
         steps += [step for at, step in later if at <= index]
         later = [(at, step) for at, step in later if at > index]
-        kind = rng.choices(["fill", "read", "drop", "enforce", "expect", "get", "lower"],
-                           [10, 8, 4, 2, 2, 2, 1])[0]  # fmt: skip
+        kind = rng.choices(["fill", "read", "drop", "enforce", "expect", "get", "lower", "sweep"],
+                           [10, 8, 4, 2, 2, 2, 1, 2])[0]  # fmt: skip
         layer = rng.randrange(len(layers))
         if kind == "lower" and not lowered:
             lowered = True
@@ -263,6 +269,8 @@ def draw_schedule(rng: random.Random, layers: list[Layer]) -> list[Step]:
             steps.append(Drop(rng.choice([layer, last_filled])))
         elif kind == "enforce":
             steps.append(Enforce())
+        elif kind == "sweep":
+            steps.append(Sweep())
         elif kind == "expect":
             origin = rng.choice(["predicted", "pushed"])
             steps.append(Expect(layer, rng.randrange(1, 3), rng.uniform(0, 2), origin))
@@ -405,6 +413,9 @@ def run_step(run: Run, step: Step) -> None:
             reader = threading.Thread(target=read_and_check, args=(run, step), daemon=True)
             reader.start()
             run.readers.append(reader)
+        case Sweep():  # every part taken as old enough: only the entries' and claims' word counts
+            swept = run.buffer.sweep(time.time() + 1, [layer.digest for layer in run.layers])
+            run.log.append(f"  swept {swept}")
         case Thaw():
             thaw(run)
         case Wait(seconds):
@@ -548,11 +559,12 @@ def check_settled(run: Run) -> None:
     for digest, raw in held.items():
         assert raw.get(b"state") == b"complete" and b"size" in raw, (digest, raw)
     sizes = {digest: int(raw[b"size"]) for digest, raw in held.items()}
+    fills = {digest: raw[b"fill"].decode() for digest, raw in held.items()}
     assert buffer.used_bytes() == sum(sizes.values()), (buffer.used_bytes(), sizes)
     assert buffer.used_bytes() <= run.capacity
     ranked = {member.decode() for member in client.zrange(RANK_KEY, 0, -1)}
     assert ranked == set(held), (ranked, set(held))
-    assert parts_in_s3(run) == expected_parts(sizes), "S3 holds parts no entry counts"
+    assert parts_in_s3(run) == expected_parts(sizes, fills), "S3 holds parts no entry counts"
     for layer in run.layers:
         if layer.digest in held:
             assert b"".join(buffer.read(layer.digest, 0, layer.size)) == layer.data
@@ -567,11 +579,12 @@ def parts_in_s3(run: Run) -> dict[str, int]:
     return {key: size for key, size in listed if key.split("/")[2] in ours}
 
 
-def expected_parts(sizes: dict[str, int]) -> dict[str, int]:
+def expected_parts(sizes: dict[str, int], fills: dict[str, str]) -> dict[str, int]:
     parts = {}
     for digest, size in sizes.items():
         for number in range(-(-size // PART_BYTES_HERE)):
-            parts[part_key(digest, number)] = min(PART_BYTES_HERE, size - number * PART_BYTES_HERE)
+            key = part_key(digest, fills[digest], number)
+            parts[key] = min(PART_BYTES_HERE, size - number * PART_BYTES_HERE)
     return parts
 
 
