@@ -36,7 +36,7 @@ from typing import Any
 from api.replay.content import RATIO as TAR_PER_BLOB
 from api.replay.report import latency
 from bench.report import REPO_ROOT, RESULTS, git_state, save_json, write_section
-from pipelines.serve.checkpoints import checkpoint_spacing
+from pipelines.serve.checkpoints import FIRST_SEGMENT_TAR_BYTES, checkpoint_spacing
 
 SECTION = "## bench-fleet: restore cores against Distribution's latency, and what they cost"
 PLOT = REPO_ROOT / "docs" / "img" / "bench-fleet.png"
@@ -83,6 +83,12 @@ class Costs:
     stored: Serving  # a GET from the buffer, the spool or an intact copy
     distribution: Serving  # Distribution's GET of the same layer
     spacing_bytes: int = 0  # tar bytes per segment; 0: the registry's checkpoint spacing
+    first_segment_bytes: int = FIRST_SEGMENT_TAR_BYTES  # at most, as the registry places it
+
+    def segments(self, blob_bytes: int) -> list[int]:
+        """Tar bytes of each segment of a layer's restore."""
+        tar_bytes = int(blob_bytes * TAR_PER_BLOB)
+        return segment_sizes(tar_bytes, self.spacing_bytes, self.first_segment_bytes)
 
     def segment_cpu_s(self, tar_bytes: int) -> float:
         per_mb = self.encode_cpu_s_per_tar_mb + self.rebuild_cpu_s_per_tar_mb
@@ -96,13 +102,19 @@ class Costs:
         return self.net_rtt_s + tar_bytes / TAR_PER_BLOB / MB / self.net_mb_per_s
 
 
-def segment_sizes(tar_bytes: int, spacing: int = 0) -> list[int]:
-    """Tar bytes of each segment of a restore: `spacing` apart, or (0) at the checkpoint
-    spacing of the registry (pipelines.serve.checkpoints), every candidate assumed proven."""
+def segment_sizes(
+    tar_bytes: int, spacing: int = 0, first: int = FIRST_SEGMENT_TAR_BYTES
+) -> list[int]:
+    """Tar bytes of each segment of a restore: the first at most `first` (the registry's
+    short first segment, for the first bytes' sake), the others `spacing` apart, or (0) at
+    the checkpoint spacing of the registry (pipelines.serve.checkpoints), every candidate
+    assumed proven."""
     spacing = spacing or checkpoint_spacing(tar_bytes)
-    count = max(1, math.ceil(tar_bytes / spacing))
-    sizes = [spacing] * (count - 1)
-    return [*sizes, tar_bytes - sum(sizes)]
+    sizes = [min(first, spacing, tar_bytes)]
+    rest = tar_bytes - sizes[0]
+    count = math.ceil(rest / spacing)
+    sizes += [spacing] * max(0, count - 1)
+    return [*sizes, rest - spacing * (count - 1)] if count else sizes
 
 
 # --- workload -----------------------------------------------------------------------------
@@ -193,7 +205,7 @@ def start_restore(get: Get, at: float, pool: CorePool, costs: Costs) -> Restore:
     home = home_host(get.digest, pool.fleet)
     restore = Restore(at)
     begin = at + costs.restore_setup_s
-    sizes = segment_sizes(int(get.blob_bytes * TAR_PER_BLOB), costs.spacing_bytes)
+    sizes = costs.segments(get.blob_bytes)
     for tar_bytes in sizes:
         ready = begin + costs.segment_fetch_s(tar_bytes)
         end, host = pool.run(ready, costs.segment_cpu_s(tar_bytes), home)
@@ -397,7 +409,7 @@ def validate(predict: dict[str, Any], costs: Costs, seed: int) -> dict[str, Any]
         costs.segment_cpu_s(size) * (1 - costs.other_cpu_share)
         for s in served
         if s.source == "restore"
-        for size in segment_sizes(int(s.get.blob_bytes * TAR_PER_BLOB), costs.spacing_bytes)
+        for size in costs.segments(s.get.blob_bytes)
     )
     return {
         "gets": len(gets),
@@ -454,7 +466,7 @@ def lower_bound(gets: Sequence[Get], costs: Costs) -> dict[str, float]:
     segment's fetch and CPU, then the bytes streamed."""
     sizes = sorted(get.blob_bytes for get in gets if get.restore)
     blob = sizes[len(sizes) // 2]
-    segment = max(segment_sizes(int(blob * TAR_PER_BLOB), costs.spacing_bytes))
+    segment = max(costs.segments(blob))
     cold = costs.stored.fixed_s + costs.restore_setup_s + costs.segment_fetch_s(segment)
     cold += costs.segment_cpu_s(segment) + blob / MB / costs.stored.mb_per_s
     return {"blob_mb": round(blob / MB, 2), "cold_get_s": round(cold, 4)}
@@ -687,7 +699,7 @@ def restore_demand(gets: Sequence[Get], costs: Costs) -> float:
         costs.segment_cpu_s(size)
         for get in gets
         if get.restore
-        for size in segment_sizes(int(get.blob_bytes * TAR_PER_BLOB), costs.spacing_bytes)
+        for size in costs.segments(get.blob_bytes)
     )
     span = max(get.at for get in gets) - min(get.at for get in gets)
     return round(cpu / span, 2)
@@ -793,9 +805,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{costs['stored']['mb_per_s']} MB/s, plus a measured residual); Distribution's GET "
         f"likewise from its own run ({costs['distribution']['fixed_ms']} ms + MB at "
         f"{costs['distribution']['mb_per_s']} MB/s). A restore: a setup (recipe, checkpoints, "
-        "file locations), then the layer's segments at the registry's checkpoint spacing "
-        f"(tar = {TAR_PER_BLOB}x the gzip bytes, as the replay's layers), each a FIFO job on "
-        "the core of the fleet that frees first: one S3 read of its files, then CPU per MB "
+        "file locations), then the layer's segments as the registry places them: the first "
+        f"of at most {FIRST_SEGMENT_TAR_BYTES >> 20} MiB of tar, the others at the checkpoint "
+        f"spacing (tar = {TAR_PER_BLOB}x the gzip bytes, as the replay's layers), each a FIFO "
+        "job on the core of the fleet that frees first: one S3 read of its files, then CPU per MB "
         f"of tar measured by bench-restore for zlib 6: encode "
         f"{costs['encode_cpu_s_per_tar_mb'] * 1000:.1f} ms, tar rebuild "
         f"{costs['rebuild_cpu_s_per_tar_mb'] * 1000:.1f} ms, a parallel restore's priming, "

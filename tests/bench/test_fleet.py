@@ -13,12 +13,14 @@ import pytest
 from api.replay.content import RATIO as TAR_PER_BLOB
 from bench import fleet
 from bench.fleet import Costs, Fleet, Get, Serving, simulate
+from pipelines.serve.checkpoints import FIRST_SEGMENT_TAR_BYTES
 
 MB = fleet.MB
 
 
 def costs(**changes: float) -> Costs:
-    """One segment per layer (spacing larger than any tar), 1 s of CPU per MB of tar, no
+    """One segment per layer (spacing and first segment larger than any tar), 1 s of CPU
+    per MB of tar, no
     fetch, setup or network cost, stored and Distribution GETs free: latencies are
     queueing and CPU alone."""
     values: dict[str, object] = {
@@ -35,6 +37,7 @@ def costs(**changes: float) -> Costs:
         "stored": Serving(0.0, 1e12),
         "distribution": Serving(0.0, 1e12),
         "spacing_bytes": 1 << 40,
+        "first_segment_bytes": 1 << 40,
     }
     values.update(changes)
     return Costs(**values)  # type: ignore[arg-type]
@@ -130,10 +133,14 @@ def test_more_cores_never_raise_the_replays_quantiles() -> None:
 
 
 def test_segment_sizes_cover_the_tar_exactly() -> None:
-    for tar in (1, 5 << 20, 37_000_001, 100 << 20):
+    for tar in (1, 1 << 20, (1 << 20) + 1, 5 << 20, 37_000_001, 100 << 20):
         sizes = fleet.segment_sizes(tar)
         assert sum(sizes) == tar and all(size > 0 for size in sizes)
-    assert len(fleet.segment_sizes(8 << 20, 1 << 20)) == 8
+        assert sizes[0] <= FIRST_SEGMENT_TAR_BYTES  # short, as the registry places it
+    assert fleet.segment_sizes(8 << 20, 1 << 20) == [1 << 20] * 8
+    assert fleet.segment_sizes(9 << 20, 4 << 20) == [1 << 20, 4 << 20, 4 << 20]
+    assert fleet.segment_sizes(10 << 20, 4 << 20) == [1 << 20, 4 << 20, 4 << 20, 1 << 20]
+    assert fleet.segment_sizes(10 << 20, 4 << 20, 1 << 40) == [4 << 20, 4 << 20, 2 << 20]
 
 
 def test_validation_compares_the_same_gets_and_paths() -> None:
