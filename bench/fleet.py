@@ -422,6 +422,9 @@ def validate(predict: dict[str, Any], costs: Costs, seed: int) -> dict[str, Any]
             "measured_restores": predict["runs"][OURS]["stats_delta"].get(
                 "restores.on_demand_or_preconstructed"
             ),
+            "preconstructions": predict["runs"][OURS]["stats_delta"].get(
+                "restores.preconstructions", 0
+            ),
         },
     }
 
@@ -734,6 +737,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "dedup": f"{dedup['date']}, {dedup['git']}",
         },
         "layer_mb": args.layer_mb,
+        "segments_of_a_layer": len(shared.segments(int(args.layer_mb * MB))),
         "seed": args.seed,
         "costs_validation": costs_summary(shared),
         "validation": validate(predict, shared, args.seed),
@@ -789,6 +793,8 @@ def main() -> None:
 def markdown(result: dict[str, Any]) -> str:
     validation, idle = result["validation"], result["validation_idle_cores"]
     cpu = validation["restore_cpu_s"]
+    per_model = cpu["model_on_demand"] / cpu["model_restores"]
+    charged = "more" if per_model > cpu["measured_all"] / cpu["measured_restores"] else "less"
     costs = result["costs_validation"]
     prices = result["prices"]
     lines = [
@@ -827,17 +833,16 @@ def markdown(result: dict[str, Any]) -> str:
         "the model gives p50/p90/p99 "
         + "/".join(ms(idle["table"]["duphunter"]["model"][q]) for q in QUANTILES)
         + " ms. Not modelled: the S3 server and the replaying clients on the same cores, "
-        "and the 10 preconstructions of the run (restores nobody waited for). Restore CPU: "
+        f"and the {cpu['preconstructions']:.0f} preconstructions of the run (restores nobody "
+        "waited for). Restore CPU: "
         f"the model's {cpu['model_restores']} on-demand restores take {cpu['model_on_demand']} "
-        f"CPU-s, {cpu['model_on_demand'] / cpu['model_restores']:.3f} each; the registry "
+        f"CPU-s, {per_model:.3f} each; the registry "
         f"counted {cpu['measured_all']} CPU-s for {cpu['measured_restores']:.0f} restores "
         "(preconstructions included), "
-        f"{cpu['measured_all'] / cpu['measured_restores']:.3f} each. So bench-restore's CPU "
-        "rates charge more per restore than the registry counted on these layers, and the "
-        "latency still matches: what the model leaves out (the S3 server and the clients on "
-        "the same cores, the registry's uncounted threads) costs about that difference. The "
-        "latencies validate to within 10%; the split between CPU and the rest does not. "
-        "A second check: "
+        f"{cpu['measured_all'] / cpu['measured_restores']:.3f} each: bench-restore's CPU "
+        f"rates charge {charged} per restore than the registry counted on these layers. "
+        + validation_text(validation)
+        + " A second check: "
         "the issue's held-out replay of real-sized layers (about 22 MB) measured "
         "0.94/29/49x Distribution's p50/p90/p99; the 2-core row of `real-sized, loopback` "
         "below is the model's figure for it.",
@@ -870,7 +875,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "### What it says",
         "",
-        *FINDINGS,
+        *findings(result),
         "",
         "### Cost",
         "",
@@ -892,26 +897,74 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-FINDINGS = [  # read off the run of 2026-12-06 (bench-predict with layers of real size)
-    "- **p50 follows the stored path, p90 and p99 the restores.** On the replay of "
-    "2026-12-06 (20 MB layers; 84 of its 182 GETs restored or followed a restore) the "
-    "model's p50 is 2.2x Distribution's on 2 cores and 1.8-1.9x from 8 cores on, what the "
-    "stored path of these layers costs (the run measured 2.16x); cores do not move it.",
-    "- **p90 and p99 never reach 1.0x, at any fleet size.** A restoring GET streams the "
-    "same bytes at the same rate as a stored one, after a setup and its first segment: "
-    "its least latency, with unlimited cores, is a stored GET plus one segment's fetch and "
-    "CPU. Distribution's p90 is one stored read. Only serving 90% (99%) of GETs from "
-    "stored bytes moves p90 (p99) to 1.0x: prediction and the buffer, not cores.",
-    "- **Cores help until each restore has a core per segment**, then nothing: with "
-    "4 MiB segments a 20 MB layer (about 70 MB of tar) is about 17 segments, and the floor "
-    "is a 4 MiB segment's ~100 ms of zlib-6 CPU on top of the stream (p90 1.5x, p99 1.5x "
-    "Distribution's from 128 cores on, loopback). Segments must spread over hosts: "
-    "restricted to the serving host's 8 cores, the floor is that host's (3.3x, 3.7x).",
-    "- **Validation at 2 cores**: the model gives 0.79x the measured p90 and 0.89x the "
-    "p99 on this run (within 10% on the ~2 MB-layer run of 2026-12-01): it does not model "
-    "the S3 server and the replaying clients on the same 2 cores, which weigh more when "
-    "every restore moves 70 MB.",
-]
+def validation_text(validation: dict[str, Any]) -> str:
+    """What the validation shows, read off its own figures."""
+    ours = validation["table"]["duphunter"]["model / measured"]
+    restoring = validation["table"]["duphunter restoring GETs"]["model / measured"]
+    text = (
+        "Model / measured p50/p90/p99: "
+        + "/".join(f"{ours[q]:.2f}" for q in QUANTILES)
+        + " of all GETs, "
+        + "/".join(f"{restoring[q]:.2f}" for q in QUANTILES)
+        + " of the restoring ones: "
+    )
+    if all(0.9 <= ours[q] <= 1.1 for q in QUANTILES):
+        return text + "the latencies validate to within 10%."
+    low = [q for q in QUANTILES if ours[q] < 0.9]
+    return text + (
+        f"the model is short at {', '.join(low)}. It serves the segments of concurrent "
+        "restores first come first served, so the earlier restore ends first; it leaves "
+        "out what else ran on the same 2 cores (the S3 server, the clients)."
+        if low
+        else "the model is long at the tail."
+    )
+
+
+def findings(result: dict[str, Any]) -> list[str]:
+    """The sweep's lessons, each read off this run's figures."""
+    validation = result["validation"]
+    measured = validation["table"]
+    as_measured = result["sweeps"][SCENARIOS[0].name]["rows"]
+    real = result["sweeps"]["real-sized, loopback"]["rows"]
+    two = next(row for row in as_measured if row["cores"] == 2)
+    many = [row["ratio"]["p50"] for row in as_measured if row["cores"] >= 8]
+    run_p50 = measured["duphunter"]["measured"]["p50"] / measured["distribution"]["measured"]["p50"]
+    fleet_floor = max((row for row in real if row["spread"] == "fleet"), key=lambda r: r["cores"])
+    host_floor = min(
+        (row for row in real if row["spread"] == "host" and row["host_cores"] == 8),
+        key=lambda row: row["ratio"]["p90"],
+    )
+    reached = {
+        q: [part["match"][q] for part in result["sweeps"].values() if part["match"][q]]
+        for q in ("p90", "p99")
+    }
+    tails = (
+        "**p90 and p99 never reach 1.0x, at any fleet size.**"
+        if not any(reached.values())
+        else "**p90 and p99 reach 1.0x only at "
+        + ", ".join(f"{q} {min(found)} cores" for q, found in reached.items() if found)
+        + ".**"
+    )
+    ratio = fleet_floor["ratio"]
+    return [
+        f"- **p50 follows the stored path, p90 and p99 the restores.** On the replay of "
+        f"{result['inputs']['predict'].split(' ')[0]} ({validation['restoring_gets']} of its "
+        f"{validation['gets']} GETs restored or followed a restore) the model's p50 is "
+        f"{two['ratio']['p50']:.2f}x Distribution's on 2 cores and {min(many):.2f}-"
+        f"{max(many):.2f}x from 8 cores on (the run measured {run_p50:.2f}x).",
+        f"- {tails} A restoring GET streams the same bytes at the same rate as a stored one, "
+        "after a setup and its first segment: its least latency, with unlimited cores, is a "
+        "stored GET plus one segment's fetch and CPU. Distribution's p90 is one stored read. "
+        "Only serving 90% (99%) of GETs from stored bytes moves p90 (p99) to 1.0x: "
+        "prediction and the buffer, not cores.",
+        f"- **Cores help until each restore has a core per segment**, then nothing: a "
+        f"{result['layer_mb']:.0f} MB layer is {result['segments_of_a_layer']} segments, and "
+        f"with {fleet_floor['cores']} cores spread over hosts p90 is {ratio['p90']:.2f}x and "
+        f"p99 {ratio['p99']:.2f}x Distribution's (real-sized, loopback). Segments must "
+        "spread over hosts: restricted to the serving host's 8 cores, the best is "
+        f"{host_floor['ratio']['p90']:.2f}x and {host_floor['ratio']['p99']:.2f}x.",
+        "- **Validation at 2 cores**: " + validation_text(validation),
+    ]
 
 
 def network_text(network: dict[str, Any]) -> str:

@@ -165,3 +165,17 @@ def test_fit_recovers_a_line() -> None:
     serving = fleet.fit(rows)
     assert serving.fixed_s == pytest.approx(0.01)
     assert serving.mb_per_s == pytest.approx(200)
+
+
+def test_the_validation_text_says_what_its_figures_show() -> None:
+    """Read off the figures, not written for one run: within 10%, or short at the tail."""
+
+    def validation(ratios: dict[str, float]) -> dict[str, Any]:
+        entry = {"model / measured": ratios}
+        return {"table": {"duphunter": entry, "duphunter restoring GETs": entry}}
+
+    close = fleet.validation_text(validation({"p50": 0.95, "p90": 1.02, "p99": 1.08}))
+    assert "0.95/1.02/1.08" in close and "within 10%" in close
+    short = fleet.validation_text(validation({"p50": 0.94, "p90": 0.73, "p99": 0.54}))
+    assert "0.94/0.73/0.54" in short and "short at p90, p99" in short
+    assert "within 10%" not in short
