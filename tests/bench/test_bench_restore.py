@@ -36,5 +36,5 @@ def test_the_cpu_counted_holds_the_served_helpers_work(helper_dir: Path) -> None
         run_segment_helper(argv, [data])
     helpers = cpu_seconds() - before_total - (time.process_time() - before_own)
     assert SERVED.processes()  # still up: their CPU was read live
-    assert helpers >= 0.3, helpers
+    assert helpers >= 0.1, helpers  # 0.3-0.5 CPU-s of encoding; uncounted, about 0
     SERVED.forget()

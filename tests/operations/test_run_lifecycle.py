@@ -299,7 +299,9 @@ def test_a_start_after_a_dead_stack_stops_what_it_left(workdir: Path) -> None:
         assert f"a previous run from {workdir} left" in text, text
         assert not any(_exists(pid) for pid in left)
         assert all(bystander.poll() is None for bystander in bystanders)
-        assert second.all_running()
+        # supervisord calls a program RUNNING once it stayed up `startsecs` (3 s): the
+        # stack can be up and serving before that, on a fast machine
+        wait_until(second.all_running, "every program RUNNING", 30)
     finally:
         for bystander in bystanders:
             bystander.kill()
