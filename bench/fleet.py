@@ -924,8 +924,9 @@ def findings(result: dict[str, Any]) -> list[str]:
     """The sweep's lessons, each read off this run's figures."""
     validation = result["validation"]
     measured = validation["table"]
-    as_measured = result["sweeps"][SCENARIOS[0].name]["rows"]
-    real = result["sweeps"]["real-sized, loopback"]["rows"]
+    as_measured_scenario, real_scenario = SCENARIOS[0].name, SCENARIOS[1].name
+    as_measured = result["sweeps"][as_measured_scenario]["rows"]
+    real = result["sweeps"][real_scenario]["rows"]
     two = next(row for row in as_measured if row["cores"] == 2)
     many = [row["ratio"]["p50"] for row in as_measured if row["cores"] >= 8]
     run_p50 = measured["duphunter"]["measured"]["p50"] / measured["distribution"]["measured"]["p50"]
@@ -960,7 +961,7 @@ def findings(result: dict[str, Any]) -> list[str]:
         f"- **Cores help until each restore has a core per segment**, then nothing: a "
         f"{result['layer_mb']:.0f} MB layer is {result['segments_of_a_layer']} segments, and "
         f"with {fleet_floor['cores']} cores spread over hosts p90 is {ratio['p90']:.2f}x and "
-        f"p99 {ratio['p99']:.2f}x Distribution's (real-sized, loopback). Segments must "
+        f"p99 {ratio['p99']:.2f}x Distribution's ({real_scenario}). Segments must "
         "spread over hosts: restricted to the serving host's 8 cores, the best is "
         f"{host_floor['ratio']['p90']:.2f}x and {host_floor['ratio']['p99']:.2f}x.",
         "- **Validation at 2 cores**: " + validation_text(validation),

@@ -20,9 +20,8 @@ MB = fleet.MB
 
 def costs(**changes: float) -> Costs:
     """One segment per layer (spacing and first segment larger than any tar), 1 s of CPU
-    per MB of tar, no
-    fetch, setup or network cost, stored and Distribution GETs free: latencies are
-    queueing and CPU alone."""
+    per MB of tar, no fetch, setup or network cost, stored and Distribution GETs free:
+    latencies are queueing and CPU alone."""
     values: dict[str, object] = {
         "encode_cpu_s_per_tar_mb": 1.0,
         "rebuild_cpu_s_per_tar_mb": 0.0,
