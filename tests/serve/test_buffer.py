@@ -457,7 +457,8 @@ def test_a_sweep_after_redis_lost_the_buffer_deletes_every_part_and_serves_nothi
     """Redis emptied (restarted without its data) under a buffer with entries complete
     and being filled: no entry is left to read, so every GET misses and restores; the
     live filler finds its claim gone and stops; the sweep deletes every part, which
-    nothing can reach any more; and the buffer fills and serves again."""
+    nothing can reach any more; a reader that began before the loss stops with a miss
+    after exact bytes; and the buffer fills and serves again."""
     client = empty_redis_db(live, 14)
     buffer = LayerBuffer(S3Store(live.settings), client, 8 * PART_BYTES, 60, 60)
     layers = {sha256(data): data for data in (os.urandom(n) for n in (2 * PART_BYTES + 7, 999))}
@@ -470,6 +471,9 @@ def test_a_sweep_after_redis_lost_the_buffer_deletes_every_part_and_serves_nothi
     assert filler is not None
     filler.write(filling[:PART_BYTES])
     wait_until(lambda: parts_written(buffer, sha256(filling)) == 1, "the live fill's first part")
+    complete = next(iter(layers))
+    reading = buffer.read(complete, 0, len(layers[complete]))
+    received = bytearray(next(reading))  # its entry looked up, its first part being read
     client.flushdb()
     for digest in layers:
         with pytest.raises(BufferMiss) as miss:
@@ -479,6 +483,10 @@ def test_a_sweep_after_redis_lost_the_buffer_deletes_every_part_and_serves_nothi
     filler.finish()
     assert filler.lost and buffer.entry(sha256(filling)) is None
     assert buffer.sweep(time.time() + 1, list(layers)) == 3 + 1 + 1  # the live fill's first
+    with pytest.raises(BufferMiss) as miss:
+        for chunk in reading:
+            received += chunk
+    assert bytes(received) == layers[complete][: miss.value.offset]
     assert buffer_bytes_in_s3(buffer.store, layers) == 0 == buffer.used_bytes()
     fill_whole(buffer, sha256(filling), filling)
     assert b"".join(buffer.read(sha256(filling), 0, len(filling))) == filling
