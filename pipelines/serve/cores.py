@@ -1,4 +1,5 @@
-"""The host's cores, shared by the segment encoders of every process on it.
+"""The host's cores, shared by the segment encoders of every process on it, oldest
+restore first.
 
 A restore re-encodes segments on one core each. The API runs several processes (and a
 restore worker may run beside them), each with as many segment threads as there are
@@ -8,56 +9,93 @@ every process that names the same directory: a core is an exclusive `flock` on o
 of that directory, so the kernel takes it back from a process that dies holding it
 (kill -9 included); nothing has to notice the death.
 
-Waiting is in two stages. A process's own threads queue on a semaphore of `count`
-first, so at most `count` of them look for a core at a time. Those then queue on the
-directory's `queue` file (a blocking flock): only the first waiter of the whole host
-polls the core files, every POLL_SECONDS, and takes the first one freed; the others
-sleep in the kernel. A core freed while waiters queue goes to one of them within
-POLL_SECONDS (a segment's encoding takes 10-200 ms).
+Cores go in turn order: a segment's turn is (when its restore began, its index), so
+concurrent restores take turns, the oldest first, instead of sharing the cores and all
+ending late together (a layer GET waits for its whole restore). Within a process,
+waiters queue on a heap. Across processes, each waiter holds the flock of a ticket in
+`waiting/`, named by its turn: it sleeps in the kernel on the flock of the ticket just
+ahead of it (blocking flock), which is released when that waiter takes a core or dies;
+only the waiter with no ticket ahead polls the core files, every POLL_SECONDS, and
+looks again for an older ticket each time (a restore older than its own may have
+arrived). A ticket whose flock is free is its dead waiter's: the one behind removes it.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
+import heapq
+import itertools
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.config import HOST_CORES
+from pipelines.pauses import pause
 
 POLL_SECONDS = 0.002
+ABANDONED_FORM_SECONDS = 60.0  # a ticket file its waiter died forming, before naming it
+
+# (when the work's restore began, ns since the epoch; the work's index in it): a lower
+# turn takes a core first. Comparable across the processes of a host.
+Turn = tuple[int, int]
+
+
+def turn_now(index: int = 0) -> Turn:
+    return time.time_ns(), index
+
+
+def turn_key(turn: Turn) -> str:
+    """The key a test holds pause point `cores.head` for, to stop one waiter there."""
+    began, index = turn
+    return f"{began}-{index}"
 
 
 class HostCores:
     """At most `count` holders at a time: among this process's threads, and, given a
-    `directory`, among every process of the host that uses it."""
+    `directory`, among every process of the host that uses it; lower turns first."""
 
     def __init__(self, directory: Path | None = None, count: int = HOST_CORES) -> None:
         self.directory = directory
         self.count = count
-        self._local = threading.BoundedSemaphore(count)
+        self._local = _TurnGate(count)
         if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "waiting").mkdir(parents=True, exist_ok=True)
+            _remove_abandoned_forms(directory / "waiting")
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """One core, held for the block."""
-        with self._local:
-            if self.directory is None:
+    def held(self, turn: Turn | None = None) -> Iterator[None]:
+        """One core, held for the block; `turn` by default: now."""
+        turn = turn or turn_now()
+        if self.directory is None:
+            with self._local.held(turn):
                 yield
-                return
-            descriptor = self._take(self.directory)
-            try:
-                yield
-            finally:
-                os.close(descriptor)  # and with it the flock
+            return
+        descriptor = self._take(self.directory, turn)
+        try:
+            yield
+        finally:
+            os.close(descriptor)  # and with it the flock
 
-    def _take(self, directory: Path) -> int:
-        with _locked(directory / "queue"):
+    def waiting(self) -> int:
+        """How many wait for a core: of this process, or of the host's directory."""
+        if self.directory is None:
+            return self._local.waiting()
+        return sum(not name.startswith(".") for name in os.listdir(self.directory / "waiting"))
+
+    def _take(self, directory: Path, turn: Turn) -> int:
+        waiting = directory / "waiting"
+        with _ticket(waiting, turn) as name:
             while True:
+                ahead = _nearest_ahead(waiting, name)
+                if ahead is not None:
+                    _wait_for_waiter(waiting / ahead)
+                    continue
+                pause("cores.head", turn_key(turn))  # a test holds one waiter here
                 for number in range(self.count):
                     descriptor = _try_lock(directory / f"core-{number}")
                     if descriptor is not None:
@@ -65,24 +103,116 @@ class HostCores:
                 time.sleep(POLL_SECONDS)
 
 
-def _try_lock(path: Path) -> int | None:
-    """A descriptor of `path` holding its exclusive flock, or None if another holds it.
-    Each attempt opens the file anew: a flock belongs to an open file, and two threads of
-    one process must not share a core through one descriptor."""
-    descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+class _TurnGate:
+    """The cores of one process alone: a heap of waiting turns."""
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._waiting: list[tuple[Turn, int]] = []
+        self._arrivals = itertools.count()  # equal turns: first come first
+        self._changed = threading.Condition()
+
+    def waiting(self) -> int:
+        with self._changed:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def held(self, turn: Turn) -> Iterator[None]:
+        entry = (turn, next(self._arrivals))
+        with self._changed:
+            heapq.heappush(self._waiting, entry)
+            try:
+                while self._free == 0 or self._waiting[0] != entry:
+                    self._changed.wait()
+            except BaseException:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+                self._changed.notify_all()
+                raise
+            heapq.heappop(self._waiting)
+            self._free -= 1
+            self._changed.notify_all()  # the next turn, if a core is still free
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += 1
+                self._changed.notify_all()
+
+
+def _ticket_name(turn: Turn) -> str:
+    """Sorted as the turns are (zero-padded), unique by the uuid."""
+    began, index = turn
+    return f"{began:020d}-{index:08d}-{uuid.uuid4().hex}"
+
+
+@contextlib.contextmanager
+def _ticket(waiting: Path, turn: Turn) -> Iterator[str]:
+    """A ticket in `waiting` whose flock this waiter holds from before anyone can see
+    it (formed under a dot name, then renamed) until it leaves: its name is unlinked
+    before the flock goes, so a free flock on a listed ticket means a dead waiter."""
+    forming = waiting / f".forming-{uuid.uuid4().hex}"
+    descriptor = os.open(forming, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        name = _ticket_name(turn)
+        os.rename(forming, waiting / name)
+        try:
+            yield name
+        finally:
+            os.unlink(waiting / name)
+    finally:
+        os.close(descriptor)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(forming)  # only if the rename never happened
+
+
+def _nearest_ahead(waiting: Path, name: str) -> str | None:
+    tickets = sorted(entry for entry in os.listdir(waiting) if not entry.startswith("."))
+    position = bisect.bisect_left(tickets, name)
+    return tickets[position - 1] if position else None
+
+
+def _wait_for_waiter(ticket: Path) -> None:
+    """Sleep until the waiter of `ticket` has taken a core (its ticket gone) or died (its
+    ticket left behind, removed here)."""
+    try:
+        descriptor = os.open(ticket, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ticket)  # names are unique: this one can only be the dead waiter's
+    finally:
+        os.close(descriptor)
+
+
+def _remove_abandoned_forms(waiting: Path) -> None:
+    deadline = time.time() - ABANDONED_FORM_SECONDS
+    for path in waiting.glob(".forming-*"):
+        descriptor = _try_lock(path, create=False)
+        if descriptor is None:
+            continue
+        try:
+            if os.fstat(descriptor).st_mtime < deadline:
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(descriptor)
+
+
+def _try_lock(path: Path, create: bool = True) -> int | None:
+    """A descriptor of `path` holding its exclusive flock, or None if another holds it
+    (or, unless `create`, it is gone). Each attempt opens the file anew: a flock belongs
+    to an open file, and two threads of one process must not share a core through one
+    descriptor."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        return None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
         return None
     return descriptor
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)

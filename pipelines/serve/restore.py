@@ -46,7 +46,7 @@ from pipelines.serve.checkpoints import (
     join_segments,
     segment_input,
 )
-from pipelines.serve.cores import HostCores
+from pipelines.serve.cores import HostCores, Turn, turn_now
 from pipelines.serve.rebuild import (
     BATCH_BYTES,
     PREFETCH_BYTES,
@@ -178,7 +178,7 @@ def encode_stored_segment(
 # One core per segment, shared by every restore of this process, and once
 # `share_host_cores` named the host's directory, by every process of the host: however
 # many layers restore at once, at most RESTORE_THREADS segments are encoded at a time,
-# and a core one restore frees goes to whichever restore has a segment waiting.
+# and a core one restore frees goes to the oldest restore with a segment waiting.
 _segment_cores = HostCores(count=RESTORE_THREADS)
 
 
@@ -190,8 +190,11 @@ def share_host_cores(directory: Path) -> None:
         _segment_cores = HostCores(directory, RESTORE_THREADS)
 
 
-def _encoded(encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int) -> memoryview:
-    with _segment_cores.held():
+def _encoded(
+    encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int, turn: Turn | None = None
+) -> memoryview:
+    """The segment's bits, encoded on a core of the host in `turn` (by default: now)."""
+    with _segment_cores.held(turn):
         try:
             return encode_segment(encoder, segment, read_tar, tar_size)
         except SegmentError as error:
@@ -241,6 +244,7 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     one, up to checkpoints.KEPT_WHOLE_BYTES), and the other threads go on meanwhile."""
 
     def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[Buffer]:
+        began = turn_now()[0]  # an older restore's segments take the host's cores first
         encoder = lookup_encoder(recipe.encoder_id)
         cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
@@ -250,7 +254,8 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
         try:
             for segment, start, window in _until_broken(cuts, broken):
                 read_tar = _window_reader(start, window)
-                job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size)
+                turn = (began, segment.index)
+                job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size, turn)
                 size = total_length(window)
                 pending.append((pool.submit(_metered, job), size))
                 ahead += size

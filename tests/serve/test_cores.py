@@ -5,14 +5,21 @@ again. Real processes, real flocks."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from pipelines.serve.cores import HostCores
+import pytest
+
+from deploy.stack import wait_until
+from pipelines.serve.cores import HostCores, Turn, turn_key
+from tests.conftest import PausePoints
 
 COUNT = 2
 
@@ -120,3 +127,264 @@ def test_a_core_held_by_a_killed_process_is_free_again(tmp_path: Path) -> None:
         release.set()
         holder.kill()
         taker.join()
+
+
+# Turns: the interleavings of the queue, each driven deterministically (the test holds
+# the cores and frees one at a time, so exactly one waiter can take it):
+#   1. waiters of several processes, arrived in a shuffled order: cores go in turn order;
+#   2. the same for the threads of one process (no host directory);
+#   3. a waiter killed while it polls as the head, and one killed in the middle of the
+#      queue: the ones behind still take the cores, in order, and the dead tickets go;
+#   4. an older turn arriving while the head polls: the head stops polling and waits
+#      behind it (pause point `cores.head`);
+# and a torture over seeds: processes and threads with random turns, one process killed.
+
+
+def _wait_for_a_core(directory: str, turn: Turn, conn: Connection) -> None:
+    """Take a core in `turn`, say so, and hold it until told to let go."""
+    with HostCores(Path(directory), COUNT).held(turn):
+        conn.send(turn)
+        conn.recv()
+
+
+class _Queue:
+    """Waiter processes queued on the host's cores, which this test process holds."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cores = HostCores(directory, COUNT)
+        self.holds = [self.cores.held() for _ in range(COUNT)]
+        for hold in self.holds:
+            hold.__enter__()
+        self.waiters: dict[Turn, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
+
+    def add(self, turn: Turn) -> None:
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        waiter = context.Process(target=_wait_for_a_core, args=(str(self.directory), turn, theirs))
+        waiter.start()
+        self.waiters[turn] = (waiter, ours)
+        expected = len(self.waiters)
+        wait_until(lambda: self.cores.waiting() == expected, f"the ticket of {turn}", timeout=60,
+                   interval=0.01)  # fmt: skip
+
+    def kill(self, turn: Turn) -> None:
+        waiter, _ = self.waiters.pop(turn)
+        assert waiter.pid is not None
+        os.kill(waiter.pid, signal.SIGKILL)
+        waiter.join()
+
+    def grants(self) -> list[Turn]:
+        """Free one of the held cores, then pass it from waiter to waiter: the turns in the
+        order they took it."""
+        self.holds.pop().__exit__(None, None, None)
+        order: list[Turn] = []
+        by_connection = {conn: turn for turn, (_, conn) in self.waiters.items()}
+        while len(order) < len(self.waiters):
+            ready = multiprocessing.connection.wait(list(by_connection), timeout=30)
+            assert len(ready) == 1, f"{len(ready)} waiters took one core (after {order})"
+            conn = ready[0]
+            assert isinstance(conn, Connection)
+            order.append(conn.recv())
+            conn.send("let go")
+            del by_connection[conn]
+        return order
+
+    def close(self) -> None:
+        for waiter, _ in self.waiters.values():
+            waiter.kill()
+            waiter.join()
+        for hold in self.holds:
+            hold.__exit__(None, None, None)
+
+
+def test_waiters_of_several_processes_take_the_cores_oldest_turn_first(tmp_path: Path) -> None:
+    """Six processes queue in a shuffled order (restores begun at 1..3 s, two segments
+    each); the cores go to them in turn order (queued at random, 1 chance in 720)."""
+    turns = [(began, index) for began in (1, 2, 3) for index in (0, 1)]
+    arrivals = random.Random(7).sample(turns, len(turns))
+    queue = _Queue(tmp_path)
+    try:
+        for turn in arrivals:
+            queue.add(turn)
+        assert queue.grants() == turns
+        assert queue.cores.waiting() == 0
+    finally:
+        queue.close()
+
+
+def test_threads_of_one_process_take_the_cores_oldest_turn_first() -> None:
+    """Without a host directory the process's own threads queue in turn order too."""
+    cores = HostCores(None, COUNT)
+    holds = [cores.held() for _ in range(COUNT)]
+    for hold in holds:
+        hold.__enter__()
+    order: list[Turn] = []
+    let_go = threading.Semaphore(0)
+
+    def wait(turn: Turn) -> None:
+        with cores.held(turn):
+            order.append(turn)
+            let_go.acquire()
+
+    turns = [(began, 0) for began in range(1, 7)]
+    threads = []
+    for turn in random.Random(7).sample(turns, len(turns)):
+        threads.append(threading.Thread(target=wait, args=(turn,)))
+        threads[-1].start()
+        wait_until(lambda: cores.waiting() == len(threads), "queued", interval=0.01)
+    holds.pop().__exit__(None, None, None)
+    for granted in range(1, len(turns) + 1):
+        wait_until(lambda: len(order) == granted, "a grant", interval=0.01)  # noqa: B023
+        time.sleep(0.05)  # a second grant would show here: one core is free at a time
+        assert len(order) == granted
+        let_go.release()
+    for thread in threads:
+        thread.join()
+    holds.pop().__exit__(None, None, None)
+    assert order == turns
+
+
+def test_a_killed_waiter_does_not_hold_up_the_ones_behind_it(tmp_path: Path) -> None:
+    """Killed -9: the head (it polls the cores) and a waiter in the middle (it sleeps
+    on the flock of the ticket ahead). The others take the cores in turn order and no
+    ticket is left behind."""
+    queue = _Queue(tmp_path)
+    try:
+        for began in (1, 2, 3, 4, 5):
+            queue.add((began, 0))
+        queue.kill((1, 0))
+        queue.kill((3, 0))
+        assert queue.grants() == [(2, 0), (4, 0), (5, 0)]
+        assert queue.cores.waiting() == 0
+    finally:
+        queue.close()
+
+
+def test_a_polling_head_waits_behind_an_older_turn_that_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter polling as the head (turn 5) is stopped at `cores.head`; an older turn
+    (1) arrives. Let go, the head looks again, finds the older ticket and sleeps on it:
+    it does not reach `cores.head` again until turn 1 has taken the core freed."""
+    points = PausePoints(tmp_path / "pauses")
+    monkeypatch.setenv(*points.environment().popitem())
+    queue = _Queue(tmp_path / "cores")
+    try:
+        points.hold("cores.head", turn_key((5, 0)))
+        queue.add((5, 0))
+        points.wait_reached("cores.head")
+        queue.add((1, 0))
+        points.release("cores.head")
+        time.sleep(0.1)  # out of the pause's loop (it looks every 10 ms)
+        points.hold("cores.head", turn_key((5, 0)))  # reached again only if it polls
+        time.sleep(0.3)  # as the head, it would look 150 times
+        assert not (points.directory / "cores.head.reached").exists()
+        points.release("cores.head")
+        assert queue.grants() == [(1, 0), (5, 0)]
+    finally:
+        points.release_all()
+        queue.close()
+
+
+# The torture: DUPHUNTER_CORES_TORTURE_SEEDS seeds (default 5, about 2 s each) from
+# DUPHUNTER_CORES_TORTURE_FIRST_SEED (default 0).
+TORTURE_SEEDS = int(os.environ.get("DUPHUNTER_CORES_TORTURE_SEEDS", "5"))
+TORTURE_FIRST_SEED = int(os.environ.get("DUPHUNTER_CORES_TORTURE_FIRST_SEED", "0"))
+# Asking to having a ticket takes microseconds, unless descheduled; two cores freed at
+# once are taken within microseconds, and either taker may read the clock first.
+ASKED_SLACK_SECONDS = 0.1
+GRANTED_SLACK_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class _Hold:
+    turn: Turn
+    asked: float  # the host's monotonic clock
+    granted: float
+    released: float
+
+
+def _hold_in_random_turns(directory: str, seed: int, log: str) -> None:
+    """Three threads, each taking a core eight times in a random turn (a restore begun up
+    to 2 s ago, one of its first 8 segments), held 1-20 ms: each hold a line of `log`,
+    written once the core is let go (a process killed mid-hold leaves no line)."""
+    cores = HostCores(Path(directory), COUNT)
+    lock = threading.Lock()
+    Path(f"{log}.started").touch()
+
+    def work(thread: int) -> None:
+        chooser = random.Random(seed * 10 + thread)
+        for _ in range(8):
+            turn = (time.time_ns() - chooser.randrange(2_000_000_000), chooser.randrange(8))
+            asked = time.monotonic()
+            with cores.held(turn):
+                granted = time.monotonic()
+                time.sleep(chooser.uniform(0.001, 0.02))
+                released = time.monotonic()
+            with lock, open(log, "a") as lines:
+                lines.write(f"{turn[0]} {turn[1]} {asked} {granted} {released}\n")
+            time.sleep(chooser.uniform(0, 0.01))
+
+    workers = [threading.Thread(target=work, args=(number,)) for number in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def _read_holds(log: Path) -> list[_Hold]:
+    holds = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        began, index, asked, granted, released = line.split()
+        holds.append(_Hold((int(began), int(index)), float(asked), float(granted), float(released)))
+    return holds
+
+
+def _inversions(holds: list[_Hold]) -> list[tuple[_Hold, _Hold]]:
+    """Pairs (first, later): `later` was waiting, with an older turn, well before
+    `first` took its core, and took one well after it."""
+    return [
+        (first, later)
+        for first in holds
+        for later in holds
+        if later.turn < first.turn
+        and later.asked < first.granted - ASKED_SLACK_SECONDS
+        and later.granted > first.granted + GRANTED_SLACK_SECONDS
+    ]
+
+
+@pytest.mark.parametrize("seed", range(TORTURE_FIRST_SEED, TORTURE_FIRST_SEED + TORTURE_SEEDS))
+def test_torture_cores_in_turn_order_through_kills(tmp_path: Path, seed: int) -> None:
+    """Four processes of three threads take cores in random turns; one, chosen by the
+    seed, is killed -9 at a random moment (waiting, forming a ticket, or holding). The
+    others all finish (nothing waits for ever on a dead waiter), never more than COUNT
+    hold at once, no waiter is passed by a younger turn, and once a last waiter has
+    gone through, no ticket is left."""
+    chooser = random.Random(seed)
+    context = multiprocessing.get_context("spawn")
+    logs = [tmp_path / f"holds-{number}" for number in range(4)]
+    processes = [
+        context.Process(target=_hold_in_random_turns, args=(str(tmp_path), seed * 4 + n, str(log)))
+        for n, log in enumerate(logs)
+    ]
+    for process in processes:
+        process.start()
+    victim = chooser.randrange(len(processes))
+    wait_until(lambda: all(Path(f"{log}.started").exists() for log in logs), "started",
+               timeout=60, interval=0.01)  # fmt: skip
+    time.sleep(chooser.uniform(0, 1))  # the work takes about 1.5 s
+    processes[victim].kill()
+    for process in processes:
+        process.join(60)
+        assert not process.is_alive(), "a waiter never took its cores"
+    survivors = [n for n in range(len(processes)) if n != victim]
+    assert all(processes[n].exitcode == 0 for n in survivors)
+    holds = [hold for log in logs for hold in _read_holds(log)]
+    assert sum(len(_read_holds(logs[n])) for n in survivors) == len(survivors) * 3 * 8
+    assert _most_at_once([(hold.granted, hold.released) for hold in holds]) <= COUNT
+    assert _inversions(holds) == []
+    cores = HostCores(tmp_path, COUNT)
+    with cores.held():
+        pass
+    assert cores.waiting() == 0
