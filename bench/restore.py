@@ -19,6 +19,11 @@ finds and proves checkpoints. Then, for each encoder, median of --reps runs:
 - `threads`: what the API does on its own (for layers under 64 MiB): the segments on this
   host's threads, cut from one streamed rebuild of the tar.
 
+Then CONCURRENT `threads` restores of the docker layer (Go <=1.26 level 6), begun
+STAGGER_SECONDS apart, twice: the host's cores oldest restore first (as the registry
+takes them), and in the order segments ask for them (how concurrent restores shared the
+cores before): each restore's wall time from its own start.
+
 "Cold" means nothing of the layer was restored before: no spool, no buffer. Then an image of
 three docker-style layers (Go <= 1.26, level 6) is pushed to DupHunter and to CNCF
 Distribution 2.8.2 (bench-core's set-up: both on the same local S3), and pulled cold with
@@ -37,6 +42,7 @@ Results: a table on stdout, `docs/bench/restore.json`, and the section
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gzip
 import hashlib
@@ -50,7 +56,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +72,7 @@ from pipelines.formats.verify import release_verified
 from pipelines.registry.facade import Registry
 from pipelines.serve import restore
 from pipelines.serve.checkpoints import Checkpoints, checkpoints_key
+from pipelines.serve.cores import HostCores, Turn
 from pipelines.serve.rebuild import rebuild_tar
 from pipelines.serve.restore import (
     SegmentEncoder,
@@ -85,6 +92,9 @@ PULL_TARGET = 3.0  # cold image pull / Distribution
 STORE_TARGET = 0.01  # checkpoints / stored bytes
 BOUND_TARGET = 1.15  # the API's own restore (threads) / the least ratio 2 cores allow
 HOSTS = (1, 2, 4)
+CONCURRENT = 4
+STAGGER_SECONDS = 0.1
+CONCURRENT_ENCODER = "Go <=1.26 level 6 (docker)"
 CORES = os.cpu_count() or 1
 SOURCES = [
     "/usr/lib/python3.11",
@@ -296,21 +306,21 @@ def _connect_host() -> None:
 _host_run = -1  # the timed run this host process last encoded a segment for
 
 
-def _encode_on_host(recipe_key: str, index: int, run: int) -> bytes:
+def _encode_on_host(recipe_key: str, index: int, run: int, began: int) -> bytes:
     global _host_run
     assert _host is not None
     if run != _host_run:  # a cold restore: no large file kept from the last run
         _host.files.verified = VerifiedFiles()
         _host_run = run
-    return bytes(encode_layer_segment(_host.store, _host.files, recipe_key, index))
+    return bytes(encode_layer_segment(_host.store, _host.files, recipe_key, index, began))
 
 
 def hosts_runner(pool: ProcessPoolExecutor, hosts: int, recipe_key: str) -> restore.SegmentRunner:
     """Segments shared among `hosts` processes, each a stand-in for a restore host."""
     run = next(_runs)
 
-    def slot(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> bytes:
-        return pool.submit(_encode_on_host, recipe_key, index, run).result()
+    def slot(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int, began: int) -> bytes:
+        return pool.submit(_encode_on_host, recipe_key, index, run, began).result()
 
     slots: list[SegmentEncoder] = [slot] * hosts
     return pooled_runner(slots)
@@ -386,6 +396,63 @@ def measure_layer(
         flush=True,
     )
     return result
+
+
+# --- concurrent restores -----------------------------------------------------------------
+
+
+class _ArrivalOrder(HostCores):
+    """The host's cores taken in the order segments ask, whatever their restore's age."""
+
+    @contextlib.contextmanager
+    def held(self, turn: Turn | None = None) -> Iterator[None]:
+        with super().held(None):
+            yield
+
+
+def concurrent_restores(registry: Registry, digest: str, reps: int) -> dict[str, Any]:
+    """Median walls of CONCURRENT restores of the layer begun STAGGER_SECONDS apart, by
+    the order the host's cores go in: per restore (in start order), their mean, and the
+    last to end."""
+    info = registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(registry.store.get_bytes(info.recipe))
+    in_turns = restore._segment_cores
+    as_asked = _ArrivalOrder(in_turns.directory, in_turns.count)
+    orders = {"oldest first": in_turns, "as asked": as_asked}
+    walls: dict[str, list[list[float]]] = {order: [] for order in orders}
+    try:
+        for _ in range(reps):
+            for order, cores in orders.items():  # alternating: the machine drifts
+                restore._segment_cores = cores
+                walls[order].append(_staggered_walls(recipe, registry.files))
+    finally:
+        restore._segment_cores = in_turns
+    result = {}
+    for order, runs in walls.items():
+        each = [statistics.median(run[n] for run in runs) for n in range(CONCURRENT)]
+        result[order] = {
+            "each": each,
+            "mean": statistics.median(statistics.mean(run) for run in runs),
+            "last_end": statistics.median(_last_end(run) for run in runs),
+        }
+    print(f"  concurrent restores: {result}", flush=True)
+    return result
+
+
+def _last_end(walls: list[float]) -> float:
+    """When the last restore ended, from the first one's start."""
+    return max(number * STAGGER_SECONDS + wall for number, wall in enumerate(walls))
+
+
+def _staggered_walls(recipe: Recipe, files: FileStore) -> list[float]:
+    def one(number: int) -> float:
+        time.sleep(number * STAGGER_SECONDS)
+        return timed(lambda: local_restore(recipe, files), recipe.blob_digest)
+
+    files.verified = VerifiedFiles()  # cold: no large file kept from the last run
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        return list(pool.map(one, range(CONCURRENT)))
 
 
 # --- image pull ---------------------------------------------------------------------------
@@ -502,6 +569,7 @@ def markdown(result: dict[str, Any]) -> str:
             if "threads" in layer["ratio"]
         )
         + ".",
+        *concurrent_lines(result.get("concurrent")),
         "- The first verified bytes of the `threads` restore came after: "
         + ", ".join(
             f"{layer['label']} {layer['first_byte_seconds']:.3f} s"
@@ -530,6 +598,24 @@ def markdown(result: dict[str, Any]) -> str:
         + ".",
     ]
     return "\n".join(lines)
+
+
+def concurrent_lines(concurrent: dict[str, Any] | None) -> list[str]:
+    if not concurrent:
+        return []
+    first, shared = concurrent["oldest first"], concurrent["as asked"]
+
+    def walls(order: dict[str, Any]) -> str:
+        return ", ".join(f"{wall:.2f}" for wall in order["each"])
+
+    return [
+        f"- {CONCURRENT} `threads` restores of the {CONCURRENT_ENCODER} layer begun "
+        f"{STAGGER_SECONDS} s apart, each restore's wall time from its start. The host's "
+        f"cores oldest restore first: {walls(first)} s (mean {first['mean']:.2f} s, "
+        f"the last ended {first['last_end']:.2f} s after the first began); in the order "
+        f"segments ask: {walls(shared)} s (mean {shared['mean']:.2f} s, last "
+        f"{shared['last_end']:.2f} s). Mean ratio {first['mean'] / shared['mean']:.2f}."
+    ]
 
 
 def bound_ratio(layer: dict[str, Any]) -> float:
@@ -596,6 +682,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             measure_layer(registry, label, encoder_id, digest, tar, args.reps, pools)
             for label, (encoder_id, digest) in pushed.items()
         ]
+        concurrent = (
+            concurrent_restores(registry, pushed[CONCURRENT_ENCODER][1], args.reps)
+            if CONCURRENT_ENCODER in pushed
+            else None
+        )
         pull = image_pull(services, tar, args.reps, scratch)
         stored = stored_bytes(registry)
         ours = sum(stored.get(kind, 0) for kind in ("data", "packs", "recipes", "checkpoints"))
@@ -616,6 +707,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "reps": args.reps,
         "layers": layers,
         "image_pull": pull,
+        "concurrent": concurrent,
         "store": store,
     }
 

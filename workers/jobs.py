@@ -405,17 +405,19 @@ def restore_workers_runner(app: Celery = celery_app, remote_slots: int = 0) -> S
     slots = remote_slots or int(os.environ.get("DUPHUNTER_RESTORE_WORKER_SLOTS", "2"))
     workers = ConsumerWatch(app, "restore")
 
-    def remote(recipe: Recipe, files: FileStore, plan: Checkpoints, index: int) -> Buffer:
+    def remote(
+        recipe: Recipe, files: FileStore, plan: Checkpoints, index: int, began: int
+    ) -> Buffer:
         if not workers.present():
-            return encode_stored_segment(recipe, files, plan, index)
-        result = app.send_task(encode_segment.name, args=(recipe.blob_digest, index))
+            return encode_stored_segment(recipe, files, plan, index, began)
+        result = app.send_task(encode_segment.name, args=(recipe.blob_digest, index, began))
         try:
             return base64.b64decode(result.get(timeout=SEGMENT_TIMEOUT_SECONDS))
         except Exception as error:
             logger.warning("segment %d of %s: %r; encoding it here", index, recipe.blob_digest,
                            error)  # fmt: skip
             result.revoke()
-            return encode_stored_segment(recipe, files, plan, index)
+            return encode_stored_segment(recipe, files, plan, index, began)
         finally:
             result.forget()  # megabytes of bits: not kept in Redis for the results' lifetime
 

@@ -326,15 +326,16 @@ def verify_blob(digest: str) -> dict[str, Any]:
 
 
 @celery_app.task(name="workers.tasks.encode_segment")
-def encode_segment(digest: str, index: int) -> str:
+def encode_segment(digest: str, index: int, began: int | None = None) -> str:
     """Re-encode one segment of a deduplicated layer from its checkpoint (a parallel
-    restore spread over restore workers); its bits, base64 (results travel as JSON)."""
+    restore spread over restore workers, begun at `began`: its turn on this host's
+    cores); its bits, base64 (results travel as JSON)."""
 
     def work() -> Buffer:
         info = registry().blobs.stored_info(digest)
         if info is None or info.recipe is None:
             raise RestoreError(f"{digest} is not a deduplicated layer")
-        return encode_layer_segment(registry().store, registry().files, info.recipe, index)
+        return encode_layer_segment(registry().store, registry().files, info.recipe, index, began)
 
     return base64.b64encode(retrying(work)).decode()
 

@@ -164,15 +164,17 @@ def load_checkpoints(recipe: Recipe, store: ObjectStore) -> Checkpoints | None:
 
 
 def encode_stored_segment(
-    recipe: Recipe, files: FileStore, plan: Checkpoints, index: int
+    recipe: Recipe, files: FileStore, plan: Checkpoints, index: int, began: int | None = None
 ) -> memoryview:
     """The bits of segment `index` of a layer, from the tar rebuilt around it (before the
-    encoding takes one of the process's cores: the rebuild waits on S3)."""
+    encoding takes one of the host's cores, in the turn of a restore that `began`, by
+    default now: the rebuild waits on S3)."""
     encoder = lookup_encoder(recipe.encoder_id)
     segment = plan.segments()[index]
     start, end = segment_input(encoder, segment, recipe.tar_size)
     window = list(rebuild_tar_range(recipe, files, start, end))
-    return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size)
+    turn = None if began is None else (began, index)
+    return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size, turn)
 
 
 # One core per segment, shared by every restore of this process, and once
@@ -202,14 +204,14 @@ def _encoded(
 
 
 def encode_layer_segment(
-    store: ObjectStore, files: FileStore, recipe_key: str, index: int
+    store: ObjectStore, files: FileStore, recipe_key: str, index: int, began: int | None = None
 ) -> memoryview:
-    """What a restore worker does for a parallel restore elsewhere: segment `index` of
-    the layer whose recipe is at `recipe_key`."""
+    """What a restore worker does for a parallel restore elsewhere (that `began` then):
+    segment `index` of the layer whose recipe is at `recipe_key`."""
     recipe, plan = _layer_plan(store, recipe_key)
     if plan is None or index >= len(plan.segments()):
         raise RestoreError(f"{recipe.blob_digest} has no segment {index}")
-    return encode_stored_segment(recipe, files, plan, index)
+    return encode_stored_segment(recipe, files, plan, index, began)
 
 
 _plans: dict[tuple[int, str], tuple[Recipe, Checkpoints | None]] = {}
@@ -230,8 +232,9 @@ def _layer_plan(store: ObjectStore, recipe_key: str) -> tuple[Recipe, Checkpoint
 
 # Runs the segments of a plan, yielding their bits in order.
 SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[Buffer]]
-# Encodes segment `index` of a plan: here, or by asking another process or host.
-SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int], Buffer]
+# Encodes segment `index` of a plan for a restore begun at the given time (ns since the
+# epoch: the turn it takes a core in): here, or by asking another process or host.
+SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int, int], Buffer]
 
 
 def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
@@ -337,10 +340,11 @@ def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRun
 
     def run(recipe: Recipe, files: FileStore, plan: Checkpoints) -> Iterator[Buffer]:
         shared = _Shared(len(plan.segments()), window)
+        began = turn_now()[0]
         threads = [
             threading.Thread(
                 target=shared.work,
-                args=(encode, recipe, files, plan),
+                args=(functools.partial(encode, recipe, files, plan), began),
                 daemon=True,
                 name=f"segment-{number}",
             )
@@ -366,13 +370,12 @@ class _Shared:
         self.stopped = False
         self.changed = threading.Condition()
 
-    def work(
-        self, encode: SegmentEncoder, recipe: Recipe, files: FileStore, plan: Checkpoints
-    ) -> None:
+    def work(self, encode: Callable[[int, int], Buffer], began: int) -> None:
+        """Encode (index, began) the segments handed out, until none is left."""
         while (index := self._take()) is not None:
             try:
                 value: tuple[Buffer, float] | BaseException = _metered(
-                    functools.partial(encode, recipe, files, plan, index)
+                    functools.partial(encode, index, began)
                 )
             except BaseException as error:  # handed to the consumer
                 value = error

@@ -8,6 +8,7 @@ gzip mode, pgzip), segments are re-encoded by the encoders that restores use.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import io
@@ -63,6 +64,7 @@ from pipelines.serve.checkpoints import (
     prove,
     segment_input,
 )
+from pipelines.serve.cores import HostCores, Turn, turn_now
 from pipelines.serve.rebuild import RestoreError
 from pipelines.serve.restore import (
     SegmentRunner,
@@ -74,7 +76,7 @@ from pipelines.serve.restore import (
 from tests.client import RegistryClient
 from tests.conftest import LiveStack
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
-from tests.serve.test_cores import hold_every_core_elsewhere
+from tests.serve.test_cores import Hold, hold_every_core_elsewhere, inversions
 from workers.app import make_celery
 from workers.jobs import restore_workers_runner
 from workers.tasks import encode_segment as encode_segment_task
@@ -590,6 +592,64 @@ def test_concurrent_restores_share_the_processs_cores(
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(restored, range(3))) == [expected] * 3
     assert most == restore.RESTORE_THREADS
+
+
+class _RecordingCores(HostCores):
+    """The host's cores, noting each hold's turn and when it was asked for and granted."""
+
+    def __init__(self, cores: HostCores) -> None:
+        super().__init__(cores.directory, cores.count)
+        self.holds: list[Hold] = []
+
+    @contextlib.contextmanager
+    def held(self, turn: Turn | None = None) -> Iterator[None]:
+        turn = turn or turn_now()
+        asked = time.monotonic()
+        with super().held(turn):
+            self.holds.append(Hold(turn, asked, time.monotonic(), 0.0))
+            yield
+
+
+@pytest.mark.parametrize("runner", ["local", "pooled"])
+def test_concurrent_restores_take_the_cores_oldest_first(
+    live: LiveStack, client: RegistryClient, repo: str, runner: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Three restores of a layer begun one after the other, each segment held 0.2 s on
+    its core: every segment asks in its restore's turn (the restore's start, its index),
+    and no segment of an older restore that waited waits longer than one of a younger
+    restore granted meanwhile (the restores take turns; each stays exact)."""
+    blob = python_gzip(6)(layer_tar(4))
+    _, recipe = deduplicated_recipe(live, client, repo, blob)
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None and len(plan.segments()) >= 3
+    files = live.registry.files
+    expected = list(local_runner(1)(recipe, files, plan))
+    cores = _RecordingCores(restore._segment_cores)
+    monkeypatch.setattr(restore, "_segment_cores", cores)
+
+    def slow(*args: Any) -> memoryview:
+        time.sleep(0.2)
+        return encode_segment(*args)
+
+    monkeypatch.setattr(restore, "encode_segment", slow)
+    runners = {
+        "local": local_runner(2),
+        "pooled": restore.pooled_runner([restore.encode_stored_segment] * 2),
+    }
+
+    def restored(number: int) -> list[Buffer]:
+        time.sleep(0.05 * number)
+        return list(runners[runner](recipe, files, plan))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(restored, range(3))) == [expected] * 3
+    began = sorted({hold.turn[0] for hold in cores.holds})
+    indexes = list(range(len(plan.segments())))
+    assert len(began) == 3
+    for start in began:
+        assert sorted(hold.turn[1] for hold in cores.holds if hold.turn[0] == start) == indexes
+    assert inversions(cores.holds) == []
 
 
 def test_the_apis_processes_encode_segments_on_the_hosts_cores(

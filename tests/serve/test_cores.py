@@ -298,7 +298,7 @@ GRANTED_SLACK_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
-class _Hold:
+class Hold:
     turn: Turn
     asked: float  # the host's monotonic clock
     granted: float
@@ -333,15 +333,15 @@ def _hold_in_random_turns(directory: str, seed: int, log: str) -> None:
         worker.join()
 
 
-def _read_holds(log: Path) -> list[_Hold]:
+def _read_holds(log: Path) -> list[Hold]:
     holds = []
     for line in log.read_text().splitlines() if log.exists() else []:
         began, index, asked, granted, released = line.split()
-        holds.append(_Hold((int(began), int(index)), float(asked), float(granted), float(released)))
+        holds.append(Hold((int(began), int(index)), float(asked), float(granted), float(released)))
     return holds
 
 
-def _inversions(holds: list[_Hold]) -> list[tuple[_Hold, _Hold]]:
+def inversions(holds: list[Hold]) -> list[tuple[Hold, Hold]]:
     """Pairs (first, later): `later` was waiting, with an older turn, well before
     `first` took its core, and took one well after it."""
     return [
@@ -383,7 +383,7 @@ def test_torture_cores_in_turn_order_through_kills(tmp_path: Path, seed: int) ->
     holds = [hold for log in logs for hold in _read_holds(log)]
     assert sum(len(_read_holds(logs[n])) for n in survivors) == len(survivors) * 3 * 8
     assert _most_at_once([(hold.granted, hold.released) for hold in holds]) <= COUNT
-    assert _inversions(holds) == []
+    assert inversions(holds) == []
     cores = HostCores(tmp_path, COUNT)
     with cores.held():
         pass
