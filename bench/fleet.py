@@ -920,6 +920,18 @@ def validation_text(validation: dict[str, Any]) -> str:
     )
 
 
+def tails_headline(reached: dict[str, list[int]]) -> str:
+    """What reaches Distribution's p90 and p99 (the fewest cores of any scenario), and
+    what never does."""
+    if not any(reached.values()):
+        return "**p90 and p99 never reach 1.0x, at any fleet size.**"
+    parts = [f"{q} reaches 1.0x from {min(found)} cores" for q, found in reached.items() if found]
+    never = [q for q, found in reached.items() if not found]
+    if never:
+        parts.append(f"{' and '.join(never)} never {'does' if len(never) == 1 else 'do'}")
+    return "**" + "; ".join(parts) + ".**"
+
+
 def findings(result: dict[str, Any]) -> list[str]:
     """The sweep's lessons, each read off this run's figures."""
     validation = result["validation"]
@@ -939,13 +951,7 @@ def findings(result: dict[str, Any]) -> list[str]:
         q: [part["match"][q] for part in result["sweeps"].values() if part["match"][q]]
         for q in ("p90", "p99")
     }
-    tails = (
-        "**p90 and p99 never reach 1.0x, at any fleet size.**"
-        if not any(reached.values())
-        else "**p90 and p99 reach 1.0x only at "
-        + ", ".join(f"{q} {min(found)} cores" for q, found in reached.items() if found)
-        + ".**"
-    )
+    tails = tails_headline(reached)
     ratio = fleet_floor["ratio"]
     return [
         f"- **p50 follows the stored path, p90 and p99 the restores.** On the replay of "

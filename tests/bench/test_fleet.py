@@ -166,6 +166,17 @@ def test_fit_recovers_a_line() -> None:
     assert serving.mb_per_s == pytest.approx(200)
 
 
+def test_the_tails_headline_names_only_what_reached_distribution() -> None:
+    """The headline said "p90 and p99 reach 1.0x only at p99 32 cores" when p90 never did."""
+    assert fleet.tails_headline({"p90": [], "p99": [64, 32]}) == (
+        "**p99 reaches 1.0x from 32 cores; p90 never does.**"
+    )
+    assert fleet.tails_headline({"p90": [128], "p99": [32]}) == (
+        "**p90 reaches 1.0x from 128 cores; p99 reaches 1.0x from 32 cores.**"
+    )
+    assert "never reach" in fleet.tails_headline({"p90": [], "p99": []})
+
+
 def test_the_validation_text_says_what_its_figures_show() -> None:
     """Read off the figures, not written for one run: within 10%, or short at the tail."""
 

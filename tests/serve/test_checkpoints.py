@@ -73,6 +73,7 @@ from pipelines.serve.restore import (
     restore_blob,
     segment_cuts,
 )
+from pipelines.store.filestore import FileStore
 from tests.client import RegistryClient
 from tests.conftest import LiveStack
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
@@ -550,6 +551,19 @@ def test_a_parallel_restore_counts_its_segment_threads_cpu_as_its_own(
     assert counted >= 0.8 * spent, f"counted {counted:.3f} s of the {spent:.3f} s spent"
 
 
+def _a_layer_of_segments(
+    live: LiveStack, client: RegistryClient, repo: str
+) -> tuple[Recipe, Checkpoints, FileStore, list[Buffer]]:
+    """A deduplicated layer of at least 3 checkpointed segments: its recipe, plan, file
+    store and the bits of its segments."""
+    blob = python_gzip(6)(layer_tar(4))
+    _, recipe = deduplicated_recipe(live, client, repo, blob)
+    plan = load_checkpoints(recipe, live.registry.store)
+    assert plan is not None and len(plan.segments()) >= 3
+    files = live.registry.files
+    return recipe, plan, files, list(local_runner(1)(recipe, files, plan))
+
+
 @pytest.mark.parametrize("runner", ["local", "pooled"])
 def test_concurrent_restores_share_the_processs_cores(
     live: LiveStack, client: RegistryClient, repo: str, runner: str,
@@ -559,12 +573,7 @@ def test_concurrent_restores_share_the_processs_cores(
     are cores, encode at most RESTORE_THREADS segments at a time between them (the cores
     are not oversubscribed), and that many do run at once (they are not left idle); each
     restore stays exact."""
-    blob = python_gzip(6)(layer_tar(4))
-    _, recipe = deduplicated_recipe(live, client, repo, blob)
-    plan = load_checkpoints(recipe, live.registry.store)
-    assert plan is not None and len(plan.segments()) >= 3
-    files = live.registry.files
-    expected = list(local_runner(1)(recipe, files, plan))
+    recipe, plan, files, expected = _a_layer_of_segments(live, client, repo)
     running, most, lock = 0, 0, threading.Lock()
 
     def counted(*args: Any) -> memoryview:
@@ -619,12 +628,7 @@ def test_concurrent_restores_take_the_cores_oldest_first(
     its core: every segment asks in its restore's turn (the restore's start, its index),
     and no segment of an older restore that waited waits longer than one of a younger
     restore granted meanwhile (the restores take turns; each stays exact)."""
-    blob = python_gzip(6)(layer_tar(4))
-    _, recipe = deduplicated_recipe(live, client, repo, blob)
-    plan = load_checkpoints(recipe, live.registry.store)
-    assert plan is not None and len(plan.segments()) >= 3
-    files = live.registry.files
-    expected = list(local_runner(1)(recipe, files, plan))
+    recipe, plan, files, expected = _a_layer_of_segments(live, client, repo)
     cores = _RecordingCores(restore._segment_cores)
     monkeypatch.setattr(restore, "_segment_cores", cores)
 
