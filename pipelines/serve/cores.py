@@ -17,7 +17,10 @@ waiters queue on a heap. Across processes, each waiter holds the flock of a tick
 ahead of it (blocking flock), which is released when that waiter takes a core or dies;
 only the waiter with no ticket ahead polls the core files, every POLL_SECONDS, and
 looks again for an older ticket each time (a restore older than its own may have
-arrived). A ticket whose flock is free is its dead waiter's: the one behind removes it.
+arrived), and once more after taking a free core: between a look and the take, a
+busy process can be descheduled for milliseconds, and an older ticket that appeared
+meanwhile gets the core back. A ticket whose flock is free is its dead waiter's: the
+one behind removes it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def turn_now(index: int = 0) -> Turn:
 
 
 def turn_key(turn: Turn) -> str:
-    """The key a test holds pause point `cores.head` for, to stop one waiter there."""
+    """The key a test holds pause points `cores.head` or `cores.taken` for, to stop one
+    waiter there."""
     began, index = turn
     return f"{began}-{index}"
 
@@ -96,11 +100,21 @@ class HostCores:
                     _wait_for_waiter(waiting / ahead)
                     continue
                 pause("cores.head", turn_key(turn))  # a test holds one waiter here
-                for number in range(self.count):
-                    descriptor = _try_lock(directory / f"core-{number}")
-                    if descriptor is not None:
-                        return descriptor
-                time.sleep(POLL_SECONDS)
+                descriptor = self._free_core(directory)
+                if descriptor is None:
+                    time.sleep(POLL_SECONDS)
+                    continue
+                pause("cores.taken", turn_key(turn))  # between the take and the look
+                if _nearest_ahead(waiting, name) is None:
+                    return descriptor
+                os.close(descriptor)  # an older turn arrived since the look: its core
+
+    def _free_core(self, directory: Path) -> int | None:
+        for number in range(self.count):
+            descriptor = _try_lock(directory / f"core-{number}")
+            if descriptor is not None:
+                return descriptor
+        return None
 
 
 class _TurnGate:

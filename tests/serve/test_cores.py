@@ -137,6 +137,8 @@ def test_a_core_held_by_a_killed_process_is_free_again(tmp_path: Path) -> None:
 #      queue: the ones behind still take the cores, in order, and the dead tickets go;
 #   4. an older turn arriving while the head polls: the head stops polling and waits
 #      behind it (pause point `cores.head`);
+#   5. an older turn arriving between the head's look and its take of a free core: the
+#      head gives the core back (pause point `cores.taken`);
 # and a torture over seeds: processes and threads with random turns, one process killed.
 
 
@@ -174,10 +176,14 @@ class _Queue:
         os.kill(waiter.pid, signal.SIGKILL)
         waiter.join()
 
-    def grants(self) -> list[Turn]:
-        """Free one of the held cores, then pass it from waiter to waiter: the turns in the
-        order they took it."""
+    def free_one(self) -> None:
         self.holds.pop().__exit__(None, None, None)
+
+    def grants(self, free_one: bool = True) -> list[Turn]:
+        """Free one of the held cores (unless one is free already), then pass it from
+        waiter to waiter: the turns in the order they took it."""
+        if free_one:
+            self.free_one()
         order: list[Turn] = []
         by_connection = {conn: turn for turn, (_, conn) in self.waiters.items()}
         while len(order) < len(self.waiters):
@@ -282,6 +288,29 @@ def test_a_polling_head_waits_behind_an_older_turn_that_arrives(
         assert not (points.directory / "cores.head.reached").exists()
         points.release("cores.head")
         assert queue.grants() == [(1, 0), (5, 0)]
+    finally:
+        points.release_all()
+        queue.close()
+
+
+def test_a_head_that_took_a_core_as_an_older_turn_arrived_gives_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One core free: the head (turn 5) takes it and is stopped at `cores.taken`, before
+    its second look; an older turn (1) arrives meanwhile. Let go, the head gives the core
+    back and waits behind turn 1, which takes it first (a busy process can stop that
+    long between a look and a take)."""
+    points = PausePoints(tmp_path / "pauses")
+    monkeypatch.setenv(*points.environment().popitem())
+    queue = _Queue(tmp_path / "cores")
+    try:
+        queue.free_one()
+        points.hold("cores.taken", turn_key((5, 0)))
+        queue.add((5, 0))
+        points.wait_reached("cores.taken")
+        queue.add((1, 0))
+        points.release("cores.taken")
+        assert queue.grants(free_one=False) == [(1, 0), (5, 0)]
     finally:
         points.release_all()
         queue.close()
