@@ -48,8 +48,9 @@ ABANDONED_FORM_SECONDS = 60.0  # a ticket file its waiter died forming, before n
 Turn = tuple[int, int]
 
 
-def turn_now(index: int = 0) -> Turn:
-    return time.time_ns(), index
+def turn_now() -> Turn:
+    """The turn of work that begins now."""
+    return time.time_ns(), 0
 
 
 def turn_key(turn: Turn) -> str:

@@ -11,6 +11,7 @@ import random
 import signal
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -80,13 +81,19 @@ def test_one_process_alone_holds_at_most_count(tmp_path: Path) -> None:
         assert _most_at_once(_hold_repeatedly(directory, 5, 3, 0.02)) == COUNT
 
 
-def _hold_every_core(directory: str, ready: Connection) -> None:
-    cores = HostCores(Path(directory), COUNT)
-    holds = [cores.held() for _ in range(COUNT)]
+def enter_every_core(cores: HostCores) -> list[AbstractContextManager[None]]:
+    """Every core of `cores`, taken one after the other: the holds, for their exits."""
+    holds: list[AbstractContextManager[None]] = [cores.held() for _ in range(cores.count)]
     for hold in holds:
         hold.__enter__()
+    return holds
+
+
+def _hold_every_core(directory: str, ready: Connection) -> None:
+    holds = enter_every_core(HostCores(Path(directory), COUNT))
     ready.send("held")
     time.sleep(600)
+    del holds  # kept to here: a collected hold lets its core go
 
 
 def hold_every_core_elsewhere(directory: Path) -> multiprocessing.process.BaseProcess:
@@ -108,9 +115,7 @@ def test_a_core_held_by_a_killed_process_is_free_again(tmp_path: Path) -> None:
     release = threading.Event()
 
     def take_all() -> None:
-        holds = [cores.held() for _ in range(COUNT)]
-        for hold in holds:
-            hold.__enter__()
+        holds = enter_every_core(cores)
         taken.set()
         release.wait()
         for hold in holds:
@@ -155,9 +160,7 @@ class _Queue:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.cores = HostCores(directory, COUNT)
-        self.holds = [self.cores.held() for _ in range(COUNT)]
-        for hold in self.holds:
-            hold.__enter__()
+        self.holds = enter_every_core(self.cores)
         self.waiters: dict[Turn, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
 
     def add(self, turn: Turn) -> None:
@@ -222,9 +225,7 @@ def test_waiters_of_several_processes_take_the_cores_oldest_turn_first(tmp_path:
 def test_threads_of_one_process_take_the_cores_oldest_turn_first() -> None:
     """Without a host directory the process's own threads queue in turn order too."""
     cores = HostCores(None, COUNT)
-    holds = [cores.held() for _ in range(COUNT)]
-    for hold in holds:
-        hold.__enter__()
+    holds = enter_every_core(cores)
     order: list[Turn] = []
     let_go = threading.Semaphore(0)
 
@@ -409,8 +410,9 @@ def test_torture_cores_in_turn_order_through_kills(tmp_path: Path, seed: int) ->
         assert not process.is_alive(), "a waiter never took its cores"
     survivors = [n for n in range(len(processes)) if n != victim]
     assert all(processes[n].exitcode == 0 for n in survivors)
-    holds = [hold for log in logs for hold in _read_holds(log)]
-    assert sum(len(_read_holds(logs[n])) for n in survivors) == len(survivors) * 3 * 8
+    by_process = [_read_holds(log) for log in logs]
+    holds = [hold for process_holds in by_process for hold in process_holds]
+    assert sum(len(by_process[n]) for n in survivors) == len(survivors) * 3 * 8
     assert _most_at_once([(hold.granted, hold.released) for hold in holds]) <= COUNT
     assert inversions(holds) == []
     cores = HostCores(tmp_path, COUNT)
