@@ -4,6 +4,7 @@ again. Real processes, real flocks."""
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from deploy.stack import wait_until
-from pipelines.serve.cores import HostCores, Turn, turn_key
+from pipelines.serve.cores import ABANDONED_FORM_SECONDS, HostCores, Turn, turn_key
 from tests.conftest import PausePoints
 
 COUNT = 2
@@ -315,6 +316,27 @@ def test_a_head_that_took_a_core_as_an_older_turn_arrived_gives_it_back(
     finally:
         points.release_all()
         queue.close()
+
+
+def test_only_a_dead_waiters_old_forming_ticket_is_removed(tmp_path: Path) -> None:
+    """Opening the cores removes a ticket file a waiter died forming (no flock on it,
+    older than ABANDONED_FORM_SECONDS), and leaves one whose waiter lives (its flock
+    held, however old) and a young one (its waiter may be between open and flock)."""
+    waiting = tmp_path / "waiting"
+    waiting.mkdir()
+    long_ago = time.time() - ABANDONED_FORM_SECONDS - 1
+    dead, live, young = (waiting / f".forming-{name}" for name in ("dead", "live", "young"))
+    for path in (dead, live, young):
+        path.touch()
+    os.utime(dead, (long_ago, long_ago))
+    os.utime(live, (long_ago, long_ago))
+    holder = os.open(live, os.O_RDWR)  # another open file: its flock conflicts
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        HostCores(tmp_path, COUNT)
+        assert sorted(path.name for path in waiting.iterdir()) == [live.name, young.name]
+    finally:
+        os.close(holder)
 
 
 # The torture: DUPHUNTER_CORES_TORTURE_SEEDS seeds (default 5, about 2 s each) from
