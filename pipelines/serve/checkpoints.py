@@ -38,11 +38,13 @@ restore, never a wrong one (and every restore is verified by `pipelines.formats.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 from pipelines.config import HOST_CORES
@@ -407,6 +409,15 @@ def cut(pieces: Iterable[Buffer], start: int, end: int) -> list[memoryview]:
     return views
 
 
+def window_reader(window_start: int, window: Pieces) -> ReadTar:
+    """A ReadTar of tar bytes already read: `window`, from `window_start` on."""
+
+    def read_tar(start: int, end: int) -> list[memoryview]:
+        return cut(window, start - window_start, end - window_start)
+
+    return read_tar
+
+
 def segment_input(encoder: Encoder, segment: Segment, tar_size: int) -> tuple[int, int]:
     """The tar bytes [start, end) that re-encoding `segment` reads: its encoder's history
     before it and lookahead after it."""
@@ -492,14 +503,27 @@ def fits_in_memory(segment: Segment) -> bool:
     return segment.tar_end - segment.tar_start <= MAX_SEGMENT_TAR_BYTES
 
 
+# The core a segment's encoding holds (pipelines.serve.cores): taken once its tar is read
+CoreFor = Callable[[Segment], AbstractContextManager[object]]
+
+
+def any_core(_segment: Segment) -> AbstractContextManager[object]:
+    """No core to take: the encoding runs as soon as its tar is read."""
+    return contextlib.nullcontext()
+
+
 def prove_plan(
-    encoder: Encoder, plan: Checkpoints, payload: PushedPayload, read_tar: ReadTar, pool: Executor
-) -> Proof:
+    encoder: Encoder, plan: Checkpoints, payload: PushedPayload, read_tar: ReadTar, pool: Executor,
+    core: CoreFor = any_core,
+) -> Proof:  # fmt: skip
     def encoded(segment: Segment) -> memoryview | None:
         if not fits_in_memory(segment):
             return None
+        start, end = segment_input(encoder, segment, plan.tar_size)
+        window = read_tar(start, end)  # the rebuild waits on S3: not on a core
         try:
-            return encode_segment(encoder, segment, read_tar, plan.tar_size)
+            with core(segment):
+                return encode_segment(encoder, segment, window_reader(start, window), plan.tar_size)
         except SegmentError:
             return None
 
@@ -531,6 +555,7 @@ def prove_shortlisted(
     read_tar: ReadTar,
     fallback: Callable[[], Match | NoMatch],
     avoid: Sequence[tuple[int, int]] = (),
+    core: CoreFor = any_core,
 ) -> tuple[Match | NoMatch, Checkpoints | None]:
     """The trial restore of ingest. A gzip layer's best candidate is proven segment by
     segment, in parallel, from checkpoints found in the pushed blob: every bit of the
@@ -549,7 +574,7 @@ def prove_shortlisted(
     if not plan.points:  # nowhere to resume: the usual serial proof
         return fallback(), None
     with ThreadPoolExecutor(PROOF_THREADS, thread_name_prefix="proof") as pool:
-        proof = prove_plan(encoder, plan, payload, read_tar, pool)
+        proof = prove_plan(encoder, plan, payload, read_tar, pool, core)
     if proof.checkpoints is None:
         return fallback(), None
     logger.info(

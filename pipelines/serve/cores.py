@@ -11,7 +11,9 @@ of that directory, so the kernel takes it back from a process that dies holding 
 
 Cores go in turn order: a segment's turn is (when its restore began, its index), so
 concurrent restores take turns, the oldest first, instead of sharing the cores and all
-ending late together (a layer GET waits for its whole restore). Within a process,
+ending late together (a layer GET waits for its whole restore). An ingest's proof, which
+re-encodes a pushed layer segment by segment too, takes the same cores in a later turn
+(`background_turn`): behind the restores of the next minute. Within a process,
 waiters queue on a heap. Across processes, each waiter holds the flock of a ticket in
 `waiting/`, named by its turn: it sleeps in the kernel on the flock of the ticket just
 ahead of it (blocking flock), which is released when that waiter takes a core or dies;
@@ -42,6 +44,9 @@ from pipelines.pauses import pause
 
 POLL_SECONDS = 0.002
 ABANDONED_FORM_SECONDS = 60.0  # a ticket file its waiter died forming, before naming it
+BACKGROUND_DEFER_SECONDS = 60.0  # background work (an ingest's proof) takes its turn as
+# if it had begun this much later: a client waits on a restore, nobody on an ingest. It
+# still goes before restores that begin after that, so a stream of them cannot starve it.
 
 # (when the work's restore began, ns since the epoch; the work's index in it): a lower
 # turn takes a core first. Comparable across the processes of a host.
@@ -51,6 +56,12 @@ Turn = tuple[int, int]
 def turn_now() -> Turn:
     """The turn of work that begins now."""
     return time.time_ns(), 0
+
+
+def background_turn(began: int, index: int) -> Turn:
+    """The turn of background work that `began` (ns since the epoch): behind the restores
+    that begin within BACKGROUND_DEFER_SECONDS of it."""
+    return began + int(BACKGROUND_DEFER_SECONDS * 1e9), index
 
 
 def turn_key(turn: Turn) -> str:

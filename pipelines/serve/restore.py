@@ -31,7 +31,7 @@ from pipelines.encoders.base import Encoder, charge_cpu, thread_cpu_seconds
 from pipelines.encoders.gzip_families import decode_gzip_params
 from pipelines.encoders.table import encode, lookup_encoder
 from pipelines.errors import RegistryError, is_transient
-from pipelines.formats import Buffer, Pieces, total_length
+from pipelines.formats import Buffer, total_length
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
 from pipelines.serve.checkpoints import (
@@ -45,6 +45,7 @@ from pipelines.serve.checkpoints import (
     fits_in_memory,
     join_segments,
     segment_input,
+    window_reader,
 )
 from pipelines.serve.cores import HostCores, Turn, turn_now
 from pipelines.serve.rebuild import (
@@ -174,7 +175,7 @@ def encode_stored_segment(
     start, end = segment_input(encoder, segment, recipe.tar_size)
     window = list(rebuild_tar_range(recipe, files, start, end))
     turn = None if began is None else (began, index)
-    return _encoded(encoder, segment, _window_reader(start, window), recipe.tar_size, turn)
+    return _encoded(encoder, segment, window_reader(start, window), recipe.tar_size, turn)
 
 
 # One core per segment, shared by every restore of this process, and once
@@ -190,6 +191,11 @@ def share_host_cores(directory: Path) -> None:
     global _segment_cores
     if _segment_cores.directory != directory:
         _segment_cores = HostCores(directory, RESTORE_THREADS)
+
+
+def host_cores() -> HostCores:
+    """The cores segments are encoded on: this process's, or the host's once shared."""
+    return _segment_cores
 
 
 def _encoded(
@@ -256,7 +262,7 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
         broken: list[Exception] = []
         try:
             for segment, start, window in _until_broken(cuts, broken):
-                read_tar = _window_reader(start, window)
+                read_tar = window_reader(start, window)
                 turn = (began, segment.index)
                 job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size, turn)
                 size = total_length(window)
@@ -322,13 +328,6 @@ def _until_broken(
         yield from cuts
     except Exception as error:
         broken.append(error)
-
-
-def _window_reader(window_start: int, window: Pieces) -> ReadTar:
-    def read_tar(start: int, end: int) -> list[memoryview]:
-        return cut(window, start - window_start, end - window_start)
-
-    return read_tar
 
 
 def pooled_runner(slots: Sequence[SegmentEncoder], ahead: int = 0) -> SegmentRunner:

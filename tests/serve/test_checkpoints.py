@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from deploy.stack import wait_until
 from pipelines.encoders.base import FEED_CHUNK, Encoder, thread_cpu_seconds
 from pipelines.encoders.gzip_families import GoStdlibEncoder, PgzipEncoder, encode_gzip_params
 from pipelines.encoders.libz import zlib_segment
@@ -64,7 +65,7 @@ from pipelines.serve.checkpoints import (
     prove,
     segment_input,
 )
-from pipelines.serve.cores import HostCores, Turn, turn_now
+from pipelines.serve.cores import BACKGROUND_DEFER_SECONDS, HostCores, Turn, turn_now
 from pipelines.serve.rebuild import RestoreError
 from pipelines.serve.restore import (
     SegmentRunner,
@@ -681,6 +682,39 @@ def test_the_apis_processes_encode_segments_on_the_hosts_cores(
     getter.join(60)
     assert served == [blob]
     assert live.registry.index.counters().get("restores", 0) > restores
+
+
+def _tickets_of_background_work(waiting: Path) -> list[str]:
+    """The tickets in the host's queue whose turn lies over half a minute ahead: only
+    background work (an ingest's proof) asks for a core in such a turn."""
+    ahead = time.time_ns() + BACKGROUND_DEFER_SECONDS * 1e9 / 2
+    names = [name for name in os.listdir(waiting) if not name.startswith(".")]
+    return [name for name in names if int(name.split("-")[0]) > ahead]
+
+
+def test_an_ingests_proof_encodes_on_the_hosts_cores_in_a_background_turn(
+    live: LiveStack, client: RegistryClient, repo: str
+) -> None:
+    """The ingest worker proves a pushed layer's checkpoints segment by segment on the
+    host's cores, in a background turn (behind the restores of the next minute): while
+    another process holds every core, the proof waits in the queue with such a ticket
+    and the layer is not deduplicated yet; once that process is killed -9, the proof
+    runs, and the layer is deduplicated with checkpoints and GETs exact."""
+    blob = python_gzip(6)(layer_tar(4, unique=True))
+    waiting = live.settings.spool_dir / "cores" / "waiting"
+    holder = hold_every_core_elsewhere(live.settings.spool_dir / "cores")
+    try:
+        (digest,) = push_layers(client, repo, [blob])
+        wait_until(lambda: bool(_tickets_of_background_work(waiting)), "the proof's ticket", 120)
+        assert live.registry.index.layer(digest).get("state") != "deduplicated"
+    finally:
+        holder.kill()
+    assert wait_for_layers(live, [digest])[digest]["state"] == "deduplicated"
+    info = live.registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(live.registry.store.get_bytes(info.recipe))
+    assert load_checkpoints(recipe, live.registry.store) is not None
+    assert client.request("GET", f"/v2/{repo}/blobs/{digest}").data == blob
 
 
 def test_live_segment_that_fails_to_encode_stops_the_restore_in_its_place(

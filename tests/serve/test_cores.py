@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 
 from deploy.stack import wait_until
-from pipelines.serve.cores import ABANDONED_FORM_SECONDS, HostCores, Turn, turn_key
+from pipelines.serve.cores import (
+    ABANDONED_FORM_SECONDS,
+    BACKGROUND_DEFER_SECONDS,
+    HostCores,
+    Turn,
+    background_turn,
+    turn_key,
+)
 from tests.conftest import PausePoints
 
 COUNT = 2
@@ -219,6 +226,26 @@ def test_waiters_of_several_processes_take_the_cores_oldest_turn_first(tmp_path:
             queue.add(turn)
         assert queue.grants() == turns
         assert queue.cores.waiting() == 0
+    finally:
+        queue.close()
+
+
+def test_background_work_takes_its_turn_behind_the_next_minutes_restores(
+    tmp_path: Path,
+) -> None:
+    """An ingest's proof (background work) that began at T waits behind a restore that
+    began after it, at T + 1 s, but not behind one that began after the deferral, at
+    T + BACKGROUND_DEFER_SECONDS + 1 s: a stream of restores cannot starve it."""
+    began = time.time_ns()
+    second = 1_000_000_000
+    background = background_turn(began, 0)
+    soon = (began + second, 0)
+    later = (began + int(BACKGROUND_DEFER_SECONDS * second) + second, 0)
+    queue = _Queue(tmp_path)
+    try:
+        for turn in (later, background, soon):
+            queue.add(turn)
+        assert queue.grants() == [soon, background, later]
     finally:
         queue.close()
 
