@@ -34,6 +34,7 @@ from pipelines.errors import RegistryError, is_transient
 from pipelines.formats import Buffer, total_length
 from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
+from pipelines.pauses import pause
 from pipelines.serve.checkpoints import (
     Checkpoints,
     ReadTar,
@@ -68,6 +69,10 @@ from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 POLL_SECONDS = 0.005
 RESTORE_THREADS = HOST_CORES  # segments re-encoded at once on this host
+SEGMENT_THREADS = RESTORE_THREADS + 1  # of one restore: one of its segments always waits
+# for a core while the others encode, so a core it frees goes to its next segment, not
+# to a younger restore's (or an ingest's) that waited through the instant between the
+# end of one segment and its thread's ask for the next
 SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)
@@ -204,9 +209,11 @@ def _encoded(
     """The segment's bits, encoded on a core of the host in `turn` (by default: now)."""
     with _segment_cores.held(turn):
         try:
-            return encode_segment(encoder, segment, read_tar, tar_size)
+            bits = encode_segment(encoder, segment, read_tar, tar_size)
         except SegmentError as error:
             raise RestoreError(str(error)) from error
+    pause("restore.core_given_back", str(segment.index))  # before the thread asks again
+    return bits
 
 
 def encode_layer_segment(
@@ -243,7 +250,7 @@ SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[Buffer]]
 SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int, int], Buffer]
 
 
-def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
+def local_runner(threads: int = SEGMENT_THREADS) -> SegmentRunner:
     """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
     helper processes; at most RESTORE_THREADS at a time for all the restores of this
     host, see `share_host_cores`), each cut from one streamed rebuild of the tar: a rebuild per

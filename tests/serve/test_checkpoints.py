@@ -76,7 +76,7 @@ from pipelines.serve.restore import (
 )
 from pipelines.store.filestore import FileStore
 from tests.client import RegistryClient
-from tests.conftest import LiveStack
+from tests.conftest import LiveStack, PausePoints
 from tests.layers import make_tar, push_layers, wait_for_layers, wait_until_retired
 from tests.serve.test_cores import Hold, hold_every_core_elsewhere, inversions
 from workers.app import make_celery
@@ -655,6 +655,52 @@ def test_concurrent_restores_take_the_cores_oldest_first(
     for start in began:
         assert sorted(hold.turn[1] for hold in cores.holds if hold.turn[0] == start) == indexes
     assert inversions(cores.holds) == []
+
+
+def test_a_restore_keeps_the_cores_from_a_younger_waiter_between_its_segments(
+    live: LiveStack, client: RegistryClient, repo: str, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A restore runs one segment thread more than there are cores, so one of its
+    segments always waits in the queue: a core it frees goes to its next segment, not to
+    a younger turn that waits meanwhile (another restore, an ingest's proof). The thread
+    that encoded segment 0 is stopped just after giving its core back (pause point
+    `restore.core_given_back`), a younger turn waiting: segment 2 takes the core, and
+    the younger waits on. With a thread per core, segment 2 has no thread to ask for it
+    yet, and the younger takes it."""
+    recipe, plan, files, expected = _a_layer_of_segments(live, client, repo)
+    points = PausePoints(tmp_path / "pauses")
+    monkeypatch.setenv(*points.environment().popitem())
+    cores = _RecordingCores(HostCores(None, restore.RESTORE_THREADS))
+    monkeypatch.setattr(restore, "_segment_cores", cores)
+
+    def slow(encoder: Encoder, segment: Segment, *args: Any) -> memoryview:
+        time.sleep(0.3 if segment.index == 0 else 1.0)  # segment 0 ends first, alone
+        return encode_segment(encoder, segment, *args)
+
+    monkeypatch.setattr(restore, "encode_segment", slow)
+    younger: list[Turn] = []
+
+    def ask_once() -> None:
+        with cores.held(turn := turn_now()):
+            younger.append(turn)
+
+    points.hold("restore.core_given_back", "0")
+    asker = threading.Thread(target=ask_once)
+    with ThreadPoolExecutor(1) as pool:
+        restored = pool.submit(lambda: list(local_runner()(recipe, files, plan)))
+        try:
+            wait_until(lambda: len(cores.holds) == 2, "segments 0 and 1 on the cores")
+            asker.start()
+            wait_until(lambda: cores.waiting() >= 1, "the younger turn waiting", interval=0.01)
+            points.wait_reached("restore.core_given_back")
+            wait_until(lambda: bool(younger) or len(cores.holds) == 3, "a grant", interval=0.01)
+            assert [hold.turn[1] for hold in cores.holds] == [0, 1, 2] and not younger
+        finally:
+            points.release_all()
+        assert restored.result() == expected
+    asker.join()
+    assert younger
 
 
 def test_the_apis_processes_encode_segments_on_the_hosts_cores(
