@@ -49,6 +49,7 @@ import hashlib
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -57,6 +58,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +73,19 @@ from pipelines.formats.recipe import Recipe
 from pipelines.formats.verify import release_verified
 from pipelines.registry.facade import Registry
 from pipelines.serve import restore
-from pipelines.serve.checkpoints import Checkpoints, checkpoints_key
-from pipelines.serve.cores import HostCores, Turn
-from pipelines.serve.rebuild import rebuild_tar
+from pipelines.serve.checkpoints import (
+    PROOF_THREADS,
+    Checkpoints,
+    CoreFor,
+    any_core,
+    checkpoint_spacing,
+    checkpoints_key,
+    find_candidates,
+    gzip_payload,
+    prove_plan,
+)
+from pipelines.serve.cores import HostCores, Turn, background_turn
+from pipelines.serve.rebuild import large_file_spans, rebuild_tar, rebuild_tar_range
 from pipelines.serve.restore import (
     SegmentEncoder,
     encode_layer_segment,
@@ -95,6 +107,12 @@ HOSTS = (1, 2, 4)
 CONCURRENT = 4
 STAGGER_SECONDS = 0.1
 CONCURRENT_ENCODER = "Go <=1.26 level 6 (docker)"
+PROOF_ENCODER = "zlib 6 (Python gzip, Java)"  # the layer an ingest proves meanwhile
+PROOF_CORES = {  # how the ingest's proof takes its segments' cores
+    "alone": None,  # no proof at all
+    "no core": "none",  # as before 1363b71: beside the restores
+    "background turn": "background",  # the host's cores, behind the restores
+}
 CORES = os.cpu_count() or 1
 SOURCES = [
     "/usr/lib/python3.11",
@@ -455,6 +473,98 @@ def _staggered_walls(recipe: Recipe, files: FileStore) -> list[float]:
         return list(pool.map(one, range(CONCURRENT)))
 
 
+# --- a restore during an ingest's proof -------------------------------------------------
+
+
+def restore_during_proof(
+    registry: Registry, digest: str, proved: str, proved_blob: Path, reps: int
+) -> dict[str, Any]:
+    """Median walls of a cold `threads` restore of layer `digest` alone and while another
+    process (standing in for the ingest worker) proves the checkpoints of layer `proved`
+    over and over, its segments on no core or on the host's cores in a background turn;
+    and the median wall of the proofs that overlapped the restores."""
+    info = registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(registry.store.get_bytes(info.recipe))
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    prover = context.Process(target=_prove_when_asked, args=(proved, str(proved_blob), theirs))
+    prover.start()
+    walls: dict[str, list[float]] = {mode: [] for mode in PROOF_CORES}
+    proofs: dict[str, list[float]] = {mode: [] for mode in PROOF_CORES}
+    try:
+        for _ in range(reps):
+            for mode, cores in PROOF_CORES.items():  # alternating: the machine drifts
+                time.sleep(KEEP_SECONDS + 0.5)  # cold: the files the last run kept have left
+                if cores:
+                    ours.send(cores)
+                    assert ours.recv() == "proving"
+                walls[mode].append(timed(lambda: local_restore(recipe, registry.files), digest))
+                if cores:
+                    proofs[mode].append(float(ours.recv()))
+    finally:
+        ours.send("stop")
+        prover.join(60)
+    result = {
+        mode: {
+            "restore": statistics.median(walls[mode]),
+            "proof": statistics.median(proofs[mode]) if proofs[mode] else None,
+        }
+        for mode in PROOF_CORES
+    }
+    print(f"  a restore during an ingest's proof: {result}", flush=True)
+    return result
+
+
+def _prove_when_asked(digest: str, blob_path: str, commands: Connection) -> None:
+    """In a process of its own, as the ingest worker: prove the layer's checkpoints (its
+    plan found in the pushed blob, each segment re-encoded from the tar rebuilt from the
+    stored files) each time asked, its segments' cores taken as asked; answer with the
+    proof's wall time."""
+    registry = Registry.connect()
+    blob = Path(blob_path).read_bytes()
+    info = registry.blobs.stored_info(digest)
+    assert info is not None and info.recipe is not None
+    recipe = Recipe.decode(registry.store.get_bytes(info.recipe))
+    encoder = lookup_encoder(recipe.encoder_id)
+    payload = gzip_payload(lambda start, length: [blob[start : start + length]], len(blob),
+                           recipe.encoder_params)  # fmt: skip
+    spacing = checkpoint_spacing(recipe.tar_size)
+    plan = find_candidates(encoder, digest, recipe.tar_size, payload, spacing,
+                           large_file_spans(recipe))  # fmt: skip
+    cores = restore.host_cores()
+    while (command := commands.recv()) != "stop":
+        began = time.time_ns()
+        core: CoreFor = any_core
+        if command == "background":
+            core = lambda segment: cores.held(background_turn(began, segment.index))  # noqa: B023, E731
+        commands.send("proving")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(PROOF_THREADS) as pool:
+            proof = prove_plan(encoder, plan, payload,
+                               lambda start, end: list(rebuild_tar_range(recipe, registry.files,
+                                                                         start, end)),
+                               pool, core)  # fmt: skip
+        if proof.checkpoints is None or not proof.checkpoints.points:
+            raise RuntimeError(f"{digest}: the proof found no checkpoints")
+        commands.send(time.perf_counter() - started)
+
+
+def proof_lines(during: dict[str, Any] | None) -> list[str]:
+    if not during:
+        return []
+    alone, beside, behind = (during[mode] for mode in PROOF_CORES)
+    return [
+        f"- A cold `threads` restore of the {CONCURRENT_ENCODER} layer while another process "
+        f"proves the {PROOF_ENCODER} layer's checkpoints (an ingest's proof, from the same "
+        f"tar): alone {alone['restore']:.2f} s; the proof's segments on no core (as before "
+        f"1363b71) {beside['restore']:.2f} s ({beside['restore'] / alone['restore']:.2f}x; the "
+        f"proof {beside['proof']:.2f} s); on the host's cores in a background turn "
+        f"{behind['restore']:.2f} s ({behind['restore'] / alone['restore']:.2f}x; the proof "
+        f"{behind['proof']:.2f} s)."
+    ]
+
+
 # --- image pull ---------------------------------------------------------------------------
 
 
@@ -570,6 +680,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + ".",
         *concurrent_lines(result.get("concurrent")),
+        *proof_lines(result.get("during_proof")),
         "- The first verified bytes of the `threads` restore came after: "
         + ", ".join(
             f"{layer['label']} {layer['first_byte_seconds']:.3f} s"
@@ -670,6 +781,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 core.wait_for_quiet(services)
                 time.sleep(KEEP_SECONDS + 1)
             blob = produce(tar)
+            if label == PROOF_ENCODER:
+                (WORK / "proof-blob").write_bytes(blob)
             layout = WORK / f"layer-{number}"
             write_layout(layout, [blob])
             image = core.load_image(f"layer-{number}", layout)
@@ -687,6 +800,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             if CONCURRENT_ENCODER in pushed
             else None
         )
+        during_proof = (
+            restore_during_proof(registry, pushed[CONCURRENT_ENCODER][1],
+                                 pushed[PROOF_ENCODER][1], WORK / "proof-blob", args.reps)
+            if CONCURRENT_ENCODER in pushed and PROOF_ENCODER in pushed
+            else None
+        )  # fmt: skip
         pull = image_pull(services, tar, args.reps, scratch)
         stored = stored_bytes(registry)
         ours = sum(stored.get(kind, 0) for kind in ("data", "packs", "recipes", "checkpoints"))
@@ -708,6 +827,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "layers": layers,
         "image_pull": pull,
         "concurrent": concurrent,
+        "during_proof": during_proof,
         "store": store,
     }
 
