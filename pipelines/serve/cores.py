@@ -17,7 +17,8 @@ re-encodes a pushed layer segment by segment too, takes the same cores in a late
 waiters queue on a heap. Across processes, each waiter holds the flock of a ticket in
 `waiting/`, named by its turn: it sleeps in the kernel on the flock of the ticket just
 ahead of it (blocking flock), which is released when that waiter takes a core or dies;
-only the waiter with no ticket ahead polls the core files, every POLL_SECONDS, and
+only the waiter with no ticket ahead polls the core files, every POLL_SECONDS (or,
+while its own process holds every core, wakes when that process frees one), and
 looks again for an older ticket each time (a restore older than its own may have
 arrived), and once more after taking a free core: between a look and the take, a
 busy process can be descheduled for milliseconds, and an older ticket that appeared
@@ -43,6 +44,8 @@ from pipelines.config import HOST_CORES
 from pipelines.pauses import pause
 
 POLL_SECONDS = 0.002
+HELD_HERE_WAIT_SECONDS = 0.05  # the longest a head sleeps while its own process holds
+# every core: a release here wakes it at once; this bounds only what nothing else does
 ABANDONED_FORM_SECONDS = 60.0  # a ticket file its waiter died forming, before naming it
 BACKGROUND_DEFER_SECONDS = 60.0  # background work (an ingest's proof) takes its turn as
 # if it had begun this much later: a client waits on a restore, nobody on an ingest. It
@@ -79,6 +82,8 @@ class HostCores:
         self.directory = directory
         self.count = count
         self._local = _TurnGate(count)
+        self._released = threading.Condition()  # a core of the directory freed here
+        self._held_here = 0  # cores of the directory held by this process's threads
         if directory is not None:
             (directory / "waiting").mkdir(parents=True, exist_ok=True)
             _remove_abandoned_forms(directory / "waiting")
@@ -95,7 +100,10 @@ class HostCores:
         try:
             yield
         finally:
-            os.close(descriptor)  # and with it the flock
+            with self._released:
+                os.close(descriptor)  # and with it the flock
+                self._held_here -= 1
+                self._released.notify_all()
 
     def waiting(self) -> int:
         """How many wait for a core: of this process, or of the host's directory."""
@@ -114,12 +122,25 @@ class HostCores:
                 pause("cores.head", turn_key(turn))  # a test holds one waiter here
                 descriptor = self._free_core(directory)
                 if descriptor is None:
-                    time.sleep(POLL_SECONDS)
+                    self._wait_for_a_release()
                     continue
                 pause("cores.taken", turn_key(turn))  # between the take and the look
                 if _nearest_ahead(waiting, name) is None:
+                    with self._released:
+                        self._held_here += 1
                     return descriptor
                 os.close(descriptor)  # an older turn arrived since the look: its core
+
+    def _wait_for_a_release(self) -> None:
+        """The head's pause between two looks at the cores: POLL_SECONDS while another
+        process may free one; while this process holds them all, until it frees one
+        (a restore runs a segment thread more than the cores: its head would otherwise
+        poll all the time, and cost the restore about a tenth of its wall time)."""
+        with self._released:
+            if self._held_here >= self.count:
+                self._released.wait(HELD_HERE_WAIT_SECONDS)
+            else:
+                self._released.wait(POLL_SECONDS)
 
     def _free_core(self, directory: Path) -> int | None:
         for number in range(self.count):

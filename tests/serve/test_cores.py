@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from deploy.stack import wait_until
+from pipelines.serve import cores as cores_module
 from pipelines.serve.cores import (
     ABANDONED_FORM_SECONDS,
     BACKGROUND_DEFER_SECONDS,
@@ -248,6 +249,42 @@ def test_background_work_takes_its_turn_behind_the_next_minutes_restores(
         assert queue.grants() == [soon, background, later]
     finally:
         queue.close()
+
+
+def test_a_head_whose_process_holds_every_core_waits_for_it_without_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head of the queue (a restore's extra segment thread) whose own process holds
+    every core does not poll the core files: it looks once, sleeps until its process
+    frees a core, and takes that one (the long wait made 10 s here: only the release
+    can wake it in time)."""
+    monkeypatch.setattr(cores_module, "HELD_HERE_WAIT_SECONDS", 10.0)
+    cores = HostCores(tmp_path, COUNT)
+    holds = enter_every_core(cores)
+    looks = 0
+    free_core = cores._free_core
+
+    def counted(directory: Path) -> int | None:
+        nonlocal looks
+        looks += 1
+        return free_core(directory)
+
+    monkeypatch.setattr(cores, "_free_core", counted)
+    taken = threading.Event()
+
+    def wait() -> None:
+        with cores.held():
+            taken.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_until(lambda: cores.waiting() == 1, "the waiter's ticket", interval=0.01)
+    time.sleep(0.3)  # polling, it would look about 150 times
+    assert looks == 1
+    holds.pop().__exit__(None, None, None)
+    assert taken.wait(5)
+    waiter.join()
+    holds.pop().__exit__(None, None, None)
 
 
 def test_threads_of_one_process_take_the_cores_oldest_turn_first() -> None:
