@@ -306,11 +306,17 @@ def test_a_half_done_commit_is_repaired(client: RegistryClient, repo: str, live:
     celery = make_celery(live.settings)
     resumed = celery.send_task("workers.tasks.resume_ingests").get(timeout=60)
     assert info.digest in resumed
-    wait_until(
-        lambda: live.registry.index.layer(info.digest)["state"] == "deduplicated",
-        "the resumed ingest",
-    )
+    wait_until(lambda: recorded_states(live, info.digest) == ["deduplicated"] * 2,
+               "the resumed ingest's record, in S3 and in Redis")  # fmt: skip
     assert_consistent(live, client, repo, layer)
+
+
+def recorded_states(live: LiveStack, digest: str) -> list[str]:
+    """The layer's state in its record in S3 and in Redis. A commit sets Redis's first
+    (`commit_deduplication`), then writes the record to both: waiting on Redis alone, a
+    test may read S3 before the record reaches it."""
+    stored = json.loads(live.registry.store.get_bytes(layer_record_key(digest)))
+    return [stored["state"], live.registry.index.layer(digest)["state"]]
 
 
 # A slow download of an intact blob while the layer is deduplicated under it.
