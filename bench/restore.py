@@ -76,7 +76,6 @@ from pipelines.serve import restore
 from pipelines.serve.checkpoints import (
     PROOF_THREADS,
     Checkpoints,
-    CoreFor,
     any_core,
     checkpoint_spacing,
     checkpoints_key,
@@ -84,7 +83,7 @@ from pipelines.serve.checkpoints import (
     gzip_payload,
     prove_plan,
 )
-from pipelines.serve.cores import HostCores, Turn, background_turn
+from pipelines.serve.cores import HostCores, Turn
 from pipelines.serve.rebuild import large_file_spans, rebuild_tar, rebuild_tar_range
 from pipelines.serve.restore import (
     SegmentEncoder,
@@ -532,12 +531,8 @@ def _prove_when_asked(digest: str, blob_path: str, commands: Connection) -> None
     spacing = checkpoint_spacing(recipe.tar_size)
     plan = find_candidates(encoder, digest, recipe.tar_size, payload, spacing,
                            large_file_spans(recipe))  # fmt: skip
-    cores = restore.host_cores()
     while (command := commands.recv()) != "stop":
-        began = time.time_ns()
-        core: CoreFor = any_core
-        if command == "background":
-            core = lambda segment: cores.held(background_turn(began, segment.index))  # noqa: B023, E731
+        core = restore.background_cores(time.time_ns()) if command == "background" else any_core
         commands.send("proving")
         started = time.perf_counter()
         with ThreadPoolExecutor(PROOF_THREADS) as pool:

@@ -53,10 +53,9 @@ from pipelines.formats.tarsplit import HashingReader, Payload, TarSplitError, sp
 from pipelines.formats.verify import SegmentHasher, VerificationError
 from pipelines.pauses import pause
 from pipelines.serve.checkpoints import Checkpoints, checkpoints_key, prove_shortlisted
-from pipelines.serve.cores import background_turn
 from pipelines.serve.layercheck import check_from_packs
 from pipelines.serve.rebuild import large_file_spans, rebuild_tar, rebuild_tar_range
-from pipelines.serve.restore import host_cores, restore_memory_bound
+from pipelines.serve.restore import background_cores, restore_memory_bound
 from pipelines.store.blobs import BlobInfo, BlobStore, blob_key
 from pipelines.store.filestore import (
     IN_MEMORY_LIMIT,
@@ -357,7 +356,6 @@ class Ingestor:
     ) -> tuple[Match | NoMatch, Checkpoints | None]:
         """Step 3, finding and proving checkpoints on the way (pipelines.serve.checkpoints):
         its segments encoded on the host's cores, behind the restores clients wait for."""
-        began, cores = time.time_ns(), host_cores()
         return prove_shortlisted(
             shortlist,
             info.digest,
@@ -367,7 +365,7 @@ class Ingestor:
             lambda start, end: list(rebuild_tar_range(recipe, self.files, start, end)),
             lambda: detect.prove(shortlist, self._opener(recipe), info.digest),
             avoid=large_file_spans(recipe),
-            core=lambda segment: cores.held(background_turn(began, segment.index)),
+            core=background_cores(time.time_ns()),
         )
 
     def _opener(self, recipe: Recipe) -> Callable[[], BinaryIO]:

@@ -37,6 +37,7 @@ from pipelines.formats.verify import SPOOL_IN_MEMORY, release_verified
 from pipelines.pauses import pause
 from pipelines.serve.checkpoints import (
     Checkpoints,
+    CoreFor,
     ReadTar,
     Segment,
     SegmentError,
@@ -48,7 +49,7 @@ from pipelines.serve.checkpoints import (
     segment_input,
     window_reader,
 )
-from pipelines.serve.cores import HostCores, Turn, turn_now
+from pipelines.serve.cores import HostCores, Turn, background_turn, turn_now
 from pipelines.serve.rebuild import (
     BATCH_BYTES,
     PREFETCH_BYTES,
@@ -198,9 +199,10 @@ def share_host_cores(directory: Path) -> None:
         _segment_cores = HostCores(directory, RESTORE_THREADS)
 
 
-def host_cores() -> HostCores:
-    """The cores segments are encoded on: this process's, or the host's once shared."""
-    return _segment_cores
+def background_cores(began: int) -> CoreFor:
+    """The core each segment of background work that `began` then (ns since the epoch:
+    an ingest's proof) takes: one of those restores encode on, in a background turn."""
+    return lambda segment: _segment_cores.held(background_turn(began, segment.index))
 
 
 def _encoded(
