@@ -24,6 +24,11 @@ arrived), and once more after taking a free core: between a look and the take, a
 busy process can be descheduled for milliseconds, and an older ticket that appeared
 meanwhile gets the core back. A ticket whose flock is free is its dead waiter's: the
 one behind removes it.
+
+`CoreThreads` runs a restore's segments: each thread keeps its core from one segment to
+the next while another is queued and no older turn waits, so a restore goes on where its
+last segment ended, with neither a younger waiter nor a handoff to another thread
+between two of its segments.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ import fcntl
 import heapq
 import itertools
 import os
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from pipelines.config import HOST_CORES
 from pipelines.pauses import pause
@@ -111,6 +119,17 @@ class HostCores:
             return self._local.waiting()
         return sum(not name.startswith(".") for name in os.listdir(self.directory / "waiting"))
 
+    def older_waiting(self, turn: Turn) -> bool:
+        """Whether work of a turn older than `turn` waits for a core."""
+        if self.directory is None:
+            return self._local.older_waiting(turn)
+        began, index = turn
+        bound = f"{began:020d}-{index:08d}-"  # below every ticket of this turn or younger
+        return any(
+            not name.startswith(".") and name < bound
+            for name in os.listdir(self.directory / "waiting")
+        )
+
     def _take(self, directory: Path, turn: Turn) -> int:
         waiting = directory / "waiting"
         with _ticket(waiting, turn) as name:
@@ -163,6 +182,10 @@ class _TurnGate:
         with self._changed:
             return len(self._waiting)
 
+    def older_waiting(self, turn: Turn) -> bool:
+        with self._changed:
+            return bool(self._waiting) and self._waiting[0][0] < turn
+
     @contextlib.contextmanager
     def held(self, turn: Turn) -> Iterator[None]:
         entry = (turn, next(self._arrivals))
@@ -185,6 +208,90 @@ class _TurnGate:
             with self._changed:
                 self._free += 1
                 self._changed.notify_all()
+
+
+Result = TypeVar("Result")
+
+
+class CoreThreads(Generic[Result]):
+    """`threads` threads running the work submitted, in order, each piece on a core of
+    `cores` in its turn. A thread keeps its core for its next piece while one is queued
+    and no older turn waits; it gives the core back once nothing is queued."""
+
+    def __init__(self, threads: int, cores: HostCores, name: str = "cores") -> None:
+        self._cores = cores
+        self._jobs: queue.SimpleQueue[_Job[Result] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, daemon=True, name=f"{name}-{number}")
+            for number in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, turn: Turn, work: Callable[[], Result]) -> Future[Result]:
+        future: Future[Result] = Future()
+        self._jobs.put(_Job(turn, work, future))
+        return future
+
+    def shutdown(self) -> None:
+        """Cancel what has not begun; the threads end once their pieces in hand do."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    job.future.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        core = _KeptCore(self._cores)
+        try:
+            job = self._jobs.get()
+            while job is not None:
+                if job.future.set_running_or_notify_cancel():
+                    core.take(job.turn)
+                    job.run()
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    core.give_back()  # nothing queued: the core would idle here
+                    job = self._jobs.get()
+        finally:
+            core.give_back()
+
+
+class _Job(Generic[Result]):
+    def __init__(self, turn: Turn, work: Callable[[], Result], future: Future[Result]) -> None:
+        self.turn, self.work, self.future = turn, work, future
+
+    def run(self) -> None:
+        try:
+            result = self.work()
+        except BaseException as error:  # handed to whoever waits on the future
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
+
+class _KeptCore:
+    """A thread's core, kept from one piece of its work to the next unless an older turn
+    waits for one."""
+
+    def __init__(self, cores: HostCores) -> None:
+        self._cores = cores
+        self._hold = contextlib.ExitStack()
+        self._held = False
+
+    def take(self, turn: Turn) -> None:
+        if self._held and self._cores.older_waiting(turn):
+            self.give_back()
+        if not self._held:
+            self._hold.enter_context(self._cores.held(turn))
+            self._held = True
+
+    def give_back(self) -> None:
+        self._hold.close()
+        self._held = False
 
 
 def _ticket_name(turn: Turn) -> str:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,7 +49,7 @@ from pipelines.serve.checkpoints import (
     segment_input,
     window_reader,
 )
-from pipelines.serve.cores import HostCores, Turn, background_turn, turn_now
+from pipelines.serve.cores import CoreThreads, HostCores, Turn, background_turn, turn_now
 from pipelines.serve.rebuild import (
     BATCH_BYTES,
     PREFETCH_BYTES,
@@ -70,10 +70,6 @@ from pipelines.store.storage import ObjectNotFound, ObjectStore
 
 POLL_SECONDS = 0.005
 RESTORE_THREADS = HOST_CORES  # segments re-encoded at once on this host
-SEGMENT_THREADS = RESTORE_THREADS + 1  # of one restore: one of its segments always waits
-# for a core while the others encode, so a core it frees goes to its next segment, not
-# to a younger restore's (or an ingest's) that waited through the instant between the
-# end of one segment and its thread's ask for the next
 SEGMENTS_AHEAD_BYTES = 64 << 20  # of tar cut into segments ahead of the one being joined
 
 logger = logging.getLogger(__name__)
@@ -210,11 +206,18 @@ def _encoded(
 ) -> memoryview:
     """The segment's bits, encoded on a core of the host in `turn` (by default: now)."""
     with _segment_cores.held(turn):
-        try:
-            bits = encode_segment(encoder, segment, read_tar, tar_size)
-        except SegmentError as error:
-            raise RestoreError(str(error)) from error
-    pause("restore.core_given_back", str(segment.index))  # before the thread asks again
+        return _segment_bits(encoder, segment, read_tar, tar_size)
+
+
+def _segment_bits(
+    encoder: Encoder, segment: Segment, read_tar: ReadTar, tar_size: int
+) -> memoryview:
+    """The segment's bits, encoded on the core this thread holds."""
+    try:
+        bits = encode_segment(encoder, segment, read_tar, tar_size)
+    except SegmentError as error:
+        raise RestoreError(str(error)) from error
+    pause("restore.segment_encoded", str(segment.index))  # its core not yet kept or freed
     return bits
 
 
@@ -252,10 +255,12 @@ SegmentRunner = Callable[[Recipe, FileStore, Checkpoints], Iterator[Buffer]]
 SegmentEncoder = Callable[[Recipe, FileStore, Checkpoints, int, int], Buffer]
 
 
-def local_runner(threads: int = SEGMENT_THREADS) -> SegmentRunner:
+def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     """Segments on this host's threads (the encoders run outside the GIL: zlib, or Go
     helper processes; at most RESTORE_THREADS at a time for all the restores of this
-    host, see `share_host_cores`), each cut from one streamed rebuild of the tar: a rebuild per
+    host, see `share_host_cores`; a thread keeps its core for the restore's next segment
+    unless an older restore waits, see `CoreThreads`), each cut from one streamed rebuild
+    of the tar: a rebuild per
     segment would walk the recipe, and fetch the files at its edges, once per segment.
     Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
     one segment may be a few times longer than the others (a large file is kept whole in
@@ -265,17 +270,18 @@ def local_runner(threads: int = SEGMENT_THREADS) -> SegmentRunner:
         began = turn_now()[0]  # an older restore's segments take the host's cores first
         encoder = lookup_encoder(recipe.encoder_id)
         cuts = segment_cuts(encoder, plan.segments(), rebuild_tar(recipe, files), recipe.tar_size)
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="segment")
+        pool: CoreThreads[tuple[Buffer, float]] = CoreThreads(threads, _segment_cores, "segment")
         pending: deque[tuple[Future[tuple[Buffer, float]], int]] = deque()
         ahead = 0
         broken: list[Exception] = []
         try:
             for segment, start, window in _until_broken(cuts, broken):
                 read_tar = window_reader(start, window)
-                turn = (began, segment.index)
-                job = functools.partial(_encoded, encoder, segment, read_tar, recipe.tar_size, turn)
+                job = functools.partial(_segment_bits, encoder, segment, read_tar, recipe.tar_size)
                 size = total_length(window)
-                pending.append((pool.submit(_metered, job), size))
+                pending.append(
+                    (pool.submit((began, segment.index), functools.partial(_metered, job)), size)
+                )
                 ahead += size
                 while pending and (pending[0][0].done() or ahead > SEGMENTS_AHEAD_BYTES):
                     future, size = pending.popleft()
@@ -286,7 +292,7 @@ def local_runner(threads: int = SEGMENT_THREADS) -> SegmentRunner:
             if broken:  # a damaged file: raised once the segments cut before it went out
                 raise broken[0]
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
 
     return run
 

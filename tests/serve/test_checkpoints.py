@@ -605,11 +605,14 @@ def test_concurrent_restores_share_the_processs_cores(
 
 
 class _RecordingCores(HostCores):
-    """The host's cores, noting each hold's turn and when it was asked for and granted."""
+    """The host's cores, noting each piece of work's turn and when it asked for a core
+    and was granted one: a core taken, or one its thread kept from its last piece (no
+    older turn waiting)."""
 
     def __init__(self, cores: HostCores) -> None:
         super().__init__(cores.directory, cores.count)
         self.holds: list[Hold] = []
+        self.taken: list[Turn] = []  # the turns of the cores taken, not kept
 
     @contextlib.contextmanager
     def held(self, turn: Turn | None = None) -> Iterator[None]:
@@ -617,7 +620,15 @@ class _RecordingCores(HostCores):
         asked = time.monotonic()
         with super().held(turn):
             self.holds.append(Hold(turn, asked, time.monotonic(), 0.0))
+            self.taken.append(turn)
             yield
+
+    def older_waiting(self, turn: Turn) -> bool:
+        older = super().older_waiting(turn)
+        if not older:  # the core is kept for `turn`
+            now = time.monotonic()
+            self.holds.append(Hold(turn, now, now, 0.0))
+        return older
 
 
 @pytest.mark.parametrize("runner", ["local", "pooled"])
@@ -657,50 +668,93 @@ def test_concurrent_restores_take_the_cores_oldest_first(
     assert inversions(cores.holds) == []
 
 
-def test_a_restore_keeps_the_cores_from_a_younger_waiter_between_its_segments(
+def _segment_0_ends_first(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Segments encoded slowly, segment 0 first and alone; the indexes as they begin."""
+    begun: list[int] = []
+
+    def slow(encoder: Encoder, segment: Segment, *args: Any) -> memoryview:
+        begun.append(segment.index)
+        time.sleep(0.3 if segment.index == 0 else 1.0)
+        return encode_segment(encoder, segment, *args)
+
+    monkeypatch.setattr(restore, "encode_segment", slow)
+    return begun
+
+
+def _asked_while_segment_0_ends(
+    cores: _RecordingCores, points: PausePoints, restoring: Callable[[], list[Buffer]],
+    turn_of: Callable[[int], Turn], hold_seconds: float,
+) -> tuple[list[Buffer], list[float]]:  # fmt: skip
+    """A restore's segment 0 is stopped once encoded, its core still held (pause point
+    `restore.segment_encoded`), while another turn (`turn_of` the restore's start) asks
+    for a core and waits: the restore's bits, and when that other turn was granted."""
+    points.hold("restore.segment_encoded", "0")
+    granted: list[float] = []
+
+    def ask_once(began: int) -> None:
+        with cores.held(turn_of(began)):
+            granted.append(time.monotonic())
+            time.sleep(hold_seconds)
+
+    with ThreadPoolExecutor(2) as pool:
+        restored = pool.submit(restoring)
+        try:
+            points.wait_reached("restore.segment_encoded")
+            began = min(hold.turn[0] for hold in cores.holds)
+            asker = pool.submit(ask_once, began)
+            wait_until(lambda: cores.waiting() >= 1, "the other turn waiting", interval=0.01)
+        finally:
+            points.release_all()
+        asker.result()
+        return restored.result(), granted
+
+
+def test_a_restore_keeps_its_cores_from_a_younger_waiter_between_its_segments(
     live: LiveStack, client: RegistryClient, repo: str, monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    """A restore runs one segment thread more than there are cores, so one of its
-    segments always waits in the queue: a core it frees goes to its next segment, not to
-    a younger turn that waits meanwhile (another restore, an ingest's proof). The thread
-    that encoded segment 0 is stopped just after giving its core back (pause point
-    `restore.core_given_back`), a younger turn waiting: segment 2 takes the core, and
-    the younger waits on. With a thread per core, segment 2 has no thread to ask for it
-    yet, and the younger takes it."""
+    """The thread that encoded a restore's segment 0 keeps its core for segment 2 while
+    a younger turn (another restore, an ingest's proof) waits: segment 2 begins before
+    the younger is granted, which waits for the restore's segments to end, and its core
+    was never let go (a thread that lets it go and asks again can wait milliseconds for
+    the GIL in between, and the younger takes it)."""
     recipe, plan, files, expected = _a_layer_of_segments(live, client, repo)
     points = PausePoints(tmp_path / "pauses")
     monkeypatch.setenv(*points.environment().popitem())
     cores = _RecordingCores(HostCores(None, restore.RESTORE_THREADS))
     monkeypatch.setattr(restore, "_segment_cores", cores)
+    begun = _segment_0_ends_first(monkeypatch)
+    bits, granted = _asked_while_segment_0_ends(
+        cores, points, lambda: list(local_runner()(recipe, files, plan)),
+        lambda began: turn_now(), hold_seconds=0,
+    )  # fmt: skip
+    assert bits == expected
+    assert begun[:3] in ([0, 1, 2], [1, 0, 2])
+    kept = [hold for hold in cores.holds if hold.turn[1] == 2]
+    assert len(kept) == 1 and kept[0].granted < granted[0], "segment 2 before the younger"
+    assert kept[0].turn not in cores.taken, "segment 2's core let go and taken again"
 
-    def slow(encoder: Encoder, segment: Segment, *args: Any) -> memoryview:
-        time.sleep(0.3 if segment.index == 0 else 1.0)  # segment 0 ends first, alone
-        return encode_segment(encoder, segment, *args)
 
-    monkeypatch.setattr(restore, "encode_segment", slow)
-    younger: list[Turn] = []
+def test_a_restore_gives_its_core_back_to_an_older_waiter_between_its_segments(
+    live: LiveStack, client: RegistryClient, repo: str, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """An older turn waiting when segment 0 ends (a restore begun earlier) gets the
+    core before segment 2: a thread keeps its core only while no older turn waits."""
+    recipe, plan, files, expected = _a_layer_of_segments(live, client, repo)
+    points = PausePoints(tmp_path / "pauses")
+    monkeypatch.setenv(*points.environment().popitem())
+    cores = _RecordingCores(HostCores(None, restore.RESTORE_THREADS))
+    monkeypatch.setattr(restore, "_segment_cores", cores)
+    _segment_0_ends_first(monkeypatch)
 
-    def ask_once() -> None:
-        with cores.held(turn := turn_now()):
-            younger.append(turn)
-
-    points.hold("restore.core_given_back", "0")
-    asker = threading.Thread(target=ask_once)
-    with ThreadPoolExecutor(1) as pool:
-        restored = pool.submit(lambda: list(local_runner()(recipe, files, plan)))
-        try:
-            wait_until(lambda: len(cores.holds) == 2, "segments 0 and 1 on the cores")
-            asker.start()
-            wait_until(lambda: cores.waiting() >= 1, "the younger turn waiting", interval=0.01)
-            points.wait_reached("restore.core_given_back")
-            wait_until(lambda: bool(younger) or len(cores.holds) == 3, "a grant", interval=0.01)
-            assert [hold.turn[1] for hold in cores.holds] == [0, 1, 2] and not younger
-        finally:
-            points.release_all()
-        assert restored.result() == expected
-    asker.join()
-    assert younger
+    bits, granted = _asked_while_segment_0_ends(
+        cores, points, lambda: list(local_runner()(recipe, files, plan)),
+        lambda began: (began - 1, 0), hold_seconds=0.5,
+    )  # fmt: skip
+    assert bits == expected
+    segment_2 = [hold for hold in cores.holds if hold.turn[1] == 2]
+    assert len(segment_2) == 1 and segment_2[0].granted > granted[0] + 0.4
 
 
 def test_the_apis_processes_encode_segments_on_the_hosts_cores(

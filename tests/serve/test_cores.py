@@ -4,7 +4,9 @@ again. Real processes, real flocks."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -12,6 +14,8 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -24,6 +28,7 @@ from pipelines.serve import cores as cores_module
 from pipelines.serve.cores import (
     ABANDONED_FORM_SECONDS,
     BACKGROUND_DEFER_SECONDS,
+    CoreThreads,
     HostCores,
     Turn,
     background_turn,
@@ -153,7 +158,11 @@ def test_a_core_held_by_a_killed_process_is_free_again(tmp_path: Path) -> None:
 #      behind it (pause point `cores.head`);
 #   5. an older turn arriving between the head's look and its take of a free core: the
 #      head gives the core back (pause point `cores.taken`);
-# and a torture over seeds: processes and threads with random turns, one process killed.
+#   6. a thread of `CoreThreads` ending a piece with its next one queued, while another
+#      process waits: it keeps its core if that waiter's turn is younger, and gives it
+#      back to an older one;
+# and a torture over seeds: processes and threads with random turns, some of them kept
+# from piece to piece, one process killed.
 
 
 def _wait_for_a_core(directory: str, turn: Turn, conn: Connection) -> None:
@@ -382,6 +391,74 @@ def test_a_head_that_took_a_core_as_an_older_turn_arrived_gives_it_back(
         queue.close()
 
 
+class _TakingCores(HostCores):
+    """The host's cores, noting the turn of every core taken (not of one kept)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, COUNT)
+        self.taken: list[Turn] = []
+
+    @contextlib.contextmanager
+    def held(self, turn: Turn | None = None) -> Iterator[None]:
+        with super().held(turn):
+            self.taken.append(turn or (0, 0))
+            yield
+
+
+class _Piece:
+    """Work for `CoreThreads` that says when it began and runs until told to end."""
+
+    def __init__(self) -> None:
+        self.began, self.ends = threading.Event(), threading.Event()
+
+    def __call__(self) -> None:
+        self.began.set()
+        assert self.ends.wait(30)
+
+
+@pytest.mark.parametrize("other", ["younger", "older"])
+def test_a_thread_keeps_its_core_for_its_next_piece_unless_an_older_turn_waits(
+    tmp_path: Path, other: str
+) -> None:
+    """One core free; a thread of `CoreThreads` takes it for piece (10, 0), its piece
+    (10, 1) queued behind, while a waiter process asks in turn (20, 0) or (5, 0). The
+    first piece ends: a younger waiter waits on while (10, 1) runs on the kept core, and
+    gets the core once nothing is queued; an older one gets it first. Kept means never let
+    go: a core let go and asked for again could go to the younger in between (a thread
+    can wait milliseconds for the GIL before it asks)."""
+    queue = _Queue(tmp_path)
+    cores = _TakingCores(tmp_path)
+    threads: CoreThreads[None] = CoreThreads(1, cores)
+    first, second = _Piece(), _Piece()
+    waiter_turn = (20, 0) if other == "younger" else (5, 0)
+    try:
+        queue.free_one()
+        threads.submit((10, 0), first)
+        assert first.began.wait(10)
+        queue.add(waiter_turn)
+        second_done = threads.submit((10, 1), second)
+        first.ends.set()
+        _, waiter = queue.waiters[waiter_turn]
+        if other == "younger":
+            assert second.began.wait(10) and not waiter.poll(0.3)
+            assert cores.taken == [(10, 0)]
+            second.ends.set()
+            assert waiter.poll(10) and waiter.recv() == waiter_turn
+        else:
+            assert waiter.poll(10) and waiter.recv() == waiter_turn
+            assert not second.began.wait(0.3)
+            waiter.send("let go")
+            assert second.began.wait(10)
+            assert cores.taken == [(10, 0), (10, 1)]
+            second.ends.set()
+        second_done.result(10)
+    finally:
+        first.ends.set()
+        second.ends.set()
+        threads.shutdown()
+        queue.close()
+
+
 def test_only_a_dead_waiters_old_forming_ticket_is_removed(tmp_path: Path) -> None:
     """Opening the cores removes a ticket file a waiter died forming (no flock on it,
     older than ABANDONED_FORM_SECONDS), and leaves one whose waiter lives (its flock
@@ -422,25 +499,42 @@ class Hold:
 
 
 def _hold_in_random_turns(directory: str, seed: int, log: str) -> None:
-    """Three threads, each taking a core eight times in a random turn (a restore begun up
-    to 2 s ago, one of its first 8 segments), held 1-20 ms: each hold a line of `log`,
-    written once the core is let go (a process killed mid-hold leaves no line)."""
+    """Three threads, each running eight pieces of work in random turns (a restore begun
+    up to 2 s ago, one of its first 8 segments) on `CoreThreads`, each piece held 1-20 ms:
+    half of the pieces queued while the one before runs (its core kept for them, unless
+    an older turn waits). Each piece a line of `log`, written once it ends (a process
+    killed mid-piece leaves no line)."""
     cores = HostCores(Path(directory), COUNT)
     lock = threading.Lock()
     Path(f"{log}.started").touch()
 
     def work(thread: int) -> None:
         chooser = random.Random(seed * 10 + thread)
+        pieces: CoreThreads[None] = CoreThreads(1, cores)
+        began, last = threading.Event(), Future[None]()
+        began.set()
+        last.set_result(None)
         for _ in range(8):
             turn = (time.time_ns() - chooser.randrange(2_000_000_000), chooser.randrange(8))
+            if chooser.random() < 0.5:  # queued while the last piece runs: its core kept
+                began.wait()
+            else:  # after it ended: its core given back
+                last.result()
+                time.sleep(chooser.uniform(0, 0.01))
+            began = threading.Event()
+            seconds = chooser.uniform(0.001, 0.02)
             asked = time.monotonic()
-            with cores.held(turn):
-                granted = time.monotonic()
-                time.sleep(chooser.uniform(0.001, 0.02))
-                released = time.monotonic()
-            with lock, open(log, "a") as lines:
-                lines.write(f"{turn[0]} {turn[1]} {asked} {granted} {released}\n")
-            time.sleep(chooser.uniform(0, 0.01))
+            last = pieces.submit(turn, functools.partial(piece, turn, seconds, asked, began))
+        last.result()
+        pieces.shutdown()
+
+    def piece(turn: Turn, seconds: float, asked: float, began: threading.Event) -> None:
+        granted = time.monotonic()
+        began.set()
+        time.sleep(seconds)
+        released = time.monotonic()
+        with lock, open(log, "a") as lines:
+            lines.write(f"{turn[0]} {turn[1]} {asked} {granted} {released}\n")
 
     workers = [threading.Thread(target=work, args=(number,)) for number in range(3)]
     for worker in workers:
