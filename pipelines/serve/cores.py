@@ -123,8 +123,7 @@ class HostCores:
         """Whether work of a turn older than `turn` waits for a core."""
         if self.directory is None:
             return self._local.older_waiting(turn)
-        began, index = turn
-        bound = f"{began:020d}-{index:08d}-"  # below every ticket of this turn or younger
+        bound = _turn_prefix(turn)  # below every ticket of this turn or a younger one
         return any(
             not name.startswith(".") and name < bound
             for name in os.listdir(self.directory / "waiting")
@@ -295,9 +294,14 @@ class _KeptCore:
 
 
 def _ticket_name(turn: Turn) -> str:
-    """Sorted as the turns are (zero-padded), unique by the uuid."""
+    """Sorted as the turns are, unique by the uuid."""
+    return f"{_turn_prefix(turn)}{uuid.uuid4().hex}"
+
+
+def _turn_prefix(turn: Turn) -> str:
+    """What every ticket of `turn` begins with: zero-padded, so names sort as turns do."""
     began, index = turn
-    return f"{began:020d}-{index:08d}-{uuid.uuid4().hex}"
+    return f"{began:020d}-{index:08d}-"
 
 
 @contextlib.contextmanager

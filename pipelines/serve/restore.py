@@ -260,8 +260,8 @@ def local_runner(threads: int = RESTORE_THREADS) -> SegmentRunner:
     helper processes; at most RESTORE_THREADS at a time for all the restores of this
     host, see `share_host_cores`; a thread keeps its core for the restore's next segment
     unless an older restore waits, see `CoreThreads`), each cut from one streamed rebuild
-    of the tar: a rebuild per
-    segment would walk the recipe, and fetch the files at its edges, once per segment.
+    of the tar: a rebuild per segment would walk the recipe, and fetch the files at its
+    edges, once per segment.
     Segments are cut ahead of the one being joined up to SEGMENTS_AHEAD_BYTES of input:
     one segment may be a few times longer than the others (a large file is kept whole in
     one, up to checkpoints.KEPT_WHOLE_BYTES), and the other threads go on meanwhile."""
